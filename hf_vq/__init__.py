@@ -1,0 +1,1 @@
+"""hf-vq: vector quantizers as Hugging Face models."""

@@ -1,0 +1,246 @@
+"""The Hugging Face contract every hf_vq quantizer follows.
+
+One place for: the config base (`QuantizerConfig`), the model base (`QuantizerModel`), the output
+dataclass, input validation, shape handling (channel-first <-> `(b, n, d)`) and Auto registration.
+Model families in `hf_vq/models/` subclass these and only compose ops.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+# Keys that PretrainedConfig itself writes into / reads from config.json; anything else a quantizer
+# config does not declare is a user error (a typo must not silently become a no-op attribute).
+_HF_CONFIG_KEYS = set(inspect.signature(PretrainedConfig.__init__).parameters) | {
+    "name_or_path",
+    "model_type",
+    "transformers_version",
+    "architectures",
+    "output_attentions",
+    "torch_dtype",
+    "dtype",
+    "use_return_dict",
+    "attn_implementation",
+    "tie_word_embeddings",
+}
+
+
+class QuantizerConfig(PretrainedConfig):
+    """Base config of every hf_vq quantizer.
+
+    Subclasses declare their hyper-parameters as explicit `__init__` arguments, assign them, call
+    `super().__init__(**kwargs)` and implement `validate()`. Unknown fields raise a `ValueError`.
+
+    Args:
+        check_inputs (`bool`, *optional*, defaults to `True`):
+            Validate inputs in `forward` (rank, feature dim, NaN/Inf). The NaN/Inf check costs a device sync;
+            benchmarks and tuned training loops may turn it off.
+    """
+
+    model_type = "hf_vq_quantizer"
+
+    def __init__(self, check_inputs: bool = True, **kwargs):
+        self.check_inputs = bool(check_inputs)
+        unknown = sorted(k for k in kwargs if k not in _HF_CONFIG_KEYS and not k.startswith("_"))
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__} got unknown field(s) {unknown}; "
+                f"known fields: {sorted(self.field_names())}"
+            )
+        super().__init__(**kwargs)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ValueError` naming the field and the allowed values. Subclasses extend this."""
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """The quantizer's own hyper-parameters (not the generic transformers ones)."""
+        names = []
+        for klass in cls.__mro__:
+            if klass is PretrainedConfig:
+                break
+            if "__init__" in vars(klass):
+                names += [
+                    n
+                    for n, p in inspect.signature(klass.__init__).parameters.items()
+                    if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n not in names
+                ]
+        return names
+
+    def to_kwargs(self) -> dict[str, Any]:
+        """The quantizer's hyper-parameters as plain kwargs: `type(config)(**config.to_kwargs())` rebuilds it."""
+        return {name: getattr(self, name) for name in self.field_names()}
+
+
+@dataclass
+class QuantizerOutput(ModelOutput):
+    """Output of a quantizer forward pass.
+
+    Args:
+        quantized (`torch.Tensor`): the quantized features, in the input's layout and dtype.
+        indices (`torch.Tensor`): the code indices, `(b, *spatial)` or `(b, *spatial, num_codebooks)`.
+        loss (`torch.Tensor`, *optional*): the auxiliary loss to add to the training objective.
+    """
+
+    quantized: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+
+    # the order of the plain tuple the anchor implementation returns (`return_dict=False`)
+    seed_fields: ClassVar[tuple[str, ...]] = ("quantized", "indices", "loss")
+
+    def to_seed_tuple(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.seed_fields)
+
+
+class QuantizerModel(PreTrainedModel):
+    """Base model of every hf_vq quantizer: a `PreTrainedModel` built from its config or from kwargs.
+
+    `Model(config)` and `Model(**config_kwargs)` are equivalent. Derived tables (implicit codebooks, bit
+    masks, bases) live in non-persistent buffers rebuilt by `reset_derived_buffers()`, which runs after
+    `from_pretrained`: transformers materializes models from the meta device, which leaves non-persistent
+    buffers as uninitialized memory.
+    """
+
+    config_class = QuantizerConfig
+    base_model_prefix = "quantizer"
+    main_input_name = "x"
+    _supports_sdpa = False
+
+    def __init__(self, config: QuantizerConfig | None = None, **kwargs):
+        if config is None:
+            config = self.config_class(**kwargs)
+        elif kwargs:
+            raise ValueError(f"{type(self).__name__}: pass either a config or keyword arguments, not both")
+        elif not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} expects a {self.config_class.__name__}, got {type(config).__name__}")
+        super().__init__(config)
+
+    def reset_derived_buffers(self) -> None:
+        """Recompute non-persistent buffers from the config. Override where a model has any."""
+
+    def _init_weights(self, module):
+        if isinstance(module, QuantizerModel):
+            module.reset_derived_buffers()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        rebuild_derived_buffers(model)
+        return model
+
+    def _output(self, output: QuantizerOutput, return_dict: bool | None):
+        return_dict = self.config.use_return_dict if return_dict is None else return_dict
+        return output if return_dict else output.to_seed_tuple()
+
+
+def rebuild_derived_buffers(module: torch.nn.Module) -> None:
+    """Run `reset_derived_buffers` on every hf_vq quantizer inside `module` (after a meta-device load)."""
+    for sub in module.modules():
+        if isinstance(sub, QuantizerModel):
+            with torch.no_grad():
+                sub.reset_derived_buffers()
+
+
+# --------------------------------------------------------------------------------------------------
+# registration
+
+
+QUANTIZER_CLASSES: dict[str, type[QuantizerModel]] = {}
+
+
+def register_quantizer(model_cls: type[QuantizerModel]) -> type[QuantizerModel]:
+    """Class decorator: register with AutoConfig/AutoModel and with `build_quantizer` (by model_type and name)."""
+    config_cls = model_cls.config_class
+    AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+    AutoModel.register(config_cls, model_cls, exist_ok=True)
+    QUANTIZER_CLASSES[config_cls.model_type] = model_cls
+    QUANTIZER_CLASSES[model_cls.__name__] = model_cls
+    return model_cls
+
+
+def build_quantizer(quantizer_type: str, config: dict[str, Any] | QuantizerConfig | None = None) -> QuantizerModel:
+    """Build any hf_vq quantizer from its type (class name such as `"FSQ"`, or model_type) and config."""
+    if quantizer_type not in QUANTIZER_CLASSES:
+        raise ValueError(f"unknown quantizer_type {quantizer_type!r}; known: {sorted(QUANTIZER_CLASSES)}")
+    model_cls = QUANTIZER_CLASSES[quantizer_type]
+    if isinstance(config, QuantizerConfig):
+        return model_cls(config)
+    return model_cls(**dict(config or {}))
+
+
+# --------------------------------------------------------------------------------------------------
+# input validation and shape handling
+
+
+def check_features(x: torch.Tensor, dim: int, *, name: str = "input", check_finite: bool = True) -> None:
+    """Validate a feature tensor: floating point, rank 2..5, `dim` features, non-empty, finite."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating point tensor, got dtype {x.dtype}")
+    if x.ndim < 2 or x.ndim > 5:
+        raise ValueError(
+            f"{name} must have rank 2 (b, d), 3 (b, n, d), 4 (b, d, h, w) or 5 (b, d, t, h, w); "
+            f"got shape {tuple(x.shape)}"
+        )
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
+    if check_finite and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+
+
+@dataclass
+class TokenLayout:
+    """How a feature tensor maps to `(b, n, d)` tokens and back.
+
+    Channel-first `(b, d, *spatial)` for rank >= 4 (images, video) unless `channel_first=False`;
+    `(b, n, d)` for rank 3 (or `(b, d, n)` with `channel_first=True`); `(b, d)` is one token per row.
+    """
+
+    spatial: tuple[int, ...]
+    channel_first: bool
+    single_token: bool
+
+    @classmethod
+    def of(cls, x: torch.Tensor, channel_first: bool | None = None) -> "TokenLayout":
+        if channel_first is None:
+            channel_first = x.ndim >= 4
+        single = x.ndim == 2
+        spatial = tuple(x.shape[2:]) if channel_first else tuple(x.shape[1:-1])
+        return cls(spatial=spatial, channel_first=channel_first and not single, single_token=single)
+
+    def to_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        if self.single_token:
+            return x.unsqueeze(1)
+        if self.channel_first:
+            x = x.movedim(1, -1)
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
+    def from_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """`(b, n, d)` features back to the input layout."""
+        if self.single_token:
+            return t.squeeze(1)
+        t = t.reshape(t.shape[0], *self.spatial, t.shape[-1])
+        return t.movedim(-1, 1) if self.channel_first else t
+
+    def indices_from_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """`(b, n, *extra)` indices or per-token values to `(b, *spatial, *extra)`."""
+        if self.single_token:
+            return t.squeeze(1)
+        return t.reshape(t.shape[0], *self.spatial, *t.shape[2:])
+
+    def mask_to_tokens(self, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """A `(b, *spatial)` or `(b, n)` boolean mask to `(b, n)`."""
+        if mask is None:
+            return None
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor, got dtype {mask.dtype}")
+        return mask.reshape(mask.shape[0], -1)
