@@ -1,1 +1,15 @@
-"""hf-vq: vector quantizers as Hugging Face models."""
+"""hf-vq: vector quantizers as Hugging Face (transformers and diffusers) models."""
+
+from .modeling_utils import (
+    QUANTIZER_CLASSES,
+    QuantizerConfig,
+    QuantizerModel,
+    QuantizerOutput,
+    build_quantizer,
+)
+from .diffusers_support import DiffusersQuantizer, register_with_diffusers
+from .models.fsq import FSQ, FSQConfig, FSQOutput
+
+__version__ = "0.1.0"
+
+register_with_diffusers()

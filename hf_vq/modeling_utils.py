@@ -8,12 +8,15 @@ Model families in `hf_vq/models/` subclass these and only compose ops.
 from __future__ import annotations
 
 import inspect
+import os
+import itertools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.utils import SAFE_WEIGHTS_NAME, ModelOutput
 
 # Keys that PretrainedConfig itself writes into / reads from config.json; anything else a quantizer
 # config does not declare is a user error (a typo must not silently become a no-op attribute).
@@ -123,6 +126,20 @@ class QuantizerModel(PreTrainedModel):
             raise TypeError(f"{type(self).__name__} expects a {self.config_class.__name__}, got {type(config).__name__}")
         super().__init__(config)
 
+    # Parameter-free quantizers (FSQ without projections) exist: fall back to buffers, then defaults.
+    @property
+    def dtype(self) -> torch.dtype:
+        for t in itertools.chain(self.parameters(), self.buffers()):
+            if t.is_floating_point():
+                return t.dtype
+        return torch.get_default_dtype()
+
+    @property
+    def device(self) -> torch.device:
+        for t in itertools.chain(self.parameters(), self.buffers()):
+            return t.device
+        return torch.device("cpu")
+
     def reset_derived_buffers(self) -> None:
         """Recompute non-persistent buffers from the config. Override where a model has any."""
 
@@ -136,9 +153,20 @@ class QuantizerModel(PreTrainedModel):
         rebuild_derived_buffers(model)
         return model
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_empty_weights_if_stateless(self, os.path.join(save_directory, SAFE_WEIGHTS_NAME))
+
     def _output(self, output: QuantizerOutput, return_dict: bool | None):
-        return_dict = self.config.use_return_dict if return_dict is None else return_dict
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         return output if return_dict else output.to_seed_tuple()
+
+
+def write_empty_weights_if_stateless(model: torch.nn.Module, weights_path: str) -> None:
+    """transformers and diffusers write no weights file for an empty state dict, then refuse to load the
+    folder; a parameter-free quantizer (FSQ without projections) gets an empty safetensors file instead."""
+    if not model.state_dict() and not os.path.exists(weights_path):
+        save_file({}, weights_path, metadata={"format": "pt"})
 
 
 def rebuild_derived_buffers(module: torch.nn.Module) -> None:

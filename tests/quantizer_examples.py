@@ -1,0 +1,17 @@
+"""One small example config per hf_vq quantizer class, with a matching input.
+
+Contract tests (save/load, AutoModel, diffusers) run over all of them: a new quantizer class adds a line.
+"""
+
+import torch
+
+# class name -> (config kwargs, input shape)
+EXAMPLES = {
+    "FSQ": (dict(levels=[8, 5, 5, 5], dim=16), (2, 16, 4, 4)),
+    "FSQ_codebooks": (dict(levels=[5, 5, 3], num_codebooks=2), (2, 7, 6)),
+}
+
+
+def example(name):
+    kwargs, shape = EXAMPLES[name]
+    return name.split("_")[0], dict(kwargs), torch.randn(*shape)

@@ -1,0 +1,129 @@
+"""The Hugging Face contract, checked for every quantizer in `quantizer_examples.EXAMPLES`."""
+
+import json
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline, ModelMixin
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from transformers import AutoConfig, AutoModel
+
+import hf_vq
+from hf_vq.diffusers_support import DiffusersQuantizer
+from quantizer_examples import EXAMPLES, example
+
+NAMES = sorted(EXAMPLES)
+
+
+def _outputs(model, x):
+    torch.manual_seed(1)
+    return model(x, return_dict=True).to_tuple()
+
+
+def _assert_same(a, b):
+    assert len(a) == len(b)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+
+
+def _build(name):
+    cls_name, kwargs, x = example(name)
+    model = getattr(hf_vq, cls_name)(**kwargs)
+    return model.eval(), x
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_and_kwargs_constructors_agree(name):
+    cls_name, kwargs, _ = example(name)
+    cls = getattr(hf_vq, cls_name)
+    a = cls(**kwargs)
+    b = cls(cls.config_class(**kwargs))
+    assert a.config.to_kwargs() == b.config.to_kwargs()
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_automodel_round_trip_is_bit_identical(name, tmp_path):
+    model, x = _build(name)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == model.config.model_type
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(model)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), type(model.config))
+    _assert_same(_outputs(model, x), _outputs(loaded, x))
+    # derived (non-persistent) buffers are rebuilt, not left as uninitialized memory
+    for (n1, b1), (n2, b2) in zip(model.named_buffers(), loaded.named_buffers()):
+        assert n1 == n2 and torch.equal(b1, b2), n1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_return_dict_false_gives_seed_tuple(name):
+    model, x = _build(name)
+    out = model(x)
+    tup = model(x, return_dict=False)
+    assert isinstance(tup, tuple) and len(tup) == len(type(out).seed_fields)
+    for field, value in zip(type(out).seed_fields, tup):
+        ref = getattr(out, field)
+        assert (value is None and ref is None) or torch.equal(value, ref)
+
+
+class _QuantizerPipeline(DiffusionPipeline):
+    def __init__(self, quantizer):
+        super().__init__()
+        self.register_modules(quantizer=quantizer)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_diffusers_pipeline_component(name, tmp_path):
+    model, x = _build(name)
+    _QuantizerPipeline(model).save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["quantizer"] == ["hf_vq", type(model).__name__]
+    loaded = _QuantizerPipeline.from_pretrained(tmp_path).quantizer.eval()
+    assert type(loaded) is type(model)
+    _assert_same(_outputs(model, x), _outputs(loaded, x))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_diffusers_quantizer_face(name, tmp_path):
+    model, x = _build(name)
+    face = DiffusersQuantizer.from_quantizer(model)
+    face.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["_class_name"] == "DiffusersQuantizer" and config["quantizer_type"] == type(model).__name__
+    loaded = DiffusersQuantizer.from_pretrained(tmp_path).eval()
+    _assert_same(_outputs(model, x), _outputs(loaded.quantizer, x))
+
+
+class _Net(ModelMixin, ConfigMixin):
+    @register_to_config
+    def __init__(self, quantizer_type: str, quantizer_config: dict):
+        super().__init__()
+        self.proj = torch.nn.Linear(2, 2)
+        self.quantizer = hf_vq.build_quantizer(quantizer_type, quantizer_config)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_quantizer_as_submodule_of_a_diffusers_model(name, tmp_path):
+    cls_name, kwargs, x = example(name)
+    net = _Net(cls_name, kwargs).eval()
+    net.save_pretrained(tmp_path)
+    loaded = _Net.from_pretrained(tmp_path).eval()
+    _assert_same(_outputs(net.quantizer, x), _outputs(loaded.quantizer, x))
+
+
+def test_unknown_config_field_is_an_error():
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['levls'\]"):
+        hf_vq.FSQConfig(levls=[8, 5])
+
+
+def test_build_quantizer_unknown_type():
+    with pytest.raises(ValueError, match="unknown quantizer_type 'Nope'"):
+        hf_vq.build_quantizer("Nope", {})
+
+
+def test_config_and_kwargs_together_is_an_error():
+    with pytest.raises(ValueError, match="either a config or keyword arguments"):
+        hf_vq.FSQ(hf_vq.FSQConfig(levels=[8, 5, 5]), dim=4)
