@@ -9,6 +9,8 @@ import torch
 EXAMPLES = {
     "FSQ": (dict(levels=[8, 5, 5, 5], dim=16), (2, 16, 4, 4)),
     "FSQ_codebooks": (dict(levels=[5, 5, 3], num_codebooks=2), (2, 7, 6)),
+    "LFQ": (dict(codebook_size=2**6), (2, 5, 6)),
+    "LFQ_projections": (dict(dim=16, codebook_size=2**8, num_codebooks=2, orthogonal_rotation=True), (2, 16, 4, 4)),
 }
 
 

@@ -1,0 +1,404 @@
+"""Lookup-Free Quantization (LFQ) and its spherical variant (BSQ) as a Hugging Face model.
+
+Semantics: CogVideo sgm `lookup_free_quantization.py` (the seed) and vector-quantize-pytorch 1.32 `LFQ` (its
+superset of options). https://arxiv.org/abs/2310.05737, https://arxiv.org/abs/2406.07548
+"""
+
+from __future__ import annotations
+
+import math
+from collections import namedtuple
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..modeling_utils import (
+    QuantizerConfig,
+    QuantizerModel,
+    QuantizerOutput,
+    TokenLayout,
+    check_features,
+    register_quantizer,
+)
+from ..ops import lfq as lfq_ops
+
+# the seed's breakdown of the aux loss, same field order
+LFQLossBreakdown = namedtuple("LFQLossBreakdown", ["per_sample_entropy", "batch_entropy", "commitment"])
+
+ACTIVATIONS = {
+    "identity": nn.Identity,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "softsign": nn.Softsign,
+}
+
+ENTROPY_LOSS_METHODS = ("exact", "factorized")
+
+
+class LFQConfig(QuantizerConfig):
+    """Configuration of [`LFQ`].
+
+    Args:
+        dim (`int`, *optional*): input feature dim; defaults to `log2(codebook_size) * num_codebooks`. When it
+            differs, linear projections map in and out of the code space.
+        codebook_size (`int`, *optional*): a power of two; defaults to `2 ** dim`.
+        entropy_loss_weight (`float`, defaults to 0.1): weight of the entropy aux loss.
+        commitment_loss_weight (`float`, defaults to 0.25): weight of the commitment loss (the seed's default;
+            vector-quantize-pytorch defaults to 0).
+        diversity_gamma (`float`, defaults to 1.0): weight of the codebook entropy inside the entropy loss.
+        straight_through_activation (`str`, defaults to `"identity"`): activation applied before the
+            straight-through estimator, one of `ACTIVATIONS` (the seed takes a module; a name keeps the config JSON).
+        num_codebooks (`int`, defaults to 1): independent codebooks over equal slices of the projected features.
+        keep_num_codebooks_dim (`bool`, *optional*): keep a trailing codebook axis on `indices`; defaults to
+            `num_codebooks > 1` and must be true when `num_codebooks > 1`.
+        codebook_scale (`float`, defaults to 1.0): codes are `{-scale, scale}` per bit (residual LFQ halves it).
+        frac_per_sample_entropy (`float`, defaults to 1.0): in (0, 1]; use a random fraction of the tokens for
+            the entropy loss.
+        inv_temperature (`float`, defaults to 100.0): default inverse temperature of the code softmax (the
+            forward's `inv_temperature` argument overrides it, as in the seed).
+        entropy_loss_method (`str`, defaults to `"exact"`): `"exact"` computes the seed's codebook entropy of the
+            batch-mean code distribution over all `2**C` codes (without an `N x 2**C` matrix); `"factorized"` uses
+            the BSQ / Open-MAGVIT2 approximation (sum of per-bit entropies of the batch-mean bit probability).
+        has_projections (`bool`, *optional*): force projections on or off; defaults to `dim != C * num_codebooks`.
+        projection_has_bias (`bool`, defaults to `True`): bias in the in/out projections.
+        soft_clamp_input_value (`float`, *optional*): `tanh` soft clamp of the projected input to this value
+            (must be >= `codebook_scale`).
+        cosine_sim_project_in (`bool`, defaults to `False`): project in with a cosine-similarity linear layer.
+        cosine_sim_project_in_scale (`float`, *optional*): its output scale; defaults to `codebook_scale`.
+        channel_first (`bool`, defaults to `False`): treat rank-3 input as `(b, d, n)`. Rank 4/5 inputs are always
+            channel-first `(b, d, h, w)` / `(b, d, t, h, w)`.
+        experimental_softplus_entropy_loss (`bool`, defaults to `False`): make the entropy loss positive with
+            `softplus(loss + entropy_loss_offset)`.
+        entropy_loss_offset (`float`, defaults to 5.0): the shift used by the softplus entropy loss.
+        spherical (`bool`, defaults to `False`): binary spherical quantization: inputs and codes l2-normalized.
+        force_quantization_f32 (`bool`, defaults to `True`): quantize in float32 with autocast off.
+        orthogonal_rotation (`bool`, defaults to `False`): a fixed random orthogonal rotation of the codes.
+    """
+
+    model_type = "hf_vq_lfq"
+
+    def __init__(
+        self,
+        dim: int | None = None,
+        codebook_size: int | None = None,
+        entropy_loss_weight: float = 0.1,
+        commitment_loss_weight: float = 0.25,
+        diversity_gamma: float = 1.0,
+        straight_through_activation: str = "identity",
+        num_codebooks: int = 1,
+        keep_num_codebooks_dim: bool | None = None,
+        codebook_scale: float = 1.0,
+        frac_per_sample_entropy: float = 1.0,
+        inv_temperature: float = 100.0,
+        entropy_loss_method: str = "exact",
+        has_projections: bool | None = None,
+        projection_has_bias: bool = True,
+        soft_clamp_input_value: float | None = None,
+        cosine_sim_project_in: bool = False,
+        cosine_sim_project_in_scale: float | None = None,
+        channel_first: bool = False,
+        experimental_softplus_entropy_loss: bool = False,
+        entropy_loss_offset: float = 5.0,
+        spherical: bool = False,
+        force_quantization_f32: bool = True,
+        orthogonal_rotation: bool = False,
+        **kwargs,
+    ):
+        self.dim = dim
+        self.codebook_size = codebook_size
+        self.entropy_loss_weight = entropy_loss_weight
+        self.commitment_loss_weight = commitment_loss_weight
+        self.diversity_gamma = diversity_gamma
+        self.straight_through_activation = straight_through_activation
+        self.num_codebooks = num_codebooks
+        self.keep_num_codebooks_dim = keep_num_codebooks_dim
+        self.codebook_scale = codebook_scale
+        self.frac_per_sample_entropy = frac_per_sample_entropy
+        self.inv_temperature = inv_temperature
+        self.entropy_loss_method = entropy_loss_method
+        self.has_projections = has_projections
+        self.projection_has_bias = projection_has_bias
+        self.soft_clamp_input_value = soft_clamp_input_value
+        self.cosine_sim_project_in = cosine_sim_project_in
+        self.cosine_sim_project_in_scale = cosine_sim_project_in_scale
+        self.channel_first = channel_first
+        self.experimental_softplus_entropy_loss = experimental_softplus_entropy_loss
+        self.entropy_loss_offset = entropy_loss_offset
+        self.spherical = spherical
+        self.force_quantization_f32 = force_quantization_f32
+        self.orthogonal_rotation = orthogonal_rotation
+        super().__init__(**kwargs)
+
+    def validate(self):
+        if self.dim is None and self.codebook_size is None:
+            raise ValueError("LFQ needs dim or codebook_size (either may be None, not both)")
+        for field in ("dim", "codebook_size", "num_codebooks"):
+            value = getattr(self, field)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{field} must be a positive int, got {value!r}")
+        size = self.codebook_size
+        if size is not None and (size < 2 or size & (size - 1)):
+            suggested = 2 ** max(1, math.ceil(math.log2(size)))
+            raise ValueError(f"codebook_size must be a power of 2 >= 2 for lookup-free quantization, got {size} "
+                             f"(suggested {suggested})")
+        if self.num_codebooks > 1 and self.keep_num_codebooks_dim is False:
+            raise ValueError("keep_num_codebooks_dim=False is only allowed with num_codebooks=1")
+        if not 0.0 < self.frac_per_sample_entropy <= 1.0:
+            raise ValueError(f"frac_per_sample_entropy must be in (0, 1], got {self.frac_per_sample_entropy!r}")
+        if self.straight_through_activation not in ACTIVATIONS:
+            raise ValueError(f"straight_through_activation must be one of {sorted(ACTIVATIONS)}, "
+                             f"got {self.straight_through_activation!r}")
+        if self.entropy_loss_method not in ENTROPY_LOSS_METHODS:
+            raise ValueError(f"entropy_loss_method must be one of {list(ENTROPY_LOSS_METHODS)}, "
+                             f"got {self.entropy_loss_method!r}")
+        if not self.codebook_scale > 0:
+            raise ValueError(f"codebook_scale must be > 0, got {self.codebook_scale!r}")
+        if not self.inv_temperature > 0:
+            raise ValueError(f"inv_temperature must be > 0, got {self.inv_temperature!r}")
+        clamp = self.soft_clamp_input_value
+        if clamp is not None and clamp < self.codebook_scale:
+            raise ValueError(f"soft_clamp_input_value must be >= codebook_scale ({self.codebook_scale}), got {clamp!r}")
+
+    @property
+    def effective_codebook_size(self) -> int:
+        return self.codebook_size if self.codebook_size is not None else 2**self.dim
+
+    @property
+    def codebook_dim(self) -> int:
+        return int(math.log2(self.effective_codebook_size))
+
+    @property
+    def effective_dim(self) -> int:
+        return self.dim if self.dim is not None else self.codebook_dim * self.num_codebooks
+
+
+@dataclass
+class LFQOutput(QuantizerOutput):
+    """Output of [`LFQ`].
+
+    Args:
+        quantized (`torch.Tensor`): the quantized features, in the input's layout and dtype.
+        indices (`torch.Tensor`): int64 code indices, `(b, *spatial)` or `(b, *spatial, num_codebooks)`.
+        loss (`torch.Tensor`): the seed's `entropy_aux_loss`: weighted entropy plus commitment loss (0 in eval).
+        loss_breakdown (`LFQLossBreakdown`, *optional*): `(per_sample_entropy, batch_entropy, commitment)` when
+            `return_loss_breakdown=True`.
+    """
+
+    loss_breakdown: LFQLossBreakdown | None = None
+
+    # the seed's `Return(quantized, indices, entropy_aux_loss)`
+    seed_fields: ClassVar[tuple[str, ...]] = ("quantized", "indices", "loss")
+
+
+class CosineSimLinear(nn.Module):
+    """Linear layer on l2-normalized inputs and columns, times `scale` (weight is `(dim_in, dim_out)` as in vqp)."""
+
+    def __init__(self, dim_in: int, dim_out: int, scale: float = 1.0):
+        super().__init__()
+        self.scale = scale
+        self.weight = nn.Parameter(torch.randn(dim_in, dim_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (F.normalize(x, dim=-1) @ F.normalize(self.weight, dim=0)) * self.scale
+
+
+@register_quantizer
+class LFQ(QuantizerModel):
+    """Lookup-free quantizer: each code dimension is quantized to its sign; an entropy loss spreads code usage.
+
+    Example:
+        >>> lfq = LFQ(codebook_size=2**8, dim=16)
+        >>> out = lfq(torch.randn(2, 16, 4, 4))
+        >>> out.quantized.shape, out.indices.shape
+        (torch.Size([2, 16, 4, 4]), torch.Size([2, 4, 4]))
+    """
+
+    config_class = LFQConfig
+
+    def __init__(self, config: LFQConfig | None = None, **kwargs):
+        super().__init__(config, **kwargs)
+        c = self.config
+        inner = c.codebook_dim * c.num_codebooks
+        self.has_projections = c.has_projections if c.has_projections is not None else c.effective_dim != inner
+        if not self.has_projections:
+            if c.effective_dim != inner:
+                raise ValueError(f"has_projections=False needs dim == log2(codebook_size) * num_codebooks = {inner}")
+            self.project_in = self.project_out = nn.Identity()
+        else:
+            if c.cosine_sim_project_in:
+                scale = c.cosine_sim_project_in_scale if c.cosine_sim_project_in_scale is not None else c.codebook_scale
+                self.project_in = CosineSimLinear(c.effective_dim, inner, scale=scale)
+            else:
+                self.project_in = nn.Linear(c.effective_dim, inner, bias=c.projection_has_bias)
+            self.project_out = nn.Linear(inner, c.effective_dim, bias=c.projection_has_bias)
+        self.activation = ACTIVATIONS[c.straight_through_activation]()
+        if c.orthogonal_rotation:
+            self.register_buffer("orthogonal_rot", nn.init.orthogonal_(torch.empty(c.codebook_dim, c.codebook_dim)))
+        self.post_init()
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.effective_codebook_size
+
+    @property
+    def keep_num_codebooks_dim(self) -> bool:
+        keep = self.config.keep_num_codebooks_dim
+        return self.config.num_codebooks > 1 if keep is None else keep
+
+    @property
+    def code_magnitude(self) -> float:
+        """Per-bit magnitude of every code (after the spherical normalization, if any)."""
+        c = self.config
+        return c.codebook_scale / math.sqrt(c.codebook_dim) if c.spherical else c.codebook_scale
+
+    @property
+    def codebook(self) -> Tensor:
+        """The implicit `(codebook_size, C)` codebook (built on demand: it is `2**C` rows)."""
+        return self._codes_from_indices(torch.arange(self.codebook_size, device=self.device))
+
+    def _codes_from_indices(self, indices: Tensor) -> Tensor:
+        bits = lfq_ops.bits_of(indices, self.config.codebook_dim)
+        codes = lfq_ops.bits_to_codes(bits, self.config.codebook_scale)
+        return lfq_ops.l2norm(codes, self.config.codebook_scale) if self.config.spherical else codes
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the seed (and vqp) save their derived bit `mask` as a buffer: accept and drop it
+        state_dict.pop(prefix + "mask", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # -- index <-> code ---------------------------------------------------------------------------
+
+    def indices_to_codes(self, indices: Tensor, project_out: bool = True) -> Tensor:
+        """Inverse of the forward's indices: `(b, ...)` or `(b, ..., c)` indices to features (channel-first for
+        image/video-shaped indices, like the seed)."""
+        self._check_indices(indices)
+        spatial = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
+        if not self.keep_num_codebooks_dim:
+            indices = indices.unsqueeze(-1)
+        codes = self._codes_from_indices(indices)
+        if self.config.orthogonal_rotation:
+            codes = codes @ self.orthogonal_rot.t()
+        codes = codes.flatten(-2)
+        if project_out:
+            codes = self.project_out(codes.to(self.project_out.weight.dtype) if self.has_projections else codes)
+        if spatial or self.config.channel_first:
+            codes = codes.movedim(-1, 1)
+        return codes
+
+    def _check_indices(self, indices: Tensor) -> None:
+        if indices.is_floating_point():
+            raise ValueError(f"indices must be an integer tensor, got dtype {indices.dtype}")
+        if self.keep_num_codebooks_dim and indices.shape[-1] != self.config.num_codebooks:
+            raise ValueError(f"indices must end with a codebook axis of size {self.config.num_codebooks}")
+        if indices.numel() and (indices.min() < 0 or indices.max() >= self.codebook_size):
+            raise ValueError(f"indices must be in [0, {self.codebook_size}), got range "
+                             f"[{int(indices.min())}, {int(indices.max())}]")
+
+    # -- losses -----------------------------------------------------------------------------------
+
+    def entropy_terms(self, x: Tensor, inv_temperature: float) -> tuple[Tensor, Tensor]:
+        """`(per_sample_entropy, codebook_entropy)` of `(N, c, C)` pre-quantization features."""
+        x = lfq_ops.sample_fraction(x, self.config.frac_per_sample_entropy)
+        logits = lfq_ops.bit_logits(x, inv_temperature, self.code_magnitude)
+        per_sample = lfq_ops.per_sample_entropy(logits)
+        if self.config.entropy_loss_method == "factorized":
+            return per_sample, lfq_ops.factorized_codebook_entropy(logits)
+        # TODO(distributed): all-reduce the mean code probabilities here once hf_vq.distributed exists
+        return per_sample, lfq_ops.codebook_entropy(logits)
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x: Tensor,
+        inv_temperature: float | None = None,
+        return_loss_breakdown: bool = False,
+        mask: Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> LFQOutput | tuple:
+        """Quantize `x` of shape `(b, n, d)`, `(b, d, h, w)` or `(b, d, t, h, w)` (or `(b, d, n)` with
+        `channel_first`). `mask` (`(b, n)` or `(b, *spatial)` bool) restricts the losses to some tokens.
+        Returns [`LFQOutput`], or the seed's `(quantized, indices, entropy_aux_loss)` with `return_dict=False`
+        (and `(that tuple, LFQLossBreakdown)` with `return_loss_breakdown`, as the seed)."""
+        c = self.config
+        inv_temperature = c.inv_temperature if inv_temperature is None else inv_temperature
+        if c.check_inputs:
+            check_features(x, c.effective_dim, name="x")
+        layout = TokenLayout.of(x, channel_first=True if c.channel_first else None)
+        tokens = layout.to_tokens(x)
+        if tokens.shape[-1] != c.effective_dim:
+            raise ValueError(f"expected feature dim {c.effective_dim}, got {tokens.shape[-1]} (input shape {tuple(x.shape)})")
+        mask = self._token_mask(mask, layout, tokens)
+
+        tokens = self.project_in(tokens)
+        if c.soft_clamp_input_value is not None:
+            tokens = lfq_ops.soft_clamp(tokens, c.soft_clamp_input_value)
+        tokens = tokens.unflatten(-1, (c.num_codebooks, c.codebook_dim))
+        if c.orthogonal_rotation:
+            tokens = tokens @ self.orthogonal_rot
+        if c.spherical:
+            tokens = lfq_ops.l2norm(tokens, c.codebook_scale)
+
+        orig_dtype = tokens.dtype
+        with torch.autocast(device_type=tokens.device.type, enabled=not c.force_quantization_f32):
+            if c.force_quantization_f32:
+                tokens = tokens.float()
+            codes, indices, breakdown = self._quantize_tokens(tokens, inv_temperature, mask)
+            codes = codes.to(orig_dtype)
+
+        if c.orthogonal_rotation:
+            codes = codes @ self.orthogonal_rot.t()
+        quantized = layout.from_tokens(self.project_out(codes.flatten(-2)))
+        indices = layout.indices_from_tokens(indices)
+        if not self.keep_num_codebooks_dim:
+            indices = indices.squeeze(-1)
+
+        per_sample, batch, commit = breakdown
+        entropy_loss = per_sample - c.diversity_gamma * batch
+        if self.training and c.experimental_softplus_entropy_loss:
+            entropy_loss = F.softplus(entropy_loss + c.entropy_loss_offset)
+        loss = entropy_loss * c.entropy_loss_weight + commit * c.commitment_loss_weight
+
+        out = LFQOutput(quantized=quantized, indices=indices, loss=loss,
+                        loss_breakdown=LFQLossBreakdown(*breakdown) if return_loss_breakdown else None)
+        if return_dict is False or (return_dict is None and not c.return_dict):
+            seed = out.to_seed_tuple()
+            return (seed, out.loss_breakdown) if return_loss_breakdown else seed
+        return out
+
+    def _token_mask(self, mask: Tensor | None, layout: TokenLayout, tokens: Tensor) -> Tensor | None:
+        mask = layout.mask_to_tokens(mask)
+        if mask is None:
+            return None
+        if mask.shape != tokens.shape[:2]:
+            raise ValueError(f"mask must have shape (b, *spatial) = {tuple(tokens.shape[:2])} in tokens, "
+                             f"got {tuple(mask.shape)}")
+        if not bool(mask.any()):
+            raise ValueError("mask selects no tokens")
+        return mask
+
+    def _quantize_tokens(self, x: Tensor, inv_temperature: float, mask: Tensor | None):
+        """`(b, n, c, C)` features -> (straight-through codes, `(b, n, c)` indices, (per-sample entropy,
+        codebook entropy, commitment))."""
+        c = self.config
+        quantized = lfq_ops.sign_quantize(x, c.codebook_scale)
+        indices = lfq_ops.codes_to_indices(quantized)
+        if c.spherical:
+            quantized = lfq_ops.l2norm(quantized, c.codebook_scale)
+        if not self.training:
+            zero = x.new_zeros((), dtype=torch.float32)
+            return quantized, indices, (zero, zero, zero)
+
+        activated = self.activation(x)
+        codes = activated + (quantized - activated).detach()
+        selected = x[mask] if mask is not None else x.flatten(0, 1)
+        per_sample, batch = self.entropy_terms(selected, inv_temperature)
+        commit = F.mse_loss(x, quantized.detach(), reduction="none")
+        commit = (commit[mask] if mask is not None else commit).mean()
+        return codes, indices, (per_sample, batch, commit)

@@ -1,0 +1,123 @@
+"""Lookup-free quantization ops (LFQ, https://arxiv.org/abs/2310.05737; BSQ, https://arxiv.org/abs/2406.07548).
+
+The entropy aux loss of the seed is defined through the softmax over all `2**C` codes `c in {-m, m}**C` of
+`2 * inv_temperature * <x, c>` (the negative squared distance up to a per-sample constant, since every code
+has the same norm). That softmax factorizes over bits: code `k` has probability `prod_i p_i(b_ki)` with
+independent per-bit Bernoullis `p_i(1) = sigmoid(4 * inv_temperature * m * x_i)`. The ops below use this to
+never build the `N x 2**C` probability matrix:
+
+- per-sample entropy = sum of per-bit binary entropies (exact Shannon entropy);
+- batch-mean code probability: split the `C` bits into a high and a low half; the probability of code
+  `(hi, lo)` is `P_hi[n, hi] * P_lo[n, lo]`, so its mean over samples is the matmul `P_hi^T @ P_lo / N`:
+  memory `N * (2**H + 2**L) + 2**C` instead of `N * 2**C`, same flops as the seed's einsum, and plain
+  autograd gives the gradient with no recomputation needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ENTROPY_EPS = 1e-5
+
+
+def bits_of(indices: Tensor, codebook_dim: int) -> Tensor:
+    """`(...)` int indices to `(...)`, `codebook_dim` bool bits, most significant bit first (the seed's mask)."""
+    mask = 2 ** torch.arange(codebook_dim - 1, -1, -1, device=indices.device)
+    return (indices.unsqueeze(-1).long() & mask) != 0
+
+
+def bits_to_codes(bits: Tensor, scale: float) -> Tensor:
+    """Bits to codes in `{-scale, scale}`."""
+    return bits.float() * (2 * scale) - scale
+
+
+def codes_to_indices(codes: Tensor) -> Tensor:
+    """`(..., C)` codes (sign carries the bit) to `(...)` int64 indices, most significant bit first."""
+    c = codes.shape[-1]
+    mask = 2 ** torch.arange(c - 1, -1, -1, device=codes.device)
+    return ((codes > 0).long() * mask).sum(-1)
+
+
+def sign_quantize(x: Tensor, scale: float) -> Tensor:
+    """Eq. 3 of the LFQ paper: `scale` where `x > 0`, else `-scale` (no gradient)."""
+    value = torch.full_like(x, scale)
+    return torch.where(x > 0, value, -value)
+
+
+def l2norm(x: Tensor, scale: float = 1.0) -> Tensor:
+    """Project onto the sphere of radius `scale` (BSQ)."""
+    return F.normalize(x, dim=-1) * scale
+
+
+def soft_clamp(x: Tensor, value: float) -> Tensor:
+    """Smoothly squash `x` into `(-value, value)`."""
+    return (x / value).tanh() * value
+
+
+def bit_logits(x: Tensor, inv_temperature: float, code_magnitude: float) -> Tensor:
+    """Per-bit logit of `P(bit = 1)` under the seed's softmax over codes `{-m, m}**C`: `4 * inv_temp * m * x`."""
+    return x * (4.0 * inv_temperature * code_magnitude)
+
+
+def binary_entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of Bernoulli(sigmoid(l)), stable for large |l|: `p * softplus(-l) + (1 - p) * softplus(l)`."""
+    p = torch.sigmoid(logits)
+    return p * F.softplus(-logits) + (1 - p) * F.softplus(logits)
+
+
+def per_sample_entropy(logits: Tensor) -> Tensor:
+    """`(N, c, C)` bit logits -> mean over samples and codebooks of the entropy of each code distribution."""
+    return binary_entropy_from_logits(logits).sum(-1).mean()
+
+
+def entropy(prob: Tensor, eps: float = ENTROPY_EPS) -> Tensor:
+    """The seed's entropy over the last axis, with `log(clamp(p, eps))`."""
+    return (-prob * prob.clamp(min=eps).log()).sum(-1)
+
+
+def _code_probability_table(logits: Tensor) -> Tensor:
+    """`(c, N, B)` bit logits to `(c, N, 2**B)` code probabilities, first bit most significant (Kronecker product)."""
+    c, n, nbits = logits.shape
+    p1 = torch.sigmoid(logits)
+    table = logits.new_ones(c, n, 1)
+    for i in range(nbits):
+        pi = p1[..., i : i + 1]
+        table = torch.stack((table * (1 - pi), table * pi), dim=-1).flatten(-2)
+    return table
+
+
+def mean_code_probs(logits: Tensor) -> Tensor:
+    """Batch-mean probability of every code: `(N, c, C)` bit logits -> `(c, 2**C)`.
+
+    Exactly `softmax(logits of all codes).mean(samples)` of the seed, computed as `P_hi^T @ P_lo / N` over the
+    high and low halves of the bits, never materializing `N x 2**C`.
+    """
+    n, c, nbits = logits.shape
+    logits = logits.float().transpose(0, 1)  # (c, N, C)
+    hi_bits = nbits // 2
+    p_hi = _code_probability_table(logits[..., :hi_bits])  # (c, N, 2**H)
+    p_lo = _code_probability_table(logits[..., hi_bits:])  # (c, N, 2**L)
+    return torch.bmm(p_hi.transpose(1, 2), p_lo).flatten(1) / n
+
+
+def codebook_entropy(logits: Tensor, eps: float = ENTROPY_EPS) -> Tensor:
+    """Entropy of the batch-mean code distribution (exact), averaged over codebooks."""
+    return entropy(mean_code_probs(logits), eps).mean()
+
+
+def factorized_codebook_entropy(logits: Tensor, eps: float = ENTROPY_EPS) -> Tensor:
+    """BSQ / Open-MAGVIT2 approximation: sum over bits of the binary entropy of the batch-mean bit probability
+    (an upper bound of the exact codebook entropy), averaged over codebooks."""
+    q = torch.sigmoid(logits.float()).mean(0)  # (c, C)
+    return entropy(torch.stack((q, 1 - q), dim=-1), eps).sum(-1).mean()
+
+
+def sample_fraction(tokens: Tensor, frac: float) -> Tensor:
+    """A random `int(N * frac)` subset of the `(N, ...)` rows (the seed's `argsort` of random numbers)."""
+    if frac >= 1.0:
+        return tokens
+    n = tokens.shape[0]
+    keep = torch.randn(n).argsort(dim=-1) < int(n * frac)
+    return tokens[keep.to(tokens.device)]
