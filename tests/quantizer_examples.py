@@ -10,6 +10,8 @@ EXAMPLES = {
     "FSQ": (dict(levels=[8, 5, 5, 5], dim=16), (2, 16, 4, 4)),
     "FSQ_codebooks": (dict(levels=[5, 5, 3], num_codebooks=2), (2, 7, 6)),
     "LFQ": (dict(codebook_size=2**6), (2, 5, 6)),
+    "LatentQuantize": (dict(levels=[5, 4, 3], dim=8), (2, 8, 4, 4)),
+    "LatentQuantize_fixed": (dict(levels=4, codebook_dim=2, num_codebooks=2, optimize_values=False), (2, 5, 4)),
     "LFQ_projections": (dict(dim=16, codebook_size=2**8, num_codebooks=2, orthogonal_rotation=True), (2, 16, 4, 4)),
 }
 

@@ -1,0 +1,356 @@
+"""Latent Quantization (disentanglement via latent quantization) as a Hugging Face model.
+
+Semantics: vector-quantize-pytorch 1.32 `latent_quantization.py` (seed 003). https://arxiv.org/abs/2305.18378
+
+Where this module deliberately differs from vqp 1.32 (each difference is tested):
+- Learnable values learn. vqp returns `z + (values - z).detach()`, so `values_per_latent` never receive a
+  gradient and `optimize_values` is a no-op there. Here the commitment term (vqp's `mse(input.detach(), out)`)
+  is computed on an output built from the values themselves, so its gradient reaches the values (and
+  `project_out`); loss values are identical to vqp's.
+- The in-place codebook optimizer works. vqp 1.32 raises `AttributeError` (`self.optimize_values` is never set).
+  It is a config string naming a `torch.optim` class plus a kwargs dict (JSON), not a callable, so it
+  round-trips through `save_pretrained`; the optimizer is built lazily over the current value parameters.
+- Indices come from the per-latent argmin (exact mixed radix), not from `int32(float code * basis)`; they are
+  the same for the initial values, and stay correct once the values are learned.
+- `indices_to_codes` decodes with the current (possibly learned) values.
+- Rank-3 input is `(b, n, d)` as in the seed; vqp 1.32 reads it as `(b, d, n)` (use `channel_first=True`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..modeling_utils import (
+    QuantizerConfig,
+    QuantizerModel,
+    QuantizerOutput,
+    TokenLayout,
+    check_features,
+    register_quantizer,
+)
+from ..ops import fsq as fsq_ops
+from .fsq import check_levels
+
+
+class LatentQuantizeConfig(QuantizerConfig):
+    """Configuration of [`LatentQuantize`].
+
+    Args:
+        levels (`int` or `list[int]`): number of values per latent; an int is used for each of `codebook_dim`
+            latents. The implicit codebook has `prod(levels)` codes.
+        dim (`int`, *optional*): input feature dim; defaults to `codebook_dim * num_codebooks`. When it differs,
+            linear projections map in and out of the code space.
+        commitment_loss_weight (`float`, defaults to 0.1): weight of `mse(input.detach(), output)` (trains the
+            values and the output projection).
+        quantization_loss_weight (`float`, defaults to 0.1): weight of `mse(output.detach(), input)` (pulls the
+            input towards its code).
+        num_codebooks (`int`, defaults to 1): independent codebooks over equal slices of the projected features.
+        codebook_dim (`int`, defaults to -1): number of latents per codebook; -1 means `len(levels)`. Required
+            when `levels` is an int.
+        keep_num_codebooks_dim (`bool`, *optional*): keep a trailing codebook axis on `indices`; defaults to
+            `num_codebooks > 1` and must be true when `num_codebooks > 1`.
+        optimize_values (`bool`, defaults to `True`): the per-latent values are parameters (state-dict keys
+            `values_per_latent.{i}`, as in vqp); otherwise fixed buffers rebuilt from `levels`.
+        in_place_codebook_optimizer (`str`, *optional*): name of a `torch.optim` optimizer class (e.g. `"SGD"`,
+            `"Adam"`) that updates the values inside `forward` in training, before quantizing; needs
+            `optimize_values`. The main loss then gives the values no gradient.
+        in_place_codebook_optimizer_kwargs (`dict`, *optional*): keyword arguments of that optimizer (e.g.
+            `{"lr": 0.01}`).
+        channel_first (`bool`, defaults to `False`): treat rank-3 input as `(b, d, n)`. Rank 4/5 inputs are always
+            channel-first.
+    """
+
+    model_type = "hf_vq_latent_quantize"
+
+    def __init__(
+        self,
+        levels: int | list[int] = (5, 5, 5),
+        dim: int | None = None,
+        commitment_loss_weight: float = 0.1,
+        quantization_loss_weight: float = 0.1,
+        num_codebooks: int = 1,
+        codebook_dim: int = -1,
+        keep_num_codebooks_dim: bool | None = None,
+        optimize_values: bool = True,
+        in_place_codebook_optimizer: str | None = None,
+        in_place_codebook_optimizer_kwargs: dict | None = None,
+        channel_first: bool = False,
+        **kwargs,
+    ):
+        self.levels = list(levels) if isinstance(levels, (list, tuple)) else levels
+        self.dim = dim
+        self.commitment_loss_weight = commitment_loss_weight
+        self.quantization_loss_weight = quantization_loss_weight
+        self.num_codebooks = num_codebooks
+        self.codebook_dim = codebook_dim
+        self.keep_num_codebooks_dim = keep_num_codebooks_dim
+        self.optimize_values = optimize_values
+        self.in_place_codebook_optimizer = in_place_codebook_optimizer
+        self.in_place_codebook_optimizer_kwargs = dict(in_place_codebook_optimizer_kwargs or {})
+        self.channel_first = channel_first
+        super().__init__(**kwargs)
+
+    def validate(self):
+        if isinstance(self.levels, int) and not isinstance(self.levels, bool):
+            if not isinstance(self.codebook_dim, int) or self.codebook_dim < 1:
+                raise ValueError(f"codebook_dim must be a positive int when levels is an int, got {self.codebook_dim!r}")
+            check_levels([self.levels])
+        else:
+            check_levels(self.levels)
+            if self.codebook_dim not in (-1, len(self.levels)):
+                raise ValueError(f"codebook_dim must be -1 or len(levels) = {len(self.levels)}, got {self.codebook_dim!r}")
+        for field in ("dim", "num_codebooks"):
+            value = getattr(self, field)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{field} must be a positive int, got {value!r}")
+        if self.num_codebooks > 1 and self.keep_num_codebooks_dim is False:
+            raise ValueError("keep_num_codebooks_dim=False is only allowed with num_codebooks=1")
+        for field in ("commitment_loss_weight", "quantization_loss_weight"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{field} must be a finite number >= 0, got {value!r}")
+        name = self.in_place_codebook_optimizer
+        if name is not None:
+            optim_cls = getattr(torch.optim, str(name), None)
+            if not (isinstance(optim_cls, type) and issubclass(optim_cls, torch.optim.Optimizer)):
+                raise ValueError(f"in_place_codebook_optimizer must name a torch.optim optimizer class "
+                                 f"(e.g. 'SGD', 'Adam'), got {name!r}")
+            if not self.optimize_values:
+                raise ValueError("in_place_codebook_optimizer needs optimize_values=True (fixed values cannot be optimized)")
+
+    @property
+    def levels_list(self) -> list[int]:
+        return [self.levels] * self.codebook_dim if isinstance(self.levels, int) else list(self.levels)
+
+    @property
+    def latent_dim(self) -> int:
+        return len(self.levels_list)
+
+    @property
+    def effective_dim(self) -> int:
+        return self.dim if self.dim is not None else self.latent_dim * self.num_codebooks
+
+    @property
+    def codebook_size(self) -> int:
+        return math.prod(self.levels_list)
+
+
+def initial_values(level: int) -> Tensor:
+    """The values of one latent: `level` points in [-0.5, 0.5] with 0 in the middle (vqp's init)."""
+    if level % 2 == 1:
+        # explicit device: transformers' meta-device init patches linspace to default to CPU; keep every value
+        # parameter on the device of the surrounding context
+        return torch.linspace(-0.5, 0.5, level, device=torch.get_default_device())
+    return torch.arange(level) / level - 0.5
+
+
+@dataclass
+class LatentQuantizeOutput(QuantizerOutput):
+    """Output of [`LatentQuantize`]: `quantized`, int32 `indices` and `loss` (0 in eval), the seed's tuple order."""
+
+    seed_fields: ClassVar[tuple[str, ...]] = ("quantized", "indices", "loss")
+
+
+@register_quantizer
+class LatentQuantize(QuantizerModel):
+    """Latent quantizer: each latent is snapped to the nearest of its own (learnable) values.
+
+    Example:
+        >>> lq = LatentQuantize(levels=[5, 5, 4], dim=16)
+        >>> out = lq(torch.randn(2, 16, 4, 4))
+        >>> out.quantized.shape, out.indices.shape
+        (torch.Size([2, 16, 4, 4]), torch.Size([2, 4, 4]))
+    """
+
+    config_class = LatentQuantizeConfig
+
+    def __init__(self, config: LatentQuantizeConfig | None = None, **kwargs):
+        super().__init__(config, **kwargs)
+        c = self.config
+        levels = c.levels_list
+        inner = c.latent_dim * c.num_codebooks
+        self.has_projections = c.effective_dim != inner
+        if self.has_projections:
+            self.project_in = nn.Linear(c.effective_dim, inner)
+            self.project_out = nn.Linear(inner, c.effective_dim)
+        else:
+            self.project_in = self.project_out = nn.Identity()
+        if c.optimize_values:
+            self.values_per_latent = nn.ParameterList([nn.Parameter(initial_values(level)) for level in levels])
+        else:
+            for i, level in enumerate(levels):
+                self.register_buffer(f"_fixed_values_{i}", initial_values(level), persistent=False)
+        self.register_buffer("_levels", torch.empty(0, dtype=torch.int32), persistent=False)
+        self.register_buffer("_basis", torch.empty(0, dtype=torch.int32), persistent=False)
+        self._in_place_optimizer = None
+        self.reset_derived_buffers()
+        self.post_init()
+
+    def reset_derived_buffers(self):
+        c = self.config
+        device = self._levels.device if self._levels.device.type != "meta" else torch.device("cpu")
+        self._levels, self._basis = fsq_ops.fsq_tables(c.levels_list, device=device)
+        if not c.optimize_values:
+            for i, level in enumerate(c.levels_list):
+                setattr(self, f"_fixed_values_{i}", initial_values(level).to(device))
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    @property
+    def keep_num_codebooks_dim(self) -> bool:
+        keep = self.config.keep_num_codebooks_dim
+        return self.config.num_codebooks > 1 if keep is None else keep
+
+    def latent_values(self) -> list[Tensor]:
+        """The current values of each latent."""
+        if self.config.optimize_values:
+            return list(self.values_per_latent)
+        return [getattr(self, f"_fixed_values_{i}") for i in range(self.config.latent_dim)]
+
+    def _value_table(self) -> Tensor:
+        """`(latents, max_level)` values, padded with +inf (never the nearest) where levels are unequal."""
+        values = self.latent_values()
+        width = max(v.numel() for v in values)
+        return torch.stack([F.pad(v.float(), (0, width - v.numel()), value=math.inf) for v in values])
+
+    @property
+    def implicit_codebook(self) -> Tensor:
+        """`(codebook_size, latents)`: the code of every index, with the current values."""
+        return self.level_indices_to_codes(fsq_ops.indices_to_level_indices(
+            torch.arange(self.codebook_size, device=self._levels.device), self._levels, self._basis))
+
+    # -- quantize / index <-> code ----------------------------------------------------------------
+
+    def nearest_levels(self, z: Tensor) -> Tensor:
+        """`(..., latents)` features to the `(..., latents)` level index of the nearest value of each latent."""
+        table = self._value_table()
+        return (z.float().unsqueeze(-1) - table).abs().argmin(dim=-1)
+
+    def level_indices_to_codes(self, level_indices: Tensor) -> Tensor:
+        """`(..., latents)` level indices to the values (differentiable in the values)."""
+        table = self._value_table()
+        flat = level_indices.reshape(-1, table.shape[0])
+        return table.gather(1, flat.t()).t().reshape(level_indices.shape)
+
+    def quantize(self, z: Tensor) -> Tensor:
+        """Quantize `(..., latents)` features to their nearest values, straight-through (as vqp)."""
+        codes = self.level_indices_to_codes(self.nearest_levels(z)).to(z.dtype)
+        return z + (codes - z).detach()
+
+    def codes_to_indices(self, codes: Tensor) -> Tensor:
+        """`(..., latents)` codes (values of the latents) to `(...)` int32 indices."""
+        if codes.shape[-1] != self.config.latent_dim:
+            raise ValueError(f"codes must have last dim {self.config.latent_dim}, got {codes.shape[-1]}")
+        return self._indices_from_levels(self.nearest_levels(codes))
+
+    def _indices_from_levels(self, level_indices: Tensor) -> Tensor:
+        return (level_indices * self._basis).sum(-1).to(torch.int32)
+
+    def indices_to_codes(self, indices: Tensor, project_out: bool = True) -> Tensor:
+        """Inverse of the forward's indices: `(b, ...)` or `(b, ..., c)` indices to features (channel-first for
+        image/video-shaped indices)."""
+        self._check_indices(indices)
+        spatial = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
+        if not self.keep_num_codebooks_dim:
+            indices = indices.unsqueeze(-1)
+        levels = fsq_ops.indices_to_level_indices(indices.long(), self._levels, self._basis)
+        codes = self.level_indices_to_codes(levels).flatten(-2)
+        if project_out:
+            codes = self.project_out(codes)
+        if spatial or self.config.channel_first:
+            codes = codes.movedim(-1, 1)
+        return codes
+
+    def _check_indices(self, indices: Tensor) -> None:
+        if indices.is_floating_point():
+            raise ValueError(f"indices must be an integer tensor, got dtype {indices.dtype}")
+        if self.keep_num_codebooks_dim and indices.shape[-1] != self.config.num_codebooks:
+            raise ValueError(f"indices must end with a codebook axis of size {self.config.num_codebooks}")
+        if indices.numel() and (indices.min() < 0 or indices.max() >= self.codebook_size):
+            raise ValueError(f"indices must be in [0, {self.codebook_size}), got range "
+                             f"[{int(indices.min())}, {int(indices.max())}]")
+
+    # -- in-place codebook optimizer --------------------------------------------------------------
+
+    @property
+    def in_place_optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer of the values, built on first use over the current parameters (which a meta-device
+        load replaces, so it is never built in `__init__`)."""
+        name = self.config.in_place_codebook_optimizer
+        if name is None:
+            return None
+        params = list(self.values_per_latent)
+        opt = self._in_place_optimizer
+        if opt is None or any(p is not q for p, q in zip(opt.param_groups[0]["params"], params)):
+            opt = getattr(torch.optim, name)(params, **self.config.in_place_codebook_optimizer_kwargs)
+            self._in_place_optimizer = opt
+        return opt
+
+    def _optimize_values_in_place(self, z: Tensor) -> None:
+        """One optimizer step pulling each latent's nearest value towards the (detached) features."""
+        opt = self.in_place_optimizer
+        z = z.detach().float()
+        with torch.enable_grad():
+            codes = self.level_indices_to_codes(self.nearest_levels(z))
+            loss = F.mse_loss(codes, z)
+            opt.zero_grad()
+            loss.backward(inputs=list(self.values_per_latent))
+            opt.step()
+            opt.zero_grad()
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    def forward(self, z: Tensor, return_dict: bool | None = None) -> LatentQuantizeOutput | tuple:
+        """Quantize `z` of shape `(b, n, d)`, `(b, d, h, w)` or `(b, d, t, h, w)` (or `(b, d, n)` with
+        `channel_first`). Returns [`LatentQuantizeOutput`], or `(quantized, indices, loss)` with
+        `return_dict=False`."""
+        c = self.config
+        if c.check_inputs:
+            check_features(z, c.effective_dim, name="z")
+        layout = TokenLayout.of(z, channel_first=True if c.channel_first else None)
+        tokens = layout.to_tokens(z)
+        if tokens.shape[-1] != c.effective_dim:
+            raise ValueError(f"expected feature dim {c.effective_dim}, got {tokens.shape[-1]} (input shape {tuple(z.shape)})")
+
+        latents = self.project_in(tokens).unflatten(-1, (c.num_codebooks, c.latent_dim))
+        in_place = self.training and c.in_place_codebook_optimizer is not None
+        if in_place:
+            self._optimize_values_in_place(latents)
+
+        with torch.autocast(device_type=latents.device.type, enabled=False):
+            levels = self.nearest_levels(latents)
+            values = self.level_indices_to_codes(levels)  # differentiable in the values
+        codes = latents + (values.to(latents.dtype) - latents).detach()  # straight-through to the input
+        indices = self._indices_from_levels(levels)
+
+        out = self.project_out(codes.flatten(-2))
+        loss = self._loss(tokens, out, values, in_place)
+
+        quantized = layout.from_tokens(out)
+        indices = layout.indices_from_tokens(indices)
+        if not self.keep_num_codebooks_dim:
+            indices = indices.squeeze(-1)
+        return self._output(LatentQuantizeOutput(quantized=quantized, indices=indices, loss=loss), return_dict)
+
+    def _loss(self, tokens: Tensor, out: Tensor, values: Tensor, in_place: bool) -> Tensor:
+        """vqp's `cw * mse(input.detach(), out) + qw * mse(out.detach(), input)`, with the commitment term's
+        gradient routed to the values (unless they are optimized in place)."""
+        c = self.config
+        zero = tokens.new_zeros((), dtype=torch.float32)
+        if not self.training:
+            return zero
+        loss = zero
+        if c.commitment_loss_weight != 0:
+            target = out if in_place or not c.optimize_values else self.project_out(values.to(out.dtype).flatten(-2))
+            loss = loss + c.commitment_loss_weight * F.mse_loss(tokens.detach(), target)
+        if c.quantization_loss_weight != 0:
+            loss = loss + c.quantization_loss_weight * F.mse_loss(out.detach(), tokens)
+        return loss
