@@ -141,13 +141,14 @@ class LatentQuantizeConfig(QuantizerConfig):
         return math.prod(self.levels_list)
 
 
-def initial_values(level: int) -> Tensor:
+def initial_values(level: int, device=None) -> Tensor:
     """The values of one latent: `level` points in [-0.5, 0.5] with 0 in the middle (vqp's init)."""
+    # explicit device: transformers' meta-device init patches linspace to default to CPU; keep every value
+    # parameter on the device of the surrounding context
+    device = torch.get_default_device() if device is None else device
     if level % 2 == 1:
-        # explicit device: transformers' meta-device init patches linspace to default to CPU; keep every value
-        # parameter on the device of the surrounding context
-        return torch.linspace(-0.5, 0.5, level, device=torch.get_default_device())
-    return torch.arange(level) / level - 0.5
+        return torch.linspace(-0.5, 0.5, level, device=device)
+    return torch.arange(level, device=device) / level - 0.5
 
 
 @dataclass
@@ -198,7 +199,7 @@ class LatentQuantize(QuantizerModel):
         self._levels, self._basis = fsq_ops.fsq_tables(c.levels_list, device=device)
         if not c.optimize_values:
             for i, level in enumerate(c.levels_list):
-                setattr(self, f"_fixed_values_{i}", initial_values(level).to(device))
+                setattr(self, f"_fixed_values_{i}", initial_values(level, device))
 
     @property
     def codebook_size(self) -> int:
