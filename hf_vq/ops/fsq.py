@@ -31,7 +31,8 @@ def fsq_quantize(z: Tensor, levels: Tensor, *, hard_clamp: bool = False, eps: fl
     half_l = (levels - 1) * (1 + eps) / 2
     offset = torch.where(levels % 2 == 0, 0.5, 0.0).to(z.device)
     if hard_clamp:
-        bounded = z.clamp(-1.0, 1.0) * half_l - offset
+        # same shift as the tanh branch (linear here, tanh is the identity near 0), as vqp 1.32
+        bounded = (z + offset / half_l).clamp(-1.0, 1.0) * half_l - offset
     else:
         bounded = torch.tanh(z + torch.atanh(offset / half_l)) * half_l - offset
     return round_ste(bounded) / (levels // 2)

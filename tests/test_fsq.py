@@ -1,0 +1,200 @@
+"""FSQ: parity with vector-quantize-pytorch 1.32 `FSQ` for every option, the CogVideo seed's formulas, index <->
+code round trips, shapes, gradients, noise dropout, errors."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from vector_quantize_pytorch import FSQ as RefFSQ
+
+import hf_vq
+
+
+def _pair(**kwargs):
+    ref = RefFSQ(**kwargs)
+    ours = hf_vq.FSQ(**kwargs)
+    ours.load_state_dict(ref.state_dict())  # projections and the orthogonal rotation buffer, strict
+    return ours, ref
+
+
+CASES = {
+    "levels": (dict(levels=[8, 5, 5, 5]), (2, 7, 4)),
+    "projections_image": (dict(levels=[8, 5, 5, 5], dim=16), (2, 16, 4, 4)),
+    "video": (dict(levels=[7, 5, 4], dim=6), (2, 6, 2, 3, 3)),
+    "num_codebooks": (dict(levels=[5, 5, 3], num_codebooks=2), (2, 7, 6)),
+    "num_codebooks_projection": (dict(levels=[5, 3], dim=10, num_codebooks=3), (2, 10, 3, 3)),
+    "keep_num_codebooks_dim": (dict(levels=[8, 6], keep_num_codebooks_dim=True), (2, 7, 2)),
+    "channel_first_rank3": (dict(levels=[8, 5, 5], dim=12, channel_first=True), (2, 12, 9)),
+    "no_bias": (dict(levels=[8, 5, 5], dim=12, projection_has_bias=False), (2, 9, 12)),
+    "preserve_symmetry": (dict(levels=[2, 4, 5], preserve_symmetry=True), (2, 9, 3)),
+    "bound_hard_clamp": (dict(levels=[8, 5, 5], bound_hard_clamp=True), (2, 9, 3)),
+    "symmetric_hard_clamp": (dict(levels=[6, 5], preserve_symmetry=True, bound_hard_clamp=True), (2, 9, 2)),
+    "orthogonal_rotation": (dict(levels=[5, 5, 5, 5], dim=8, orthogonal_rotation=True), (2, 8, 3, 3)),
+    "no_indices": (dict(levels=[8, 5, 5], return_indices=False), (2, 9, 3)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_parity_with_vqp(case):
+    kwargs, shape = CASES[case]
+    ours, ref = _pair(**kwargs)
+    x = (torch.randn(*shape) * 2).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    for train in (False, True):
+        ours.train(train), ref.train(train)
+        q_ref, i_ref = ref(x_ref)
+        out = ours(x)
+        torch.testing.assert_close(out.quantized, q_ref, rtol=0, atol=1e-6)
+        if kwargs.get("return_indices", True):
+            assert torch.equal(out.indices, i_ref)
+            torch.testing.assert_close(ours.indices_to_codes(out.indices), ref.indices_to_codes(i_ref), rtol=0, atol=1e-6)
+        else:
+            assert out.indices is None and i_ref is None
+    # straight-through gradients are the same
+    ref(x_ref)[0].square().sum().backward()
+    ours(x).quantized.square().sum().backward()
+    assert x.grad.abs().sum() > 0
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_force_quantization_f32_with_bf16_under_autocast():
+    ours, ref = _pair(levels=[8, 5, 5, 5])
+    x = (torch.randn(2, 9, 4) * 2).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ours(x)
+    q_ref, i_ref = ref(x)  # vqp: float32 quantization (bf16 is not an allowed dtype), cast back
+    assert out.quantized.dtype == torch.bfloat16
+    assert torch.equal(out.quantized, q_ref) and torch.equal(out.indices, i_ref)
+    # without forcing f32 the computation runs in bf16 (and may differ), but the dtype is kept
+    loose = hf_vq.FSQ(levels=[8, 5, 5, 5], force_quantization_f32=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert loose(x).quantized.dtype == torch.bfloat16
+
+
+# ---- the CogVideo seed (000) formulas ----------------------------------------------------------
+
+
+def _seed_indices_to_codes(indices, levels, num_codebooks_axis):
+    """Seed `indices_to_codes(..., project_out=False)`: mixed-radix digits, centred, image -> channel first."""
+    levels_t = torch.tensor(levels)
+    basis = torch.cumprod(torch.tensor([1] + levels[:-1]), 0)
+    is_img = indices.ndim >= 3 + int(num_codebooks_axis)
+    digits = (indices.unsqueeze(-1) // basis) % levels_t
+    half = levels_t // 2
+    codes = (digits - half) / half
+    if num_codebooks_axis:
+        codes = codes.flatten(-2)
+    return codes.movedim(-1, 1) if is_img else codes
+
+
+@pytest.mark.parametrize("levels,num_codebooks,shape", [([8, 5, 5, 5], 1, (2, 4, 4)), ([7, 5, 3], 2, (2, 6, 2))])
+def test_indices_to_codes_without_projection_matches_seed(levels, num_codebooks, shape):
+    fsq = hf_vq.FSQ(levels=levels, num_codebooks=num_codebooks, dim=16)
+    indices = torch.randint(0, math.prod(levels), shape)
+    expected = _seed_indices_to_codes(indices, levels, num_codebooks > 1)
+    torch.testing.assert_close(fsq.indices_to_codes(indices, project_out=False), expected)
+
+
+def test_codes_to_indices_rounds_where_seed_truncates():
+    # the seed casts float sums with int32() (truncation); vqp and hf_vq round. Over the whole implicit
+    # codebook the indices are exact.
+    fsq = hf_vq.FSQ(levels=[7, 7, 7, 6])
+    assert torch.equal(fsq.codes_to_indices(fsq.implicit_codebook).long(), torch.arange(fsq.codebook_size))
+
+
+# ---- index <-> code -----------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(levels=st.lists(st.integers(2, 10), min_size=1, max_size=5), symmetric=st.booleans())
+def test_indices_codes_indices_identity(levels, symmetric):
+    if 2 in levels and not symmetric:
+        levels = [level + 1 if level == 2 else level for level in levels]
+    fsq = hf_vq.FSQ(levels=levels, preserve_symmetry=symmetric)
+    indices = torch.randint(0, fsq.codebook_size, (64,))
+    codes = fsq.indices_to_codes(indices)
+    assert codes.abs().max() <= 1.0 + 1e-6
+    assert torch.equal(fsq.codes_to_indices(codes).long(), indices)
+
+
+def test_implicit_codebook_is_indices_to_codes_of_arange():
+    for kwargs in (dict(levels=[8, 5, 5, 5]), dict(levels=[2, 4, 3], preserve_symmetry=True)):
+        ours, ref = _pair(**kwargs)
+        codebook = ours.indices_to_codes(torch.arange(ours.codebook_size), project_out=False)
+        assert torch.equal(ours.implicit_codebook, codebook)
+        torch.testing.assert_close(ours.implicit_codebook, ref.implicit_codebook)
+
+
+# ---- shapes, gradients, noise dropout -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,channel_first,index_shape", [
+    ((2, 16, 4, 4), False, (2, 4, 4)),
+    ((2, 16, 2, 3, 3), False, (2, 2, 3, 3)),
+    ((2, 9, 16), False, (2, 9)),
+    ((2, 16, 9), True, (2, 9)),
+    ((3, 16), False, (3,)),
+])
+def test_shapes(shape, channel_first, index_shape):
+    fsq = hf_vq.FSQ(levels=[8, 5, 5, 5], dim=16, channel_first=channel_first)
+    out = fsq(torch.randn(*shape))
+    assert out.quantized.shape == shape and out.indices.shape == index_shape
+    assert fsq.indices_to_codes(out.indices).shape == shape
+
+
+def test_gradient_flows_straight_through():
+    fsq = hf_vq.FSQ(levels=[8, 5, 5, 5], dim=16)
+    x = torch.randn(2, 16, 3, 3, requires_grad=True)
+    fsq(x).quantized.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert fsq.project_in.weight.grad.abs().sum() > 0
+
+
+def test_noise_dropout_invariants():
+    fsq = hf_vq.FSQ(levels=[8, 6, 5], preserve_symmetry=True, noise_dropout=0.5)
+    clean = hf_vq.FSQ(levels=[8, 6, 5], preserve_symmetry=True).eval()
+    x = torch.randn(4, 64, 3) * 2
+    fsq.train()
+    out = fsq(x)
+    ref = clean(x)
+    assert torch.equal(out.indices, ref.indices)  # indices are taken before the noise
+    assert out.quantized.abs().max() <= 1.0
+    changed = (out.quantized != ref.quantized).float().mean()
+    assert 0.2 < changed < 0.8  # about half the entries get an offset
+    assert ((out.quantized - ref.quantized).abs() <= 0.5 + 1e-6).all()
+    fsq.eval()
+    assert torch.equal(fsq(x).quantized, ref.quantized)
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(levels=[8, 5.5]), "levels must contain only ints"),
+    (dict(levels=[8, 1]), "levels must all be >= 2"),
+    (dict(levels=[8, 2]), "contains 2, which needs preserve_symmetry=True"),
+    (dict(levels=[]), "levels must be a non-empty list"),
+    (dict(levels=[8, 5], noise_dropout=0.1), "noise_dropout > 0 requires preserve_symmetry=True"),
+    (dict(levels=[8, 5], num_codebooks=2, keep_num_codebooks_dim=False), "keep_num_codebooks_dim=False"),
+])
+def test_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        hf_vq.FSQConfig(**kwargs)
+
+
+def test_input_and_index_errors():
+    fsq = hf_vq.FSQ(levels=[8, 5, 5, 5], dim=16)
+    with pytest.raises(ValueError, match="expected feature dim 16, got 15"):
+        fsq(torch.randn(2, 9, 15))
+    with pytest.raises(ValueError, match="must have rank"):
+        fsq(torch.randn(16))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        fsq(torch.full((2, 9, 16), float("nan")))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        fsq(torch.full((2, 16, 2, 2), float("inf")))
+    with pytest.raises(ValueError, match=r"indices must be in \[0, 1000\), got range \[0, 1000\]"):
+        fsq.indices_to_codes(torch.tensor([[0, 1000]]))
+    with pytest.raises(ValueError, match=r"indices must be in \[0, 1000\)"):
+        fsq.indices_to_codes(torch.tensor([[-1]]))
