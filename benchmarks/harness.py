@@ -1,0 +1,61 @@
+"""Timing and memory measurement shared by the benchmark scripts (CUDA events; CPU fallback)."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Measurement:
+    ms: float | None  # median wall time per call; None when it did not run (out of memory, error)
+    peak_gib: float | None
+    note: str = ""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, iters: int = 10) -> Measurement:
+    """Median time of `fn()` and the peak memory it allocates above what was live before it ran."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    try:
+        for _ in range(warmup):
+            fn()
+        _sync(device)
+        times = []
+        for _ in range(iters):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+    except torch.OutOfMemoryError:
+        return Measurement(None, None, "out of memory")
+    finally:
+        gc.collect()
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return Measurement(statistics.median(times), peak)
+
+
+def fmt(value: float | None, spec: str = ".2f", missing: str = "—") -> str:
+    return missing if value is None else format(value, spec)
