@@ -1,0 +1,70 @@
+"""The only code in hf_vq that talks to other processes.
+
+Every function is a no-op in a single process. With a process group up (torch.distributed, as set up by
+`accelerate launch` / Accelerate's `PartialState` or torchrun), they sum, broadcast and gather so codebook
+state stays identical on every rank. Callers put every collective on a path that all ranks take.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def check_same_shapes(*tensors: Tensor) -> None:
+    """Fail fast (instead of hanging in the big collective) when ranks disagree on shapes or dtypes."""
+    if not is_distributed():
+        return
+    signature = [(tuple(t.shape), str(t.dtype)) for t in tensors]
+    gathered: list = [None] * world_size()
+    dist.all_gather_object(gathered, signature)
+    if any(g != signature for g in gathered):
+        raise RuntimeError(f"codebook sync: ranks hold different shapes/dtypes: {gathered}")
+
+
+def all_reduce_sum_(*tensors: Tensor) -> None:
+    """Sum tensors across ranks in place with one collective (flattened into one buffer)."""
+    if not is_distributed() or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat)
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t))
+        offset += n
+
+
+def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
+    """Overwrite `tensor` on every rank with rank `src`'s value."""
+    if is_distributed():
+        dist.broadcast(tensor, src)
+    return tensor
+
+
+def gather_variable(tensor: Tensor) -> Tensor:
+    """Concatenate every rank's `(n_rank, ...)` tensor along dim 0 (ranks may hold different n, even 0)."""
+    if not is_distributed():
+        return tensor
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(world_size())]
+    dist.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    padded = tensor.new_zeros(max(sizes), *tensor.shape[1:])
+    padded[: tensor.shape[0]] = tensor
+    out = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:n] for o, n in zip(out, sizes)])

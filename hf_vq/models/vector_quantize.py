@@ -1,0 +1,782 @@
+"""VectorQuantize: euclidean / cosine codebooks with EMA, k-means init, dead-code expiry, heads, affine
+statistics and the usual gradient estimators, as a Hugging Face model.
+
+Semantics: vector-quantize-pytorch 1.32 `VectorQuantize` (seed: `reference/004_*`). State-dict keys follow
+it (`_codebook.embed`, `_codebook.cluster_size`, `_codebook.embed_avg`, `_codebook.initted`, ...), so
+`VectorQuantize.from_vector_quantize_pytorch(module)` is a config mapping plus `load_state_dict`.
+Memory: nearest-code search, EMA statistics and code lookup are the bounded-memory ops of `hf_vq.ops`
+(no N x K one-hot, no codebook repeated per batch element).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .. import distributed
+from ..modeling_utils import QuantizerConfig, QuantizerModel, QuantizerOutput, check_features, register_quantizer
+from ..ops import ema as ema_ops
+from ..ops.estimators import gumbel_select, rotate_to, straight_through
+from ..ops.nearest import nearest_code, scores
+
+
+class VectorQuantizeConfig(QuantizerConfig):
+    """Configuration of [`VectorQuantize`] (names and defaults as vector-quantize-pytorch 1.32).
+
+    Args:
+        dim (`int`): input feature dim.
+        codebook_size (`int`): number of codes K.
+        codebook_dim (`int`, *optional*): code dim (per head); projections map `dim` in and out when it differs.
+        heads (`int`, defaults to 1): split features into heads; `separate_codebook_per_head` gives each its own.
+        decay (`float`, defaults to 0.8), eps (`float`, defaults to 1e-5): EMA decay and Laplace smoothing.
+        ema_update (`bool`, *optional*): EMA codebook updates (default on unless `learnable_codebook`).
+        learnable_codebook (`bool`, *optional*): codebook is a parameter trained by gradients (not with EMA).
+        kmeans_init (`bool`), kmeans_iters (`int`): initialize codes by k-means on the first batch.
+        use_cosine_sim (`bool`): cosine similarity codebook (inputs and codes l2-normalized).
+        threshold_ema_dead_code (`float`), reset_cluster_size (`float`, *optional*): codes whose EMA count falls
+            below the threshold are replaced by batch vectors, their EMA state reset to `reset_cluster_size`.
+        commitment_weight (`float`), commitment_use_cross_entropy_loss (`bool`): commitment loss.
+        orthogonal_reg_weight (`float`), orthogonal_reg_active_codes_only (`bool`), orthogonal_reg_max_codes:
+            orthogonal regularization of the codebook (makes the codebook a parameter).
+        codebook_diversity_loss_weight (`float`), codebook_diversity_temperature (`float`): entropy of mean usage.
+        stochastic_sample_codes (`bool`), sample_codebook_temp (`float`), straight_through (`bool`), reinmax
+            (`bool`): Gumbel sampling of codes in training, with straight-through / ReinMax gradients.
+        rotation_trick (`bool`, *optional*): rotation-trick gradients (arXiv:2410.06424; default on for dim > 1).
+        affine_param (`bool`), affine_param_batch_decay, affine_param_codebook_decay: affine re-normalization
+            of the codebook to running batch statistics.
+        channel_last (`bool`), accept_image_fmap (`bool`), accept_3d_fmap (`bool`): input layout.
+        freeze_codebook (`bool`): never update the codebook.
+        layernorm_after_project_in (`bool`): LayerNorm after the input projection.
+        sync_codebook (`bool`, *optional*): sync codebook state across processes (default: when a group is up).
+        return_zeros_for_masked_padding (`bool`): masked positions output zeros (else the input).
+        route_gradients_to_input (`bool`): estimator gradients reach the input.
+    """
+
+    model_type = "hf_vq_vector_quantize"
+
+    def __init__(
+        self,
+        dim: int = 256,
+        codebook_size: int = 512,
+        codebook_dim: int | None = None,
+        heads: int = 1,
+        separate_codebook_per_head: bool = False,
+        decay: float = 0.8,
+        eps: float = 1e-5,
+        freeze_codebook: bool = False,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        use_cosine_sim: bool = False,
+        layernorm_after_project_in: bool = False,
+        threshold_ema_dead_code: float = 0,
+        reset_cluster_size: float | None = None,
+        channel_last: bool = True,
+        accept_image_fmap: bool = False,
+        accept_3d_fmap: bool = False,
+        commitment_weight: float = 1.0,
+        commitment_use_cross_entropy_loss: bool = False,
+        orthogonal_reg_weight: float = 0.0,
+        orthogonal_reg_active_codes_only: bool = False,
+        orthogonal_reg_max_codes: int | None = None,
+        codebook_diversity_loss_weight: float = 0.0,
+        codebook_diversity_temperature: float = 100.0,
+        stochastic_sample_codes: bool = False,
+        sample_codebook_temp: float = 1.0,
+        straight_through: bool = False,
+        reinmax: bool = False,
+        rotation_trick: bool | None = None,
+        sync_codebook: bool | None = None,
+        ema_update: bool | None = None,
+        learnable_codebook: bool | None = None,
+        affine_param: bool = False,
+        affine_param_batch_decay: float = 0.99,
+        affine_param_codebook_decay: float = 0.9,
+        return_zeros_for_masked_padding: bool = True,
+        route_gradients_to_input: bool = True,
+        **kwargs,
+    ):
+        self.dim = dim
+        self.codebook_size = codebook_size
+        self.codebook_dim = codebook_dim
+        self.heads = heads
+        self.separate_codebook_per_head = separate_codebook_per_head
+        self.decay = decay
+        self.eps = eps
+        self.freeze_codebook = freeze_codebook
+        self.kmeans_init = kmeans_init
+        self.kmeans_iters = kmeans_iters
+        self.use_cosine_sim = use_cosine_sim
+        self.layernorm_after_project_in = layernorm_after_project_in
+        self.threshold_ema_dead_code = threshold_ema_dead_code
+        self.reset_cluster_size = reset_cluster_size
+        self.channel_last = channel_last
+        self.accept_image_fmap = accept_image_fmap
+        self.accept_3d_fmap = accept_3d_fmap
+        self.commitment_weight = commitment_weight
+        self.commitment_use_cross_entropy_loss = commitment_use_cross_entropy_loss
+        self.orthogonal_reg_weight = orthogonal_reg_weight
+        self.orthogonal_reg_active_codes_only = orthogonal_reg_active_codes_only
+        self.orthogonal_reg_max_codes = orthogonal_reg_max_codes
+        self.codebook_diversity_loss_weight = codebook_diversity_loss_weight
+        self.codebook_diversity_temperature = codebook_diversity_temperature
+        self.stochastic_sample_codes = stochastic_sample_codes
+        self.sample_codebook_temp = sample_codebook_temp
+        self.straight_through = straight_through
+        self.reinmax = reinmax
+        self.rotation_trick = rotation_trick
+        self.sync_codebook = sync_codebook
+        self.ema_update = ema_update
+        self.learnable_codebook = learnable_codebook
+        self.affine_param = affine_param
+        self.affine_param_batch_decay = affine_param_batch_decay
+        self.affine_param_codebook_decay = affine_param_codebook_decay
+        self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
+        self.route_gradients_to_input = route_gradients_to_input
+        super().__init__(**kwargs)
+
+    def validate(self):
+        for name in ("dim", "codebook_size", "heads", "kmeans_iters"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.codebook_dim is not None and (not isinstance(self.codebook_dim, int) or self.codebook_dim < 1):
+            raise ValueError(f"codebook_dim must be a positive int or None, got {self.codebook_dim!r}")
+        if not 0.0 <= self.decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {self.decay!r}")
+        if self.resolved_ema_update and self.resolved_learnable_codebook:
+            raise ValueError("learnable_codebook=True is incompatible with ema_update=True (set ema_update=False)")
+        if self.use_cosine_sim and self.resolved_learnable_codebook:
+            raise ValueError("use_cosine_sim=True is not compatible with learnable_codebook=True")
+        if self.straight_through and self.resolved_learnable_codebook:
+            raise ValueError("straight_through=True is not allowed with learnable_codebook=True")
+        if sum(map(bool, (self.straight_through, self.resolved_rotation_trick))) > 1 and self.rotation_trick:
+            raise ValueError("choose at most one of straight_through and rotation_trick")
+        if self.reinmax and not self.straight_through:
+            raise ValueError("reinmax=True requires straight_through=True")
+        if self.affine_param and self.use_cosine_sim:
+            raise ValueError("affine_param=True is only compatible with the euclidean codebook (use_cosine_sim=False)")
+        if self.accept_image_fmap and self.accept_3d_fmap:
+            raise ValueError("accept_image_fmap and accept_3d_fmap are mutually exclusive")
+
+    @property
+    def resolved_ema_update(self) -> bool:
+        return True if self.ema_update is None else bool(self.ema_update)
+
+    @property
+    def resolved_learnable_codebook(self) -> bool:
+        return bool(self.learnable_codebook)
+
+    @property
+    def resolved_rotation_trick(self) -> bool:
+        if self.rotation_trick is None:
+            return self.dim > 1 and not self.straight_through
+        return bool(self.rotation_trick)
+
+    @property
+    def resolved_codebook_dim(self) -> int:
+        return self.codebook_dim if self.codebook_dim is not None else self.dim
+
+
+@dataclass
+class VectorQuantizeOutput(QuantizerOutput):
+    """Output of [`VectorQuantize`]: `quantized`, `indices` (-1 where masked), `loss`, and the loss terms
+    (`commitment_loss`, `codebook_diversity_loss`, `orthogonal_reg_loss`, `inplace_optimize_loss`)."""
+
+    commitment_loss: Tensor | None = None
+    codebook_diversity_loss: Tensor | None = None
+    orthogonal_reg_loss: Tensor | None = None
+    inplace_optimize_loss: Tensor | None = None
+
+    seed_fields: ClassVar[tuple[str, ...]] = ("quantized", "indices", "loss")
+
+
+class Codebook(nn.Module):
+    """The codebook state: `embed` (buffer, or parameter when learnable), EMA `cluster_size`/`embed_avg`,
+    `initted`, and affine statistics. Keys match vector-quantize-pytorch's `_codebook` submodule."""
+
+    def __init__(self, config: VectorQuantizeConfig):
+        super().__init__()
+        c = config
+        num_codebooks = c.heads if c.separate_codebook_per_head else 1
+        shape = (num_codebooks, c.codebook_size, c.resolved_codebook_dim)
+        if c.kmeans_init:
+            embed = torch.zeros(shape)
+        else:
+            embed = nn.init.kaiming_uniform_(torch.empty(shape))
+            if c.use_cosine_sim:
+                embed = F.normalize(embed, dim=-1, eps=1e-6)
+        self.register_buffer("initted", torch.tensor(not c.kmeans_init))
+        self.register_buffer("cluster_size", torch.ones(num_codebooks, c.codebook_size))
+        self.register_buffer("embed_avg", embed.clone())
+        if c.resolved_learnable_codebook or c.orthogonal_reg_weight > 0:
+            self.embed = nn.Parameter(embed)
+        else:
+            self.register_buffer("embed", embed)
+        if c.affine_param:
+            for name in ("batch_mean", "batch_variance", "codebook_mean", "codebook_variance"):
+                self.register_buffer(name, torch.zeros(num_codebooks, 1, c.resolved_codebook_dim))
+                self.register_buffer(f"{name}_needs_init", torch.tensor(True))
+
+
+def _l2norm(t: Tensor) -> Tensor:
+    return F.normalize(t, p=2, dim=-1, eps=1e-6)
+
+
+def orthogonal_loss(codes: Tensor) -> Tensor:
+    """Eq. 2 of arXiv:2112.00384 over `(h, n, d)` codes."""
+    h, n = codes.shape[:2]
+    normed = _l2norm(codes)
+    cosine = torch.einsum("hid,hjd->hij", normed, normed)
+    return (cosine**2).sum() / (h * n**2) - (1 / n)
+
+
+@register_quantizer
+class VectorQuantize(QuantizerModel):
+    """Vector quantizer with a learned codebook (EMA or gradient), as in vector-quantize-pytorch.
+
+    Args:
+        config ([`VectorQuantizeConfig`]): or its fields as keyword arguments.
+        in_place_codebook_optimizer (`Callable[[iterable of parameters], torch.optim.Optimizer]`, *optional*):
+            optimizer factory for a learnable codebook, stepped inside `forward` in training. A callable is not
+            JSON-serializable, so it is a constructor argument, not a config field.
+
+    Example:
+        >>> vq = VectorQuantize(dim=64, codebook_size=512, decay=0.99)
+        >>> out = vq(torch.randn(2, 100, 64))
+        >>> out.quantized.shape, out.indices.shape
+        (torch.Size([2, 100, 64]), torch.Size([2, 100]))
+    """
+
+    config_class = VectorQuantizeConfig
+
+    def __init__(
+        self,
+        config: VectorQuantizeConfig | None = None,
+        in_place_codebook_optimizer: Callable | None = None,
+        **kwargs,
+    ):
+        super().__init__(config, **kwargs)
+        c = self.config
+        inner = c.resolved_codebook_dim * c.heads
+        self.has_projections = inner != c.dim
+        if self.has_projections:
+            linear = nn.Linear(c.dim, inner)
+            self.project_in = nn.Sequential(linear, nn.LayerNorm(inner)) if c.layernorm_after_project_in else linear
+            self.project_out = nn.Linear(inner, c.dim)
+        else:
+            self.project_in = self.project_out = nn.Identity()
+        self._codebook = Codebook(c)
+        if in_place_codebook_optimizer is not None and not isinstance(self._codebook.embed, nn.Parameter):
+            raise ValueError("in_place_codebook_optimizer needs learnable_codebook=True (and ema_update=False)")
+        self.in_place_codebook_optimizer = (
+            in_place_codebook_optimizer(self._codebook.parameters()) if in_place_codebook_optimizer else None
+        )
+        self.post_init()
+
+    def _init_weights(self, module):
+        # the codebook is initialized in Codebook.__init__ (kaiming uniform, as vqp); nothing else to do
+        super()._init_weights(module)
+
+    # -- conversions ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_vector_quantize_pytorch(cls, module) -> "VectorQuantize":
+        """Build an hf_vq VectorQuantize with a vector-quantize-pytorch module's config and full state."""
+        cb = module._codebook
+        learnable = bool(module.learnable_codebook)
+        config = VectorQuantizeConfig(
+            dim=module.dim,
+            codebook_size=module.codebook_size,
+            codebook_dim=cb.embed.shape[-1],
+            heads=module.heads,
+            separate_codebook_per_head=module.separate_codebook_per_head,
+            decay=cb.decay,
+            eps=cb.eps,
+            freeze_codebook=module.freeze_codebook,
+            kmeans_init=not bool(cb.initted),
+            kmeans_iters=cb.kmeans_iters,
+            use_cosine_sim=module.use_cosine_sim,
+            layernorm_after_project_in=isinstance(module.project_in, nn.Sequential),
+            threshold_ema_dead_code=cb.threshold_ema_dead_code,
+            reset_cluster_size=cb.reset_cluster_size,
+            channel_last=module.channel_last,
+            accept_image_fmap=module.accept_image_fmap,
+            accept_3d_fmap=module.accept_3d_fmap,
+            commitment_weight=module.commitment_weight,
+            commitment_use_cross_entropy_loss=module.commitment_use_cross_entropy_loss,
+            orthogonal_reg_weight=module.orthogonal_reg_weight,
+            orthogonal_reg_active_codes_only=module.orthogonal_reg_active_codes_only,
+            orthogonal_reg_max_codes=module.orthogonal_reg_max_codes,
+            codebook_diversity_loss_weight=module.codebook_diversity_loss_weight,
+            codebook_diversity_temperature=module.codebook_diversity_temperature,
+            stochastic_sample_codes=cb.gumbel_sample.keywords.get("stochastic", False),
+            sample_codebook_temp=cb.sample_codebook_temp,
+            straight_through=cb.gumbel_sample.keywords.get("straight_through", False),
+            rotation_trick=bool(module.rotation_trick),
+            ema_update=bool(cb.ema_update),
+            learnable_codebook=learnable,
+            affine_param=cb.affine_param,
+            affine_param_batch_decay=getattr(cb, "affine_param_batch_decay", 0.99),
+            affine_param_codebook_decay=getattr(cb, "affine_param_codebook_decay", 0.9),
+            return_zeros_for_masked_padding=module.return_zeros_for_masked_padding,
+            route_gradients_to_input=module.route_gradients_to_input,
+        )
+        model = cls(config)
+        state = dict(module.state_dict())
+        if cb.affine_param:
+            # vqp registers batch statistics as None until the first batch: keep ours flagged "needs init"
+            for name in ("batch_mean", "batch_variance"):
+                key = f"_codebook.{name}"
+                if state.get(key) is None:
+                    state[key] = model._codebook.get_buffer(name)
+                    state[f"{key}_needs_init"] = torch.tensor(True)
+                else:
+                    state[f"{key}_needs_init"] = torch.tensor(False)
+        model.load_state_dict(state, strict=True)
+        return model
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """`nn.Module.load_state_dict` with an error that names every missing, unexpected or mis-shaped key."""
+        own = self.state_dict()
+        problems = [
+            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+            for k, v in state_dict.items()
+            if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)
+        ]
+        if strict:
+            problems += [f"missing key {k}" for k in own if k not in state_dict]
+            problems += [f"unexpected key {k}" for k in state_dict if k not in own]
+        if problems:
+            raise ValueError("VectorQuantize state dict does not match the model:\n  " + "\n  ".join(problems))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    # -- codebook access --------------------------------------------------------------------------
+
+    @property
+    def codebook(self) -> Tensor:
+        embed = self._codebook.embed
+        return embed if self.config.separate_codebook_per_head else embed[0]
+
+    def _needs_transpose(self) -> bool:
+        c = self.config
+        return not c.channel_last or c.accept_image_fmap or c.accept_3d_fmap
+
+    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        """Codes `(b, ..., heads * codebook_dim)` (channel-first for image/3d layouts) for `indices`."""
+        c = self.config
+        if indices.is_floating_point():
+            raise ValueError(f"indices must be an integer tensor, got dtype {indices.dtype}")
+        if indices.numel() and (indices.min() < 0 or indices.max() >= c.codebook_size):
+            raise ValueError(
+                f"indices must be in [0, {c.codebook_size}), got range [{int(indices.min())}, {int(indices.max())}]"
+            )
+        embed = self._codebook.embed
+        if c.heads == 1:
+            codes = embed[0][indices]
+        else:
+            if indices.shape[-1] != c.heads:
+                raise ValueError(f"multi-head indices must end with a heads axis of size {c.heads}")
+            head_ids = torch.arange(c.heads, device=indices.device)
+            table = embed if c.separate_codebook_per_head else embed.expand(c.heads, -1, -1)
+            codes = table[head_ids, indices].flatten(-2)  # (..., heads, d) -> (..., heads * d)
+        return codes.movedim(-1, 1) if self._needs_transpose() else codes
+
+    def get_output_from_indices(self, indices: Tensor) -> Tensor:
+        codes = self.get_codes_from_indices(indices)
+        if self._needs_transpose():
+            return self.project_out(codes.movedim(1, -1)).movedim(-1, 1)
+        return self.project_out(codes)
+
+    # -- layout -----------------------------------------------------------------------------------
+
+    def _to_tokens(self, x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+        """`x` to `(b, n, d)` plus functions restoring features and indices to the input layout."""
+        c = self.config
+        if x.ndim == 2:
+            return x.unsqueeze(1), lambda q: q.squeeze(1), lambda i: i.squeeze(1)
+        if c.accept_image_fmap or c.accept_3d_fmap:
+            want = 4 if c.accept_image_fmap else 5
+            if x.ndim != want:
+                raise ValueError(f"expected a rank-{want} feature map (b, d, ...), got shape {tuple(x.shape)}")
+            spatial = x.shape[2:]
+            tokens = x.flatten(2).transpose(1, 2)
+            return (
+                tokens,
+                lambda q: q.transpose(1, 2).reshape(q.shape[0], q.shape[-1], *spatial),
+                lambda i: i.reshape(i.shape[0], *spatial, *i.shape[2:]),
+            )
+        if x.ndim != 3:
+            raise ValueError(
+                f"expected (b, n, d) input (or set accept_image_fmap / accept_3d_fmap), got shape {tuple(x.shape)}"
+            )
+        if not c.channel_last:
+            return x.transpose(1, 2), lambda q: q.transpose(1, 2), lambda i: i
+        return x, lambda q: q, lambda i: i
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        """`(b, n, h*d)` -> `(h, b, n, d)` (separate codebooks) or `(1, b*h, n, d)` (shared)."""
+        c = self.config
+        b, n, _ = x.shape
+        x = x.view(b, n, c.heads, -1)
+        if c.separate_codebook_per_head:
+            return x.permute(2, 0, 1, 3)
+        return x.permute(0, 2, 1, 3).reshape(1, b * c.heads, n, -1)
+
+    def _merge_heads(self, t: Tensor, b: int) -> Tensor:
+        """Inverse of `_split_heads` for `(H, B, n, ...)` tensors -> `(b, n, heads, ...)`."""
+        c = self.config
+        if c.separate_codebook_per_head:
+            return t.movedim(0, 2)
+        return t.reshape(b, c.heads, *t.shape[2:]).movedim(1, 2)
+
+    # -- codebook state updates -------------------------------------------------------------------
+
+    def _sync(self) -> bool:
+        sync = self.config.sync_codebook
+        return distributed.is_distributed() if sync is None else bool(sync) and distributed.is_distributed()
+
+    def _all_reduce(self, *tensors: Tensor) -> None:
+        if self._sync():
+            distributed.all_reduce_sum_(*tensors)
+
+    @torch.no_grad()
+    def _init_embed(self, flat: Tensor, mask: Tensor | None) -> None:
+        """k-means on the first batch; every rank ends with the same centroids."""
+        cb, c = self._codebook, self.config
+        if mask is not None:
+            flat = flat[:, mask[0]] if flat.shape[0] == 1 else torch.stack([f[m] for f, m in zip(flat, mask)])
+        init = None
+        if self._sync():
+            # draw initial centroids from the union of all ranks' data, then broadcast rank 0's draw
+            pooled = torch.stack([distributed.gather_variable(f) for f in flat])
+            init = torch.stack([ema_ops.sample_rows(p, c.codebook_size) for p in pooled])
+            distributed.broadcast_(init)
+        metric = "cosine" if c.use_cosine_sim else "euclidean"
+        embed, counts = ema_ops.kmeans(flat, c.codebook_size, c.kmeans_iters, metric=metric, init=init,
+                                       all_reduce=self._all_reduce if self._sync() else None)
+        cb.embed_avg.copy_(embed * counts.unsqueeze(-1))
+        cb.cluster_size.copy_(counts)
+        self._update_embed_from_ema()
+        cb.initted.fill_(True)
+
+    @torch.no_grad()
+    def _update_embed_from_ema(self) -> None:
+        cb, c = self._codebook, self.config
+        smoothed = ema_ops.laplace_smoothing(cb.cluster_size, c.codebook_size, c.eps)
+        cluster_size = smoothed * cb.cluster_size.sum(dim=-1, keepdim=True)
+        embed = cb.embed_avg / cluster_size.unsqueeze(-1)
+        cb.embed.data.copy_(_l2norm(embed) if c.use_cosine_sim else embed)
+
+    def _decayed(self, name: str, new: Tensor, decay: float) -> None:
+        """vqp's `update_with_decay`: first value taken as is, then `old * decay + new * (1 - decay)`."""
+        cb = self._codebook
+        flag = cb.get_buffer(f"{name}_needs_init")
+        old = cb.get_buffer(name)
+        new = new.detach()
+        old.copy_(new if bool(flag) else old * decay + new * (1 - decay))
+        flag.fill_(False)
+
+    @torch.no_grad()
+    def _update_affine(self, flat: Tensor, mask: Tensor | None) -> None:
+        c, cb = self.config, self._codebook
+        if self.training:
+            self._decayed("codebook_mean", cb.embed.mean(dim=1, keepdim=True), c.affine_param_codebook_decay)
+            self._decayed("codebook_variance", cb.embed.var(dim=1, unbiased=False, keepdim=True),
+                          c.affine_param_codebook_decay)
+        if mask is not None:
+            flat = torch.stack([f[m] for f, m in zip(flat, mask)])
+        count = torch.tensor(float(flat.shape[1]), device=flat.device)
+        total = flat.sum(dim=1, keepdim=True)
+        if self._sync():
+            self._all_reduce(count, total)
+            mean = total / count
+            sq = ((flat - mean) ** 2).sum(dim=1, keepdim=True)
+            self._all_reduce(sq)
+            var = sq / count
+        else:
+            mean, var = flat.mean(dim=1, keepdim=True), flat.var(dim=1, unbiased=False, keepdim=True)
+        self._decayed("batch_mean", mean, c.affine_param_batch_decay)
+        self._decayed("batch_variance", var, c.affine_param_batch_decay)
+
+    def _affine_embed(self, embed: Tensor) -> Tensor:
+        cb = self._codebook
+        codebook_std = cb.codebook_variance.clamp(min=1e-5).sqrt()
+        batch_std = cb.batch_variance.clamp(min=1e-5).sqrt()
+        return (embed - cb.codebook_mean) * (batch_std / codebook_std) + cb.batch_mean
+
+    @torch.no_grad()
+    def _update_codebook(self, flat: Tensor, indices: Tensor, mask: Tensor | None) -> None:
+        """EMA counts/sums (one fused all-reduce), codebook from EMA, then dead-code expiry."""
+        c, cb = self.config, self._codebook
+        has_dead = c.threshold_ema_dead_code > 0
+        if not c.resolved_ema_update and not has_dead:
+            return
+        stats_input = flat
+        if c.affine_param:
+            codebook_std = cb.codebook_variance.clamp(min=1e-5).sqrt()
+            batch_std = cb.batch_variance.clamp(min=1e-5).sqrt()
+            stats_input = (flat - cb.batch_mean) * (codebook_std / batch_std) + cb.codebook_mean
+        counts, sums = ema_ops.cluster_stats(stats_input, indices, c.codebook_size, mask)
+        self._all_reduce(counts, sums)
+        ema_ops.ema_update_(cb.cluster_size, counts, c.decay)
+        ema_ops.ema_update_(cb.embed_avg, sums, c.decay)
+        if c.resolved_ema_update:
+            self._update_embed_from_ema()
+        if has_dead:
+            self._expire_codes(flat, mask)
+
+    @torch.no_grad()
+    def _expire_codes(self, flat: Tensor, mask: Tensor | None) -> None:
+        """Replace codes whose EMA count fell below the threshold by batch vectors, and reset their EMA
+        state (count and sum) so the stale average cannot overwrite the new vector."""
+        c, cb = self.config, self._codebook
+        expired = cb.cluster_size < c.threshold_ema_dead_code
+        if self._sync():
+            distributed.broadcast_(expired)
+        if not bool(expired.any()):
+            return
+        reset = c.reset_cluster_size if c.reset_cluster_size is not None else c.threshold_ema_dead_code
+        samples_all = _l2norm(flat) if c.use_cosine_sim else flat
+        for head, (samples, dead) in enumerate(zip(samples_all, expired)):
+            if mask is not None:
+                samples = samples[mask[head]]
+            if self._sync():
+                samples = distributed.gather_variable(samples)
+            if samples.shape[0] == 0:
+                continue
+            dead_ids = dead.nonzero(as_tuple=True)[0]
+            if dead_ids.numel() > samples.shape[0]:
+                # more dead codes than samples: replace a random subset now, the rest in later steps
+                dead_ids = dead_ids[torch.randperm(dead_ids.numel(), device=dead_ids.device)[: samples.shape[0]]]
+            new = ema_ops.sample_rows(samples, dead_ids.numel()).to(cb.embed.dtype)
+            if self._sync():
+                distributed.broadcast_(dead_ids)
+                distributed.broadcast_(new)
+            cb.embed.data[head, dead_ids] = new
+            cb.cluster_size[head, dead_ids] = reset
+            cb.embed_avg[head, dead_ids] = new * reset
+
+    def update_in_place_optimizer(self) -> None:
+        """Step the in-place codebook optimizer; gradients are averaged across ranks first."""
+        if self.in_place_codebook_optimizer is None:
+            return
+        if self._sync():
+            grads = [p.grad for p in self._codebook.parameters() if p.grad is not None]
+            distributed.all_reduce_sum_(*grads)
+            for g in grads:
+                g /= distributed.world_size()
+        self.in_place_codebook_optimizer.step()
+        self.in_place_codebook_optimizer.zero_grad()
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    def _quantize(self, flat: Tensor, embed: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+        """Codes and indices for `flat (H, N, d)`: nearest code, or a Gumbel sample in training."""
+        c = self.config
+        metric = "cosine" if c.use_cosine_sim else "euclidean"
+        sample = self.training and c.stochastic_sample_codes and temperature > 0
+        if not sample:
+            indices, _ = nearest_code(flat, embed.expand(flat.shape[0], -1, -1), metric=metric)
+            return _gather_codes(embed, indices), indices
+        embed = embed.expand(flat.shape[0], -1, -1)
+        logits = scores(flat, embed, metric)  # stochastic sampling needs each row's full distribution
+        indices, weights = gumbel_select(logits, temperature, straight_through=c.straight_through, reinmax=c.reinmax)
+        codes = _gather_codes(embed, indices)
+        if weights is not None:  # straight-through: value of the hard code, gradient of the soft mixture
+            soft = torch.einsum("hnk,hkd->hnd", weights, embed)
+            codes = codes + soft - soft.detach()
+        return codes, indices
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        lens: Tensor | None = None,
+        sample_codebook_temp: float | None = None,
+        freeze_codebook: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> VectorQuantizeOutput | tuple:
+        """Quantize `x` (`(b, n, d)`; `(b, d, n)` with `channel_last=False`; `(b, d, h, w)` / `(b, d, t, h, w)`
+        with `accept_image_fmap` / `accept_3d_fmap`; `(b, d)` as one token). `mask`/`lens` mark valid
+        positions of `(b, n)` input. Returns [`VectorQuantizeOutput`] or `(quantized, indices, loss)`."""
+        c, cb = self.config, self._codebook
+        if c.check_inputs:
+            check_features(x, c.dim, name="x")
+        if mask is not None and lens is not None:
+            raise ValueError("pass either mask or lens, not both")
+        if lens is not None:
+            mask = torch.arange(x.shape[1], device=x.device) < lens[:, None]
+        freeze_codebook = c.freeze_codebook if freeze_codebook is None else freeze_codebook
+        temperature = c.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
+        dtype, input_requires_grad = x.dtype, x.requires_grad
+
+        tokens, restore, restore_indices = self._to_tokens(x)
+        if tokens.shape[-1] != c.dim:
+            raise ValueError(f"expected feature dim {c.dim}, got {tokens.shape[-1]} (input shape {tuple(x.shape)})")
+        if mask is not None and (mask.dtype != torch.bool or mask.shape != tokens.shape[:2]):
+            raise ValueError(f"mask must be a bool tensor of shape {tuple(tokens.shape[:2])}, got "
+                             f"{mask.dtype} {tuple(mask.shape)}")
+        orig_tokens = tokens
+        b, n = tokens.shape[:2]
+        projected = self.project_in(tokens)
+        heads_x = self._split_heads(projected)  # (H, B, n, d)
+        if c.use_cosine_sim:
+            heads_x = _l2norm(heads_x)
+        H, B = heads_x.shape[:2]
+        flat_mask = None
+        if mask is not None:
+            per_row = mask if B == b else mask.repeat_interleave(c.heads, dim=0)
+            flat_mask = per_row.reshape(1, -1).expand(H, -1)
+
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            flat = heads_x.float().reshape(H, B * n, -1)
+            if not bool(cb.initted):
+                self._init_embed(flat.detach(), flat_mask)
+            if c.affine_param:
+                self._update_affine(flat.detach(), flat_mask)
+            learn = isinstance(cb.embed, nn.Parameter) and c.resolved_learnable_codebook
+            embed = cb.embed if learn else cb.embed.detach()
+            if c.affine_param:
+                embed = self._affine_embed(embed)
+
+            inplace_loss = torch.zeros((), device=x.device)
+            if self.in_place_codebook_optimizer is not None and self.training and not freeze_codebook:
+                codes, _ = self._quantize(flat, embed, temperature)
+                inplace_loss = _masked_mse(codes, flat.detach(), flat_mask)
+                inplace_loss.backward()
+                self.update_in_place_optimizer()
+                embed = cb.embed
+            codes, indices = self._quantize(flat, embed, temperature)
+            if c.commitment_use_cross_entropy_loss or c.codebook_diversity_loss_weight > 0:
+                embed = embed.clone()  # these losses score against the codebook as it was before the update
+            if self.training and not freeze_codebook:
+                self._update_codebook(flat.detach(), indices, flat_mask)
+
+            losses = self._losses(flat, codes, indices, embed, flat_mask, freeze_codebook, B)
+            codes = self._estimator(flat, codes, input_requires_grad)
+
+        codes = codes.reshape(H, B, n, -1).to(dtype)
+        quantized = self.project_out(self._merge_heads(codes, b).flatten(-2))
+        indices = self._merge_heads(indices.reshape(H, B, n), b)
+        if c.heads == 1:
+            indices = indices.squeeze(-1)
+        if mask is not None:
+            fill = torch.zeros_like(orig_tokens) if c.return_zeros_for_masked_padding else orig_tokens
+            quantized = torch.where(mask.unsqueeze(-1), quantized, fill)
+            indices = indices.masked_fill(~(mask if c.heads == 1 else mask.unsqueeze(-1)), -1)
+        output = VectorQuantizeOutput(
+            quantized=restore(quantized),
+            indices=restore_indices(indices),
+            inplace_optimize_loss=inplace_loss,
+            **losses,
+        )
+        return self._output(output, return_dict)
+
+    def _estimator(self, flat: Tensor, codes: Tensor, input_requires_grad: bool) -> Tensor:
+        c = self.config
+        if not self.training:
+            return codes
+        learn = c.resolved_learnable_codebook
+        if not learn:
+            codes = codes.detach() if not (c.stochastic_sample_codes and c.straight_through) else codes
+        if input_requires_grad and c.route_gradients_to_input:
+            if c.resolved_rotation_trick:
+                return rotate_to(flat, codes)
+            return straight_through(flat, codes)
+        return codes
+
+    def _losses(self, flat, codes, indices, embed, mask, freeze_codebook, batch) -> dict[str, Tensor]:
+        c = self.config
+        zero = torch.zeros((), device=flat.device)
+        out = dict(loss=zero, commitment_loss=zero, codebook_diversity_loss=zero, orthogonal_reg_loss=zero)
+        if not self.training:
+            return out
+        loss = zero.clone().requires_grad_()
+        metric = "cosine" if c.use_cosine_sim else "euclidean"
+        if c.codebook_diversity_loss_weight > 0:
+            diversity = -_mean_position_entropy(flat, embed.expand(flat.shape[0], -1, -1), metric,
+                                                c.codebook_diversity_temperature, batch)
+            out["codebook_diversity_loss"] = diversity
+            loss = loss + diversity * c.codebook_diversity_loss_weight
+        if c.commitment_weight > 0:
+            if c.commitment_use_cross_entropy_loss:
+                commit = _cross_entropy_to_codes(flat, embed.expand(flat.shape[0], -1, -1), metric, indices, mask)
+            else:
+                learn = c.resolved_learnable_codebook and not freeze_codebook
+                commit = _masked_mse(codes if learn else codes.detach(), flat, mask)
+            out["commitment_loss"] = commit
+            loss = loss + commit * c.commitment_weight
+        if c.orthogonal_reg_weight > 0:
+            codebook = self._codebook.embed
+            if c.orthogonal_reg_active_codes_only:
+                if c.heads > 1 and c.separate_codebook_per_head:
+                    raise ValueError("orthogonal_reg_active_codes_only is not supported with separate codebooks per head")
+                codebook = codebook[:, torch.unique(indices)]
+            if c.orthogonal_reg_max_codes is not None and codebook.shape[-2] > c.orthogonal_reg_max_codes:
+                keep = torch.randperm(codebook.shape[-2], device=codebook.device)[: c.orthogonal_reg_max_codes]
+                codebook = codebook[:, keep]
+            ortho = orthogonal_loss(codebook)
+            out["orthogonal_reg_loss"] = ortho
+            loss = loss + ortho * c.orthogonal_reg_weight
+        out["loss"] = loss
+        return out
+
+
+def _gather_codes(embed: Tensor, indices: Tensor) -> Tensor:
+    """`embed (h or 1, K, d)`, `indices (H, N)` -> `(H, N, d)` by gather (no one-hot, no per-batch repeat)."""
+    embed = embed.expand(indices.shape[0], -1, -1)
+    return torch.gather(embed, 1, indices.unsqueeze(-1).expand(-1, -1, embed.shape[-1]))
+
+
+def _masked_mse(a: Tensor, b: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is None:
+        return F.mse_loss(a, b)
+    return F.mse_loss(a, b, reduction="none")[mask].mean()
+
+
+def _mean_position_entropy(flat: Tensor, embed: Tensor, metric: str, temperature: float, batch: int) -> Tensor:
+    """vector-quantize-pytorch 1.32's codebook diversity term: `softmax(scores * temperature)` averaged over
+    heads and batch for each sequence position, its entropy, averaged over positions. Positions are taken in
+    chunks with recomputation in backward, so no `(N, K)` matrix is kept."""
+    heads, rows, dim = flat.shape
+    per_position = flat.view(heads, batch, rows // batch, dim)
+
+    def chunk_sum(x_chunk, emb):
+        h, b, m, d = x_chunk.shape
+        prob = (scores(x_chunk.reshape(h, b * m, d), emb, metric) * temperature).softmax(-1)
+        prob = prob.view(h, b, m, -1).mean(dim=(0, 1))
+        return (-prob * prob.clamp(min=1e-5).log()).sum()
+
+    total = 0
+    step = max(1, (256 * 2**20) // (4 * embed.shape[-2] * heads * batch))
+    for start in range(0, per_position.shape[2], step):
+        chunk = per_position[:, :, start : start + step]
+        total = total + checkpoint(chunk_sum, chunk, embed, use_reentrant=False)
+    return total / per_position.shape[2]
+
+
+def _cross_entropy_to_codes(flat, embed, metric, indices, mask) -> Tensor:
+    """Cross-entropy of the scores as logits against the chosen codes, chunked with recomputation."""
+
+    def chunk_sum(x_chunk, emb, target, valid):
+        logp = scores(x_chunk, emb, metric).log_softmax(-1)
+        nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        return (nll * valid).sum()
+
+    valid_all = torch.ones_like(indices, dtype=flat.dtype) if mask is None else mask.to(flat.dtype)
+    total = 0
+    for sl in _row_slices(flat, embed):
+        total = total + checkpoint(chunk_sum, flat[:, sl], embed, indices[:, sl], valid_all[:, sl], use_reentrant=False)
+    return total / valid_all.sum().clamp(min=1)
+
+
+def _row_slices(flat: Tensor, embed: Tensor):
+    """Row chunks sized like the nearest-code search's (the scores themselves are recomputed by callers)."""
+    rows = max(1, (256 * 2**20) // (4 * embed.shape[-2] * flat.shape[0]))
+    for start in range(0, flat.shape[1], rows):
+        yield slice(start, start + rows)

@@ -1,0 +1,59 @@
+"""Gradient estimators through the (non-differentiable) code choice, and Gumbel sampling of codes."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def straight_through(x: Tensor, codes: Tensor) -> Tensor:
+    """Value of `codes`, gradient of identity to `x`."""
+    return x + (codes - x).detach()
+
+
+def _unit(t: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    norm = t.norm(dim=-1, keepdim=True)
+    return t / norm.clamp(min=eps), norm
+
+
+def rotate_to(x: Tensor, codes: Tensor) -> Tensor:
+    """Rotation trick (arXiv:2410.06424, sec. 4.2): the value of `codes`, with the gradient carried to `x`
+    through the rotation (and rescaling) that maps `x` onto `codes`, treated as a constant."""
+    u, x_norm = _unit(x)
+    q, c_norm = _unit(codes)
+    w = F.normalize(u + q, p=2, dim=-1, eps=1e-6).detach()
+    e = x
+    rotated = (
+        e
+        - 2 * (e * w).sum(-1, keepdim=True) * w
+        + 2 * (e * u.detach()).sum(-1, keepdim=True) * q.detach()
+    )
+    return rotated * (c_norm / x_norm.clamp(min=1e-6)).detach()
+
+
+def gumbel_noise(t: Tensor) -> Tensor:
+    noise = torch.zeros_like(t).uniform_(0, 1)
+    return -noise.clamp(min=1e-20).log().neg().clamp(min=1e-20).log()
+
+
+def gumbel_select(
+    logits: Tensor, temperature: float, *, straight_through: bool = False, reinmax: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """Sample a code per row from `softmax(logits / temperature)` (Gumbel-max).
+
+    Returns `(indices, weights)`: `weights` is `None`, or with `straight_through` the `(…, K)` soft
+    distribution whose gradient the caller routes through (`hard + soft - soft.detach()`); `reinmax` uses
+    ReinMax's second-order weights (arXiv:2304.08612) instead of the plain softmax.
+    """
+    indices = (logits / temperature + gumbel_noise(logits)).argmax(dim=-1)
+    if not straight_through:
+        return indices, None
+    soft = (logits / temperature).softmax(dim=-1)
+    if not reinmax:
+        return indices, soft
+    hard = torch.zeros_like(logits).scatter_(-1, indices.unsqueeze(-1), 1.0)
+    pi0 = logits.softmax(dim=-1)
+    pi1 = ((hard + soft) / 2).clamp(min=1e-20).log()
+    pi1 = ((pi1 - logits).detach() + logits).softmax(dim=-1)
+    return indices, 2 * pi1 - 0.5 * pi0
