@@ -12,6 +12,10 @@ EXAMPLES = {
     "LFQ": (dict(codebook_size=2**6), (2, 5, 6)),
     "LatentQuantize": (dict(levels=[5, 4, 3], dim=8), (2, 8, 4, 4)),
     "LatentQuantize_fixed": (dict(levels=4, codebook_dim=2, num_codebooks=2, optimize_values=False), (2, 5, 4)),
+    "VectorQuantize": (dict(dim=8, codebook_size=16, decay=0.9, threshold_ema_dead_code=1), (2, 10, 8)),
+    "VectorQuantize_cosine": (dict(dim=8, codebook_size=16, use_cosine_sim=True, codebook_dim=4), (2, 10, 8)),
+    "VectorQuantize_heads_kmeans": (dict(dim=8, codebook_size=16, heads=2, separate_codebook_per_head=True,
+                                         kmeans_init=True), (2, 10, 8)),
     "LFQ_projections": (dict(dim=16, codebook_size=2**8, num_codebooks=2, orthogonal_rotation=True), (2, 16, 4, 4)),
 }
 

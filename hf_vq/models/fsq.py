@@ -149,7 +149,9 @@ class FSQ(QuantizerModel):
         else:
             self.project_in = self.project_out = nn.Identity()
         if c.orthogonal_rotation:
-            self.register_buffer("orthogonal_rot", nn.init.orthogonal_(torch.empty(c.codebook_dim, c.codebook_dim)))
+            rot = torch.empty(c.codebook_dim, c.codebook_dim)
+            nn.init.orthogonal_(rot)  # not its return value: loaders may patch init functions to return None
+            self.register_buffer("orthogonal_rot", rot)
         levels, basis = fsq_ops.fsq_tables(c.levels)
         self.register_buffer("_levels", levels, persistent=False)
         self.register_buffer("_basis", basis, persistent=False)

@@ -239,7 +239,9 @@ class LFQ(QuantizerModel):
             self.project_out = nn.Linear(inner, c.effective_dim, bias=c.projection_has_bias)
         self.activation = ACTIVATIONS[c.straight_through_activation]()
         if c.orthogonal_rotation:
-            self.register_buffer("orthogonal_rot", nn.init.orthogonal_(torch.empty(c.codebook_dim, c.codebook_dim)))
+            rot = torch.empty(c.codebook_dim, c.codebook_dim)
+            nn.init.orthogonal_(rot)  # not its return value: loaders may patch init functions to return None
+            self.register_buffer("orthogonal_rot", rot)
         self.post_init()
 
     @property

@@ -207,7 +207,8 @@ class Codebook(nn.Module):
         if c.kmeans_init:
             embed = torch.zeros(shape)
         else:
-            embed = nn.init.kaiming_uniform_(torch.empty(shape))
+            embed = torch.empty(shape)
+            nn.init.kaiming_uniform_(embed)  # (some loaders patch init functions to return None)
             if c.use_cosine_sim:
                 embed = F.normalize(embed, dim=-1, eps=1e-6)
         self.register_buffer("initted", torch.tensor(not c.kmeans_init))
