@@ -11,6 +11,21 @@ from .diffusers_support import DiffusersQuantizer, register_with_diffusers
 from .models.fsq import FSQ, FSQConfig, FSQOutput
 from .models.lfq import LFQ, LFQConfig, LFQLossBreakdown, LFQOutput
 from .models.vector_quantize import VectorQuantize, VectorQuantizeConfig, VectorQuantizeOutput
+from .models.sgm import (
+    EMAVectorQuantizer,
+    EMAVectorQuantizerConfig,
+    GumbelQuantize,
+    GumbelQuantizeConfig,
+    GumbelQuantizer,
+    GumbelQuantizerConfig,
+    SgmQuantizerOutput,
+    VectorQuantizer,
+    VectorQuantizer2,
+    VectorQuantizer2Config,
+    VectorQuantizerConfig,
+    VectorQuantizerWithInputProjection,
+    VectorQuantizerWithInputProjectionConfig,
+)
 from .models.latent_quantize import LatentQuantize, LatentQuantizeConfig, LatentQuantizeOutput
 
 __version__ = "0.1.0"

@@ -16,6 +16,13 @@ EXAMPLES = {
     "VectorQuantize_cosine": (dict(dim=8, codebook_size=16, use_cosine_sim=True, codebook_dim=4), (2, 10, 8)),
     "VectorQuantize_heads_kmeans": (dict(dim=8, codebook_size=16, heads=2, separate_codebook_per_head=True,
                                          kmeans_init=True), (2, 10, 8)),
+    "VectorQuantizer": (dict(n_e=16, e_dim=4, beta=0.25, log_perplexity=True), (2, 4, 3, 3)),
+    "VectorQuantizer2": (dict(n_e=16, e_dim=4, beta=0.25, sane_index_shape=True), (2, 4, 3, 3)),
+    "EMAVectorQuantizer": (dict(n_embed=16, embedding_dim=4, beta=0.25), (2, 4, 3, 3)),
+    "GumbelQuantizer": (dict(num_hiddens=8, embedding_dim=4, n_embed=16), (2, 8, 3, 3)),
+    "GumbelQuantize": (dict(num_hiddens=8, embedding_dim=4, n_embed=16), (2, 8, 3, 3)),
+    "VectorQuantizerWithInputProjection": (dict(input_dim=8, n_codes=16, codebook_dim=4, output_dim=8),
+                                           (2, 8, 2, 3, 3)),
     "LFQ_projections": (dict(dim=16, codebook_size=2**8, num_codebooks=2, orthogonal_rotation=True), (2, 16, 4, 4)),
 }
 

@@ -1,0 +1,520 @@
+"""The CogVideo `sgm` quantizers (and the taming-style `vqvae` pair) under their own names and signatures.
+
+Constructor arguments (positional order too), state-dict keys and return conventions follow CogVideo's
+`sat/sgm/modules/autoencoding/regularizers/quantize.py` and `sat/sgm/modules/autoencoding/vqvae/quantize.py`,
+so an sgm/SAT YAML `params:` dict passes straight in and `load_state_dict` of sgm weights works unchanged.
+Called as sgm calls them, they return sgm's tuple (`z_q, log_dict = q(z)`, or taming's
+`z_q, loss, (perplexity, min_encodings, indices)`); `return_dict=True` gives a ModelOutput instead. They are
+also regular hf_vq models: configs, Auto registration, exact save/load.
+
+Differences from the seed, by design: the nearest code comes from `hf_vq.ops.nearest` (bounded memory);
+N x K one-hots are never built, so `EMAVectorQuantizer`'s log dict has no `encodings` entry and
+`VectorQuantizer2`'s `min_encodings` is `None` (as diffusers' VectorQuantizer returns it).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..modeling_utils import QuantizerConfig, QuantizerModel, QuantizerOutput, check_features, register_quantizer
+from ..ops.nearest import nearest_code
+from ..ops.remap import remap_to_used, resolve_unknown_index, unmap_to_all
+
+
+def measure_perplexity(indices: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
+    """sgm's `measure_perplexity` from a bincount: `(perplexity, cluster_usage)`."""
+    avg_probs = torch.bincount(indices.reshape(-1), minlength=num_codes).float() / indices.numel()
+    perplexity = (-(avg_probs * torch.log(avg_probs + 1e-10)).sum()).exp()
+    cluster_usage = (avg_probs > 0).sum()
+    return perplexity, cluster_usage
+
+
+@dataclass
+class SgmQuantizerOutput(QuantizerOutput):
+    """Output of the sgm quantizers: `quantized`, `indices`, `loss`, `perplexity`, `cluster_usage` and
+    `log_dict` (sgm's second return value). The plain tuple is `(quantized, log_dict)`."""
+
+    perplexity: Tensor | None = None
+    cluster_usage: Tensor | None = None
+    log_dict: dict | None = None
+
+    def to_seed_tuple(self) -> tuple:
+        return self.quantized, self.log_dict
+
+
+@dataclass
+class TamingQuantizerOutput(SgmQuantizerOutput):
+    """taming/`vqvae` convention: `(z_q, loss, (perplexity, min_encodings, indices))`."""
+
+    def to_seed_tuple(self) -> tuple:
+        return self.quantized, self.loss, (self.perplexity, None, self.indices)
+
+
+class SgmConfigMixin:
+    """Shared config logic: sgm classes return sgm's tuple unless `return_dict=True`; remap bookkeeping."""
+
+    def _sgm_defaults(self, kwargs: dict) -> dict:
+        kwargs.setdefault("return_dict", False)
+        return kwargs
+
+    def _validate_remap(self) -> None:
+        resolve_unknown_index(self.unknown_index, self.remap_size or 0)
+        if self.remap is not None and self.remap_size is None:
+            if not os.path.exists(self.remap):
+                raise ValueError(f"remap file {self.remap!r} does not exist")
+            self.remap_size = int(np.load(self.remap).shape[0])
+
+
+class _RemapMixin:
+    """Remap state (`used` buffer, as sgm) and the index mapping, for every sgm quantizer."""
+
+    def _init_remap(self, num_codes: int) -> None:
+        c = self.config
+        self.num_codes = num_codes
+        if c.remap is not None:
+            used = torch.zeros(c.remap_size, dtype=torch.long)
+            if os.path.exists(c.remap):
+                used = torch.as_tensor(np.load(c.remap)).long()
+            self.register_buffer("used", used)
+            self.unknown_index, self.re_embed = resolve_unknown_index(c.unknown_index, c.remap_size)
+        else:
+            self.used = None
+            self.unknown_index, self.re_embed = resolve_unknown_index(c.unknown_index, num_codes)
+
+    def remap_to_used(self, inds: Tensor) -> Tensor:
+        return remap_to_used(inds, self.used, self.num_codes, self.unknown_index, self.re_embed)
+
+    def unmap_to_all(self, inds: Tensor) -> Tensor:
+        return unmap_to_all(inds, self.used)
+
+    def get_trainable_parameters(self):
+        yield from self.parameters()
+
+
+# --------------------------------------------------------------------------------------------------
+# VectorQuantizer (sgm) and VectorQuantizer2 (taming / vqvae, legacy-aware)
+
+
+class VectorQuantizerConfig(SgmConfigMixin, QuantizerConfig):
+    """Configuration of [`VectorQuantizer`] (sgm's arguments).
+
+    Args:
+        n_e (`int`): number of codes. e_dim (`int`): code dim. beta (`float`, defaults to 0.25): commitment weight.
+        remap (`str`, *optional*): `.npy` file of used indices; remap_size (`int`, *optional*): its length
+            (read from the file; stored so a saved model rebuilds without the file).
+        unknown_index (`"random"`, `"extra"` or `int`): index for codes outside `used`.
+        sane_index_shape (`bool`): indices shaped `(b, h, w)` / `(b, n)` instead of `(N, 1)`.
+        log_perplexity (`bool`): add perplexity and cluster usage to the log dict.
+        embedding_weight_norm (`bool`): weight-normalized embedding (keys `embedding.weight_g/_v`).
+        loss_key (`str`): key of the loss in the log dict.
+        legacy (`bool`, defaults to `False`): taming's legacy loss ordering (beta on the codebook term).
+    """
+
+    model_type = "hf_vq_sgm_vector_quantizer"
+
+    def __init__(self, n_e: int = 512, e_dim: int = 256, beta: float = 0.25, remap: str | None = None,
+                 unknown_index: Any = "random", sane_index_shape: bool = False, log_perplexity: bool = False,
+                 embedding_weight_norm: bool = False, loss_key: str = "loss/vq", legacy: bool = False,
+                 remap_size: int | None = None, **kwargs):
+        self.n_e, self.e_dim, self.beta = n_e, e_dim, beta
+        self.remap, self.remap_size, self.unknown_index = remap, remap_size, unknown_index
+        self.sane_index_shape, self.log_perplexity = sane_index_shape, log_perplexity
+        self.embedding_weight_norm, self.loss_key, self.legacy = embedding_weight_norm, loss_key, legacy
+        super().__init__(**self._sgm_defaults(kwargs))
+
+    def validate(self):
+        for name in ("n_e", "e_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        self._validate_remap()
+
+
+@register_quantizer
+class VectorQuantizer(_RemapMixin, QuantizerModel):
+    """sgm's VQ-VAE bottleneck: `loss = beta * ||z - sg[e]||^2 + ||sg[z] - e||^2` (legacy: beta swapped),
+    straight-through output. `z_q, log_dict = q(z)` for `(b, c, h, w)` or `(..., e_dim)` input."""
+
+    config_class = VectorQuantizerConfig
+    output_class: ClassVar[type] = SgmQuantizerOutput
+
+    def __init__(self, *args, config: VectorQuantizerConfig | None = None, **kwargs):
+        config = _config_from_args(self.config_class, args, config, kwargs)
+        super().__init__(config)
+        c = self.config
+        embedding = nn.Embedding(c.n_e, c.e_dim)
+        if c.embedding_weight_norm:
+            embedding = torch.nn.utils.weight_norm(embedding, dim=1)
+        else:
+            embedding.weight.data.uniform_(-1.0 / c.n_e, 1.0 / c.n_e)
+        self.embedding = embedding
+        self._init_remap(c.n_e)
+        self.post_init()
+
+    def _init_weights(self, module):  # keep sgm's uniform(-1/n_e, 1/n_e) init
+        super()._init_weights(module)
+
+    @property
+    def codebook(self) -> Tensor:
+        return self.embedding.weight
+
+    def _nearest(self, z_flat: Tensor) -> Tensor:
+        return nearest_code(z_flat, self.codebook.detach())[0]
+
+    def forward(self, z: Tensor, return_dict: bool | None = None):
+        c = self.config
+        if c.check_inputs:
+            check_features(z, z.shape[-1], name="z")
+        channel_first = z.ndim >= 4
+        if channel_first:
+            z = z.movedim(1, -1).contiguous()
+        if z.shape[-1] != c.e_dim:
+            raise ValueError(f"expected {c.e_dim} channels, got {z.shape[-1]} (shape {tuple(z.shape)})")
+        z_flat = z.reshape(-1, c.e_dim)
+        indices = self._nearest(z_flat)
+        z_q = self.embedding(indices).view(z.shape)
+        commitment = torch.mean((z_q.detach() - z) ** 2)
+        codebook = torch.mean((z_q - z.detach()) ** 2)
+        loss = commitment + c.beta * codebook if c.legacy else c.beta * commitment + codebook
+        z_q = z + (z_q - z).detach()
+        if channel_first:
+            z_q = z_q.movedim(-1, 1).contiguous()
+        perplexity, usage = measure_perplexity(indices.detach(), c.n_e)
+        indices = self._shape_indices(indices, z)
+        log = {c.loss_key: loss}
+        if c.log_perplexity:
+            log.update(perplexity=perplexity, cluster_usage=usage)
+        log["min_encoding_indices"] = indices
+        out = self.output_class(quantized=z_q, indices=indices, loss=loss, perplexity=perplexity,
+                                cluster_usage=usage, log_dict=log)
+        return self._output(out, return_dict)
+
+    def _shape_indices(self, indices: Tensor, z: Tensor) -> Tensor:
+        c = self.config
+        if c.remap is not None:
+            indices = self.remap_to_used(indices.reshape(z.shape[0], -1)).reshape(-1, 1)
+        if c.sane_index_shape:
+            return indices.reshape(z.shape[:-1]) if z.ndim >= 3 else indices.reshape(z.shape[0], -1)
+        return indices
+
+    def get_codebook_entry(self, indices: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:
+        """Codes for `indices`; with `shape=(b, h, w, c)` returned as `(b, c, h, w)`."""
+        if self.config.remap is not None:
+            if shape is None:
+                raise ValueError("get_codebook_entry needs `shape` when a remap is used")
+            indices = self.unmap_to_all(indices.reshape(shape[0], -1)).reshape(-1)
+        if indices.numel() and (indices.min() < 0 or indices.max() >= self.config.n_e):
+            raise ValueError(f"indices must be in [0, {self.config.n_e})")
+        z_q = self.embedding(indices)
+        if shape is not None:
+            z_q = z_q.view(shape).permute(0, 3, 1, 2).contiguous()
+        return z_q
+
+
+class VectorQuantizer2Config(VectorQuantizerConfig):
+    """Configuration of [`VectorQuantizer2`]: taming's `(n_e, e_dim, beta, remap, unknown_index,
+    sane_index_shape, legacy=True)`; diffusers' `VQModel` quantizer has the same semantics."""
+
+    model_type = "hf_vq_vector_quantizer2"
+
+    def __init__(self, n_e: int = 512, e_dim: int = 256, beta: float = 0.25, remap: str | None = None,
+                 unknown_index: Any = "random", sane_index_shape: bool = False, legacy: bool = True, **kwargs):
+        super().__init__(n_e=n_e, e_dim=e_dim, beta=beta, remap=remap, unknown_index=unknown_index,
+                         sane_index_shape=sane_index_shape, legacy=legacy, **kwargs)
+
+
+@register_quantizer
+class VectorQuantizer2(VectorQuantizer):
+    """taming's improved VectorQuantizer (CogVideo `vqvae/quantize.py`, diffusers' `VectorQuantizer`):
+    `legacy=True` keeps the historical loss ordering; returns `(z_q, loss, (perplexity, None, indices))`."""
+
+    config_class = VectorQuantizer2Config
+    output_class = TamingQuantizerOutput
+
+
+# --------------------------------------------------------------------------------------------------
+# EMAVectorQuantizer
+
+
+class EMAVectorQuantizerConfig(SgmConfigMixin, QuantizerConfig):
+    """Configuration of [`EMAVectorQuantizer`] (sgm's `n_embed, embedding_dim, beta, decay, eps, remap,
+    unknown_index, loss_key`)."""
+
+    model_type = "hf_vq_sgm_ema_vector_quantizer"
+
+    def __init__(self, n_embed: int = 512, embedding_dim: int = 256, beta: float = 0.25, decay: float = 0.99,
+                 eps: float = 1e-5, remap: str | None = None, unknown_index: Any = "random",
+                 loss_key: str = "loss/vq", remap_size: int | None = None, **kwargs):
+        self.n_embed, self.embedding_dim, self.beta, self.decay, self.eps = n_embed, embedding_dim, beta, decay, eps
+        self.remap, self.remap_size, self.unknown_index, self.loss_key = remap, remap_size, unknown_index, loss_key
+        super().__init__(**self._sgm_defaults(kwargs))
+
+    def validate(self):
+        if not 0.0 <= self.decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {self.decay!r}")
+        self._validate_remap()
+
+
+class EmbeddingEMA(nn.Module):
+    """sgm's EMA embedding: `weight`, `cluster_size`, `embed_avg` (buffers; sgm's keys)."""
+
+    def __init__(self, num_tokens: int, codebook_dim: int, decay: float = 0.99, eps: float = 1e-5):
+        super().__init__()
+        self.decay, self.eps, self.update = decay, eps, True
+        weight = torch.randn(num_tokens, codebook_dim)
+        self.register_buffer("weight", weight)
+        self.register_buffer("cluster_size", torch.zeros(num_tokens))
+        self.register_buffer("embed_avg", weight.clone())
+
+    def forward(self, embed_id: Tensor) -> Tensor:
+        return F.embedding(embed_id, self.weight)
+
+    def cluster_size_ema_update(self, new_cluster_size: Tensor) -> None:
+        self.cluster_size.mul_(self.decay).add_(new_cluster_size, alpha=1 - self.decay)
+
+    def embed_avg_ema_update(self, new_embed_avg: Tensor) -> None:
+        self.embed_avg.mul_(self.decay).add_(new_embed_avg, alpha=1 - self.decay)
+
+    def weight_update(self, num_tokens: int) -> None:
+        n = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.eps) / (n + num_tokens * self.eps) * n
+        self.weight.copy_(self.embed_avg / smoothed.unsqueeze(1))
+
+
+@register_quantizer
+class EMAVectorQuantizer(_RemapMixin, QuantizerModel):
+    """sgm's EMA vector quantizer (codebook learned by EMA of assignments, loss = beta * commitment)."""
+
+    config_class = EMAVectorQuantizerConfig
+
+    def __init__(self, *args, config: EMAVectorQuantizerConfig | None = None, **kwargs):
+        config = _config_from_args(self.config_class, args, config, kwargs)
+        super().__init__(config)
+        c = self.config
+        self.embedding = EmbeddingEMA(c.n_embed, c.embedding_dim, c.decay, c.eps)
+        self._init_remap(c.n_embed)
+        self.post_init()
+
+    def forward(self, z: Tensor, return_dict: bool | None = None):
+        c = self.config
+        if c.check_inputs:
+            check_features(z, c.embedding_dim, name="z")
+        if z.ndim < 4 or z.shape[1] != c.embedding_dim:
+            raise ValueError(f"expected (b, {c.embedding_dim}, h, w) or (b, {c.embedding_dim}, t, h, w) input, "
+                             f"got shape {tuple(z.shape)}")
+        z = z.movedim(1, -1)
+        z_flat = z.reshape(-1, c.embedding_dim)
+        indices = nearest_code(z_flat, self.embedding.weight)[0]
+        z_q = self.embedding(indices).view(z.shape)
+        perplexity, usage = measure_perplexity(indices, c.n_embed)
+        if self.training and self.embedding.update:
+            with torch.no_grad():
+                counts = torch.bincount(indices, minlength=c.n_embed).to(z_flat.dtype)
+                sums = torch.zeros_like(self.embedding.embed_avg).index_add_(0, indices, z_flat.detach().float())
+                self.embedding.cluster_size_ema_update(counts)
+                self.embedding.embed_avg_ema_update(sums)
+                self.embedding.weight_update(c.n_embed)
+        loss = c.beta * F.mse_loss(z_q.detach(), z)
+        z_q = (z + (z_q - z).detach()).movedim(-1, 1)
+        log = {c.loss_key: loss, "encoding_indices": indices, "perplexity": perplexity}
+        out = SgmQuantizerOutput(quantized=z_q, indices=indices, loss=loss, perplexity=perplexity,
+                                 cluster_usage=usage, log_dict=log)
+        return self._output(out, return_dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# VectorQuantizerWithInputProjection
+
+
+class VectorQuantizerWithInputProjectionConfig(VectorQuantizerConfig):
+    """Configuration of [`VectorQuantizerWithInputProjection`]: sgm's `(input_dim, n_codes, codebook_dim,
+    beta=1.0, output_dim=None, **VectorQuantizer kwargs)`."""
+
+    model_type = "hf_vq_sgm_vector_quantizer_with_input_projection"
+
+    def __init__(self, input_dim: int = 256, n_codes: int = 512, codebook_dim: int = 16, beta: float = 1.0,
+                 output_dim: int | None = None, **kwargs):
+        self.input_dim, self.n_codes, self.codebook_dim, self.output_dim = input_dim, n_codes, codebook_dim, output_dim
+        kwargs.pop("n_e", None), kwargs.pop("e_dim", None)
+        super().__init__(n_e=n_codes, e_dim=codebook_dim, beta=beta, **kwargs)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [n for n in super().field_names() if n not in ("n_e", "e_dim")]
+
+
+@register_quantizer
+class VectorQuantizerWithInputProjection(VectorQuantizer):
+    """sgm's VectorQuantizer with `proj_in` (input_dim -> codebook_dim) and `proj_out`; 4D and 5D inputs
+    are flattened to tokens, and restored when `output_dim` is set (as sgm)."""
+
+    config_class = VectorQuantizerWithInputProjectionConfig
+
+    def __init__(self, *args, config=None, **kwargs):
+        super().__init__(*args, config=config, **kwargs)
+        c = self.config
+        self.proj_in = nn.Linear(c.input_dim, c.codebook_dim)
+        self.proj_out = nn.Linear(c.codebook_dim, c.output_dim) if c.output_dim is not None else nn.Identity()
+
+    def forward(self, z: Tensor, return_dict: bool | None = None):
+        in_shape = z.shape
+        restore = z.ndim > 3 and self.config.output_dim is not None
+        if z.ndim > 3:
+            z = z.flatten(2).transpose(1, 2)
+        out = super().forward(self.proj_in(z), return_dict=True)
+        z_q = self.proj_out(out.quantized)
+        if restore:
+            z_q = z_q.transpose(1, 2).reshape(in_shape[0], -1, *in_shape[2:])
+        out.quantized = z_q
+        return self._output(out, return_dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# Gumbel
+
+
+class GumbelQuantizerConfig(SgmConfigMixin, QuantizerConfig):
+    """Configuration of [`GumbelQuantizer`]: sgm's `(num_hiddens, embedding_dim, n_embed, straight_through,
+    kl_weight, temp_init, remap, unknown_index, loss_key)`."""
+
+    model_type = "hf_vq_sgm_gumbel_quantizer"
+
+    def __init__(self, num_hiddens: int = 256, embedding_dim: int = 64, n_embed: int = 512,
+                 straight_through: bool = True, kl_weight: float = 5e-4, temp_init: float = 1.0,
+                 remap: str | None = None, unknown_index: Any = "random", loss_key: str = "loss/vq",
+                 remap_size: int | None = None, **kwargs):
+        self.num_hiddens, self.embedding_dim, self.n_embed = num_hiddens, embedding_dim, n_embed
+        self.straight_through, self.kl_weight, self.temp_init = straight_through, kl_weight, temp_init
+        self.remap, self.remap_size, self.unknown_index, self.loss_key = remap, remap_size, unknown_index, loss_key
+        super().__init__(**self._sgm_defaults(kwargs))
+
+    def validate(self):
+        if self.temp_init <= 0:
+            raise ValueError(f"temp_init must be > 0, got {self.temp_init!r}")
+        self._validate_remap()
+
+
+@register_quantizer
+class GumbelQuantizer(_RemapMixin, QuantizerModel):
+    """Gumbel-softmax quantizer (Jang et al. 2016; karpathy's deep-vector-quantization, as in sgm): a 1x1 conv
+    `proj` gives logits over codes; a (hard in eval) Gumbel-softmax sample mixes `embed`; KL to uniform."""
+
+    config_class = GumbelQuantizerConfig
+
+    def __init__(self, *args, config: GumbelQuantizerConfig | None = None, **kwargs):
+        config = _config_from_args(self.config_class, args, config, kwargs)
+        super().__init__(config)
+        c = self.config
+        self.temperature = c.temp_init
+        self.proj = nn.Conv2d(c.num_hiddens, c.n_embed, 1)
+        self.embed = nn.Embedding(c.n_embed, c.embedding_dim)
+        self._init_remap(c.n_embed)
+        self.post_init()
+
+    def _gumbel(self, z: Tensor, temp: float | None):
+        c = self.config
+        if c.check_inputs:
+            check_features(z, c.num_hiddens, name="z")
+        if z.ndim != 4 or z.shape[1] != c.num_hiddens:
+            raise ValueError(f"expected (b, {c.num_hiddens}, h, w) input, got shape {tuple(z.shape)}")
+        hard = c.straight_through if self.training else True
+        temp = self.temperature if temp is None else temp
+        logits = self.proj(z)
+        if self.used is not None:
+            full = torch.zeros_like(logits)
+            logits = logits[:, self.used]
+        # the soft one-hot is the Gumbel relaxation itself: a distribution over codes per position
+        soft_one_hot = F.gumbel_softmax(logits, tau=temp, dim=1, hard=hard)
+        if self.used is not None:
+            full[:, self.used] = soft_one_hot
+            soft_one_hot = full
+        z_q = torch.einsum("bnhw,nd->bdhw", soft_one_hot, self.embed.weight)
+        qy = F.softmax(logits, dim=1)
+        loss = c.kl_weight * torch.sum(qy * torch.log(qy * c.n_embed + 1e-10), dim=1).mean()
+        indices = soft_one_hot.argmax(dim=1)
+        if self.used is not None:
+            indices = self.remap_to_used(indices)
+        return z_q, loss, indices, logits
+
+    def forward(self, z: Tensor, temp: float | None = None, return_logits: bool = False,
+                return_dict: bool | None = None):
+        z_q, loss, indices, logits = self._gumbel(z, temp)
+        log = {self.config.loss_key: loss}
+        if return_logits:
+            log["logits"] = logits
+        out = SgmQuantizerOutput(quantized=z_q, indices=indices, loss=loss, log_dict=log)
+        return self._output(out, return_dict)
+
+    def get_codebook_entry(self, indices: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
+        b, h, w, _ = shape
+        if b * h * w != indices.shape[0]:
+            raise ValueError(f"shape {shape} does not match {indices.shape[0]} indices")
+        indices = indices.reshape(b, h, w)
+        if self.used is not None:
+            indices = self.unmap_to_all(indices)
+        return self.embed(indices).permute(0, 3, 1, 2)
+
+
+class GumbelQuantizeConfig(GumbelQuantizerConfig):
+    """Configuration of [`GumbelQuantize`] (taming / CogVideo `vqvae`): adds `use_vqinterface`."""
+
+    model_type = "hf_vq_gumbel_quantize"
+
+    def __init__(self, num_hiddens: int = 256, embedding_dim: int = 64, n_embed: int = 512,
+                 straight_through: bool = True, kl_weight: float = 5e-4, temp_init: float = 1.0,
+                 use_vqinterface: bool = True, remap: str | None = None, unknown_index: Any = "random", **kwargs):
+        self.use_vqinterface = use_vqinterface
+        super().__init__(num_hiddens=num_hiddens, embedding_dim=embedding_dim, n_embed=n_embed,
+                         straight_through=straight_through, kl_weight=kl_weight, temp_init=temp_init,
+                         remap=remap, unknown_index=unknown_index, **kwargs)
+
+
+@register_quantizer
+class GumbelQuantize(GumbelQuantizer):
+    """taming's GumbelQuantize: returns `(z_q, loss, (None, None, indices))` with `use_vqinterface`, else
+    `(z_q, loss, indices)`; `return_logits=True` appends the logits."""
+
+    config_class = GumbelQuantizeConfig
+
+    def forward(self, z: Tensor, temp: float | None = None, return_logits: bool = False,
+                return_dict: bool | None = None):
+        z_q, loss, indices, logits = self._gumbel(z, temp)
+        output_class = TamingQuantizerOutput if self.config.use_vqinterface else GumbelQuantizeOutput
+        out = output_class(quantized=z_q, indices=indices, loss=loss, log_dict={"logits": logits} if return_logits else {})
+        if self.config.return_dict if return_dict is None else return_dict:
+            return out
+        return (*out.to_seed_tuple(), logits) if return_logits else out.to_seed_tuple()
+
+
+@dataclass
+class GumbelQuantizeOutput(SgmQuantizerOutput):
+    """taming GumbelQuantize without the VQ interface: `(z_q, loss, indices)`."""
+
+    def to_seed_tuple(self) -> tuple:
+        return self.quantized, self.loss, self.indices
+
+
+def _config_from_args(config_cls, args: tuple, config, kwargs: dict):
+    """sgm passes constructor arguments positionally too: map them onto the config's fields in order."""
+    if config is not None:
+        if args or kwargs:
+            raise ValueError(f"{config_cls.__name__}: pass either a config or arguments, not both")
+        return config
+    if args and isinstance(args[0], QuantizerConfig):
+        if len(args) > 1 or kwargs:
+            raise ValueError(f"{config_cls.__name__}: pass either a config or arguments, not both")
+        return args[0]
+    names = config_cls.field_names()
+    if len(args) > len(names):
+        raise ValueError(f"{config_cls.__name__} takes at most {len(names)} positional arguments")
+    for name, value in zip(names, args):
+        if name in kwargs:
+            raise ValueError(f"{config_cls.__name__}: {name} given twice")
+        kwargs[name] = value
+    return config_cls(**kwargs)
