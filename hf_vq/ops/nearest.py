@@ -36,7 +36,11 @@ def scores(x: Tensor, codebook: Tensor, metric: str = "euclidean") -> Tensor:
     x2 = (x**2).sum(-1)
     c2 = (codebook**2).sum(-1)
     xc = torch.einsum("hnd,hkd->hnk", x, codebook) * -2
-    return -(x2.unsqueeze(-1) + c2.unsqueeze(-2) + xc).clamp(min=1e-8).sqrt()
+    dist = x2.unsqueeze(-1) + c2.unsqueeze(-2)
+    # same rounding as vqp's `(x2 + c2 + xc).clamp(1e-8).sqrt()`, in place where autograd allows it
+    if torch.is_grad_enabled() and (x.requires_grad or codebook.requires_grad):
+        return -(dist + xc).clamp(min=1e-8).sqrt()
+    return dist.add_(xc).clamp_(min=1e-8).sqrt_().neg_()
 
 
 def _as_heads(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...]]:
@@ -83,7 +87,8 @@ def nearest_code(
         the cosine similarity. Ties go to the lowest index, as with `torch.argmax`.
     """
     _check(x, codebook, metric)
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    # the choice is not differentiable: without no_grad autograd would keep every chunk's scores alive
+    with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
         x3, cb, lead = _as_heads(x, codebook)
         indices = torch.empty(x3.shape[:2], dtype=torch.long, device=x.device)
         best = torch.empty(x3.shape[:2], dtype=torch.float32, device=x.device)
