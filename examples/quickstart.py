@@ -18,8 +18,8 @@ QUANTIZERS = [
     ("FSQ", dict(levels=[8, 5, 5, 5], dim=16)),
     ("LFQ", dict(codebook_size=2**8, dim=16)),
     ("LatentQuantize", dict(levels=[5, 5, 5, 5], dim=16)),
-    ("VectorQuantize", dict(dim=16, codebook_size=64, kmeans_init=True, decay=0.9)),
-    ("VectorQuantizer", dict(n_e=64, e_dim=16, beta=0.25)),
+    ("VectorQuantize", dict(dim=16, codebook_size=64, kmeans_init=True, decay=0.9, accept_image_fmap=True)),
+    ("VectorQuantizer", dict(n_e=64, e_dim=16, beta=0.25, sane_index_shape=True)),  # CogVideo sgm
 ]
 
 
