@@ -26,6 +26,7 @@ from .models.sgm import (
     VectorQuantizerWithInputProjection,
     VectorQuantizerWithInputProjectionConfig,
 )
+from .models.residual import ResidualVQ, ResidualVQConfig, ResidualVQOutput
 from .models.latent_quantize import LatentQuantize, LatentQuantizeConfig, LatentQuantizeOutput
 
 __version__ = "0.1.0"

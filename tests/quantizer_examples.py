@@ -23,6 +23,8 @@ EXAMPLES = {
     "GumbelQuantize": (dict(num_hiddens=8, embedding_dim=4, n_embed=16), (2, 8, 3, 3)),
     "VectorQuantizerWithInputProjection": (dict(input_dim=8, n_codes=16, codebook_dim=4, output_dim=8),
                                            (2, 8, 2, 3, 3)),
+    "ResidualVQ": (dict(dim=8, num_quantizers=3, codebook_size=16, decay=0.9), (2, 10, 8)),
+    "ResidualVQ_projection": (dict(dim=8, num_quantizers=2, codebook_size=16, codebook_dim=4), (2, 10, 8)),
     "LFQ_projections": (dict(dim=16, codebook_size=2**8, num_codebooks=2, orthogonal_rotation=True), (2, 16, 4, 4)),
 }
 
