@@ -68,3 +68,20 @@ def gather_variable(tensor: Tensor) -> Tensor:
     out = [torch.zeros_like(padded) for _ in sizes]
     dist.all_gather(out, padded)
     return torch.cat([o[:n] for o, n in zip(out, sizes)])
+
+
+def assert_same_across_ranks(module: torch.nn.Module) -> None:
+    """Debugging helper: raise if any rank's state (codebooks, EMA statistics, ...) differs from rank 0's,
+    comparing one float64 checksum per tensor (all-gathered), and name the tensors that differ."""
+    if not is_distributed():
+        return
+    state = module.state_dict()
+    names = sorted(state)
+    check_same_shapes(*(state[n] for n in names))
+    device = next(iter(state.values())).device if state else torch.device("cpu")
+    local = torch.stack([state[n].double().sum() + (state[n].double() ** 2).sum() for n in names]).to(device)
+    gathered = [torch.zeros_like(local) for _ in range(world_size())]
+    dist.all_gather(gathered, local)
+    bad = sorted({names[i] for g in gathered for i in torch.nonzero(g != gathered[0]).flatten().tolist()})
+    if bad:
+        raise RuntimeError(f"rank {rank()}: state differs across ranks for {bad}")

@@ -1,0 +1,94 @@
+"""Codebook sync across processes (gloo, 2 ranks on CPU): after several training steps with k-means init,
+EMA and dead-code expiry, every rank holds the same state, equal to one process fed the concatenation of
+the ranks' batches (uneven batch sizes, masks)."""
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import hf_vq
+from hf_vq import distributed
+
+STEPS = 4
+CONFIG = dict(dim=8, codebook_size=16, decay=0.8, kmeans_init=True, kmeans_iters=3, threshold_ema_dead_code=0.5,
+              affine_param=False)
+
+
+def _batches(rank_sizes, masked):
+    """Per step: one (x, mask) per rank; ranks get different batch sizes."""
+    g = torch.Generator().manual_seed(123)
+    steps = []
+    for _ in range(STEPS):
+        per_rank = []
+        for b in rank_sizes:
+            x = torch.randn(b, 12, 8, generator=g) * 2
+            mask = (torch.rand(b, 12, generator=g) > 0.3) if masked else None
+            per_rank.append((x, mask))
+        steps.append(per_rank)
+    return steps
+
+
+def _train(model, inputs):
+    model.train()
+    for x, mask in inputs:
+        model(x, mask=mask)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _worker(rank, world, init_file, out_dir, rank_sizes, masked, residual):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = _model(residual)
+        steps = _batches(rank_sizes, masked)
+        state = _train(model, [step[rank] for step in steps])
+        torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
+        # the debugging helper agrees that all ranks hold the same codebook
+        distributed.assert_same_across_ranks(model)
+    finally:
+        dist.destroy_process_group()
+
+
+def _model(residual):
+    if residual:
+        return hf_vq.ResidualVQ(dim=8, num_quantizers=2, codebook_size=16, decay=0.8, kmeans_init=True,
+                                kmeans_iters=3, threshold_ema_dead_code=0.5)
+    return hf_vq.VectorQuantize(**CONFIG)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "masked"])
+@pytest.mark.parametrize("residual", [False, True], ids=["vq", "rvq"])
+def test_two_ranks_equal_one_process_on_the_concatenated_batch(masked, residual):
+    rank_sizes = (3, 2)  # uneven
+    with tempfile.TemporaryDirectory() as out_dir:
+        init_file = os.path.join(out_dir, "init")
+        mp.spawn(_worker, args=(2, init_file, out_dir, rank_sizes, masked, residual), nprocs=2, join=True)
+        states = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(2)]
+
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), f"ranks differ on {key}"
+
+    torch.manual_seed(0)
+    single = _model(residual)
+    inputs = []
+    for step in _batches(rank_sizes, masked):
+        x = torch.cat([x for x, _ in step])
+        mask = torch.cat([m for _, m in step]) if masked else None
+        inputs.append((x, mask))
+    expected = _train(single, inputs)
+    assert bool(expected[[k for k in expected if k.endswith("initted")][0]])
+    for key, value in expected.items():
+        torch.testing.assert_close(states[0][key].float(), value.float(), atol=1e-5, rtol=1e-5, msg=key)
+
+
+def test_single_process_helpers_are_no_ops():
+    t = torch.arange(3.0)
+    distributed.all_reduce_sum_(t)
+    assert torch.equal(t, torch.arange(3.0))
+    assert torch.equal(distributed.gather_variable(t), t)
+    assert not distributed.is_distributed()
+    distributed.assert_same_across_ranks(hf_vq.VectorQuantize(dim=4, codebook_size=8))
