@@ -26,7 +26,21 @@ from .models.sgm import (
     VectorQuantizerWithInputProjection,
     VectorQuantizerWithInputProjectionConfig,
 )
-from .models.residual import ResidualVQ, ResidualVQConfig, ResidualVQOutput
+from .models.residual import (
+    GroupedResidualFSQ,
+    GroupedResidualFSQConfig,
+    GroupedResidualLFQ,
+    GroupedResidualLFQConfig,
+    GroupedResidualVQ,
+    GroupedResidualVQConfig,
+    ResidualFSQ,
+    ResidualFSQConfig,
+    ResidualLFQ,
+    ResidualLFQConfig,
+    ResidualOutput,
+    ResidualVQ,
+    ResidualVQConfig,
+)
 from .models.latent_quantize import LatentQuantize, LatentQuantizeConfig, LatentQuantizeOutput
 
 __version__ = "0.1.0"

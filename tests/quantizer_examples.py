@@ -25,6 +25,11 @@ EXAMPLES = {
                                            (2, 8, 2, 3, 3)),
     "ResidualVQ": (dict(dim=8, num_quantizers=3, codebook_size=16, decay=0.9), (2, 10, 8)),
     "ResidualVQ_projection": (dict(dim=8, num_quantizers=2, codebook_size=16, codebook_dim=4), (2, 10, 8)),
+    "ResidualFSQ": (dict(levels=[5, 5, 3], num_quantizers=2, dim=8), (2, 10, 8)),
+    "ResidualLFQ": (dict(dim=8, num_quantizers=2, codebook_size=2**4), (2, 10, 8)),
+    "GroupedResidualVQ": (dict(dim=8, groups=2, num_quantizers=2, codebook_size=16), (2, 10, 8)),
+    "GroupedResidualFSQ": (dict(dim=8, groups=2, levels=[5, 3], num_quantizers=2), (2, 10, 8)),
+    "GroupedResidualLFQ": (dict(dim=8, groups=2, codebook_size=2**4, num_quantizers=2), (2, 10, 8)),
     "LFQ_projections": (dict(dim=16, codebook_size=2**8, num_codebooks=2, orthogonal_rotation=True), (2, 16, 4, 4)),
 }
 

@@ -101,3 +101,92 @@ def test_errors():
         rvq.get_codes_from_indices(torch.zeros(1, 2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"-1 \(dropped\) or in \[0, 16\)"):
         rvq.get_codes_from_indices(torch.full((1, 2, 2), 16))
+
+
+def _parity(ref, ours, shape, train, has_loss=True, steps=3):
+    ref.train(train), ours.train(train)
+    for _ in range(steps):
+        x = torch.randn(*shape)
+        r = ref(x)
+        o = ours(x, return_dict=True)
+        assert torch.equal(o.indices, r[1])
+        torch.testing.assert_close(o.quantized, r[0], atol=1e-6, rtol=1e-6)
+        if has_loss:
+            torch.testing.assert_close(o.loss, r[2], atol=1e-6, rtol=1e-5)
+        else:
+            assert o.loss is None
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kwargs", [dict(levels=[5, 5, 3], num_quantizers=3, dim=8),
+                                    dict(levels=[7, 5], num_quantizers=2),
+                                    dict(levels=[5, 5, 3], num_quantizers=2, dim=8, bound_hard_clamp=False,
+                                         soft_clamp_input_value=1.5)], ids=["proj", "noproj", "softclamp"])
+def test_residual_fsq_parity_with_vqp(kwargs, train):
+    from vector_quantize_pytorch import ResidualFSQ as VqpResidualFSQ
+
+    torch.manual_seed(0)
+    ref = VqpResidualFSQ(**kwargs)
+    ours = hf_vq.ResidualFSQ(**kwargs)
+    ours.load_state_dict(ref.state_dict())
+    _parity(ref, ours, (2, 20, kwargs.get("dim", len(kwargs["levels"]))), train, has_loss=False)
+    idx = ours.eval()(torch.randn(2, 5, kwargs.get("dim", len(kwargs["levels"])))).indices
+    torch.testing.assert_close(ours.get_codes_from_indices(idx), ref.get_codes_from_indices(idx))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_residual_lfq_parity_with_vqp(train):
+    from vector_quantize_pytorch import ResidualLFQ as VqpResidualLFQ
+
+    kwargs = dict(dim=8, num_quantizers=3, codebook_size=2**5, commitment_loss_weight=0.25,
+                  soft_clamp_input_value=2.0)
+    torch.manual_seed(0)
+    ref = VqpResidualLFQ(**kwargs)
+    ours = hf_vq.ResidualLFQ(**kwargs)
+    ours.load_state_dict(ref.state_dict(), strict=False)  # vqp also saves each level's derived bit mask
+    _parity(ref, ours, (2, 20, 8), train)
+    idx = ours.eval()(torch.randn(2, 5, 8)).indices
+    torch.testing.assert_close(ours.get_codes_from_indices(idx), ref.get_codes_from_indices(idx))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_grouped_forms_parity_with_vqp(train):
+    import vector_quantize_pytorch as vqp
+
+    torch.manual_seed(0)
+    ref = vqp.GroupedResidualVQ(dim=16, groups=2, num_quantizers=2, codebook_size=16, decay=0.9)
+    ours = hf_vq.GroupedResidualVQ(dim=16, groups=2, num_quantizers=2, codebook_size=16, decay=0.9)
+    ours.load_state_dict(ref.state_dict())
+    _parity(ref, ours, (2, 20, 16), train)
+    torch.manual_seed(0)
+    ref = vqp.GroupedResidualFSQ(dim=12, groups=2, levels=[5, 3], num_quantizers=2)
+    ours = hf_vq.GroupedResidualFSQ(dim=12, groups=2, levels=[5, 3], num_quantizers=2)
+    ours.load_state_dict(ref.state_dict())
+    _parity(ref, ours, (2, 20, 12), train, has_loss=False)
+    torch.manual_seed(0)
+    ref = vqp.GroupedResidualLFQ(dim=12, groups=2, codebook_size=2**4, num_quantizers=2, commitment_loss_weight=0.25)
+    ours = hf_vq.GroupedResidualLFQ(dim=12, groups=2, codebook_size=2**4, num_quantizers=2, commitment_loss_weight=0.25)
+    ours.load_state_dict(ref.state_dict(), strict=False)
+    _parity(ref, ours, (2, 20, 12), train)
+
+
+def test_grouped_dropout_cutoff_is_shared_by_all_groups():
+    g = hf_vq.GroupedResidualFSQ(dim=8, groups=2, levels=[5, 3], num_quantizers=4, quantize_dropout=True).train()
+    for seed in range(10):
+        torch.manual_seed(seed)
+        idx = g(torch.randn(2, 6, 8, requires_grad=True)).indices  # (groups, b, n, q)
+        kept = (idx[..., 0, 0, :] >= 0).sum(-1)
+        assert kept[0] == kept[1]
+        assert (idx[0, ..., int(kept[0]):] == -1).all()
+
+
+def test_residual_fsq_channel_first_and_config_nesting(tmp_path):
+    rfsq = hf_vq.ResidualFSQ(levels=[5, 5], num_quantizers=2, dim=6, is_channel_first=True, projection_has_bias=False)
+    assert rfsq.config.fsq_kwargs == {"projection_has_bias": False}
+    x = torch.randn(2, 6, 3, 4)
+    out = rfsq.eval()(x)
+    assert out.quantized.shape == x.shape and out.indices.shape == (2, 3, 4, 2)
+    torch.testing.assert_close(rfsq.get_output_from_indices(out.indices), out.quantized, atol=1e-6, rtol=1e-6)
+    rfsq.save_pretrained(tmp_path)
+    again = AutoModel.from_pretrained(tmp_path).eval()
+    assert torch.equal(again(x).quantized, out.quantized)

@@ -1,12 +1,16 @@
-"""Residual vector quantization (SoundStream, arXiv:2107.03312, Algorithm 1) as a Hugging Face model.
+"""Residual quantization (SoundStream, arXiv:2107.03312, Algorithm 1) and its grouped form, for VQ, FSQ and
+LFQ levels, as Hugging Face models.
 
-Semantics: vector-quantize-pytorch 1.32 `ResidualVQ`; each level is an hf_vq `VectorQuantize` (so every level
-uses the bounded-memory ops) and keeps vqp's keys (`layers.{i}._codebook.*`). Levels run one after another on
-the whole batch: no Python work scales with the batch size.
+Semantics: vector-quantize-pytorch 1.32 `ResidualVQ`, `ResidualFSQ`, `ResidualLFQ` and their `Grouped*`
+forms. One residual loop (`ResidualQuantizerBase`) serves all three: a subclass only says how a level is built,
+how it is called and how its codes are looked up. Each level is the hf_vq quantizer (bounded-memory ops) and
+keeps vqp's keys (`layers.{i}...`). Levels run one after another on the whole batch: no Python work scales
+with the batch size.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from math import ceil
@@ -17,6 +21,8 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..modeling_utils import QuantizerConfig, QuantizerModel, QuantizerOutput, check_features, register_quantizer
+from .fsq import FSQ, FSQConfig, check_levels
+from .lfq import LFQ, LFQConfig
 from .vector_quantize import VectorQuantize, VectorQuantizeConfig
 
 _VQ_FIELDS = set(VectorQuantizeConfig.field_names()) - {"dim", "codebook_size", "codebook_dim", "check_inputs"}
@@ -86,28 +92,156 @@ class ResidualVQConfig(QuantizerConfig):
         codebook_dim = self.codebook_dim if self.codebook_dim is not None else self.dim
         return VectorQuantizeConfig(
             dim=codebook_dim, codebook_size=self.codebook_size, codebook_dim=codebook_dim,
-            accept_image_fmap=self.accept_image_fmap,
             return_zeros_for_masked_padding=self.return_zeros_for_masked_padding,
             check_inputs=False, **self.vq_kwargs,
         )
 
 
+
+def _validate_dropout(config) -> None:
+    for name in ("num_quantizers", "quantize_dropout_multiple_of"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not 0 <= config.quantize_dropout_cutoff_index < config.num_quantizers:
+        raise ValueError(f"quantize_dropout_cutoff_index must be in [0, {config.num_quantizers}), "
+                         f"got {config.quantize_dropout_cutoff_index!r}")
+
+
 @dataclass
-class ResidualVQOutput(QuantizerOutput):
-    """Output of [`ResidualVQ`]: `quantized`, `indices` `(..., num_quantizers)` (-1 for dropped levels),
-    `loss` (per level, `(num_quantizers,)`), and `all_codes` `(num_quantizers, ..., d)` when requested."""
+class ResidualOutput(QuantizerOutput):
+    """Output of the residual quantizers: `quantized`, `indices` `(..., num_quantizers)` (-1 for dropped
+    levels), `loss` (per level, `(num_quantizers,)`; `None` for FSQ levels), and `all_codes`
+    `(num_quantizers, ..., d)` when requested. Grouped forms add a leading group axis to indices and losses."""
 
     all_codes: Tensor | None = None
 
-    seed_fields: ClassVar[tuple[str, ...]] = ("quantized", "indices", "loss")
-
     def to_seed_tuple(self) -> tuple:
-        base = (self.quantized, self.indices, self.loss)
+        base = (self.quantized, self.indices) if self.loss is None else (self.quantized, self.indices, self.loss)
         return base if self.all_codes is None else (*base, self.all_codes)
 
 
+ResidualVQOutput = ResidualOutput
+
+
+class ResidualQuantizerBase(QuantizerModel):
+    """The residual loop shared by ResidualVQ / ResidualFSQ / ResidualLFQ.
+
+    Subclasses build `self.layers`, `self.project_in`, `self.project_out` and implement `_run_level`
+    (quantize one level's input) and `_level_codes` (codes of one level's indices).
+    """
+
+    def _channel_first(self) -> bool:
+        return False
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        """Transform of the projected input before the first level (e.g. a soft clamp)."""
+        return x
+
+    def _run_level(self, level: int, layer, residual: Tensor, mask, **kwargs) -> tuple[Tensor, Tensor, Tensor | None]:
+        raise NotImplementedError
+
+    def _level_codes(self, level: int, layer, indices: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def dropout_cutoff(self, device) -> int:
+        """The last level kept this training step; the same on every rank (rank 0's draw is broadcast)."""
+        c = self.config
+        seed = torch.randint(0, 10_000, (), device=device)
+        distributed.broadcast_(seed)
+        cutoff = random.Random(int(seed)).randrange(c.quantize_dropout_cutoff_index, c.num_quantizers)
+        if c.quantize_dropout_multiple_of != 1:
+            cutoff = math.ceil((cutoff + 1) / c.quantize_dropout_multiple_of) * c.quantize_dropout_multiple_of - 1
+        return cutoff
+
+    def uses_dropout(self) -> bool:
+        c = self.config
+        return self.training and c.quantize_dropout and c.num_quantizers > 1 and torch.is_grad_enabled()
+
+    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        """`(b, ..., q)` indices (-1 for dropped levels; fewer than `num_quantizers` levels allowed) to
+        `(num_quantizers, b, ..., d)` codes, zero for dropped levels."""
+        c = self.config
+        if indices.shape[-1] > c.num_quantizers:
+            raise ValueError(f"indices have {indices.shape[-1]} levels, the model has {c.num_quantizers}")
+        if indices.shape[-1] < c.num_quantizers:
+            pad = indices.new_full((*indices.shape[:-1], c.num_quantizers - indices.shape[-1]), -1)
+            indices = torch.cat([indices, pad], dim=-1)
+        size = self.codebook_size
+        if indices.numel() and (indices.min() < -1 or indices.max() >= size):
+            raise ValueError(f"indices must be -1 (dropped) or in [0, {size})")
+        codes = []
+        for level, layer in enumerate(self.layers):
+            idx = indices[..., level].long()
+            code = self._level_codes(level, layer, idx.clamp(min=0))
+            codes.append(code.masked_fill((idx == -1).unsqueeze(-1), 0.0))
+        return torch.stack(codes)
+
+    def get_output_from_indices(self, indices: Tensor) -> Tensor:
+        out = self.project_out(self.get_codes_from_indices(indices).sum(0))
+        return out.movedim(-1, 1) if self._channel_first() else out
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        return_all_codes: bool = False,
+        return_dict: bool | None = None,
+        dropout_cutoff: int | None = None,
+        **level_kwargs,
+    ) -> ResidualOutput | tuple:
+        """Quantize `x` through all levels. `dropout_cutoff` fixes the quantize-dropout cutoff (grouped forms
+        pass one cutoff to every group)."""
+        c = self.config
+        if c.check_inputs:
+            check_features(x, c.dim, name="x")
+        channel_first = self._channel_first()
+        if channel_first:
+            spatial = x.shape[2:]
+            x = x.flatten(2).transpose(1, 2)
+        if x.shape[-1] != c.dim:
+            raise ValueError(f"expected feature dim {c.dim}, got {x.shape[-1]}")
+        residual = self._prepare(self.project_in(x))
+        quantized_out = torch.zeros_like(residual)
+        cutoff = c.num_quantizers - 1
+        if self.uses_dropout():
+            cutoff = dropout_cutoff if dropout_cutoff is not None else self.dropout_cutoff(x.device)
+        all_indices, all_losses = [], []
+        for level, layer in enumerate(self.layers):
+            if level > cutoff:
+                all_indices.append(torch.full(x.shape[:-1], -1, dtype=torch.long, device=x.device))
+                all_losses.append(torch.zeros((), device=x.device))
+                continue
+            quantized, indices, loss = self._run_level(level, layer, residual, mask, **level_kwargs)
+            residual = residual - quantized.detach()
+            quantized_out = quantized_out + quantized
+            all_indices.append(indices)
+            all_losses.append(loss)
+        quantized = self.project_out(quantized_out)
+        if mask is not None:
+            fill = torch.zeros_like(quantized) if getattr(c, "return_zeros_for_masked_padding", True) else x
+            quantized = torch.where(mask.unsqueeze(-1), quantized, fill)
+        indices = torch.stack(all_indices, dim=-1)
+        loss = None if all_losses[0] is None else torch.stack([
+            l if l is not None else torch.zeros((), device=x.device) for l in all_losses])
+        all_codes = self.get_codes_from_indices(indices) if return_all_codes else None
+        if channel_first:
+            quantized = quantized.transpose(1, 2).reshape(x.shape[0], -1, *spatial)
+            indices = indices.reshape(x.shape[0], *spatial, -1)
+            if all_codes is not None:
+                all_codes = all_codes.reshape(c.num_quantizers, x.shape[0], *spatial, -1)
+        output = ResidualOutput(quantized=quantized, indices=indices, loss=loss, all_codes=all_codes)
+        return self._output(output, return_dict)
+
+
+def _projections(model, dim: int, inner: int, bias: bool = True) -> None:
+    model.has_projections = inner != dim
+    model.project_in = nn.Linear(dim, inner, bias=bias) if model.has_projections else nn.Identity()
+    model.project_out = nn.Linear(inner, dim, bias=bias) if model.has_projections else nn.Identity()
+
+
 @register_quantizer
-class ResidualVQ(QuantizerModel):
+class ResidualVQ(ResidualQuantizerBase):
     """Residual VQ: level i quantizes what levels < i left over; the output is the sum of all levels.
 
     Example:
@@ -122,12 +256,29 @@ class ResidualVQ(QuantizerModel):
     def __init__(self, config: ResidualVQConfig | None = None, **kwargs):
         super().__init__(config, **kwargs)
         c = self.config
-        inner = c.codebook_dim if c.codebook_dim is not None else c.dim
-        self.has_projections = inner != c.dim
-        self.project_in = nn.Linear(c.dim, inner) if self.has_projections else nn.Identity()
-        self.project_out = nn.Linear(inner, c.dim) if self.has_projections else nn.Identity()
+        _projections(self, c.dim, c.codebook_dim if c.codebook_dim is not None else c.dim)
         self.layers = nn.ModuleList(VectorQuantize(c.level_config()) for _ in range(c.num_quantizers))
         self.post_init()
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    @property
+    def codebooks(self) -> Tensor:
+        """`(num_quantizers, codebook_size, codebook_dim)`."""
+        return torch.stack([layer.codebook for layer in self.layers])
+
+    def _channel_first(self) -> bool:
+        return self.config.accept_image_fmap
+
+    def _run_level(self, level, layer, residual, mask, sample_codebook_temp=None, freeze_codebook=False):
+        out = layer(residual, mask=mask, sample_codebook_temp=sample_codebook_temp,
+                    freeze_codebook=freeze_codebook, return_dict=True)
+        return out.quantized, out.indices, out.loss
+
+    def _level_codes(self, level, layer, indices):
+        return layer.codebook[indices]
 
     @classmethod
     def from_vector_quantize_pytorch(cls, module) -> "ResidualVQ":
@@ -155,81 +306,268 @@ class ResidualVQ(QuantizerModel):
             ours.load_state_dict(VectorQuantize.from_vector_quantize_pytorch(theirs).state_dict())
         return model
 
-    @property
-    def codebooks(self) -> Tensor:
-        """`(num_quantizers, codebook_size, codebook_dim)`."""
-        return torch.stack([layer.codebook for layer in self.layers])
 
-    def _dropout_cutoff(self, device) -> int:
-        """The last level kept this step; the same on every rank (the seed is drawn on rank 0's RNG)."""
+# --------------------------------------------------------------------------------------------------
+# ResidualFSQ
+
+
+class ResidualFSQConfig(QuantizerConfig):
+    """Configuration of [`ResidualFSQ`] (vqp 1.32 names).
+
+    Args:
+        levels (`list[int]`), num_quantizers (`int`), dim (`int`, *optional*, defaults to `len(levels)`).
+        is_channel_first (`bool`): `(b, d, ...)` input.
+        quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of: as [`ResidualVQConfig`].
+        soft_clamp_input_value (`float` or `list[float]`, *optional*): tanh soft clamp of the projected input;
+            with `bound_hard_clamp` (default) it is `1 + 1 / (levels - 1)` per dimension.
+        bound_hard_clamp (`bool`, defaults to `True`): levels clamp instead of tanh (input is pre-clamped).
+        fsq_kwargs (`dict`): further [`FSQConfig`] options for every level.
+    Level i quantizes `residual / levels**-i` and its codes are scaled back by `levels**-i`.
+    """
+
+    model_type = "hf_vq_residual_fsq"
+
+    def __init__(self, levels: list[int] = (8, 5, 5, 5), num_quantizers: int = 4, dim: int | None = None,
+                 is_channel_first: bool = False, quantize_dropout: bool = False, quantize_dropout_cutoff_index: int = 0,
+                 quantize_dropout_multiple_of: int = 1, soft_clamp_input_value: float | list[float] | None = None,
+                 bound_hard_clamp: bool = True, fsq_kwargs: dict[str, Any] | None = None, **kwargs):
+        self.levels = list(levels)
+        self.num_quantizers, self.dim, self.is_channel_first = num_quantizers, dim, is_channel_first
+        self.quantize_dropout = quantize_dropout
+        self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
+        self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
+        self.soft_clamp_input_value, self.bound_hard_clamp = soft_clamp_input_value, bound_hard_clamp
+        self.fsq_kwargs = dict(fsq_kwargs or {})
+        fsq_fields = set(FSQConfig.field_names()) - {"levels", "dim", "preserve_symmetry", "bound_hard_clamp", "check_inputs"}
+        for name in [k for k in kwargs if k in fsq_fields]:
+            self.fsq_kwargs[name] = kwargs.pop(name)
+        super().__init__(**kwargs)
+        if self.dim is None:
+            self.dim = len(self.levels)
+
+    def validate(self):
+        check_levels(self.levels)
+        _validate_dropout(self)
+        if self.bound_hard_clamp and self.soft_clamp_input_value is not None:
+            raise ValueError("soft_clamp_input_value is implied by bound_hard_clamp=True; set one of them")
+
+    def level_config(self) -> FSQConfig:
+        return FSQConfig(levels=self.levels, dim=len(self.levels), preserve_symmetry=True,
+                         bound_hard_clamp=self.bound_hard_clamp, check_inputs=False, **self.fsq_kwargs)
+
+
+@register_quantizer
+class ResidualFSQ(ResidualQuantizerBase):
+    """Residual FSQ (vqp 1.32 semantics): symmetric FSQ levels at geometrically shrinking scales."""
+
+    config_class = ResidualFSQConfig
+
+    def __init__(self, config: ResidualFSQConfig | None = None, **kwargs):
+        super().__init__(config, **kwargs)
         c = self.config
-        seed = torch.randint(0, 10_000, (), device=device)
-        distributed.broadcast_(seed)
-        cutoff = random.Random(int(seed)).randrange(c.quantize_dropout_cutoff_index, c.num_quantizers)
-        if c.quantize_dropout_multiple_of != 1:
-            cutoff = ceil((cutoff + 1) / c.quantize_dropout_multiple_of) * c.quantize_dropout_multiple_of - 1
-        return cutoff
+        _projections(self, c.dim, len(c.levels))
+        self.layers = nn.ModuleList(FSQ(c.level_config()) for _ in range(c.num_quantizers))
+        self.post_init()
+
+    @property
+    def codebook_size(self) -> int:
+        return math.prod(self.config.levels)
+
+    def _scale(self, level: int, device) -> Tensor:
+        return torch.tensor(self.config.levels, dtype=torch.float32, device=device) ** -level
+
+    def _channel_first(self) -> bool:
+        return self.config.is_channel_first
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        c = self.config
+        clamp = c.soft_clamp_input_value
+        if c.bound_hard_clamp:
+            clamp = 1 + 1 / (torch.tensor(c.levels, dtype=torch.float32, device=x.device) - 1)
+        elif clamp is None:
+            return x
+        clamp = torch.as_tensor(clamp, dtype=torch.float32, device=x.device)
+        return (x / clamp).tanh() * clamp
+
+    def _run_level(self, level, layer, residual, mask):
+        scale = self._scale(level, residual.device)
+        with torch.autocast(device_type=residual.device.type, enabled=False):
+            out = layer(residual / scale, return_dict=True)
+        return out.quantized * scale, out.indices, None
+
+    def _level_codes(self, level, layer, indices):
+        return layer._codes_from_indices(indices) * self._scale(level, indices.device)
+
+
+# --------------------------------------------------------------------------------------------------
+# ResidualLFQ
+
+
+class ResidualLFQConfig(QuantizerConfig):
+    """Configuration of [`ResidualLFQ`] (vqp 1.32 names): `dim`, `num_quantizers`, `codebook_size`, the dropout
+    options, `soft_clamp_input_value` (halved at every level) and `lfq_kwargs` for every [`LFQ`] level.
+    Level i has `codebook_scale = 2**-i`."""
+
+    model_type = "hf_vq_residual_lfq"
+
+    def __init__(self, dim: int = 16, num_quantizers: int = 4, codebook_size: int = 2**10,
+                 quantize_dropout: bool = False, quantize_dropout_cutoff_index: int = 0,
+                 quantize_dropout_multiple_of: int = 1, soft_clamp_input_value: float | None = None,
+                 lfq_kwargs: dict[str, Any] | None = None, **kwargs):
+        self.dim, self.num_quantizers, self.codebook_size = dim, num_quantizers, codebook_size
+        self.quantize_dropout = quantize_dropout
+        self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
+        self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
+        self.soft_clamp_input_value = soft_clamp_input_value
+        self.lfq_kwargs = dict(lfq_kwargs or {})
+        lfq_fields = set(LFQConfig.field_names()) - {"dim", "codebook_size", "codebook_scale", "soft_clamp_input_value",
+                                                     "check_inputs"}
+        for name in [k for k in kwargs if k in lfq_fields]:
+            self.lfq_kwargs[name] = kwargs.pop(name)
+        super().__init__(**kwargs)
+
+    def validate(self):
+        _validate_dropout(self)
+        if not isinstance(self.codebook_size, int) or self.codebook_size < 2 or self.codebook_size & (self.codebook_size - 1):
+            raise ValueError(f"codebook_size must be a power of two >= 2, got {self.codebook_size!r}")
+
+    def level_config(self, level: int) -> LFQConfig:
+        clamp = self.soft_clamp_input_value
+        return LFQConfig(dim=int(math.log2(self.codebook_size)), codebook_scale=2.0**-level,
+                         soft_clamp_input_value=None if clamp is None else clamp * 0.5**level,
+                         check_inputs=False, **self.lfq_kwargs)
+
+
+@register_quantizer
+class ResidualLFQ(ResidualQuantizerBase):
+    """Residual LFQ (vqp 1.32 semantics): LFQ levels with codebook scales 1, 1/2, 1/4, ..."""
+
+    config_class = ResidualLFQConfig
+
+    def __init__(self, config: ResidualLFQConfig | None = None, **kwargs):
+        super().__init__(config, **kwargs)
+        c = self.config
+        _projections(self, c.dim, int(math.log2(c.codebook_size)))
+        self.layers = nn.ModuleList(LFQ(c.level_config(i)) for i in range(c.num_quantizers))
+        self.post_init()
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    def _run_level(self, level, layer, residual, mask):
+        with torch.autocast(device_type=residual.device.type, enabled=False):
+            out = layer(residual, mask=mask, return_dict=True)
+        return out.quantized, out.indices, out.loss
+
+    def _level_codes(self, level, layer, indices):
+        return layer._codes_from_indices(indices)
+
+
+# --------------------------------------------------------------------------------------------------
+# grouped forms: the feature dim split into groups, one residual quantizer per group
+
+
+class GroupedResidualConfig(QuantizerConfig):
+    """Base of the grouped configs: `dim`, `groups`, `accept_image_fmap` and the per-group residual options
+    (`residual_kwargs`; keyword arguments that are residual options go there)."""
+
+    residual_config_class: ClassVar[type] = QuantizerConfig
+    channel_first_field: ClassVar[str | None] = None  # the residual option that `accept_image_fmap` sets
+
+    def __init__(self, dim: int = 256, groups: int = 1, accept_image_fmap: bool = False,
+                 residual_kwargs: dict[str, Any] | None = None, **kwargs):
+        self.dim, self.groups, self.accept_image_fmap = dim, groups, accept_image_fmap
+        self.residual_kwargs = dict(residual_kwargs or {})
+        known = set(self.residual_config_class.field_names()) | _NESTED_FIELDS.get(self.residual_config_class, set())
+        for name in [k for k in kwargs if k in known and k != "check_inputs"]:
+            self.residual_kwargs[name] = kwargs.pop(name)
+        super().__init__(**kwargs)
+
+    def validate(self):
+        if not isinstance(self.groups, int) or self.groups < 1 or self.dim % self.groups:
+            raise ValueError(f"groups must be a positive int dividing dim={self.dim}, got {self.groups!r}")
+        self.group_config()
+
+    def group_config(self):
+        layout = {self.channel_first_field: self.accept_image_fmap} if self.channel_first_field else {}
+        if self.accept_image_fmap and not layout:
+            raise ValueError(f"accept_image_fmap is not supported by {self.residual_config_class.__name__}")
+        return self.residual_config_class(dim=self.dim // self.groups, check_inputs=False, **layout,
+                                          **self.residual_kwargs)
+
+
+class GroupedResidualBase(QuantizerModel):
+    """`groups` residual quantizers over equal slices of the features; one dropout cutoff for all groups.
+    Indices and losses get a leading group axis, as in vector-quantize-pytorch."""
+
+    residual_class: ClassVar[type] = ResidualQuantizerBase
+
+    def __init__(self, config=None, **kwargs):
+        super().__init__(config, **kwargs)
+        c = self.config
+        self.rvqs = nn.ModuleList(self.residual_class(c.group_config()) for _ in range(c.groups))
+        self.post_init()
+
+    @property
+    def split_dim(self) -> int:
+        return 1 if self.config.accept_image_fmap else -1
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        """`(b, ..., q)` indices (-1 for dropped levels; fewer than `num_quantizers` levels allowed) to
-        `(num_quantizers, b, ..., d)` codes, zero for dropped levels."""
-        c = self.config
-        if indices.shape[-1] > c.num_quantizers:
-            raise ValueError(f"indices have {indices.shape[-1]} levels, the model has {c.num_quantizers}")
-        if indices.shape[-1] < c.num_quantizers:
-            pad = indices.new_full((*indices.shape[:-1], c.num_quantizers - indices.shape[-1]), -1)
-            indices = torch.cat([indices, pad], dim=-1)
-        if indices.numel() and (indices.min() < -1 or indices.max() >= c.codebook_size):
-            raise ValueError(f"indices must be -1 (dropped) or in [0, {c.codebook_size})")
-        dropped = indices == -1
-        codebooks = self.codebooks  # (q, K, d)
-        level = torch.arange(c.num_quantizers, device=indices.device)
-        codes = codebooks[level, indices.clamp(min=0)]  # (b, ..., q, d)
-        codes = codes.masked_fill(dropped.unsqueeze(-1), 0.0)
-        return codes.movedim(-2, 0)
+        return torch.stack([rvq.get_codes_from_indices(i) for rvq, i in zip(self.rvqs, indices)])
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
-        return self.project_out(self.get_codes_from_indices(indices).sum(0))
+        outs = [rvq.get_output_from_indices(i) for rvq, i in zip(self.rvqs, indices)]
+        return torch.cat(outs, dim=self.split_dim)
 
-    def forward(
-        self,
-        x: Tensor,
-        mask: Tensor | None = None,
-        return_all_codes: bool = False,
-        sample_codebook_temp: float | None = None,
-        freeze_codebook: bool = False,
-        return_dict: bool | None = None,
-    ) -> ResidualVQOutput | tuple:
-        """Quantize `x` `(b, n, dim)` (or `(b, dim, h, w)` with `accept_image_fmap`) through all levels."""
+    def forward(self, x: Tensor, mask: Tensor | None = None, return_all_codes: bool = False,
+                return_dict: bool | None = None, **kwargs):
         c = self.config
         if c.check_inputs:
             check_features(x, c.dim, name="x")
-        feature_axis = 1 if c.accept_image_fmap else -1
-        if x.shape[feature_axis] != c.dim:
-            raise ValueError(f"expected feature dim {c.dim}, got {x.shape[feature_axis]} (shape {tuple(x.shape)})")
-        x_in = self.project_in(x) if not c.accept_image_fmap else x
-        residual, quantized_out = x_in, torch.zeros_like(x_in)
-        cutoff = c.num_quantizers - 1
-        if self.training and c.quantize_dropout and c.num_quantizers > 1 and torch.is_grad_enabled():
-            cutoff = self._dropout_cutoff(x.device)
-        index_shape = x.shape[:1] + (x.shape[2:] if c.accept_image_fmap else x.shape[1:-1])
-        all_indices, all_losses = [], []
-        for level, vq in enumerate(self.layers):
-            if level > cutoff:
-                all_indices.append(torch.full(index_shape, -1, dtype=torch.long, device=x.device))
-                all_losses.append(torch.zeros((), device=x.device))
-                continue
-            out = vq(residual, mask=mask, sample_codebook_temp=sample_codebook_temp,
-                     freeze_codebook=freeze_codebook, return_dict=True)
-            residual = residual - out.quantized.detach()
-            quantized_out = quantized_out + out.quantized
-            all_indices.append(out.indices)
-            all_losses.append(out.loss)
-        quantized = self.project_out(quantized_out) if not c.accept_image_fmap else quantized_out
-        if mask is not None:
-            fill = torch.zeros_like(quantized) if c.return_zeros_for_masked_padding else x
-            quantized = torch.where(mask.unsqueeze(-1), quantized, fill)
-        indices = torch.stack(all_indices, dim=-1)
-        output = ResidualVQOutput(quantized=quantized, indices=indices, loss=torch.stack(all_losses),
-                                  all_codes=self.get_codes_from_indices(indices) if return_all_codes else None)
+        if x.shape[self.split_dim] != c.dim:
+            raise ValueError(f"expected feature dim {c.dim}, got {x.shape[self.split_dim]}")
+        first = self.rvqs[0]
+        cutoff = first.dropout_cutoff(x.device) if first.uses_dropout() else None
+        outs = [
+            rvq(chunk, mask=mask, return_all_codes=return_all_codes, return_dict=True, dropout_cutoff=cutoff, **kwargs)
+            for rvq, chunk in zip(self.rvqs, x.chunk(c.groups, dim=self.split_dim))
+        ]
+        output = ResidualOutput(
+            quantized=torch.cat([o.quantized for o in outs], dim=self.split_dim),
+            indices=torch.stack([o.indices for o in outs]),
+            loss=None if outs[0].loss is None else torch.stack([o.loss for o in outs]),
+            all_codes=torch.stack([o.all_codes for o in outs]) if return_all_codes else None,
+        )
         return self._output(output, return_dict)
+
+
+_NESTED_FIELDS = {
+    ResidualVQConfig: _VQ_FIELDS,
+    ResidualFSQConfig: set(FSQConfig.field_names()),
+    ResidualLFQConfig: set(LFQConfig.field_names()),
+}
+
+
+def _grouped(name: str, residual_cls, residual_config_cls, model_type: str, channel_first_field: str | None):
+    """Define `Grouped<name>Config` / `Grouped<name>` for one residual family (they differ only in the
+    residual class they hold)."""
+    config_cls = type(f"Grouped{name}Config", (GroupedResidualConfig,), {
+        "model_type": model_type, "residual_config_class": residual_config_cls,
+        "channel_first_field": channel_first_field,
+        # an explicit __init__: transformers would otherwise generate a dataclass one that skips ours
+        "__init__": lambda self, *args, **kwargs: GroupedResidualConfig.__init__(self, *args, **kwargs),
+        "__doc__": f"Configuration of [`Grouped{name}`]: `dim`, `groups`, `accept_image_fmap`, and any "
+                   f"[`{residual_config_cls.__name__}`] option for every group.",
+    })
+    model_cls = type(f"Grouped{name}", (GroupedResidualBase,), {
+        "config_class": config_cls, "residual_class": residual_cls,
+        "__doc__": f"Grouped {name}: the feature dim split into `groups`, each quantized by a [`{name}`].",
+    })
+    model_cls.__module__ = config_cls.__module__ = __name__
+    return config_cls, register_quantizer(model_cls)
+
+
+GroupedResidualVQConfig, GroupedResidualVQ = _grouped("ResidualVQ", ResidualVQ, ResidualVQConfig, "hf_vq_grouped_residual_vq", "accept_image_fmap")
+GroupedResidualFSQConfig, GroupedResidualFSQ = _grouped("ResidualFSQ", ResidualFSQ, ResidualFSQConfig, "hf_vq_grouped_residual_fsq", "is_channel_first")
+GroupedResidualLFQConfig, GroupedResidualLFQ = _grouped("ResidualLFQ", ResidualLFQ, ResidualLFQConfig, "hf_vq_grouped_residual_lfq", None)
