@@ -45,7 +45,7 @@ def _step(module, x: torch.Tensor, train: bool, ours: bool) -> Callable[[], None
             out = module(xi)
             q, loss = (out.quantized, out.loss) if ours else (out[0], out[-1])
             total = q.float().sum()
-            if loss is not None and loss.requires_grad:
+            if loss is not None and loss.requires_grad:  # (ResidualVQ: one loss per level)
                 total = total + loss.float().sum()
             total.backward()
         else:
@@ -118,6 +118,18 @@ def run_rows(device, quick: bool) -> list[Row]:
         ours = hf_vq.LFQ(codebook_size=2**bits_q, dim=bits_q, entropy_loss_weight=0.1, check_inputs=False).to(device)
         add(f"LFQ 2^{bits_q} codes N={n_lfq} train (entropy loss)", ours, theirs, xl, True)
         del ours, theirs, xl
+
+    n_rvq = 2**17 // s**2
+    xr = torch.randn(max(1, n_rvq // 4096), min(n_rvq, 4096), 128 // s, device=device)
+    for train in (False, True):
+        torch.manual_seed(0)
+        theirs = vqp.ResidualVQ(dim=128 // s, num_quantizers=8, codebook_size=1024 // s, decay=0.99).to(device)
+        ours = hf_vq.ResidualVQ.from_vector_quantize_pytorch(theirs.cpu()).to(device)
+        theirs.to(device)
+        ours.config.check_inputs = False
+        add(f"ResidualVQ 8x{1024 // s} d{128 // s} N={n_rvq} {'train' if train else 'eval'}", ours, theirs, xr, train)
+        del ours, theirs
+    del xr
 
     levels = [8, 8, 8, 5, 5, 5]
     n_fsq = 2**20 // s**2
