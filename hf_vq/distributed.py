@@ -48,6 +48,26 @@ def all_reduce_sum_(*tensors: Tensor) -> None:
         offset += n
 
 
+class _SumAcrossRanks(torch.autograd.Function):
+    """All-reduce sum whose backward passes the gradient to the local contribution: each rank then holds the
+    gradient of the (identical) global loss with respect to its own data, which DDP averages as usual."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
+
+
+def differentiable_sum(tensor: Tensor) -> Tensor:
+    """Sum of `tensor` over ranks, differentiable (identity in one process)."""
+    return _SumAcrossRanks.apply(tensor) if is_distributed() else tensor
+
+
 def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
     """Overwrite `tensor` on every rank with rank `src`'s value."""
     if is_distributed():

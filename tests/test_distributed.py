@@ -85,6 +85,36 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(masked, residual)
         torch.testing.assert_close(states[0][key].float(), value.float(), atol=1e-5, rtol=1e-5, msg=key)
 
 
+def _lfq_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        lfq = hf_vq.LFQ(dim=6, codebook_size=2**6).train()
+        x = torch.randn(4, 10, 6, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+        out = lfq(x, return_loss_breakdown=True)
+        out.loss.backward()
+        torch.save({"batch_entropy": out.loss_breakdown.batch_entropy.detach(), "grad": x.grad}, os.path.join(out_dir, f"lfq{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_lfq_codebook_entropy_is_computed_over_the_global_batch():
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_lfq_worker, args=(2, os.path.join(out_dir, "init"), out_dir), nprocs=2, join=True)
+        ranks = [torch.load(os.path.join(out_dir, f"lfq{r}.pt"), weights_only=True) for r in range(2)]
+    torch.manual_seed(0)
+    lfq = hf_vq.LFQ(dim=6, codebook_size=2**6).train()
+    xs = [torch.randn(4, 10, 6, generator=torch.Generator().manual_seed(r)) for r in range(2)]
+    x = torch.cat(xs).requires_grad_()
+    out = lfq(x, return_loss_breakdown=True)
+    for r in ranks:
+        torch.testing.assert_close(r["batch_entropy"], out.loss_breakdown.batch_entropy, atol=1e-6, rtol=1e-6)
+    local = hf_vq.LFQ(dim=6, codebook_size=2**6).train()(xs[0], return_loss_breakdown=True)
+    assert not torch.allclose(local.loss_breakdown.batch_entropy, out.loss_breakdown.batch_entropy)
+    for r in ranks:  # the global term is differentiable: every rank gets a gradient for its own rows
+        assert torch.isfinite(r["grad"]).all() and r["grad"].abs().sum() > 0
+
+
 def test_single_process_helpers_are_no_ops():
     t = torch.arange(3.0)
     distributed.all_reduce_sum_(t)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import distributed
 from ..modeling_utils import (
     QuantizerConfig,
     QuantizerModel,
@@ -58,6 +59,8 @@ class LFQConfig(QuantizerConfig):
         keep_num_codebooks_dim (`bool`, *optional*): keep a trailing codebook axis on `indices`; defaults to
             `num_codebooks > 1` and must be true when `num_codebooks > 1`.
         codebook_scale (`float`, defaults to 1.0): codes are `{-scale, scale}` per bit (residual LFQ halves it).
+        sync_codebook_entropy (`bool`, *optional*): codebook entropy over the global batch of all processes
+            (default: when a process group is up).
         frac_per_sample_entropy (`float`, defaults to 1.0): in (0, 1]; use a random fraction of the tokens for
             the entropy loss.
         inv_temperature (`float`, defaults to 100.0): default inverse temperature of the code softmax (the
@@ -108,8 +111,10 @@ class LFQConfig(QuantizerConfig):
         spherical: bool = False,
         force_quantization_f32: bool = True,
         orthogonal_rotation: bool = False,
+        sync_codebook_entropy: bool | None = None,
         **kwargs,
     ):
+        self.sync_codebook_entropy = sync_codebook_entropy
         self.dim = dim
         self.codebook_size = codebook_size
         self.entropy_loss_weight = entropy_loss_weight
@@ -311,7 +316,14 @@ class LFQ(QuantizerModel):
         per_sample = lfq_ops.per_sample_entropy(logits)
         if self.config.entropy_loss_method == "factorized":
             return per_sample, lfq_ops.factorized_codebook_entropy(logits)
-        # TODO(distributed): all-reduce the mean code probabilities here once hf_vq.distributed exists
+        sync = self.config.sync_codebook_entropy
+        if (distributed.is_distributed() if sync is None else sync) and distributed.is_distributed():
+            # the code distribution of the global batch: token-weighted mean over ranks (differentiable)
+            count = torch.tensor(float(logits.shape[0]), device=logits.device)
+            total = count.clone()
+            distributed.all_reduce_sum_(total)
+            probs = distributed.differentiable_sum(lfq_ops.mean_code_probs(logits) * count) / total
+            return per_sample, lfq_ops.entropy(probs).mean()
         return per_sample, lfq_ops.codebook_entropy(logits)
 
     # -- forward ----------------------------------------------------------------------------------
