@@ -35,10 +35,30 @@ def check_same_shapes(*tensors: Tensor) -> None:
         raise RuntimeError(f"codebook sync: ranks hold different shapes/dtypes: {gathered}")
 
 
+def _check_layouts(tensors: tuple[Tensor, ...]) -> None:
+    """A tiny all-gather of every tensor's shape before the big collective: a rank whose codebook differs in
+    shape fails with a clear error instead of hanging (or silently mixing mismatched buffers)."""
+    dims = [d for t in tensors for d in (t.ndim, *t.shape)]
+    local = torch.tensor([len(dims), *dims], dtype=torch.long, device=tensors[0].device)
+    size = torch.tensor([local.numel()], device=local.device)
+    sizes = [torch.zeros_like(size) for _ in range(world_size())]
+    dist.all_gather(sizes, size)
+    padded = torch.full((int(max(sizes)),), -1, dtype=torch.long, device=local.device)
+    padded[: local.numel()] = local
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        shapes = [tuple(t.shape) for t in tensors]
+        raise RuntimeError(f"codebook sync: rank {rank()} holds tensors of shapes {shapes}, which differ from "
+                           "another rank's; every rank must build the quantizer with the same config")
+
+
 def all_reduce_sum_(*tensors: Tensor) -> None:
-    """Sum tensors across ranks in place with one collective (flattened into one buffer)."""
+    """Sum tensors across ranks in place with one collective (flattened into one buffer), after checking
+    that every rank holds the same shapes."""
     if not is_distributed() or not tensors:
         return
+    _check_layouts(tensors)
     flat = torch.cat([t.reshape(-1).float() for t in tensors])
     dist.all_reduce(flat)
     offset = 0

@@ -115,6 +115,52 @@ def test_lfq_codebook_entropy_is_computed_over_the_global_batch():
         assert torch.isfinite(r["grad"]).all() and r["grad"].abs().sum() > 0
 
 
+def _mismatch_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = hf_vq.VectorQuantize(dim=8, codebook_size=16 if rank == 0 else 32, decay=0.9).train()
+        try:
+            model(torch.randn(2, 10, 8))
+        except RuntimeError as e:
+            with open(os.path.join(out_dir, f"err{rank}.txt"), "w") as f:
+                f.write(str(e))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mismatched_codebooks_fail_fast_instead_of_hanging():
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_mismatch_worker, args=(2, os.path.join(out_dir, "init"), out_dir), nprocs=2, join=True)
+        errors = [open(os.path.join(out_dir, f"err{r}.txt")).read() for r in range(2)]
+    assert all("differ from another rank's" in e for e in errors)
+
+
+def _masked_rank_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = hf_vq.VectorQuantize(**CONFIG).train()
+        g = torch.Generator().manual_seed(rank)
+        for _ in range(3):
+            x = torch.randn(2, 12, 8, generator=g)
+            mask = torch.ones(2, 12, dtype=torch.bool) if rank == 0 else torch.zeros(2, 12, dtype=torch.bool)
+            model(x, mask=mask)  # rank 1 has nothing valid but still joins every collective
+        distributed.assert_same_across_ranks(model)
+        torch.save(model.state_dict(), os.path.join(out_dir, f"masked{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_fully_masked_rank_still_joins_every_collective():
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_masked_rank_worker, args=(2, os.path.join(out_dir, "init"), out_dir), nprocs=2, join=True)
+        states = [torch.load(os.path.join(out_dir, f"masked{r}.pt"), weights_only=True) for r in range(2)]
+    assert bool(states[0]["_codebook.initted"])
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+
+
 def test_single_process_helpers_are_no_ops():
     t = torch.arange(3.0)
     distributed.all_reduce_sum_(t)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hub_server import hub_endpoint  # noqa: F401  (fixture; conftest.py will import it for every module)
+
 from huggingface_hub import (
     HfApi,
     constants,

@@ -8,6 +8,7 @@ Distances are float32 whatever the input dtype or autocast state.
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import torch
@@ -45,8 +46,8 @@ def scores(x: Tensor, codebook: Tensor, metric: str = "euclidean") -> Tensor:
 
 def _as_heads(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...]]:
     lead = x.shape[:-2]
-    x3 = x.reshape(-1, *x.shape[-2:])
-    cb = codebook.reshape(-1, *codebook.shape[-2:])
+    x3 = x.reshape(math.prod(lead), *x.shape[-2:])  # explicit head count: N may be 0 (an empty rank)
+    cb = codebook.reshape(math.prod(codebook.shape[:-2]), *codebook.shape[-2:])
     if cb.shape[0] == 1 and x3.shape[0] > 1:
         cb = cb.expand(x3.shape[0], -1, -1)
     if cb.shape[0] != x3.shape[0]:
