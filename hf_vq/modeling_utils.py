@@ -225,6 +225,18 @@ def check_features(x: torch.Tensor, dim: int, *, name: str = "input", check_fini
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
+def check_indices(indices: torch.Tensor, codebook_size: int, *, codebook_axis: int | None = None) -> None:
+    """Validate code indices: integer dtype, in `[0, codebook_size)`, and (optionally) a trailing codebook axis."""
+    if indices.is_floating_point():
+        raise ValueError(f"indices must be an integer tensor, got dtype {indices.dtype}")
+    if codebook_axis is not None and indices.shape[-1] != codebook_axis:
+        raise ValueError(f"indices must end with a codebook axis of size {codebook_axis}")
+    if indices.numel() and (indices.min() < 0 or indices.max() >= codebook_size):
+        raise ValueError(
+            f"indices must be in [0, {codebook_size}), got range [{int(indices.min())}, {int(indices.max())}]"
+        )
+
+
 @dataclass
 class TokenLayout:
     """How a feature tensor maps to `(b, n, d)` tokens and back.

@@ -32,6 +32,7 @@ from ..modeling_utils import (
     QuantizerOutput,
     TokenLayout,
     check_features,
+    check_indices,
     register_quantizer,
 )
 from ..ops import fsq as fsq_ops
@@ -271,13 +272,8 @@ class LatentQuantize(QuantizerModel):
         return codes
 
     def _check_indices(self, indices: Tensor) -> None:
-        if indices.is_floating_point():
-            raise ValueError(f"indices must be an integer tensor, got dtype {indices.dtype}")
-        if self.keep_num_codebooks_dim and indices.shape[-1] != self.config.num_codebooks:
-            raise ValueError(f"indices must end with a codebook axis of size {self.config.num_codebooks}")
-        if indices.numel() and (indices.min() < 0 or indices.max() >= self.codebook_size):
-            raise ValueError(f"indices must be in [0, {self.codebook_size}), got range "
-                             f"[{int(indices.min())}, {int(indices.max())}]")
+        axis = self.config.num_codebooks if self.keep_num_codebooks_dim else None
+        check_indices(indices, self.codebook_size, codebook_axis=axis)
 
     # -- in-place codebook optimizer --------------------------------------------------------------
 

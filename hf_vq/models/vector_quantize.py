@@ -19,7 +19,14 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import distributed
-from ..modeling_utils import QuantizerConfig, QuantizerModel, QuantizerOutput, check_features, register_quantizer
+from ..modeling_utils import (
+    QuantizerConfig,
+    QuantizerModel,
+    QuantizerOutput,
+    check_features,
+    check_indices,
+    register_quantizer,
+)
 from ..ops import ema as ema_ops
 from ..ops.estimators import gumbel_select, rotate_to, straight_through
 from ..ops.nearest import nearest_code, scores
@@ -370,12 +377,7 @@ class VectorQuantize(QuantizerModel):
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """Codes `(b, ..., heads * codebook_dim)` (channel-first for image/3d layouts) for `indices`."""
         c = self.config
-        if indices.is_floating_point():
-            raise ValueError(f"indices must be an integer tensor, got dtype {indices.dtype}")
-        if indices.numel() and (indices.min() < 0 or indices.max() >= c.codebook_size):
-            raise ValueError(
-                f"indices must be in [0, {c.codebook_size}), got range [{int(indices.min())}, {int(indices.max())}]"
-            )
+        check_indices(indices, c.codebook_size)
         embed = self._codebook.embed
         if c.heads == 1:
             codes = embed[0][indices]
