@@ -19,14 +19,12 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines import pipeline_loading_utils
 
-import os
-
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 
-from .modeling_utils import QuantizerModel, build_quantizer, rebuild_derived_buffers, write_empty_weights_if_stateless
+from .modeling_utils import PretrainedIOMixin, QuantizerModel, build_quantizer
 
 
-class DiffusersQuantizer(ModelMixin, ConfigMixin):
+class DiffusersQuantizer(PretrainedIOMixin, ModelMixin, ConfigMixin):
     """Any hf_vq quantizer as a diffusers model.
 
     Args:
@@ -40,6 +38,7 @@ class DiffusersQuantizer(ModelMixin, ConfigMixin):
     """
 
     config_name = "config.json"
+    weights_name = SAFETENSORS_WEIGHTS_NAME
 
     @register_to_config
     def __init__(self, quantizer_type: str, quantizer_config: dict[str, Any] | None = None):
@@ -52,16 +51,6 @@ class DiffusersQuantizer(ModelMixin, ConfigMixin):
         wrapper = cls(type(quantizer).__name__, quantizer.config.to_kwargs())
         wrapper.quantizer.load_state_dict(quantizer.state_dict())
         return wrapper.to(quantizer.device)
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
-        rebuild_derived_buffers(model)
-        return model
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        super().save_pretrained(save_directory, *args, **kwargs)
-        write_empty_weights_if_stateless(self, os.path.join(save_directory, SAFETENSORS_WEIGHTS_NAME))
 
     def forward(self, *args, **kwargs):
         return self.quantizer(*args, **kwargs)

@@ -103,7 +103,24 @@ class QuantizerOutput(ModelOutput):
         return tuple(getattr(self, name) for name in self.seed_fields)
 
 
-class QuantizerModel(PreTrainedModel):
+class PretrainedIOMixin:
+    """`from_pretrained` / `save_pretrained` additions shared by the transformers and diffusers faces:
+    rebuild derived buffers after a (meta-device) load, and give stateless quantizers a weights file."""
+
+    weights_name: ClassVar[str] = SAFE_WEIGHTS_NAME
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        rebuild_derived_buffers(model)
+        return model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_empty_weights_if_stateless(self, os.path.join(save_directory, self.weights_name))
+
+
+class QuantizerModel(PretrainedIOMixin, PreTrainedModel):
     """Base model of every hf_vq quantizer: a `PreTrainedModel` built from its config or from kwargs.
 
     `Model(config)` and `Model(**config_kwargs)` are equivalent. Derived tables (implicit codebooks, bit
@@ -146,16 +163,6 @@ class QuantizerModel(PreTrainedModel):
     def _init_weights(self, module):
         if isinstance(module, QuantizerModel):
             module.reset_derived_buffers()
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
-        rebuild_derived_buffers(model)
-        return model
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        super().save_pretrained(save_directory, *args, **kwargs)
-        write_empty_weights_if_stateless(self, os.path.join(save_directory, SAFE_WEIGHTS_NAME))
 
     def _output(self, output: QuantizerOutput, return_dict: bool | None):
         return_dict = self.config.return_dict if return_dict is None else return_dict
