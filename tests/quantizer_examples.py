@@ -25,6 +25,7 @@ EXAMPLES = {
                                            (2, 8, 2, 3, 3)),
     "ResidualVQ": (dict(dim=8, num_quantizers=3, codebook_size=16, decay=0.9), (2, 10, 8)),
     "ResidualVQ_projection": (dict(dim=8, num_quantizers=2, codebook_size=16, codebook_dim=4), (2, 10, 8)),
+    "ResidualVQ_shared": (dict(dim=8, num_quantizers=3, codebook_size=16, shared_codebook=True), (2, 10, 8)),
     "ResidualFSQ": (dict(levels=[5, 5, 3], num_quantizers=2, dim=8), (2, 10, 8)),
     "ResidualLFQ": (dict(dim=8, num_quantizers=2, codebook_size=2**4), (2, 10, 8)),
     "GroupedResidualVQ": (dict(dim=8, groups=2, num_quantizers=2, codebook_size=16), (2, 10, 8)),

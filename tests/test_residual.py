@@ -190,3 +190,47 @@ def test_residual_fsq_channel_first_and_config_nesting(tmp_path):
     rfsq.save_pretrained(tmp_path)
     again = AutoModel.from_pretrained(tmp_path).eval()
     assert torch.equal(again(x).quantized, out.quantized)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("extra", [dict(decay=0.9), dict(codebook_dim=8)], ids=["ema", "projection"])
+def test_shared_codebook_parity_with_vqp(extra, train):
+    kwargs = dict(dim=16, num_quantizers=3, codebook_size=32, shared_codebook=True, **extra)
+    torch.manual_seed(0)
+    ref = VqpResidualVQ(**kwargs)
+    ours = hf_vq.ResidualVQ.from_vector_quantize_pytorch(ref)
+    ref.train(train), ours.train(train)
+    for _ in range(4):
+        x = torch.randn(2, 30, 16)
+        q_ref, i_ref, l_ref = ref(x)
+        out = ours(x)
+        assert torch.equal(out.indices, i_ref)
+        torch.testing.assert_close(out.quantized, q_ref, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(out.loss, l_ref, atol=1e-6, rtol=1e-6)
+    ref_state = ref.state_dict()
+    for key, value in ours.state_dict().items():
+        torch.testing.assert_close(value.float(), ref_state[key].float(), atol=1e-5, rtol=1e-5, msg=key)
+
+
+def test_shared_codebook_is_saved_once_and_shared_after_loading(tmp_path):
+    rvq = hf_vq.ResidualVQ(dim=8, num_quantizers=3, codebook_size=16, shared_codebook=True,
+                           threshold_ema_dead_code=1.5, decay=0.5).train()
+    assert not any(k.startswith(("layers.1.", "layers.2.")) for k in rvq.state_dict())
+    level_inputs = []
+    hooks = [layer.register_forward_pre_hook(lambda m, args, kw: level_inputs.append(args[0].reshape(-1, 8)),
+                                             with_kwargs=True) for layer in rvq.layers]
+    rvq(torch.randn(2, 10, 8))
+    for hook in hooks:
+        hook.remove()
+    # dead codes were replaced by inputs of some level (the levels' residuals), with a reset EMA count
+    cb = rvq.layers[0]._codebook
+    replaced = cb.cluster_size[0] == 1.5
+    assert replaced.any() and len(level_inputs) == 3
+    candidates = torch.cat(level_inputs).detach()
+    for code in cb.embed[0][replaced]:
+        assert torch.isclose(candidates, code, atol=1e-5).all(-1).any()
+    rvq.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert all(layer._codebook is loaded.layers[0]._codebook for layer in loaded.layers)
+    for key, value in rvq.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key

@@ -36,6 +36,8 @@ class ResidualVQConfig(QuantizerConfig):
         num_quantizers (`int`): number of residual levels.
         codebook_size (`int`): codes per level.
         codebook_dim (`int`, *optional*): code dim; projections map `dim` in and out when it differs.
+        shared_codebook (`bool`): one codebook for all levels (saved once, under `layers.0._codebook`); its EMA
+            statistics accumulate over every level and the codebook is updated once per step.
         quantize_dropout (`bool`): in training, drop all levels after a random cutoff (indices -1, no output).
         quantize_dropout_cutoff_index (`int`): the first level that may be the last one kept.
         quantize_dropout_multiple_of (`int`): round the number of kept levels up to a multiple of this.
@@ -54,6 +56,7 @@ class ResidualVQConfig(QuantizerConfig):
         num_quantizers: int = 8,
         codebook_size: int = 1024,
         codebook_dim: int | None = None,
+        shared_codebook: bool = False,
         quantize_dropout: bool = False,
         quantize_dropout_cutoff_index: int = 0,
         quantize_dropout_multiple_of: int = 1,
@@ -63,6 +66,7 @@ class ResidualVQConfig(QuantizerConfig):
         **kwargs,
     ):
         self.dim, self.num_quantizers, self.codebook_size, self.codebook_dim = dim, num_quantizers, codebook_size, codebook_dim
+        self.shared_codebook = shared_codebook
         self.quantize_dropout = quantize_dropout
         self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
         self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
@@ -90,10 +94,13 @@ class ResidualVQConfig(QuantizerConfig):
 
     def level_config(self) -> VectorQuantizeConfig:
         codebook_dim = self.codebook_dim if self.codebook_dim is not None else self.dim
+        level = dict(self.vq_kwargs)
+        if self.shared_codebook:
+            level["manual_ema_update"] = True
         return VectorQuantizeConfig(
             dim=codebook_dim, codebook_size=self.codebook_size, codebook_dim=codebook_dim,
             return_zeros_for_masked_padding=self.return_zeros_for_masked_padding,
-            check_inputs=False, **self.vq_kwargs,
+            check_inputs=False, **level,
         )
 
 
@@ -143,6 +150,9 @@ class ResidualQuantizerBase(QuantizerModel):
 
     def _level_codes(self, level: int, layer, indices: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def _finish_step(self, level_inputs: list[Tensor], mask: Tensor | None) -> None:
+        """Called once after all levels ran (ResidualVQ's shared codebook updates here)."""
 
     def dropout_cutoff(self, device) -> int:
         """The last level kept this training step; the same on every rank (rank 0's draw is broadcast)."""
@@ -206,17 +216,19 @@ class ResidualQuantizerBase(QuantizerModel):
         cutoff = c.num_quantizers - 1
         if self.uses_dropout():
             cutoff = dropout_cutoff if dropout_cutoff is not None else self.dropout_cutoff(x.device)
-        all_indices, all_losses = [], []
+        all_indices, all_losses, level_inputs = [], [], []
         for level, layer in enumerate(self.layers):
             if level > cutoff:
                 all_indices.append(torch.full(x.shape[:-1], -1, dtype=torch.long, device=x.device))
                 all_losses.append(torch.zeros((), device=x.device))
                 continue
+            level_inputs.append(residual)
             quantized, indices, loss = self._run_level(level, layer, residual, mask, **level_kwargs)
             residual = residual - quantized.detach()
             quantized_out = quantized_out + quantized
             all_indices.append(indices)
             all_losses.append(loss)
+        self._finish_step(level_inputs, mask)
         quantized = self.project_out(quantized_out)
         if mask is not None:
             fill = torch.zeros_like(quantized) if getattr(c, "return_zeros_for_masked_padding", True) else x
@@ -258,11 +270,36 @@ class ResidualVQ(ResidualQuantizerBase):
         c = self.config
         _projections(self, c.dim, c.codebook_dim if c.codebook_dim is not None else c.dim)
         self.layers = nn.ModuleList(VectorQuantize(c.level_config()) for _ in range(c.num_quantizers))
+        if c.shared_codebook:
+            self._share_first_codebook()
         self.post_init()
+
+    def _share_first_codebook(self) -> None:
+        """Point every level at level 0's codebook module without registering it again, so its state is
+        saved once (a module registered under several names would be saved as tied tensors)."""
+        shared = self.layers[0]._codebook
+        for layer in self.layers[1:]:
+            del layer._modules["_codebook"]
+            object.__setattr__(layer, "_codebook", shared)
 
     @property
     def codebook_size(self) -> int:
         return self.config.codebook_size
+
+    def _finish_step(self, residuals: list[Tensor], mask: Tensor | None) -> None:
+        """Shared codebook: one codebook update from the statistics of every level, then dead-code expiry
+        over all levels' inputs (as vector-quantize-pytorch)."""
+        if not (self.training and self.config.shared_codebook):
+            return
+        first = self.layers[0]
+        if first.config.resolved_ema_update:
+            first.update_embed_from_ema()
+        first.update_in_place_optimizer()
+        if first.config.threshold_ema_dead_code > 0:
+            stacked = torch.stack(residuals, dim=-2).detach().float()  # (b, n, levels, d)
+            flat = stacked.reshape(1, -1, stacked.shape[-1])
+            flat_mask = None if mask is None else mask.unsqueeze(-1).expand(stacked.shape[:-1]).reshape(1, -1)
+            first.expire_codes(flat, flat_mask)
 
     @property
     def codebooks(self) -> Tensor:
@@ -283,16 +320,17 @@ class ResidualVQ(ResidualQuantizerBase):
     @classmethod
     def from_vector_quantize_pytorch(cls, module) -> "ResidualVQ":
         """An hf_vq ResidualVQ with a vqp `ResidualVQ`'s config and full state (every level's codebook and EMA)."""
-        if getattr(module, "shared_codebook", False) or getattr(module, "implicit_neural_codebook", False):
-            raise ValueError("shared_codebook and implicit_neural_codebook ResidualVQs are not supported yet")
+        if getattr(module, "implicit_neural_codebook", False):
+            raise ValueError("implicit_neural_codebook (QINCo) ResidualVQs are not supported yet")
         first = VectorQuantize.from_vector_quantize_pytorch(module.layers[0])
         level = {k: v for k, v in first.config.to_kwargs().items() if k in _VQ_FIELDS}
-        for name in ("accept_image_fmap", "return_zeros_for_masked_padding"):
+        for name in ("accept_image_fmap", "return_zeros_for_masked_padding", "manual_ema_update"):
             level.pop(name, None)
         config = ResidualVQConfig(
             dim=module.project_in.in_features if module.has_projections else module.codebook_dim,
             num_quantizers=module.num_quantizers, codebook_size=module.codebook_size,
-            codebook_dim=module.codebook_dim, quantize_dropout=bool(module.quantize_dropout),
+            codebook_dim=module.codebook_dim, shared_codebook=bool(module.shared_codebook),
+            quantize_dropout=bool(module.quantize_dropout),
             quantize_dropout_cutoff_index=module.quantize_dropout_cutoff_index,
             quantize_dropout_multiple_of=module.quantize_dropout_multiple_of,
             accept_image_fmap=module.accept_image_fmap,
@@ -303,7 +341,10 @@ class ResidualVQ(ResidualQuantizerBase):
             model.project_in.load_state_dict(module.project_in.state_dict())
             model.project_out.load_state_dict(module.project_out.state_dict())
         for ours, theirs in zip(model.layers, module.layers):
-            ours.load_state_dict(VectorQuantize.from_vector_quantize_pytorch(theirs).state_dict())
+            state = VectorQuantize.from_vector_quantize_pytorch(theirs).state_dict()
+            if "_codebook" not in ours._modules:  # a shared codebook is loaded once, through level 0
+                state = {k: v for k, v in state.items() if not k.startswith("_codebook.")}
+            ours.load_state_dict(state)
         return model
 
 

@@ -42,6 +42,8 @@ class VectorQuantizeConfig(QuantizerConfig):
         heads (`int`, defaults to 1): split features into heads; `separate_codebook_per_head` gives each its own.
         decay (`float`, defaults to 0.8), eps (`float`, defaults to 1e-5): EMA decay and Laplace smoothing.
         ema_update (`bool`, *optional*): EMA codebook updates (default on unless `learnable_codebook`).
+        manual_ema_update (`bool`): accumulate EMA statistics but leave the codebook update to the caller
+            (`update_embed_from_ema()`; a residual quantizer with a shared codebook does it once per step).
         learnable_codebook (`bool`, *optional*): codebook is a parameter trained by gradients (not with EMA).
         kmeans_init (`bool`), kmeans_iters (`int`): initialize codes by k-means on the first batch.
         use_cosine_sim (`bool`): cosine similarity codebook (inputs and codes l2-normalized).
@@ -99,6 +101,7 @@ class VectorQuantizeConfig(QuantizerConfig):
         rotation_trick: bool | None = None,
         sync_codebook: bool | None = None,
         ema_update: bool | None = None,
+        manual_ema_update: bool = False,
         learnable_codebook: bool | None = None,
         affine_param: bool = False,
         affine_param_batch_decay: float = 0.99,
@@ -138,6 +141,7 @@ class VectorQuantizeConfig(QuantizerConfig):
         self.rotation_trick = rotation_trick
         self.sync_codebook = sync_codebook
         self.ema_update = ema_update
+        self.manual_ema_update = manual_ema_update
         self.learnable_codebook = learnable_codebook
         self.affine_param = affine_param
         self.affine_param_batch_decay = affine_param_batch_decay
@@ -327,6 +331,7 @@ class VectorQuantize(QuantizerModel):
             straight_through=cb.gumbel_sample.keywords.get("straight_through", False),
             rotation_trick=bool(module.rotation_trick),
             ema_update=bool(cb.ema_update),
+            manual_ema_update=bool(cb.manual_ema_update),
             learnable_codebook=learnable,
             affine_param=cb.affine_param,
             affine_param_batch_decay=getattr(cb, "affine_param_batch_decay", 0.99),
@@ -464,11 +469,11 @@ class VectorQuantize(QuantizerModel):
                                        all_reduce=self._all_reduce if self._sync() else None)
         cb.embed_avg.copy_(embed * counts.unsqueeze(-1))
         cb.cluster_size.copy_(counts)
-        self._update_embed_from_ema()
+        self.update_embed_from_ema()
         cb.initted.fill_(True)
 
     @torch.no_grad()
-    def _update_embed_from_ema(self) -> None:
+    def update_embed_from_ema(self) -> None:
         cb, c = self._codebook, self.config
         smoothed = ema_ops.laplace_smoothing(cb.cluster_size, c.codebook_size, c.eps)
         cluster_size = smoothed * cb.cluster_size.sum(dim=-1, keepdim=True)
@@ -528,13 +533,13 @@ class VectorQuantize(QuantizerModel):
         self._all_reduce(counts, sums)
         ema_ops.ema_update_(cb.cluster_size, counts, c.decay)
         ema_ops.ema_update_(cb.embed_avg, sums, c.decay)
-        if c.resolved_ema_update:
-            self._update_embed_from_ema()
+        if c.resolved_ema_update and not c.manual_ema_update:
+            self.update_embed_from_ema()
         if has_dead:
-            self._expire_codes(flat, mask)
+            self.expire_codes(flat, mask)
 
     @torch.no_grad()
-    def _expire_codes(self, flat: Tensor, mask: Tensor | None) -> None:
+    def expire_codes(self, flat: Tensor, mask: Tensor | None) -> None:
         """Replace codes whose EMA count fell below the threshold by batch vectors, and reset their EMA
         state (count and sum) so the stale average cannot overwrite the new vector."""
         c, cb = self.config, self._codebook
