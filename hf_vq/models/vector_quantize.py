@@ -592,13 +592,29 @@ class VectorQuantize(QuantizerModel):
             indices, _ = nearest_code(flat, embed.expand(flat.shape[0], -1, -1), metric=metric)
             return _gather_codes(embed, indices), indices
         embed = embed.expand(flat.shape[0], -1, -1)
-        logits = scores(flat, embed, metric)  # stochastic sampling needs each row's full distribution
-        indices, weights = gumbel_select(logits, temperature, straight_through=c.straight_through, reinmax=c.reinmax)
+        indices, soft = [], []
+        for sl in _row_slices(flat, embed):  # row chunks: never a full (N, K) matrix of logits
+            if c.straight_through:  # recomputed in backward (same Gumbel noise: the RNG state is replayed)
+                idx, mix = checkpoint(self._sample_rows, flat[:, sl], embed, temperature, use_reentrant=False)
+                soft.append(mix)
+            else:
+                with torch.no_grad():
+                    idx, _ = self._sample_rows(flat[:, sl], embed, temperature)
+            indices.append(idx)
+        indices = torch.cat(indices, dim=1)
         codes = _gather_codes(embed, indices)
-        if weights is not None:  # straight-through: value of the hard code, gradient of the soft mixture
-            soft = torch.einsum("hnk,hkd->hnd", weights, embed)
-            codes = codes + soft - soft.detach()
+        if soft:  # straight-through: value of the hard code, gradient of the soft mixture
+            mix = torch.cat(soft, dim=1)
+            codes = codes + mix - mix.detach()
         return codes, indices
+
+    def _sample_rows(self, x: Tensor, embed: Tensor, temperature: float) -> tuple[Tensor, Tensor | None]:
+        """Gumbel-sampled indices for rows `x`, and (straight-through) the soft mixture of codes."""
+        c = self.config
+        logits = scores(x, embed, "cosine" if c.use_cosine_sim else "euclidean")
+        indices, weights = gumbel_select(logits, temperature, straight_through=c.straight_through, reinmax=c.reinmax)
+        mix = torch.einsum("hnk,hkd->hnd", weights, embed) if weights is not None else None
+        return indices, mix
 
     def forward(
         self,
