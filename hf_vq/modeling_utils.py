@@ -164,6 +164,35 @@ class QuantizerModel(PretrainedIOMixin, PreTrainedModel):
         if isinstance(module, QuantizerModel):
             module.reset_derived_buffers()
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        from .hub import write_model_card  # hub imports this module
+
+        if kwargs.get("is_main_process", True):
+            write_model_card(self, save_directory)
+
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
+        # transformers' push_to_hub writes its generic card (or the Hub's) after save_pretrained: ours wins over
+        # the generic one, a user's own card on the Hub is kept
+        from .hub import write_model_card
+
+        write_model_card(self, working_dir, repo_id)
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
+
+    def example_input_shape(self) -> tuple[int, ...]:
+        """A valid input shape for this quantizer (used by the model card's usage snippet)."""
+        c = self.config
+        candidates = ("num_hiddens", "effective_dim", "dim", "input_dim", "e_dim", "embedding_dim")
+        dim = next(v for v in (getattr(c, n, None) for n in candidates) if v is not None)
+        if getattr(c, "accept_3d_fmap", False):
+            return (1, dim, 2, 4, 4)
+        # sgm / taming quantizers (their configs carry `remap`) take (b, c, h, w) feature maps
+        if any(getattr(c, n, False) for n in ("accept_image_fmap", "is_channel_first")) or hasattr(c, "remap"):
+            return (1, dim, 4, 4)
+        if not getattr(c, "channel_last", True) or getattr(c, "channel_first", False):
+            return (1, dim, 16)
+        return (1, 16, dim)
+
     def _output(self, output: QuantizerOutput, return_dict: bool | None):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         return output if return_dict else output.to_seed_tuple()

@@ -1,0 +1,93 @@
+"""Model cards for hf_vq quantizers, rendered on every `save_pretrained` / `push_to_hub`.
+
+The template is `hf_vq/model_cards/quantizer.md` (also reachable as `model_cards/quantizer.md` at the repository
+root), filled with huggingface_hub's `ModelCard` / `ModelCardData`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from huggingface_hub import ModelCard, ModelCardData
+
+TEMPLATE = Path(__file__).parent / "model_cards" / "quantizer.md"
+MARKER = "<!-- hf-vq model card"
+
+_SIZE_FIELDS = ("codebook_size", "n_e", "n_embed", "n_codes")
+_DIM_FIELDS = ("dim", "e_dim", "input_dim", "num_hiddens", "embedding_dim")
+_DETAIL_FIELDS = ("levels", "num_quantizers", "groups", "heads", "codebook_dim", "num_codebooks", "use_cosine_sim",
+                  "decay", "beta", "legacy", "shared_codebook")
+
+
+def _first(model, names):
+    for name in names:
+        value = getattr(model, name, None) if name == "codebook_size" else None
+        value = value if value is not None else getattr(model.config, name, None)
+        if value is not None:
+            return value
+    return "—"
+
+
+def card_statistics(model) -> dict[str, str]:
+    """Usage statistics from a trained EMA codebook (`cluster_size` buffers), when the model has them."""
+    sizes = [b for n, b in model.named_buffers() if n.endswith("cluster_size") and b.numel() > 0]
+    if not sizes or all(bool(torch.all(s == s.flatten()[0])) for s in sizes):
+        return {}  # untrained (still at its initial value): nothing to report
+    stats = {}
+    for i, counts in enumerate(sizes):
+        probs = counts.float().flatten() / counts.float().sum().clamp(min=1e-12)
+        perplexity = torch.exp(-(probs * probs.clamp(min=1e-12).log()).sum())
+        label = "" if len(sizes) == 1 else f" (codebook {i})"
+        stats[f"codes in use{label}"] = f"{int((counts > 1e-3).sum())} / {counts.numel()}"
+        stats[f"usage perplexity{label}"] = f"{perplexity.item():.1f}"
+    return stats
+
+
+def render_model_card(model, repo_id: str | None = None) -> ModelCard:
+    """The card of `model`; `repo_id` (or a local folder) is what the usage snippet loads."""
+    config = model.config
+    kind = type(model).__name__
+    data = ModelCardData(
+        library_name="hf-vq",
+        tags=["vector-quantization", "hf-vq", kind.lower(), config.model_type],
+        pipeline_tag=None,
+    )
+    details = {name: getattr(config, name) for name in _DETAIL_FIELDS if getattr(config, name, None) is not None}
+    return ModelCard.from_template(
+        data,
+        template_path=str(TEMPLATE),
+        title=repo_id or kind,
+        model_class=kind,
+        model_type=config.model_type,
+        codebook_size=_first(model, _SIZE_FIELDS),
+        dim=_first(model, _DIM_FIELDS),
+        details=details,
+        statistics=card_statistics(model),
+        repo_id=repo_id or kind,
+        example_shape=tuple(model.example_input_shape()),
+    )
+
+
+# transformers' push_to_hub puts this generic card in place of ours (see `QuantizerModel._upload_modified_files`)
+_TRANSFORMERS_DEFAULT = "This model card has been automatically generated."
+
+
+def _replaceable(text: str) -> bool:
+    return MARKER in text or _TRANSFORMERS_DEFAULT in text
+
+
+def write_model_card(model, folder: str | os.PathLike, repo_id: str | None = None) -> None:
+    """Write hf_vq's README.md into `folder`, unless a README that neither hf_vq nor transformers generated is
+    already there (a user's own card is kept). Tags of a replaced card (`push_to_hub(tags=...)`) are kept."""
+    path = Path(folder) / "README.md"
+    extra_tags = []
+    if path.exists():
+        text = path.read_text(errors="ignore")
+        if not _replaceable(text):
+            return
+        extra_tags = [t for t in (ModelCard(text, ignore_metadata_errors=True).data.tags or []) if t != "transformers"]
+    card = render_model_card(model, repo_id or str(folder))
+    card.data.tags += [t for t in extra_tags if t not in card.data.tags]
+    card.save(path)
