@@ -95,14 +95,22 @@ def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
     return tensor
 
 
-def gather_variable(tensor: Tensor) -> Tensor:
-    """Concatenate every rank's `(n_rank, ...)` tensor along dim 0 (ranks may hold different n, even 0)."""
+def all_sizes(n: int, device: torch.device | str = "cpu") -> list[int]:
+    """Every rank's `n`, in rank order (`[n]` in one process)."""
     if not is_distributed():
-        return tensor
-    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+        return [n]
+    size = torch.tensor([n], device=device)
     sizes = [torch.zeros_like(size) for _ in range(world_size())]
     dist.all_gather(sizes, size)
-    sizes = [int(s) for s in sizes]
+    return [int(s) for s in sizes]
+
+
+def gather_variable(tensor: Tensor) -> Tensor:
+    """Concatenate every rank's `(n_rank, ...)` tensor along dim 0 (ranks may hold different n, even 0):
+    sizes first, then one padded all-gather, trimmed."""
+    if not is_distributed():
+        return tensor
+    sizes = all_sizes(tensor.shape[0], tensor.device)
     padded = tensor.new_zeros(max(sizes), *tensor.shape[1:])
     padded[: tensor.shape[0]] = tensor
     out = [torch.zeros_like(padded) for _ in sizes]

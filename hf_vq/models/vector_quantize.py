@@ -10,6 +10,7 @@ Memory: nearest-code search, EMA statistics and code lookup are the bounded-memo
 
 from __future__ import annotations
 
+from collections import namedtuple
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -28,7 +29,8 @@ from ..modeling_utils import (
     register_quantizer,
 )
 from ..ops import ema as ema_ops
-from ..ops.estimators import gumbel_select, rotate_to, straight_through
+from ..ops import kmeans as kmeans_ops
+from ..ops.estimators import directional_reparam, gumbel_select, rotate_to, straight_through
 from ..ops.nearest import nearest_code, scores
 
 
@@ -62,6 +64,17 @@ class VectorQuantizeConfig(QuantizerConfig):
         freeze_codebook (`bool`): never update the codebook.
         layernorm_after_project_in (`bool`): LayerNorm after the input projection.
         sync_codebook (`bool`, *optional*): sync codebook state across processes (default: when a group is up).
+        sync_kmeans (`bool`, defaults to True): with codebook sync, draw k-means and dead-code samples from all
+            ranks (otherwise each rank samples its own batch, as vqp).
+        sync_affine_param (`bool`, *optional*): sync affine batch statistics across processes; default (None):
+            whenever the codebook is synced (vqp defaults to False).
+        directional_reparam (`bool`), directional_reparam_variance (`float`): DiVeQ gradients
+            (openreview KRVnpTbx7R): the input moved along the noised direction to its code; learns the codebook
+            (defaults `learnable_codebook=True`, `ema_update=False`) and needs `threshold_ema_dead_code > 0`.
+        sync_update_v (`float`): synchronous update rule (eq. 21 of the vqtorch draft): adds
+            `v * (q - q.detach())` to the output so the codebook gets the output's gradient; needs a learnable codebook.
+        manual_in_place_optimizer_update (`bool`): the in-place optimizer computes gradients in `forward`, the
+            caller steps it (`update_in_place_optimizer()`).
         return_zeros_for_masked_padding (`bool`): masked positions output zeros (else the input).
         route_gradients_to_input (`bool`): estimator gradients reach the input.
     """
@@ -108,6 +121,12 @@ class VectorQuantizeConfig(QuantizerConfig):
         affine_param_codebook_decay: float = 0.9,
         return_zeros_for_masked_padding: bool = True,
         route_gradients_to_input: bool = True,
+        sync_kmeans: bool = True,
+        sync_affine_param: bool | None = None,
+        directional_reparam: bool = False,
+        directional_reparam_variance: float = 5e-3,
+        sync_update_v: float = 0.0,
+        manual_in_place_optimizer_update: bool = False,
         **kwargs,
     ):
         self.dim = dim
@@ -148,6 +167,12 @@ class VectorQuantizeConfig(QuantizerConfig):
         self.affine_param_codebook_decay = affine_param_codebook_decay
         self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
         self.route_gradients_to_input = route_gradients_to_input
+        self.sync_kmeans = sync_kmeans
+        self.sync_affine_param = sync_affine_param
+        self.directional_reparam = directional_reparam
+        self.directional_reparam_variance = directional_reparam_variance
+        self.sync_update_v = sync_update_v
+        self.manual_in_place_optimizer_update = manual_in_place_optimizer_update
         super().__init__(**kwargs)
 
     def validate(self):
@@ -173,35 +198,57 @@ class VectorQuantizeConfig(QuantizerConfig):
             raise ValueError("affine_param=True is only compatible with the euclidean codebook (use_cosine_sim=False)")
         if self.accept_image_fmap and self.accept_3d_fmap:
             raise ValueError("accept_image_fmap and accept_3d_fmap are mutually exclusive")
+        if self.directional_reparam:
+            if self.straight_through or self.resolved_rotation_trick:
+                raise ValueError("directional_reparam=True excludes straight_through and rotation_trick")
+            if self.threshold_ema_dead_code <= 0:
+                raise ValueError("directional_reparam=True needs dead-code replacement (threshold_ema_dead_code > 0)")
+        if not self.directional_reparam_variance >= 0:
+            raise ValueError(f"directional_reparam_variance must be >= 0, got {self.directional_reparam_variance!r}")
+        if not 0.0 <= self.sync_update_v <= 1.0:
+            raise ValueError(f"sync_update_v must be in [0, 1], got {self.sync_update_v!r}")
+        if self.sync_update_v > 0 and not self.resolved_learnable_codebook:
+            raise ValueError("sync_update_v > 0 needs learnable_codebook=True")
 
     @property
     def resolved_ema_update(self) -> bool:
-        return True if self.ema_update is None else bool(self.ema_update)
+        return not self.directional_reparam if self.ema_update is None else bool(self.ema_update)
 
     @property
     def resolved_learnable_codebook(self) -> bool:
-        return bool(self.learnable_codebook)
+        return self.directional_reparam if self.learnable_codebook is None else bool(self.learnable_codebook)
 
     @property
     def resolved_rotation_trick(self) -> bool:
         if self.rotation_trick is None:
-            return self.dim > 1 and not self.straight_through
+            return self.dim > 1 and not self.straight_through and not self.directional_reparam
         return bool(self.rotation_trick)
+
+    @property
+    def has_commitment_loss(self) -> bool:
+        return self.commitment_weight > 0 and not self.directional_reparam
 
     @property
     def resolved_codebook_dim(self) -> int:
         return self.codebook_dim if self.codebook_dim is not None else self.dim
 
 
+LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
+
+
 @dataclass
 class VectorQuantizeOutput(QuantizerOutput):
-    """Output of [`VectorQuantize`]: `quantized`, `indices` (-1 where masked), `loss`, and the loss terms
-    (`commitment_loss`, `codebook_diversity_loss`, `orthogonal_reg_loss`, `inplace_optimize_loss`)."""
+    """Output of [`VectorQuantize`]: `quantized`, `indices` (-1 where masked), `loss`, the loss terms
+    (`commitment_loss`, `codebook_diversity_loss`, `orthogonal_reg_loss`, `inplace_optimize_loss`; also as
+    vqp's `LossBreakdown` in `loss_breakdown` with `return_loss_breakdown=True`) and `perplexity`:
+    `exp(entropy)` of this batch's code usage (valid positions of this process), averaged over heads."""
 
     commitment_loss: Tensor | None = None
     codebook_diversity_loss: Tensor | None = None
     orthogonal_reg_loss: Tensor | None = None
     inplace_optimize_loss: Tensor | None = None
+    perplexity: Tensor | None = None
+    loss_breakdown: LossBreakdown | None = None
 
     seed_fields: ClassVar[tuple[str, ...]] = ("quantized", "indices", "loss")
 
@@ -338,7 +385,19 @@ class VectorQuantize(QuantizerModel):
             affine_param_codebook_decay=getattr(cb, "affine_param_codebook_decay", 0.9),
             return_zeros_for_masked_padding=module.return_zeros_for_masked_padding,
             route_gradients_to_input=module.route_gradients_to_input,
+            # vqp keeps sync_kmeans only as its choice of sampler, and only when it syncs at all
+            sync_kmeans=not (cb.use_ddp and cb.kmeans_all_reduce_fn is not cb.all_reduce_fn),
+            sync_affine_param=bool(getattr(cb, "sync_affine_param", False)),
+            directional_reparam=bool(module.directional_reparam),
+            directional_reparam_variance=module.directional_reparam_variance,
+            sync_update_v=module.sync_update_v,
+            manual_in_place_optimizer_update=bool(module.manual_in_place_optimizer_update),
         )
+        if getattr(cb, "vq_bridge", None) is not None:
+            raise ValueError("vqp modules with a vq_bridge are not supported (hf_vq has no vq_bridge option)")
+        if module.in_place_codebook_optimizer is not None:
+            raise ValueError("the vqp module has an in-place codebook optimizer: pass in_place_codebook_optimizer= "
+                             "to VectorQuantize yourself (an optimizer is not part of a config or checkpoint)")
         model = cls(config)
         state = dict(module.state_dict())
         if cb.affine_param:
@@ -448,6 +507,14 @@ class VectorQuantize(QuantizerModel):
         sync = self.config.sync_codebook
         return distributed.is_distributed() if sync is None else bool(sync) and distributed.is_distributed()
 
+    def _sync_samples(self) -> bool:
+        """k-means and dead-code samples drawn from every rank (vqp: `use_ddp and sync_kmeans`)."""
+        return self._sync() and self.config.sync_kmeans
+
+    def _sync_affine(self) -> bool:
+        sync = self.config.sync_affine_param
+        return self._sync() if sync is None else bool(sync) and distributed.is_distributed()
+
     def _all_reduce(self, *tensors: Tensor) -> None:
         if self._sync():
             distributed.all_reduce_sum_(*tensors)
@@ -458,15 +525,12 @@ class VectorQuantize(QuantizerModel):
         cb, c = self._codebook, self.config
         if mask is not None:
             flat = flat[:, mask[0]] if flat.shape[0] == 1 else torch.stack([f[m] for f, m in zip(flat, mask)])
-        init = None
-        if self._sync():
-            # draw initial centroids from the union of all ranks' data, then broadcast rank 0's draw
-            pooled = torch.stack([distributed.gather_variable(f) for f in flat])
-            init = torch.stack([ema_ops.sample_rows(p, c.codebook_size) for p in pooled])
-            distributed.broadcast_(init)
+        sync = self._sync_samples()
+        # initial centroids drawn from the union of all ranks' rows (only the drawn rows travel)
+        init = torch.stack([kmeans_ops.sample_rows_across_ranks(f, c.codebook_size, sync) for f in flat])
         metric = "cosine" if c.use_cosine_sim else "euclidean"
-        embed, counts = ema_ops.kmeans(flat, c.codebook_size, c.kmeans_iters, metric=metric, init=init,
-                                       all_reduce=self._all_reduce if self._sync() else None)
+        embed, counts = kmeans_ops.kmeans(flat, c.codebook_size, c.kmeans_iters, metric=metric, init=init,
+                                          all_reduce=self._all_reduce if sync else None)
         cb.embed_avg.copy_(embed * counts.unsqueeze(-1))
         cb.cluster_size.copy_(counts)
         self.update_embed_from_ema()
@@ -500,7 +564,7 @@ class VectorQuantize(QuantizerModel):
             flat = torch.stack([f[m] for f, m in zip(flat, mask)])
         count = torch.tensor(float(flat.shape[1]), device=flat.device)
         total = flat.sum(dim=1, keepdim=True)
-        if self._sync():
+        if self._sync_affine():
             self._all_reduce(count, total)
             mean = total / count
             sq = ((flat - mean) ** 2).sum(dim=1, keepdim=True)
@@ -518,11 +582,24 @@ class VectorQuantize(QuantizerModel):
         return (embed - cb.codebook_mean) * (batch_std / codebook_std) + cb.batch_mean
 
     @torch.no_grad()
-    def _update_codebook(self, flat: Tensor, indices: Tensor, mask: Tensor | None) -> None:
-        """EMA counts/sums (one fused all-reduce), codebook from EMA, then dead-code expiry."""
+    def _update_codebook(
+        self,
+        flat: Tensor,
+        indices: Tensor,
+        mask: Tensor | None,
+        ema_update: bool | None = None,
+        ema_update_weight: Tensor | Callable | None = None,
+        accum_ema_update: bool = False,
+    ) -> None:
+        """EMA counts/sums (one fused all-reduce), codebook from EMA, then dead-code expiry.
+
+        `ema_update_weight` scales each code's EMA step (a tensor `(K,)`/`(heads, K)`, or a function of the
+        batch's `(sums, counts)`); `accum_ema_update` only accumulates the batch statistics, which the next
+        update adds to its own (vqp keeps them in the buffers' `.grad`; here in memory, not checkpointed)."""
         c, cb = self.config, self._codebook
+        ema_update = c.resolved_ema_update if ema_update is None else ema_update
         has_dead = c.threshold_ema_dead_code > 0
-        if not c.resolved_ema_update and not has_dead:
+        if not ema_update and not has_dead:
             return
         stats_input = flat
         if c.affine_param:
@@ -531,9 +608,17 @@ class VectorQuantize(QuantizerModel):
             stats_input = (flat - cb.batch_mean) * (codebook_std / batch_std) + cb.codebook_mean
         counts, sums = ema_ops.cluster_stats(stats_input, indices, c.codebook_size, mask)
         self._all_reduce(counts, sums)
-        ema_ops.ema_update_(cb.cluster_size, counts, c.decay)
-        ema_ops.ema_update_(cb.embed_avg, sums, c.decay)
-        if c.resolved_ema_update and not c.manual_ema_update:
+        if callable(ema_update_weight):
+            ema_update_weight = ema_update_weight(sums, counts)
+        pending = self.__dict__.pop("_pending_ema", None)
+        if pending is not None:
+            counts, sums = counts + pending[0], sums + pending[1]
+        if accum_ema_update:
+            self.__dict__["_pending_ema"] = (counts, sums)
+            return
+        ema_ops.ema_update_(cb.cluster_size, counts, c.decay, ema_update_weight)
+        ema_ops.ema_update_(cb.embed_avg, sums, c.decay, ema_update_weight)
+        if ema_update and not c.manual_ema_update:
             self.update_embed_from_ema()
         if has_dead:
             self.expire_codes(flat, mask)
@@ -550,21 +635,20 @@ class VectorQuantize(QuantizerModel):
             return
         reset = c.reset_cluster_size if c.reset_cluster_size is not None else c.threshold_ema_dead_code
         samples_all = _l2norm(flat) if c.use_cosine_sim else flat
+        sync = self._sync_samples()
         for head, (samples, dead) in enumerate(zip(samples_all, expired)):
             if mask is not None:
                 samples = samples[mask[head]]
-            if self._sync():
-                samples = distributed.gather_variable(samples)
-            if samples.shape[0] == 0:
+            available = kmeans_ops.global_row_count(samples, sync)  # the same on every rank
+            if available == 0:
                 continue
             dead_ids = dead.nonzero(as_tuple=True)[0]
-            if dead_ids.numel() > samples.shape[0]:
+            if dead_ids.numel() > available:
                 # more dead codes than samples: replace a random subset now, the rest in later steps
-                dead_ids = dead_ids[torch.randperm(dead_ids.numel(), device=dead_ids.device)[: samples.shape[0]]]
-            new = ema_ops.sample_rows(samples, dead_ids.numel()).to(cb.embed.dtype)
-            if self._sync():
-                distributed.broadcast_(dead_ids)
-                distributed.broadcast_(new)
+                dead_ids = dead_ids[torch.randperm(dead_ids.numel(), device=dead_ids.device)[:available]]
+                if sync:
+                    distributed.broadcast_(dead_ids)
+            new = kmeans_ops.sample_rows_across_ranks(samples, dead_ids.numel(), sync).to(cb.embed.dtype)
             cb.embed.data[head, dead_ids] = new
             cb.cluster_size[head, dead_ids] = reset
             cb.embed_avg[head, dead_ids] = new * reset
@@ -624,10 +708,22 @@ class VectorQuantize(QuantizerModel):
         sample_codebook_temp: float | None = None,
         freeze_codebook: bool | None = None,
         return_dict: bool | None = None,
+        *,
+        indices: Tensor | None = None,
+        ema_update: bool | None = None,
+        ema_update_weight: Tensor | Callable | None = None,
+        accum_ema_update: bool = False,
+        return_loss_breakdown: bool = False,
     ) -> VectorQuantizeOutput | tuple:
         """Quantize `x` (`(b, n, d)`; `(b, d, n)` with `channel_last=False`; `(b, d, h, w)` / `(b, d, t, h, w)`
         with `accept_image_fmap` / `accept_3d_fmap`; `(b, d)` as one token). `mask`/`lens` mark valid
-        positions of `(b, n)` input. Returns [`VectorQuantizeOutput`] or `(quantized, indices, loss)`."""
+        positions of `(b, n)` input. Returns [`VectorQuantizeOutput`] or `(quantized, indices, loss)`
+        (`(..., loss_breakdown)` with `return_loss_breakdown`).
+
+        As vqp: `indices` (shaped like the output indices, -1 ignored) makes `loss` the cross-entropy of the
+        code scores against those codes (NaturalSpeech 2) and the tuple form `(quantized, loss)`;
+        `ema_update` overrides the config for this call; `ema_update_weight` and `accum_ema_update` are
+        described in `_update_codebook`."""
         c, cb = self.config, self._codebook
         if c.check_inputs:
             check_features(x, c.dim, name="x")
@@ -673,20 +769,33 @@ class VectorQuantize(QuantizerModel):
                 codes, _ = self._quantize(flat, embed, temperature)
                 inplace_loss = _masked_mse(codes, flat.detach(), flat_mask)
                 inplace_loss.backward()
-                self.update_in_place_optimizer()
+                if not c.manual_in_place_optimizer_update:
+                    self.update_in_place_optimizer()
                 embed = cb.embed
-            codes, indices = self._quantize(flat, embed, temperature)
-            if c.commitment_use_cross_entropy_loss or c.codebook_diversity_loss_weight > 0:
+            codes, code_ids = self._quantize(flat, embed, temperature)
+            if c.commitment_use_cross_entropy_loss or c.codebook_diversity_loss_weight > 0 or indices is not None:
                 embed = embed.clone()  # these losses score against the codebook as it was before the update
             if self.training and not freeze_codebook:
-                self._update_codebook(flat.detach(), indices, flat_mask)
+                self._update_codebook(flat.detach(), code_ids, flat_mask, ema_update, ema_update_weight,
+                                      accum_ema_update)
 
-            losses = self._losses(flat, codes, indices, embed, flat_mask, freeze_codebook, B)
+            if indices is not None:
+                target = self._indices_to_rows(indices, b, n)
+                valid = target >= 0 if flat_mask is None else (target >= 0) & flat_mask
+                metric = "cosine" if c.use_cosine_sim else "euclidean"
+                target_loss = _cross_entropy_to_codes(flat, embed.expand(H, -1, -1), metric, target.clamp(min=0),
+                                                      valid)
+            else:
+                losses = self._losses(flat, codes, code_ids, embed, flat_mask, freeze_codebook, B)
+            perplexity = _perplexity(code_ids, c.codebook_size, flat_mask)
             codes = self._estimator(flat, codes, input_requires_grad)
 
         codes = codes.reshape(H, B, n, -1).to(dtype)
         quantized = self.project_out(self._merge_heads(codes, b).flatten(-2))
-        indices = self._merge_heads(indices.reshape(H, B, n), b)
+        if indices is not None:  # vqp returns right after the projection here: no masking of the output
+            output = VectorQuantizeOutput(quantized=restore(quantized), loss=target_loss, perplexity=perplexity)
+            return output if (c.return_dict if return_dict is None else return_dict) else (output.quantized, target_loss)
+        indices = self._merge_heads(code_ids.reshape(H, B, n), b)
         if c.heads == 1:
             indices = indices.squeeze(-1)
         if mask is not None:
@@ -697,9 +806,27 @@ class VectorQuantize(QuantizerModel):
             quantized=restore(quantized),
             indices=restore_indices(indices),
             inplace_optimize_loss=inplace_loss,
+            perplexity=perplexity,
             **losses,
         )
-        return self._output(output, return_dict)
+        if return_loss_breakdown:
+            output.loss_breakdown = LossBreakdown(output.commitment_loss, output.codebook_diversity_loss,
+                                                  output.orthogonal_reg_loss, inplace_loss)
+        result = self._output(output, return_dict)
+        return (*result, output.loss_breakdown) if return_loss_breakdown and isinstance(result, tuple) else result
+
+    def _indices_to_rows(self, indices: Tensor, b: int, n: int) -> Tensor:
+        """Indices in the output layout (`(b, ...)`, heads last) to the internal `(H, B * n)` row layout."""
+        c = self.config
+        if indices.is_floating_point() or indices.numel() != b * n * c.heads:
+            raise ValueError(f"indices must be an integer tensor with {b * n * c.heads} entries (the output "
+                             f"indices' shape), got {indices.dtype} {tuple(indices.shape)}")
+        if indices.numel() and (indices.min() < -1 or indices.max() >= c.codebook_size):
+            raise ValueError(f"indices must be in [-1, {c.codebook_size}) (-1 = ignored)")
+        rows = indices.reshape(b, n, c.heads)
+        if c.separate_codebook_per_head:
+            return rows.permute(2, 0, 1).reshape(c.heads, b * n)
+        return rows.permute(0, 2, 1).reshape(1, -1)
 
     def _estimator(self, flat: Tensor, codes: Tensor, input_requires_grad: bool) -> Tensor:
         c = self.config
@@ -710,8 +837,14 @@ class VectorQuantize(QuantizerModel):
             codes = codes.detach() if not (c.stochastic_sample_codes and c.straight_through) else codes
         if input_requires_grad and c.route_gradients_to_input:
             if c.resolved_rotation_trick:
-                return rotate_to(flat, codes)
-            return straight_through(flat, codes)
+                codes = rotate_to(flat, codes)
+            elif c.directional_reparam:
+                codes = directional_reparam(flat, codes, c.directional_reparam_variance)
+            else:
+                codes = straight_through(flat, codes)
+        if c.sync_update_v > 0:
+            # synchronous update (vqtorch draft eq. 21): the codebook also receives the output's gradient
+            codes = codes + c.sync_update_v * (codes - codes.detach())
         return codes
 
     def _losses(self, flat, codes, indices, embed, mask, freeze_codebook, batch) -> dict[str, Tensor]:
@@ -727,7 +860,7 @@ class VectorQuantize(QuantizerModel):
                                                 c.codebook_diversity_temperature, batch)
             out["codebook_diversity_loss"] = diversity
             loss = loss + diversity * c.codebook_diversity_loss_weight
-        if c.commitment_weight > 0:
+        if c.has_commitment_loss:
             if c.commitment_use_cross_entropy_loss:
                 commit = _cross_entropy_to_codes(flat, embed.expand(flat.shape[0], -1, -1), metric, indices, mask)
             else:
@@ -755,6 +888,17 @@ def _gather_codes(embed: Tensor, indices: Tensor) -> Tensor:
     """`embed (h or 1, K, d)`, `indices (H, N)` -> `(H, N, d)` by gather (no one-hot, no per-batch repeat)."""
     embed = embed.expand(indices.shape[0], -1, -1)
     return torch.gather(embed, 1, indices.unsqueeze(-1).expand(-1, -1, embed.shape[-1]))
+
+
+@torch.no_grad()
+def _perplexity(indices: Tensor, num_codes: int, mask: Tensor | None) -> Tensor:
+    """`exp(entropy)` of code usage per head `(H, N)` (valid rows only), averaged over heads; by bincount."""
+    heads = indices.shape[0]
+    flat = (indices + torch.arange(heads, device=indices.device).unsqueeze(1) * num_codes).reshape(-1)
+    weights = None if mask is None else mask.reshape(-1).float()
+    counts = torch.bincount(flat, weights=weights, minlength=heads * num_codes).view(heads, num_codes).float()
+    prob = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+    return (-(prob * prob.clamp(min=1e-10).log()).sum(-1)).exp().mean()
 
 
 def _masked_mse(a: Tensor, b: Tensor, mask: Tensor | None) -> Tensor:

@@ -57,3 +57,12 @@ def gumbel_select(
     pi1 = ((hard + soft) / 2).clamp(min=1e-20).log()
     pi1 = ((pi1 - logits).detach() + logits).softmax(dim=-1)
     return indices, 2 * pi1 - 0.5 * pi0
+
+
+def directional_reparam(x: Tensor, codes: Tensor, noise_variance: float = 5e-3) -> Tensor:
+    """DiVeQ (openreview KRVnpTbx7R, fig. 1): `x` moved by the (detached, noised) unit direction to its code,
+    scaled by the differentiable distance, so the codebook and `x` both get gradients."""
+    error = codes - x
+    error_norm = error.norm(dim=-1, keepdim=True)
+    noised = error + noise_variance**0.5 * torch.randn_like(error)
+    return x + F.normalize(noised, p=2, dim=-1, eps=1e-6).detach() * error_norm
