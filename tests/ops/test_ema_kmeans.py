@@ -1,0 +1,113 @@
+"""hf_vq.ops.ema and hf_vq.ops.kmeans against dense references and vector-quantize-pytorch 1.32's helpers."""
+
+import pytest
+import torch
+from vector_quantize_pytorch import vector_quantize_pytorch as vqp
+
+from hf_vq.ops.ema import cluster_stats, ema_update_, laplace_smoothing
+from hf_vq.ops.kmeans import global_row_count, kmeans, sample_rows, sample_rows_across_ranks
+from hf_vq.ops.nearest import nearest_code
+
+
+def _dense_stats(x, idx, k, mask):
+    onehot = torch.zeros(*idx.shape, k).scatter_(-1, idx.unsqueeze(-1), 1.0)  # reference only
+    if mask is not None:
+        onehot = onehot * mask.unsqueeze(-1)
+    return onehot.sum(-2), torch.einsum("...nk,...nd->...kd", onehot, x)
+
+
+@pytest.mark.parametrize("heads", [None, 3])
+@pytest.mark.parametrize("masked", [False, True])
+def test_cluster_stats_match_a_dense_reference(heads, masked):
+    lead = () if heads is None else (heads,)
+    x = torch.randn(*lead, 50, 3)
+    idx = torch.randint(0, 7, (*lead, 50))
+    mask = (torch.rand(*lead, 50) > 0.5) if masked else None
+    counts, sums = cluster_stats(x, idx, 7, mask)
+    want_counts, want_sums = _dense_stats(x, idx, 7, mask)
+    assert counts.shape == (*lead, 7) and sums.shape == (*lead, 7, 3)
+    assert counts.dtype == sums.dtype == torch.float32
+    torch.testing.assert_close(counts, want_counts)
+    torch.testing.assert_close(sums, want_sums)
+
+
+def test_cluster_stats_counts_in_float32_from_half_input_and_empty_batches():
+    x = torch.randn(2, 10, 4).half()
+    idx = torch.randint(0, 5, (2, 10))
+    counts, sums = cluster_stats(x, idx, 5)
+    assert sums.dtype == torch.float32
+    torch.testing.assert_close(sums, _dense_stats(x.float(), idx, 5, None)[1])
+    counts, sums = cluster_stats(torch.randn(2, 0, 4), torch.zeros(2, 0, dtype=torch.long), 5)
+    assert counts.shape == (2, 5) and not counts.any() and sums.shape == (2, 5, 4) and not sums.any()
+
+
+def test_ema_update_and_laplace_smoothing_match_vqp():
+    old, new = torch.rand(2, 6, 3), torch.rand(2, 6, 3)
+    ours, theirs = old.clone(), old.clone()
+    ema_update_(ours, new, 0.8)
+    vqp.ema_inplace(theirs, new.clone(), 0.8)
+    assert torch.equal(ours, theirs)
+    weight = torch.rand(2, 6)
+    ours, theirs = old.clone(), old.clone()
+    ema_update_(ours, new, 0.8, weight)
+    vqp.ema_inplace(theirs, new.clone(), 0.8, weight)
+    assert torch.equal(ours, theirs)
+    counts = torch.rand(2, 6) * 10
+    assert torch.equal(laplace_smoothing(counts, 6, 1e-5), vqp.laplace_smoothing(counts, 6, 1e-5))
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_kmeans_matches_vqp_from_the_same_start(metric):
+    torch.manual_seed(0)
+    samples = torch.randn(2, 200, 5)
+    if metric == "cosine":
+        samples = torch.nn.functional.normalize(samples, dim=-1)
+    init = samples[:, :12].clone()
+    means, counts = kmeans(samples, 12, 6, metric=metric, init=init)
+    ref_means, ref_bins = vqp.kmeans(samples, 12, 6, use_cosine_sim=metric == "cosine",
+                                     sample_fn=lambda s, n: init.clone())
+    torch.testing.assert_close(means, ref_means, atol=1e-6, rtol=1e-6)
+    assert torch.equal(counts, ref_bins.float())
+
+
+def test_kmeans_lowers_distortion_versus_random_init():
+    torch.manual_seed(0)
+    centers = torch.randn(8, 4) * 5
+    data = (centers[torch.randint(0, 8, (400,))] + 0.1 * torch.randn(400, 4)).unsqueeze(0)
+    start = sample_rows(data[0], 8).unsqueeze(0)
+
+    def distortion(m):
+        idx, _ = nearest_code(data, m)
+        return ((data - torch.gather(m, 1, idx.unsqueeze(-1).expand(-1, -1, 4))) ** 2).sum(-1).mean()
+
+    means, counts = kmeans(data, 8, 10, init=start)
+    assert distortion(means) < 0.5 * distortion(start)
+    assert counts.sum() == 400
+
+
+def test_kmeans_keeps_the_mean_of_an_empty_cluster():
+    samples = torch.tensor([[[0.0, 0.0], [0.1, 0.0], [5.0, 5.0]]])
+    init = torch.tensor([[[0.0, 0.0], [5.0, 5.0], [100.0, 100.0]]])
+    means, counts = kmeans(samples, 3, 3, init=init)
+    assert counts.tolist() == [[2.0, 1.0, 0.0]]
+    torch.testing.assert_close(means[0, 2], init[0, 2])
+    torch.testing.assert_close(means[0, 0], torch.tensor([0.05, 0.0]))
+
+
+def test_sample_rows_draws_batch_rows_without_replacement_when_possible():
+    rows = torch.arange(20.0).view(10, 2)
+    picked = sample_rows(rows, 6, torch.Generator().manual_seed(0))
+    assert len({tuple(r) for r in picked.tolist()}) == 6
+    assert all(any(torch.equal(p, r) for r in rows) for p in picked)
+    more = sample_rows(rows[:3], 7, torch.Generator().manual_seed(0))  # fewer rows than asked: with replacement
+    assert more.shape == (7, 2) and all(any(torch.equal(p, r) for r in rows[:3]) for p in more)
+
+
+def test_cross_rank_sampling_is_local_sampling_in_one_process():
+    rows = torch.randn(9, 3)
+    torch.manual_seed(5)
+    a = sample_rows_across_ranks(rows, 4, sync=True)
+    torch.manual_seed(5)
+    b = sample_rows(rows, 4)
+    assert torch.equal(a, b)
+    assert global_row_count(rows, sync=True) == 9
