@@ -1,9 +1,19 @@
 """Nearest-code search in bounded memory.
 
-The PyTorch path scores rows in chunks so no chunk's `(n, K)` score matrix exceeds `chunk_bytes`, with the
-same per-row arithmetic as vector-quantize-pytorch (`-sqrt(clamp(|x|^2 + |c|^2 - 2 x.c, 1e-8))` for
-euclidean, `x.c` for cosine on normalized inputs), so indices match it exactly on float32 input.
-Distances are float32 whatever the input dtype or autocast state.
+PyTorch path (the reference, and the only one on CPU): rows are scored in chunks so no chunk's `(n, K)` score
+matrix exceeds `chunk_bytes` (the arithmetic holds a second buffer of that size at its peak), with exactly
+vector-quantize-pytorch 1.32's per-element arithmetic, so the indices equal vqp's on float32 input:
+
+- euclidean: `d2 = clamp((|x|^2 + |c|^2) + (x.c * -2), 1e-8)` (vqp's `cdist` before its `sqrt`), winner =
+  `argmin(sqrt(d2))` = vqp's `argmax(-cdist)`. The `sqrt` is kept on purpose: it maps neighbouring fp32
+  values of `d2` to one value, which makes a tie that vqp resolves to the lowest index, so `argmin(d2)` alone
+  would differ from vqp on such rows. The returned score is the winner's `d2` (the squared distance).
+- cosine: `x.c` (the caller l2-normalizes), winner = argmax, score = `x.c`.
+
+Ties go to the lowest index (`torch.argmin`/`argmax` semantics). Float32 whatever the input dtype or autocast.
+
+CUDA path: the fused Triton kernel of `triton_nearest` (never an `N x K` matrix); with `exact=True` it re-scores
+its candidates in fp32 and sends rows it cannot prove to this PyTorch path. `HF_VQ_DISABLE_TRITON=1` turns it off.
 """
 
 from __future__ import annotations
@@ -14,6 +24,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from . import triton_nearest
+
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 _METRICS = ("euclidean", "cosine")
 
@@ -21,49 +33,117 @@ _METRICS = ("euclidean", "cosine")
 def _check(x: Tensor, codebook: Tensor, metric: str) -> None:
     if metric not in _METRICS:
         raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+    if x.dim() < 2 or codebook.dim() < 2:
+        raise ValueError(f"x and codebook need at least 2 dims (N, D) / (K, D), got {tuple(x.shape)} and "
+                         f"{tuple(codebook.shape)}")
     if x.shape[-1] != codebook.shape[-1]:
         raise ValueError(f"feature dims differ: x has {x.shape[-1]}, codebook has {codebook.shape[-1]}")
 
 
 def _rows_per_chunk(num_codes: int, heads: int, chunk_bytes: int) -> int:
-    return max(1, chunk_bytes // (4 * max(1, num_codes) * max(1, heads)))
+    return max(1, int(chunk_bytes) // (4 * max(1, num_codes) * max(1, heads)))
 
 
-def scores(x: Tensor, codebook: Tensor, metric: str = "euclidean") -> Tensor:
-    """Higher-is-better scores `(h, n, K)` for `x (h, n, D)` and `codebook (h, K, D)` (vqp's arithmetic)."""
+def sq_norm(codebook: Tensor) -> Tensor:
+    """`|c|^2` in float32 as the scores compute it (callers may cache it and pass `codebook_sq_norm`)."""
+    return (codebook.float() ** 2).sum(-1)
+
+
+def _sq_dist(x: Tensor, codebook: Tensor, c2: Tensor | None = None) -> Tensor:
+    """vqp's squared distance `clamp((|x|^2 + |c|^2) + (x.c * -2), 1e-8)`, `(h, n, K)`, float32."""
     x, codebook = x.float(), codebook.float()
-    if metric == "cosine":
-        return torch.einsum("hnd,hkd->hnk", x, codebook)
     x2 = (x**2).sum(-1)
-    c2 = (codebook**2).sum(-1)
+    c2 = sq_norm(codebook) if c2 is None else c2.float()
     xc = torch.einsum("hnd,hkd->hnk", x, codebook) * -2
     dist = x2.unsqueeze(-1) + c2.unsqueeze(-2)
-    # same rounding as vqp's `(x2 + c2 + xc).clamp(1e-8).sqrt()`, in place where autograd allows it
     if torch.is_grad_enabled() and (x.requires_grad or codebook.requires_grad):
-        return -(dist + xc).clamp(min=1e-8).sqrt()
-    return dist.add_(xc).clamp_(min=1e-8).sqrt_().neg_()
+        return (dist + xc).clamp(min=1e-8)
+    return dist.add_(xc).clamp_(min=1e-8)
 
 
-def _as_heads(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+def scores(x: Tensor, codebook: Tensor, metric: str = "euclidean", codebook_sq_norm: Tensor | None = None) -> Tensor:
+    """vqp's logits `(h, n, K)` for `x (h, n, D)`, `codebook (h, K, D)`: `-cdist` (euclidean, `-sqrt(d2)`) or
+    `x.c` (cosine). Higher is better. (`iter_score_chunks` yields `-d2` instead, without the sqrt.)"""
+    if metric == "cosine":
+        return torch.einsum("hnd,hkd->hnk", x.float(), codebook.float())
+    d2 = _sq_dist(x, codebook, codebook_sq_norm)
+    if torch.is_grad_enabled() and d2.requires_grad:
+        return -d2.sqrt()
+    return d2.sqrt_().neg_()
+
+
+def _as_heads(x: Tensor, codebook: Tensor, sqn: Tensor | None = None):
     lead = x.shape[:-2]
     x3 = x.reshape(math.prod(lead), *x.shape[-2:])  # explicit head count: N may be 0 (an empty rank)
     cb = codebook.reshape(math.prod(codebook.shape[:-2]), *codebook.shape[-2:])
+    if cb.shape[0] != x3.shape[0] and cb.shape[0] != 1:
+        raise ValueError(f"codebook heads {tuple(codebook.shape[:-2])} do not match input heads {tuple(lead)}")
+    if sqn is not None:
+        if sqn.shape[-1] != cb.shape[1] or sqn.numel() != cb.shape[0] * cb.shape[1]:
+            raise ValueError(f"codebook_sq_norm shape {tuple(sqn.shape)} does not match codebook "
+                             f"{tuple(codebook.shape)}")
+        sqn = sqn.reshape(cb.shape[0], cb.shape[1])
     if cb.shape[0] == 1 and x3.shape[0] > 1:
         cb = cb.expand(x3.shape[0], -1, -1)
-    if cb.shape[0] != x3.shape[0]:
-        raise ValueError(f"codebook heads {tuple(codebook.shape[:-2])} do not match input heads {tuple(lead)}")
-    return x3, cb, lead
+        sqn = None if sqn is None else sqn.expand(x3.shape[0], -1)
+    return x3, cb, sqn, lead
+
+
+def code_scores(x: Tensor, codebook: Tensor, metric: str = "euclidean",
+                codebook_sq_norm: Tensor | None = None) -> Tensor:
+    """Full vqp logits `(..., N, K)` (as `scores`) for small inputs."""
+    _check(x, codebook, metric)
+    x3, cb, sqn, lead = _as_heads(x, codebook, codebook_sq_norm)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        s = scores(x3, cb, metric, sqn)
+    return s.reshape(*lead, *s.shape[-2:])
 
 
 def iter_score_chunks(
-    x: Tensor, codebook: Tensor, *, metric: str = "euclidean", chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    x: Tensor, codebook: Tensor, metric: str = "euclidean", chunk_bytes: int = DEFAULT_CHUNK_BYTES, *,
+    codebook_sq_norm: Tensor | None = None,
 ) -> Iterator[tuple[slice, Tensor]]:
-    """Yield `(row_slice, scores (h, n_chunk, K))` over row chunks of `x (h, N, D)` (higher is better)."""
+    """Yield `(row_slice, scores (..., n_chunk, K) float32)` over row chunks of `x (..., N, D)`; no block exceeds
+    `chunk_bytes`. Scores are higher-is-better: `-squared distance` (vqp's arithmetic, before its sqrt) for
+    euclidean, `x.c` for cosine. For chunked softmax / sampling without the full `N x K` logits."""
     _check(x, codebook, metric)
-    rows = _rows_per_chunk(codebook.shape[-2], x.shape[0], chunk_bytes)
-    for start in range(0, x.shape[-2], rows):
-        sl = slice(start, start + rows)
-        yield sl, scores(x[:, sl], codebook, metric)
+    x3, cb, sqn, lead = _as_heads(x, codebook, codebook_sq_norm)
+    rows = _rows_per_chunk(cb.shape[-2], x3.shape[0], chunk_bytes)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        for start in range(0, x3.shape[-2], rows):
+            sl = slice(start, min(start + rows, x3.shape[-2]))
+            if metric == "cosine":
+                s = torch.einsum("hnd,hkd->hnk", x3[:, sl].float(), cb.float())
+            else:
+                s = _sq_dist(x3[:, sl], cb, sqn)
+                s = s.neg_() if not s.requires_grad else -s
+            yield sl, s.reshape(*lead, *s.shape[-2:])
+
+
+def _nearest_torch(x3: Tensor, cb: Tensor, sqn: Tensor | None, metric: str,
+                   chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple[Tensor, Tensor]:
+    """The reference: `x3 (H, N, D)`, `cb (H or 1, K, D)`, `sqn (H or 1, K) | None` -> `(H, N)` (index, score)."""
+    if cb.shape[0] == 1 and x3.shape[0] > 1:
+        cb = cb.expand(x3.shape[0], -1, -1)
+        sqn = None if sqn is None else sqn.expand(x3.shape[0], -1)
+    H, N = x3.shape[:2]
+    indices = torch.empty(H, N, dtype=torch.long, device=x3.device)
+    best = torch.empty(H, N, dtype=torch.float32, device=x3.device)
+    rows = _rows_per_chunk(cb.shape[-2], H, chunk_bytes)
+    with torch.no_grad(), torch.autocast(device_type=x3.device.type, enabled=False):
+        cf = cb.float()
+        for start in range(0, N, rows):
+            sl = slice(start, min(start + rows, N))
+            if metric == "cosine":
+                s = torch.einsum("hnd,hkd->hnk", x3[:, sl].float(), cf)
+                best[:, sl], indices[:, sl] = s.max(dim=-1)
+                continue
+            d2 = _sq_dist(x3[:, sl], cf, sqn)
+            # vqp's argmax(-sqrt(d2)) == argmin(sqrt(d2)) (negation is exact, both take the first extremum)
+            i = torch.sqrt(d2).argmin(dim=-1)
+            indices[:, sl] = i
+            best[:, sl] = d2.gather(-1, i.unsqueeze(-1)).squeeze(-1)
+    return indices, best
 
 
 def nearest_code(
@@ -73,26 +153,33 @@ def nearest_code(
     metric: str = "euclidean",
     exact: bool = True,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    codebook_sq_norm: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Index of the nearest code for each row.
 
     Args:
-        x: `(..., N, D)` features (cosine: already l2-normalized).
+        x: `(..., N, D)` features, any float dtype (cosine: already l2-normalized).
         codebook: `(..., K, D)` with the same leading (head) dims as `x`, or `(K, D)` shared by all.
-        metric: `"euclidean"` or `"cosine"`.
-        exact: float32 scoring (the default and, on CPU, the only mode; kept for the fused-kernel signature).
-        chunk_bytes: memory budget of one chunk's score matrix.
+        metric: `"euclidean"` (argmin of the squared distance) or `"cosine"` (argmax of `x.c`).
+        exact: on CUDA with Triton, `True` (default) gives the float32 answer (low-precision kernel pass, fp32
+            re-scoring of the candidates, PyTorch fallback for rows it cannot prove); `False` the kernel's bf16
+            argmin (a few tenths of a percent of rows differ on random data). The PyTorch path is always fp32.
+        chunk_bytes: memory budget of one chunk's score matrix on the PyTorch path.
+        codebook_sq_norm: optional cached `(..., K)` float32 `|c|^2` (as `sq_norm(codebook)` computes it).
 
     Returns:
-        `(indices int64 (..., N), best score float32 (..., N))`; the score is `-distance` (euclidean) or
-        the cosine similarity. Ties go to the lowest index, as with `torch.argmax`.
+        `(indices int64 (..., N), score float32 (..., N))`: the winner's squared distance (euclidean, vqp's
+        arithmetic) or `x.c` (cosine). Ties go to the lowest index.
     """
     _check(x, codebook, metric)
-    # the choice is not differentiable: without no_grad autograd would keep every chunk's scores alive
-    with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
-        x3, cb, lead = _as_heads(x, codebook)
-        indices = torch.empty(x3.shape[:2], dtype=torch.long, device=x.device)
-        best = torch.empty(x3.shape[:2], dtype=torch.float32, device=x.device)
-        for sl, s in iter_score_chunks(x3, cb, metric=metric, chunk_bytes=chunk_bytes):
-            best[:, sl], indices[:, sl] = s.max(dim=-1)
+    x3, cb, sqn, lead = _as_heads(x, codebook, codebook_sq_norm)
+    if x3.shape[1] > 0 and x3.shape[0] > 0 and triton_nearest.available(x3):
+        with torch.no_grad():
+            cbt = codebook.reshape(-1, *codebook.shape[-2:])  # unexpanded: the kernel broadcasts a shared codebook
+            sqn_t = sq_norm(cbt) if (codebook_sq_norm is None or metric == "cosine") else \
+                codebook_sq_norm.float().reshape(cbt.shape[0], -1)
+            indices, best = triton_nearest.nearest_code_triton(x3, cbt, sqn_t, metric=metric, exact=exact)
+    else:
+        # the choice is not differentiable: without no_grad autograd would keep every chunk's scores alive
+        indices, best = _nearest_torch(x3, cb, sqn, metric, chunk_bytes)
     return indices.reshape(*lead, -1), best.reshape(*lead, -1)

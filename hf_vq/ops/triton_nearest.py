@@ -1,0 +1,314 @@
+"""Fused nearest-code search on CUDA (Triton): distances and a running top-k, never an `N x K` matrix.
+
+One program scores `BLOCK_N` rows of one head against the whole codebook in `BLOCK_K` tiles with a
+low-precision `tl.dot` (bf16 operands, or tf32) and fp32 accumulation, keeping the best `TOPK` codes per row.
+
+Exactness (`exact=True`). The low-precision score `s~_k = |c_k|^2 - 2 x~.c~_k` differs from the exact
+`s_k = |c_k|^2 - 2 x.c_k` by at most `E` for every code of the row, where (Cauchy-Schwarz on the rounding
+residuals `x = x~ + x_lo`, `c = c~ + c_lo`, since `x.c - x~.c~ = x_lo.c + x~.c_lo`)
+
+    E = 2 (|x_lo| max|c| + |x~| max|c_lo|) + gamma (|x|^2 + max|c|^2 + 2 |x| max|c|),  gamma = (D + 16) 2^-22,
+
+the gamma term covering the fp32 accumulation of the kernel's dot and the rounding of the fp32 reference
+itself (cosine: `s = -x.c`, no factor 2). `|x_lo|` is measured per row for bf16 (the kernel rounds itself);
+for tf32 the hardware rounding is only bounded, `|x_lo| <= 2^-10 |x|`. A code outside the kept top-`TOPK`
+has `s~ >= s~_(TOPK)`; if `s~_(TOPK) - s~_(1) > 2E`, every code that can win in fp32 is among the first
+`TOPK - 1`, which the kernel re-scores in fp32 with the reference formula (`-sqrt(clamp(|x|^2 + |c|^2 -
+2 x.c, 1e-8))`, ties to the lowest index). Other rows are flagged and re-done by the PyTorch path.
+The only remaining difference to the PyTorch path is the summation order of the fp32 dot of the winners.
+
+Returned score: the winner's squared distance (euclidean) or `x.c` (cosine); with `exact=False` it is the
+low-precision value.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:  # triton is optional: CPU installs and HF_VQ_DISABLE_TRITON=1 use the PyTorch path
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the install
+    HAS_TRITON = False
+
+MAX_DIM = 256  # the x tile (BLOCK_N x next_pow2(D)) stays on chip up to here
+TOPK = 4
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(x: Tensor) -> bool:
+    """Whether `nearest_code` should use the kernel for `x`."""
+    if not HAS_TRITON or os.environ.get("HF_VQ_DISABLE_TRITON", "0") == "1":
+        return False
+    if x.shape[-1] > MAX_DIM or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    return x.is_cuda or _interpret()
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _insert(b0, b1, b2, b3, i0, i1, i2, i3, m, a):
+        # insert (m, a) into the sorted (b0 <= b1 <= b2 <= b3); strict `<`: earlier (lower) indices win ties
+        c0 = m < b0
+        c1 = m < b1
+        c2 = m < b2
+        c3 = m < b3
+        nb3 = tl.where(c2, b2, tl.where(c3, m, b3))
+        ni3 = tl.where(c2, i2, tl.where(c3, a, i3))
+        nb2 = tl.where(c1, b1, tl.where(c2, m, b2))
+        ni2 = tl.where(c1, i1, tl.where(c2, a, i2))
+        nb1 = tl.where(c0, b0, tl.where(c1, m, b1))
+        ni1 = tl.where(c0, i0, tl.where(c1, a, i1))
+        nb0 = tl.where(c0, m, b0)
+        ni0 = tl.where(c0, a, i0)
+        return nb0, nb1, nb2, nb3, ni0, ni1, ni2, ni3
+
+    @triton.jit
+    def _rescore(X, CF, C2, x2, h, rows, rmask, idx, D, sxh, sxn, scf_h, scf_k, sc2_h,
+                 COSINE: tl.constexpr, BLOCK_N: tl.constexpr, BD: tl.constexpr, RD: tl.constexpr):
+        # fp32 reference score (higher is better) of code `idx` for each row
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for d0 in tl.static_range(0, BD, RD):
+            d = d0 + tl.arange(0, RD)
+            m2 = rmask[:, None] & (d < D)[None, :]
+            xv = tl.load(X + h * sxh + rows[:, None] * sxn + d[None, :], mask=m2, other=0.0).to(tl.float32)
+            cv = tl.load(CF + h * scf_h + idx[:, None] * scf_k + d[None, :], mask=m2, other=0.0)
+            acc += tl.sum(xv * cv, axis=1)
+        if COSINE:
+            r = acc
+            q = acc
+        else:
+            c2 = tl.load(C2 + h * sc2_h + idx, mask=rmask, other=0.0)
+            q = tl.maximum((x2 + c2) + acc * -2.0, 1e-8)  # the squared distance (returned)
+            r = -tl.sqrt_rn(q)  # what vqp compares (its sqrt makes ties)
+        return r, q
+
+    @triton.jit
+    def _better(r, i, rb, ib):
+        return (r > rb) | ((r == rb) & (i < ib))
+
+    @triton.jit
+    def _nearest_kernel(
+        X, X2, CL, CF, C2, STATS, OUT_I, OUT_S, OUT_F,
+        N, K, D, sxh, sxn, scl_h, scl_k, scf_h, scf_k, sc2_h, sst_h,
+        COSINE: tl.constexpr, EXACT: tl.constexpr, BF16: tl.constexpr, SKIP: tl.constexpr, EMULATE: tl.constexpr,
+        BD: tl.constexpr, RD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        h = tl.program_id(1)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        d = tl.arange(0, BD)
+        dmask = d < D
+        xf = tl.load(X + h * sxh + rows[:, None] * sxn + d[None, :], mask=rmask[:, None] & dmask[None, :],
+                     other=0.0).to(tl.float32)
+        if BF16:
+            xq = xf.to(tl.bfloat16)
+        else:
+            xq = xf
+        if COSINE:
+            x2 = tl.sum(xf * xf, axis=1)
+        else:
+            x2 = tl.load(X2 + h * N + rows, mask=rmask, other=0.0)
+
+        inf = float("inf")
+        b0 = tl.full([BLOCK_N], inf, tl.float32)
+        b1 = b0
+        b2 = b0
+        b3 = b0
+        i0 = tl.zeros([BLOCK_N], dtype=tl.int32)
+        i1 = i0
+        i2 = i0
+        i3 = i0
+        kk = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + kk
+            kmask = ks < K
+            c = tl.load(CL + h * scl_h + ks[:, None] * scl_k + d[None, :], mask=kmask[:, None] & dmask[None, :],
+                        other=0.0)
+            if BF16:
+                if EMULATE:  # the Triton 3.9 CPU interpreter gets bf16 dots wrong: same operands, fp32 dot
+                    dot = tl.dot(xq.to(tl.float32), tl.trans(c.to(tl.float32)), input_precision="ieee")
+                else:
+                    dot = tl.dot(xq, tl.trans(c))
+            else:
+                dot = tl.dot(xq, tl.trans(c), input_precision="tf32")
+            if COSINE:
+                s = -dot
+            else:
+                c2 = tl.load(C2 + h * sc2_h + ks, mask=kmask, other=0.0)
+                s = c2[None, :] - 2.0 * dot
+            s = tl.where(kmask[None, :], s, inf)
+            if EXACT:
+                for _t in tl.static_range(4):
+                    m = tl.min(s, axis=1)
+                    if SKIP:
+                        if tl.max((m < b3).to(tl.int32), axis=0) > 0:
+                            a = tl.argmin(s, axis=1)
+                            b0, b1, b2, b3, i0, i1, i2, i3 = _insert(b0, b1, b2, b3, i0, i1, i2, i3, m, a + k0)
+                            s = tl.where(kk[None, :] == a[:, None], inf, s)
+                    else:
+                        a = tl.argmin(s, axis=1)
+                        b0, b1, b2, b3, i0, i1, i2, i3 = _insert(b0, b1, b2, b3, i0, i1, i2, i3, m, a + k0)
+                        s = tl.where(kk[None, :] == a[:, None], inf, s)
+            else:
+                m = tl.min(s, axis=1)
+                a = tl.argmin(s, axis=1)
+                upd = m < b0
+                b0 = tl.where(upd, m, b0)
+                i0 = tl.where(upd, a + k0, i0)
+
+        if EXACT:
+            # the error bound of the low-precision scores for this row (see the module docstring)
+            cmax = tl.load(STATS + h * sst_h + 0)
+            c2max = tl.load(STATS + h * sst_h + 1)
+            clomax = tl.load(STATS + h * sst_h + 2)
+            nhi = tl.sqrt(tl.sum(xq.to(tl.float32) * xq.to(tl.float32), axis=1))
+            if BF16:
+                xlo = xf - xq.to(tl.float32)
+                nlo = tl.sqrt(tl.sum(xlo * xlo, axis=1))
+            else:
+                nlo = nhi * 0.0009765625
+            nx = nhi + nlo
+            gamma = (D + 16) * 2.384185791015625e-07  # (D + 16) * 2^-22
+            if COSINE:
+                err = (nlo * cmax + nx * clomax) + gamma * (nx * cmax + 1.0)
+            else:
+                err = 2.0 * (nlo * cmax + nx * clomax) + gamma * (x2 + c2max + 2.0 * nx * cmax)
+            err = err * 1.0625 + 1e-30
+            flag = (b3 - b0) <= 2.0 * err
+            r0, q0 = _rescore(X, CF, C2, x2, h, rows, rmask, i0, D, sxh, sxn, scf_h, scf_k, sc2_h,
+                              COSINE, BLOCK_N, BD, RD)
+            r1, q1 = _rescore(X, CF, C2, x2, h, rows, rmask, i1, D, sxh, sxn, scf_h, scf_k, sc2_h,
+                              COSINE, BLOCK_N, BD, RD)
+            r2, q2 = _rescore(X, CF, C2, x2, h, rows, rmask, i2, D, sxh, sxn, scf_h, scf_k, sc2_h,
+                              COSINE, BLOCK_N, BD, RD)
+            rb = r0
+            qb = q0
+            ib = i0
+            u = _better(r1, i1, rb, ib)
+            rb = tl.where(u, r1, rb)
+            qb = tl.where(u, q1, qb)
+            ib = tl.where(u, i1, ib)
+            u = _better(r2, i2, rb, ib)
+            rb = tl.where(u, r2, rb)
+            qb = tl.where(u, q2, qb)
+            ib = tl.where(u, i2, ib)
+            tl.store(OUT_F + h * N + rows, flag.to(tl.int8), mask=rmask)
+        else:
+            ib = i0
+            if COSINE:
+                qb = -b0
+            else:
+                qb = tl.maximum(x2 + b0, 1e-8)  # low-precision squared distance
+        tl.store(OUT_I + h * N + rows, ib.to(tl.int64), mask=rmask)
+        tl.store(OUT_S + h * N + rows, qb, mask=rmask)
+
+    def _configs(bf16: bool):
+        cfgs = []
+        for bn, bk, w, s in ((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 128, 8, 3), (64, 32, 4, 4)):
+            if not bf16 and bn == 128:
+                continue  # a 128 x 256 fp32 x tile plus codebook stages does not fit in shared memory
+            cfgs.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s))
+        return cfgs
+
+    def _prune(configs, named_args, **kwargs):
+        bd = named_args.get("BD", kwargs.get("BD", 256))
+        bf16 = named_args.get("BF16", kwargs.get("BF16", True))
+        elt = 2 if bf16 else 4
+        keep = [c for c in configs
+                if (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"] * c.num_stages) * bd * elt <= 200 * 1024]
+        return keep or configs[-1:]
+
+    _KEY = ["K", "BD", "COSINE", "EXACT", "BF16"]
+    _tuned = {
+        True: triton.autotune(_configs(True), key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+            _nearest_kernel),
+        False: triton.autotune(_configs(False), key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+            _nearest_kernel),
+    }
+
+
+def nearest_code_triton(
+    x: Tensor,
+    codebook: Tensor,
+    codebook_sq_norm: Tensor,
+    *,
+    metric: str = "euclidean",
+    exact: bool = True,
+    precision: str = "bf16",
+    skip: bool = True,
+    stats: dict | None = None,
+    block: tuple[int, int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Kernel behind `nearest_code`: `x (H, N, D)`, `codebook (H or 1, K, D)`, `codebook_sq_norm (H or 1, K)`
+    (float32, `(codebook.float()**2).sum(-1)`). Returns `(indices int64 (H, N), score float32 (H, N))` with
+    `nearest_code`'s conventions. `stats`, if given, receives the number of rows re-done by the PyTorch path.
+    `block=(BLOCK_N, BLOCK_K)` skips autotuning (the interpreter uses (16, 16))."""
+    if precision not in ("bf16", "tf32"):
+        raise ValueError(f"precision must be 'bf16' or 'tf32', got {precision!r}")
+    H, N, D = x.shape
+    K = codebook.shape[-2]
+    cosine = metric == "cosine"
+    bf16 = precision == "bf16"
+    dev = x.device
+    idx = torch.empty(H, N, dtype=torch.long, device=dev)
+    score = torch.empty(H, N, dtype=torch.float32, device=dev)
+    if N == 0 or H == 0:
+        return idx, score
+    x = x.contiguous()
+    cf = codebook.float().contiguous()
+    cl = cf.to(torch.bfloat16) if bf16 else cf
+    c2 = codebook_sq_norm.float().contiguous()
+    shared = cf.shape[0] == 1 and H > 1
+    x2 = (x.float() ** 2).sum(-1).contiguous() if not cosine else score  # reference |x|^2 (unused for cosine)
+    flag = torch.zeros(H, N, dtype=torch.int8, device=dev)
+    if exact:
+        cn = cf.norm(dim=-1)
+        clo = (cf - cl.float()).norm(dim=-1) if bf16 else cn * 2.0**-10
+        st = torch.stack([cn.amax(-1), c2.amax(-1), clo.amax(-1), torch.zeros_like(cn[:, 0])], -1).contiguous()
+    else:
+        st = torch.zeros(cf.shape[0], 4, dtype=torch.float32, device=dev)
+    bd = max(16, triton.next_power_of_2(D))
+    args = (
+        x, x2, cl, cf, c2, st, idx, score, flag, N, K, D,
+        x.stride(0), x.stride(1),
+        0 if shared else cl.stride(0), cl.stride(1),
+        0 if shared else cf.stride(0), cf.stride(1),
+        0 if shared else c2.stride(0), 0 if shared else st.stride(0),
+    )
+    consts = dict(COSINE=cosine, EXACT=exact, BF16=bf16, SKIP=skip, EMULATE=_interpret(), BD=bd, RD=min(bd, 64))
+    if block is None and _interpret():
+        block = (16, 16)
+    if block is not None:
+        grid = (triton.cdiv(N, block[0]), H)
+        _nearest_kernel[grid](*args, **consts, BLOCK_N=block[0], BLOCK_K=block[1])
+    else:
+        _tuned[bf16][lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), H)](*args, **consts)
+
+    if exact:
+        redo = flag.bool()
+        n_redo = int(redo.sum())
+        if stats is not None:
+            stats["fallback_rows"] = n_redo
+            stats["rows"] = H * N
+        if n_redo:
+            from .nearest import _nearest_torch  # the reference path; lazy to avoid an import cycle
+
+            heads = redo.any(1).nonzero().flatten().tolist()
+            for hh in heads:
+                rows = redo[hh].nonzero().flatten()
+                ch = 0 if cf.shape[0] == 1 else hh
+                i_r, s_r = _nearest_torch(x[hh : hh + 1, rows], cf[ch : ch + 1], c2[ch : ch + 1], metric)
+                idx[hh, rows] = i_r[0]
+                score[hh, rows] = s_r[0]
+    return idx, score
