@@ -42,6 +42,7 @@ from .models.residual import (
     ResidualVQConfig,
 )
 from .models.latent_quantize import LatentQuantize, LatentQuantizeConfig, LatentQuantizeOutput
+from .models.vq_autoencoder import VQAutoencoder
 
 __version__ = "0.1.0"
 

@@ -59,7 +59,7 @@ class DiffusersQuantizer(PretrainedIOMixin, ModelMixin, ConfigMixin):
 def register_with_diffusers() -> None:
     """Let diffusers pipelines save/load hf_vq components under the library name `hf_vq`."""
     methods = ["save_pretrained", "from_pretrained"]
-    entry = {"QuantizerModel": methods, "DiffusersQuantizer": methods}
+    entry = {"QuantizerModel": methods, "DiffusersQuantizer": methods, "VQAutoencoder": methods}
     pipeline_loading_utils.LOADABLE_CLASSES["hf_vq"] = entry
     # the same dict object is imported by diffusers.pipelines.pipeline_utils: update it in place
     pipeline_loading_utils.ALL_IMPORTABLE_CLASSES.update(entry)
