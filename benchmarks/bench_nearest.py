@@ -1,0 +1,133 @@
+"""Nearest-code search: the fused Triton kernel against plain PyTorch, one table per workload.
+
+    python benchmarks/bench_nearest.py               # GPU: d256 K8192 N=2^18 and d256 K65536 N=2^17
+    python benchmarks/bench_nearest.py --cpu-smoke   # tiny sizes on the CPU (checks the script, no kernel)
+    TRITON_INTERPRET=1 python benchmarks/bench_nearest.py --cpu-smoke   # also the kernel rows, interpreted
+
+Rows: Triton exact (bf16 and tf32 dots, fp32 re-scoring, reference fallback for unproven rows), Triton fast
+(low-precision argmin), hf_vq's chunked PyTorch reference (`HF_VQ_DISABLE_TRITON` path), plain PyTorch fp32
+`addmm + argmin` on the materialized N x K matrix, and the bf16 GEMM alone (a floor: no argmin, no exactness).
+Times are CUDA-event medians after warmup (autotuning happens in the warmup); peak memory is what the call
+allocates above the inputs. Agreement: share of the first 4,096 rows whose index equals the float64 argmin
+(and, separately, the fp32 reference's). Inputs fp32, standard normal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from harness import fmt, measure  # noqa: E402
+
+from hf_vq.ops import nearest as nearest_ops  # noqa: E402
+from hf_vq.ops import triton_nearest  # noqa: E402
+
+GPU_CASES = [(256, 8192, 2**18), (256, 65536, 2**17)]
+CPU_CASES = [(32, 256, 2048), (48, 1000, 777)]
+CHECK_ROWS = 4096
+
+
+def float64_argmin(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    xd, cd = x.double(), c.double()
+    return ((xd * xd).sum(-1, keepdim=True) + (cd * cd).sum(-1) - 2.0 * xd @ cd.T).argmin(-1)
+
+
+def run_case(d: int, k: int, n: int, device: torch.device, iters: int, warmup: int) -> None:
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(n, d, device=device, generator=g)
+    c = torch.randn(k, d, device=device, generator=g)
+    rows = min(CHECK_ROWS, n)
+    truth = float64_argmin(x[:rows], c)
+    ref_idx, _ = nearest_ops._nearest_torch(x[None, :rows], c[None], None, "euclidean")
+    ref_idx = ref_idx[0]
+    has_kernel = triton_nearest.available(x)  # CUDA, or the CPU interpreter (TRITON_INTERPRET=1, --cpu-smoke)
+    x3, c3 = x[None], c[None]
+    c2 = nearest_ops.sq_norm(c3)
+    xb, cb = x.bfloat16(), c.bfloat16()
+
+    def triton(exact: bool, precision: str, stats: dict | None = None):
+        return lambda: triton_nearest.nearest_code_triton(x3, c3, c2, exact=exact, precision=precision, stats=stats)
+
+    def torch_chunked():
+        return nearest_ops._nearest_torch(x3, c3, None, "euclidean")
+
+    def addmm_argmin():
+        dist = torch.addmm(c2[0][None, :], x, c.T, beta=1.0, alpha=-2.0)
+        return dist.argmin(-1)
+
+    def bf16_gemm():
+        return xb @ cb.T
+
+    methods = []
+    if has_kernel:
+        methods += [
+            ("triton exact bf16 (default)", triton(True, "bf16"), True),
+            ("triton exact tf32", triton(True, "tf32"), True),
+            ("triton fast bf16 (exact=False)", triton(False, "bf16"), True),
+            ("triton fast tf32", triton(False, "tf32"), True),
+        ]
+    methods += [
+        ("torch chunked fp32 (reference)", torch_chunked, True),
+        ("torch fp32 addmm + argmin", addmm_argmin, True),
+        ("bf16 GEMM only (floor)", bf16_gemm, False),
+    ]
+    print(f"\n### d{d} K{k} N={n}  ({device}, fp32 inputs)\n")
+    print("| method | median ms | peak GiB | agree vs float64 | agree vs fp32 ref | fallback rows |")
+    print("|---|---|---|---|---|---|")
+    for name, fn, has_idx in methods:
+        m = measure(fn, device, warmup=warmup, iters=iters)
+        agree64 = agree32 = fallback = None
+        if has_idx and m.ms is not None:
+            with torch.no_grad():
+                if name.startswith("triton"):
+                    st: dict = {}
+                    idx = triton_nearest.nearest_code_triton(
+                        x3[:, :rows], c3, c2, exact="exact" in name, precision="tf32" if "tf32" in name else "bf16",
+                        stats=st)[0][0]
+                    if "exact" in name:
+                        full: dict = {}
+                        triton(True, "tf32" if "tf32" in name else "bf16", full)()
+                        fallback = f"{full['fallback_rows']} / {full['rows']}"
+                elif name.startswith("torch chunked"):
+                    idx = ref_idx
+                else:
+                    idx = fn()[:rows]
+            agree64 = (idx == truth).float().mean().item()
+            agree32 = (idx == ref_idx).float().mean().item()
+        print(f"| {name} | {fmt(m.ms)} | {fmt(m.peak_gib, '.3f')} | {fmt(agree64, '.4f')} | "
+              f"{fmt(agree32, '.4f')} | {fallback or '—'} |{'  ' + m.note if m.note else ''}")
+    if not has_kernel:
+        print("\n(no Triton kernel rows: needs CUDA and triton, and HF_VQ_DISABLE_TRITON unset)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (checks the script)")
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None)
+    args = p.parse_args()
+    if args.cpu_smoke:
+        device, cases = torch.device("cpu"), CPU_CASES
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            cases = [(16, 40, 96)]  # the kernel rows run in the (slow) interpreter: tiny
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("CUDA is not available: run on a GPU, or pass --cpu-smoke for a tiny CPU check")
+        device, cases = torch.device("cuda"), GPU_CASES
+    iters = args.iters or (3 if args.cpu_smoke else 20)
+    warmup = args.warmup or (1 if args.cpu_smoke else 5)
+    print(f"torch {torch.__version__}, triton {getattr(__import__('triton'), '__version__', '?') if triton_nearest.HAS_TRITON else 'absent'}, "
+          f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
+    torch.backends.cuda.matmul.allow_tf32 = False  # the torch fp32 rows are true fp32
+    for d, k, n in cases:
+        run_case(d, k, n, device, iters, warmup)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""nearest_code: the chunked PyTorch reference against full-matrix argmin and vqp 1.32's formula, and the
+Triton kernel against it (under TRITON_INTERPRET=1 in a subprocess on CPU; on the GPU when there is one)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from hf_vq.ops.nearest import code_scores, iter_score_chunks, nearest_code, sq_norm
+
+vqp = pytest.importorskip("vector_quantize_pytorch.vector_quantize_pytorch")
+
+
+def vqp_argmax(x, c):
+    """vector-quantize-pytorch 1.32 EuclideanCodebook: `dist = -cdist(flatten, embed)`, then argmax."""
+    dist = -vqp.cdist(x, c)
+    return dist.argmax(-1), dist.amax(-1)
+
+
+def as_vqp(best):
+    """nearest_code's euclidean score is the winner's squared distance; vqp's is `-sqrt` of it."""
+    return -best.sqrt()
+
+
+@pytest.mark.parametrize("chunk_bytes", [4 * 29 * 3 * 5, 4 * 29 * 3, 256 * 2**20])
+def test_chunked_equals_vqp_full_matrix(chunk_bytes):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 101, 13, generator=g)
+    c = torch.randn(3, 29, 13, generator=g)
+    idx, best = nearest_code(x, c, chunk_bytes=chunk_bytes)
+    ref_idx, ref_best = vqp_argmax(x, c)
+    assert idx.dtype == torch.int64 and best.dtype == torch.float32
+    assert torch.equal(idx, ref_idx)
+    # bit-equal with vqp at vqp's own (one-chunk) shape; BLAS may round a 1-row chunk's matmul differently
+    torch.testing.assert_close(as_vqp(best), ref_best, rtol=1e-6, atol=1e-6)
+    if chunk_bytes >= 4 * 29 * 3 * 101:
+        assert torch.equal(as_vqp(best), ref_best)
+
+
+def test_near_ties_match_vqp():
+    """Codes a few ulps apart, duplicates and points on bisectors: the same winner as vqp, bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(40, 24, generator=g)
+    c = torch.cat([base, base + 1e-6 * torch.randn(40, 24, generator=g), base.clone()])  # near and exact dups
+    x = torch.cat([base + 1e-4 * torch.randn(40, 24, generator=g), (base[:20] + base[20:]) / 2])
+    x = torch.cat([x, torch.randn(200, 24, generator=g)])
+    idx, best = nearest_code(x, c, chunk_bytes=4 * 120 * 7)
+    ref_idx, ref_best = vqp_argmax(x.unsqueeze(0), c.unsqueeze(0))
+    assert torch.equal(idx, ref_idx[0])
+    torch.testing.assert_close(as_vqp(best), ref_best[0], rtol=1e-6, atol=1e-6)
+    # exact duplicates: the lowest index wins (rows from `base` never pick the copy at 80 + i)
+    assert (idx[:40] < 80).all()
+
+
+def test_ties_go_to_lowest_index():
+    x = torch.zeros(1, 2, 2)
+    c = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+    assert nearest_code(x, c)[0].tolist() == [[0, 0]]
+    assert nearest_code(torch.tensor([[1.0, 0.0]]), c[0], metric="cosine")[0].tolist() == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_inputs_score_in_float32(dtype):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(77, 9, generator=g).to(dtype)
+    c = torch.randn(31, 9, generator=g).to(dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        idx, best = nearest_code(x, c, chunk_bytes=4 * 31 * 10)
+    full = -torch.cdist(x.double(), c.double())
+    assert best.dtype == torch.float32
+    ref = vqp_argmax(x.float().unsqueeze(0), c.float().unsqueeze(0))[0][0]
+    assert torch.equal(idx, ref)
+    # and float64 agrees except on fp32 near-ties
+    agree = (full.argmax(-1) == idx).float().mean().item()
+    assert agree == 1.0
+
+
+def test_heads_shared_codebook_and_2d():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 19, 5, generator=g)
+    c = torch.randn(23, 5, generator=g)
+    idx, best = nearest_code(x, c, chunk_bytes=4 * 23 * 6 * 2)
+    assert idx.shape == (2, 3, 19)
+    ref = vqp_argmax(x.reshape(6, 19, 5), c.expand(6, -1, -1))[0].reshape(2, 3, 19)
+    assert torch.equal(idx, ref)
+    i2, _ = nearest_code(x[0, 0], c)
+    assert torch.equal(i2, ref[0, 0])
+    # separate codebook per head
+    ch = torch.randn(2, 3, 23, 5, generator=g)
+    idx, _ = nearest_code(x, ch)
+    assert torch.equal(idx, vqp_argmax(x.reshape(6, 19, 5), ch.reshape(6, 23, 5))[0].reshape(2, 3, 19))
+
+
+def test_cached_sq_norm_and_cosine():
+    g = torch.Generator().manual_seed(4)
+    x = torch.nn.functional.normalize(torch.randn(4, 57, 8, generator=g), dim=-1)
+    c = torch.nn.functional.normalize(torch.randn(4, 33, 8, generator=g), dim=-1)
+    a = nearest_code(x, c)
+    b = nearest_code(x, c, codebook_sq_norm=sq_norm(c))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    idx, best = nearest_code(x, c, metric="cosine", chunk_bytes=4 * 33 * 4 * 3)
+    sim = torch.einsum("hnd,hkd->hnk", x, c)
+    assert torch.equal(idx, sim.argmax(-1)) and torch.equal(best, sim.amax(-1))
+
+
+def test_score_chunks_and_full_scores():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(50, 6, generator=g)
+    c = torch.randn(21, 6, generator=g)
+    full = code_scores(x, c)
+    assert full.shape == (50, 21)
+    assert torch.equal(full, -vqp.cdist(x[None], c[None])[0])
+    parts = list(iter_score_chunks(x, c, "euclidean", 4 * 21 * 8))  # -squared distances, in row chunks
+    assert len(parts) == 7 and all(s.shape[-1] == 21 and s.numel() * 4 <= 4 * 21 * 8 for _, s in parts)
+    assert [sl.start for sl, _ in parts] == list(range(0, 50, 8))
+    torch.testing.assert_close(torch.cat([s for _, s in parts]), -(full**2), rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.cat([s for _, s in parts]).argmax(-1), full.argmax(-1))
+
+
+def test_errors_and_empty():
+    with pytest.raises(ValueError, match="metric"):
+        nearest_code(torch.randn(3, 4), torch.randn(5, 4), metric="manhattan")
+    with pytest.raises(ValueError, match="feature dims"):
+        nearest_code(torch.randn(3, 4), torch.randn(5, 3))
+    with pytest.raises(ValueError, match="heads"):
+        nearest_code(torch.randn(2, 3, 4), torch.randn(3, 5, 4))
+    idx, best = nearest_code(torch.randn(2, 0, 4), torch.randn(5, 4))
+    assert idx.shape == (2, 0) and best.shape == (2, 0)
+
+
+# ---------------------------------------------------------------- Triton kernel vs the PyTorch reference
+KERNEL_CHECK = textwrap.dedent(
+    """
+    import json, sys, torch
+    from hf_vq.ops import triton_nearest as tn
+    from hf_vq.ops.nearest import _nearest_torch, sq_norm
+    dev = sys.argv[1]
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    cases = [  # (H, N, K, D, codebook heads, metric, dtype)
+        (1, 37, 45, 20, 1, "euclidean", torch.float32),
+        (2, 21, 19, 16, 2, "euclidean", torch.bfloat16),
+        (3, 18, 40, 33, 1, "cosine", torch.float32),
+        (1, 25, 3, 8, 1, "euclidean", torch.float16),
+    ]
+    for case_no, (H, N, K, D, HC, metric, dtype) in enumerate(cases):
+        x = torch.randn(H, N, D, generator=g)
+        c = torch.randn(HC, K, D, generator=g)
+        if case_no == 0:  # near-ties: duplicates and near-duplicates of codes, points next to codes
+            c[0, 40:] = c[0, :5]
+            c[0, 30:35] = c[0, :5] + 1e-3
+            x[0, :10] = c[0, :10] + 1e-3 * torch.randn(10, D, generator=g)
+        if metric == "cosine":
+            x, c = torch.nn.functional.normalize(x, dim=-1), torch.nn.functional.normalize(c, dim=-1)
+        x, c = x.to(dtype).to(dev), c.to(dev)
+        sqn = sq_norm(c)
+        ref_i, ref_s = _nearest_torch(x, c, sqn, metric)
+        for prec in ("bf16", "tf32"):
+            st = {}
+            i, s = tn.nearest_code_triton(x, c, sqn, metric=metric, exact=True, precision=prec, stats=st)
+            ia, sa = tn.nearest_code_triton(x, c, sqn, metric=metric, exact=False, precision=prec)
+            xf = x.float()
+            cf = c.expand(H, -1, -1)
+            d64 = torch.cdist(xf.double(), cf.double()) if metric == "euclidean" else -xf.double() @ cf.double().mT
+            ia_d = d64.gather(-1, ia[..., None])[..., 0]
+            out[f"{case_no}-{prec}"] = dict(
+                exact_equal=bool(torch.equal(i, ref_i)),
+                # squared scores: vqp's |x|^2 + |c|^2 - 2 x.c cancels for points next to a code
+                # vqp's |x|^2 + |c|^2 - 2 x.c cancels for points next to a code: relative to the magnitudes
+                score_maxdiff=float((s.double() - ref_s.double()).abs().max() / (1 + 2 * d64.abs().amax() ** 2)),
+                fallback=st["fallback_rows"], rows=st["rows"],
+                approx_agree=float((ia == ref_i).float().mean()),
+                approx_gap=float((ia_d - d64.amin(-1)).max()),
+                approx_score_maxdiff=float(((sa - ia_d**2) if metric == "euclidean" else (sa + ia_d)).abs().max()
+                                           / (1 + 2 * d64.abs().amax() ** 2)),
+            )
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+def _check_kernel_results(res):
+    for name, r in res.items():
+        assert r["exact_equal"], (name, r)
+        assert r["score_maxdiff"] < 1e-5, (name, r)
+        assert r["approx_gap"] < 0.1, (name, r)  # the low-precision winner is a near-winner
+        assert r["approx_score_maxdiff"] < 1e-2, (name, r)
+
+
+def test_triton_kernel_interpreted_on_cpu():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", KERNEL_CHECK, "cpu"], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    if proc.returncode != 0 and "RESULT" not in proc.stdout:
+        pytest.skip(f"the Triton interpreter could not run the kernel here: {proc.stderr[-2000:]}")
+    res = json.loads(proc.stdout.split("RESULT", 1)[1])
+    _check_kernel_results(res)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_kernel_on_gpu():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", KERNEL_CHECK, "cuda"], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _check_kernel_results(json.loads(proc.stdout.split("RESULT", 1)[1]))
