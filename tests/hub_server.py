@@ -10,21 +10,19 @@ Routes (`{t}` is `model`, `dataset` or `space`; revisions may be a branch, a tag
   POST /api/{t}s/{repo}/preupload/{rev}           every file is answered `uploadMode: "regular"`, so content
                                                   goes base64 in the commit payload: no LFS, no xet transfer
   POST /api/{t}s/{repo}/commit/{branch}           NDJSON: header, file, deletedFile, deletedFolder
-  POST /api/{t}s/{repo}/branch/{branch}           JSON {"startingPoint": rev} optional
-  POST /api/{t}s/{repo}/tag/{rev}                 JSON {"tag": name}
+  POST /api/{t}s/{repo}/branch/{branch}, /tag/{rev}   JSON {"startingPoint": rev} (optional), {"tag": name}
   GET  /api/{t}s/{repo}[/revision/{rev}]          repo info: id, sha, private, siblings
   GET  /api/{t}s/{repo}/tree/{rev}[/{path}]       ?recursive=true lists the whole tree (one page)
   GET  /api/{t}s/{repo}/refs                      branches and tags
   HEAD/GET /[{t}s/]{repo}/resolve/{rev}/{path}    X-Repo-Commit, ETag (git blob sha1), Content-Length
-  POST /api/validate-yaml, GET /api/whoami-v2, GET /api/agent-harnesses   trivial answers
+  POST /api/validate-yaml, GET /api/whoami-v2                                     trivial answers
 
 Storage is in memory: a commit is a full snapshot {path: bytes} with a sha1 id; refs map branch and tag
 names to commits. A new repo gets an initial commit with `.gitattributes`, as on the Hub. Errors mirror
 the Hub so the client raises its own exceptions: an unknown repo is 404 `X-Error-Code: RepoNotFound`,
 an unknown revision 404 `RevisionNotFound`, a missing file 404 `EntryNotFound` (with `X-Repo-Commit`).
-Auth: writes need `Authorization: Bearer <token>`; reads of public repos are open and of private repos
-need the token (else 401 RepoNotFound, as the Hub does); a wrong token is always 401 "Invalid credentials
-in Authorization header". Not supported: LFS/xet uploads, pull requests, pagination, Range requests.
+Auth: writes, and reads of private repos, need `Authorization: Bearer <token>` (else 401 RepoNotFound, as
+on the Hub); a wrong token is always 401. Not supported: LFS/xet uploads, PRs, pagination, Range requests.
 """
 
 from __future__ import annotations
@@ -47,9 +45,7 @@ USER = "hf-vq-tester"
 _REPO = r"(?P<repo>[\w.-]+/[\w.-]+)"
 _TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 _OPS = "revision|tree|preupload|commit|branch|tag|refs"
-_API = re.compile(
-    rf"^/api/(?P<t>models|datasets|spaces)/{_REPO}(?:/(?P<op>{_OPS})(?:/(?P<rev>[^/]+)(?:/(?P<path>.*))?)?)?$"
-)
+_API = re.compile(rf"^/api/(?P<t>models|datasets|spaces)/{_REPO}(?:/(?P<op>{_OPS})(?:/(?P<rev>[^/]+)(?:/(?P<path>.*))?)?)?$")
 _RESOLVE = re.compile(rf"^/(?:(?P<t>datasets|spaces)/)?{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
 
 
@@ -59,6 +55,8 @@ def git_blob_sha(data: bytes) -> str:
 
 
 class HubError(Exception):
+    """An error answer of the Hub: status, message, `X-Error-Code`, optional `X-Repo-Commit`, extra JSON."""
+
     def __init__(self, status: int, message: str, code: str | None = None, commit: str | None = None, **extra):
         super().__init__(message)
         self.status, self.message, self.code, self.commit, self.extra = status, message, code, commit, extra
@@ -112,24 +110,20 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.dumps(body).encode()
             headers = {"Content-Type": "application/json", **(headers or {})}
         self.send_response(status)
-        for k, v in (headers or {}).items():
+        for k, v in {**(headers or {}), "Content-Length": str(len(body))}.items():
             self.send_header(k, v)
-        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if not head:
             self.wfile.write(body)
 
     def _json(self) -> dict:
         return json.loads(self.body or b"{}")
-
     def _authorized(self) -> bool:
         """True with the right token, False with none; a wrong token is refused outright (401)."""
         auth = self.headers.get("Authorization")
-        if auth is None:
-            return False
-        if auth != f"Bearer {self.server.state.token}":
+        if auth is not None and auth != f"Bearer {self.server.state.token}":
             raise HubError(401, "Invalid credentials in Authorization header")
-        return True
+        return auth is not None
 
     def _repo(self, t: str, repo_id: str, write: bool = False) -> Repo:
         authorized = self._authorized()
@@ -151,11 +145,8 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as e:  # a HubError is the Hub's answer; anything else is a bug in the double: 500
             if not isinstance(e, HubError):
                 e = HubError(500, f"Hub test double failed: {e!r}")
-            headers = {"X-Error-Message": e.message}
-            if e.code:
-                headers["X-Error-Code"] = e.code
-            if e.commit:
-                headers["X-Repo-Commit"] = e.commit
+            headers = {"X-Error-Message": e.message, "X-Error-Code": e.code, "X-Repo-Commit": e.commit}
+            headers = {k: v for k, v in headers.items() if v}
             self._send(e.status, {"error": e.message, **e.extra}, headers, head=method == "HEAD")
 
     do_GET = lambda self: self._dispatch("GET")  # noqa: E731
@@ -172,8 +163,6 @@ class _Handler(BaseHTTPRequestHandler):
             if not self._authorized():
                 raise HubError(401, "Invalid username or password.")
             return self._send(200, {"type": "user", "name": USER, "orgs": [], "auth": {"type": "access_token"}})
-        if method == "GET" and path == "/api/agent-harnesses":
-            return self._send(200, {"standardEnvVars": [], "harnesses": {}})
         if (m := _RESOLVE.match(path)) and method in ("GET", "HEAD"):
             return self._resolve(m, head=method == "HEAD")
         m = _API.match(path)
@@ -187,15 +176,11 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "GET" and op == "tree":
             return self._tree(repo, rev, unquote(m["path"] or ""), query.get("recursive", "").lower() == "true")
         if method == "GET" and op == "refs":
-            def refs(d, kind):
-                return [{"name": n, "ref": f"refs/{kind}/{n}", "targetCommit": s} for n, s in d.items()]
-
-            return self._send(200, {"branches": refs(repo.branches, "heads"), "tags": refs(repo.tags, "tags"),
-                                    "converts": []})
-        if method == "POST" and op == "preupload":
-            return self._preupload(repo, rev, self._json())
-        if method == "POST" and op == "commit":
-            return self._commit(repo, rev, query)
+            refs = {k: [{"name": n, "ref": f"refs/{g}/{n}", "targetCommit": c} for n, c in d.items()]
+                    for k, g, d in (("branches", "heads", repo.branches), ("tags", "tags", repo.tags))}
+            return self._send(200, {**refs, "converts": []})
+        if method == "POST" and op in ("preupload", "commit"):
+            return self._preupload(repo, rev, self._json()) if op == "preupload" else self._commit(repo, rev, query)
         if method == "POST" and op == "branch":
             start = repo.resolve(self._json().get("startingPoint") or "main")
             if rev in repo.branches:
@@ -309,10 +294,23 @@ class HubServer(ThreadingHTTPServer):
 
     def __init__(self, token: str = "hf_test_double_token"):
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.state = HubState(token)
-        self.token = token
-        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        self.state, self.token, self.url = HubState(token), token, f"http://127.0.0.1:{self.server_address[1]}"
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.cache_dir = self._monkeypatch = self._tmp = None  # set by the `hub_endpoint` fixture
+        self._caches = 0
+
+    def fresh_cache(self) -> str:
+        """Point HF_HUB_CACHE (env and huggingface_hub's constants) at a new empty dir; returns it. Fixture only."""
+        from huggingface_hub import constants
+        from huggingface_hub.utils import _cache_manager
+
+        self._caches += 1
+        self.cache_dir = self._tmp / f"hub-cache-{self._caches}"
+        self.cache_dir.mkdir(parents=True)
+        self._monkeypatch.setenv("HF_HUB_CACHE", str(self.cache_dir))
+        self._monkeypatch.setattr(constants, "HF_HUB_CACHE", str(self.cache_dir))
+        self._monkeypatch.setattr(_cache_manager, "HF_HUB_CACHE", str(self.cache_dir))  # scan_cache_dir default
+        return str(self.cache_dir)
 
     def __enter__(self) -> "HubServer":
         self._thread.start()
@@ -341,25 +339,26 @@ def hub_endpoint(monkeypatch, tmp_path):
     upload pipeline works against it too, see test_hub_server.py), patches the copies huggingface_hub and
     transformers took at import (constants, the module-level `HfApi` behind `huggingface_hub.create_repo` &
     co, transformers' cached `HfApi`), and blocks name resolution of anything but loopback so no request can
-    reach huggingface.co. Yields the `HubServer` (`.url`, `.token`, `.state`). Everything is restored after.
+    reach huggingface.co. Yields the `HubServer`: `.url`, `.token`, `.state` (repos, `requests` log), and
+    `.fresh_cache()` to point HF_HUB_CACHE at a new empty dir. Everything is restored and the server stopped after.
     """
     import huggingface_hub
     from huggingface_hub import constants, hf_api
     from huggingface_hub.utils import _detect_agent
 
     with HubServer() as server:
-        server.cache_dir = tmp_path / "hub-cache"
-        env = {"HF_ENDPOINT": server.url, "HF_TOKEN": server.token, "HF_HUB_CACHE": str(server.cache_dir),
-               "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
+        server._monkeypatch, server._tmp = monkeypatch, tmp_path
+        env = {"HF_ENDPOINT": server.url, "HF_TOKEN": server.token, "HF_HUB_DISABLE_TELEMETRY": "1",
+               "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
                "HF_HOME": str(tmp_path / "hf-home"), "HF_XET_CACHE": str(tmp_path / "xet")}  # hf_xet reads these
         for k, v in env.items():
             monkeypatch.setenv(k, v)
-        monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-        monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+        for k in ("TRANSFORMERS_OFFLINE", "HUGGING_FACE_HUB_TOKEN"):
+            monkeypatch.delenv(k, raising=False)
+        server.fresh_cache()
         template = server.url + "/{repo_id}/resolve/{revision}/{filename}"  # hf_hub_url() formats this one
-        patches = {"ENDPOINT": server.url, "HUGGINGFACE_CO_URL_TEMPLATE": template,
-                   "HF_HUB_CACHE": str(server.cache_dir), "HF_HUB_OFFLINE": False, "HF_HUB_DISABLE_TELEMETRY": True,
-                   "HF_HUB_DISABLE_XET": True, "HF_XET_CACHE": str(tmp_path / "xet")}
+        patches = {"ENDPOINT": server.url, "HUGGINGFACE_CO_URL_TEMPLATE": template, "HF_HUB_OFFLINE": False,
+                   "HF_HUB_DISABLE_TELEMETRY": True, "HF_HUB_DISABLE_XET": True, "HF_XET_CACHE": str(tmp_path / "xet")}
         for k, v in patches.items():
             monkeypatch.setattr(constants, k, v)
         monkeypatch.setattr(hf_api.api, "endpoint", server.url)  # `huggingface_hub.create_repo` & co are bound to it

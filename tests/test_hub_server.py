@@ -16,6 +16,7 @@ from huggingface_hub import (
     upload_folder,
 )
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from hub_server import hub_endpoint  # noqa: F401  (also in conftest; explicit so this file stands alone)
 from safetensors.torch import save_file
 
 REPO = "hf-vq-tester/tiny"
@@ -29,13 +30,6 @@ def _folder(root: Path, scale: float) -> Path:
     (root / "sub").mkdir(exist_ok=True)
     (root / "sub" / "extra.txt").write_text(f"extra {scale}")
     return root
-
-
-def _fresh_cache(hub, name: str) -> str:
-    path = hub.cache_dir.parent / name
-    constants.HF_HUB_CACHE = str(path)  # restored by the fixture's monkeypatch
-    os.environ["HF_HUB_CACHE"] = str(path)
-    return str(path)
 
 
 def test_endpoint_is_local(hub_endpoint):
@@ -66,8 +60,13 @@ def test_upload_then_download_identical(hub_endpoint, tmp_path):
     files = ["config.json", "model.safetensors", "README.md", "sub/extra.txt"]
     for f in files:
         assert Path(hf_hub_download(REPO, f)).read_bytes() == (src / f).read_bytes()
-    _fresh_cache(hub_endpoint, "cache2")
+    first_cache = constants.HF_HUB_CACHE
+    n = len(hub_endpoint.state.requests)
+    cache = hub_endpoint.fresh_cache()
+    assert cache != first_cache and constants.HF_HUB_CACHE == os.environ["HF_HUB_CACHE"] == cache
+    assert os.listdir(cache) == []
     snap = Path(snapshot_download(REPO))
+    assert snap.is_relative_to(cache) and len(hub_endpoint.state.requests) > n  # fetched again, not reused
     assert snap.name == info.oid
     for f in files:
         assert (snap / f).read_bytes() == (src / f).read_bytes()
@@ -147,21 +146,26 @@ def test_transformers_round_trip(hub_endpoint):
     model = transformers.BertModel(config)
     first = model.push_to_hub("tiny-bert").oid  # bare name: the Hub puts it under the token's user
     repo_id = "hf-vq-tester/tiny-bert"
+    pushed = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
     model.push_to_hub(repo_id, revision="dev")  # push to a new branch
 
-    cache = _fresh_cache(hub_endpoint, "cache-tf")
+    HfApi().create_tag(repo_id, tag="v1", revision=first)
+    cache = hub_endpoint.fresh_cache()
     loaded = transformers.AutoModel.from_pretrained(repo_id)
     assert (Path(cache) / "models--hf-vq-tester--tiny-bert" / "snapshots").is_dir()
     old = transformers.AutoModel.from_pretrained(repo_id, revision=first)
     dev = transformers.AutoModel.from_pretrained(repo_id, revision="dev")
+    tagged = transformers.AutoModel.from_pretrained(repo_id, revision="v1")
     ref = model.state_dict()
     for k, v in dev.state_dict().items():
         assert torch.equal(v, ref[k]), k
+    assert loaded.state_dict().keys() == pushed.keys() == dev.state_dict().keys()
     for k, v in loaded.state_dict().items():
-        assert torch.equal(v, old.state_dict()[k]), k
+        assert torch.equal(v, pushed[k]) and torch.equal(v, old.state_dict()[k]), k
+        assert torch.equal(v, tagged.state_dict()[k]), k
         if v.is_floating_point() and v.numel() > 1:
             assert not torch.equal(v, ref[k]), k
 
