@@ -67,34 +67,33 @@ def run_case(d: int, k: int, n: int, device: torch.device, iters: int, warmup: i
     methods = []
     if has_kernel:
         methods += [
-            ("triton exact bf16 (default)", triton(True, "bf16"), True),
-            ("triton exact tf32", triton(True, "tf32"), True),
-            ("triton fast bf16 (exact=False)", triton(False, "bf16"), True),
-            ("triton fast tf32", triton(False, "tf32"), True),
+            ("triton exact bf16 (default)", triton(True, "bf16"), (True, "bf16")),
+            ("triton exact tf32", triton(True, "tf32"), (True, "tf32")),
+            ("triton fast bf16 (exact=False)", triton(False, "bf16"), (False, "bf16")),
+            ("triton fast tf32", triton(False, "tf32"), (False, "tf32")),
         ]
     methods += [
-        ("torch chunked fp32 (reference)", torch_chunked, True),
-        ("torch fp32 addmm + argmin", addmm_argmin, True),
-        ("bf16 GEMM only (floor)", bf16_gemm, False),
+        ("torch chunked fp32 (reference)", torch_chunked, "ref"),
+        ("torch fp32 addmm + argmin", addmm_argmin, "idx"),
+        ("bf16 GEMM only (floor)", bf16_gemm, None),
     ]
     print(f"\n### d{d} K{k} N={n}  ({device}, fp32 inputs)\n")
     print("| method | median ms | peak GiB | agree vs float64 | agree vs fp32 ref | fallback rows |")
     print("|---|---|---|---|---|---|")
-    for name, fn, has_idx in methods:
+    for name, fn, kind in methods:
         m = measure(fn, device, warmup=warmup, iters=iters)
         agree64 = agree32 = fallback = None
-        if has_idx and m.ms is not None:
+        if kind is not None and m.ms is not None:
             with torch.no_grad():
-                if name.startswith("triton"):
-                    st: dict = {}
-                    idx = triton_nearest.nearest_code_triton(
-                        x3[:, :rows], c3, c2, exact="exact" in name, precision="tf32" if "tf32" in name else "bf16",
-                        stats=st)[0][0]
-                    if "exact" in name:
+                if isinstance(kind, tuple):  # triton: (exact, precision)
+                    exact, precision = kind
+                    idx = triton_nearest.nearest_code_triton(x3[:, :rows], c3, c2, exact=exact,
+                                                             precision=precision)[0][0]
+                    if exact:
                         full: dict = {}
-                        triton(True, "tf32" if "tf32" in name else "bf16", full)()
+                        triton(True, precision, full)()
                         fallback = f"{full['fallback_rows']} / {full['rows']}"
-                elif name.startswith("torch chunked"):
+                elif kind == "ref":
                     idx = ref_idx
                 else:
                     idx = fn()[:rows]
