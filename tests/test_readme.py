@@ -16,8 +16,14 @@ def test_readme_has_python_examples():
     assert len(BLOCKS) >= 3
 
 
+# blocks that talk to the Hub run against the local Hub test double (tests/hub_server.py)
+HUB_CALLS = ("push_to_hub", "hf_hub_download", "snapshot_download", "HfApi")
+
+
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_block_runs(index, tmp_path, monkeypatch):
+def test_readme_block_runs(index, tmp_path, monkeypatch, request):
+    if any(call in BLOCKS[index] for call in HUB_CALLS):
+        request.getfixturevalue("hub_endpoint")
     monkeypatch.chdir(tmp_path)
     exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), {"__name__": "__readme__"})
 
