@@ -18,7 +18,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_accelerate.py
 @pytest.mark.parametrize("processes", [1, 2])
 def test_train_accelerate_example(processes, tmp_path):
     launcher = [sys.executable] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     result = subprocess.run(
         [*launcher, str(SCRIPT), "--steps", "5", "--out", str(tmp_path / "vq"), "--cpu"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"},
