@@ -645,7 +645,8 @@ class VectorQuantize(QuantizerModel):
             dead_ids = dead.nonzero(as_tuple=True)[0]
             if dead_ids.numel() > available:
                 # more dead codes than samples: replace a random subset now, the rest in later steps
-                dead_ids = dead_ids[torch.randperm(dead_ids.numel(), device=dead_ids.device)[:available]]
+                chosen = torch.randperm(dead_ids.numel(), device=dead_ids.device)[:available]
+                dead_ids = dead_ids[chosen.sort().values]  # ascending, as vqp fills its boolean mask
                 if sync:
                     distributed.broadcast_(dead_ids)
             new = kmeans_ops.sample_rows_across_ranks(samples, dead_ids.numel(), sync).to(cb.embed.dtype)
@@ -792,7 +793,7 @@ class VectorQuantize(QuantizerModel):
 
         codes = codes.reshape(H, B, n, -1).to(dtype)
         quantized = self.project_out(self._merge_heads(codes, b).flatten(-2))
-        if indices is not None:  # vqp returns right after the projection here: no masking of the output
+        if indices is not None:  # vqp returns here, its codes not yet merged/projected; ours in the output layout
             output = VectorQuantizeOutput(quantized=restore(quantized), loss=target_loss, perplexity=perplexity)
             return output if (c.return_dict if return_dict is None else return_dict) else (output.quantized, target_loss)
         indices = self._merge_heads(code_ids.reshape(H, B, n), b)

@@ -19,16 +19,18 @@ def _unit(t: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
 
 def rotate_to(x: Tensor, codes: Tensor) -> Tensor:
     """Rotation trick (arXiv:2410.06424, sec. 4.2): the value of `codes`, with the gradient carried to `x`
-    through the rotation (and rescaling) that maps `x` onto `codes`, treated as a constant."""
+    through the rotation (and rescaling) that maps `x` onto `codes`, treated as a constant.
+
+    Per-row `(1, d) @ (d, 1)` products in vqp's order, so float32 results match it to the last bit."""
     u, x_norm = _unit(x)
     q, c_norm = _unit(codes)
     w = F.normalize(u + q, p=2, dim=-1, eps=1e-6).detach()
-    e = x
+    e = x.unsqueeze(-2)
     rotated = (
         e
-        - 2 * (e * w).sum(-1, keepdim=True) * w
-        + 2 * (e * u.detach()).sum(-1, keepdim=True) * q.detach()
-    )
+        - 2 * (e @ w.unsqueeze(-1) @ w.unsqueeze(-2))
+        + 2 * (e @ u.detach().unsqueeze(-1) @ q.detach().unsqueeze(-2))
+    ).squeeze(-2)
     return rotated * (c_norm / x_norm.clamp(min=1e-6)).detach()
 
 
