@@ -123,6 +123,12 @@ def test_tokens(hub_endpoint, tmp_path):
     with pytest.raises(RepositoryNotFoundError):
         HfApi(token=False).model_info("hf-vq-tester/secret")
     assert HfApi().model_info("hf-vq-tester/secret").private
+    # A wrong token is refused on reads too (401), even for a public repo: no silent anonymous fallback.
+    for read in (lambda: hf_hub_download(REPO, ".gitattributes", token="hf_wrong"),
+                 lambda: snapshot_download(REPO, token="hf_wrong")):
+        with pytest.raises(HfHubHTTPError) as err:
+            read()
+        assert err.value.response.status_code == 401
 
 
 def test_offline_after_download(hub_endpoint, monkeypatch, tmp_path):
