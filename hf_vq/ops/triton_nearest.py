@@ -15,8 +15,10 @@ for tf32 the hardware rounding is only bounded, `|x_lo| <= 2^-10 |x|`. A code ou
 has `s~ >= s~_(TOPK)`; if `s~_(TOPK) - s~_(1) > 2E`, every code that can win in fp32 is among the first
 `TOPK - 1`, which the kernel re-scores in fp32 with the reference formula (`-sqrt(clamp(|x|^2 + |c|^2 -
 2 x.c, 1e-8))`, ties to the lowest index). The kernel's fp32 dot sums in another order than the reference
-GEMM, so the fp32 winner is kept only if it beats the other candidates by more than 4x the gamma term;
-every other row is flagged and re-done by the PyTorch path. Kept winners are therefore the reference's
+GEMM, so the fp32 winner is kept only if it beats the other candidates by more than twice the worst-case
+difference of two fp32 evaluations of one score (`4 gamma_D |x| max|c| + 2u (|x|^2 + max|c|^2 + 2 |x| max|c|)`,
+`gamma_D = D u / (1 - D u)`, `u = 2^-24`) plus `2^-20` relative; every other row is flagged and re-done by the
+PyTorch path. Kept winners are therefore the reference's
 winners (the indices equal the PyTorch path's); only the returned score may differ from it by that rounding.
 Exact duplicate codes near the top make rows fall back (correct, slower).
 
@@ -184,12 +186,16 @@ if HAS_TRITON:
             clomax = tl.load(STATS + h * sst_h + 2)
             nx = nhi + nlo
             gamma = (D + 16) * 2.384185791015625e-07  # (D + 16) * 2^-22
+            # ferr: how far the kernel's fp32 re-score of one code can be from the reference's (both sum the
+            # same fp32 products, in different orders: each within gamma_D |x| |c| of the exact dot,
+            # gamma_D = D u / (1 - D u), u = 2^-24; plus one rounding of the final add in each)
+            gd = D * 5.9604644775390625e-08 * 1.001
             if COSINE:
-                ferr = gamma * (nx * cmax + 1.0)
-                err = (nlo * cmax + nx * clomax) + ferr
+                ferr = 2.0 * gd * nx * cmax + 1.1920928955078125e-07 * (nx * cmax + 1.0)
+                err = (nlo * cmax + nx * clomax) + gamma * (nx * cmax + 1.0)
             else:
-                ferr = gamma * (x2 + c2max + 2.0 * nx * cmax)
-                err = 2.0 * (nlo * cmax + nx * clomax) + ferr
+                ferr = 4.0 * gd * nx * cmax + 1.1920928955078125e-07 * (x2 + c2max + 2.0 * nx * cmax)
+                err = 2.0 * (nlo * cmax + nx * clomax) + gamma * (x2 + c2max + 2.0 * nx * cmax)
             err = err * 1.0625 + 1e-30
             ferr = ferr * 1.0625 + 1e-30
             flag = (b3 - b0) <= 2.0 * err
@@ -226,7 +232,8 @@ if HAS_TRITON:
             t1 = tl.where((i1 != ib) & (b1 < inf), t1, inf)
             t2 = tl.where((i2 != ib) & (b2 < inf), t2, inf)
             second = tl.minimum(tl.minimum(t0, t1), t2)
-            flag = flag | ((second - tb) <= 4.0 * ferr)
+            # a margin of 2^-20 |tb| on top keeps the reference's gap many ulps wide, so vqp's sqrt cannot merge it
+            flag = flag | ((second - tb) <= 2.0 * ferr + 9.5367431640625e-07 * tl.abs(tb))
             tl.store(OUT_F + h * N + rows, flag.to(tl.int8), mask=rmask)
         else:
             ib = i0
