@@ -9,7 +9,7 @@ Rows: Triton exact (bf16 and tf32 dots, fp32 re-scoring, reference fallback for 
 `addmm + argmin` on the materialized N x K matrix, and the bf16 GEMM alone (a floor: no argmin, no exactness).
 Times are CUDA-event medians after warmup (autotuning happens in the warmup); peak memory is what the call
 allocates above the inputs. Agreement: share of the first 4,096 rows whose index equals the float64 argmin
-(and, separately, the fp32 reference's). Inputs fp32, standard normal.
+(and, separately, the fp32 reference's). Inputs fp32; `--data randn|clustered|both` (default both).
 """
 
 from __future__ import annotations
@@ -38,10 +38,21 @@ def float64_argmin(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return ((xd * xd).sum(-1, keepdim=True) + (cd * cd).sum(-1) - 2.0 * xd @ cd.T).argmin(-1)
 
 
-def run_case(d: int, k: int, n: int, device: torch.device, iters: int, warmup: int) -> None:
+def make_data(d: int, k: int, n: int, device: torch.device, data: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`randn`: x and codes standard normal (many near-ties: the hard case for exactness). `clustered`: each
+    row is a code plus noise of 0.3 per coordinate (a trained codebook's regime: clear winners)."""
     g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(n, d, device=device, generator=g)
     c = torch.randn(k, d, device=device, generator=g)
+    if data == "randn":
+        x = torch.randn(n, d, device=device, generator=g)
+    else:
+        pick = torch.randint(0, k, (n,), device=device, generator=g)
+        x = c[pick] + 0.3 * torch.randn(n, d, device=device, generator=g)
+    return x, c
+
+
+def run_case(d: int, k: int, n: int, device: torch.device, iters: int, warmup: int, data: str = "randn") -> None:
+    x, c = make_data(d, k, n, device, data)
     rows = min(CHECK_ROWS, n)
     truth = float64_argmin(x[:rows], c)
     ref_idx, _ = nearest_ops._nearest_torch(x[None, :rows], c[None], None, "euclidean")
@@ -77,7 +88,7 @@ def run_case(d: int, k: int, n: int, device: torch.device, iters: int, warmup: i
         ("torch fp32 addmm + argmin", addmm_argmin, "idx"),
         ("bf16 GEMM only (floor)", bf16_gemm, None),
     ]
-    print(f"\n### d{d} K{k} N={n}  ({device}, fp32 inputs)\n")
+    print(f"\n### d{d} K{k} N={n}, {data} data  ({device}, fp32 inputs)\n")
     print("| method | median ms | peak GiB | agree vs float64 | agree vs fp32 ref | fallback rows |")
     print("|---|---|---|---|---|---|")
     for name, fn, kind in methods:
@@ -110,6 +121,7 @@ def main() -> None:
     p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (checks the script)")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--data", choices=["randn", "clustered", "both"], default="both")
     args = p.parse_args()
     if args.cpu_smoke:
         device, cases = torch.device("cpu"), CPU_CASES
@@ -124,8 +136,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, triton {getattr(__import__('triton'), '__version__', '?') if triton_nearest.HAS_TRITON else 'absent'}, "
           f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
     torch.backends.cuda.matmul.allow_tf32 = False  # the torch fp32 rows are true fp32
-    for d, k, n in cases:
-        run_case(d, k, n, device, iters, warmup)
+    for data in (["randn", "clustered"] if args.data == "both" else [args.data]):
+        for d, k, n in cases:
+            run_case(d, k, n, device, iters, warmup, data)
 
 
 if __name__ == "__main__":
