@@ -4,7 +4,7 @@
     python benchmarks/bench_nearest.py --cpu-smoke   # tiny sizes on the CPU (checks the script, no kernel)
     TRITON_INTERPRET=1 python benchmarks/bench_nearest.py --cpu-smoke   # also the kernel rows, interpreted
 
-Rows: Triton exact (bf16 and tf32 dots, fp32 re-scoring, reference fallback for unproven rows), Triton fast
+Rows: Triton exact (bf16 and tf32 dots, top-4 or top-8 candidates, fp32 re-scoring, reference fallback for unproven rows), Triton fast
 (low-precision argmin), hf_vq's chunked PyTorch reference (`HF_VQ_DISABLE_TRITON` path), plain PyTorch fp32
 `addmm + argmin` on the materialized N x K matrix, and the bf16 GEMM alone (a floor: no argmin, no exactness).
 Times are CUDA-event medians after warmup (autotuning happens in the warmup); peak memory is what the call
@@ -62,8 +62,9 @@ def run_case(d: int, k: int, n: int, device: torch.device, iters: int, warmup: i
     c2 = nearest_ops.sq_norm(c3)
     xb, cb = x.bfloat16(), c.bfloat16()
 
-    def triton(exact: bool, precision: str, stats: dict | None = None):
-        return lambda: triton_nearest.nearest_code_triton(x3, c3, c2, exact=exact, precision=precision, stats=stats)
+    def triton(exact: bool, precision: str, stats: dict | None = None, topk: int = triton_nearest.TOPK):
+        return lambda: triton_nearest.nearest_code_triton(x3, c3, c2, exact=exact, precision=precision, stats=stats,
+                                                          topk=topk)
 
     def torch_chunked():
         return nearest_ops._nearest_torch(x3, c3, None, "euclidean")
@@ -78,10 +79,11 @@ def run_case(d: int, k: int, n: int, device: torch.device, iters: int, warmup: i
     methods = []
     if has_kernel:
         methods += [
-            ("triton exact bf16 (default)", triton(True, "bf16"), (True, "bf16")),
-            ("triton exact tf32", triton(True, "tf32"), (True, "tf32")),
-            ("triton fast bf16 (exact=False)", triton(False, "bf16"), (False, "bf16")),
-            ("triton fast tf32", triton(False, "tf32"), (False, "tf32")),
+            ("triton exact bf16 (default, top-4)", triton(True, "bf16"), (True, "bf16", 4)),
+            ("triton exact bf16 top-8", triton(True, "bf16", topk=8), (True, "bf16", 8)),
+            ("triton exact tf32", triton(True, "tf32"), (True, "tf32", 4)),
+            ("triton fast bf16 (exact=False)", triton(False, "bf16"), (False, "bf16", 4)),
+            ("triton fast tf32", triton(False, "tf32"), (False, "tf32", 4)),
         ]
     methods += [
         ("torch chunked fp32 (reference)", torch_chunked, "ref"),
@@ -97,12 +99,12 @@ def run_case(d: int, k: int, n: int, device: torch.device, iters: int, warmup: i
         if kind is not None and m.ms is not None:
             with torch.no_grad():
                 if isinstance(kind, tuple):  # triton: (exact, precision)
-                    exact, precision = kind
+                    exact, precision, topk = kind
                     idx = triton_nearest.nearest_code_triton(x3[:, :rows], c3, c2, exact=exact,
-                                                             precision=precision)[0][0]
+                                                             precision=precision, topk=topk)[0][0]
                     if exact:
                         full: dict = {}
-                        triton(True, precision, full)()
+                        triton(True, precision, full, topk)()
                         fallback = f"{full['fallback_rows']} / {full['rows']}"
                 elif kind == "ref":
                     idx = ref_idx

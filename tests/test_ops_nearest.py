@@ -171,11 +171,13 @@ _INTERPRET_SCRIPT = textwrap.dedent(
     def case(name, x, c, metric):
         shared = c.shape[0] == 1 and x.shape[0] > 1
         ri, rs = _nearest_torch(x, c, None, metric)
-        for prec in ("bf16", "tf32"):
+        for prec, topk in (("bf16", 4), ("tf32", 4), ("bf16", 8)):
             st = {}
-            i, s = tn.nearest_code_triton(x, c, sq_norm(c), metric=metric, exact=True, precision=prec, stats=st)
+            i, s = tn.nearest_code_triton(x, c, sq_norm(c), metric=metric, exact=True, precision=prec, stats=st,
+                                          topk=topk)
             fi, fs = tn.nearest_code_triton(x, c, sq_norm(c), metric=metric, exact=False, precision=prec)
-            out.append(dict(name=name, prec=prec, rows=x.shape[0] * x.shape[1], exact_equal=bool(torch.equal(i, ri)),
+            out.append(dict(name=name, prec=prec, topk=topk, rows=x.shape[0] * x.shape[1],
+                            exact_equal=bool(torch.equal(i, ri)),
                             score_err=float((s - rs).abs().max()), fast_agree=float((fi == ri).float().mean()),
                             fast_score_err=float((fs - rs).abs().max()), fallback=st["fallback_rows"]))
     x = torch.randn(2, 37, 24, generator=g); c = torch.randn(2, 45, 24, generator=g)
@@ -186,6 +188,7 @@ _INTERPRET_SCRIPT = textwrap.dedent(
     dup = torch.cat([base, base, base + 1e-4 * torch.randn(1, 12, 24, generator=g)], 1)  # duplicates / near-ties
     case("duplicates", base[:, torch.randint(0, 12, (40,), generator=g)], dup, "euclidean")
     case("tiny K", torch.randn(1, 9, 5, generator=g), torch.randn(1, 2, 5, generator=g), "euclidean")
+    case("K=300 over 16-wide tiles", torch.randn(1, 64, 8, generator=g), torch.randn(1, 300, 8, generator=g), "euclidean")
     # the public op dispatches to the kernel under the interpreter
     xb = torch.randn(30, 16, generator=g).bfloat16(); cb = torch.randn(33, 16, generator=g)
     i = nearest_code(xb, cb)[0]
