@@ -176,7 +176,10 @@ def nearest_code(
     if x3.shape[1] > 0 and x3.shape[0] > 0 and triton_nearest.available(x3):
         with torch.no_grad():
             cbt = codebook.reshape(-1, *codebook.shape[-2:])  # unexpanded: the kernel broadcasts a shared codebook
-            sqn_t = sq_norm(cbt) if (codebook_sq_norm is None or metric == "cosine") else \
+            shared_view = cbt.shape[0] > 1 and cbt.stride(0) == 0  # `embed.expand(h, ...)`: one codebook
+            if shared_view:
+                cbt = cbt[:1]
+            sqn_t = sq_norm(cbt) if (codebook_sq_norm is None or metric == "cosine" or shared_view) else \
                 codebook_sq_norm.float().reshape(cbt.shape[0], -1)
             indices, best = triton_nearest.nearest_code_triton(x3, cbt, sqn_t, metric=metric, exact=exact)
     else:
