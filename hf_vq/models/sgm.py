@@ -9,12 +9,17 @@ also regular hf_vq models: configs, Auto registration, exact save/load.
 
 Differences from the seed, by design: the nearest code comes from `hf_vq.ops.nearest` (bounded memory);
 N x K one-hots are never built, so `EMAVectorQuantizer`'s log dict has no `encodings` entry and
-`VectorQuantizer2`'s `min_encodings` is `None` (as diffusers' VectorQuantizer returns it).
+`VectorQuantizer2`'s `min_encodings` is always `None` (as diffusers' VectorQuantizer returns it; the indices
+carry the same information). The outputs keep the input's dtype. With `embedding_weight_norm`, the search
+uses the current weight-normalized codebook (sgm reads the `weight` the hook computed on the previous call).
+`EMAVectorQuantizer` sums its EMA statistics over processes when a process group is up (`sync_codebook`).
+Gumbel's `(b, n_embed, h, w)` soft one-hot is the relaxation itself (a distribution over codes), kept as sgm.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,9 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import distributed
 from ..modeling_utils import QuantizerConfig, QuantizerModel, QuantizerOutput, check_features, register_quantizer
+from ..ops.ema import cluster_stats, laplace_smoothing
 from ..ops.nearest import nearest_code
-from ..ops.remap import remap_to_used, resolve_unknown_index, unmap_to_all
+from ..ops.remap import check_used, remap_to_used, resolve_unknown_index, unmap_to_all
 
 
 def measure_perplexity(indices: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
@@ -57,8 +64,34 @@ class TamingQuantizerOutput(SgmQuantizerOutput):
         return self.quantized, self.loss, (self.perplexity, None, self.indices)
 
 
+def _require(config, name: str, ok, allowed: str) -> None:
+    value = getattr(config, name)
+    if not ok(value):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 class SgmConfigMixin:
     """Shared config logic: sgm classes return sgm's tuple unless `return_dict=True`; remap bookkeeping."""
+
+    def _require_positive_ints(self, *names: str) -> None:
+        for name in names:
+            _require(self, name, lambda v: _is_int(v) and v >= 1, "a positive int")
+
+    def _require_bools(self, *names: str) -> None:
+        for name in names:
+            _require(self, name, lambda v: isinstance(v, bool), "a bool")
+
+    def _require_non_negative(self, *names: str) -> None:
+        for name in names:
+            _require(self, name, lambda v: _is_number(v) and v >= 0, "a number >= 0")
 
     def _sgm_defaults(self, kwargs: dict) -> dict:
         kwargs.setdefault("return_dict", False)
@@ -82,6 +115,8 @@ class _RemapMixin:
             used = torch.zeros(c.remap_size, dtype=torch.long)
             if os.path.exists(c.remap):
                 used = torch.as_tensor(np.load(c.remap)).long()
+            if not used.is_meta:  # from_pretrained builds on meta, then loads `used` from the weights
+                check_used(used, num_codes)
             self.register_buffer("used", used)
             self.unknown_index, self.re_embed = resolve_unknown_index(c.unknown_index, c.remap_size)
         else:
@@ -92,7 +127,7 @@ class _RemapMixin:
         return remap_to_used(inds, self.used, self.num_codes, self.unknown_index, self.re_embed)
 
     def unmap_to_all(self, inds: Tensor) -> Tensor:
-        return unmap_to_all(inds, self.used)
+        return unmap_to_all(inds, self.used, self.re_embed)
 
     def get_trainable_parameters(self):
         yield from self.parameters()
@@ -130,9 +165,10 @@ class VectorQuantizerConfig(SgmConfigMixin, QuantizerConfig):
         super().__init__(**self._sgm_defaults(kwargs))
 
     def validate(self):
-        for name in ("n_e", "e_dim"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        self._require_positive_ints("n_e", "e_dim")
+        self._require_non_negative("beta")
+        self._require_bools("sane_index_shape", "log_perplexity", "embedding_weight_norm", "legacy")
+        _require(self, "loss_key", lambda v: isinstance(v, str), "a str")
         self._validate_remap()
 
 
@@ -150,19 +186,24 @@ class VectorQuantizer(_RemapMixin, QuantizerModel):
         c = self.config
         embedding = nn.Embedding(c.n_e, c.e_dim)
         if c.embedding_weight_norm:
-            embedding = torch.nn.utils.weight_norm(embedding, dim=1)
+            # the deprecated hook form on purpose: its keys (`embedding.weight_g`, `embedding.weight_v`) are sgm's
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                embedding = torch.nn.utils.weight_norm(embedding, dim=1)
         else:
             embedding.weight.data.uniform_(-1.0 / c.n_e, 1.0 / c.n_e)
         self.embedding = embedding
         self._init_remap(c.n_e)
         self.post_init()
 
-    def _init_weights(self, module):  # keep sgm's uniform(-1/n_e, 1/n_e) init
-        super()._init_weights(module)
-
     @property
     def codebook(self) -> Tensor:
-        return self.embedding.weight
+        emb = self.embedding
+        if self.config.embedding_weight_norm:
+            # the hook refreshes `weight` only when the embedding runs: recompute so the search never sees a
+            # stale codebook (e.g. the random init right after load_state_dict)
+            return torch._weight_norm(emb.weight_v, emb.weight_g, 1)
+        return emb.weight
 
     def _nearest(self, z_flat: Tensor) -> Tensor:
         return nearest_code(z_flat, self.codebook.detach())[0]
@@ -178,7 +219,7 @@ class VectorQuantizer(_RemapMixin, QuantizerModel):
             raise ValueError(f"expected {c.e_dim} channels, got {z.shape[-1]} (shape {tuple(z.shape)})")
         z_flat = z.reshape(-1, c.e_dim)
         indices = self._nearest(z_flat)
-        z_q = self.embedding(indices).view(z.shape)
+        z_q = self.embedding(indices).view(z.shape).to(z.dtype)
         commitment = torch.mean((z_q.detach() - z) ** 2)
         codebook = torch.mean((z_q - z.detach()) ** 2)
         loss = commitment + c.beta * codebook if c.legacy else c.beta * commitment + codebook
@@ -237,6 +278,15 @@ class VectorQuantizer2(VectorQuantizer):
     config_class = VectorQuantizer2Config
     output_class = TamingQuantizerOutput
 
+    def forward(self, z: Tensor, temp: float | None = None, rescale_logits: bool = False,
+                return_logits: bool = False, return_dict: bool | None = None):
+        """taming's signature: `temp`, `rescale_logits` and `return_logits` exist only for interface
+        compatibility with [`GumbelQuantize`] and must keep their defaults."""
+        if (temp is not None and temp != 1.0) or rescale_logits or return_logits:
+            raise ValueError("VectorQuantizer2 takes temp, rescale_logits and return_logits only for interface "
+                             "compatibility with GumbelQuantize: leave them at their defaults")
+        return super().forward(z, return_dict=return_dict)
+
 
 # --------------------------------------------------------------------------------------------------
 # EMAVectorQuantizer
@@ -244,20 +294,27 @@ class VectorQuantizer2(VectorQuantizer):
 
 class EMAVectorQuantizerConfig(SgmConfigMixin, QuantizerConfig):
     """Configuration of [`EMAVectorQuantizer`] (sgm's `n_embed, embedding_dim, beta, decay, eps, remap,
-    unknown_index, loss_key`)."""
+    unknown_index, loss_key`), plus `sync_codebook` (`bool`, *optional*): sum the EMA statistics over
+    processes (default: when a process group is up), so every rank keeps the same codebook."""
 
     model_type = "hf_vq_sgm_ema_vector_quantizer"
 
     def __init__(self, n_embed: int = 512, embedding_dim: int = 256, beta: float = 0.25, decay: float = 0.99,
                  eps: float = 1e-5, remap: str | None = None, unknown_index: Any = "random",
-                 loss_key: str = "loss/vq", remap_size: int | None = None, **kwargs):
+                 loss_key: str = "loss/vq", sync_codebook: bool | None = None, remap_size: int | None = None,
+                 **kwargs):
         self.n_embed, self.embedding_dim, self.beta, self.decay, self.eps = n_embed, embedding_dim, beta, decay, eps
         self.remap, self.remap_size, self.unknown_index, self.loss_key = remap, remap_size, unknown_index, loss_key
+        self.sync_codebook = sync_codebook
         super().__init__(**self._sgm_defaults(kwargs))
 
     def validate(self):
-        if not 0.0 <= self.decay <= 1.0:
-            raise ValueError(f"decay must be in [0, 1], got {self.decay!r}")
+        self._require_positive_ints("n_embed", "embedding_dim")
+        self._require_non_negative("beta")
+        _require(self, "decay", lambda v: _is_number(v) and 0.0 <= v <= 1.0, "a number in [0, 1]")
+        _require(self, "eps", lambda v: _is_number(v) and v > 0, "a number > 0")
+        _require(self, "loss_key", lambda v: isinstance(v, str), "a str")
+        _require(self, "sync_codebook", lambda v: v is None or isinstance(v, bool), "None or a bool")
         self._validate_remap()
 
 
@@ -283,7 +340,7 @@ class EmbeddingEMA(nn.Module):
 
     def weight_update(self, num_tokens: int) -> None:
         n = self.cluster_size.sum()
-        smoothed = (self.cluster_size + self.eps) / (n + num_tokens * self.eps) * n
+        smoothed = laplace_smoothing(self.cluster_size, num_tokens, self.eps) * n
         self.weight.copy_(self.embed_avg / smoothed.unsqueeze(1))
 
 
@@ -311,21 +368,28 @@ class EMAVectorQuantizer(_RemapMixin, QuantizerModel):
         z = z.movedim(1, -1)
         z_flat = z.reshape(-1, c.embedding_dim)
         indices = nearest_code(z_flat, self.embedding.weight)[0]
-        z_q = self.embedding(indices).view(z.shape)
+        z_q = self.embedding(indices).view(z.shape).to(z.dtype)
         perplexity, usage = measure_perplexity(indices, c.n_embed)
         if self.training and self.embedding.update:
-            with torch.no_grad():
-                counts = torch.bincount(indices, minlength=c.n_embed).to(z_flat.dtype)
-                sums = torch.zeros_like(self.embedding.embed_avg).index_add_(0, indices, z_flat.detach().float())
-                self.embedding.cluster_size_ema_update(counts)
-                self.embedding.embed_avg_ema_update(sums)
-                self.embedding.weight_update(c.n_embed)
+            self._ema_update(z_flat, indices)
         loss = c.beta * F.mse_loss(z_q.detach(), z)
         z_q = (z + (z_q - z).detach()).movedim(-1, 1)
         log = {c.loss_key: loss, "encoding_indices": indices, "perplexity": perplexity}
         out = SgmQuantizerOutput(quantized=z_q, indices=indices, loss=loss, perplexity=perplexity,
                                  cluster_usage=usage, log_dict=log)
         return self._output(out, return_dict)
+
+    @torch.no_grad()
+    def _ema_update(self, z_flat: Tensor, indices: Tensor) -> None:
+        """sgm's EmbeddingEMA step from float32 counts and sums (bincount / index_add_, no one-hot)."""
+        counts, sums = cluster_stats(z_flat.detach(), indices, self.config.n_embed)
+        sync = self.config.sync_codebook
+        if distributed.is_distributed() and (sync is None or sync):
+            distributed.all_reduce_sum_(counts, sums)
+        emb = self.embedding
+        emb.cluster_size_ema_update(counts.to(emb.cluster_size.dtype))
+        emb.embed_avg_ema_update(sums.to(emb.embed_avg.dtype))
+        emb.weight_update(self.config.n_embed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -347,6 +411,11 @@ class VectorQuantizerWithInputProjectionConfig(VectorQuantizerConfig):
     @classmethod
     def field_names(cls) -> list[str]:
         return [n for n in super().field_names() if n not in ("n_e", "e_dim")]
+
+    def validate(self):
+        self._require_positive_ints("input_dim", "n_codes", "codebook_dim")
+        _require(self, "output_dim", lambda v: v is None or (_is_int(v) and v >= 1), "None or a positive int")
+        super().validate()
 
 
 @register_quantizer
@@ -395,8 +464,11 @@ class GumbelQuantizerConfig(SgmConfigMixin, QuantizerConfig):
         super().__init__(**self._sgm_defaults(kwargs))
 
     def validate(self):
-        if self.temp_init <= 0:
-            raise ValueError(f"temp_init must be > 0, got {self.temp_init!r}")
+        self._require_positive_ints("num_hiddens", "embedding_dim", "n_embed")
+        self._require_bools("straight_through")
+        self._require_non_negative("kl_weight")
+        _require(self, "temp_init", lambda v: _is_number(v) and v > 0, "a number > 0")
+        _require(self, "loss_key", lambda v: isinstance(v, str), "a str")
         self._validate_remap()
 
 
@@ -470,6 +542,8 @@ class GumbelQuantizeConfig(GumbelQuantizerConfig):
                  straight_through: bool = True, kl_weight: float = 5e-4, temp_init: float = 1.0,
                  use_vqinterface: bool = True, remap: str | None = None, unknown_index: Any = "random", **kwargs):
         self.use_vqinterface = use_vqinterface
+        if not isinstance(use_vqinterface, bool):
+            raise ValueError(f"use_vqinterface must be a bool, got {use_vqinterface!r}")
         super().__init__(num_hiddens=num_hiddens, embedding_dim=embedding_dim, n_embed=n_embed,
                          straight_through=straight_through, kl_weight=kl_weight, temp_init=temp_init,
                          remap=remap, unknown_index=unknown_index, **kwargs)
@@ -489,7 +563,10 @@ class GumbelQuantize(GumbelQuantizer):
         out = output_class(quantized=z_q, indices=indices, loss=loss, log_dict={"logits": logits} if return_logits else {})
         if self.config.return_dict if return_dict is None else return_dict:
             return out
-        return (*out.to_seed_tuple(), logits) if return_logits else out.to_seed_tuple()
+        # taming appends the logits only with the VQ interface (and ignores return_logits without it)
+        if return_logits and self.config.use_vqinterface:
+            return (*out.to_seed_tuple(), logits)
+        return out.to_seed_tuple()
 
 
 @dataclass
