@@ -472,3 +472,44 @@ def test_ema_statistics_are_summed_over_processes(monkeypatch, sync):
     single(torch.cat([z, z]) if sync is None else z)
     for key, value in single.state_dict().items():
         torch.testing.assert_close(synced.state_dict()[key], value, atol=1e-6, rtol=1e-6)
+
+
+def test_vector_quantizer2_takes_the_quantizer_of_a_diffusers_vq_model():
+    """hf_vq.VQAutoencoder's contract: diffusers VQModel's `quantize.*` weights load into VectorQuantizer2
+    (its defaults beta=0.25, legacy=True are VQModel's) and reproduce VQModel.quantize exactly."""
+    from diffusers import VQModel
+
+    torch.manual_seed(0)
+    vq_model = VQModel(block_out_channels=(8,), norm_num_groups=4, latent_channels=4, num_vq_embeddings=16,
+                       vq_embed_dim=4, layers_per_block=1).eval()
+    state = {k.removeprefix("quantize."): v for k, v in vq_model.state_dict().items() if k.startswith("quantize.")}
+    ours = hf_vq.VectorQuantizer2(n_e=16, e_dim=4)
+    ours.load_state_dict(state)
+    h = vq_model.quant_conv(vq_model.encoder(torch.randn(2, 3, 8, 8)))
+    a_q, a_loss, (_, _, a_idx) = ours(h)
+    b_q, b_loss, (_, _, b_idx) = vq_model.quantize(h)
+    assert torch.equal(a_idx, b_idx)
+    torch.testing.assert_close(a_q, b_q, atol=1e-6, rtol=0)
+    torch.testing.assert_close(a_loss, b_loss)
+
+
+def test_gumbel_quantizer_with_remap_matches_the_seed_formula(tmp_path):
+    used = np.array([5, 1, 9, 12])
+    np.save(tmp_path / "used.npy", used)
+    q = hf_vq.GumbelQuantizer(8, 4, 16, remap=str(tmp_path / "used.npy"), unknown_index="extra").train()
+    z = torch.randn(2, 8, 3, 3)
+    torch.manual_seed(4)
+    z_q, log = q(z)
+    idx = q(z, return_dict=True).indices
+    # the seed: Gumbel-softmax over the used logits only, scattered back to the full codebook
+    full_logits = q.proj(z)
+    logits = full_logits[:, torch.as_tensor(used)]
+    torch.manual_seed(4)
+    soft = torch.zeros_like(full_logits)
+    soft[:, torch.as_tensor(used)] = F.gumbel_softmax(logits, tau=1.0, dim=1, hard=True)
+    torch.testing.assert_close(z_q, torch.einsum("bnhw,nd->bdhw", soft, q.embed.weight))
+    qy = F.softmax(logits, dim=1)
+    torch.testing.assert_close(log["loss/vq"], 5e-4 * torch.sum(qy * torch.log(qy * 16 + 1e-10), dim=1).mean())
+    assert int(idx.max()) < 4  # positions in `used` (every sampled code is a used one)
+    entry = q.get_codebook_entry(idx.reshape(-1), (2, 3, 3, 4))
+    torch.testing.assert_close(entry, q.embed.weight[torch.as_tensor(used)[idx]].permute(0, 3, 1, 2))

@@ -58,7 +58,9 @@ class SgmQuantizerOutput(QuantizerOutput):
 
 @dataclass
 class TamingQuantizerOutput(SgmQuantizerOutput):
-    """taming/`vqvae` convention: `(z_q, loss, (perplexity, min_encodings, indices))`."""
+    """taming/`vqvae` convention: `(z_q, loss, (perplexity, min_encodings, indices))`. `min_encodings` (taming's
+    N x K one-hot) is always `None`, as in diffusers; `perplexity` is computed (a bincount) where taming
+    returns `None` for the hard quantizer, and is `None` for GumbelQuantize as in taming."""
 
     def to_seed_tuple(self) -> tuple:
         return self.quantized, self.loss, (self.perplexity, None, self.indices)
