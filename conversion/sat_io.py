@@ -552,21 +552,28 @@ def find_regularizer_config(config: Any, node_path: str | None = None) -> tuple[
 # --------------------------------------------------------------------------------------------------
 
 
-def sha256_of(paths: str | Path | Iterable[str | Path], chunk_size: int = 1 << 20) -> dict[str, str]:
-    """SHA-256 hex digest of each file, keyed by file name (for the model card).
+def sha256_of(
+    paths: str | Path | Iterable[str | Path], chunk_size: int = 1 << 20, progress: bool = False
+) -> dict[str, str]:
+    """SHA-256 hex digest of each file, keyed by file name (for the model card); ``progress`` shows a byte bar.
 
     Raises:
         ValueError: two files share a name (their digests would collide in the mapping).
     """
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
+    from tqdm.auto import tqdm
+
+    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    names = [p.name for p in paths]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two files share a name in {names}; hash them separately")
     out = {}
-    for p in map(Path, paths):
-        if p.name in out:
-            raise ValueError(f"two files named {p.name!r}; hash them separately")
-        h = hashlib.sha256()
-        with open(p, "rb") as fh:
-            while block := fh.read(chunk_size):
-                h.update(block)
-        out[p.name] = h.hexdigest()
+    total = sum(p.stat().st_size for p in paths)
+    with tqdm(total=total, desc="Hashing checkpoint", unit="B", unit_scale=True, disable=not progress) as bar:
+        for p in paths:
+            h = hashlib.sha256()
+            with open(p, "rb") as fh:
+                while block := fh.read(chunk_size):
+                    h.update(block)
+                    bar.update(len(block))
+            out[p.name] = h.hexdigest()
     return out

@@ -45,15 +45,26 @@ def card_statistics(model) -> dict[str, str]:
     return stats
 
 
-def render_model_card(model, repo_id: str | None = None) -> ModelCard:
-    """The card of `model`; `repo_id` (or a local folder) is what the usage snippet loads."""
+def render_model_card(model, repo_id: str | None = None, source: dict | None = None) -> ModelCard:
+    """The card of `model`; `repo_id` (or a local folder) is what the usage snippet loads.
+
+    `source` (from the SAT converter) adds a Conversion section and metadata: `origin`, `target`, `prefix`,
+    `converter`, `verification` (a sentence), `notes` (list), `sha256` ({file: digest}), `license`,
+    `source_checkpoint`.
+    """
     config = model.config
     kind = type(model).__name__
+    tags = ["vector-quantization", "hf-vq", kind.lower(), config.model_type]
     data = ModelCardData(
         library_name="hf-vq",
-        tags=["vector-quantization", "hf-vq", kind.lower(), config.model_type],
+        tags=tags + (["cogvideo", "sat-conversion"] if source else []),
         pipeline_tag=None,
+        license=(source or {}).get("license"),
     )
+    if source:
+        data.source_checkpoint = source["source_checkpoint"]
+        data.source_sha256 = source["sha256"]
+        data.converter = source["converter"]
     details = {name: getattr(config, name) for name in _DETAIL_FIELDS if getattr(config, name, None) is not None}
     return ModelCard.from_template(
         data,
@@ -67,6 +78,7 @@ def render_model_card(model, repo_id: str | None = None) -> ModelCard:
         statistics=card_statistics(model),
         repo_id=repo_id or kind,
         example_shape=tuple(model.example_input_shape()),
+        source=source,
     )
 
 
@@ -78,7 +90,7 @@ def _replaceable(text: str) -> bool:
     return MARKER in text or _TRANSFORMERS_DEFAULT in text
 
 
-def write_model_card(model, folder: str | os.PathLike, repo_id: str | None = None) -> None:
+def write_model_card(model, folder: str | os.PathLike, repo_id: str | None = None, source: dict | None = None) -> None:
     """Write hf_vq's README.md into `folder`, unless a README that neither hf_vq nor transformers generated is
     already there (a user's own card is kept). Tags of a replaced card (`push_to_hub(tags=...)`) are kept."""
     path = Path(folder) / "README.md"
@@ -88,6 +100,6 @@ def write_model_card(model, folder: str | os.PathLike, repo_id: str | None = Non
         if not _replaceable(text):
             return
         extra_tags = [t for t in (ModelCard(text, ignore_metadata_errors=True).data.tags or []) if t != "transformers"]
-    card = render_model_card(model, repo_id or str(folder))
+    card = render_model_card(model, repo_id or str(folder), source=source)
     card.data.tags += [t for t in extra_tags if t not in card.data.tags]
     card.save(path)

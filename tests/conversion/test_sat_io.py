@@ -1,4 +1,4 @@
-"""conversion.sat_io on checkpoints built in SAT's exact on-disk layout (no SAT / DeepSpeed needed)."""
+"""hf_vq.conversion.sat_io (conversion/sat_io.py) on checkpoints built in SAT's exact on-disk layout (no SAT / DeepSpeed needed)."""
 
 import argparse
 import hashlib
@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conversion.sat_io import (
+from hf_vq.conversion.sat_io import (
     extract_submodule,
     find_prefix,
     find_regularizer_config,

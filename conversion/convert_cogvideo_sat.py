@@ -1,0 +1,381 @@
+"""Convert the quantizer of a CogVideo SAT (SwissArmyTransformer) checkpoint into a verified hf_vq repo.
+
+    hf-vq convert SAT_DIR_OR_FILE [--config sat.yaml ...] --out DIR [--push-to-hub ORG/NAME] [--dtype ...]
+    python conversion/convert_cogvideo_sat.py SAT_DIR_OR_FILE ...        (the same)
+
+Steps: find the checkpoint (``latest`` -> ``<tag>/mp_rank_XX_model_states.pt``, or one file), load it with
+``torch.load(weights_only=True)``, merge model-parallel ranks, take the quantizer's tensors (prefix
+auto-detected or ``--prefix``), build the hf_vq model from the YAML's regularizer node (or infer it from the
+tensors), verify it against an independent re-implementation of the source forward (``sgm_reference``), then
+write ``config.json`` + ``model.safetensors`` + a model card into a temporary folder, reload it with
+``AutoModel`` and compare, and only then rename it into place (and upload it with ``--push-to-hub``).
+Nothing is written when any step fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+# absolute imports: this file also runs as a script (`python conversion/convert_cogvideo_sat.py`); the
+# installed package maps conversion/ to hf_vq.conversion
+import hf_vq  # registers the quantizers with AutoModel
+from hf_vq.conversion.regularizers import (
+    Regularizer,
+    config_from_target,
+    infer_from_state_dict,
+    load_regularizer_weights,
+)
+from hf_vq.conversion.sat_io import (
+    extract_submodule,
+    find_prefix,
+    find_regularizer_config,
+    load_state_dict,
+    resolve_checkpoint,
+    sha256_of,
+)
+from hf_vq.conversion.sgm_reference import reference_forward
+from hf_vq.modeling_utils import build_quantizer
+
+__all__ = ["ConversionError", "ConversionResult", "VerificationError", "convert", "main"]
+
+CONVERTER = f"hf-vq {hf_vq.__version__} convert_cogvideo_sat"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# A nearest-code pair closer than this (relative float64 distance gap) is a tie at float32 precision.
+TIE_TOLERANCE = 1e-5
+
+
+class ConversionError(ValueError):
+    """A conversion failed; nothing was written."""
+
+
+class VerificationError(ConversionError):
+    """The converted model disagrees with the reference forward; the message is the report."""
+
+
+@dataclass
+class ConversionResult:
+    """What :func:`convert` did (also printed as the summary)."""
+
+    out: Path
+    model: torch.nn.Module
+    target: str
+    prefix: str
+    params: dict
+    notes: list[str]
+    sha256: dict[str, str]
+    verification: dict
+    dtype: torch.dtype
+    files: dict[str, int] = field(default_factory=dict)
+    url: str | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the model
+
+
+def _quantizer_spec(tensors: Mapping[str, torch.Tensor], config, node: str | None):
+    """(regularizer, target, params, notes): from the YAML when given, else inferred from the tensors."""
+    if config is not None:
+        target, params = find_regularizer_config(config, node_path=node)
+        reg, kwargs = config_from_target(target, params, tensors)
+        return reg, target, kwargs, []
+    reg, kwargs, notes = infer_from_state_dict(tensors)
+    return reg, f"{reg.sources[0]}.{reg.name}", kwargs, notes
+
+
+def _build(reg: Regularizer, kwargs: dict, tensors: Mapping[str, torch.Tensor]):
+    try:
+        model = build_quantizer(reg.name, kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConversionError(f"cannot build hf_vq.{reg.name} from the regularizer params {kwargs}: {e}") from e
+    try:
+        load_regularizer_weights(model, tensors)
+    except ValueError as e:
+        raise ConversionError(str(e)) from e
+    return model.float().eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Verification
+
+
+def _verification_input(model, tensors, generator: torch.Generator, batch: int = 8) -> torch.Tensor:
+    """`batch` examples of the model's example shape; for codebook quantizers fed directly (no input
+    projection), half the positions are codebook rows plus noise, so the search is tested near the codes."""
+    x = torch.randn([batch, *model.example_input_shape()[1:]], generator=generator)
+    codebook = next((tensors[k] for k in ("embedding.weight", "embedding.weight_v") if k in tensors), None)
+    if codebook is not None and x.ndim == 4 and x.shape[1] == codebook.shape[1] and "proj_in.weight" not in tensors:
+        codebook = codebook.float()
+        scale = codebook.std().clamp_min(1e-6)
+        x = x * scale
+        tokens = x.movedim(1, -1).reshape(-1, codebook.shape[1])
+        half = tokens.shape[0] // 2
+        rows = torch.randint(codebook.shape[0], (half,), generator=generator)
+        tokens[:half] = codebook[rows] + 0.1 * scale * torch.randn(half, codebook.shape[1], generator=generator)
+        x = tokens.reshape(x.movedim(1, -1).shape).movedim(-1, 1).contiguous()
+    return x
+
+
+def _compare(name: str, out, ref, batch: int) -> tuple[dict, list[str]]:
+    got_ind = out.indices.reshape(-1).long()
+    if got_ind.numel() != ref.indices.numel():
+        return {}, [f"batch {batch}: {got_ind.numel()} indices, the reference has {ref.indices.numel()}"]
+    differ = got_ind != ref.indices
+    ties = differ & (ref.gap <= TIE_TOLERANCE) if ref.gap is not None else torch.zeros_like(differ)
+    problems = []
+    if (differ & ~ties).any():
+        where = (differ & ~ties).nonzero().flatten()[:5].tolist()
+        pairs = ", ".join(f"#{i}: model {got_ind[i].item()} vs reference {ref.indices[i].item()}" for i in where)
+        problems.append(f"batch {batch}: {int((differ & ~ties).sum())} of {differ.numel()} indices differ ({pairs})")
+    quantized = out.quantized.float()
+    max_diff = math.nan
+    if quantized.shape != ref.output.shape:
+        problems.append(f"batch {batch}: output shape {tuple(quantized.shape)} vs reference {tuple(ref.output.shape)}")
+    elif not ties.any():  # at a true tie either code is right: the output check needs the same codes
+        max_diff = (quantized - ref.output).abs().max().item()
+        tol = 1e-5 * max(1.0, ref.output.abs().max().item())
+        if not max_diff <= tol:
+            problems.append(f"batch {batch}: outputs differ by up to {max_diff:.3g} (tolerance {tol:.3g})")
+    return {"indices": differ.numel(), "ties": int(ties.sum()), "max_abs_diff": max_diff}, problems
+
+
+def verify(model, reg: Regularizer, params: Mapping, tensors: Mapping[str, torch.Tensor],
+           batches: int = 4, seed: int = 0) -> dict:
+    """Compare ``model`` with ``sgm_reference`` on ``batches`` random inputs (same RNG state for both, so
+    Gumbel draws the same noise). Returns ``{"batches", "indices", "ties", "max_abs_diff"}``.
+
+    Raises:
+        VerificationError: any index differs (other than at a float32 tie) or an output is not allclose.
+    """
+    totals = {"batches": batches, "indices": 0, "ties": 0, "max_abs_diff": 0.0}
+    problems: list[str] = []
+    for b in range(batches):
+        x = _verification_input(model, tensors, torch.Generator().manual_seed(seed + b))
+        with torch.random.fork_rng(), torch.no_grad():
+            torch.manual_seed(seed + b)
+            out = model(x, return_dict=True)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed + b)
+            try:
+                ref = reference_forward(reg.name, params, tensors, x)
+            except NotImplementedError as e:
+                raise VerificationError(f"cannot verify: {e}; nothing was written") from e
+        stats, found = _compare(reg.name, out, ref, b)
+        problems += found
+        totals["indices"] += stats.get("indices", 0)
+        totals["ties"] += stats.get("ties", 0)
+        if not math.isnan(stats.get("max_abs_diff", math.nan)):
+            totals["max_abs_diff"] = max(totals["max_abs_diff"], stats["max_abs_diff"])
+    if problems:
+        raise VerificationError(
+            f"verification failed: hf_vq.{reg.name} disagrees with the reference forward computed from the "
+            "checkpoint tensors; nothing was written.\n  " + "\n  ".join(problems)
+        )
+    return totals
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _target_dtype(dtype: str, tensors: Mapping[str, torch.Tensor]) -> torch.dtype:
+    if dtype == "auto":  # the checkpoint's own floating dtype (the most common one)
+        floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
+        return max(set(floats), key=floats.count) if floats else torch.float32
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _check_reload(folder: Path, model) -> None:
+    """The folder must load with AutoModel into the same class with bit-identical tensors."""
+    from transformers import AutoModel
+
+    again = AutoModel.from_pretrained(folder)
+    if type(again) is not type(model):
+        raise ConversionError(f"reloading gave {type(again).__name__}, expected {type(model).__name__}")
+    mine, theirs = model.state_dict(), again.state_dict()
+    if set(mine) != set(theirs) or any(not torch.equal(mine[k], theirs[k]) for k in mine):
+        raise ConversionError("the written folder does not reload to the same tensors")
+
+
+def _write_atomically(model, out: Path, source: dict, repo_id: str | None, overwrite: bool) -> dict[str, int]:
+    """save_pretrained + card into a temp folder next to ``out``, reload check, then rename into place."""
+    from hf_vq.hub import write_model_card
+
+    out = out.absolute()
+    if out.exists() and not overwrite:
+        raise ConversionError(f"{out} already exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        write_model_card(model, tmp, repo_id or str(out), source=source)
+        _check_reload(tmp, model)
+        _make_readable(tmp)
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+        return files
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _make_readable(folder: Path) -> None:
+    """mkdtemp makes a private (0700) folder: give the output the permissions a plain mkdir would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for p in folder.iterdir():
+        os.chmod(p, 0o666 & ~umask)
+
+
+def push_folder(folder: Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Upload a converted folder with huggingface_hub (honours ``HF_ENDPOINT`` and ``HF_TOKEN``)."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo = create_repo(repo_id, exist_ok=True, private=private, token=token)
+    upload_folder(repo_id=repo.repo_id, folder_path=str(folder), token=token,
+                  commit_message=f"Convert SAT checkpoint with {CONVERTER}")
+    return str(repo)
+
+
+# --------------------------------------------------------------------------------------------------
+# The conversion
+
+
+def convert(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    config=None,
+    prefix: str | None = None,
+    node: str | None = None,
+    dtype: str = "auto",
+    push_to_hub: str | None = None,
+    private: bool = False,
+    overwrite: bool = False,
+    license: str = "other",
+    progress: bool = True,
+) -> ConversionResult:
+    """Convert the quantizer in a SAT checkpoint into an hf_vq folder (see the module docstring).
+
+    Args:
+        checkpoint: a SAT save folder (with ``latest``), an iteration folder, or one checkpoint file.
+        out: the folder to create (must not exist unless ``overwrite``).
+        config: the sgm/SAT YAML (path, dict, or a list of them merged as SAT's ``--base``); None infers the
+            quantizer from the tensors.
+        prefix: the quantizer's key prefix (e.g. ``first_stage_model.regularization.``); auto-detected if None.
+        node: which regularizer node of the config, when it has several.
+        dtype: ``auto`` (the checkpoint's), ``float32``, ``float16`` or ``bfloat16``.
+        push_to_hub: a repo id to upload the folder to after it is written.
+
+    Raises:
+        ConversionError: anything that stops the conversion (bad checkpoint, config, keys, shapes, failed
+            verification); nothing is written in that case.
+    """
+    out = Path(out)
+    try:
+        files = resolve_checkpoint(checkpoint)
+        state = load_state_dict(checkpoint, progress=progress, allow_non_tensor=True)
+        found_prefix = find_prefix(state) if prefix is None else (prefix + "." if prefix and not prefix.endswith(".") else prefix)
+        tensors = extract_submodule(state, found_prefix)
+        reg, target, params, notes = _quantizer_spec(tensors, config, node)
+        target_dtype = _target_dtype(dtype, tensors)
+    except (ValueError, FileNotFoundError) as e:
+        if isinstance(e, ConversionError):
+            raise
+        raise ConversionError(str(e)) from e
+    model = _build(reg, params, tensors)
+    verification = verify(model, reg, params, tensors)
+    model = model.to(target_dtype)
+    digests = sha256_of(files, progress=progress)
+    source = {
+        "origin": f"the SAT checkpoint ({len(files)} model-parallel rank{'s' if len(files) > 1 else ''})"
+                  if files[0].name.endswith("_model_states.pt") else "the checkpoint file",
+        "source_checkpoint": str(Path(checkpoint).name),
+        "target": target,
+        "prefix": found_prefix,
+        "converter": CONVERTER,
+        "verification": f"{verification['batches']} random batches ({verification['indices']} code indices)",
+        "notes": notes,
+        "sha256": digests,
+        "license": license,
+    }
+    written = _write_atomically(model, out, source, push_to_hub, overwrite)
+    result = ConversionResult(out=out, model=model, target=target, prefix=found_prefix, params=params,
+                              notes=notes, sha256=digests, verification=verification, dtype=target_dtype,
+                              files=written)
+    if push_to_hub:
+        result.url = push_folder(out, push_to_hub, private=private)
+    return result
+
+
+def summary(result: ConversionResult) -> str:
+    """Human-readable report printed at the end of a conversion."""
+    m = result.model
+    v = result.verification
+    lines = [
+        f"Converted {result.target} -> hf_vq.{type(m).__name__} ({sum(t.numel() for t in m.state_dict().values())} values, {result.dtype})",
+        f"  tensors under:  {result.prefix or '(no prefix)'}",
+        f"  config:         {result.params}",
+        *[f"  inferred:       {n}" for n in result.notes],
+        f"  verified:       {v['batches']} batches, {v['indices']} indices identical"
+        + (f" ({v['ties']} float32 ties)" if v["ties"] else "") + f", max |output diff| {v['max_abs_diff']:.2g}",
+        *[f"  sha256:         {name} {digest}" for name, digest in result.sha256.items()],
+        f"  wrote:          {result.out}/ ({', '.join(f'{n} {s} B' for n, s in result.files.items())})",
+    ]
+    if result.url:
+        lines.append(f"  pushed:         {result.url}")
+    return "\n".join(lines)
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="convert_cogvideo_sat", description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="SAT save folder (with `latest`), iteration folder, or checkpoint file")
+    parser.add_argument("--config", nargs="+", help="sgm/SAT YAML(s) holding the regularizer config (merged in "
+                        "order, as SAT's --base); without it the quantizer is inferred from the tensors")
+    parser.add_argument("--out", required=True, help="output folder (created; must not exist)")
+    parser.add_argument("--prefix", help="key prefix of the quantizer (default: auto-detected)")
+    parser.add_argument("--node", help="dotted path of the regularizer node when the config has several")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype (default: the checkpoint's)")
+    parser.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the folder (uses HF_ENDPOINT / HF_TOKEN)")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo private")
+    parser.add_argument("--license", default="other", help="license field of the model card (default: other)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        result = convert(args.checkpoint, args.out, config=args.config, prefix=args.prefix, node=args.node,
+                         dtype=args.dtype, push_to_hub=args.push_to_hub, private=args.private,
+                         overwrite=args.overwrite, license=args.license, progress=not args.quiet)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(summary(result))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
