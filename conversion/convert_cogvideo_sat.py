@@ -126,17 +126,23 @@ def _verification_input(model, tensors, generator: torch.Generator, batch: int =
     return x
 
 
-def _compare(name: str, out, ref, batch: int) -> tuple[dict, list[str]]:
-    got_ind = out.indices.reshape(-1).long()
-    if got_ind.numel() != ref.indices.numel():
-        return {}, [f"batch {batch}: {got_ind.numel()} indices, the reference has {ref.indices.numel()}"]
-    differ = got_ind != ref.indices
-    ties = differ & (ref.gap <= TIE_TOLERANCE) if ref.gap is not None else torch.zeros_like(differ)
+def _compare(out, ref, batch: int, max_index: int) -> tuple[dict, list[str]]:
+    """Indices equal (but at float32 ties, and where the seed draws a random index: any index in range),
+    outputs allclose. Returns (stats, problems)."""
+    got = out.indices.reshape(-1).long()
+    if got.numel() != ref.indices.numel():
+        return {}, [f"batch {batch}: {got.numel()} indices, the reference has {ref.indices.numel()}"]
     problems = []
-    if (differ & ~ties).any():
-        where = (differ & ~ties).nonzero().flatten()[:5].tolist()
-        pairs = ", ".join(f"#{i}: model {got_ind[i].item()} vs reference {ref.indices[i].item()}" for i in where)
-        problems.append(f"batch {batch}: {int((differ & ~ties).sum())} of {differ.numel()} indices differ ({pairs})")
+    drawn = ref.indices < 0  # sgm's remap with unknown_index="random"
+    if not bool(((got[drawn] >= 0) & (got[drawn] < max_index)).all()):
+        problems.append(f"batch {batch}: a randomly remapped index is outside [0, {max_index})")
+    differ = (got != ref.indices) & ~drawn
+    ties = differ & (ref.gap <= TIE_TOLERANCE) if ref.gap is not None else torch.zeros_like(differ)
+    wrong = differ & ~ties
+    if wrong.any():
+        where = wrong.nonzero().flatten()[:5].tolist()
+        pairs = ", ".join(f"#{i}: model {got[i].item()} vs reference {ref.indices[i].item()}" for i in where)
+        problems.append(f"batch {batch}: {int(wrong.sum())} of {got.numel()} indices differ ({pairs})")
     quantized = out.quantized.float()
     max_diff = math.nan
     if quantized.shape != ref.output.shape:
@@ -146,7 +152,7 @@ def _compare(name: str, out, ref, batch: int) -> tuple[dict, list[str]]:
         tol = 1e-5 * max(1.0, ref.output.abs().max().item())
         if not max_diff <= tol:
             problems.append(f"batch {batch}: outputs differ by up to {max_diff:.3g} (tolerance {tol:.3g})")
-    return {"indices": differ.numel(), "ties": int(ties.sum()), "max_abs_diff": max_diff}, problems
+    return {"indices": got.numel(), "ties": int(ties.sum()), "max_abs_diff": max_diff}, problems
 
 
 def verify(model, reg: Regularizer, params: Mapping, tensors: Mapping[str, torch.Tensor],
@@ -170,7 +176,7 @@ def verify(model, reg: Regularizer, params: Mapping, tensors: Mapping[str, torch
                 ref = reference_forward(reg.name, params, tensors, x)
             except NotImplementedError as e:
                 raise VerificationError(f"cannot verify: {e}; nothing was written") from e
-        stats, found = _compare(reg.name, out, ref, b)
+        stats, found = _compare(out, ref, b, max_index=getattr(model, "re_embed", 2**62))
         problems += found
         totals["indices"] += stats.get("indices", 0)
         totals["ties"] += stats.get("ties", 0)

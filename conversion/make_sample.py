@@ -127,6 +127,7 @@ def sample_state_dict() -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)  # the RNG states saved as client state too
     if SAMPLE.exists():
         import shutil
 

@@ -173,6 +173,8 @@ def _torch_load(file: Path) -> Any:
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e) and "Unsupported global" not in str(e):
             raise ValueError(f"{file}: corrupt or truncated checkpoint ({e})") from e
+        if "Unsupported operand" in str(e):  # not a pickle opcode at all: garbage, not a refused global
+            raise ValueError(f"{file}: corrupt or truncated checkpoint (not a valid pickle stream)") from None
         names = _refused_globals(file, e)
         if any(_is_missing_attribute(n) for n in names):  # a cut-off name: the pickle stream is damaged
             raise ValueError(f"{file}: corrupt or truncated checkpoint (unknown global {names})") from None

@@ -8,8 +8,8 @@ vector-quantize-pytorch 1.32), in plain torch on the raw tensors and the YAML pa
 Every function takes ``(params, tensors, x)`` (config params as the seed's constructor takes them, the
 quantizer's tensors with the prefix stripped, an input in the seed's layout) and returns a
 :class:`Reference`: the output, the flat indices (row-major over the positions, then codebooks/heads), and for
-nearest-code searches the float64 distance gap to the runner-up code, so that a true tie (gap at float32
-rounding level) is not reported as a mismatch.
+nearest-code searches the relative float64 distance gap to the runner-up code, so that a true tie (a gap at
+float32 rounding level) is not reported as a mismatch.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ __all__ = ["REFERENCES", "Reference", "reference_forward"]
 @dataclass
 class Reference:
     output: Tensor
-    indices: Tensor  # flat int64
-    gap: Tensor | None = None  # flat float64, same length as indices
+    indices: Tensor  # flat int64; -1 where the seed draws a random index (remap, unknown_index="random")
+    gap: Tensor | None = None  # flat float64 relative gap to the runner-up code, same length as indices
 
 
 def _linear(x: Tensor, tensors: Mapping[str, Tensor], name: str) -> Tensor:
@@ -39,25 +39,28 @@ def _linear(x: Tensor, tensors: Mapping[str, Tensor], name: str) -> Tensor:
 
 
 def _nearest(z: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
-    """argmin of sgm's `|z|^2 + |e|^2 - 2 z.e` in float64, and the gap to the second-best code."""
+    """argmin of sgm's `|z|^2 + |e|^2 - 2 z.e` in float64, and the gap to the second-best code relative to
+    `|z|^2 + |e|^2` (the size of the float32 terms whose rounding can swap two codes)."""
     z, e = z.double(), codebook.double()
-    d = z.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * z @ e.t()
+    z2, e2 = z.pow(2).sum(1, keepdim=True), e.pow(2).sum(1)
+    d = z2 + e2 - 2 * z @ e.t()
     best = d.topk(min(2, e.shape[0]), dim=1, largest=False)
-    gap = best.values[:, 1] - best.values[:, 0] if e.shape[0] > 1 else torch.full_like(best.values[:, 0], math.inf)
-    return best.indices[:, 0], gap
+    if e.shape[0] == 1:
+        return best.indices[:, 0], torch.full_like(best.values[:, 0], math.inf)
+    scale = (z2[:, 0] + e2[best.indices[:, 0]]).clamp_min(1e-30)
+    return best.indices[:, 0], (best.values[:, 1] - best.values[:, 0]) / scale
 
 
 def _remap(indices: Tensor, params: Mapping, tensors: Mapping[str, Tensor]) -> Tensor:
-    """sgm's `remap_to_used` for deterministic cases: position in `used`, unknown -> `extra` or a fixed int."""
+    """sgm's `remap_to_used`: the position in `used`; a code outside `used` gets `len(used)` ("extra"), the
+    given int, or a random index ("random"), marked -1 here: any index in `[0, len(used))` is right there."""
     if params.get("remap") is None:
         return indices
     used = tensors["used"].long()
     match = indices[:, None] == used[None, :]
     unknown = params.get("unknown_index", "random")
-    fill = used.shape[0] if unknown == "extra" else unknown
-    if not isinstance(fill, int) and not bool(match.any(1).all()):
-        raise ValueError("remap with unknown_index='random' draws random indices: verify with used codes only")
-    return torch.where(match.any(1), match.long().argmax(1), torch.as_tensor(fill if isinstance(fill, int) else 0))
+    fill = used.shape[0] if unknown == "extra" else -1 if unknown == "random" else int(unknown)
+    return torch.where(match.any(1), match.long().argmax(1), torch.as_tensor(fill))
 
 
 def _channels_last(x: Tensor) -> Tensor:

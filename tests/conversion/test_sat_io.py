@@ -1,16 +1,13 @@
 """hf_vq.conversion.sat_io (conversion/sat_io.py) on checkpoints built in SAT's exact on-disk layout (no SAT / DeepSpeed needed)."""
 
-import argparse
 import hashlib
 import os
-import random
-from collections import OrderedDict
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
+from hf_vq.conversion.make_sample import sat_split, write_sat_checkpoint
 from hf_vq.conversion.sat_io import (
     extract_submodule,
     find_prefix,
@@ -43,49 +40,10 @@ def full_state_dict():
 
 def sat_partition(sd, mp):
     """Split like SAT's mpu layers: qkv strided dim 0, row-parallel weight dim 1, vocab dim 0, rest replicated."""
-    shards = []
-    for r in range(mp):
-        s = dict(sd)
-        s[QKV] = torch.cat([part.chunk(mp, 0)[r] for part in sd[QKV].chunk(3, 0)], 0).clone()
-        s[DENSE_W] = sd[DENSE_W].chunk(mp, 1)[r].clone()
-        s[WORDS] = sd[WORDS].chunk(mp, 0)[r].clone()
-        shards.append(s)
-    return shards
+    return sat_split(sd, mp, {QKV: (0, 3), DENSE_W: (1, 1), WORDS: (0, 1)})
 
 
-def deepspeed_file(module, iteration=1000, mp_world_size=1):
-    """What DeepSpeed's _save_checkpoint plus SAT's client state write into mp_rank_XX_model_states.pt."""
-    return {
-        "module": module,
-        "buffer_names": [],
-        "optimizer": None,  # ZeRO stage >= 1 keeps optimizer states in separate files
-        "param_shapes": [OrderedDict((k, v.shape) for k, v in module.items())],
-        "lr_scheduler": None,
-        "sparse_tensor_module_names": set(),
-        "skipped_steps": 0,
-        "global_steps": iteration,
-        "global_samples": iteration * 8,
-        "dp_world_size": 8,
-        "mp_world_size": mp_world_size,
-        "ds_config": {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}, "bf16": {"enabled": 1}},
-        "ds_version": "0.14.4",
-        "iteration": iteration,
-        "client_lr_scheduler": {"start_lr": 1e-5, "num_iters": iteration, "decay_style": "linear"},
-        "random_rng_state": random.getstate(),
-        "np_rng_state": np.random.get_state(),
-        "torch_rng_state": torch.get_rng_state(),
-        "args": argparse.Namespace(model_parallel_size=mp_world_size, mode="finetune", save="ckpts"),
-    }
-
-
-def write_sat(root, shards, tag="1000"):
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "latest").write_text(tag)
-    folder = root / tag
-    folder.mkdir()
-    for r, sd in enumerate(shards):
-        torch.save(deepspeed_file(sd, mp_world_size=len(shards)), folder / f"mp_rank_{r:02d}_model_states.pt")
-    return folder
+write_sat = write_sat_checkpoint
 
 
 @pytest.fixture
