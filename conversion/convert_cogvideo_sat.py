@@ -36,6 +36,7 @@ from hf_vq.conversion.regularizers import (
     load_regularizer_weights,
 )
 from hf_vq.conversion.sat_io import (
+    QUANTIZER_MODULE_NAMES,
     extract_submodule,
     find_prefix,
     find_regularizer_config,
@@ -91,6 +92,27 @@ def _quantizer_spec(tensors: Mapping[str, torch.Tensor], config, node: str | Non
         return reg, target, kwargs, []
     reg, kwargs, notes = infer_from_state_dict(tensors)
     return reg, f"{reg.sources[0]}.{reg.name}", kwargs, notes
+
+
+class _QuantizerKeys:
+    """Key filter applied while loading: the keys under ``prefix``, or every key ``find_prefix`` could take
+    for a quantizer's (a component named regularization / quantize / quantizer). Remembers the top-level key
+    groups it saw, for the error when nothing matches."""
+
+    def __init__(self, prefix: str | None):
+        self.prefix, self.groups = prefix, set()
+
+    def __call__(self, key: str) -> bool:
+        self.groups.add(key.split(".")[0])
+        if self.prefix is not None:
+            return key.startswith(self.prefix)
+        return not set(QUANTIZER_MODULE_NAMES).isdisjoint(key.split(".")[:-1])
+
+    def nothing_found(self) -> ConversionError:
+        what = f"no key starts with prefix {self.prefix!r}" if self.prefix is not None else (
+            f"no quantizer found: no key has a component named {list(QUANTIZER_MODULE_NAMES)}")
+        return ConversionError(f"{what}; top-level key groups: {sorted(self.groups)[:30]}. Pass the quantizer's "
+                               "key prefix with --prefix ('' for a bare quantizer state dict).")
 
 
 def _build(reg: Regularizer, kwargs: dict, tensors: Mapping[str, torch.Tensor]):
@@ -297,8 +319,12 @@ def convert(
     out = Path(out)
     try:
         files = resolve_checkpoint(checkpoint)
-        state = load_state_dict(checkpoint, progress=progress, allow_non_tensor=True)
-        found_prefix = find_prefix(state) if prefix is None else (prefix + "." if prefix and not prefix.endswith(".") else prefix)
+        prefix = prefix + "." if prefix and not prefix.endswith(".") else prefix
+        select = _QuantizerKeys(prefix)
+        state = load_state_dict(checkpoint, progress=progress, allow_non_tensor=True, select=select)
+        if not state:
+            raise select.nothing_found()
+        found_prefix = find_prefix(state) if prefix is None else prefix
         tensors = extract_submodule(state, found_prefix)
         reg, target, params, notes = _quantizer_spec(tensors, config, node)
         target_dtype = _target_dtype(dtype, tensors)

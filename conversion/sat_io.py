@@ -32,7 +32,8 @@ import hashlib
 import pickle
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+import zipfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +170,10 @@ def safe_globals() -> list[Any]:
 def _torch_load(file: Path) -> Any:
     try:
         with torch.serialization.safe_globals(safe_globals()):
-            return torch.load(file, map_location="cpu", weights_only=True)
+            # mmap: tensors that are not selected are never read (a SAT file holds the whole transformer);
+            # torch's legacy (non-zip) format cannot be mapped and is read whole
+            mmap = zipfile.is_zipfile(file)
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e) and "Unsupported global" not in str(e):
             raise ValueError(f"{file}: corrupt or truncated checkpoint ({e})") from e
@@ -249,6 +253,7 @@ def load_state_dict(
     progress: bool = True,
     allow_non_tensor: bool = False,
     split_rules: Mapping[str, tuple[int, int]] | None = None,
+    select: Callable[[str], bool] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Load a checkpoint's model state dict on the CPU, merging model-parallel ranks.
 
@@ -258,6 +263,8 @@ def load_state_dict(
         allow_non_tensor: drop non-tensor entries (e.g. ``_extra_state``) with a warning instead of
             raising.
         split_rules: extra ``{key regex: (dim, stride)}`` rules for :func:`merge_model_parallel`.
+        select: keep only the keys for which it returns True, before merging (the converter keeps the
+            quantizer's keys, so a multi-GB transformer is neither read from its memory map nor merged).
 
     Every file goes through ``torch.load(weights_only=True)`` with only :func:`safe_globals` allowed.
 
@@ -271,6 +278,8 @@ def load_state_dict(
     shards = []
     for f in tqdm(files, desc="Loading checkpoint", unit="file", disable=not progress):
         sd = _load_file(f)
+        if select is not None:
+            sd = {k: v for k, v in sd.items() if select(k)}
         if f.name.startswith("zero_pp_rank_") and any(
             isinstance(v, torch.Tensor) and v.numel() == 0 for v in sd.values()
         ):

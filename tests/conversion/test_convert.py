@@ -440,3 +440,22 @@ def test_shipped_sample_is_what_make_sample_generates():
     target, params = yaml.safe_load((SAMPLE / "sat.yaml").read_text())["model"]["first_stage_config"]["params"][
         "regularizer_config"].values()
     assert target.endswith("quantize.VectorQuantizer") and params["n_e"] == 64
+
+
+def test_prefix_errors_name_the_key_groups_and_bare_state_dicts_convert(tmp_path, capsys):
+    _, params, tensors, _ = CASES["VectorQuantizer"]
+    file = tmp_path / "bare.pt"
+    torch.save(tensors, file)  # a bare quantizer state dict: no module name to find
+    err = _fails(tmp_path, capsys, [file], "no quantizer found")
+    assert "['embedding']" in err and "--prefix" in err
+    _fails(tmp_path, capsys, [file, "--prefix", "first_stage_model.regularization"], "no key starts with prefix")
+    assert main([str(file), "--prefix", "", "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert AutoModel.from_pretrained(tmp_path / "out").config.n_e == 32
+
+
+def test_unknown_regularizer_param_is_named(tmp_path, capsys):
+    root, _ = write_case(tmp_path, "VectorQuantizer")
+    target, params, _, _ = CASES["VectorQuantizer"]
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(cogvideo_yaml(target, {**params, "bogus_option": 1})))
+    _fails(tmp_path, capsys, [root, "--config", config], "bogus_option")
