@@ -189,15 +189,16 @@ def verify(model, reg: Regularizer, params: Mapping, tensors: Mapping[str, torch
     problems: list[str] = []
     for b in range(batches):
         x = _verification_input(model, tensors, torch.Generator().manual_seed(seed + b))
-        with torch.random.fork_rng(), torch.no_grad():
-            torch.manual_seed(seed + b)
-            out = model(x, return_dict=True)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed + b)
-            try:
+        try:
+            with torch.random.fork_rng(), torch.no_grad():
+                torch.manual_seed(seed + b)
+                out = model(x, return_dict=True)
+            with torch.random.fork_rng():
+                torch.manual_seed(seed + b)
                 ref = reference_forward(reg.name, params, tensors, x)
-            except NotImplementedError as e:
-                raise VerificationError(f"cannot verify: {e}; nothing was written") from e
+        except (NotImplementedError, RuntimeError, ValueError, KeyError) as e:
+            raise VerificationError(f"cannot verify hf_vq.{reg.name} on an input of shape {tuple(x.shape)}: "
+                                    f"{type(e).__name__}: {e}; nothing was written") from e
         stats, found = _compare(out, ref, b, max_index=getattr(model, "re_embed", 2**62))
         problems += found
         totals["indices"] += stats.get("indices", 0)
@@ -238,30 +239,42 @@ def _check_reload(folder: Path, model) -> None:
 
 
 def _write_atomically(model, out: Path, source: dict, repo_id: str | None, overwrite: bool) -> dict[str, int]:
-    """save_pretrained + card into a temp folder next to ``out``, reload check, then rename into place."""
-    from hf_vq.hub import write_model_card
-
+    """save_pretrained + card into a temp folder next to ``out``, reload check, then rename into place.
+    Returns ``{file name: size}``."""
     out = out.absolute()
     if out.exists() and not overwrite:
         raise ConversionError(f"{out} already exists (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        model.save_pretrained(tmp)
-        write_model_card(model, tmp, repo_id or str(out), source=source)
-        _check_reload(tmp, model)
-        _make_readable(tmp)
+        _fill(model, tmp, source, repo_id or str(out))
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        _replace(tmp, out)
         return files
+    except OSError as e:
+        raise ConversionError(f"writing {out} failed: {e}; nothing was written") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fill(model, folder: Path, source: dict, repo_id: str) -> None:
+    from hf_vq.hub import write_model_card
+
+    model.save_pretrained(folder)
+    write_model_card(model, folder, repo_id, source=source)
+    _check_reload(folder, model)
+    _make_readable(folder)
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` (``--overwrite``) is moved aside first, removed after."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    shutil.rmtree(old)
 
 
 def _make_readable(folder: Path) -> None:
@@ -353,7 +366,10 @@ def convert(
                               notes=notes, sha256=digests, verification=verification, dtype=target_dtype,
                               files=written)
     if push_to_hub:
-        result.url = push_folder(out, push_to_hub, private=private)
+        try:
+            result.url = push_folder(out, push_to_hub, private=private)
+        except Exception as e:  # huggingface_hub raises HTTP, connection and validation errors
+            raise ConversionError(f"{out} was written, but pushing it to {push_to_hub} failed: {e}") from e
     return result
 
 

@@ -459,3 +459,16 @@ def test_unknown_regularizer_param_is_named(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(cogvideo_yaml(target, {**params, "bogus_option": 1})))
     _fails(tmp_path, capsys, [root, "--config", config], "bogus_option")
+
+
+def test_push_failure_is_reported_after_the_folder_is_written(tmp_path, capsys, monkeypatch):
+    root, config = write_case(tmp_path, "VectorQuantizer")
+
+    def offline(*args, **kwargs):
+        raise OSError("Hub unreachable")
+
+    monkeypatch.setattr(convert_cogvideo_sat, "push_folder", offline)
+    assert main([str(root), "--config", str(config), "--out", str(tmp_path / "out"), "--push-to-hub", "a/b",
+                 "--quiet"]) == 1
+    assert "was written, but pushing it to a/b failed: Hub unreachable" in capsys.readouterr().err
+    assert type(AutoModel.from_pretrained(tmp_path / "out")) is hf_vq.VectorQuantizer
