@@ -15,6 +15,7 @@ Nothing is written when any step fails.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import shutil
@@ -411,14 +412,34 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def run(args: argparse.Namespace) -> int:
     try:
-        result = convert(args.checkpoint, args.out, config=args.config, prefix=args.prefix, node=args.node,
-                         dtype=args.dtype, push_to_hub=args.push_to_hub, private=args.private,
-                         overwrite=args.overwrite, license=args.license, progress=not args.quiet)
+        with _quiet(args.quiet):
+            result = convert(args.checkpoint, args.out, config=args.config, prefix=args.prefix, node=args.node,
+                             dtype=args.dtype, push_to_hub=args.push_to_hub, private=args.private,
+                             overwrite=args.overwrite, license=args.license, progress=not args.quiet)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(summary(result))
     return 0
+
+
+@contextlib.contextmanager
+def _quiet(quiet: bool):
+    """Silence transformers' and huggingface_hub's own progress bars (save, reload, upload) too."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    hub_was_on, tf_was_on = not are_progress_bars_disabled(), transformers_logging.is_progress_bar_enabled()
+    if quiet:
+        disable_progress_bars()
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and hub_was_on:
+            enable_progress_bars()
+        if quiet and tf_was_on:
+            transformers_logging.enable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
