@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hf_vq import LFQ
+
 __all__ = [
     "REGULARIZERS",
     "Regularizer",
@@ -258,7 +260,7 @@ def load_regularizer_weights(model, tensors: Mapping[str, torch.Tensor]) -> None
         ValueError: missing keys, unexpected keys or shape mismatches, all listed in one message.
     """
     sd = dict(tensors)
-    if type(model).__name__ in ("LFQ",):
+    if isinstance(model, LFQ):
         _drop_lfq_mask(model, sd)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
