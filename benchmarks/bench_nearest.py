@@ -4,8 +4,9 @@
     python benchmarks/bench_nearest.py --cpu-smoke   # tiny sizes on the CPU (checks the script, no kernel)
     TRITON_INTERPRET=1 python benchmarks/bench_nearest.py --cpu-smoke   # also the kernel rows, interpreted
 
-Rows: Triton exact (bf16 and tf32 dots, top-4 or top-8 candidates, fp32 re-scoring, reference fallback for unproven rows), Triton fast
-(low-precision argmin), hf_vq's chunked PyTorch reference (`HF_VQ_DISABLE_TRITON` path), plain PyTorch fp32
+Rows: the Triton kernel's modes (`rerank`: low-precision candidates re-ranked in fp32; `exact`: plus the margin
+check and the reference fallback for unproven rows; `fast`: the low-precision argmin), bf16 or tf32 dots, top-4 or
+top-8 candidates, hf_vq's chunked PyTorch reference (`HF_VQ_DISABLE_TRITON` path), plain PyTorch fp32
 `addmm + argmin` on the materialized N x K matrix, and the bf16 GEMM alone (a floor: no argmin, no exactness).
 Times are CUDA-event medians after warmup (autotuning happens in the warmup); peak memory is what the call
 allocates above the inputs. Agreement: share of the first 4,096 rows whose index equals the float64 argmin
@@ -54,7 +55,7 @@ def make_data(d: int, k: int, n: int, device: torch.device, data: str) -> tuple[
 def run_case(d: int, k: int, n: int, device: torch.device, iters: int, warmup: int, data: str = "randn") -> None:
     x, c = make_data(d, k, n, device, data)
     rows = min(CHECK_ROWS, n)
-    truth = float64_argmin(x[:rows], c)
+    d64 = torch.cdist(x[:rows].double(), c.double())
     ref_idx, _ = nearest_ops._nearest_torch(x[None, :rows], c[None], None, "euclidean")
     ref_idx = ref_idx[0]
     has_kernel = triton_nearest.available(x)  # CUDA, or the CPU interpreter (TRITON_INTERPRET=1, --cpu-smoke)
@@ -62,8 +63,8 @@ def run_case(d: int, k: int, n: int, device: torch.device, iters: int, warmup: i
     c2 = nearest_ops.sq_norm(c3)
     xb, cb = x.bfloat16(), c.bfloat16()
 
-    def triton(exact: bool, precision: str, stats: dict | None = None, topk: int = triton_nearest.TOPK):
-        return lambda: triton_nearest.nearest_code_triton(x3, c3, c2, exact=exact, precision=precision, stats=stats,
+    def triton(mode: str, precision: str, stats: dict | None = None, topk: int = triton_nearest.TOPK):
+        return lambda: triton_nearest.nearest_code_triton(x3, c3, c2, mode=mode, precision=precision, stats=stats,
                                                           topk=topk)
 
     def torch_chunked():
@@ -79,11 +80,13 @@ def run_case(d: int, k: int, n: int, device: torch.device, iters: int, warmup: i
     methods = []
     if has_kernel:
         methods += [
-            ("triton exact bf16 (default, top-4)", triton(True, "bf16"), (True, "bf16", 4)),
-            ("triton exact bf16 top-8", triton(True, "bf16", topk=8), (True, "bf16", 8)),
-            ("triton exact tf32", triton(True, "tf32"), (True, "tf32", 4)),
-            ("triton fast bf16 (exact=False)", triton(False, "bf16"), (False, "bf16", 4)),
-            ("triton fast tf32", triton(False, "tf32"), (False, "tf32", 4)),
+            ("triton rerank bf16 (default mode, top-8)", triton("rerank", "bf16"), ("rerank", "bf16", 8)),
+            ("triton rerank bf16 top-4", triton("rerank", "bf16", topk=4), ("rerank", "bf16", 4)),
+            ("triton exact bf16 top-8", triton("exact", "bf16"), ("exact", "bf16", 8)),
+            ("triton exact bf16 top-4", triton("exact", "bf16", topk=4), ("exact", "bf16", 4)),
+            ("triton exact tf32 top-8", triton("exact", "tf32"), ("exact", "tf32", 8)),
+            ("triton fast bf16", triton("fast", "bf16"), ("fast", "bf16", 8)),
+            ("triton fast tf32", triton("fast", "tf32"), ("fast", "tf32", 8)),
         ]
     methods += [
         ("torch chunked fp32 (reference)", torch_chunked, "ref"),
@@ -98,19 +101,19 @@ def run_case(d: int, k: int, n: int, device: torch.device, iters: int, warmup: i
         agree64 = agree32 = fallback = None
         if kind is not None and m.ms is not None:
             with torch.no_grad():
-                if isinstance(kind, tuple):  # triton: (exact, precision)
-                    exact, precision, topk = kind
-                    idx = triton_nearest.nearest_code_triton(x3[:, :rows], c3, c2, exact=exact,
+                if isinstance(kind, tuple):  # triton: (mode, precision, topk)
+                    mode, precision, topk = kind
+                    idx = triton_nearest.nearest_code_triton(x3[:, :rows], c3, c2, mode=mode,
                                                              precision=precision, topk=topk)[0][0]
-                    if exact:
+                    if mode == "exact":
                         full: dict = {}
-                        triton(True, precision, full, topk)()
+                        triton(mode, precision, full, topk)()
                         fallback = f"{full['fallback_rows']} / {full['rows']}"
                 elif kind == "ref":
                     idx = ref_idx
                 else:
                     idx = fn()[:rows]
-            agree64 = (idx == truth).float().mean().item()
+            agree64 = (d64.gather(1, idx[:, None])[:, 0] == d64.amin(1)).float().mean().item()  # ties count
             agree32 = (idx == ref_idx).float().mean().item()
         print(f"| {name} | {fmt(m.ms)} | {fmt(m.peak_gib, '.3f')} | {fmt(agree64, '.4f')} | "
               f"{fmt(agree32, '.4f')} | {fallback or '—'} |{'  ' + m.note if m.note else ''}")

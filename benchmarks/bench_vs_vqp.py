@@ -6,12 +6,20 @@ Every row builds both modules with the same config, copies vqp's state into hf_v
 runs the same input, and reports the median time (CUDA events) and the peak memory above the inputs. On
 CPU `--quick` shrinks every workload so the script can be smoke-tested. Rows where vqp runs out of memory
 show "out of memory" in its columns; the `floor` column is the bf16 distance GEMM (2*N*K*D flops).
+
+VQ rows: both codebooks are set to the same standard-normal codes (the scale of a trained codebook on unit-variance
+features; vqp's default init is ~1e-2 wide, which makes every distance a near-tie in fp32), and the `agree`
+columns give the share of the first 4,096 rows whose index is a float64 nearest code (`argmin` of the exact
+distance to the codebook the call used; a row counts as agreeing when its code's float64 distance equals the
+minimum, i.e. exact ties are not misses). hf_vq's nearest-code mode is `HF_VQ_NEAREST_MODE` (default `rerank`);
+rows marked `exact` set it to `exact` for that row.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 from dataclasses import dataclass
 from typing import Callable
@@ -34,6 +42,8 @@ class Row:
     ours: Measurement
     theirs: Measurement
     floor_ms: float | None = None
+    agree_ours: float | None = None
+    agree_theirs: float | None = None
 
 
 def _step(module, x: torch.Tensor, train: bool, ours: bool) -> Callable[[], None]:
@@ -65,9 +75,43 @@ def _gemm_floor(n: int, k: int, d: int, device) -> float | None:
     return ms
 
 
-def vq_pair(device, **kwargs):
+CHECK_ROWS = 4096
+
+
+@torch.no_grad()
+def _agreement(indices: torch.Tensor, x: torch.Tensor, codebook: torch.Tensor) -> float:
+    """Share of the first CHECK_ROWS rows of `x (b, n, d)` whose `indices` is a float64 nearest code."""
+    xs = x.reshape(-1, x.shape[-1])[:CHECK_ROWS].double()
+    idx = indices.reshape(-1)[:CHECK_ROWS]
+    d = torch.cdist(xs, codebook.double())
+    return (d.gather(1, idx[:, None])[:, 0] == d.amin(1)).float().mean().item()
+
+
+def vq_agreement(ours, theirs, x, train: bool) -> tuple[float, float]:
+    """Agreement of one call of each module (training mode: the codebook before the call's update)."""
+    out = []
+    for module, is_ours in ((ours, True), (theirs, False)):
+        module.train(train)
+        embed = module._codebook.embed.detach()[0].clone()
+        try:
+            with torch.no_grad():
+                res = module(x)
+            out.append(_agreement(res.indices if is_ours else res[1], x, embed))
+        except torch.OutOfMemoryError:
+            out.append(None)
+        res = None
+        torch.cuda.empty_cache() if x.is_cuda else None
+    return out[0], out[1]
+
+
+def vq_pair(device, randn_codebook: bool = False, **kwargs):
     torch.manual_seed(0)
-    theirs = vqp.VectorQuantize(**kwargs).to(device)
+    theirs = vqp.VectorQuantize(**kwargs)
+    if randn_codebook:
+        with torch.no_grad():
+            theirs._codebook.embed.copy_(torch.randn_like(theirs._codebook.embed))
+            theirs._codebook.embed_avg.copy_(theirs._codebook.embed)
+    theirs = theirs.to(device)
     ours = hf_vq.VectorQuantize.from_vector_quantize_pytorch(theirs.cpu()).to(device)
     theirs.to(device)
     ours.config.check_inputs = False
@@ -78,25 +122,38 @@ def run_rows(device, quick: bool) -> list[Row]:
     s = 16 if quick else 1  # shrink factor for CPU smoke runs
     rows: list[Row] = []
 
-    def add(name, ours, theirs, x, train, floor_dims=None):
-        ours.train(train), theirs.train(train)
-        m_ours = measure(_step(ours, x, train, True), device)
-        m_theirs = measure(_step(theirs, x, train, False), device)
+    def add(name, ours, theirs, x, train, floor_dims=None, agree=False, mode=None):
+        if mode:
+            os.environ["HF_VQ_NEAREST_MODE"] = mode
+        try:
+            agreement = (None, None)
+            if agree:
+                state = {k: v.clone() for k, v in ours.state_dict().items()}  # agreement runs before timing
+                agreement = vq_agreement(ours, theirs, x, train)
+                ours.load_state_dict(state)
+            ours.train(train), theirs.train(train)
+            m_ours = measure(_step(ours, x, train, True), device)
+            m_theirs = measure(_step(theirs, x, train, False), device) if theirs is not None else \
+                Measurement(None, None, "not run")
+        finally:
+            os.environ.pop("HF_VQ_NEAREST_MODE", None)
         floor = _gemm_floor(*floor_dims, device) if floor_dims else None
-        rows.append(Row(name, x.shape[0] * x.shape[1], m_ours, m_theirs, floor))
-        print(f"{name:48s} hf_vq {fmt(m_ours.ms)} ms  vqp {fmt(m_theirs.ms)} ms {m_theirs.note}", flush=True)
+        rows.append(Row(name, x.shape[0] * x.shape[1], m_ours, m_theirs, floor, *agreement))
+        print(f"{name:48s} hf_vq {fmt(m_ours.ms)} ms  vqp {fmt(m_theirs.ms)} ms {m_theirs.note} "
+              f"agree {fmt(agreement[0], '.5f')} / {fmt(agreement[1], '.5f')}", flush=True)
 
     n = 2**18 // s**2
     x = torch.randn(n // 4096 if n >= 4096 else 1, min(n, 4096), 256 // s, device=device)
     k = 8192 // s
-    for train in (False, True):
-        kw = dict(dim=256 // s, codebook_size=k, decay=0.99)
-        if train:
-            kw.update(threshold_ema_dead_code=2)
-        ours, theirs = vq_pair(device, **kw)
-        add(f"VQ d{256 // s} K{k} N={n} {'train (EMA, dead codes)' if train else 'eval'}", ours, theirs, x, train,
-            (n, k, 256 // s))
-        del ours, theirs
+    for mode in ("rerank", "exact"):
+        for train in (False, True):
+            kw = dict(dim=256 // s, codebook_size=k, decay=0.99)
+            if train:
+                kw.update(threshold_ema_dead_code=2)
+            ours, theirs = vq_pair(device, randn_codebook=True, **kw)
+            add(f"VQ d{256 // s} K{k} N={n} {'train (EMA, dead codes)' if train else 'eval'}, {mode}", ours, theirs,
+                x, train, (n, k, 256 // s), agree=True, mode=mode)
+            del ours, theirs
     for train in (False, True):
         ours, theirs = vq_pair(device, dim=256 // s, codebook_size=k, use_cosine_sim=True, codebook_dim=32 // s)
         add(f"VQ cosine cdim{32 // s} K{k} N={n} {'train' if train else 'eval'}", ours, theirs, x, train)
@@ -104,8 +161,9 @@ def run_rows(device, quick: bool) -> list[Row]:
     n2, k2 = 2**17 // s**2, 65536 // s
     x2 = x.reshape(-1, 256 // s)[:n2].reshape(max(1, n2 // 4096), -1, 256 // s)
     for train in (False, True):
-        ours, theirs = vq_pair(device, dim=256 // s, codebook_size=k2, decay=0.99)
-        add(f"VQ d{256 // s} K{k2} N={n2} {'train' if train else 'eval'}", ours, theirs, x2, train, (n2, k2, 256 // s))
+        ours, theirs = vq_pair(device, randn_codebook=True, dim=256 // s, codebook_size=k2, decay=0.99)
+        add(f"VQ d{256 // s} K{k2} N={n2} {'train' if train else 'eval'}", ours, theirs, x2, train, (n2, k2, 256 // s),
+            agree=True)
         del ours, theirs
     del x, x2
 
@@ -143,18 +201,30 @@ def run_rows(device, quick: bool) -> list[Row]:
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| workload | hf_vq ms | vqp ms | speedup | hf_vq tokens/s | hf_vq peak GiB | vqp peak GiB | bf16 GEMM floor ms |",
-        "|---|---|---|---|---|---|---|---|",
+        "| workload | hf_vq ms | vqp ms | speedup | hf_vq tokens/s | hf_vq peak GiB | vqp peak GiB | memory ratio | "
+        "bf16 GEMM floor ms | x floor | agree hf_vq | agree vqp |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         speed = f"{r.theirs.ms / r.ours.ms:.1f}x" if r.ours.ms and r.theirs.ms else "—"
         tps = f"{r.tokens / (r.ours.ms / 1e3):.3g}" if r.ours.ms else "—"
         vqp_ms = fmt(r.theirs.ms) if r.theirs.ms is not None else r.theirs.note
+        mem = f"1/{r.theirs.peak_gib / r.ours.peak_gib:.0f}" if r.ours.peak_gib and r.theirs.peak_gib else "—"
+        of_floor = f"{r.ours.ms / r.floor_ms:.1f}" if r.ours.ms and r.floor_ms else "—"
         lines.append(
             f"| {r.name} | {fmt(r.ours.ms)} | {vqp_ms} | {speed} | {tps} | {fmt(r.ours.peak_gib)} | "
-            f"{fmt(r.theirs.peak_gib)} | {fmt(r.floor_ms)} |"
+            f"{fmt(r.theirs.peak_gib)} | {mem} | {fmt(r.floor_ms)} | {of_floor} | {fmt(r.agree_ours, '.5f')} | "
+            f"{fmt(r.agree_theirs, '.5f')} |"
         )
     return "\n".join(lines)
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "absent"
+    return triton.__version__
 
 
 def main():
@@ -167,7 +237,7 @@ def main():
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     header = (
         f"{datetime.date.today()} — {name}, torch {torch.__version__}, vector-quantize-pytorch "
-        f"{getattr(vqp, '__version__', '1.32.0')}, hf_vq {hf_vq.__version__}; fp32 inputs"
+        f"{getattr(vqp, '__version__', '1.32.0')}, triton {_triton_version()}, hf_vq {hf_vq.__version__}; fp32 inputs"
     )
     text = header + "\n\n" + table(rows) + "\n"
     print(text)

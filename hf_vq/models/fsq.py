@@ -23,6 +23,7 @@ from ..modeling_utils import (
     register_quantizer,
 )
 from ..ops import fsq as fsq_ops
+from ..ops import triton_fsq
 
 
 class FSQConfig(QuantizerConfig):
@@ -227,6 +228,35 @@ class FSQ(QuantizerModel):
         replace = torch.rand_like(codes) < p
         return torch.where(replace, codes + torch.rand_like(codes) - 0.5, codes).clamp(-1.0, 1.0)
 
+    def _fused_ok(self, tokens: Tensor) -> bool:
+        """The one-kernel path (CUDA + Triton) serves the plain configuration: float32 math, no symmetry-preserving
+        levels, no rotation, no noise dropout in training."""
+        c = self.config
+        return (triton_fsq.available(tokens) and not c.preserve_symmetry and not c.orthogonal_rotation
+                and not (self.training and c.noise_dropout > 0)
+                and (c.force_quantization_f32 or tokens.dtype == torch.float32))
+
+    def _fused_tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        cached = self.__dict__.get("_fused_cache")
+        if cached is None or cached[0].device != device:
+            cached = triton_fsq.fsq_table(self._levels.to(device), self._basis.to(device), self.config.bound_hard_clamp)
+            self.__dict__["_fused_cache"] = cached
+        return cached
+
+    def _quantize_torch(self, tokens: Tensor) -> tuple[Tensor, Tensor | None]:
+        """`(codes (..., C * d) in the input dtype, indices | None)` by the PyTorch ops."""
+        c = self.config
+        orig_dtype = tokens.dtype
+        with torch.autocast(device_type=tokens.device.type, enabled=not c.force_quantization_f32):
+            if c.force_quantization_f32 and orig_dtype not in (torch.float32, torch.float64):
+                tokens = tokens.float()
+            codes = self.quantize(tokens)
+            indices = self.codes_to_indices(codes) if c.return_indices else None
+            codes = self._noise_dropout(codes)
+            if c.orthogonal_rotation:
+                codes = codes @ self.orthogonal_rot.t()
+            return codes.flatten(-2).to(orig_dtype), indices
+
     def forward(self, z: Tensor, return_dict: bool | None = None) -> FSQOutput | tuple:
         """Quantize `z` of shape `(b, n, d)`, `(b, d, h, w)` or `(b, d, t, h, w)` (or `(b, d, n)` with
         `channel_first`). Returns [`FSQOutput`], or `(quantized, indices)` with `return_dict=False`."""
@@ -243,16 +273,12 @@ class FSQ(QuantizerModel):
         if c.orthogonal_rotation:
             tokens = tokens @ self.orthogonal_rot
 
-        orig_dtype = tokens.dtype
-        with torch.autocast(device_type=tokens.device.type, enabled=not c.force_quantization_f32):
-            if c.force_quantization_f32 and orig_dtype not in (torch.float32, torch.float64):
-                tokens = tokens.float()
-            codes = self.quantize(tokens)
-            indices = self.codes_to_indices(codes) if c.return_indices else None
-            codes = self._noise_dropout(codes)
-            if c.orthogonal_rotation:
-                codes = codes @ self.orthogonal_rot.t()
-            codes = codes.flatten(-2).to(orig_dtype)
+        if self._fused_ok(tokens):
+            codes, indices = triton_fsq.fsq_quantize_fused(tokens, *self._fused_tables(tokens.device),
+                                                           hard_clamp=c.bound_hard_clamp)
+            codes, indices = codes.flatten(-2), indices if c.return_indices else None
+        else:
+            codes, indices = self._quantize_torch(tokens)
 
         quantized = layout.from_tokens(self.project_out(codes))
         if indices is not None:

@@ -42,7 +42,7 @@ except Exception:  # pragma: no cover - depends on the install
     HAS_TRITON = False
 
 MAX_DIM = 256  # the x tile (BLOCK_N x next_pow2(D)) stays on chip up to here
-TOPK = 4
+TOPK = 8  # candidates per row (4 or 8); with lane-wise selection 8 costs only 4 more pops after the loop
 
 
 def _interpret() -> bool:
@@ -61,31 +61,11 @@ def available(x: Tensor) -> bool:
 if HAS_TRITON:
 
     @triton.jit
-    def _insert(b0, b1, b2, b3, i0, i1, i2, i3, m, a):
-        # insert (m, a) into the sorted (b0 <= b1 <= b2 <= b3); strict `<`: earlier (lower) indices win ties
-        c0 = m < b0
-        c1 = m < b1
-        c2 = m < b2
-        c3 = m < b3
-        nb3 = tl.where(c2, b2, tl.where(c3, m, b3))
-        ni3 = tl.where(c2, i2, tl.where(c3, a, i3))
-        nb2 = tl.where(c1, b1, tl.where(c2, m, b2))
-        ni2 = tl.where(c1, i1, tl.where(c2, a, i2))
-        nb1 = tl.where(c0, b0, tl.where(c1, m, b1))
-        ni1 = tl.where(c0, i0, tl.where(c1, a, i1))
-        nb0 = tl.where(c0, m, b0)
-        ni0 = tl.where(c0, a, i0)
-        return nb0, nb1, nb2, nb3, ni0, ni1, ni2, ni3
-
-    @triton.jit
-    def _insert8(b0, b1, b2, b3, b4, b5, b6, b7, i0, i1, i2, i3, i4, i5, i6, i7, m, a):
-        # the same for 8 slots: two 4-slot halves, the last element of the first spilling into the second
-        c3 = m < b3
-        s_b = tl.where(c3, b3, m)  # what goes into the upper half: the displaced b3, or (m, a) itself
-        s_i = tl.where(c3, i3, a)
-        b4, b5, b6, b7, i4, i5, i6, i7 = _insert(b4, b5, b6, b7, i4, i5, i6, i7, s_b, s_i)
-        b0, b1, b2, b3, i0, i1, i2, i3 = _insert(b0, b1, b2, b3, i0, i1, i2, i3, m, a)
-        return b0, b1, b2, b3, b4, b5, b6, b7, i0, i1, i2, i3, i4, i5, i6, i7
+    def _pop(m1, li):
+        # the smallest lane value per row, its code (lowest on ties), and the lanes with that code removed
+        m = tl.min(m1, axis=1)
+        i = tl.min(tl.where(m1 == m[:, None], li, 2147483647), axis=1)
+        return m, i, tl.where(li == i[:, None], float("inf"), m1)
 
     @triton.jit
     def _fold(r, q, i, rb, qb, ib):
@@ -103,8 +83,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _rescore(X, CF, C2, x2, h, rows, rmask, idx, D, sxh, sxn, scf_h, scf_k, sc2_h,
-                 COSINE: tl.constexpr, BLOCK_N: tl.constexpr, BD: tl.constexpr, RD: tl.constexpr):
-        # fp32 reference score (higher is better) of code `idx` for each row
+                 COSINE: tl.constexpr, RERANK: tl.constexpr, BLOCK_N: tl.constexpr, BD: tl.constexpr,
+                 RD: tl.constexpr):
+        # fp32 score (higher is better) of code `idx` for each row: the reference's `-sqrt(d2)`, or with RERANK
+        # `2 x.c - |c|^2` (no |x|^2 to cancel, no sqrt to merge neighbours: closer to the exact ranking)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for d0 in tl.static_range(0, BD, RD):
             d = d0 + tl.arange(0, RD)
@@ -118,14 +100,17 @@ if HAS_TRITON:
         else:
             c2 = tl.load(C2 + h * sc2_h + idx, mask=rmask, other=0.0)
             q = tl.maximum((x2 + c2) + acc * -2.0, 1e-8)  # the squared distance (returned)
-            r = -tl.sqrt_rn(q)  # what vqp compares (its sqrt makes ties)
+            if RERANK:
+                r = 2.0 * acc - c2
+            else:
+                r = -tl.sqrt_rn(q)  # what vqp compares (its sqrt makes ties)
         return r, q
 
     @triton.jit
     def _nearest_kernel(
         X, X2, CL, CF, C2, STATS, OUT_I, OUT_S, OUT_F,
         N, K, D, sxh, sxn, scl_h, scl_k, scf_h, scf_k, sc2_h, sst_h,
-        COSINE: tl.constexpr, EXACT: tl.constexpr, BF16: tl.constexpr, SKIP: tl.constexpr, EMULATE: tl.constexpr,
+        COSINE: tl.constexpr, EXACT: tl.constexpr, BF16: tl.constexpr, RERANK: tl.constexpr, EMULATE: tl.constexpr,
         TOPK: tl.constexpr,
         BD: tl.constexpr, RD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
@@ -154,23 +139,12 @@ if HAS_TRITON:
             nlo = nhi * 0.0009765625
 
         inf = float("inf")
-        b0 = tl.full([BLOCK_N], inf, tl.float32)
-        b1 = b0
-        b2 = b0
-        b3 = b0
-        b4 = b0
-        b5 = b0
-        b6 = b0
-        b7 = b0
-        i0 = tl.zeros([BLOCK_N], dtype=tl.int32)
-        i1 = i0
-        i2 = i0
-        i3 = i0
-        i4 = i0
-        i5 = i0
-        i6 = i0
-        i7 = i0
         kk = tl.arange(0, BLOCK_K)
+        # per-lane state (lane j sees codes k0 + j): best score m1 and its code li, second-best score m2 -
+        # elementwise updates only; the top-k is extracted from the lanes once, after the loop
+        m1 = tl.full([BLOCK_N, BLOCK_K], inf, tl.float32)
+        m2 = m1
+        li = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + kk
             kmask = ks < K
@@ -189,66 +163,59 @@ if HAS_TRITON:
                 c2 = tl.load(C2 + h * sc2_h + ks, mask=kmask, other=0.0)
                 s = c2[None, :] - 2.0 * dot
             s = tl.where(kmask[None, :], s, inf)
+            lt = s < m1  # strict: within a lane the earlier (lower) code keeps a tie
             if EXACT:
-                for _t in tl.static_range(TOPK):
-                    m = tl.min(s, axis=1)
-                    if TOPK == 8:
-                        blast = b7
-                    else:
-                        blast = b3
-                    if SKIP:
-                        if tl.max((m < blast).to(tl.int32), axis=0) > 0:
-                            a = tl.argmin(s, axis=1)
-                            if TOPK == 8:
-                                b0, b1, b2, b3, b4, b5, b6, b7, i0, i1, i2, i3, i4, i5, i6, i7 = _insert8(
-                                    b0, b1, b2, b3, b4, b5, b6, b7, i0, i1, i2, i3, i4, i5, i6, i7, m, a + k0)
-                            else:
-                                b0, b1, b2, b3, i0, i1, i2, i3 = _insert(b0, b1, b2, b3, i0, i1, i2, i3, m, a + k0)
-                            s = tl.where(kk[None, :] == a[:, None], inf, s)
-                    else:
-                        a = tl.argmin(s, axis=1)
-                        if TOPK == 8:
-                            b0, b1, b2, b3, b4, b5, b6, b7, i0, i1, i2, i3, i4, i5, i6, i7 = _insert8(
-                                b0, b1, b2, b3, b4, b5, b6, b7, i0, i1, i2, i3, i4, i5, i6, i7, m, a + k0)
-                        else:
-                            b0, b1, b2, b3, i0, i1, i2, i3 = _insert(b0, b1, b2, b3, i0, i1, i2, i3, m, a + k0)
-                        s = tl.where(kk[None, :] == a[:, None], inf, s)
+                m2 = tl.minimum(m2, tl.maximum(m1, s))
+            li = tl.where(lt, ks[None, :], li)
+            m1 = tl.where(lt, s, m1)
+
+        # lane minima in ascending order (ties: lowest code); every code not popped scores >= the next pop or
+        # its lane's second best
+        b0, i0, m1 = _pop(m1, li)
+        if EXACT:
+            b1, i1, m1 = _pop(m1, li)
+            b2, i2, m1 = _pop(m1, li)
+            b3, i3, m1 = _pop(m1, li)
+            rest = tl.min(m2, axis=1)
+            if TOPK == 8:
+                b4, i4, m1 = _pop(m1, li)
+                b5, i5, m1 = _pop(m1, li)
+                b6, i6, m1 = _pop(m1, li)
+                b7, i7, m1 = _pop(m1, li)
+                b7 = tl.minimum(b7, rest)
             else:
-                m = tl.min(s, axis=1)
-                a = tl.argmin(s, axis=1)
-                upd = m < b0
-                b0 = tl.where(upd, m, b0)
-                i0 = tl.where(upd, a + k0, i0)
+                b3 = tl.minimum(b3, rest)
 
         if EXACT:
-            # the error bound of the low-precision scores for this row (see the module docstring)
-            cmax = tl.load(STATS + h * sst_h + 0)
-            c2max = tl.load(STATS + h * sst_h + 1)
-            clomax = tl.load(STATS + h * sst_h + 2)
-            nx = nhi + nlo
-            gamma = (D + 16) * 2.384185791015625e-07  # (D + 16) * 2^-22
-            # ferr: how far the kernel's fp32 re-score of one code can be from the reference's (both sum the
-            # same fp32 products, in different orders: each within gamma_D |x| |c| of the exact dot,
-            # gamma_D = D u / (1 - D u), u = 2^-24; plus one rounding of the final add in each)
-            gd = D * 5.9604644775390625e-08 * 1.001
-            if COSINE:
-                ferr = 2.0 * gd * nx * cmax + 1.1920928955078125e-07 * (nx * cmax + 1.0)
-                err = (nlo * cmax + nx * clomax) + gamma * (nx * cmax + 1.0)
-            else:
-                ferr = 4.0 * gd * nx * cmax + 1.1920928955078125e-07 * (x2 + c2max + 2.0 * nx * cmax)
-                err = 2.0 * (nlo * cmax + nx * clomax) + gamma * (x2 + c2max + 2.0 * nx * cmax)
-            err = err * 1.0625 + 1e-30
-            ferr = ferr * 1.0625 + 1e-30
-            if TOPK == 8:
-                flag = (b7 - b0) <= 2.0 * err
-            else:
-                flag = (b3 - b0) <= 2.0 * err
+            if not RERANK:
+                # the error bound of the low-precision scores for this row (see the module docstring)
+                cmax = tl.load(STATS + h * sst_h + 0)
+                c2max = tl.load(STATS + h * sst_h + 1)
+                clomax = tl.load(STATS + h * sst_h + 2)
+                nx = nhi + nlo
+                gamma = (D + 16) * 2.384185791015625e-07  # (D + 16) * 2^-22
+                # ferr: how far the kernel's fp32 re-score of one code can be from the reference's (both sum the
+                # same fp32 products, in different orders: each within gamma_D |x| |c| of the exact dot,
+                # gamma_D = D u / (1 - D u), u = 2^-24; plus one rounding of the final add in each)
+                gd = D * 5.9604644775390625e-08 * 1.001
+                if COSINE:
+                    ferr = 2.0 * gd * nx * cmax + 1.1920928955078125e-07 * (nx * cmax + 1.0)
+                    err = (nlo * cmax + nx * clomax) + gamma * (nx * cmax + 1.0)
+                else:
+                    ferr = 4.0 * gd * nx * cmax + 1.1920928955078125e-07 * (x2 + c2max + 2.0 * nx * cmax)
+                    err = 2.0 * (nlo * cmax + nx * clomax) + gamma * (x2 + c2max + 2.0 * nx * cmax)
+                err = err * 1.0625 + 1e-30
+                ferr = ferr * 1.0625 + 1e-30
+                if TOPK == 8:
+                    flag = (b7 - b0) <= 2.0 * err
+                else:
+                    flag = (b3 - b0) <= 2.0 * err
             r0, q0 = _rescore(X, CF, C2, x2, h, rows, rmask, i0, D, sxh, sxn, scf_h, scf_k, sc2_h,
-                              COSINE, BLOCK_N, BD, RD)
+                              COSINE, RERANK, BLOCK_N, BD, RD)
             r1, q1 = _rescore(X, CF, C2, x2, h, rows, rmask, i1, D, sxh, sxn, scf_h, scf_k, sc2_h,
-                              COSINE, BLOCK_N, BD, RD)
+                              COSINE, RERANK, BLOCK_N, BD, RD)
             r2, q2 = _rescore(X, CF, C2, x2, h, rows, rmask, i2, D, sxh, sxn, scf_h, scf_k, sc2_h,
-                              COSINE, BLOCK_N, BD, RD)
+                              COSINE, RERANK, BLOCK_N, BD, RD)
             rb = r0
             qb = q0
             ib = i0
@@ -256,32 +223,33 @@ if HAS_TRITON:
             rb, qb, ib = _fold(r2, q2, i2, rb, qb, ib)
             if TOPK == 8:
                 r3, q3 = _rescore(X, CF, C2, x2, h, rows, rmask, i3, D, sxh, sxn, scf_h, scf_k, sc2_h,
-                                  COSINE, BLOCK_N, BD, RD)
+                                  COSINE, RERANK, BLOCK_N, BD, RD)
                 r4, q4 = _rescore(X, CF, C2, x2, h, rows, rmask, i4, D, sxh, sxn, scf_h, scf_k, sc2_h,
-                                  COSINE, BLOCK_N, BD, RD)
+                                  COSINE, RERANK, BLOCK_N, BD, RD)
                 r5, q5 = _rescore(X, CF, C2, x2, h, rows, rmask, i5, D, sxh, sxn, scf_h, scf_k, sc2_h,
-                                  COSINE, BLOCK_N, BD, RD)
+                                  COSINE, RERANK, BLOCK_N, BD, RD)
                 r6, q6 = _rescore(X, CF, C2, x2, h, rows, rmask, i6, D, sxh, sxn, scf_h, scf_k, sc2_h,
-                                  COSINE, BLOCK_N, BD, RD)
+                                  COSINE, RERANK, BLOCK_N, BD, RD)
                 rb, qb, ib = _fold(r3, q3, i3, rb, qb, ib)
                 rb, qb, ib = _fold(r4, q4, i4, rb, qb, ib)
                 rb, qb, ib = _fold(r5, q5, i5, rb, qb, ib)
                 rb, qb, ib = _fold(r6, q6, i6, rb, qb, ib)
-            # the kernel's fp32 dot sums in another order than the reference GEMM: a winner closer than that
-            # rounding slack to another candidate is not proven either (the reference decides those rows)
-            if COSINE:
-                tb = -qb
-            else:
-                tb = qb
-            second = tl.minimum(tl.minimum(_other(q0, i0, b0, ib, COSINE), _other(q1, i1, b1, ib, COSINE)),
-                                _other(q2, i2, b2, ib, COSINE))
-            if TOPK == 8:
-                second = tl.minimum(second, tl.minimum(
-                    tl.minimum(_other(q3, i3, b3, ib, COSINE), _other(q4, i4, b4, ib, COSINE)),
-                    tl.minimum(_other(q5, i5, b5, ib, COSINE), _other(q6, i6, b6, ib, COSINE))))
-            # a margin of 2^-20 |tb| on top keeps the reference's gap many ulps wide, so vqp's sqrt cannot merge it
-            flag = flag | ((second - tb) <= 2.0 * ferr + 9.5367431640625e-07 * tl.abs(tb))
-            tl.store(OUT_F + h * N + rows, flag.to(tl.int8), mask=rmask)
+            if not RERANK:
+                # the kernel's fp32 dot sums in another order than the reference GEMM: a winner closer than that
+                # rounding slack to another candidate is not proven either (the reference decides those rows)
+                if COSINE:
+                    tb = -qb
+                else:
+                    tb = qb
+                second = tl.minimum(tl.minimum(_other(q0, i0, b0, ib, COSINE), _other(q1, i1, b1, ib, COSINE)),
+                                    _other(q2, i2, b2, ib, COSINE))
+                if TOPK == 8:
+                    second = tl.minimum(second, tl.minimum(
+                        tl.minimum(_other(q3, i3, b3, ib, COSINE), _other(q4, i4, b4, ib, COSINE)),
+                        tl.minimum(_other(q5, i5, b5, ib, COSINE), _other(q6, i6, b6, ib, COSINE))))
+                # a margin of 2^-20 |tb| on top keeps the reference's gap many ulps wide, so vqp's sqrt cannot merge it
+                flag = flag | ((second - tb) <= 2.0 * ferr + 9.5367431640625e-07 * tl.abs(tb))
+                tl.store(OUT_F + h * N + rows, flag.to(tl.int8), mask=rmask)
         else:
             ib = i0
             if COSINE:
@@ -307,7 +275,7 @@ if HAS_TRITON:
                 if (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"] * c.num_stages) * bd * elt <= 200 * 1024]
         return keep or configs[-1:]
 
-    _KEY = ["K", "BD", "COSINE", "EXACT", "BF16", "TOPK"]
+    _KEY = ["K", "BD", "COSINE", "EXACT", "RERANK", "BF16", "TOPK"]
     _tuned = {
         True: triton.autotune(_configs(True), key=_KEY, prune_configs_by={"early_config_prune": _prune})(
             _nearest_kernel),
@@ -316,25 +284,37 @@ if HAS_TRITON:
     }
 
 
+MODES = ("exact", "rerank", "fast")
+
+
 def nearest_code_triton(
     x: Tensor,
     codebook: Tensor,
     codebook_sq_norm: Tensor,
     *,
     metric: str = "euclidean",
-    exact: bool = True,
+    exact: bool | None = None,
+    mode: str = "exact",
     precision: str = "bf16",
-    skip: bool = True,
     stats: dict | None = None,
     block: tuple[int, int] | None = None,
     topk: int = TOPK,
 ) -> tuple[Tensor, Tensor]:
     """Kernel behind `nearest_code`: `x (H, N, D)`, `codebook (H or 1, K, D)`, `codebook_sq_norm (H or 1, K)`
     (float32, `(codebook.float()**2).sum(-1)`). Returns `(indices int64 (H, N), score float32 (H, N))` with
-    `nearest_code`'s conventions. `stats`, if given, receives the number of rows re-done by the PyTorch path.
-    `block=(BLOCK_N, BLOCK_K)` skips autotuning (the interpreter uses (16, 16)). `topk` (4 or 8, exact mode):
-    candidates kept per row; 8 sends far fewer near-tie rows to the fallback (randn d256 K8192, simulated:
-    stage-1 fallback 6.2% -> 0.07% of rows) at the price of twice the per-tile selection work."""
+    `nearest_code`'s conventions.
+
+    `mode`: `"exact"` (the reference's fp32 indices: margin check, PyTorch fallback for unproven rows, one host
+    sync), `"rerank"` (the best `topk - 1` low-precision candidates re-ranked by fp32 `|c|^2 - 2 x.c`; no
+    fallback, no sync), `"fast"` (the low-precision argmin). `exact=True/False` is the older spelling of
+    `"exact"`/`"fast"`. `stats`, if given, receives the number of rows re-done by the PyTorch path.
+    `block=(BLOCK_N, BLOCK_K)` skips autotuning (the interpreter uses (16, 16)). `topk` (4 or 8): candidates
+    kept per row; 8 sends far fewer near-tie rows to the fallback (randn d256 K8192: 17,866 -> 1,511 of
+    262,144 rows, H100) for a little more work after the codebook loop."""
+    if exact is not None:
+        mode = "exact" if exact else "fast"
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if topk not in (4, 8):
         raise ValueError(f"topk must be 4 or 8, got {topk!r}")
     if precision not in ("bf16", "tf32"):
@@ -354,7 +334,8 @@ def nearest_code_triton(
     c2 = codebook_sq_norm.float().contiguous()
     shared = cf.shape[0] == 1 and H > 1
     x2 = (x.float() ** 2).sum(-1).contiguous() if not cosine else score  # reference |x|^2 (unused for cosine)
-    flag = torch.zeros(H, N, dtype=torch.int8, device=dev)
+    exact = mode == "exact"
+    flag = torch.zeros(H, N, dtype=torch.int8, device=dev) if exact else idx
     if exact:
         cn = cf.norm(dim=-1)
         clo = (cf - cl.float()).norm(dim=-1) if bf16 else cn * 2.0**-10
@@ -369,7 +350,8 @@ def nearest_code_triton(
         0 if shared else cf.stride(0), cf.stride(1),
         0 if shared else c2.stride(0), 0 if shared else st.stride(0),
     )
-    consts = dict(COSINE=cosine, EXACT=exact, BF16=bf16, SKIP=skip, EMULATE=_interpret(), TOPK=topk if exact else 4,
+    consts = dict(COSINE=cosine, EXACT=mode != "fast", RERANK=mode == "rerank", BF16=bf16, EMULATE=_interpret(),
+                  TOPK=topk if mode != "fast" else 4,
                   BD=bd, RD=min(bd, 64))
     if block is None and _interpret():
         block = (16, 16)
@@ -379,6 +361,8 @@ def nearest_code_triton(
     else:
         _tuned[bf16][lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), H)](*args, **consts)
 
+    if stats is not None:
+        stats["fallback_rows"], stats["rows"] = 0, H * N
     if exact:
         redo = flag.bool()
         n_redo = int(redo.sum())

@@ -146,7 +146,18 @@ KERNEL_CHECK = textwrap.dedent(
         (2, 21, 19, 16, 2, "euclidean", torch.bfloat16),
         (3, 18, 40, 33, 1, "cosine", torch.float32),
         (1, 25, 3, 8, 1, "euclidean", torch.float16),
+        (2, 19, 70, 7, 1, "euclidean", torch.float16),
+        (1, 33, 17, 48, 1, "cosine", torch.bfloat16),
     ]
+    if dev == "cuda":  # odd and large shapes, several autotuned block sizes
+        cases += [
+            (1, 1001, 999, 129, 1, "euclidean", torch.float32),
+            (2, 513, 257, 7, 2, "euclidean", torch.bfloat16),
+            (1, 4097, 8192, 256, 1, "euclidean", torch.float32),
+            (3, 777, 1024, 128, 1, "euclidean", torch.float16),
+            (1, 2049, 4096, 64, 1, "cosine", torch.float32),
+            (1, 3000, 65536, 256, 1, "euclidean", torch.bfloat16),
+        ]
     for case_no, (H, N, K, D, HC, metric, dtype) in enumerate(cases):
         x = torch.randn(H, N, D, generator=g)
         c = torch.randn(HC, K, D, generator=g)
@@ -163,11 +174,18 @@ KERNEL_CHECK = textwrap.dedent(
             st = {}
             i, s = tn.nearest_code_triton(x, c, sqn, metric=metric, exact=True, precision=prec, stats=st)
             ia, sa = tn.nearest_code_triton(x, c, sqn, metric=metric, exact=False, precision=prec)
+            ir, sr = tn.nearest_code_triton(x, c, sqn, metric=metric, mode="rerank", precision=prec)
             xf = x.float()
             cf = c.expand(H, -1, -1)
             d64 = torch.cdist(xf.double(), cf.double()) if metric == "euclidean" else -xf.double() @ cf.double().mT
             ia_d = d64.gather(-1, ia[..., None])[..., 0]
+            ir_d = d64.gather(-1, ir[..., None])[..., 0]
             out[f"{case_no}-{prec}"] = dict(
+                # rerank: the float64 winner up to fp32 rounding of the scores (exact ties and near-duplicates)
+                rerank_gap=float((ir_d - d64.amin(-1)).max() / (1 + d64.abs().amax())),
+                rerank_agree=float((ir_d == d64.amin(-1)).float().mean()),
+                rerank_score_maxdiff=float(((sr - ir_d**2) if metric == "euclidean" else (sr + ir_d)).abs().max()
+                                           / (1 + 2 * d64.abs().amax() ** 2)),
                 exact_equal=bool(torch.equal(i, ref_i)),
                 # squared scores: vqp's |x|^2 + |c|^2 - 2 x.c cancels for points next to a code
                 # vqp's |x|^2 + |c|^2 - 2 x.c cancels for points next to a code: relative to the magnitudes
@@ -189,6 +207,9 @@ def _check_kernel_results(res):
         assert r["score_maxdiff"] < 1e-5, (name, r)
         assert r["approx_gap"] < 0.1, (name, r)  # the low-precision winner is a near-winner
         assert r["approx_score_maxdiff"] < 1e-2, (name, r)
+        assert r["rerank_gap"] < 1e-5, (name, r)  # only fp32-level near-ties may differ from float64
+        assert r["rerank_agree"] >= 0.9, (name, r)
+        assert r["rerank_score_maxdiff"] < 1e-5, (name, r)
 
 
 def test_triton_kernel_interpreted_on_cpu():

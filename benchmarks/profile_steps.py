@@ -1,0 +1,81 @@
+"""Where a quantizer's step spends its time: torch.profiler CUDA-time table per workload (GPU).
+
+    python benchmarks/profile_steps.py [--rows 25]
+
+Profiles the hf_vq side of bench_vs_vqp's VQ d256/K8192, ResidualVQ and FSQ rows (eval and train), after
+warm-up, and prints the top kernels/ops by self CUDA time, plus the wall time per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import hf_vq
+
+
+def _step(module, x, train):
+    def run():
+        if train:
+            xi = x.detach().requires_grad_()
+            out = module(xi)
+            total = out.quantized.float().sum()
+            if out.loss is not None and out.loss.requires_grad:
+                total = total + out.loss.float().sum()
+            total.backward()
+        else:
+            with torch.no_grad():
+                module(x)
+    return run
+
+
+def _profile(name, fn, rows):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / 5 * 1e3
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    print(f"\n## {name}: wall {wall:.2f} ms/call\n")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--rows", type=int, default=20)
+    p.add_argument("--only", default="")
+    args = p.parse_args()
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    cases = []
+    x = torch.randn(64, 4096, 256, device=dev)
+    for train in (False, True):
+        kw = dict(dim=256, codebook_size=8192, decay=0.99, check_inputs=False)
+        if train:
+            kw.update(threshold_ema_dead_code=2)
+        cases.append((f"VQ d256 K8192 {'train' if train else 'eval'}", hf_vq.VectorQuantize(**kw).to(dev), x, train))
+    xr = torch.randn(32, 4096, 128, device=dev)
+    for train in (False, True):
+        m = hf_vq.ResidualVQ(dim=128, num_quantizers=8, codebook_size=1024, decay=0.99, check_inputs=False).to(dev)
+        cases.append((f"ResidualVQ 8x1024 {'train' if train else 'eval'}", m, xr, train))
+    xf = torch.randn(256, 4096, 6, device=dev)
+    for train in (False, True):
+        m = hf_vq.FSQ(levels=[8, 8, 8, 5, 5, 5], check_inputs=False).to(dev)
+        cases.append((f"FSQ {'train' if train else 'eval'}", m, xf, train))
+    for name, m, xx, train in cases:
+        if args.only and args.only not in name:
+            continue
+        m.train(train)
+        _profile(name, _step(m, xx, train), args.rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Fused FSQ on CUDA (Triton): bound, round, renormalize and pack the index in one pass over the features.
+
+`fsq_quantize` (in `fsq.py`) is several elementwise kernels plus the index's; at 1M tokens each is a few
+microseconds of work behind its own launch, so the op is launch- and pass-bound. This kernel reads `z` once and
+writes the codes (in `z`'s dtype) and the int32 index; its backward (the straight-through estimator of the round,
+times the bound's derivative) is one more pass. The same float32 arithmetic as the PyTorch op, in the same
+order where it decides a rounding (`tanh(z + shift) * half_l - offset`, round half to even, `/ (L // 2)`);
+the per-dimension constants come from the PyTorch op's own formulas.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .triton_nearest import HAS_TRITON, _interpret
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def _round_half_even(v):
+        # exact for |v| < 2^22 (FSQ values are a few units): adding 1.5 * 2^23 leaves no fraction bits
+        return (v + 12582912.0) - 12582912.0
+
+    @triton.jit
+    def _tanh(v, EMULATE: tl.constexpr):
+        if EMULATE:  # the CPU interpreter has no libdevice: 1 - 2 / (exp(2v) + 1), within ~1e-7 of tanh
+            return 1.0 - 2.0 / (tl.exp(2.0 * v) + 1.0)
+        else:
+            return libdevice.tanh(v)  # CUDA's tanhf, as torch.tanh on the GPU
+
+    @triton.jit
+    def _fsq_fwd(Z, TAB, BASIS, Q, IDX, M, d, HARD: tl.constexpr, EMULATE: tl.constexpr, BLOCK: tl.constexpr, BD: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        cols = tl.arange(0, BD)
+        rmask = rows < M
+        cmask = cols < d
+        m2 = rmask[:, None] & cmask[None, :]
+        z = tl.load(Z + rows[:, None] * d + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        shift = tl.load(TAB + cols, mask=cmask, other=0.0)[None, :]
+        half_l = tl.load(TAB + BD + cols, mask=cmask, other=1.0)[None, :]
+        offset = tl.load(TAB + 2 * BD + cols, mask=cmask, other=0.0)[None, :]
+        hw = tl.load(TAB + 3 * BD + cols, mask=cmask, other=1.0)[None, :]
+        if HARD:
+            bounded = tl.minimum(tl.maximum(z + shift, -1.0), 1.0) * half_l - offset
+        else:
+            bounded = _tanh(z + shift, EMULATE) * half_l - offset
+        r = _round_half_even(bounded)
+        q = tl.math.div_rn(r, hw)
+        tl.store(Q + rows[:, None] * d + cols[None, :], q.to(Q.dtype.element_ty), mask=m2)
+        basis = tl.load(BASIS + cols, mask=cmask, other=0)[None, :]
+        level = (r + hw).to(tl.int32)
+        idx = tl.sum(tl.where(m2, level * basis, 0), axis=1)
+        tl.store(IDX + rows, idx, mask=rmask)
+
+    @triton.jit
+    def _fsq_bwd(Z, G, TAB, GZ, M, d, HARD: tl.constexpr, EMULATE: tl.constexpr, BLOCK: tl.constexpr, BD: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        cols = tl.arange(0, BD)
+        cmask = cols < d
+        m2 = (rows < M)[:, None] & cmask[None, :]
+        offs = rows[:, None] * d + cols[None, :]
+        z = tl.load(Z + offs, mask=m2, other=0.0).to(tl.float32)
+        g = tl.load(G + offs, mask=m2, other=0.0).to(tl.float32)
+        shift = tl.load(TAB + cols, mask=cmask, other=0.0)[None, :]
+        half_l = tl.load(TAB + BD + cols, mask=cmask, other=1.0)[None, :]
+        hw = tl.load(TAB + 3 * BD + cols, mask=cmask, other=1.0)[None, :]
+        gb = tl.math.div_rn(g, hw) * half_l  # through `/ (L // 2)` and `* half_l`; the round passes it on
+        if HARD:
+            v = z + shift
+            gz = tl.where((v >= -1.0) & (v <= 1.0), gb, 0.0)
+        else:
+            t = _tanh(z + shift, EMULATE)
+            gz = gb * (1.0 - t * t)
+        tl.store(GZ + offs, gz.to(GZ.dtype.element_ty), mask=m2)
+
+
+BLOCK = 512
+
+
+def available(z: Tensor) -> bool:
+    """Whether the fused kernel can serve `z` (CUDA or the interpreter, float dtypes, `HF_VQ_DISABLE_TRITON`)."""
+    if not HAS_TRITON or os.environ.get("HF_VQ_DISABLE_TRITON", "0") == "1":
+        return False
+    return z.dtype in (torch.float32, torch.bfloat16, torch.float16) and (z.is_cuda or _interpret())
+
+
+def fsq_table(levels: Tensor, basis: Tensor, hard_clamp: bool, eps: float = 1e-3) -> tuple[Tensor, Tensor]:
+    """Per-dimension constants `(4, BD)` float32 (shift, half_l, offset, L // 2) and the int32 basis, computed by
+    the PyTorch op's formulas (so the kernel rounds the same values)."""
+    half_l = (levels - 1) * (1 + eps) / 2
+    offset = torch.where(levels % 2 == 0, 0.5, 0.0).to(levels.device)
+    shift = offset / half_l if hard_clamp else torch.atanh(offset / half_l)
+    bd = max(2, triton.next_power_of_2(levels.numel()))
+    tab = torch.zeros(4, bd, dtype=torch.float32, device=levels.device)
+    for row, v in enumerate((shift, half_l, offset, levels // 2)):
+        tab[row, : levels.numel()] = v.float()
+    return tab, basis.to(torch.int32).contiguous()
+
+
+class _FusedFSQ(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, tab: Tensor, basis: Tensor, hard: bool) -> tuple[Tensor, Tensor]:
+        z = z.contiguous()
+        d = z.shape[-1]
+        m = z.numel() // d
+        q = torch.empty_like(z)
+        idx = torch.empty(z.shape[:-1], dtype=torch.int32, device=z.device)
+        if m:
+            _fsq_fwd[(triton.cdiv(m, BLOCK),)](z, tab, basis, q, idx, m, d, HARD=hard, EMULATE=_interpret(), BLOCK=BLOCK,
+                                               BD=tab.shape[1])
+        ctx.save_for_backward(z, tab)
+        ctx.hard = hard
+        ctx.mark_non_differentiable(idx)
+        return q, idx
+
+    @staticmethod
+    def backward(ctx, gq: Tensor, _gidx):
+        z, tab = ctx.saved_tensors
+        gq = gq.contiguous()
+        d = z.shape[-1]
+        m = z.numel() // d
+        gz = torch.empty_like(z)
+        if m:
+            _fsq_bwd[(triton.cdiv(m, BLOCK),)](z, gq, tab, gz, m, d, HARD=ctx.hard, EMULATE=_interpret(), BLOCK=BLOCK, BD=tab.shape[1])
+        return gz, None, None, None
+
+
+def fsq_quantize_fused(z: Tensor, tab: Tensor, basis: Tensor, hard_clamp: bool = False) -> tuple[Tensor, Tensor]:
+    """`(codes in z's dtype, int32 indices)` of `fsq_quantize` + `codes_to_indices` for `z (..., d)`, in one
+    kernel (float32 inside); differentiable in `z` (straight-through round). `tab, basis` from `fsq_table`."""
+    return _FusedFSQ.apply(z, tab, basis, hard_clamp)

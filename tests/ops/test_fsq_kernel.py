@@ -1,0 +1,75 @@
+"""The fused FSQ kernel (`hf_vq.ops.triton_fsq`) against the PyTorch op path of `FSQ`: codes, indices and the
+straight-through gradient. On CPU under `TRITON_INTERPRET=1` (subprocess, small shapes); on the GPU when there is
+one (larger shapes, half-precision inputs)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+FSQ_CHECK = textwrap.dedent(
+    """
+    import json, sys, torch
+    import hf_vq
+    dev = sys.argv[1]
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    dtypes = [torch.float32] + ([torch.bfloat16, torch.float16] if dev == "cuda" else [])
+    n = 4099 if dev == "cuda" else 61
+    for levels, hard, ncb in (([8, 8, 8, 5, 5, 5], False, 1), ([7, 5, 4], True, 1), ([3, 6, 9, 4], False, 2),
+                              ([5], False, 1)):
+        m = hf_vq.FSQ(levels=levels, bound_hard_clamp=hard, num_codebooks=ncb, check_inputs=False).to(dev)
+        for dt in dtypes:
+            z = (torch.randn(3, n, len(levels) * ncb, generator=g) * 2).to(dev, dt)
+            tokens = z.unflatten(-1, (ncb, len(levels)))
+            assert m._fused_ok(tokens)
+            zf = z.clone().requires_grad_()
+            zt = z.clone().requires_grad_()
+            res = m(zf)
+            qt, it = m._quantize_torch(zt.unflatten(-1, (ncb, len(levels))))
+            if ncb == 1:
+                it = it.squeeze(-1)
+            w = torch.randn(res.quantized.shape, generator=g).to(dev)
+            (res.quantized.float() * w).sum().backward()
+            (qt.float() * w).sum().backward()
+            out[f"{levels}-{hard}-{dt}"] = dict(
+                codes_equal=bool(torch.equal(res.quantized, qt)), indices_equal=bool(torch.equal(res.indices, it)),
+                dtype_ok=res.quantized.dtype == dt and res.indices.dtype == it.dtype,
+                grad_err=float((zf.grad.float() - zt.grad.float()).abs().max() / (zt.grad.float().abs().max() + 1e-12)))
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+def _check(res, grad_tol):
+    for name, r in res.items():
+        assert r["codes_equal"] and r["indices_equal"] and r["dtype_ok"], (name, r)
+        assert r["grad_err"] <= grad_tol, (name, r)
+
+
+def _run(dev, env):
+    return subprocess.run([sys.executable, "-c", FSQ_CHECK, dev], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def test_fused_fsq_interpreted_on_cpu():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("HF_VQ_DISABLE_TRITON", None)
+    proc = _run("cpu", env)
+    if proc.returncode != 0 and "RESULT" not in proc.stdout:
+        pytest.skip(f"the Triton interpreter could not run the kernel here: {proc.stderr[-2000:]}")
+    _check(json.loads(proc.stdout.split("RESULT", 1)[1]), 1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fused_fsq_on_gpu():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "HF_VQ_DISABLE_TRITON")}
+    proc = _run("cuda", env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _check(json.loads(proc.stdout.split("RESULT", 1)[1]), 1e-2)  # half-precision gradients: rounding order
