@@ -24,6 +24,7 @@ from ..modeling_utils import (
 )
 from ..ops import fsq as fsq_ops
 from ..ops import triton_fsq
+from ._config_view import fast_view
 
 
 class FSQConfig(QuantizerConfig):
@@ -231,7 +232,7 @@ class FSQ(QuantizerModel):
     def _fused_ok(self, tokens: Tensor) -> bool:
         """The one-kernel path (CUDA + Triton) serves the plain configuration: float32 math, no symmetry-preserving
         levels, no rotation, no noise dropout in training."""
-        c = self.config
+        c = fast_view(self.config)
         return (triton_fsq.available(tokens) and not c.preserve_symmetry and not c.orthogonal_rotation
                 and not (self.training and c.noise_dropout > 0)
                 and (c.force_quantization_f32 or tokens.dtype == torch.float32))
@@ -260,7 +261,7 @@ class FSQ(QuantizerModel):
     def forward(self, z: Tensor, return_dict: bool | None = None) -> FSQOutput | tuple:
         """Quantize `z` of shape `(b, n, d)`, `(b, d, h, w)` or `(b, d, t, h, w)` (or `(b, d, n)` with
         `channel_first`). Returns [`FSQOutput`], or `(quantized, indices)` with `return_dict=False`."""
-        c = self.config
+        c = fast_view(self.config)
         if c.check_inputs:
             check_features(z, c.effective_dim, name="z")
         layout = TokenLayout.of(z, channel_first=True if c.channel_first else None)

@@ -24,6 +24,7 @@ from ..modeling_utils import QuantizerConfig, QuantizerModel, QuantizerOutput, c
 from .fsq import FSQ, FSQConfig, check_levels
 from .lfq import LFQ, LFQConfig
 from .vector_quantize import VectorQuantize, VectorQuantizeConfig
+from ._config_view import fast_view
 
 _VQ_FIELDS = set(VectorQuantizeConfig.field_names()) - {"dim", "codebook_size", "codebook_dim", "check_inputs"}
 
@@ -156,7 +157,7 @@ class ResidualQuantizerBase(QuantizerModel):
 
     def dropout_cutoff(self, device) -> int:
         """The last level kept this training step; the same on every rank (rank 0's draw is broadcast)."""
-        c = self.config
+        c = fast_view(self.config)
         seed = torch.randint(0, 10_000, (), device=device)
         distributed.broadcast_(seed)
         cutoff = random.Random(int(seed)).randrange(c.quantize_dropout_cutoff_index, c.num_quantizers)
@@ -165,13 +166,13 @@ class ResidualQuantizerBase(QuantizerModel):
         return cutoff
 
     def uses_dropout(self) -> bool:
-        c = self.config
+        c = fast_view(self.config)
         return self.training and c.quantize_dropout and c.num_quantizers > 1 and torch.is_grad_enabled()
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """`(b, ..., q)` indices (-1 for dropped levels; fewer than `num_quantizers` levels allowed) to
         `(num_quantizers, b, ..., d)` codes, zero for dropped levels."""
-        c = self.config
+        c = fast_view(self.config)
         if indices.shape[-1] > c.num_quantizers:
             raise ValueError(f"indices have {indices.shape[-1]} levels, the model has {c.num_quantizers}")
         if indices.shape[-1] < c.num_quantizers:
@@ -202,7 +203,7 @@ class ResidualQuantizerBase(QuantizerModel):
     ) -> ResidualOutput | tuple:
         """Quantize `x` through all levels. `dropout_cutoff` fixes the quantize-dropout cutoff (grouped forms
         pass one cutoff to every group)."""
-        c = self.config
+        c = fast_view(self.config)
         if c.check_inputs:
             check_features(x, c.dim, name="x")
         channel_first = self._channel_first()
@@ -289,7 +290,7 @@ class ResidualVQ(ResidualQuantizerBase):
     def _finish_step(self, residuals: list[Tensor], mask: Tensor | None) -> None:
         """Shared codebook: one codebook update from the statistics of every level, then dead-code expiry
         over all levels' inputs (as vector-quantize-pytorch)."""
-        if not (self.training and self.config.shared_codebook):
+        if not (self.training and fast_view(self.config).shared_codebook):
             return
         first = self.layers[0]
         if first.config.resolved_ema_update:

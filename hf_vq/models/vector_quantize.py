@@ -32,6 +32,7 @@ from ..ops import ema as ema_ops
 from ..ops import kmeans as kmeans_ops
 from ..ops.estimators import directional_reparam, gumbel_select, rotate_to, straight_through
 from ..ops.nearest import nearest_code, scores
+from ._config_view import fast_view
 
 
 class VectorQuantizeConfig(QuantizerConfig):
@@ -435,12 +436,12 @@ class VectorQuantize(QuantizerModel):
         return embed if self.config.separate_codebook_per_head else embed[0]
 
     def _needs_transpose(self) -> bool:
-        c = self.config
+        c = fast_view(self.config)
         return not c.channel_last or c.accept_image_fmap or c.accept_3d_fmap
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """Codes `(b, ..., heads * codebook_dim)` (channel-first for image/3d layouts) for `indices`."""
-        c = self.config
+        c = fast_view(self.config)
         check_indices(indices, c.codebook_size)
         embed = self._codebook.embed
         if c.heads == 1:
@@ -463,7 +464,7 @@ class VectorQuantize(QuantizerModel):
 
     def _to_tokens(self, x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
         """`x` to `(b, n, d)` plus functions restoring features and indices to the input layout."""
-        c = self.config
+        c = fast_view(self.config)
         if x.ndim == 2:
             return x.unsqueeze(1), lambda q: q.squeeze(1), lambda i: i.squeeze(1)
         if c.accept_image_fmap or c.accept_3d_fmap:
@@ -487,7 +488,7 @@ class VectorQuantize(QuantizerModel):
 
     def _split_heads(self, x: Tensor) -> Tensor:
         """`(b, n, h*d)` -> `(h, b, n, d)` (separate codebooks) or `(1, b*h, n, d)` (shared)."""
-        c = self.config
+        c = fast_view(self.config)
         b, n, _ = x.shape
         x = x.view(b, n, c.heads, -1)
         if c.separate_codebook_per_head:
@@ -496,7 +497,7 @@ class VectorQuantize(QuantizerModel):
 
     def _merge_heads(self, t: Tensor, b: int) -> Tensor:
         """Inverse of `_split_heads` for `(H, B, n, ...)` tensors -> `(b, n, heads, ...)`."""
-        c = self.config
+        c = fast_view(self.config)
         if c.separate_codebook_per_head:
             return t.movedim(0, 2)
         return t.reshape(b, c.heads, *t.shape[2:]).movedim(1, 2)
@@ -519,10 +520,22 @@ class VectorQuantize(QuantizerModel):
         if self._sync():
             distributed.all_reduce_sum_(*tensors)
 
+    def _is_initted(self) -> bool:
+        """`bool(initted)` without a host sync per forward once it is True: the answer is kept with the buffer's
+        identity and version counter (any in-place write, e.g. `load_state_dict` or `fill_`, bumps it)."""
+        t = self._codebook.initted
+        key = (t.data_ptr(), t._version, t.device)
+        if self.__dict__.get("_initted_key") == key:
+            return True
+        if not bool(t):
+            return False
+        self.__dict__["_initted_key"] = key
+        return True
+
     @torch.no_grad()
     def _init_embed(self, flat: Tensor, mask: Tensor | None) -> None:
         """k-means on the first batch; every rank ends with the same centroids."""
-        cb, c = self._codebook, self.config
+        cb, c = self._codebook, fast_view(self.config)
         if mask is not None:
             flat = flat[:, mask[0]] if flat.shape[0] == 1 else torch.stack([f[m] for f, m in zip(flat, mask)])
         sync = self._sync_samples()
@@ -538,7 +551,7 @@ class VectorQuantize(QuantizerModel):
 
     @torch.no_grad()
     def update_embed_from_ema(self) -> None:
-        cb, c = self._codebook, self.config
+        cb, c = self._codebook, fast_view(self.config)
         smoothed = ema_ops.laplace_smoothing(cb.cluster_size, c.codebook_size, c.eps)
         cluster_size = smoothed * cb.cluster_size.sum(dim=-1, keepdim=True)
         embed = cb.embed_avg / cluster_size.unsqueeze(-1)
@@ -555,7 +568,7 @@ class VectorQuantize(QuantizerModel):
 
     @torch.no_grad()
     def _update_affine(self, flat: Tensor, mask: Tensor | None) -> None:
-        c, cb = self.config, self._codebook
+        c, cb = fast_view(self.config), self._codebook
         if self.training:
             self._decayed("codebook_mean", cb.embed.mean(dim=1, keepdim=True), c.affine_param_codebook_decay)
             self._decayed("codebook_variance", cb.embed.var(dim=1, unbiased=False, keepdim=True),
@@ -596,7 +609,7 @@ class VectorQuantize(QuantizerModel):
         `ema_update_weight` scales each code's EMA step (a tensor `(K,)`/`(heads, K)`, or a function of the
         batch's `(sums, counts)`); `accum_ema_update` only accumulates the batch statistics, which the next
         update adds to its own (vqp keeps them in the buffers' `.grad`; here in memory, not checkpointed)."""
-        c, cb = self.config, self._codebook
+        c, cb = fast_view(self.config), self._codebook
         ema_update = c.resolved_ema_update if ema_update is None else ema_update
         has_dead = c.threshold_ema_dead_code > 0
         if not ema_update and not has_dead:
@@ -627,7 +640,7 @@ class VectorQuantize(QuantizerModel):
     def expire_codes(self, flat: Tensor, mask: Tensor | None) -> None:
         """Replace codes whose EMA count fell below the threshold by batch vectors, and reset their EMA
         state (count and sum) so the stale average cannot overwrite the new vector."""
-        c, cb = self.config, self._codebook
+        c, cb = fast_view(self.config), self._codebook
         expired = cb.cluster_size < c.threshold_ema_dead_code
         if self._sync():
             distributed.broadcast_(expired)
@@ -670,7 +683,7 @@ class VectorQuantize(QuantizerModel):
 
     def _quantize(self, flat: Tensor, embed: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
         """Codes and indices for `flat (H, N, d)`: nearest code, or a Gumbel sample in training."""
-        c = self.config
+        c = fast_view(self.config)
         metric = "cosine" if c.use_cosine_sim else "euclidean"
         sample = self.training and c.stochastic_sample_codes and temperature > 0
         if not sample:
@@ -695,7 +708,7 @@ class VectorQuantize(QuantizerModel):
 
     def _sample_rows(self, x: Tensor, embed: Tensor, temperature: float) -> tuple[Tensor, Tensor | None]:
         """Gumbel-sampled indices for rows `x`, and (straight-through) the soft mixture of codes."""
-        c = self.config
+        c = fast_view(self.config)
         logits = scores(x, embed, "cosine" if c.use_cosine_sim else "euclidean")
         indices, weights = gumbel_select(logits, temperature, straight_through=c.straight_through, reinmax=c.reinmax)
         mix = torch.einsum("hnk,hkd->hnd", weights, embed) if weights is not None else None
@@ -725,7 +738,7 @@ class VectorQuantize(QuantizerModel):
         code scores against those codes (NaturalSpeech 2) and the tuple form `(quantized, loss)`;
         `ema_update` overrides the config for this call; `ema_update_weight` and `accum_ema_update` are
         described in `_update_codebook`."""
-        c, cb = self.config, self._codebook
+        c, cb = fast_view(self.config), self._codebook
         if c.check_inputs:
             check_features(x, c.dim, name="x")
         if mask is not None and lens is not None:
@@ -756,7 +769,7 @@ class VectorQuantize(QuantizerModel):
 
         with torch.autocast(device_type=x.device.type, enabled=False):
             flat = heads_x.float().reshape(H, B * n, -1)
-            if not bool(cb.initted):
+            if not self._is_initted():
                 self._init_embed(flat.detach(), flat_mask)
             if c.affine_param:
                 self._update_affine(flat.detach(), flat_mask)
@@ -818,7 +831,7 @@ class VectorQuantize(QuantizerModel):
 
     def _indices_to_rows(self, indices: Tensor, b: int, n: int) -> Tensor:
         """Indices in the output layout (`(b, ...)`, heads last) to the internal `(H, B * n)` row layout."""
-        c = self.config
+        c = fast_view(self.config)
         if indices.is_floating_point() or indices.numel() != b * n * c.heads:
             raise ValueError(f"indices must be an integer tensor with {b * n * c.heads} entries (the output "
                              f"indices' shape), got {indices.dtype} {tuple(indices.shape)}")
@@ -830,7 +843,7 @@ class VectorQuantize(QuantizerModel):
         return rows.permute(0, 2, 1).reshape(1, -1)
 
     def _estimator(self, flat: Tensor, codes: Tensor, input_requires_grad: bool) -> Tensor:
-        c = self.config
+        c = fast_view(self.config)
         if not self.training:
             return codes
         learn = c.resolved_learnable_codebook
@@ -849,7 +862,7 @@ class VectorQuantize(QuantizerModel):
         return codes
 
     def _losses(self, flat, codes, indices, embed, mask, freeze_codebook, batch) -> dict[str, Tensor]:
-        c = self.config
+        c = fast_view(self.config)
         zero = torch.zeros((), device=flat.device)
         out = dict(loss=zero, commitment_loss=zero, codebook_diversity_loss=zero, orthogonal_reg_loss=zero)
         if not self.training:

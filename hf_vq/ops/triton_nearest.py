@@ -126,8 +126,8 @@ if HAS_TRITON:
             xq = xf.to(tl.bfloat16)
         else:
             xq = xf
-        if COSINE:
-            x2 = tl.sum(xf * xf, axis=1)
+        if COSINE or RERANK or not EXACT:
+            x2 = tl.sum(xf * xf, axis=1)  # only the returned distance uses it (exact mode: torch's own |x|^2)
         else:
             x2 = tl.load(X2 + h * N + rows, mask=rmask, other=0.0)
         # row norms for the error bound, computed before the loop so the fp32 tile need not stay live
@@ -333,8 +333,9 @@ def nearest_code_triton(
     cl = cf.to(torch.bfloat16) if bf16 else cf
     c2 = codebook_sq_norm.float().contiguous()
     shared = cf.shape[0] == 1 and H > 1
-    x2 = (x.float() ** 2).sum(-1).contiguous() if not cosine else score  # reference |x|^2 (unused for cosine)
     exact = mode == "exact"
+    # the reference's |x|^2 (exact euclidean mode; the other modes sum it in the kernel)
+    x2 = (x.float() ** 2).sum(-1).contiguous() if exact and not cosine else score
     flag = torch.zeros(H, N, dtype=torch.int8, device=dev) if exact else idx
     if exact:
         cn = cf.norm(dim=-1)

@@ -169,12 +169,13 @@ KERNEL_CHECK = textwrap.dedent(
             x, c = torch.nn.functional.normalize(x, dim=-1), torch.nn.functional.normalize(c, dim=-1)
         x, c = x.to(dtype).to(dev), c.to(dev)
         sqn = sq_norm(c)
+        blk = (64, 32) if dev == "cuda" and K < 4096 else None  # autotune (slow to compile) only for large K
         ref_i, ref_s = _nearest_torch(x, c, sqn, metric)
         for prec in ("bf16", "tf32"):
             st = {}
-            i, s = tn.nearest_code_triton(x, c, sqn, metric=metric, exact=True, precision=prec, stats=st)
-            ia, sa = tn.nearest_code_triton(x, c, sqn, metric=metric, exact=False, precision=prec)
-            ir, sr = tn.nearest_code_triton(x, c, sqn, metric=metric, mode="rerank", precision=prec)
+            i, s = tn.nearest_code_triton(x, c, sqn, metric=metric, exact=True, precision=prec, stats=st, block=blk)
+            ia, sa = tn.nearest_code_triton(x, c, sqn, metric=metric, exact=False, precision=prec, block=blk)
+            ir, sr = tn.nearest_code_triton(x, c, sqn, metric=metric, mode="rerank", precision=prec, block=blk)
             xf = x.float()
             cf = c.expand(H, -1, -1)
             d64 = torch.cdist(xf.double(), cf.double()) if metric == "euclidean" else -xf.double() @ cf.double().mT

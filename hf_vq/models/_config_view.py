@@ -1,0 +1,33 @@
+"""Fast attribute reads of a config in forward passes.
+
+transformers' `PretrainedConfig.__getattribute__` (attribute map, per-layer heterogeneity checks) costs a few
+microseconds per read; a ResidualVQ forward reads its configs ~350 times, which on the GPU is more host time
+than the kernels take. `fast_view` reads the config's instance dict directly and defers anything else
+(properties, methods, mapped names) to the config itself.
+"""
+
+from __future__ import annotations
+
+
+class ConfigView:
+    __slots__ = ("_fields", "_config")
+
+    def __init__(self, config):
+        object.__setattr__(self, "_fields", object.__getattribute__(config, "__dict__"))
+        object.__setattr__(self, "_config", config)
+
+    def __getattr__(self, name):  # only called for names that are not slots
+        try:
+            return self._fields[name]
+        except KeyError:
+            return getattr(self._config, name)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("a ConfigView is read-only: set the attribute on the config")
+
+
+def fast_view(config):
+    """A read-only view of `config` for hot paths, or the config itself when it maps attribute names."""
+    if getattr(type(config), "attribute_map", None):
+        return config
+    return ConfigView(config)

@@ -1,0 +1,75 @@
+"""The fused rotation-trick kernel (`hf_vq.ops.triton_rotation`) against `estimators.rotate_to`'s PyTorch form:
+value and gradient to `x`, none to the codes. CPU under `TRITON_INTERPRET=1` (subprocess), and the GPU."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+ROT_CHECK = textwrap.dedent(
+    """
+    import json, sys, torch
+    from hf_vq.ops import estimators, triton_rotation
+    dev = sys.argv[1]
+    g = torch.Generator().manual_seed(0)
+    shapes = [(2, 37, 24), (1, 5, 256), (3, 9, 7), (1, 3, 1)]
+    if dev == "cuda":
+        shapes += [(1, 4099, 256), (2, 1001, 129), (1, 257, 1000)]
+    out = {}
+    for shape in shapes:
+        for dt in [torch.float32] + ([torch.bfloat16] if dev == "cuda" else []):
+            x = torch.randn(*shape, generator=g)
+            x[..., :1, :] = 0.0  # a zero row: the clamped norms keep it finite
+            c = torch.randn(*shape, generator=g).to(dev).requires_grad_()
+            x = x.to(dev, dt)
+            xb = x.clone().requires_grad_()
+            # reference: the PyTorch form (the CPU path of rotate_to), in float32 on the CPU
+            xr = x.float().cpu().requires_grad_()
+            ref = estimators.rotate_to(xr, c.detach().float().cpu())
+            b = triton_rotation.rotate_to_fused(xb, c)
+            w = torch.randn(*shape, generator=g)
+            (ref * w).sum().backward()
+            (b.float() * w.to(dev)).sum().backward()
+            scale = ref.abs().max().item() + 1e-6
+            out[f"{shape}-{dt}"] = dict(
+                val_err=float((b.float().cpu() - ref).abs().max()) / scale,
+                grad_err=float((xb.grad.float().cpu() - xr.grad).abs().max()) / (xr.grad.abs().max().item() + 1e-6),
+                codes_grad_none=c.grad is None, finite=bool(torch.isfinite(b).all()), dtype_ok=b.dtype == dt)
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+def _run(dev, env):
+    return subprocess.run([sys.executable, "-c", ROT_CHECK, dev], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def _check(res):
+    for name, r in res.items():
+        tol = 1e-2 if "bfloat16" in name else 1e-5
+        assert r["val_err"] <= tol and r["grad_err"] <= tol, (name, r)
+        assert r["codes_grad_none"] and r["finite"] and r["dtype_ok"], (name, r)
+
+
+def test_fused_rotation_interpreted_on_cpu():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("HF_VQ_DISABLE_TRITON", None)
+    proc = _run("cpu", env)
+    if proc.returncode != 0 and "RESULT" not in proc.stdout:
+        pytest.skip(f"the Triton interpreter could not run the kernel here: {proc.stderr[-2000:]}")
+    _check(json.loads(proc.stdout.split("RESULT", 1)[1]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fused_rotation_on_gpu():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "HF_VQ_DISABLE_TRITON")}
+    proc = _run("cuda", env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _check(json.loads(proc.stdout.split("RESULT", 1)[1]))
