@@ -9,7 +9,7 @@ show "out of memory" in its columns; the `floor` column is the bf16 distance GEM
 
 VQ rows: both codebooks are set to the same standard-normal codes (the scale of a trained codebook on unit-variance
 features; vqp's default init is ~1e-2 wide, which makes every distance a near-tie in fp32), and the `agree`
-columns give the share of the first 4,096 rows whose index is a float64 nearest code (`argmin` of the exact
+columns give the share of the first 65,536 rows whose index is a float64 nearest code (`argmin` of the exact
 distance to the codebook the call used; a row counts as agreeing when its code's float64 distance equals the
 minimum, i.e. exact ties are not misses). hf_vq's nearest-code mode is `HF_VQ_NEAREST_MODE` (default `rerank`);
 rows marked `exact` set it to `exact` for that row.
@@ -75,7 +75,7 @@ def _gemm_floor(n: int, k: int, d: int, device) -> float | None:
     return ms
 
 
-CHECK_ROWS = 4096
+CHECK_ROWS = 65536
 
 
 @torch.no_grad()
@@ -83,8 +83,12 @@ def _agreement(indices: torch.Tensor, x: torch.Tensor, codebook: torch.Tensor) -
     """Share of the first CHECK_ROWS rows of `x (b, n, d)` whose `indices` is a float64 nearest code."""
     xs = x.reshape(-1, x.shape[-1])[:CHECK_ROWS].double()
     idx = indices.reshape(-1)[:CHECK_ROWS]
-    d = torch.cdist(xs, codebook.double())
-    return (d.gather(1, idx[:, None])[:, 0] == d.amin(1)).float().mean().item()
+    cb = codebook.double()
+    hits = 0
+    for start in range(0, xs.shape[0], 4096):  # float64 distances in row chunks
+        d = torch.cdist(xs[start:start + 4096], cb)
+        hits += (d.gather(1, idx[start:start + 4096, None])[:, 0] == d.amin(1)).sum().item()
+    return hits / xs.shape[0]
 
 
 def vq_agreement(ours, theirs, x, train: bool) -> tuple[float, float]:

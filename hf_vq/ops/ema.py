@@ -11,6 +11,16 @@ from torch import Tensor
 
 
 
+def code_counts(flat: Tensor, num_bins: int, weights: Tensor | None = None) -> Tensor:
+    """float32 `bincount(flat, weights, minlength=num_bins)` for indices in `[0, num_bins)`. On CUDA by
+    `index_add_`: `bincount` reads `max(flat)` back to the host (a sync per call); the sums are exact integers
+    (or sums of 0/1 weights) below 2^24 either way, so the values are the same."""
+    if flat.is_cuda:
+        ones = torch.ones(flat.shape, dtype=torch.float32, device=flat.device) if weights is None else weights.float()
+        return torch.zeros(num_bins, dtype=torch.float32, device=flat.device).index_add_(0, flat, ones)
+    return torch.bincount(flat, weights=weights, minlength=num_bins).to(torch.float32)
+
+
 def cluster_stats(x: Tensor, indices: Tensor, num_codes: int, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-code counts and feature sums.
 
@@ -36,7 +46,7 @@ def cluster_stats(x: Tensor, indices: Tensor, num_codes: int, mask: Tensor | Non
     if mask is not None:
         weights = mask.reshape(-1).to(x.dtype)
         rows = rows * weights.unsqueeze(1)
-    counts = torch.bincount(flat, weights=weights, minlength=heads * num_codes).to(torch.float32)
+    counts = code_counts(flat, heads * num_codes, weights)
     sums = torch.zeros(heads * num_codes, dim, dtype=torch.float32, device=x.device).index_add_(0, flat, rows)
     counts, sums = counts.view(heads, num_codes), sums.view(heads, num_codes, dim)
     return (counts[0], sums[0]) if single else (counts, sums)

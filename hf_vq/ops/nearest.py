@@ -15,9 +15,11 @@ Ties go to the lowest index (`torch.argmin`/`argmax` semantics). Float32 whateve
 CUDA path: the fused Triton kernel of `triton_nearest` (never an `N x K` matrix). Its mode is the `mode`
 argument, else the environment variable `HF_VQ_NEAREST_MODE`, else `"rerank"`:
 
-- `"rerank"` (default): bf16 scores pick the best candidates per row, fp32 `|c|^2 - 2 x.c` ranks them. No
-  fallback and no host sync; agrees with the float64 argmin on >= 99.99% of rows in the benchmarks (its fp32
-  ranking skips vqp's `|x|^2` and `sqrt`, so it is closer to float64 than the reference formula itself).
+- `"rerank"` (default): bf16 scores pick the best 7 candidates per row, fp32 `|x - c|^2` (summed from the
+  differences) ranks them. No fallback and no host sync; the benchmarks measure its agreement with the float64
+  argmin (it avoids the reference formula's cancellation of `|x|^2` against `2 x.c`, so it is closer to float64
+  than the reference itself; it can still differ where the true gap is below fp32 resolution, or where bf16
+  rounding pushed the winner out of the candidates).
 - `"exact"`: the indices of this module's PyTorch path (vqp's fp32 arithmetic) on every row: an error bound
   proves the winner among the fp32-re-scored candidates, unproven rows are re-done by the PyTorch path (one host
   sync per call). Use it where bit-parity with vqp / the CPU path matters.

@@ -86,24 +86,29 @@ if HAS_TRITON:
                  COSINE: tl.constexpr, RERANK: tl.constexpr, BLOCK_N: tl.constexpr, BD: tl.constexpr,
                  RD: tl.constexpr):
         # fp32 score (higher is better) of code `idx` for each row: the reference's `-sqrt(d2)`, or with RERANK
-        # `2 x.c - |c|^2` (no |x|^2 to cancel, no sqrt to merge neighbours: closer to the exact ranking)
+        # `-|x - c|^2` summed from the differences (no cancellation, no sqrt to merge neighbours: far closer to
+        # the float64 ranking than the reference formula)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for d0 in tl.static_range(0, BD, RD):
             d = d0 + tl.arange(0, RD)
             m2 = rmask[:, None] & (d < D)[None, :]
             xv = tl.load(X + h * sxh + rows[:, None] * sxn + d[None, :], mask=m2, other=0.0).to(tl.float32)
             cv = tl.load(CF + h * scf_h + idx[:, None] * scf_k + d[None, :], mask=m2, other=0.0)
-            acc += tl.sum(xv * cv, axis=1)
+            if RERANK and not COSINE:
+                diff = xv - cv
+                acc += tl.sum(diff * diff, axis=1)  # |x - c|^2 directly: no cancellation of |x|^2 against 2 x.c
+            else:
+                acc += tl.sum(xv * cv, axis=1)
         if COSINE:
             r = acc
             q = acc
+        elif RERANK:
+            q = tl.maximum(acc, 1e-8)  # the squared distance (returned)
+            r = -acc
         else:
             c2 = tl.load(C2 + h * sc2_h + idx, mask=rmask, other=0.0)
             q = tl.maximum((x2 + c2) + acc * -2.0, 1e-8)  # the squared distance (returned)
-            if RERANK:
-                r = 2.0 * acc - c2
-            else:
-                r = -tl.sqrt_rn(q)  # what vqp compares (its sqrt makes ties)
+            r = -tl.sqrt_rn(q)  # what vqp compares (its sqrt makes ties)
         return r, q
 
     @triton.jit
