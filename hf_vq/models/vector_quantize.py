@@ -900,8 +900,6 @@ class VectorQuantize(QuantizerModel):
 
 def _gather_codes(embed: Tensor, indices: Tensor) -> Tensor:
     """`embed (h or 1, K, d)`, `indices (H, N)` -> `(H, N, d)` by gather (no one-hot, no per-batch repeat)."""
-    if embed.shape[0] == 1:  # one codebook: a row copy (index_select) instead of an element-wise gather
-        return embed[0].index_select(0, indices.reshape(-1)).view(*indices.shape, embed.shape[-1])
     embed = embed.expand(indices.shape[0], -1, -1)
     return torch.gather(embed, 1, indices.unsqueeze(-1).expand(-1, -1, embed.shape[-1]))
 
