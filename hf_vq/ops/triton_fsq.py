@@ -35,41 +35,49 @@ if HAS_TRITON:
             return libdevice.tanh(v)  # CUDA's tanhf, as torch.tanh on the GPU
 
     @triton.jit
-    def _fsq_fwd(Z, TAB, BASIS, Q, IDX, M, d, HARD: tl.constexpr, EMULATE: tl.constexpr, BLOCK: tl.constexpr, BD: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        cols = tl.arange(0, BD)
-        rmask = rows < M
-        cmask = cols < d
-        m2 = rmask[:, None] & cmask[None, :]
-        z = tl.load(Z + rows[:, None] * d + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        shift = tl.load(TAB + cols, mask=cmask, other=0.0)[None, :]
-        half_l = tl.load(TAB + BD + cols, mask=cmask, other=1.0)[None, :]
-        offset = tl.load(TAB + 2 * BD + cols, mask=cmask, other=0.0)[None, :]
-        hw = tl.load(TAB + 3 * BD + cols, mask=cmask, other=1.0)[None, :]
+    def _bound_round(z, col, TAB, HARD: tl.constexpr, EMULATE: tl.constexpr, BD: tl.constexpr):
+        # per-dimension constants by column (a tiny, cached table); returns (rounded level offset r, L // 2)
+        shift = tl.load(TAB + col)
+        half_l = tl.load(TAB + BD + col)
+        offset = tl.load(TAB + 2 * BD + col)
+        hw = tl.load(TAB + 3 * BD + col)
         if HARD:
             bounded = tl.minimum(tl.maximum(z + shift, -1.0), 1.0) * half_l - offset
         else:
             bounded = _tanh(z + shift, EMULATE) * half_l - offset
-        r = _round_half_even(bounded)
-        q = tl.math.div_rn(r, hw)
-        tl.store(Q + rows[:, None] * d + cols[None, :], q.to(Q.dtype.element_ty), mask=m2)
-        basis = tl.load(BASIS + cols, mask=cmask, other=0)[None, :]
-        level = (r + hw).to(tl.int32)
-        idx = tl.sum(tl.where(m2, level * basis, 0), axis=1)
-        tl.store(IDX + rows, idx, mask=rmask)
+        return _round_half_even(bounded), hw
 
     @triton.jit
-    def _fsq_bwd(Z, G, TAB, GZ, M, d, HARD: tl.constexpr, EMULATE: tl.constexpr, BLOCK: tl.constexpr, BD: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    def _fsq_fwd(Z, TAB, BASIS, Q, IDX, M, d: tl.constexpr, HARD: tl.constexpr, EMULATE: tl.constexpr,
+                 BLOCK: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
+        # codes: the block's BLOCK rows as one contiguous run of BLOCK * d elements (coalesced, vectorized)
+        first = tl.program_id(0) * BLOCK
+        e = tl.arange(0, BE)
+        emask = (e < BLOCK * d) & (first * d + e < M * d)
+        z = tl.load(Z + first * d + e, mask=emask, other=0.0).to(tl.float32)
+        r, hw = _bound_round(z, e % d, TAB, HARD, EMULATE, BD)
+        tl.store(Q + first * d + e, tl.math.div_rn(r, hw).to(Q.dtype.element_ty), mask=emask)
+        # index: the same rows as a (BLOCK, BD) tile (a second read, from cache), levels summed per row
+        rows = first + tl.arange(0, BLOCK)
         cols = tl.arange(0, BD)
-        cmask = cols < d
-        m2 = (rows < M)[:, None] & cmask[None, :]
-        offs = rows[:, None] * d + cols[None, :]
-        z = tl.load(Z + offs, mask=m2, other=0.0).to(tl.float32)
-        g = tl.load(G + offs, mask=m2, other=0.0).to(tl.float32)
-        shift = tl.load(TAB + cols, mask=cmask, other=0.0)[None, :]
-        half_l = tl.load(TAB + BD + cols, mask=cmask, other=1.0)[None, :]
-        hw = tl.load(TAB + 3 * BD + cols, mask=cmask, other=1.0)[None, :]
+        m2 = (rows < M)[:, None] & (cols < d)[None, :]
+        z2 = tl.load(Z + rows[:, None] * d + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        r2, hw2 = _bound_round(z2, tl.broadcast_to(cols[None, :], (BLOCK, BD)), TAB, HARD, EMULATE, BD)
+        basis = tl.load(BASIS + cols, mask=cols < d, other=0)[None, :]
+        level = (r2 + hw2).to(tl.int32)
+        tl.store(IDX + rows, tl.sum(tl.where(m2, level * basis, 0), axis=1), mask=rows < M)
+
+    @triton.jit
+    def _fsq_bwd(Z, G, TAB, GZ, n, d: tl.constexpr, HARD: tl.constexpr, EMULATE: tl.constexpr, BD: tl.constexpr,
+                 BE: tl.constexpr):
+        e = tl.program_id(0) * BE + tl.arange(0, BE)
+        m = e < n
+        col = e % d
+        z = tl.load(Z + e, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(G + e, mask=m, other=0.0).to(tl.float32)
+        shift = tl.load(TAB + col)
+        half_l = tl.load(TAB + BD + col)
+        hw = tl.load(TAB + 3 * BD + col)
         gb = tl.math.div_rn(g, hw) * half_l  # through `/ (L // 2)` and `* half_l`; the round passes it on
         if HARD:
             v = z + shift
@@ -77,10 +85,11 @@ if HAS_TRITON:
         else:
             t = _tanh(z + shift, EMULATE)
             gz = gb * (1.0 - t * t)
-        tl.store(GZ + offs, gz.to(GZ.dtype.element_ty), mask=m2)
+        tl.store(GZ + e, gz.to(GZ.dtype.element_ty), mask=m)
 
 
-BLOCK = 512
+BLOCK = 256  # rows per forward program
+BWD_BLOCK = 4096  # elements per backward program
 
 
 def available(z: Tensor) -> bool:
@@ -112,8 +121,8 @@ class _FusedFSQ(torch.autograd.Function):
         q = torch.empty_like(z)
         idx = torch.empty(z.shape[:-1], dtype=torch.int32, device=z.device)
         if m:
-            _fsq_fwd[(triton.cdiv(m, BLOCK),)](z, tab, basis, q, idx, m, d, HARD=hard, EMULATE=_interpret(), BLOCK=BLOCK,
-                                               BD=tab.shape[1])
+            _fsq_fwd[(triton.cdiv(m, BLOCK),)](z, tab, basis, q, idx, m, d, HARD=hard, EMULATE=_interpret(),
+                                               BLOCK=BLOCK, BD=tab.shape[1], BE=triton.next_power_of_2(BLOCK * d))
         ctx.save_for_backward(z, tab)
         ctx.hard = hard
         ctx.mark_non_differentiable(idx)
@@ -127,7 +136,8 @@ class _FusedFSQ(torch.autograd.Function):
         m = z.numel() // d
         gz = torch.empty_like(z)
         if m:
-            _fsq_bwd[(triton.cdiv(m, BLOCK),)](z, gq, tab, gz, m, d, HARD=ctx.hard, EMULATE=_interpret(), BLOCK=BLOCK, BD=tab.shape[1])
+            _fsq_bwd[(triton.cdiv(m * d, BWD_BLOCK),)](z, gq, tab, gz, m * d, d, HARD=ctx.hard, EMULATE=_interpret(),
+                                                       BD=tab.shape[1], BE=BWD_BLOCK)
         return gz, None, None, None
 
 
