@@ -10,12 +10,10 @@ the per-dimension constants come from the PyTorch op's own formulas.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-from .triton_nearest import HAS_TRITON, _interpret
+from .triton_nearest import HAS_TRITON, _interpret, kernel_ok
 
 if HAS_TRITON:
     import triton
@@ -94,9 +92,7 @@ BWD_BLOCK = 4096  # elements per backward program
 
 def available(z: Tensor) -> bool:
     """Whether the fused kernel can serve `z` (CUDA or the interpreter, float dtypes, `HF_VQ_DISABLE_TRITON`)."""
-    if not HAS_TRITON or os.environ.get("HF_VQ_DISABLE_TRITON", "0") == "1":
-        return False
-    return z.dtype in (torch.float32, torch.bfloat16, torch.float16) and (z.is_cuda or _interpret())
+    return kernel_ok(z, 64)  # one row of levels per thread block row: a handful of dims
 
 
 def fsq_table(levels: Tensor, basis: Tensor, hard_clamp: bool, eps: float = 1e-3) -> tuple[Tensor, Tensor]:

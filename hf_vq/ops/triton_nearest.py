@@ -58,13 +58,19 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def available(x: Tensor) -> bool:
-    """Whether `nearest_code` should use the kernel for `x`."""
+def kernel_ok(x: Tensor, max_dim: int) -> bool:
+    """Whether one of hf_vq's Triton kernels may serve `x`: triton installed, `HF_VQ_DISABLE_TRITON` unset, a float
+    dtype, last dim <= `max_dim`, and CUDA (or the CPU interpreter, `TRITON_INTERPRET=1`)."""
     if not HAS_TRITON or os.environ.get("HF_VQ_DISABLE_TRITON", "0") == "1":
         return False
-    if x.shape[-1] > MAX_DIM or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if x.shape[-1] > max_dim or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     return x.is_cuda or _interpret()
+
+
+def available(x: Tensor) -> bool:
+    """Whether `nearest_code` should use the kernel for `x`."""
+    return kernel_ok(x, MAX_DIM)
 
 
 if HAS_TRITON:

@@ -11,12 +11,10 @@ value differs from it by float32 rounding (the CPU path keeps vqp's bit-exact fo
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-from .triton_nearest import HAS_TRITON, _interpret
+from .triton_nearest import HAS_TRITON, kernel_ok
 
 MAX_DIM = 1024
 
@@ -63,10 +61,8 @@ if HAS_TRITON:
 
 
 def available(x: Tensor) -> bool:
-    if not HAS_TRITON or os.environ.get("HF_VQ_DISABLE_TRITON", "0") == "1":
-        return False
-    return x.shape[-1] <= MAX_DIM and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and (
-        x.is_cuda or _interpret())
+    """Whether the fused kernel can serve `x` (rows of up to MAX_DIM stay on chip)."""
+    return kernel_ok(x, MAX_DIM)
 
 
 def _launch(kernel, m: int, d: int, *tensors: Tensor) -> None:
