@@ -11,6 +11,9 @@ vector-quantize-pytorch 1.32's per-element arithmetic, so the indices equal vqp'
 - cosine: `x.c` (the caller l2-normalizes), winner = argmax, score = `x.c`.
 
 Ties go to the lowest index (`torch.argmin`/`argmax` semantics). Float32 whatever the input dtype or autocast.
+Bit-parity with vqp holds at vqp's own shape (one chunk): some CPU BLAS (seen: AMD EPYC, torch 2.13) round a
+GEMM differently by its row count (~4e-6 at d24), so with smaller chunks a near-tie inside that rounding can
+go to the other code (never a worse one).
 
 CUDA path: the fused Triton kernel of `triton_nearest` (never an `N x K` matrix). Its mode is the `mode`
 argument, else the environment variable `HF_VQ_NEAREST_MODE`, else `"rerank"`:

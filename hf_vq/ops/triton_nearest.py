@@ -6,7 +6,10 @@ row keeps the best score (and its code) and the second-best score among codes `j
 elementwise per tile (no per-tile reductions: the earlier per-tile top-k extraction took 13.3 ms in exact top-8 mode
 at d256 K8192 N=2^18 on an H100, lanes 8.7 ms); after the
 loop the best `TOPK` lane minima are popped, and every code not popped scores at least the next pop or its lane's
-second best, which is the bound the exactness test below needs.
+second best, which is the bound the exactness test below needs. In `rerank` mode a lane also keeps its second
+best's code and a pop moves it up: a row's two nearest codes can share a lane, and where bf16 rounding orders
+them wrongly the true winner would otherwise never be re-ranked (the 2-8 rows of 65,536 that rerank missed vs
+float64 on randn d256 K8192 before, about 1/BLOCK_K of the ~0.5% of rows whose top two bf16 swaps).
 
 Modes: `fast` returns the low-precision winner; `rerank` re-scores the best `TOPK - 1` candidates in fp32 as
 `|x - c|^2` summed from the differences and returns the best (no fallback, no host sync); `exact` is described
@@ -76,11 +79,19 @@ def available(x: Tensor) -> bool:
 if HAS_TRITON:
 
     @triton.jit
-    def _pop(m1, li):
-        # the smallest lane value per row, its code (lowest on ties), and the lanes with that code removed
+    def _pop(m1, li, m2, li2, HEAP: tl.constexpr):
+        # the smallest lane value per row and its code (lowest on ties); that lane then holds its second best
+        # (HEAP: a row's two nearest codes can share a lane, and bf16 rounding can order them wrongly) or inf
         m = tl.min(m1, axis=1)
         i = tl.min(tl.where(m1 == m[:, None], li, 2147483647), axis=1)
-        return m, i, tl.where(li == i[:, None], float("inf"), m1)
+        sel = li == i[:, None]
+        if HEAP:
+            m1 = tl.where(sel, m2, m1)
+            li = tl.where(sel, li2, li)
+            m2 = tl.where(sel, float("inf"), m2)
+        else:
+            m1 = tl.where(sel, float("inf"), m1)
+        return m, i, m1, li, m2
 
     @triton.jit
     def _fold(r, q, i, rb, qb, ib):
@@ -165,6 +176,7 @@ if HAS_TRITON:
         m1 = tl.full([BLOCK_N, BLOCK_K], inf, tl.float32)
         m2 = m1
         li = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
+        li2 = li  # rerank: the code of the lane's second best
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + kk
             kmask = ks < K
@@ -184,6 +196,8 @@ if HAS_TRITON:
                 s = c2[None, :] - 2.0 * dot
             s = tl.where(kmask[None, :], s, inf)
             lt = s < m1  # strict: within a lane the earlier (lower) code keeps a tie
+            if RERANK:
+                li2 = tl.where(lt, li, tl.where(s < m2, ks[None, :], li2))
             if EXACT:
                 m2 = tl.minimum(m2, tl.maximum(m1, s))
             li = tl.where(lt, ks[None, :], li)
@@ -191,17 +205,17 @@ if HAS_TRITON:
 
         # lane minima in ascending order (ties: lowest code); every code not popped scores >= the next pop or
         # its lane's second best
-        b0, i0, m1 = _pop(m1, li)
+        rest = tl.min(m2, axis=1)  # exact mode's bound (before RERANK's pops move second bests up)
+        b0, i0, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
         if EXACT:
-            b1, i1, m1 = _pop(m1, li)
-            b2, i2, m1 = _pop(m1, li)
-            b3, i3, m1 = _pop(m1, li)
-            rest = tl.min(m2, axis=1)
+            b1, i1, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
+            b2, i2, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
+            b3, i3, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
             if TOPK == 8:
-                b4, i4, m1 = _pop(m1, li)
-                b5, i5, m1 = _pop(m1, li)
-                b6, i6, m1 = _pop(m1, li)
-                b7, i7, m1 = _pop(m1, li)
+                b4, i4, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
+                b5, i5, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
+                b6, i6, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
+                b7, i7, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
                 b7 = tl.minimum(b7, rest)
             else:
                 b3 = tl.minimum(b3, rest)
