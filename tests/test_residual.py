@@ -234,3 +234,36 @@ def test_shared_codebook_is_saved_once_and_shared_after_loading(tmp_path):
     assert all(layer._codebook is loaded.layers[0]._codebook for layer in loaded.layers)
     for key, value in rvq.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eval_loop_equals_every_level_forward(dtype, device):
+    """Outside training ResidualVQ runs plain levels by nearest_code + a row lookup (`_forward_plain_eval`):
+    the same values as each level's own forward, in the input dtype, for every input layout."""
+    torch.manual_seed(0)
+    model = hf_vq.ResidualVQ(dim=16, num_quantizers=4, codebook_size=32).eval().to(device)
+    assert model._plain_eval_codebooks(None, {}) is not None  # the lean loop serves these calls
+    for shape in [(3, 7, 16), (5, 16), (4, 1000, 16)]:
+        x = torch.randn(shape).to(dtype).to(device)
+        out = model(x)
+        residual, total, ids = x, torch.zeros_like(x), []
+        for layer in model.layers:
+            level = layer(residual)
+            residual, total = residual - level.quantized, total + level.quantized
+            ids.append(level.indices)
+        assert out.quantized.dtype == dtype and torch.equal(out.quantized, total)
+        assert torch.equal(out.indices, torch.stack(ids, dim=-1))
+        assert torch.equal(out.loss, torch.zeros(4, device=device))
+    # a mask goes through the levels' forwards: unmasked rows get the same codes
+    x = torch.randn(3, 7, 16).to(dtype).to(device)
+    mask = torch.ones(3, 7, dtype=torch.bool, device=device)
+    mask[0, 3:] = False
+    assert torch.equal(model(x, mask=mask).indices[mask], model(x).indices[mask])
+    # levels that are not plain (cosine) or not yet k-means-initialized take the levels' forwards
+    assert hf_vq.ResidualVQ(dim=16, num_quantizers=2, codebook_size=8, use_cosine_sim=True).eval() \
+        ._plain_eval_codebooks(None, {}) is None
+    lazy = hf_vq.ResidualVQ(dim=16, num_quantizers=2, codebook_size=8, kmeans_init=True).eval()
+    assert lazy._plain_eval_codebooks(None, {}) is None
+    lazy(torch.randn(4, 10, 16))
+    assert lazy._plain_eval_codebooks(None, {}) is not None

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
+from ..ops.nearest import nearest_code
 from ..modeling_utils import QuantizerConfig, QuantizerModel, QuantizerOutput, check_features, register_quantizer
 from .fsq import FSQ, FSQConfig, check_levels
 from .lfq import LFQ, LFQConfig
@@ -212,6 +213,28 @@ class ResidualQuantizerBase(QuantizerModel):
             x = x.flatten(2).transpose(1, 2)
         if x.shape[-1] != c.dim:
             raise ValueError(f"expected feature dim {c.dim}, got {x.shape[-1]}")
+        books = self._plain_eval_codebooks(mask, level_kwargs)
+        if books is not None:
+            quantized, indices = self._forward_plain_eval(x, books)
+            loss = torch.zeros(c.num_quantizers, device=x.device)  # each level's loss outside training
+        else:
+            quantized, indices, loss = self._forward_levels(x, mask, dropout_cutoff, level_kwargs)
+        all_codes = self.get_codes_from_indices(indices) if return_all_codes else None
+        if channel_first:
+            quantized = quantized.transpose(1, 2).reshape(x.shape[0], -1, *spatial)
+            indices = indices.reshape(x.shape[0], *spatial, -1)
+            if all_codes is not None:
+                all_codes = all_codes.reshape(c.num_quantizers, x.shape[0], *spatial, -1)
+        output = ResidualOutput(quantized=quantized, indices=indices, loss=loss, all_codes=all_codes)
+        return self._output(output, return_dict)
+
+    def _plain_eval_codebooks(self, mask, level_kwargs) -> list[Tensor] | None:
+        """Per-level codebooks when a subclass can run this call by its lean eval loop, else None."""
+        return None
+
+    def _forward_levels(self, x: Tensor, mask, dropout_cutoff, level_kwargs) -> tuple[Tensor, Tensor, Tensor | None]:
+        """`(quantized, indices, per-level loss)` through every level's own forward."""
+        c = fast_view(self.config)
         residual = self._prepare(self.project_in(x))
         quantized_out = torch.zeros_like(residual)
         cutoff = c.num_quantizers - 1
@@ -237,14 +260,7 @@ class ResidualQuantizerBase(QuantizerModel):
         indices = torch.stack(all_indices, dim=-1)
         loss = None if all_losses[0] is None else torch.stack([
             l if l is not None else torch.zeros((), device=x.device) for l in all_losses])
-        all_codes = self.get_codes_from_indices(indices) if return_all_codes else None
-        if channel_first:
-            quantized = quantized.transpose(1, 2).reshape(x.shape[0], -1, *spatial)
-            indices = indices.reshape(x.shape[0], *spatial, -1)
-            if all_codes is not None:
-                all_codes = all_codes.reshape(c.num_quantizers, x.shape[0], *spatial, -1)
-        output = ResidualOutput(quantized=quantized, indices=indices, loss=loss, all_codes=all_codes)
-        return self._output(output, return_dict)
+        return quantized, indices, loss
 
 
 def _projections(model, dim: int, inner: int, bias: bool = True) -> None:
@@ -317,6 +333,32 @@ class ResidualVQ(ResidualQuantizerBase):
 
     def _level_codes(self, level, layer, indices):
         return layer.codebook[indices]
+
+    def _plain_eval_codebooks(self, mask, level_kwargs) -> list[Tensor] | None:
+        """Every level's codebook when this call may take the lean eval loop (`_forward_plain_eval`): not
+        training, no mask, no per-call level options, and each level a plain nearest-code layer."""
+        if self.training or mask is not None or level_kwargs:
+            return None
+        books = [layer.plain_eval_codebook() for layer in self.layers]
+        return None if any(b is None for b in books) else books
+
+    def _forward_plain_eval(self, x: Tensor, books: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """`(quantized, indices)` of the residual loop by `nearest_code` and a row lookup per level: the values
+        each level's forward returns outside training (the same search, codes cast to the input dtype), without
+        its per-call bookkeeping (layout, heads, losses, perplexity, output objects), which costs more host time
+        than the GPU work of a level."""
+        residual = self._prepare(self.project_in(x))
+        flat = residual.reshape(-1, residual.shape[-1])
+        quantized_out = torch.zeros_like(flat)
+        indices = []
+        for book in books:
+            idx, _ = nearest_code(flat, book)
+            code = book[idx].to(flat.dtype)
+            flat = flat - code
+            quantized_out = quantized_out + code
+            indices.append(idx)
+        quantized = self.project_out(quantized_out.view(residual.shape))
+        return quantized, torch.stack(indices, dim=-1).view(*residual.shape[:-1], len(books))
 
     @classmethod
     def from_vector_quantize_pytorch(cls, module) -> "ResidualVQ":

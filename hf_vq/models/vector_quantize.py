@@ -681,6 +681,19 @@ class VectorQuantize(QuantizerModel):
 
     # -- forward ----------------------------------------------------------------------------------
 
+    def plain_eval_codebook(self) -> Tensor | None:
+        """The `(K, d)` codebook when this layer's forward, outside training, is exactly "nearest euclidean code of
+        the raw `(..., d)` input, looked up by index" (one head, no projection or affine, initialized,
+        token-last layout): a caller may then run `nearest_code` and the lookup itself (ResidualVQ's eval loop,
+        without this forward's per-call bookkeeping). None otherwise. Keeps the codebook's autograd link when
+        it is learnable, as the forward does."""
+        c, cb = fast_view(self.config), self._codebook
+        if (self.training or c.heads != 1 or c.use_cosine_sim or c.affine_param or self.has_projections
+                or self._needs_transpose() or not self._is_initted()):
+            return None
+        learn = isinstance(cb.embed, nn.Parameter) and c.resolved_learnable_codebook
+        return (cb.embed if learn else cb.embed.detach())[0]
+
     def _quantize(self, flat: Tensor, embed: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
         """Codes and indices for `flat (H, N, d)`: nearest code, or a Gumbel sample in training."""
         c = fast_view(self.config)

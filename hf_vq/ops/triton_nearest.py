@@ -376,7 +376,7 @@ def nearest_code_triton(
         clo = (cf - cl.float()).norm(dim=-1) if bf16 else cn * 2.0**-10
         st = torch.stack([cn.amax(-1), c2.amax(-1), clo.amax(-1), torch.zeros_like(cn[:, 0])], -1).contiguous()
     else:
-        st = torch.zeros(cf.shape[0], 4, dtype=torch.float32, device=dev)
+        st = c2  # not read outside exact mode (any float32 tensor with a head stride will do)
     bd = max(16, triton.next_power_of_2(D))
     args = (
         x, x2, cl, cf, c2, st, idx, score, flag, N, K, D,
