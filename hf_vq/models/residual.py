@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..ops.nearest import nearest_code
+from ..ops.triton_residual import residual_step_
 from ..modeling_utils import QuantizerConfig, QuantizerModel, QuantizerOutput, check_features, register_quantizer
 from .fsq import FSQ, FSQConfig, check_levels
 from .lfq import LFQ, LFQConfig
@@ -349,13 +350,19 @@ class ResidualVQ(ResidualQuantizerBase):
         than the GPU work of a level."""
         residual = self._prepare(self.project_in(x))
         flat = residual.reshape(-1, residual.shape[-1])
+        differentiable = torch.is_grad_enabled() and (flat.requires_grad or any(b.requires_grad for b in books))
+        if not differentiable:
+            flat = flat.clone(memory_format=torch.contiguous_format)  # updated in place below
         quantized_out = torch.zeros_like(flat)
         indices = []
         for book in books:
             idx, _ = nearest_code(flat, book)
-            code = book[idx].to(flat.dtype)
-            flat = flat - code
-            quantized_out = quantized_out + code
+            if differentiable:
+                code = book[idx].to(flat.dtype)
+                flat = flat - code
+                quantized_out = quantized_out + code
+            else:
+                residual_step_(flat, quantized_out, book, idx)  # one pass instead of lookup, sub and add
             indices.append(idx)
         quantized = self.project_out(quantized_out.view(residual.shape))
         return quantized, torch.stack(indices, dim=-1).view(*residual.shape[:-1], len(books))
