@@ -3,7 +3,8 @@
 transformers' `PretrainedConfig.__getattribute__` (attribute map, per-layer heterogeneity checks) costs a few
 microseconds per read; a ResidualVQ forward reads its configs ~350 times, which on the GPU is more host time
 than the kernels take. `fast_view` reads the config's instance dict directly and defers anything else
-(properties, methods, mapped names) to the config itself.
+(methods, mapped names) to the config itself; properties run with the view as `self`, so their own reads are
+fast too.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ class ConfigView:
         try:
             return self._fields[name]
         except KeyError:
-            return getattr(self._config, name)
+            pass
+        attr = getattr(type(self._config), name, None)
+        if isinstance(attr, property):  # derived fields (`resolved_*`): their reads go through this view too
+            return attr.fget(self)
+        return getattr(self._config, name)
 
     def __setattr__(self, name, value):
         raise AttributeError("a ConfigView is read-only: set the attribute on the config")
