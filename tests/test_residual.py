@@ -260,6 +260,21 @@ def test_eval_loop_equals_every_level_forward(dtype, device):
     mask = torch.ones(3, 7, dtype=torch.bool, device=device)
     mask[0, 3:] = False
     assert torch.equal(model(x, mask=mask).indices[mask], model(x).indices[mask])
+    # a learnable codebook keeps its gradient through the lean loop, as through the levels' forwards
+    learn = hf_vq.ResidualVQ(dim=16, num_quantizers=2, codebook_size=8, learnable_codebook=True,
+                             ema_update=False).eval().to(device)
+    assert learn._plain_eval_codebooks(None, {}) is not None
+    x = torch.randn(2, 9, 16, device=device)
+    learn(x).quantized.square().sum().backward()
+    lean_grads = [layer._codebook.embed.grad.clone() for layer in learn.layers]
+    learn.zero_grad()
+    residual, total = x, 0
+    for layer in learn.layers:
+        q = layer(residual).quantized
+        residual, total = residual - q.detach(), total + q
+    total.square().sum().backward()
+    for layer, g in zip(learn.layers, lean_grads):
+        assert g.abs().sum() > 0 and torch.equal(layer._codebook.embed.grad, g)
     # levels that are not plain (cosine) or not yet k-means-initialized take the levels' forwards
     assert hf_vq.ResidualVQ(dim=16, num_quantizers=2, codebook_size=8, use_cosine_sim=True).eval() \
         ._plain_eval_codebooks(None, {}) is None

@@ -349,20 +349,12 @@ class ResidualVQ(ResidualQuantizerBase):
         its per-call bookkeeping (layout, heads, losses, perplexity, output objects), which costs more host time
         than the GPU work of a level."""
         residual = self._prepare(self.project_in(x))
-        flat = residual.reshape(-1, residual.shape[-1])
-        differentiable = torch.is_grad_enabled() and (flat.requires_grad or any(b.requires_grad for b in books))
-        if not differentiable:
-            flat = flat.clone(memory_format=torch.contiguous_format)  # updated in place below
+        flat = residual.reshape(-1, residual.shape[-1]).clone(memory_format=torch.contiguous_format)  # ours
         quantized_out = torch.zeros_like(flat)
         indices = []
         for book in books:
             idx, _ = nearest_code(flat, book)
-            if differentiable:
-                code = book[idx].to(flat.dtype)
-                flat = flat - code
-                quantized_out = quantized_out + code
-            else:
-                residual_step_(flat, quantized_out, book, idx)  # one pass instead of lookup, sub and add
+            residual_step_(flat, quantized_out, book, idx)
             indices.append(idx)
         quantized = self.project_out(quantized_out.view(residual.shape))
         return quantized, torch.stack(indices, dim=-1).view(*residual.shape[:-1], len(books))

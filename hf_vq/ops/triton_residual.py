@@ -34,10 +34,12 @@ if HAS_TRITON:
 
 def residual_step_(residual: Tensor, out: Tensor, codebook: Tensor, idx: Tensor) -> None:
     """In place: `residual -= codebook[idx]`, `out += codebook[idx]` (codes cast to `residual`'s dtype).
-    `idx` must be in range (nearest_code's output; the kernel does not check it).
-    `residual`, `out`: contiguous `(N, d)` of one dtype, not needing grad; `codebook (K, d)`; `idx (N,)` int64."""
-    fused = (residual.dtype == out.dtype == codebook.dtype == torch.float32 and kernel_ok(residual, 1024)
-             and residual.is_contiguous() and out.is_contiguous())
+    `residual`, `out`: `(N, d)` of one dtype; `codebook (K, d)`; `idx (N,)` int64 in range (nearest_code's output;
+    the kernel does not check it). Where autograd must see the step (grad enabled and any input needing it), the
+    PyTorch in-place ops run, so gradients reach the codebook and the residual's inputs."""
+    tracked = torch.is_grad_enabled() and (residual.requires_grad or out.requires_grad or codebook.requires_grad)
+    fused = (not tracked and residual.dtype == out.dtype == codebook.dtype == torch.float32
+             and kernel_ok(residual, 1024) and residual.is_contiguous() and out.is_contiguous())
     if not fused:
         code = codebook[idx].to(residual.dtype)
         residual.sub_(code)
