@@ -2,8 +2,9 @@
 
     python benchmarks/profile_steps.py [--rows 25]
 
-Profiles the hf_vq side of bench_vs_vqp's VQ d256/K8192, ResidualVQ and FSQ rows (eval and train), after
-warm-up, and prints the top kernels/ops by self CUDA time, plus the wall time per call.
+Profiles the hf_vq side of bench_vs_vqp's VQ d256/K8192, cosine VQ, ResidualVQ and FSQ rows (eval and train),
+after warm-up, and prints the top kernels/ops by self CUDA time, the top ops by self CPU time (host cost: what
+a host-bound step spends its time on), plus the wall time per call and the summed GPU kernel time.
 """
 
 from __future__ import annotations
@@ -41,11 +42,21 @@ def _profile(name, fn, rows):
         fn()
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / 5 * 1e3
+    host = []
+    for _ in range(5):  # time until the call returns (launch queue empty at the start): the host's share
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        host.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    print(f"\n## {name}: wall {wall:.2f} ms/call\n")
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows))
+    events = prof.key_averages()
+    print(f"\n## {name}: wall {wall:.2f} ms/call, host {sorted(host)[2]:.2f} ms, "
+          f"{sum(e.count for e in events if e.key.startswith('aten::'))} aten ops\n")
+    print(events.table(sort_by="self_cuda_time_total", row_limit=rows))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=rows))  # footer: self CUDA total
 
 
 def main():
@@ -62,6 +73,10 @@ def main():
         if train:
             kw.update(threshold_ema_dead_code=2)
         cases.append((f"VQ d256 K8192 {'train' if train else 'eval'}", hf_vq.VectorQuantize(**kw).to(dev), x, train))
+    for train in (False, True):
+        m = hf_vq.VectorQuantize(dim=256, codebook_size=8192, use_cosine_sim=True, codebook_dim=32,
+                                 check_inputs=False)
+        cases.append((f"VQ cosine cdim32 K8192 {'train' if train else 'eval'}", m.to(dev), x, train))
     xr = torch.randn(32, 4096, 128, device=dev)
     for train in (False, True):
         m = hf_vq.ResidualVQ(dim=128, num_quantizers=8, codebook_size=1024, decay=0.99, check_inputs=False).to(dev)

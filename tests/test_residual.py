@@ -282,3 +282,39 @@ def test_eval_loop_equals_every_level_forward(dtype, device):
     assert lazy._plain_eval_codebooks(None, {}) is None
     lazy(torch.randn(4, 10, 16))
     assert lazy._plain_eval_codebooks(None, {}) is not None
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(decay=0.9, threshold_ema_dead_code=1.0, kmeans_init=True),
+    dict(use_cosine_sim=True, commitment_weight=0.25),
+    dict(learnable_codebook=True, ema_update=False),
+    dict(straight_through=True, stochastic_sample_codes=True, rotation_trick=False),
+], ids=["ema_dead_kmeans", "cosine", "learnable", "gumbel"])
+def test_training_levels_run_their_row_step_directly(kwargs):
+    """In training, levels whose tokens are their rows skip their module call (`quantize_tokens`): the same
+    values, gradients and codebook updates as calling each level (forced here by a no-op forward hook, which
+    must still fire)."""
+    torch.manual_seed(0)
+    direct = hf_vq.ResidualVQ(dim=16, num_quantizers=3, codebook_size=16, **kwargs).train()
+    called = hf_vq.ResidualVQ(direct.config).train()
+    called.load_state_dict(direct.state_dict())
+    fired = []
+    for layer in called.layers:
+        layer.register_forward_hook(lambda m, args, out: fired.append(1))
+    for step in range(3):
+        x = torch.randn(2, 24, 16)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        torch.manual_seed(step)
+        a = direct(xa)
+        torch.manual_seed(step)
+        b = called(xb)
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.quantized, b.quantized)
+        assert torch.equal(a.loss, b.loss)
+        (a.quantized.square().sum() + a.loss.sum()).backward()
+        (b.quantized.square().sum() + b.loss.sum()).backward()
+        assert torch.equal(xa.grad, xb.grad), (xa.grad - xb.grad).abs().max()
+    assert len(fired) == 9
+    for (name, p), q in zip(direct.named_parameters(), called.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    for (name, t), u in zip(direct.state_dict().items(), called.state_dict().values()):
+        assert torch.equal(t, u), name

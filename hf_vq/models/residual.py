@@ -270,6 +270,16 @@ def _projections(model, dim: int, inner: int, bias: bool = True) -> None:
     model.project_out = nn.Linear(inner, dim, bias=bias) if model.has_projections else nn.Identity()
 
 
+def _callable_directly(layer: VectorQuantize) -> bool:
+    """Whether the loop may run a level's row-level step instead of calling the module: its tokens are its rows,
+    and no hooks are registered (they would not fire)."""
+    hooked = (layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks
+              or layer._backward_pre_hooks or nn.modules.module._global_forward_hooks
+              or nn.modules.module._global_forward_pre_hooks or nn.modules.module._global_backward_hooks
+              or nn.modules.module._global_backward_pre_hooks)
+    return not hooked and layer.takes_tokens_as_rows()
+
+
 @register_quantizer
 class ResidualVQ(ResidualQuantizerBase):
     """Residual VQ: level i quantizes what levels < i left over; the output is the sum of all levels.
@@ -328,6 +338,8 @@ class ResidualVQ(ResidualQuantizerBase):
         return self.config.accept_image_fmap
 
     def _run_level(self, level, layer, residual, mask, sample_codebook_temp=None, freeze_codebook=False):
+        if mask is None and _callable_directly(layer):  # the level's row-level step, without its output object
+            return layer.quantize_tokens(residual, sample_codebook_temp, freeze_codebook)
         out = layer(residual, mask=mask, sample_codebook_temp=sample_codebook_temp,
                     freeze_codebook=freeze_codebook, return_dict=True)
         return out.quantized, out.indices, out.loss
@@ -340,7 +352,7 @@ class ResidualVQ(ResidualQuantizerBase):
         training, no mask, no per-call level options, and each level a plain nearest-code layer."""
         if self.training or mask is not None or level_kwargs:
             return None
-        books = [layer.plain_eval_codebook() for layer in self.layers]
+        books = [layer.plain_eval_codebook() if _callable_directly(layer) else None for layer in self.layers]
         return None if any(b is None for b in books) else books
 
     def _forward_plain_eval(self, x: Tensor, books: list[Tensor]) -> tuple[Tensor, Tensor]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import namedtuple
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -688,8 +688,8 @@ class VectorQuantize(QuantizerModel):
         without this forward's per-call bookkeeping). None otherwise. Keeps the codebook's autograd link when
         it is learnable, as the forward does."""
         c, cb = fast_view(self.config), self._codebook
-        if (self.training or c.heads != 1 or c.use_cosine_sim or c.affine_param or self.has_projections
-                or self._needs_transpose() or not self._is_initted()):
+        if self.training or c.use_cosine_sim or c.affine_param or not self.takes_tokens_as_rows() \
+                or not self._is_initted():
             return None
         learn = isinstance(cb.embed, nn.Parameter) and c.resolved_learnable_codebook
         return (cb.embed if learn else cb.embed.detach())[0]
@@ -780,67 +780,104 @@ class VectorQuantize(QuantizerModel):
             per_row = mask if B == b else mask.repeat_interleave(c.heads, dim=0)
             flat_mask = per_row.reshape(1, -1).expand(H, -1)
 
+        target = self._indices_to_rows(indices, b, n) if indices is not None else None
         with torch.autocast(device_type=x.device.type, enabled=False):
             flat = heads_x.float().reshape(H, B * n, -1)
-            if not self._is_initted():
-                self._init_embed(flat.detach(), flat_mask)
-            if c.affine_param:
-                self._update_affine(flat.detach(), flat_mask)
-            learn = isinstance(cb.embed, nn.Parameter) and c.resolved_learnable_codebook
-            embed = cb.embed if learn else cb.embed.detach()
-            if c.affine_param:
-                embed = self._affine_embed(embed)
+            rows = self._quantize_rows(flat, flat_mask, temperature, freeze_codebook, input_requires_grad, B,
+                                       target=target, ema_update=ema_update, ema_update_weight=ema_update_weight,
+                                       accum_ema_update=accum_ema_update)
+            perplexity = _perplexity(rows.indices, c.codebook_size, flat_mask)
 
-            inplace_loss = torch.zeros((), device=x.device)
-            if self.in_place_codebook_optimizer is not None and self.training and not freeze_codebook:
-                codes, _ = self._quantize(flat, embed, temperature)
-                inplace_loss = _masked_mse(codes, flat.detach(), flat_mask)
-                inplace_loss.backward()
-                if not c.manual_in_place_optimizer_update:
-                    self.update_in_place_optimizer()
-                embed = cb.embed
-            codes, code_ids = self._quantize(flat, embed, temperature)
-            if c.commitment_use_cross_entropy_loss or c.codebook_diversity_loss_weight > 0 or indices is not None:
-                embed = embed.clone()  # these losses score against the codebook as it was before the update
-            if self.training and not freeze_codebook:
-                self._update_codebook(flat.detach(), code_ids, flat_mask, ema_update, ema_update_weight,
-                                      accum_ema_update)
-
-            if indices is not None:
-                target = self._indices_to_rows(indices, b, n)
-                valid = target >= 0 if flat_mask is None else (target >= 0) & flat_mask
-                metric = "cosine" if c.use_cosine_sim else "euclidean"
-                target_loss = _cross_entropy_to_codes(flat, embed.expand(H, -1, -1), metric, target.clamp(min=0),
-                                                      valid)
-            else:
-                losses = self._losses(flat, codes, code_ids, embed, flat_mask, freeze_codebook, B)
-            perplexity = _perplexity(code_ids, c.codebook_size, flat_mask)
-            codes = self._estimator(flat, codes, input_requires_grad)
-
-        codes = codes.reshape(H, B, n, -1).to(dtype)
+        codes = rows.codes.reshape(H, B, n, -1).to(dtype)
         quantized = self.project_out(self._merge_heads(codes, b).flatten(-2))
         if indices is not None:  # vqp returns here, its codes not yet merged/projected; ours in the output layout
-            output = VectorQuantizeOutput(quantized=restore(quantized), loss=target_loss, perplexity=perplexity)
-            return output if (c.return_dict if return_dict is None else return_dict) else (output.quantized, target_loss)
-        indices = self._merge_heads(code_ids.reshape(H, B, n), b)
+            output = VectorQuantizeOutput(quantized=restore(quantized), loss=rows.loss, perplexity=perplexity)
+            return output if (c.return_dict if return_dict is None else return_dict) else (output.quantized, rows.loss)
+        indices = self._merge_heads(rows.indices.reshape(H, B, n), b)
         if c.heads == 1:
             indices = indices.squeeze(-1)
         if mask is not None:
             fill = torch.zeros_like(orig_tokens) if c.return_zeros_for_masked_padding else orig_tokens
             quantized = torch.where(mask.unsqueeze(-1), quantized, fill)
             indices = indices.masked_fill(~(mask if c.heads == 1 else mask.unsqueeze(-1)), -1)
+        inplace_loss = rows.inplace_loss if rows.inplace_loss is not None else torch.zeros((), device=x.device)
         output = VectorQuantizeOutput(
             quantized=restore(quantized),
             indices=restore_indices(indices),
+            loss=rows.loss,
             inplace_optimize_loss=inplace_loss,
             perplexity=perplexity,
-            **losses,
+            **rows.loss_terms,
         )
         if return_loss_breakdown:
             output.loss_breakdown = LossBreakdown(output.commitment_loss, output.codebook_diversity_loss,
                                                   output.orthogonal_reg_loss, inplace_loss)
         result = self._output(output, return_dict)
         return (*result, output.loss_breakdown) if return_loss_breakdown and isinstance(result, tuple) else result
+
+    def quantize_tokens(self, tokens: Tensor, sample_codebook_temp: float | None = None,
+                        freeze_codebook: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """`(quantized, indices, loss)` of `forward(tokens)` for `(b, n, d)` tokens when `takes_tokens_as_rows()`:
+        the same row-level work, without the layout, perplexity and output object (a residual quantizer's
+        levels, which need none of them, call this). Unmasked input only."""
+        c = fast_view(self.config)
+        freeze_codebook = c.freeze_codebook if freeze_codebook is None else freeze_codebook
+        temperature = c.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
+        b, n, d = tokens.shape
+        flat = tokens.view(1, b, n, d)  # forward's (heads, batch, n, d) layout
+        if c.use_cosine_sim:
+            flat = _l2norm(flat)
+        with torch.autocast(device_type=tokens.device.type, enabled=False):
+            rows = self._quantize_rows(flat.float().reshape(1, b * n, d), None, temperature, freeze_codebook,
+                                       tokens.requires_grad, b)
+        return rows.codes.view(b, n, d).to(tokens.dtype), rows.indices.view(b, n), rows.loss
+
+    def takes_tokens_as_rows(self) -> bool:
+        """Whether `(b, n, dim)` tokens are this layer's code-space rows as they are: one head, no projections,
+        token-last layout (then `quantize_tokens` and `plain_eval_codebook` apply)."""
+        return fast_view(self.config).heads == 1 and not self.has_projections and not self._needs_transpose()
+
+    def _quantize_rows(self, flat: Tensor, flat_mask: Tensor | None, temperature: float, freeze_codebook: bool,
+                       input_requires_grad: bool, batch: int, *, target: Tensor | None = None,
+                       ema_update: bool | None = None, ema_update_weight: Tensor | Callable | None = None,
+                       accum_ema_update: bool = False) -> "_Rows":
+        """The row-level step of `forward` on `flat (H, N, d)` float32 (cosine: already normalized): initialization,
+        in-place optimizer, code choice, codebook update, losses and the gradient estimator. `target (H, N)`:
+        the `indices=` argument's codes (the loss is then their cross-entropy)."""
+        c, cb = fast_view(self.config), self._codebook
+        if not self._is_initted():
+            self._init_embed(flat.detach(), flat_mask)
+        if c.affine_param:
+            self._update_affine(flat.detach(), flat_mask)
+        learn = isinstance(cb.embed, nn.Parameter) and c.resolved_learnable_codebook
+        embed = cb.embed if learn else cb.embed.detach()
+        if c.affine_param:
+            embed = self._affine_embed(embed)
+
+        inplace_loss = None
+        if self.in_place_codebook_optimizer is not None and self.training and not freeze_codebook:
+            codes, _ = self._quantize(flat, embed, temperature)
+            inplace_loss = _masked_mse(codes, flat.detach(), flat_mask)
+            inplace_loss.backward()
+            if not c.manual_in_place_optimizer_update:
+                self.update_in_place_optimizer()
+            embed = cb.embed
+        codes, code_ids = self._quantize(flat, embed, temperature)
+        if c.commitment_use_cross_entropy_loss or c.codebook_diversity_loss_weight > 0 or target is not None:
+            embed = embed.clone()  # these losses score against the codebook as it was before the update
+        if self.training and not freeze_codebook:
+            self._update_codebook(flat.detach(), code_ids, flat_mask, ema_update, ema_update_weight, accum_ema_update)
+
+        if target is not None:
+            H = flat.shape[0]
+            valid = target >= 0 if flat_mask is None else (target >= 0) & flat_mask
+            metric = "cosine" if c.use_cosine_sim else "euclidean"
+            loss = _cross_entropy_to_codes(flat, embed.expand(H, -1, -1), metric, target.clamp(min=0), valid)
+            terms = {}
+        else:
+            loss, terms = self._losses(flat, codes, code_ids, embed, flat_mask, freeze_codebook, batch)
+        codes = self._estimator(flat, codes, input_requires_grad)
+        return _Rows(codes, code_ids, loss, terms, inplace_loss)
 
     def _indices_to_rows(self, indices: Tensor, b: int, n: int) -> Tensor:
         """Indices in the output layout (`(b, ...)`, heads last) to the internal `(H, B * n)` row layout."""
@@ -874,27 +911,29 @@ class VectorQuantize(QuantizerModel):
             codes = codes + c.sync_update_v * (codes - codes.detach())
         return codes
 
-    def _losses(self, flat, codes, indices, embed, mask, freeze_codebook, batch) -> dict[str, Tensor]:
+    def _losses(self, flat, codes, indices, embed, mask, freeze_codebook, batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """`(loss, terms)`: the weighted training loss and its unweighted terms (0-dim tensors, zero when off or
+        outside training). As vqp, the training loss is differentiable even when no term is."""
         c = fast_view(self.config)
         zero = torch.zeros((), device=flat.device)
-        out = dict(loss=zero, commitment_loss=zero, codebook_diversity_loss=zero, orthogonal_reg_loss=zero)
+        terms = dict(commitment_loss=zero, codebook_diversity_loss=zero, orthogonal_reg_loss=zero)
         if not self.training:
-            return out
-        loss = zero.clone().requires_grad_()
+            return zero, terms
+        weighted = []
         metric = "cosine" if c.use_cosine_sim else "euclidean"
         if c.codebook_diversity_loss_weight > 0:
             diversity = -_mean_position_entropy(flat, embed.expand(flat.shape[0], -1, -1), metric,
                                                 c.codebook_diversity_temperature, batch)
-            out["codebook_diversity_loss"] = diversity
-            loss = loss + diversity * c.codebook_diversity_loss_weight
+            terms["codebook_diversity_loss"] = diversity
+            weighted.append(diversity * c.codebook_diversity_loss_weight)
         if c.has_commitment_loss:
             if c.commitment_use_cross_entropy_loss:
                 commit = _cross_entropy_to_codes(flat, embed.expand(flat.shape[0], -1, -1), metric, indices, mask)
             else:
                 learn = c.resolved_learnable_codebook and not freeze_codebook
                 commit = _masked_mse(codes if learn else codes.detach(), flat, mask)
-            out["commitment_loss"] = commit
-            loss = loss + commit * c.commitment_weight
+            terms["commitment_loss"] = commit
+            weighted.append(commit if c.commitment_weight == 1 else commit * c.commitment_weight)
         if c.orthogonal_reg_weight > 0:
             codebook = self._codebook.embed
             if c.orthogonal_reg_active_codes_only:
@@ -905,14 +944,31 @@ class VectorQuantize(QuantizerModel):
                 keep = torch.randperm(codebook.shape[-2], device=codebook.device)[: c.orthogonal_reg_max_codes]
                 codebook = codebook[:, keep]
             ortho = orthogonal_loss(codebook)
-            out["orthogonal_reg_loss"] = ortho
-            loss = loss + ortho * c.orthogonal_reg_weight
-        out["loss"] = loss
-        return out
+            terms["orthogonal_reg_loss"] = ortho
+            weighted.append(ortho * c.orthogonal_reg_weight)
+        loss = sum(weighted[1:], weighted[0]) if weighted else zero
+        if torch.is_grad_enabled() and not loss.requires_grad:
+            loss = loss.detach().requires_grad_()
+        return loss, terms
+
+
+class _Rows(NamedTuple):
+    """What `VectorQuantize._quantize_rows` returns: codes `(H, N, d)` (through the estimator), indices `(H, N)`,
+    the loss, its unweighted terms, and the in-place optimizer's loss (None when it did not run)."""
+
+    codes: Tensor
+    indices: Tensor
+    loss: Tensor
+    loss_terms: dict[str, Tensor]
+    inplace_loss: Tensor | None
 
 
 def _gather_codes(embed: Tensor, indices: Tensor) -> Tensor:
-    """`embed (h or 1, K, d)`, `indices (H, N)` -> `(H, N, d)` by gather (no one-hot, no per-batch repeat)."""
+    """`embed (h or 1, K, d)`, `indices (H, N)` -> `(H, N, d)` by row lookup (no one-hot, no per-batch repeat).
+    A shared codebook is an embedding lookup: whole rows, ~4x faster on the GPU than `gather`, which reads an
+    int64 index per element."""
+    if embed.shape[0] == 1:
+        return F.embedding(indices, embed[0])
     embed = embed.expand(indices.shape[0], -1, -1)
     return torch.gather(embed, 1, indices.unsqueeze(-1).expand(-1, -1, embed.shape[-1]))
 
