@@ -340,3 +340,35 @@ def test_in_place_optimizer_manual_update_and_conversion_errors():
 def test_config_validation_names_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         hf_vq.VectorQuantizeConfig(dim=8, codebook_size=16, **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["vq", "vq_weighted_commitment", "vq_cosine", "residual"])
+def test_training_step_on_gpu_matches_cpu(kind, monkeypatch):
+    """On CUDA the rotation trick and the commitment loss come from one fused kernel each way (and the nearest
+    code from the Triton kernel): a training step matches the CPU module's (indices, values, loss, gradient,
+    codebook update) up to float32 rounding."""
+    monkeypatch.setenv("HF_VQ_NEAREST_MODE", "exact")  # the CPU path's indices
+    torch.manual_seed(0)
+    kw = dict(dim=32, codebook_size=64, decay=0.9)
+    if kind == "residual":
+        cpu = hf_vq.ResidualVQ(num_quantizers=3, **kw)
+    else:
+        kw.update(commitment_weight=0.25) if kind == "vq_weighted_commitment" else None
+        kw.update(use_cosine_sim=True) if kind == "vq_cosine" else None
+        cpu = hf_vq.VectorQuantize(**kw)
+    gpu = type(cpu)(cpu.config).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    cpu.train(), gpu.train()
+    for _ in range(3):
+        x = torch.randn(4, 300, 32)
+        xc, xg = x.clone().requires_grad_(), x.cuda().requires_grad_()
+        oc, og = cpu(xc), gpu(xg)
+        assert torch.equal(oc.indices, og.indices.cpu())
+        torch.testing.assert_close(og.quantized.cpu(), oc.quantized, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(og.loss.cpu(), oc.loss, atol=1e-6, rtol=1e-5)
+        (oc.quantized.square().sum() + oc.loss.sum()).backward()
+        (og.quantized.square().sum() + og.loss.sum()).backward()
+        torch.testing.assert_close(xg.grad.cpu(), xc.grad, atol=1e-5, rtol=1e-4)
+    for (name, t), u in zip(cpu.state_dict().items(), gpu.state_dict().values()):
+        torch.testing.assert_close(u.cpu().float(), t.float(), atol=1e-5, rtol=1e-5, msg=name)

@@ -30,7 +30,8 @@ from ..modeling_utils import (
 )
 from ..ops import ema as ema_ops
 from ..ops import kmeans as kmeans_ops
-from ..ops.estimators import directional_reparam, gumbel_select, rotate_to, straight_through
+from ..ops.estimators import (directional_reparam, gumbel_select, rotate_to, rotate_to_with_commitment,
+                              straight_through)
 from ..ops.nearest import nearest_code, scores
 from ._config_view import fast_view
 
@@ -873,11 +874,23 @@ class VectorQuantize(QuantizerModel):
             valid = target >= 0 if flat_mask is None else (target >= 0) & flat_mask
             metric = "cosine" if c.use_cosine_sim else "euclidean"
             loss = _cross_entropy_to_codes(flat, embed.expand(H, -1, -1), metric, target.clamp(min=0), valid)
-            terms = {}
-        else:
-            loss, terms = self._losses(flat, codes, code_ids, embed, flat_mask, freeze_codebook, batch)
-        codes = self._estimator(flat, codes, input_requires_grad)
-        return _Rows(codes, code_ids, loss, terms, inplace_loss)
+            return _Rows(self._estimator(flat, codes, input_requires_grad), code_ids, loss, {}, inplace_loss)
+        if self._rotation_and_commitment(flat_mask, input_requires_grad):
+            # vqp's defaults: both read (flat, detached codes); one fused pass each way on CUDA
+            rotated, commit = rotate_to_with_commitment(flat, codes.detach())
+            loss, terms = self._losses(flat, codes, code_ids, embed, flat_mask, freeze_codebook, batch, commit)
+            return _Rows(rotated, code_ids, loss, terms, inplace_loss)
+        loss, terms = self._losses(flat, codes, code_ids, embed, flat_mask, freeze_codebook, batch)
+        return _Rows(self._estimator(flat, codes, input_requires_grad), code_ids, loss, terms, inplace_loss)
+
+    def _rotation_and_commitment(self, flat_mask: Tensor | None, input_requires_grad: bool) -> bool:
+        """Whether `_estimator` is the rotation trick on detached codes and the commitment loss is the MSE to
+        detached codes over all rows (what `rotate_to_with_commitment` computes)."""
+        c = fast_view(self.config)
+        return (self.training and flat_mask is None and input_requires_grad and c.route_gradients_to_input
+                and c.resolved_rotation_trick and not c.directional_reparam and c.has_commitment_loss
+                and not c.commitment_use_cross_entropy_loss and not c.resolved_learnable_codebook
+                and not (c.stochastic_sample_codes and c.straight_through) and not c.sync_update_v)
 
     def _indices_to_rows(self, indices: Tensor, b: int, n: int) -> Tensor:
         """Indices in the output layout (`(b, ...)`, heads last) to the internal `(H, B * n)` row layout."""
@@ -911,9 +924,11 @@ class VectorQuantize(QuantizerModel):
             codes = codes + c.sync_update_v * (codes - codes.detach())
         return codes
 
-    def _losses(self, flat, codes, indices, embed, mask, freeze_codebook, batch) -> tuple[Tensor, dict[str, Tensor]]:
+    def _losses(self, flat, codes, indices, embed, mask, freeze_codebook, batch,
+                commit: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """`(loss, terms)`: the weighted training loss and its unweighted terms (0-dim tensors, zero when off or
-        outside training). As vqp, the training loss is differentiable even when no term is."""
+        outside training); `commit`: the commitment term when the caller computed it. As vqp, the training loss
+        is differentiable even when no term is."""
         c = fast_view(self.config)
         zero = torch.zeros((), device=flat.device)
         terms = dict(commitment_loss=zero, codebook_diversity_loss=zero, orthogonal_reg_loss=zero)
@@ -927,9 +942,9 @@ class VectorQuantize(QuantizerModel):
             terms["codebook_diversity_loss"] = diversity
             weighted.append(diversity * c.codebook_diversity_loss_weight)
         if c.has_commitment_loss:
-            if c.commitment_use_cross_entropy_loss:
+            if commit is None and c.commitment_use_cross_entropy_loss:
                 commit = _cross_entropy_to_codes(flat, embed.expand(flat.shape[0], -1, -1), metric, indices, mask)
-            else:
+            elif commit is None:
                 learn = c.resolved_learnable_codebook and not freeze_codebook
                 commit = _masked_mse(codes if learn else codes.detach(), flat, mask)
             terms["commitment_loss"] = commit

@@ -39,6 +39,15 @@ def rotate_to(x: Tensor, codes: Tensor) -> Tensor:
     return rotated * (c_norm / x_norm.clamp(min=1e-6)).detach()
 
 
+def rotate_to_with_commitment(x: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
+    """`(rotate_to(x, codes), mse_loss(codes.detach(), x))`: the rotation trick and the commitment loss, which
+    read the same two tensors; on CUDA one fused kernel each way (the loss then sums in another order than
+    `mse_loss`: equal up to float32 rounding)."""
+    if x.is_cuda and triton_rotation.available(x):
+        return triton_rotation.rotate_to_with_commitment(x, codes)
+    return rotate_to(x, codes), F.mse_loss(codes.detach(), x)
+
+
 def gumbel_noise(t: Tensor) -> Tensor:
     noise = torch.zeros_like(t).uniform_(0, 1)
     return -noise.clamp(min=1e-20).log().neg().clamp(min=1e-20).log()

@@ -33,31 +33,39 @@ if HAS_TRITON:
         q = c / tl.maximum(cn, EPS)
         v = u + q
         w = v / tl.maximum(tl.sqrt(tl.sum(v * v, axis=1))[:, None], EPS)
-        return x, u, q, w, cn / tl.maximum(xn, EPS)
+        return x, c, u, q, w, cn / tl.maximum(xn, EPS)
 
     @triton.jit
-    def _rotate_fwd(X, C, OUT, M, D, BLOCK: tl.constexpr, BD: tl.constexpr):
+    def _rotate_fwd(X, C, OUT, PART, M, D, BLOCK: tl.constexpr, BD: tl.constexpr, COMMIT: tl.constexpr):
+        # COMMIT: also this block's share of the commitment loss, sum((c - x)^2), into PART[program]
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         cols = tl.arange(0, BD)
         m2 = (rows < M)[:, None] & (cols < D)[None, :]
         offs = rows[:, None] * D + cols[None, :]
-        x, u, q, w, s = _frame(X, C, offs, m2, 1e-6)
+        x, c, u, q, w, s = _frame(X, C, offs, m2, 1e-6)
         ew = tl.sum(x * w, axis=1)[:, None]
         eu = tl.sum(x * u, axis=1)[:, None]
         out = (x - 2.0 * ew * w + 2.0 * eu * q) * s
         tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=m2)
+        if COMMIT:
+            diff = c - x
+            tl.store(PART + tl.program_id(0), tl.sum(tl.sum(diff * diff, axis=1), axis=0))
 
     @triton.jit
-    def _rotate_bwd(X, C, G, GX, M, D, BLOCK: tl.constexpr, BD: tl.constexpr):
+    def _rotate_bwd(X, C, G, GX, GL, scale, M, D, BLOCK: tl.constexpr, BD: tl.constexpr, COMMIT: tl.constexpr):
+        # COMMIT: plus the commitment loss's gradient, GL * scale * (x - c), scale = 2 / numel
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         cols = tl.arange(0, BD)
         m2 = (rows < M)[:, None] & (cols < D)[None, :]
         offs = rows[:, None] * D + cols[None, :]
-        x, u, q, w, s = _frame(X, C, offs, m2, 1e-6)
+        x, c, u, q, w, s = _frame(X, C, offs, m2, 1e-6)
         g = tl.load(G + offs, mask=m2, other=0.0).to(tl.float32) * s
         gw = tl.sum(g * w, axis=1)[:, None]
         gq = tl.sum(g * q, axis=1)[:, None]
-        tl.store(GX + offs, (g - 2.0 * gw * w + 2.0 * gq * u).to(GX.dtype.element_ty), mask=m2)
+        gx = g - 2.0 * gw * w + 2.0 * gq * u
+        if COMMIT:
+            gx += (x - c) * (tl.load(GL) * scale)
+        tl.store(GX + offs, gx.to(GX.dtype.element_ty), mask=m2)
 
 
 def available(x: Tensor) -> bool:
@@ -65,35 +73,57 @@ def available(x: Tensor) -> bool:
     return kernel_ok(x, MAX_DIM)
 
 
-def _launch(kernel, m: int, d: int, *tensors: Tensor) -> None:
+def _blocks(m: int, d: int) -> tuple[int, int, int]:
+    """`(programs, rows per program, padded dim)`: a block of rows of up to 4096 elements stays on chip."""
     bd = max(16, triton.next_power_of_2(d))
     block = max(1, min(64, 4096 // bd))
-    kernel[(triton.cdiv(m, block),)](*tensors, m, d, BLOCK=block, BD=bd, num_warps=4 if bd <= 256 else 8)
+    return triton.cdiv(m, block), block, bd
+
+
+def _launch(kernel, m: int, d: int, *tensors: Tensor, commit: bool) -> None:
+    programs, block, bd = _blocks(m, d)
+    kernel[(programs,)](*tensors, m, d, BLOCK=block, BD=bd, COMMIT=commit, num_warps=4 if bd <= 256 else 8)
 
 
 class _Rotate(torch.autograd.Function):
+    """`(rotated, commitment loss | None)`; with `commit`, `mean((codes - x)^2)` comes from the same pass over the
+    rows and its gradient joins the rotation's in the backward pass (no separate MSE kernels)."""
+
     @staticmethod
-    def forward(ctx, x: Tensor, codes: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, codes: Tensor, commit: bool):
         x, codes = x.contiguous(), codes.detach().contiguous()
         d = x.shape[-1]
         m = x.numel() // d if d else 0
         out = torch.empty_like(x)
+        # per-program partial sums of the loss (summed here: deterministic, unlike atomics)
+        part = torch.empty(_blocks(m, d)[0], dtype=torch.float32, device=x.device) if commit and m else out
         if m:
-            _launch(_rotate_fwd, m, d, x, codes, out)
+            _launch(_rotate_fwd, m, d, x, codes, out, part, commit=commit)
         ctx.save_for_backward(x, codes)
-        return out
+        ctx.commit = commit
+        if not commit:
+            return out, None
+        return out, (part.sum() if m else x.new_zeros((), dtype=torch.float32)) / max(1, x.numel())
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def backward(ctx, g: Tensor, g_loss: Tensor | None):
         x, codes = ctx.saved_tensors
         d = x.shape[-1]
         m = x.numel() // d if d else 0
         gx = torch.empty_like(x)
+        commit = ctx.commit and g_loss is not None
         if m:
-            _launch(_rotate_bwd, m, d, x, codes, g.contiguous(), gx)
-        return gx, None
+            gl = g_loss.float().reshape(1) if commit else gx
+            _launch(_rotate_bwd, m, d, x, codes, g.contiguous(), gx, gl, 2.0 / x.numel(), commit=commit)
+        return gx, None, None
 
 
 def rotate_to_fused(x: Tensor, codes: Tensor) -> Tensor:
     """`estimators.rotate_to` (value and gradient to `x`; none to `codes`) in one kernel each way."""
-    return _Rotate.apply(x, codes.to(x.dtype))
+    return _Rotate.apply(x, codes.to(x.dtype), False)[0]
+
+
+def rotate_to_with_commitment(x: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
+    """`(rotate_to(x, codes), mse_loss(codes.detach(), x))` in one kernel each way (float32 loss; its sum runs in
+    another order than `mse_loss`'s, so it differs from it by float32 rounding)."""
+    return _Rotate.apply(x, codes.to(x.dtype), True)
