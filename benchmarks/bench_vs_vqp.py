@@ -1,6 +1,6 @@
 """hf_vq vs vector-quantize-pytorch 1.32, side by side in one run: time, tokens/s, peak memory.
 
-    python benchmarks/bench_vs_vqp.py [--quick] [--out RESULTS_TABLE.md]
+    python benchmarks/bench_vs_vqp.py [--quick] [--only SUBSTRING ...] [--out RESULTS_TABLE.md]
 
 Every row builds both modules with the same config, copies vqp's state into hf_vq where both hold state,
 runs the same input, and reports the median time (CUDA events) and the peak memory above the inputs. On
@@ -122,11 +122,13 @@ def vq_pair(device, randn_codebook: bool = False, **kwargs):
     return ours, theirs
 
 
-def run_rows(device, quick: bool) -> list[Row]:
+def run_rows(device, quick: bool, only: list[str] | None = None) -> list[Row]:
     s = 16 if quick else 1  # shrink factor for CPU smoke runs
     rows: list[Row] = []
 
     def add(name, ours, theirs, x, train, floor_dims=None, agree=False, mode=None):
+        if only and not any(part in name for part in only):
+            return
         if mode:
             os.environ["HF_VQ_NEAREST_MODE"] = mode
         try:
@@ -234,10 +236,11 @@ def _triton_version() -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes (CPU smoke test)")
+    parser.add_argument("--only", nargs="*", default=None, help="run the rows whose name contains one of these")
     parser.add_argument("--out", default=None, help="also write the table (with a header) to this file")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = run_rows(device, args.quick or device.type == "cpu")
+    rows = run_rows(device, args.quick or device.type == "cpu", args.only)
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     header = (
         f"{datetime.date.today()} — {name}, torch {torch.__version__}, vector-quantize-pytorch "

@@ -553,10 +553,12 @@ class VectorQuantize(QuantizerModel):
     @torch.no_grad()
     def update_embed_from_ema(self) -> None:
         cb, c = self._codebook, fast_view(self.config)
-        smoothed = ema_ops.laplace_smoothing(cb.cluster_size, c.codebook_size, c.eps)
-        cluster_size = smoothed * cb.cluster_size.sum(dim=-1, keepdim=True)
-        embed = cb.embed_avg / cluster_size.unsqueeze(-1)
-        cb.embed.data.copy_(_l2norm(embed) if c.use_cosine_sim else embed)
+        total = cb.cluster_size.sum(dim=-1, keepdim=True)
+        cluster_size = ema_ops.laplace_smoothing(cb.cluster_size, c.codebook_size, c.eps, total) * total
+        if c.use_cosine_sim:
+            cb.embed.data.copy_(_l2norm(cb.embed_avg / cluster_size.unsqueeze(-1)))
+        else:
+            torch.div(cb.embed_avg, cluster_size.unsqueeze(-1), out=cb.embed.data)
 
     def _decayed(self, name: str, new: Tensor, decay: float) -> None:
         """vqp's `update_with_decay`: first value taken as is, then `old * decay + new * (1 - decay)`."""

@@ -40,7 +40,9 @@ def cluster_stats(x: Tensor, indices: Tensor, num_codes: int, mask: Tensor | Non
     heads, _, dim = x.shape
     x = x.float()
     # one flat index space (head * K + code) so a single bincount/index_add_ serves every head
-    flat = (indices + torch.arange(heads, device=x.device).unsqueeze(1) * num_codes).reshape(-1)
+    flat = indices.reshape(-1)
+    if heads > 1:
+        flat = (indices + torch.arange(heads, device=x.device).unsqueeze(1) * num_codes).reshape(-1)
     rows = x.reshape(-1, dim)
     weights = None
     if mask is not None:
@@ -63,6 +65,8 @@ def ema_update_(moving: Tensor, new: Tensor, decay: float, weight: Tensor | None
     return moving.lerp_(new.to(moving), (1.0 - decay) * weight)
 
 
-def laplace_smoothing(counts: Tensor, num_codes: int, eps: float) -> Tensor:
-    """Additive smoothing of code counts along the last dim: `(c + eps) / (sum c + K eps)`."""
-    return (counts + eps) / (counts.sum(dim=-1, keepdim=True) + num_codes * eps)
+def laplace_smoothing(counts: Tensor, num_codes: int, eps: float, total: Tensor | None = None) -> Tensor:
+    """Additive smoothing of code counts along the last dim: `(c + eps) / (sum c + K eps)` (`total`: the sum, when
+    the caller has it)."""
+    total = counts.sum(dim=-1, keepdim=True) if total is None else total
+    return (counts + eps) / (total + num_codes * eps)

@@ -210,8 +210,12 @@ def nearest_code(
             shared_view = cbt.shape[0] > 1 and cbt.stride(0) == 0  # `embed.expand(h, ...)`: one codebook
             if shared_view:
                 cbt = cbt[:1]
-            sqn_t = sq_norm(cbt) if (codebook_sq_norm is None or metric == "cosine" or shared_view) else \
-                codebook_sq_norm.float().reshape(cbt.shape[0], -1)
+            if metric == "cosine":  # not read by the kernel: any float32 (heads, K) tensor
+                sqn_t = cbt.new_empty(cbt.shape[:2], dtype=torch.float32)
+            elif codebook_sq_norm is None or shared_view:
+                sqn_t = sq_norm(cbt)
+            else:
+                sqn_t = codebook_sq_norm.float().reshape(cbt.shape[0], -1)
             indices, best = triton_nearest.nearest_code_triton(x3, cbt, sqn_t, metric=metric, mode=mode)
     else:
         # the choice is not differentiable: without no_grad autograd would keep every chunk's scores alive
