@@ -144,7 +144,10 @@ if HAS_TRITON:
         COSINE: tl.constexpr, EXACT: tl.constexpr, BF16: tl.constexpr, RERANK: tl.constexpr, EMULATE: tl.constexpr,
         TOPK: tl.constexpr,
         BD: tl.constexpr, RD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        EVEN_K: tl.constexpr, EVEN_D: tl.constexpr,
     ):
+        # EVEN_K / EVEN_D (K a multiple of BLOCK_K, D == BD): the codebook loop needs no masks. CL holds the
+        # low-precision codes, negated for cosine, so that the dot is already the lower-is-better score.
         pid = tl.program_id(0)
         h = tl.program_id(1)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -180,8 +183,11 @@ if HAS_TRITON:
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + kk
             kmask = ks < K
-            c = tl.load(CL + h * scl_h + ks[:, None] * scl_k + d[None, :], mask=kmask[:, None] & dmask[None, :],
-                        other=0.0)
+            if EVEN_K and EVEN_D:
+                c = tl.load(CL + h * scl_h + ks[:, None] * scl_k + d[None, :])
+            else:
+                c = tl.load(CL + h * scl_h + ks[:, None] * scl_k + d[None, :], mask=kmask[:, None] & dmask[None, :],
+                            other=0.0)
             if BF16:
                 if EMULATE:  # the Triton 3.9 CPU interpreter gets bf16 dots wrong: same operands, fp32 dot
                     dot = tl.dot(xq.to(tl.float32), tl.trans(c.to(tl.float32)), input_precision="ieee")
@@ -190,11 +196,12 @@ if HAS_TRITON:
             else:
                 dot = tl.dot(xq, tl.trans(c), input_precision="tf32")
             if COSINE:
-                s = -dot
+                s = dot  # x.(-c)
             else:
                 c2 = tl.load(C2 + h * sc2_h + ks, mask=kmask, other=0.0)
                 s = c2[None, :] - 2.0 * dot
-            s = tl.where(kmask[None, :], s, inf)
+            if not EVEN_K:
+                s = tl.where(kmask[None, :], s, inf)
             lt = s < m1  # strict: within a lane the earlier (lower) code keeps a tie
             if RERANK:
                 li2 = tl.where(lt, li, tl.where(s < m2, ks[None, :], li2))
@@ -309,12 +316,12 @@ if HAS_TRITON:
                 if (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"] * c.num_stages) * bd * elt <= 200 * 1024]
         return keep or configs[-1:]
 
-    _KEY = ["K", "BD", "COSINE", "EXACT", "RERANK", "BF16", "TOPK"]
+    _KEY = ["K", "D", "BD", "COSINE", "EXACT", "RERANK", "BF16", "TOPK"]
+    _even = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0, "EVEN_D": lambda a: a["D"] == a["BD"]})(
+        _nearest_kernel)
     _tuned = {
-        True: triton.autotune(_configs(True), key=_KEY, prune_configs_by={"early_config_prune": _prune})(
-            _nearest_kernel),
-        False: triton.autotune(_configs(False), key=_KEY, prune_configs_by={"early_config_prune": _prune})(
-            _nearest_kernel),
+        True: triton.autotune(_configs(True), key=_KEY, prune_configs_by={"early_config_prune": _prune})(_even),
+        False: triton.autotune(_configs(False), key=_KEY, prune_configs_by={"early_config_prune": _prune})(_even),
     }
 
 
@@ -364,7 +371,8 @@ def nearest_code_triton(
         return idx, score
     x = x.contiguous()
     cf = codebook.float().contiguous()
-    cl = cf.to(torch.bfloat16) if bf16 else cf
+    signed = -cf if cosine else cf  # the kernel scores with -c for cosine (its dot is then lower-is-better)
+    cl = signed.to(torch.bfloat16) if bf16 else signed
     c2 = codebook_sq_norm.float().contiguous()
     shared = cf.shape[0] == 1 and H > 1
     exact = mode == "exact"
@@ -373,7 +381,7 @@ def nearest_code_triton(
     flag = torch.zeros(H, N, dtype=torch.int8, device=dev) if exact else idx
     if exact:
         cn = cf.norm(dim=-1)
-        clo = (cf - cl.float()).norm(dim=-1) if bf16 else cn * 2.0**-10
+        clo = (signed - cl.float()).norm(dim=-1) if bf16 else cn * 2.0**-10
         st = torch.stack([cn.amax(-1), c2.amax(-1), clo.amax(-1), torch.zeros_like(cn[:, 0])], -1).contiguous()
     else:
         st = c2  # not read outside exact mode (any float32 tensor with a head stride will do)
@@ -392,7 +400,7 @@ def nearest_code_triton(
         block = (16, 16)
     if block is not None:
         grid = (triton.cdiv(N, block[0]), H)
-        _nearest_kernel[grid](*args, **consts, BLOCK_N=block[0], BLOCK_K=block[1])
+        _even[grid](*args, **consts, BLOCK_N=block[0], BLOCK_K=block[1])
     else:
         _tuned[bf16][lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), H)](*args, **consts)
 

@@ -156,6 +156,8 @@ KERNEL_CHECK = textwrap.dedent(
         (1, 25, 3, 8, 1, "euclidean", torch.float16),
         (2, 19, 70, 7, 1, "euclidean", torch.float16),
         (1, 33, 17, 48, 1, "cosine", torch.bfloat16),
+        (1, 29, 32, 16, 1, "cosine", torch.float32),  # K a multiple of the block, D == BD: the unmasked loop
+        (2, 23, 48, 32, 1, "euclidean", torch.bfloat16),
     ]
     if dev == "cuda":  # odd and large shapes, several autotuned block sizes
         cases += [
