@@ -632,8 +632,7 @@ class VectorQuantize(QuantizerModel):
         if accum_ema_update:
             self.__dict__["_pending_ema"] = (counts, sums)
             return
-        ema_ops.ema_update_(cb.cluster_size, counts, c.decay, ema_update_weight)
-        ema_ops.ema_update_(cb.embed_avg, sums, c.decay, ema_update_weight)
+        ema_ops.ema_update_((cb.cluster_size, cb.embed_avg), (counts, sums), c.decay, ema_update_weight)
         if ema_update and not c.manual_ema_update:
             self.update_embed_from_ema()
         if has_dead:

@@ -54,15 +54,20 @@ def cluster_stats(x: Tensor, indices: Tensor, num_codes: int, mask: Tensor | Non
     return (counts[0], sums[0]) if single else (counts, sums)
 
 
-def ema_update_(moving: Tensor, new: Tensor, decay: float, weight: Tensor | None = None) -> Tensor:
-    """`moving <- decay * moving + (1 - decay) * new`, in place (lerp, as vector-quantize-pytorch).
+def ema_update_(moving: Tensor | tuple[Tensor, ...], new: Tensor | tuple[Tensor, ...], decay: float,
+                weight: Tensor | None = None) -> None:
+    """`moving <- decay * moving + (1 - decay) * new`, in place (lerp, as vector-quantize-pytorch); tuples update
+    several buffers at once (one multi-tensor kernel on CUDA, the same lerp arithmetic).
 
     `weight` (`(K,)` or `(H, K)`) scales the step per code, as vqp's `ema_update_weight`."""
+    moving = (moving,) if isinstance(moving, Tensor) else tuple(moving)
+    new = tuple(n.to(m) for n, m in zip((new,) if isinstance(new, Tensor) else new, moving))
     if weight is None:
-        return moving.lerp_(new.to(moving), 1.0 - decay)
-    weight = weight.to(moving).expand(moving.shape[:2])
-    weight = weight.reshape(*weight.shape, *([1] * (moving.ndim - 2)))
-    return moving.lerp_(new.to(moving), (1.0 - decay) * weight)
+        torch._foreach_lerp_(moving, new, 1.0 - decay)
+        return
+    for m, n in zip(moving, new):
+        w = weight.to(m).expand(m.shape[:2])
+        m.lerp_(n, (1.0 - decay) * w.reshape(*w.shape, *([1] * (m.ndim - 2))))
 
 
 def laplace_smoothing(counts: Tensor, num_codes: int, eps: float, total: Tensor | None = None) -> Tensor:

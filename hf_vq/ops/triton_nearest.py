@@ -140,14 +140,14 @@ if HAS_TRITON:
     @triton.jit
     def _nearest_kernel(
         X, X2, CL, CF, C2, STATS, OUT_I, OUT_S, OUT_F,
-        N, K, D, sxh, sxn, scl_h, scl_k, scf_h, scf_k, sc2_h, sst_h,
+        N, K: tl.constexpr, D: tl.constexpr, sxh, sxn, scl_h, scl_k, scf_h, scf_k, sc2_h, sst_h,
         COSINE: tl.constexpr, EXACT: tl.constexpr, BF16: tl.constexpr, RERANK: tl.constexpr, EMULATE: tl.constexpr,
         TOPK: tl.constexpr,
         BD: tl.constexpr, RD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        EVEN_K: tl.constexpr, EVEN_D: tl.constexpr,
     ):
-        # EVEN_K / EVEN_D (K a multiple of BLOCK_K, D == BD): the codebook loop needs no masks. CL holds the
-        # low-precision codes, negated for cosine, so that the dot is already the lower-is-better score.
+        # K and D are compile-time (one build per codebook shape): when K is a multiple of BLOCK_K and D == BD
+        # the codebook loop needs no masks. CL holds the low-precision codes, negated for cosine, so that the
+        # dot is already the lower-is-better score.
         pid = tl.program_id(0)
         h = tl.program_id(1)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -183,11 +183,11 @@ if HAS_TRITON:
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + kk
             kmask = ks < K
-            if EVEN_K and EVEN_D:
-                c = tl.load(CL + h * scl_h + ks[:, None] * scl_k + d[None, :])
+            cptr = CL + h * scl_h + ks[:, None] * scl_k + d[None, :]
+            if K % BLOCK_K == 0 and D == BD:
+                c = tl.load(cptr)
             else:
-                c = tl.load(CL + h * scl_h + ks[:, None] * scl_k + d[None, :], mask=kmask[:, None] & dmask[None, :],
-                            other=0.0)
+                c = tl.load(cptr, mask=kmask[:, None] & dmask[None, :], other=0.0)
             if BF16:
                 if EMULATE:  # the Triton 3.9 CPU interpreter gets bf16 dots wrong: same operands, fp32 dot
                     dot = tl.dot(xq.to(tl.float32), tl.trans(c.to(tl.float32)), input_precision="ieee")
@@ -200,7 +200,7 @@ if HAS_TRITON:
             else:
                 c2 = tl.load(C2 + h * sc2_h + ks, mask=kmask, other=0.0)
                 s = c2[None, :] - 2.0 * dot
-            if not EVEN_K:
+            if K % BLOCK_K != 0:
                 s = tl.where(kmask[None, :], s, inf)
             lt = s < m1  # strict: within a lane the earlier (lower) code keeps a tie
             if RERANK:
@@ -316,16 +316,30 @@ if HAS_TRITON:
                 if (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"] * c.num_stages) * bd * elt <= 200 * 1024]
         return keep or configs[-1:]
 
-    _KEY = ["K", "D", "BD", "COSINE", "EXACT", "RERANK", "BF16", "TOPK"]
-    _even = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0, "EVEN_D": lambda a: a["D"] == a["BD"]})(
-        _nearest_kernel)
+    _KEY = ["K", "D", "COSINE", "EXACT", "RERANK", "BF16", "TOPK"]
     _tuned = {
-        True: triton.autotune(_configs(True), key=_KEY, prune_configs_by={"early_config_prune": _prune})(_even),
-        False: triton.autotune(_configs(False), key=_KEY, prune_configs_by={"early_config_prune": _prune})(_even),
+        True: triton.autotune(_configs(True), key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+            _nearest_kernel),
+        False: triton.autotune(_configs(False), key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+            _nearest_kernel),
     }
 
 
 MODES = ("exact", "rerank", "fast")
+_best_configs: dict = {}  # (bf16, K, D, constexprs) -> the autotuner's choice
+
+
+def _launch_tuned(args: tuple, consts: dict, n: int, heads: int, key: tuple) -> None:
+    """Autotune once per `key` (precision, codebook shape, constexprs), then launch with the chosen config
+    directly: the autotuner's own per-call dispatch costs host time that a ResidualVQ step (one search per
+    level) notices."""
+    best = _best_configs.get(key)
+    if best is None:
+        tuner = _tuned[key[0]]
+        tuner[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), heads)](*args, **consts)
+        _best_configs[key] = tuner.best_config
+        return
+    _nearest_kernel[(triton.cdiv(n, best.kwargs["BLOCK_N"]), heads)](*args, **consts, **best.all_kwargs())
 
 
 def nearest_code_triton(
@@ -400,9 +414,9 @@ def nearest_code_triton(
         block = (16, 16)
     if block is not None:
         grid = (triton.cdiv(N, block[0]), H)
-        _even[grid](*args, **consts, BLOCK_N=block[0], BLOCK_K=block[1])
+        _nearest_kernel[grid](*args, **consts, BLOCK_N=block[0], BLOCK_K=block[1])
     else:
-        _tuned[bf16][lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), H)](*args, **consts)
+        _launch_tuned(args, consts, N, H, key=(bf16, K, D, *consts.items()))
 
     if stats is not None:
         stats["fallback_rows"], stats["rows"] = 0, H * N
