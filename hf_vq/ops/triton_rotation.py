@@ -7,6 +7,10 @@ products per row: this kernel keeps a block of rows on chip, and the backward re
 the codes instead of storing them (`grad_x = s (g - 2 (g.w) w + 2 (g.q) u)`, `s = |c| / |x|`; `w, u, q, s` are
 constants of the estimator, as in vqp). Same formula as the PyTorch path; float32 sums in another order, so the
 value differs from it by float32 rounding (the CPU path keeps vqp's bit-exact form).
+
+With `rotate_to_with_commitment` the same passes also give vqp's default commitment loss `mse(c, x)` (per-program
+partial sums, summed after the launch: deterministic) and its gradient `2 (x - c) / numel`: the separate MSE
+forward, backward and gradient accumulation were ~0.2 ms per ResidualVQ level at 2^17 x 128 on an H200.
 """
 
 from __future__ import annotations
