@@ -1,12 +1,14 @@
 """The Hugging Face contract, checked for every quantizer in `quantizer_examples.EXAMPLES`."""
 
 import json
+from dataclasses import dataclass
 
 import pytest
 import torch
 from diffusers import DiffusionPipeline, ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from transformers import AutoConfig, AutoModel
+from transformers.utils import ModelOutput
 
 import hf_vq
 from hf_vq.diffusers_support import DiffusersQuantizer
@@ -137,3 +139,27 @@ def test_build_quantizer_unknown_type():
 def test_config_and_kwargs_together_is_an_error():
     with pytest.raises(ValueError, match="either a config or keyword arguments"):
         hf_vq.FSQ(hf_vq.FSQConfig(levels=[8, 5, 5]), dim=4)
+
+
+@dataclass
+class _PlainOutput(ModelOutput):  # transformers' own behaviour, for comparison
+    quantized: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+
+
+def test_outputs_behave_as_transformers_model_outputs():
+    """`QuantizerOutput` skips ModelOutput's per-write `fields()` scans (host time): same mapping and tuple."""
+    q, i, loss = torch.randn(2, 3), torch.arange(2), torch.tensor(0.5)
+    for kwargs in (dict(quantized=q, indices=i, loss=loss), dict(quantized=q, loss=loss), dict(indices=i), {}):
+        ours, plain = hf_vq.modeling_utils.QuantizerOutput(**kwargs), _PlainOutput(**kwargs)
+        assert list(ours.keys()) == list(plain.keys())
+        assert all(a is b for a, b in zip(ours.to_tuple(), plain.to_tuple(), strict=True))
+        assert [getattr(ours, f) for f in ("quantized", "indices", "loss")] == \
+            [getattr(plain, f) for f in ("quantized", "indices", "loss")]
+        leaves = torch.utils._pytree.tree_flatten(ours)[0]
+        assert all(a is b for a, b in zip(leaves, torch.utils._pytree.tree_flatten(plain)[0], strict=True))
+    out = hf_vq.FSQOutput(quantized=q)
+    out.indices = i  # a later write enters the mapping too
+    assert list(out.keys()) == ["quantized", "indices"] and out["indices"] is i and out[1] is i
+    assert isinstance(out, ModelOutput)

@@ -22,6 +22,7 @@ from ..modeling_utils import (
     check_indices,
     register_quantizer,
 )
+from ..ops import estimators
 from ..ops import fsq as fsq_ops
 from ..ops import triton_fsq
 from ._config_view import fast_view
@@ -121,6 +122,12 @@ def check_levels(levels, *, allow_two: bool = True, field: str = "levels") -> No
         raise ValueError(f"{field} contains 2, which needs preserve_symmetry=True (or use levels >= 3): {levels!r}")
 
 
+def _keeps_codebook_axis(config) -> bool:
+    """`keep_num_codebooks_dim`, resolved (defaults to `num_codebooks > 1`)."""
+    keep = config.keep_num_codebooks_dim
+    return config.num_codebooks > 1 if keep is None else keep
+
+
 @dataclass
 class FSQOutput(QuantizerOutput):
     """Output of [`FSQ`]: `quantized` and `indices` (FSQ has no auxiliary loss, so `loss` is `None`)."""
@@ -160,12 +167,13 @@ class FSQ(QuantizerModel):
         self.register_buffer("_basis", basis, persistent=False)
         self.register_buffer("implicit_codebook", torch.empty(0), persistent=False)
         self.reset_derived_buffers()
+        # the shapes the parameters were built for (the forward reads these instead of the config's properties)
+        self._in_dim, self._code_shape = c.effective_dim, (c.num_codebooks, c.codebook_dim)
         self.post_init()
 
     @property
     def keep_num_codebooks_dim(self) -> bool:
-        keep = self.config.keep_num_codebooks_dim
-        return self.config.num_codebooks > 1 if keep is None else keep
+        return _keeps_codebook_axis(self.config)
 
     @property
     def codebook_size(self) -> int:
@@ -229,10 +237,9 @@ class FSQ(QuantizerModel):
         replace = torch.rand_like(codes) < p
         return torch.where(replace, codes + torch.rand_like(codes) - 0.5, codes).clamp(-1.0, 1.0)
 
-    def _fused_ok(self, tokens: Tensor) -> bool:
+    def _fused_ok(self, tokens: Tensor, c) -> bool:
         """The one-kernel path (CUDA + Triton) serves the plain configuration: float32 math, no symmetry-preserving
         levels, no rotation, no noise dropout in training."""
-        c = fast_view(self.config)
         return (triton_fsq.available(tokens) and not c.preserve_symmetry and not c.orthogonal_rotation
                 and not (self.training and c.noise_dropout > 0)
                 and (c.force_quantization_f32 or tokens.dtype == torch.float32))
@@ -258,32 +265,49 @@ class FSQ(QuantizerModel):
                 codes = codes @ self.orthogonal_rot.t()
             return codes.flatten(-2).to(orig_dtype), indices
 
+    def _quantize_fused(self, z: Tensor, tokens: Tensor, layout: TokenLayout, c) -> tuple[Tensor, Tensor | None]:
+        """`(quantized in z's layout, indices | None)` by the kernel, on detached rows. The straight-through
+        gradient attaches where the graph enters the quantizer: `z` itself without projections, so the layout's
+        views stay out of the backward graph (each view node is engine time in a step this small)."""
+        src = tokens if self.has_projections else z
+        train = torch.is_grad_enabled() and src.requires_grad
+        with torch.no_grad():
+            codes, indices, slope = triton_fsq.fsq_quantize_fused(
+                tokens.unflatten(-1, self._code_shape), *self._fused_tables(tokens.device), c.bound_hard_clamp,
+                slope=train)
+            codes, slope = codes.flatten(-2), slope.flatten(-2) if train else None
+            if not self.has_projections:
+                codes, slope = layout.from_tokens(codes), layout.from_tokens(slope) if train else None
+        if train:
+            codes = estimators.straight_through_scaled(src, codes, slope)
+        if self.has_projections:
+            codes = layout.from_tokens(self.project_out(codes))
+        return codes, indices if c.return_indices else None
+
     def forward(self, z: Tensor, return_dict: bool | None = None) -> FSQOutput | tuple:
         """Quantize `z` of shape `(b, n, d)`, `(b, d, h, w)` or `(b, d, t, h, w)` (or `(b, d, n)` with
         `channel_first`). Returns [`FSQOutput`], or `(quantized, indices)` with `return_dict=False`."""
         c = fast_view(self.config)
         if c.check_inputs:
-            check_features(z, c.effective_dim, name="z")
+            check_features(z, self._in_dim, name="z")
         layout = TokenLayout.of(z, channel_first=True if c.channel_first else None)
         tokens = layout.to_tokens(z)
-        if tokens.shape[-1] != c.effective_dim:
-            raise ValueError(f"expected feature dim {c.effective_dim}, got {tokens.shape[-1]} (input shape {tuple(z.shape)})")
+        if tokens.shape[-1] != self._in_dim:
+            raise ValueError(f"expected feature dim {self._in_dim}, got {tokens.shape[-1]} (input shape {tuple(z.shape)})")
 
-        tokens = self.project_in(tokens)
-        tokens = tokens.unflatten(-1, (c.num_codebooks, c.codebook_dim))
-        if c.orthogonal_rotation:
-            tokens = tokens @ self.orthogonal_rot
-
-        if self._fused_ok(tokens):
-            codes, indices = triton_fsq.fsq_quantize_fused(tokens, *self._fused_tables(tokens.device),
-                                                           hard_clamp=c.bound_hard_clamp)
-            codes, indices = codes.flatten(-2), indices if c.return_indices else None
+        if self.has_projections:  # (not calling the Identity modules: host time is most of a small FSQ step)
+            tokens = self.project_in(tokens)
+        if self._fused_ok(tokens, c):
+            quantized, indices = self._quantize_fused(z, tokens, layout, c)
         else:
+            tokens = tokens.unflatten(-1, self._code_shape)
+            if c.orthogonal_rotation:
+                tokens = tokens @ self.orthogonal_rot
             codes, indices = self._quantize_torch(tokens)
+            quantized = layout.from_tokens(self.project_out(codes) if self.has_projections else codes)
 
-        quantized = layout.from_tokens(self.project_out(codes))
         if indices is not None:
             indices = layout.indices_from_tokens(indices)
-            if not self.keep_num_codebooks_dim:
+            if not _keeps_codebook_axis(c):
                 indices = indices.squeeze(-1)
         return self._output(FSQOutput(quantized=quantized, indices=indices), return_dict)

@@ -14,6 +14,13 @@ def straight_through(x: Tensor, codes: Tensor) -> Tensor:
     return x + (codes - x).detach()
 
 
+def straight_through_scaled(x: Tensor, value: Tensor, slope: Tensor) -> Tensor:
+    """Value of `value`, gradient `slope * grad` to `x`: the straight-through estimator of an elementwise map whose
+    derivative before rounding is known (FSQ's bound). Two C++ autograd ops (no Python in the backward);
+    `x - x` is the zero that carries the gradient, so a non-finite `x` gives NaN (inputs are checked upstream)."""
+    return torch.addcmul(value, slope, x - x.detach())
+
+
 def _unit(t: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     norm = t.norm(dim=-1, keepdim=True)
     return t / norm.clamp(min=eps), norm

@@ -2,9 +2,9 @@
 
 `fsq_quantize` (in `fsq.py`) is several elementwise kernels plus the index's; at 1M tokens each is a few
 microseconds of work behind its own launch, so the op is launch- and pass-bound. This kernel reads `z` once and
-writes the codes (in `z`'s dtype) and the int32 index; its backward (the straight-through estimator of the round,
-times the bound's derivative) is one more pass. The same float32 arithmetic as the PyTorch op, in the same
-order where it decides a rounding (`tanh(z + shift) * half_l - offset`, round half to even, `/ (L // 2)`);
+writes the codes (in `z`'s dtype) and the int32 index, and in training the slope of the bound (the
+straight-through gradient of the round times the bound's derivative), which two C++ autograd ops apply. The same
+float32 arithmetic as the PyTorch op, in the same order where it decides a rounding (`tanh(z + shift) * half_l - offset`, round half to even, `/ (L // 2)`);
 the per-dimension constants come from the PyTorch op's own formulas.
 """
 
@@ -34,60 +34,47 @@ if HAS_TRITON:
 
     @triton.jit
     def _bound_round(z, col, TAB, HARD: tl.constexpr, EMULATE: tl.constexpr, BD: tl.constexpr):
-        # per-dimension constants by column (a tiny, cached table); returns (rounded level offset r, L // 2)
+        # per-dimension constants by column (a tiny, cached table); returns (rounded level offset r, L // 2, slope):
+        # the slope is d(code)/dz of the bound, the straight-through gradient of the rounded code
         shift = tl.load(TAB + col)
         half_l = tl.load(TAB + BD + col)
         offset = tl.load(TAB + 2 * BD + col)
         hw = tl.load(TAB + 3 * BD + col)
+        scale = tl.load(TAB + 4 * BD + col)  # half_l / (L // 2)
         if HARD:
-            bounded = tl.minimum(tl.maximum(z + shift, -1.0), 1.0) * half_l - offset
+            v = z + shift
+            bounded = tl.minimum(tl.maximum(v, -1.0), 1.0) * half_l - offset
+            slope = tl.where((v >= -1.0) & (v <= 1.0), scale, 0.0)
         else:
-            bounded = _tanh(z + shift, EMULATE) * half_l - offset
-        return _round_half_even(bounded), hw
+            t = _tanh(z + shift, EMULATE)
+            bounded = t * half_l - offset
+            slope = scale * (1.0 - t * t)
+        return _round_half_even(bounded), hw, slope
 
     @triton.jit
-    def _fsq_fwd(Z, TAB, BASIS, Q, IDX, M, d: tl.constexpr, HARD: tl.constexpr, EMULATE: tl.constexpr,
-                 BLOCK: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
+    def _fsq_fwd(Z, TAB, BASIS, Q, SLOPE, IDX, M, d: tl.constexpr, HARD: tl.constexpr, EMULATE: tl.constexpr,
+                 WANT_SLOPE: tl.constexpr, BLOCK: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
         # codes: the block's BLOCK rows as one contiguous run of BLOCK * d elements (coalesced, vectorized)
         first = tl.program_id(0) * BLOCK
         e = tl.arange(0, BE)
         emask = (e < BLOCK * d) & (first * d + e < M * d)
         z = tl.load(Z + first * d + e, mask=emask, other=0.0).to(tl.float32)
-        r, hw = _bound_round(z, e % d, TAB, HARD, EMULATE, BD)
+        r, hw, slope = _bound_round(z, e % d, TAB, HARD, EMULATE, BD)
         tl.store(Q + first * d + e, tl.math.div_rn(r, hw).to(Q.dtype.element_ty), mask=emask)
+        if WANT_SLOPE:
+            tl.store(SLOPE + first * d + e, slope.to(SLOPE.dtype.element_ty), mask=emask)
         # index: the same rows as a (BLOCK, BD) tile (a second read, from cache), levels summed per row
         rows = first + tl.arange(0, BLOCK)
         cols = tl.arange(0, BD)
         m2 = (rows < M)[:, None] & (cols < d)[None, :]
         z2 = tl.load(Z + rows[:, None] * d + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        r2, hw2 = _bound_round(z2, tl.broadcast_to(cols[None, :], (BLOCK, BD)), TAB, HARD, EMULATE, BD)
+        r2, hw2, _ = _bound_round(z2, tl.broadcast_to(cols[None, :], (BLOCK, BD)), TAB, HARD, EMULATE, BD)
         basis = tl.load(BASIS + cols, mask=cols < d, other=0)[None, :]
         level = (r2 + hw2).to(tl.int32)
         tl.store(IDX + rows, tl.sum(tl.where(m2, level * basis, 0), axis=1), mask=rows < M)
 
-    @triton.jit
-    def _fsq_bwd(Z, G, TAB, GZ, n, d: tl.constexpr, HARD: tl.constexpr, EMULATE: tl.constexpr, BD: tl.constexpr,
-                 BE: tl.constexpr):
-        e = tl.program_id(0) * BE + tl.arange(0, BE)
-        m = e < n
-        col = e % d
-        z = tl.load(Z + e, mask=m, other=0.0).to(tl.float32)
-        g = tl.load(G + e, mask=m, other=0.0).to(tl.float32)
-        shift = tl.load(TAB + col)
-        half_l = tl.load(TAB + BD + col)
-        hw = tl.load(TAB + 3 * BD + col)
-        gb = tl.math.div_rn(g, hw) * half_l  # through `/ (L // 2)` and `* half_l`; the round passes it on
-        if HARD:
-            v = z + shift
-            gz = tl.where((v >= -1.0) & (v <= 1.0), gb, 0.0)
-        else:
-            t = _tanh(z + shift, EMULATE)
-            gz = gb * (1.0 - t * t)
-        tl.store(GZ + e, gz.to(GZ.dtype.element_ty), mask=m)
 
-
-BLOCK = 256  # rows per forward program
-BWD_BLOCK = 4096  # elements per backward program
+BLOCK = 256  # rows per program
 
 
 def available(z: Tensor) -> bool:
@@ -96,48 +83,33 @@ def available(z: Tensor) -> bool:
 
 
 def fsq_table(levels: Tensor, basis: Tensor, hard_clamp: bool, eps: float = 1e-3) -> tuple[Tensor, Tensor]:
-    """Per-dimension constants `(4, BD)` float32 (shift, half_l, offset, L // 2) and the int32 basis, computed by
-    the PyTorch op's formulas (so the kernel rounds the same values)."""
+    """Per-dimension constants `(5, BD)` float32 (shift, half_l, offset, L // 2, half_l / (L // 2)) and the int32
+    basis, computed by the PyTorch op's formulas (so the kernel rounds the same values)."""
     half_l = (levels - 1) * (1 + eps) / 2
     offset = torch.where(levels % 2 == 0, 0.5, 0.0).to(levels.device)
     shift = offset / half_l if hard_clamp else torch.atanh(offset / half_l)
     bd = max(2, triton.next_power_of_2(levels.numel()))
-    tab = torch.zeros(4, bd, dtype=torch.float32, device=levels.device)
-    for row, v in enumerate((shift, half_l, offset, levels // 2)):
+    tab = torch.ones(5, bd, dtype=torch.float32, device=levels.device)
+    for row, v in enumerate((shift, half_l, offset, levels // 2, half_l / (levels // 2))):
         tab[row, : levels.numel()] = v.float()
     return tab, basis.to(torch.int32).contiguous()
 
 
-class _FusedFSQ(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z: Tensor, tab: Tensor, basis: Tensor, hard: bool) -> tuple[Tensor, Tensor]:
-        z = z.contiguous()
-        d = z.shape[-1]
-        m = z.numel() // d
-        q = torch.empty_like(z)
-        idx = torch.empty(z.shape[:-1], dtype=torch.int32, device=z.device)
-        if m:
-            _fsq_fwd[(triton.cdiv(m, BLOCK),)](z, tab, basis, q, idx, m, d, HARD=hard, EMULATE=_interpret(),
-                                               BLOCK=BLOCK, BD=tab.shape[1], BE=triton.next_power_of_2(BLOCK * d))
-        ctx.save_for_backward(z, tab)
-        ctx.hard = hard
-        ctx.mark_non_differentiable(idx)
-        return q, idx
-
-    @staticmethod
-    def backward(ctx, gq: Tensor, _gidx):
-        z, tab = ctx.saved_tensors
-        gq = gq.contiguous()
-        d = z.shape[-1]
-        m = z.numel() // d
-        gz = torch.empty_like(z)
-        if m:
-            _fsq_bwd[(triton.cdiv(m * d, BWD_BLOCK),)](z, gq, tab, gz, m * d, d, HARD=ctx.hard, EMULATE=_interpret(),
-                                                       BD=tab.shape[1], BE=BWD_BLOCK)
-        return gz, None, None, None
-
-
-def fsq_quantize_fused(z: Tensor, tab: Tensor, basis: Tensor, hard_clamp: bool = False) -> tuple[Tensor, Tensor]:
-    """`(codes in z's dtype, int32 indices)` of `fsq_quantize` + `codes_to_indices` for `z (..., d)`, in one
-    kernel (float32 inside); differentiable in `z` (straight-through round). `tab, basis` from `fsq_table`."""
-    return _FusedFSQ.apply(z, tab, basis, hard_clamp)
+def fsq_quantize_fused(z: Tensor, tab: Tensor, basis: Tensor, hard_clamp: bool = False, *,
+                       slope: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """`(codes in z's dtype, int32 indices, slope | None)` of `fsq_quantize` + `codes_to_indices` for `z (..., d)`,
+    in one kernel (float32 inside). Not differentiable: with `slope=True` it also returns d(code)/dz of the bound
+    (in z's dtype), the straight-through gradient that `estimators.straight_through_scaled` attaches with two
+    C++ autograd ops (a Python autograd Function's backward cost more host time than the whole GPU step).
+    `tab, basis` from `fsq_table`."""
+    z = z.detach().contiguous()
+    d = z.shape[-1]
+    m = z.numel() // d
+    q = torch.empty_like(z)
+    s = torch.empty_like(z) if slope else None
+    idx = torch.empty(z.shape[:-1], dtype=torch.int32, device=z.device)
+    if m:
+        _fsq_fwd[(triton.cdiv(m, BLOCK),)](z, tab, basis, q, q if s is None else s, idx, m, d, HARD=hard_clamp,
+                                           EMULATE=_interpret(), WANT_SLOPE=slope, BLOCK=BLOCK, BD=tab.shape[1],
+                                           BE=triton.next_power_of_2(BLOCK * d))
+    return q, idx, s

@@ -45,6 +45,7 @@ low-precision value.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -59,6 +60,7 @@ except Exception:  # pragma: no cover - depends on the install
     HAS_TRITON = False
 
 MAX_DIM = 256  # the x tile (BLOCK_N x next_pow2(D)) stays on chip up to here
+PACK_MAX_BITS = 9  # packed keys keep >= 14 of fp32's 23 mantissa bits (K <= 16384 at BLOCK_K 32)
 TOPK = 8  # candidates per row (4 or 8); with lane-wise selection 8 costs only 4 more pops after the loop
 
 
@@ -82,6 +84,7 @@ def available(x: Tensor) -> bool:
 
 
 if HAS_TRITON:
+    _EMPTY = tl.constexpr(3.0e38)  # a packed key no score reaches; finite, so tile bits keep it a number
 
     @triton.jit
     def _pop(m1, li, m2, li2, HEAP: tl.constexpr):
@@ -97,6 +100,29 @@ if HAS_TRITON:
         else:
             m1 = tl.where(sel, float("inf"), m1)
         return m, i, m1, li, m2
+
+    @triton.jit
+    def _pop_packed(m1, m2, lane, HEAP: tl.constexpr, TB: tl.constexpr, BLOCK_K: tl.constexpr):
+        # `_pop` for packed keys (see the codebook loop): returns the popped key's score (truncated; inf for an
+        # empty lane) and code
+        m = tl.min(m1, axis=1)
+        code = (m1.to(tl.int32, bitcast=True) & ((1 << TB) - 1)) * BLOCK_K + lane
+        i = tl.min(tl.where(m1 == m[:, None], code, 2147483647), axis=1)
+        sel = code == i[:, None]
+        if HEAP:
+            m1 = tl.where(sel, m2, m1)
+            m2 = tl.where(sel, _EMPTY, m2)
+        else:
+            m1 = tl.where(sel, _EMPTY, m1)
+        b, i = _unpack(m, i, TB)
+        return b, i, m1, m2
+
+    @triton.jit
+    def _unpack(key, i, TB: tl.constexpr):
+        # a key's score (its low TB bits cleared) and code; an empty lane's key is _EMPTY with tile bits
+        empty = key >= _EMPTY
+        b = (key.to(tl.int32, bitcast=True) & -(1 << TB)).to(tl.float32, bitcast=True)
+        return tl.where(empty, float("inf"), b), tl.where(empty, 0, i)
 
     @triton.jit
     def _fold(r, q, i, rb, qb, ib):
@@ -147,7 +173,7 @@ if HAS_TRITON:
         X, X2, CL, CF, C2, STATS, OUT_I, OUT_S, OUT_F,
         N, K: tl.constexpr, D: tl.constexpr, sxh, sxn, scl_h, scl_k, scf_h, scf_k, sc2_h, sst_h,
         COSINE: tl.constexpr, EXACT: tl.constexpr, BF16: tl.constexpr, RERANK: tl.constexpr, EMULATE: tl.constexpr,
-        TOPK: tl.constexpr,
+        TOPK: tl.constexpr, PACK: tl.constexpr, TB: tl.constexpr, TRUNC: tl.constexpr,
         BD: tl.constexpr, RD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # K and D are compile-time (one build per codebook shape): when K is a multiple of BLOCK_K and D == BD
@@ -179,12 +205,22 @@ if HAS_TRITON:
 
         inf = float("inf")
         kk = tl.arange(0, BLOCK_K)
-        # per-lane state (lane j sees codes k0 + j): best score m1 and its code li, second-best score m2 -
-        # elementwise updates only; the top-k is extracted from the lanes once, after the loop
-        m1 = tl.full([BLOCK_N, BLOCK_K], inf, tl.float32)
-        m2 = m1
-        li = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
-        li2 = li  # rerank: the code of the lane's second best
+        if PACK:
+            # packed keys: a score's fp32 bits with the low TB bits replaced by the tile number, compared as
+            # floats. Lane j of tile t is code t * BLOCK_K + j, so the key carries its code, and two arrays
+            # (best, second best) with min/max updates replace four with compares and selects. Truncation moves a
+            # score by < 2^TB ulps; keys keep the scores' order across buckets and are unique within a lane.
+            m1 = tl.full([BLOCK_N, BLOCK_K], _EMPTY, tl.float32)
+            m2 = m1
+            li = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)  # unused (keeps the names bound for the compiler)
+            li2 = li
+        else:
+            # per-lane state (lane j sees codes k0 + j): best score m1 and its code li, second-best score m2 -
+            # elementwise updates only; the top-k is extracted from the lanes once, after the loop
+            m1 = tl.full([BLOCK_N, BLOCK_K], inf, tl.float32)
+            m2 = m1
+            li = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
+            li2 = li  # rerank: the code of the lane's second best
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + kk
             kmask = ks < K
@@ -205,32 +241,56 @@ if HAS_TRITON:
             else:
                 c2 = tl.load(C2 + h * sc2_h + ks, mask=kmask, other=0.0)
                 s = c2[None, :] - 2.0 * dot
-            if K % BLOCK_K != 0:
-                s = tl.where(kmask[None, :], s, inf)
-            lt = s < m1  # strict: within a lane the earlier (lower) code keeps a tie
-            if RERANK:
-                li2 = tl.where(lt, li, tl.where(s < m2, ks[None, :], li2))
-            if EXACT:
-                m2 = tl.minimum(m2, tl.maximum(m1, s))
-            li = tl.where(lt, ks[None, :], li)
-            m1 = tl.where(lt, s, m1)
+            if PACK:
+                if K % BLOCK_K != 0:
+                    s = tl.where(kmask[None, :], s, _EMPTY)
+                key = ((s.to(tl.int32, bitcast=True) & -(1 << TB)) | (k0 // BLOCK_K)).to(tl.float32, bitcast=True)
+                if EXACT:
+                    m2 = tl.minimum(m2, tl.maximum(m1, key))
+                m1 = tl.minimum(m1, key)
+            else:
+                if K % BLOCK_K != 0:
+                    s = tl.where(kmask[None, :], s, inf)
+                lt = s < m1  # strict: within a lane the earlier (lower) code keeps a tie
+                if RERANK:
+                    li2 = tl.where(lt, li, tl.where(s < m2, ks[None, :], li2))
+                if EXACT:
+                    m2 = tl.minimum(m2, tl.maximum(m1, s))
+                li = tl.where(lt, ks[None, :], li)
+                m1 = tl.where(lt, s, m1)
 
         # lane minima in ascending order (ties: lowest code); every code not popped scores >= the next pop or
         # its lane's second best
-        rest = tl.min(m2, axis=1)  # exact mode's bound (before RERANK's pops move second bests up)
-        b0, i0, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
-        if EXACT:
-            b1, i1, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
-            b2, i2, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
-            b3, i3, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
-            if TOPK == 8:
-                b4, i4, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
-                b5, i5, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
-                b6, i6, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
-                b7, i7, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
-                b7 = tl.minimum(b7, rest)
-            else:
-                b3 = tl.minimum(b3, rest)
+        if PACK:
+            rest, _ = _unpack(tl.min(m2, axis=1), rows, TB)
+            b0, i0, m1, m2 = _pop_packed(m1, m2, kk[None, :], RERANK, TB, BLOCK_K)
+            if EXACT:
+                b1, i1, m1, m2 = _pop_packed(m1, m2, kk[None, :], RERANK, TB, BLOCK_K)
+                b2, i2, m1, m2 = _pop_packed(m1, m2, kk[None, :], RERANK, TB, BLOCK_K)
+                b3, i3, m1, m2 = _pop_packed(m1, m2, kk[None, :], RERANK, TB, BLOCK_K)
+                if TOPK == 8:
+                    b4, i4, m1, m2 = _pop_packed(m1, m2, kk[None, :], RERANK, TB, BLOCK_K)
+                    b5, i5, m1, m2 = _pop_packed(m1, m2, kk[None, :], RERANK, TB, BLOCK_K)
+                    b6, i6, m1, m2 = _pop_packed(m1, m2, kk[None, :], RERANK, TB, BLOCK_K)
+                    b7, i7, m1, m2 = _pop_packed(m1, m2, kk[None, :], RERANK, TB, BLOCK_K)
+                    b7 = tl.minimum(b7, rest)
+                else:
+                    b3 = tl.minimum(b3, rest)
+        else:
+            rest = tl.min(m2, axis=1)  # exact mode's bound (before RERANK's pops move second bests up)
+            b0, i0, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
+            if EXACT:
+                b1, i1, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
+                b2, i2, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
+                b3, i3, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
+                if TOPK == 8:
+                    b4, i4, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
+                    b5, i5, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
+                    b6, i6, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
+                    b7, i7, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
+                    b7 = tl.minimum(b7, rest)
+                else:
+                    b3 = tl.minimum(b3, rest)
 
         if EXACT:
             if not RERANK:
@@ -253,9 +313,14 @@ if HAS_TRITON:
                 err = err * 1.0625 + 1e-30
                 ferr = ferr * 1.0625 + 1e-30
                 if TOPK == 8:
-                    flag = (b7 - b0) <= 2.0 * err
+                    bl = b7
                 else:
-                    flag = (b3 - b0) <= 2.0 * err
+                    bl = b3
+                if PACK:  # each packed score (and the bound) is within 2^(TB - 23) of itself of the score
+                    err2 = 2.0 * err + TRUNC * (tl.abs(b0) + tl.abs(bl))
+                else:
+                    err2 = 2.0 * err
+                flag = (bl - b0) <= err2
             r0, q0 = _rescore(X, CF, C2, x2, h, rows, rmask, i0, D, sxh, sxn, scf_h, scf_k, sc2_h,
                               COSINE, RERANK, BLOCK_N, BD, RD)
             r1, q1 = _rescore(X, CF, C2, x2, h, rows, rmask, i1, D, sxh, sxn, scf_h, scf_k, sc2_h,
@@ -305,42 +370,46 @@ if HAS_TRITON:
         tl.store(OUT_I + h * N + rows, ib.to(tl.int64), mask=rmask)
         tl.store(OUT_S + h * N + rows, qb, mask=rmask)
 
-    def _configs(bf16: bool):
+    _BLOCKS = ((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 128, 8, 3), (64, 32, 4, 4))
+
+    def _configs(bf16: bool, packs: tuple[bool, ...]):
         cfgs = []
-        for bn, bk, w, s in ((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 128, 8, 3), (64, 32, 4, 4)):
-            if not bf16 and bn == 128:
-                continue  # a 128 x 256 fp32 x tile plus codebook stages does not fit in shared memory
-            cfgs.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s))
+        for pack in packs:  # the selection state's layout is tuned like the tile sizes (neither wins everywhere)
+            for bn, bk, w, s in _BLOCKS:
+                if not bf16 and bn == 128:
+                    continue  # a 128 x 256 fp32 x tile plus codebook stages does not fit in shared memory
+                cfgs.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "PACK": pack}, num_warps=w, num_stages=s))
         return cfgs
 
     def _prune(configs, named_args, **kwargs):
         bd = named_args.get("BD", kwargs.get("BD", 256))
         bf16 = named_args.get("BF16", kwargs.get("BF16", True))
+        tb = named_args.get("TB", kwargs.get("TB", PACK_MAX_BITS + 1))
         elt = 2 if bf16 else 4
         keep = [c for c in configs
-                if (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"] * c.num_stages) * bd * elt <= 200 * 1024]
+                if (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"] * c.num_stages) * bd * elt <= 200 * 1024
+                and (tb <= PACK_MAX_BITS or not c.kwargs["PACK"])]
         return keep or configs[-1:]
 
     _KEY = ["K", "D", "COSINE", "EXACT", "RERANK", "BF16", "TOPK"]
-    _tuned = {
-        True: triton.autotune(_configs(True), key=_KEY, prune_configs_by={"early_config_prune": _prune})(
-            _nearest_kernel),
-        False: triton.autotune(_configs(False), key=_KEY, prune_configs_by={"early_config_prune": _prune})(
-            _nearest_kernel),
-    }
+
+    @functools.cache
+    def _tuner(bf16: bool, packs: tuple[bool, ...]):
+        return triton.autotune(_configs(bf16, packs), key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+            _nearest_kernel)
 
 
 MODES = ("exact", "rerank", "fast")
 _best_configs: dict = {}  # (bf16, K, D, constexprs) -> the autotuner's choice
 
 
-def _launch_tuned(args: tuple, consts: dict, n: int, heads: int, key: tuple) -> None:
-    """Autotune once per `key` (precision, codebook shape, constexprs), then launch with the chosen config
-    directly: the autotuner's own per-call dispatch costs host time that a ResidualVQ step (one search per
-    level) notices."""
+def _launch_tuned(args: tuple, consts: dict, n: int, heads: int, packs: tuple[bool, ...], key: tuple) -> None:
+    """Autotune once per `key` (precision, allowed key layouts, codebook shape, constexprs), then launch with the
+    chosen config directly: the autotuner's own per-call dispatch costs host time that a ResidualVQ step (one
+    search per level) notices."""
     best = _best_configs.get(key)
     if best is None:
-        tuner = _tuned[key[0]]
+        tuner = _tuner(key[0], packs)
         tuner[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), heads)](*args, **consts)
         _best_configs[key] = tuner.best_config
         return
@@ -359,6 +428,7 @@ def nearest_code_triton(
     stats: dict | None = None,
     block: tuple[int, int] | None = None,
     topk: int = TOPK,
+    pack: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Kernel behind `nearest_code`: `x (H, N, D)`, `codebook (H or 1, K, D)`, `codebook_sq_norm (H or 1, K)`
     (float32, `(codebook.float()**2).sum(-1)`). Returns `(indices int64 (H, N), score float32 (H, N))` with
@@ -412,16 +482,22 @@ def nearest_code_triton(
         0 if shared else cf.stride(0), cf.stride(1),
         0 if shared else c2.stride(0), 0 if shared else st.stride(0),
     )
-    consts = dict(COSINE=cosine, EXACT=mode != "fast", RERANK=mode == "rerank", BF16=bf16, EMULATE=_interpret(),
-                  TOPK=topk if mode != "fast" else 4,
-                  BD=bd, RD=min(bd, 64))
     if block is None and _interpret():
         block = (16, 16)
+    # tile-number bits of a packed key: enough for the smallest BLOCK_K this launch may use
+    min_block_k = block[1] if block is not None else min(bk for _, bk, _, _ in _BLOCKS)
+    tb = max(1, (triton.cdiv(K, min_block_k) - 1).bit_length())
+    if pack and tb > PACK_MAX_BITS:
+        raise ValueError(f"pack=True needs at most 2^{PACK_MAX_BITS} codebook tiles of {min_block_k} codes, got K={K}")
+    consts = dict(COSINE=cosine, EXACT=mode != "fast", RERANK=mode == "rerank", BF16=bf16, EMULATE=_interpret(),
+                  TOPK=topk if mode != "fast" else 4, TB=tb, TRUNC=2.0 ** (tb - 23) * 1.001, BD=bd, RD=min(bd, 64))
     if block is not None:
         grid = (triton.cdiv(N, block[0]), H)
-        _nearest_kernel[grid](*args, **consts, BLOCK_N=block[0], BLOCK_K=block[1])
+        _nearest_kernel[grid](*args, **consts, BLOCK_N=block[0], BLOCK_K=block[1],
+                              PACK=tb <= PACK_MAX_BITS if pack is None else pack)
     else:
-        _launch_tuned(args, consts, N, H, key=(bf16, K, D, *consts.items()))
+        packs = (False, True) if pack is None else (pack,)
+        _launch_tuned(args, consts, N, H, packs, key=(bf16, packs, K, D, *consts.items()))
 
     if stats is not None:
         stats["fallback_rows"], stats["rows"] = 0, H * N

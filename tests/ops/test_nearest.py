@@ -140,6 +140,15 @@ def test_errors_and_empty():
     assert idx.shape == (2, 0) and best.shape == (2, 0)
 
 
+def test_packed_keys_refuse_codebooks_with_too_many_tiles():
+    tn = pytest.importorskip("hf_vq.ops.triton_nearest")
+    if not tn.HAS_TRITON:
+        pytest.skip("triton is not installed")
+    c = torch.randn(1, 16 * 2**tn.PACK_MAX_BITS + 1, 4)  # one tile of 16 codes too many for the key's tile bits
+    with pytest.raises(ValueError, match="pack=True needs at most"):
+        tn.nearest_code_triton(torch.randn(1, 3, 4), c, sq_norm(c), mode="rerank", block=(16, 16), pack=True)
+
+
 # ---------------------------------------------------------------- Triton kernel vs the PyTorch reference
 KERNEL_CHECK = textwrap.dedent(
     """
@@ -181,11 +190,13 @@ KERNEL_CHECK = textwrap.dedent(
         sqn = sq_norm(c)
         blk = (64, 32) if dev == "cuda" else None  # fixed blocks: autotuning compiles every config (the benchmarks run it)
         ref_i, ref_s = _nearest_torch(x, c, sqn, metric)
+        pack = bool(case_no % 2) and K <= 8192  # both selection layouts (lanes, packed keys) over the cases
         for prec in ("bf16", "tf32"):
             st = {}
-            i, s = tn.nearest_code_triton(x, c, sqn, metric=metric, exact=True, precision=prec, stats=st, block=blk)
-            ia, sa = tn.nearest_code_triton(x, c, sqn, metric=metric, exact=False, precision=prec, block=blk)
-            ir, sr = tn.nearest_code_triton(x, c, sqn, metric=metric, mode="rerank", precision=prec, block=blk)
+            kw = dict(metric=metric, precision=prec, block=blk, pack=pack)
+            i, s = tn.nearest_code_triton(x, c, sqn, exact=True, stats=st, **kw)
+            ia, sa = tn.nearest_code_triton(x, c, sqn, exact=False, **kw)
+            ir, sr = tn.nearest_code_triton(x, c, sqn, mode="rerank", **kw)
             xf = x.float()
             cf = c.expand(H, -1, -1)
             d64 = torch.cdist(xf.double(), cf.double()) if metric == "euclidean" else -xf.double() @ cf.double().mT
@@ -224,17 +235,20 @@ KERNEL_CHECK = textwrap.dedent(
     x, c = x.to(dev), c.to(dev)
     blk = (64, 32) if dev == "cuda" else None
     for prec in ("bf16", "tf32") if dev == "cuda" else ("bf16",):  # the interpreter's tf32 dot is full fp32
-        out[f"lane-{prec}"] = {m: tn.nearest_code_triton(x, c, sq_norm(c), mode=m, precision=prec, block=blk)[0]
-                               .flatten().tolist() for m in ("fast", "rerank", "exact")}
+        for pack in (False, True):
+            out[f"lane-{prec}-{pack}"] = {
+                m: tn.nearest_code_triton(x, c, sq_norm(c), mode=m, precision=prec, block=blk, pack=pack)[0]
+                .flatten().tolist() for m in ("fast", "rerank", "exact")}
     print("RESULT" + json.dumps(out))
     """
 )
 
 
 def _check_kernel_results(res):
-    for prec in ("bf16", "tf32") if "lane-tf32" in res else ("bf16",):
-        lane = res.pop(f"lane-{prec}")
-        assert lane == {"fast": [0] * 5, "rerank": [128] * 5, "exact": [128] * 5}, (prec, lane)
+    for prec in ("bf16", "tf32") if "lane-tf32-True" in res else ("bf16",):
+        for pack in (False, True):
+            lane = res.pop(f"lane-{prec}-{pack}")
+            assert lane == {"fast": [0] * 5, "rerank": [128] * 5, "exact": [128] * 5}, (prec, pack, lane)
     for name, r in res.items():
         assert r["exact_equal"], (name, r)
         assert r["exact_gap"] < 1e-5, (name, r)  # shape-dependent rows: a winner within fp32 rounding
