@@ -702,8 +702,12 @@ class VectorQuantize(QuantizerModel):
         metric = "cosine" if c.use_cosine_sim else "euclidean"
         sample = self.training and c.stochastic_sample_codes and temperature > 0
         if not sample:
-            indices, _ = nearest_code(flat, embed.expand(flat.shape[0], -1, -1), metric=metric)
-            return _gather_codes(embed, indices), indices
+            if embed.requires_grad and torch.is_grad_enabled():  # a learnable codebook: the lookup is differentiable
+                indices, _ = nearest_code(flat, embed.expand(flat.shape[0], -1, -1), metric=metric)
+                return _gather_codes(embed, indices), indices
+            indices, _, codes = nearest_code(flat, embed.expand(flat.shape[0], -1, -1), metric=metric,
+                                             return_codes=True)
+            return codes, indices
         embed = embed.expand(flat.shape[0], -1, -1)
         indices, soft = [], []
         for sl in _row_slices(flat, embed):  # row chunks: never a full (N, K) matrix of logits

@@ -184,7 +184,8 @@ def nearest_code(
     exact: bool | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     codebook_sq_norm: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+    return_codes: bool = False,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Index of the nearest code for each row.
 
     Args:
@@ -196,10 +197,12 @@ def nearest_code(
         exact: older spelling: `True` = `"exact"`, `False` = `"fast"`.
         chunk_bytes: memory budget of one chunk's score matrix on the PyTorch path.
         codebook_sq_norm: optional cached `(..., K)` float32 `|c|^2` (as `sq_norm(codebook)` computes it).
+        return_codes: also return the winners' codes `(..., N, D)` in the codebook's dtype (not differentiable;
+            the kernel writes them as it finishes a row, which saves the lookup's own pass over memory).
 
     Returns:
         `(indices int64 (..., N), score float32 (..., N))`: the winner's squared distance (euclidean, vqp's
-        arithmetic) or `x.c` (cosine). Ties go to the lowest index.
+        arithmetic) or `x.c` (cosine). Ties go to the lowest index. With `return_codes`, the codes third.
     """
     _check(x, codebook, metric)
     mode = resolve_mode(mode, exact)
@@ -216,8 +219,13 @@ def nearest_code(
                 sqn_t = sq_norm(cbt)
             else:
                 sqn_t = codebook_sq_norm.float().reshape(cbt.shape[0], -1)
-            indices, best = triton_nearest.nearest_code_triton(x3, cbt, sqn_t, metric=metric, mode=mode)
+            codes = x3.new_empty(x3.shape, dtype=codebook.dtype) if return_codes else None
+            indices, best = triton_nearest.nearest_code_triton(x3, cbt, sqn_t, metric=metric, mode=mode,
+                                                               out_codes=codes)
     else:
         # the choice is not differentiable: without no_grad autograd would keep every chunk's scores alive
         indices, best = _nearest_torch(x3, cb, sqn, metric, chunk_bytes)
-    return indices.reshape(*lead, -1), best.reshape(*lead, -1)
+        codes = torch.gather(cb.detach(), 1, indices.unsqueeze(-1).expand(-1, -1, cb.shape[-1])) if return_codes \
+            else None
+    out = indices.reshape(*lead, -1), best.reshape(*lead, -1)
+    return (*out, codes.reshape(*lead, *codes.shape[-2:])) if return_codes else out

@@ -170,10 +170,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _nearest_kernel(
-        X, X2, CL, CF, C2, STATS, OUT_I, OUT_S, OUT_F,
+        X, X2, CL, CF, C2, STATS, OUT_I, OUT_S, OUT_F, OUT_C,
         N, K: tl.constexpr, D: tl.constexpr, sxh, sxn, scl_h, scl_k, scf_h, scf_k, sc2_h, sst_h,
         COSINE: tl.constexpr, EXACT: tl.constexpr, BF16: tl.constexpr, RERANK: tl.constexpr, EMULATE: tl.constexpr,
-        TOPK: tl.constexpr, PACK: tl.constexpr, TB: tl.constexpr, TRUNC: tl.constexpr,
+        TOPK: tl.constexpr, PACK: tl.constexpr, TB: tl.constexpr, TRUNC: tl.constexpr, WRITE_CODES: tl.constexpr,
         BD: tl.constexpr, RD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # K and D are compile-time (one build per codebook shape): when K is a multiple of BLOCK_K and D == BD
@@ -369,6 +369,12 @@ if HAS_TRITON:
                 qb = tl.maximum(x2 + b0, 1e-8)  # low-precision squared distance
         tl.store(OUT_I + h * N + rows, ib.to(tl.int64), mask=rmask)
         tl.store(OUT_S + h * N + rows, qb, mask=rmask)
+        if WRITE_CODES:  # the winners' rows (the lookup that follows a search, without its own pass and launch)
+            for d0 in tl.static_range(0, BD, RD):
+                dd = d0 + tl.arange(0, RD)
+                m2 = rmask[:, None] & (dd < D)[None, :]
+                cv = tl.load(CF + h * scf_h + ib[:, None] * scf_k + dd[None, :], mask=m2, other=0.0)
+                tl.store(OUT_C + (h * N + rows[:, None]).to(tl.int64) * D + dd[None, :], cv.to(OUT_C.dtype.element_ty), mask=m2)
 
     _BLOCKS = ((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 128, 8, 3), (64, 32, 4, 4))
 
@@ -429,6 +435,7 @@ def nearest_code_triton(
     block: tuple[int, int] | None = None,
     topk: int = TOPK,
     pack: bool | None = None,
+    out_codes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Kernel behind `nearest_code`: `x (H, N, D)`, `codebook (H or 1, K, D)`, `codebook_sq_norm (H or 1, K)`
     (float32, `(codebook.float()**2).sum(-1)`). Returns `(indices int64 (H, N), score float32 (H, N))` with
@@ -438,6 +445,8 @@ def nearest_code_triton(
     sync), `"rerank"` (the best `topk - 1` low-precision candidates re-ranked by fp32 `|c|^2 - 2 x.c`; no
     fallback, no sync), `"fast"` (the low-precision argmin). `exact=True/False` is the older spelling of
     `"exact"`/`"fast"`. `stats`, if given, receives the number of rows re-done by the PyTorch path.
+    `out_codes`, if given (contiguous `(H, N, D)`), receives the winners' code rows (in its dtype). `pack`:
+    the selection layout, packed keys (True) or lane arrays (False); default: whichever the autotuner times faster.
     `block=(BLOCK_N, BLOCK_K)` skips autotuning (the interpreter uses (16, 16)). `topk` (4 or 8): candidates
     kept per row; 8 sends far fewer near-tie rows to the fallback (randn d256 K8192: 17,866 -> 1,511 of
     262,144 rows, H100) for a little more work after the codebook loop."""
@@ -475,8 +484,10 @@ def nearest_code_triton(
     else:
         st = c2  # not read outside exact mode (any float32 tensor with a head stride will do)
     bd = max(16, triton.next_power_of_2(D))
+    if out_codes is not None and (out_codes.shape != (H, N, D) or not out_codes.is_contiguous()):
+        raise ValueError(f"out_codes must be a contiguous {(H, N, D)} tensor, got {tuple(out_codes.shape)}")
     args = (
-        x, x2, cl, cf, c2, st, idx, score, flag, N, K, D,
+        x, x2, cl, cf, c2, st, idx, score, flag, score if out_codes is None else out_codes, N, K, D,
         x.stride(0), x.stride(1),
         0 if shared else cl.stride(0), cl.stride(1),
         0 if shared else cf.stride(0), cf.stride(1),
@@ -490,7 +501,8 @@ def nearest_code_triton(
     if pack and tb > PACK_MAX_BITS:
         raise ValueError(f"pack=True needs at most 2^{PACK_MAX_BITS} codebook tiles of {min_block_k} codes, got K={K}")
     consts = dict(COSINE=cosine, EXACT=mode != "fast", RERANK=mode == "rerank", BF16=bf16, EMULATE=_interpret(),
-                  TOPK=topk if mode != "fast" else 4, TB=tb, TRUNC=2.0 ** (tb - 23) * 1.001, BD=bd, RD=min(bd, 64))
+                  TOPK=topk if mode != "fast" else 4, TB=tb, TRUNC=2.0 ** (tb - 23) * 1.001,
+                  WRITE_CODES=out_codes is not None, BD=bd, RD=min(bd, 64))
     if block is not None:
         grid = (triton.cdiv(N, block[0]), H)
         _nearest_kernel[grid](*args, **consts, BLOCK_N=block[0], BLOCK_K=block[1],
@@ -517,4 +529,6 @@ def nearest_code_triton(
                 i_r, s_r = _nearest_torch(x[hh : hh + 1, rows], cf[ch : ch + 1], c2[ch : ch + 1], metric)
                 idx[hh, rows] = i_r[0]
                 score[hh, rows] = s_r[0]
+                if out_codes is not None:
+                    out_codes[hh, rows] = cf[ch, i_r[0]].to(out_codes.dtype)
     return idx, score

@@ -140,6 +140,16 @@ def test_errors_and_empty():
     assert idx.shape == (2, 0) and best.shape == (2, 0)
 
 
+def test_return_codes_are_the_winners_rows():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 20, 8, generator=g)
+    for codebook in (torch.randn(7, 8, generator=g), torch.randn(3, 7, 8, generator=g).bfloat16()):
+        idx, score, codes = nearest_code(x, codebook, return_codes=True)
+        assert torch.equal(idx, nearest_code(x, codebook)[0]) and codes.dtype == codebook.dtype
+        heads = codebook.expand(3, -1, -1)
+        assert torch.equal(codes, heads.gather(1, idx[..., None].expand(-1, -1, 8)))
+
+
 def test_packed_keys_refuse_codebooks_with_too_many_tiles():
     tn = pytest.importorskip("hf_vq.ops.triton_nearest")
     if not tn.HAS_TRITON:
@@ -194,9 +204,11 @@ KERNEL_CHECK = textwrap.dedent(
         for prec in ("bf16", "tf32"):
             st = {}
             kw = dict(metric=metric, precision=prec, block=blk, pack=pack)
-            i, s = tn.nearest_code_triton(x, c, sqn, exact=True, stats=st, **kw)
+            codes_e, codes_r = torch.empty_like(x, dtype=c.dtype), torch.empty_like(x, dtype=c.dtype)
+            i, s = tn.nearest_code_triton(x, c, sqn, exact=True, stats=st, out_codes=codes_e, **kw)
             ia, sa = tn.nearest_code_triton(x, c, sqn, exact=False, **kw)
-            ir, sr = tn.nearest_code_triton(x, c, sqn, mode="rerank", **kw)
+            ir, sr = tn.nearest_code_triton(x, c, sqn, mode="rerank", out_codes=codes_r, **kw)
+            lookup = lambda ids: c.expand(H, -1, -1).gather(1, ids[..., None].expand(-1, -1, D))
             xf = x.float()
             cf = c.expand(H, -1, -1)
             d64 = torch.cdist(xf.double(), cf.double()) if metric == "euclidean" else -xf.double() @ cf.double().mT
@@ -220,6 +232,7 @@ KERNEL_CHECK = textwrap.dedent(
                 # vqp's |x|^2 + |c|^2 - 2 x.c cancels for points next to a code: relative to the magnitudes
                 score_maxdiff=float((s.double() - ref_s.double()).abs().max() / (1 + 2 * d64.abs().amax() ** 2)),
                 fallback=st["fallback_rows"], rows=st["rows"],
+                codes_written=bool(torch.equal(codes_e, lookup(i)) and torch.equal(codes_r, lookup(ir))),
                 approx_agree=float((ia == ref_i).float().mean()),
                 approx_gap=float((ia_d - d64.amin(-1)).max()),
                 approx_score_maxdiff=float(((sa - ia_d**2) if metric == "euclidean" else (sa + ia_d)).abs().max()
@@ -250,7 +263,7 @@ def _check_kernel_results(res):
             lane = res.pop(f"lane-{prec}-{pack}")
             assert lane == {"fast": [0] * 5, "rerank": [128] * 5, "exact": [128] * 5}, (prec, pack, lane)
     for name, r in res.items():
-        assert r["exact_equal"], (name, r)
+        assert r["exact_equal"] and r["codes_written"], (name, r)
         assert r["exact_gap"] < 1e-5, (name, r)  # shape-dependent rows: a winner within fp32 rounding
         assert r["score_maxdiff"] < 1e-5, (name, r)
         assert r["approx_gap"] < 0.1, (name, r)  # the low-precision winner is a near-winner
