@@ -11,10 +11,20 @@ best's code and a pop moves it up: a row's two nearest codes can share a lane, a
 them wrongly the true winner would otherwise never be re-ranked (the 2-8 rows of 65,536 that rerank missed vs
 float64 on randn d256 K8192 before, about 1/BLOCK_K of the ~0.5% of rows whose top two bf16 swaps).
 
-Tile sizes are autotuned once per (precision, K, D, mode) and then launched directly: the autotuner's per-call
-dispatch is host time that a ResidualVQ step pays once per level (dropping it, with two smaller host trims, took
-that training step from 10.8 to 7.5 ms on an H200). K and D are compile-time, so a codebook whose K is a multiple
-of the tile and whose D is a power of two runs an unmasked loop.
+Packed keys (`PACK`): the lane state can instead be two float arrays of keys, each a score's fp32 bits with its
+low `TB` bits replaced by the tile number (lane `j` of tile `t` is code `t * BLOCK_K + j`, so the key names its
+code). Keys compare as floats in the scores' order (ties within a `2^TB`-ulp bucket go by tile), so the update is
+`min`/`max` only: at cdim 32, where this selection and not the dot bounds the kernel, the cosine search took 1.10-1.21
+instead of 1.59 ms (K8192, N=2^18, H200). A key's score is low by < 2^(TB - 23) of itself: rerank re-scores the
+candidates in fp32 anyway, and exact mode adds that slack to its bound. `TB` covers the smallest tile of the launch;
+up to `PACK_MAX_BITS` bits are allowed (K <= 16,384 at BLOCK_K 32), larger codebooks keep the lane arrays.
+
+Tile sizes and the state layout (lanes or packed keys: neither wins everywhere, e.g. exact mode at d128 K1024
+prefers lanes) are autotuned once per (precision, K, D, mode) and then launched directly: the autotuner's
+per-call dispatch is host time that a ResidualVQ step pays once per level (dropping it, with two smaller host
+trims, took that training step from 10.8 to 7.5 ms on an H200). K and D are compile-time, so a codebook whose K
+is a multiple of the tile and whose D is a power of two runs an unmasked loop. With `out_codes` the kernel also
+writes each row's winning code (the lookup that follows every search, without its own pass over memory).
 
 Modes: `fast` returns the low-precision winner; `rerank` re-scores the best `TOPK - 1` candidates in fp32 as
 `|x - c|^2` summed from the differences and returns the best (no fallback, no host sync); `exact` is described

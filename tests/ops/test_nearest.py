@@ -136,8 +136,43 @@ def test_errors_and_empty():
         nearest_code(torch.randn(3, 4), torch.randn(5, 3))
     with pytest.raises(ValueError, match="heads"):
         nearest_code(torch.randn(2, 3, 4), torch.randn(3, 5, 4))
+    with pytest.raises(ValueError, match="at least 2 dims"):
+        nearest_code(torch.randn(4), torch.randn(5, 4))
     idx, best = nearest_code(torch.randn(2, 0, 4), torch.randn(5, 4))
     assert idx.shape == (2, 0) and best.shape == (2, 0)
+
+
+@pytest.mark.parametrize("dim", [4, 32, 200])
+def test_equals_vqp_codebook_forward(dim):
+    """The indices of vqp 1.32's own `Codebook` forward (euclidean and cosine) on its (one-chunk) shape."""
+    torch.manual_seed(3)
+    x = torch.randn(4, 257, dim)
+    for cosine in (False, True):
+        book = vqp.Codebook(dim=dim, codebook_size=1000, use_cosine_sim=cosine).eval()
+        with torch.no_grad():
+            embed = torch.randn(1, 1000, dim)
+            book.embed.copy_(torch.nn.functional.normalize(embed, dim=-1) if cosine else embed)
+        _, vqp_idx, _ = book(x)
+        xin = torch.nn.functional.normalize(x, dim=-1, eps=1e-6) if cosine else x
+        idx, _ = nearest_code(xin, book.embed[0], metric="cosine" if cosine else "euclidean")
+        assert torch.equal(idx, vqp_idx), f"cosine={cosine}: {(idx != vqp_idx).sum()} rows differ"
+
+
+def test_cosine_score_chunks():
+    g = torch.Generator().manual_seed(6)
+    x, c = torch.randn(2, 53, 7, generator=g), torch.randn(19, 7, generator=g)
+    parts = list(iter_score_chunks(x, c, metric="cosine", chunk_bytes=4 * 19 * 2 * 6))  # 6 rows per chunk
+    assert [sl.start for sl, _ in parts] == list(range(0, 53, 6))
+    torch.testing.assert_close(torch.cat([s for _, s in parts], dim=-2), torch.einsum("hnd,kd->hnk", x, c))
+
+
+def test_kernel_off_on_cpu_and_by_env(monkeypatch):
+    tn = pytest.importorskip("hf_vq.ops.triton_nearest")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not tn.available(torch.randn(3, 4))  # CPU tensors never use the kernel
+    monkeypatch.setenv("HF_VQ_DISABLE_TRITON", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not tn.available(torch.randn(3, 4))
 
 
 def test_return_codes_are_the_winners_rows():
@@ -209,6 +244,7 @@ KERNEL_CHECK = textwrap.dedent(
             ia, sa = tn.nearest_code_triton(x, c, sqn, exact=False, **kw)
             ir, sr = tn.nearest_code_triton(x, c, sqn, mode="rerank", out_codes=codes_r, **kw)
             lookup = lambda ids: c.expand(H, -1, -1).gather(1, ids[..., None].expand(-1, -1, D))
+
             xf = x.float()
             cf = c.expand(H, -1, -1)
             d64 = torch.cdist(xf.double(), cf.double()) if metric == "euclidean" else -xf.double() @ cf.double().mT
@@ -220,6 +256,9 @@ KERNEL_CHECK = textwrap.dedent(
             top2 = d64.topk(2, dim=-1, largest=False).values if K > 1 else torch.cat([d64, d64 + 1], -1)
             stable = (top2[..., 1] - top2[..., 0]) > 1e-5 * (1 + d64.abs().amax()) if dev == "cpu" else \
                 torch.ones_like(ref_i, dtype=torch.bool)
+            if case_no == 0:  # top-4 candidates (more rows fall back) still give the reference's indices
+                i4, _ = tn.nearest_code_triton(x, c, sqn, exact=True, topk=4, **kw)
+                out[f"top4-{prec}"] = bool(torch.equal(i4[stable], ref_i[stable]))
             out[f"{case_no}-{prec}"] = dict(
                 # rerank: the float64 winner up to fp32 rounding of the scores (exact ties and near-duplicates)
                 rerank_gap=float((ir_d - d64.amin(-1)).max() / (1 + d64.abs().amax())),
@@ -252,12 +291,20 @@ KERNEL_CHECK = textwrap.dedent(
             out[f"lane-{prec}-{pack}"] = {
                 m: tn.nearest_code_triton(x, c, sq_norm(c), mode=m, precision=prec, block=blk, pack=pack)[0]
                 .flatten().tolist() for m in ("fast", "rerank", "exact")}
+    if dev == "cpu":  # the public op dispatches to the kernel under the interpreter (bf16 input)
+        from hf_vq.ops.nearest import nearest_code
+        xb, cb = torch.randn(30, 16, generator=g).bfloat16(), torch.randn(33, 16, generator=g)
+        out["dispatch"] = bool(torch.equal(nearest_code(xb, cb, mode="exact")[0],
+                                           _nearest_torch(xb[None], cb[None], None, "euclidean")[0][0]))
     print("RESULT" + json.dumps(out))
     """
 )
 
 
 def _check_kernel_results(res):
+    assert res.pop("dispatch", True)
+    for prec in ("bf16", "tf32"):
+        assert res.pop(f"top4-{prec}"), prec
     for prec in ("bf16", "tf32") if "lane-tf32-True" in res else ("bf16",):
         for pack in (False, True):
             lane = res.pop(f"lane-{prec}-{pack}")
