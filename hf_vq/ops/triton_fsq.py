@@ -4,8 +4,8 @@
 microseconds of work behind its own launch, so the op is launch- and pass-bound. This kernel reads `z` once and
 writes the codes (in `z`'s dtype) and the int32 index, and in training the slope of the bound (the
 straight-through gradient of the round times the bound's derivative), which two C++ autograd ops apply. The same
-float32 arithmetic as the PyTorch op, in the same order where it decides a rounding (`tanh(z + shift) * half_l - offset`, round half to even, `/ (L // 2)`);
-the per-dimension constants come from the PyTorch op's own formulas.
+float32 arithmetic as the PyTorch op, in the same order where it decides a rounding (`tanh(z + shift) * half_l -
+offset`, round half to even, `/ (L // 2)`); the per-dimension constants come from the PyTorch op's own formulas.
 """
 
 from __future__ import annotations

@@ -14,10 +14,11 @@ float64 on randn d256 K8192 before, about 1/BLOCK_K of the ~0.5% of rows whose t
 Packed keys (`PACK`): the lane state can instead be two float arrays of keys, each a score's fp32 bits with its
 low `TB` bits replaced by the tile number (lane `j` of tile `t` is code `t * BLOCK_K + j`, so the key names its
 code). Keys compare as floats in the scores' order (ties within a `2^TB`-ulp bucket go by tile), so the update is
-`min`/`max` only: at cdim 32, where this selection and not the dot bounds the kernel, the cosine search took 1.10-1.21
-instead of 1.59 ms (K8192, N=2^18, H200). A key's score is low by < 2^(TB - 23) of itself: rerank re-scores the
-candidates in fp32 anyway, and exact mode adds that slack to its bound. `TB` covers the smallest tile of the launch;
-up to `PACK_MAX_BITS` bits are allowed (K <= 16,384 at BLOCK_K 32), larger codebooks keep the lane arrays.
+`min`/`max` only: at cdim 32, where this selection and not the dot bounds the kernel, the cosine search took
+1.10-1.21 instead of 1.59 ms (K8192, N=2^18, H200). A key's score is within 2^(TB - 23) of itself of the score:
+rerank re-scores the candidates in fp32 anyway, and exact mode adds that slack to its bound. `TB` covers the
+smallest tile of the launch; up to `PACK_MAX_BITS` bits are allowed (K <= 16,384 at BLOCK_K 32), larger codebooks
+keep the lane arrays.
 
 Tile sizes and the state layout (lanes or packed keys: neither wins everywhere, e.g. exact mode at d128 K1024
 prefers lanes) are autotuned once per (precision, K, D, mode) and then launched directly: the autotuner's
@@ -384,7 +385,8 @@ if HAS_TRITON:
                 dd = d0 + tl.arange(0, RD)
                 m2 = rmask[:, None] & (dd < D)[None, :]
                 cv = tl.load(CF + h * scf_h + ib[:, None] * scf_k + dd[None, :], mask=m2, other=0.0)
-                tl.store(OUT_C + (h * N + rows[:, None]).to(tl.int64) * D + dd[None, :], cv.to(OUT_C.dtype.element_ty), mask=m2)
+                dst = OUT_C + (h * N + rows[:, None]).to(tl.int64) * D + dd[None, :]
+                tl.store(dst, cv.to(OUT_C.dtype.element_ty), mask=m2)
 
     _BLOCKS = ((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 128, 8, 3), (64, 32, 4, 4))
 
