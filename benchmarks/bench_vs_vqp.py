@@ -1,6 +1,6 @@
 """hf_vq vs vector-quantize-pytorch 1.32, side by side in one run: time, tokens/s, peak memory.
 
-    python benchmarks/bench_vs_vqp.py [--quick] [--only SUBSTRING ...] [--out RESULTS_TABLE.md]
+    python benchmarks/bench_vs_vqp.py [--quick] [--only SUBSTRING ...] [--repeat N] [--out RESULTS_TABLE.md]
 
 Every row builds both modules with the same config, copies vqp's state into hf_vq where both hold state,
 runs the same input, and reports the median time (CUDA events) and the peak memory above the inputs. On
@@ -21,6 +21,7 @@ import argparse
 import datetime
 import os
 import platform
+import statistics
 from dataclasses import dataclass
 from typing import Callable
 
@@ -122,7 +123,27 @@ def vq_pair(device, randn_codebook: bool = False, **kwargs):
     return ours, theirs
 
 
-def run_rows(device, quick: bool, only: list[str] | None = None) -> list[Row]:
+def _measure_pair(ours, theirs, x, train: bool, device, repeat: int) -> tuple[Measurement, Measurement]:
+    """Both sides measured `repeat` times, alternating (host-bound rows drift between consecutive measurements
+    on a busy host); each side's median over the repeats, and its largest peak."""
+    runs = []
+    for _ in range(repeat):
+        m_ours = measure(_step(ours, x, train, True), device)
+        m_theirs = measure(_step(theirs, x, train, False), device) if theirs is not None else \
+            Measurement(None, None, "not run")
+        runs.append((m_ours, m_theirs))
+
+    def combine(side: list[Measurement]) -> Measurement:
+        done = [m for m in side if m.ms is not None]
+        if len(done) < len(side):
+            return side[0] if not done else Measurement(None, None, "out of memory in some repeats")
+        return Measurement(statistics.median(m.ms for m in done), max((m.peak_gib or 0.0) for m in done)
+                           if done[0].peak_gib is not None else None)
+
+    return combine([r[0] for r in runs]), combine([r[1] for r in runs])
+
+
+def run_rows(device, quick: bool, only: list[str] | None = None, repeat: int = 1) -> list[Row]:
     s = 16 if quick else 1  # shrink factor for CPU smoke runs
     rows: list[Row] = []
 
@@ -139,9 +160,7 @@ def run_rows(device, quick: bool, only: list[str] | None = None) -> list[Row]:
                 ours.load_state_dict(state)
             ours.train(train)
             theirs.train(train) if theirs is not None else None
-            m_ours = measure(_step(ours, x, train, True), device)
-            m_theirs = measure(_step(theirs, x, train, False), device) if theirs is not None else \
-                Measurement(None, None, "not run")
+            m_ours, m_theirs = _measure_pair(ours, theirs, x, train, device, repeat)
         finally:
             os.environ.pop("HF_VQ_NEAREST_MODE", None)
         floor = _gemm_floor(*floor_dims, device) if floor_dims else None
@@ -248,9 +267,11 @@ def main():
     parser.add_argument("--quick", action="store_true", help="small shapes (CPU smoke test)")
     parser.add_argument("--only", nargs="*", default=None, help="run the rows whose name contains one of these")
     parser.add_argument("--out", default=None, help="also write the table (with a header) to this file")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="measure each row this many times, hf_vq and vqp alternating, and report the medians")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = run_rows(device, args.quick or device.type == "cpu", args.only)
+    rows = run_rows(device, args.quick or device.type == "cpu", args.only, args.repeat)
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     header = (
         f"{datetime.date.today()} — {name}, torch {torch.__version__}, vector-quantize-pytorch "
