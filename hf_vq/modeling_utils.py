@@ -109,10 +109,14 @@ class QuantizerOutput(ModelOutput):
     # `__post_init__`: ~80 us per output on a 2-core host, more host time than a small quantizer's whole GPU step.
     # Our fields are never a dict or an iterator to unpack, so the mapping is the non-None fields in declaration
     # order, which the dataclass `__init__` writes through `__setattr__`; same behaviour, a dict lookup per write.
+    # Under torch.compile, ModelOutput's own methods (which dynamo knows how to trace) run instead.
     def __post_init__(self):
-        pass
+        if torch.compiler.is_compiling():
+            super().__post_init__()
 
     def __setattr__(self, name, value):
+        if torch.compiler.is_compiling():
+            return super().__setattr__(name, value)
         if value is not None and name in _field_names(type(self)):
             OrderedDict.__setitem__(self, name, value)
         object.__setattr__(self, name, value)
@@ -277,8 +281,11 @@ def check_features(x: torch.Tensor, dim: int, *, name: str = "input", check_fini
         )
     if x.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
-    if check_finite and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or Inf values")
+    if check_finite:
+        if torch.compiler.is_compiling():  # no host sync inside a graph: an assert op (raises when it runs)
+            torch._assert_async(torch.isfinite(x).all(), f"{name} contains NaN or Inf values")
+        elif not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} contains NaN or Inf values")
 
 
 def check_indices(indices: torch.Tensor, codebook_size: int, *, codebook_axis: int | None = None) -> None:

@@ -9,6 +9,8 @@ fast too.
 
 from __future__ import annotations
 
+import torch
+
 
 class ConfigView:
     __slots__ = ("_fields", "_config")
@@ -32,7 +34,8 @@ class ConfigView:
 
 
 def fast_view(config):
-    """A read-only view of `config` for hot paths, or the config itself when it maps attribute names."""
-    if getattr(type(config), "attribute_map", None):
+    """A read-only view of `config` for hot paths, or the config itself when it maps attribute names or
+    torch.compile is tracing (dynamo reads configs itself, and traces no host time)."""
+    if torch.compiler.is_compiling() or getattr(type(config), "attribute_map", None):
         return config
     return ConfigView(config)

@@ -523,7 +523,16 @@ class VectorQuantize(QuantizerModel):
 
     def _is_initted(self) -> bool:
         """`bool(initted)` without a host sync per forward once it is True: the answer is kept with the buffer's
-        identity and version counter (any in-place write, e.g. `load_state_dict` or `fill_`, bumps it)."""
+        identity and version counter (any in-place write, e.g. `load_state_dict` or `fill_`, bumps it).
+
+        Under torch.compile the buffer cannot be read: a codebook without k-means init is initialized at
+        construction, and one with it must have been seen initialized by an eager call (the k-means step runs
+        eagerly); dynamo guards on that host-side answer."""
+        if torch.compiler.is_compiling():
+            if not self.config.kmeans_init or self.__dict__.get("_initted_key") is not None:
+                return True
+            raise RuntimeError("kmeans_init=True: run one forward outside torch.compile first (k-means initializes "
+                               "the codebook eagerly; a loaded, initialized checkpoint also needs one eager call)")
         t = self._codebook.initted
         key = (t.data_ptr(), t._version, t.device)
         if self.__dict__.get("_initted_key") == key:
@@ -549,6 +558,7 @@ class VectorQuantize(QuantizerModel):
         cb.cluster_size.copy_(counts)
         self.update_embed_from_ema()
         cb.initted.fill_(True)
+        self._is_initted()  # keep the answer on the host (torch.compile reads only that)
 
     @torch.no_grad()
     def update_embed_from_ema(self) -> None:
@@ -639,6 +649,7 @@ class VectorQuantize(QuantizerModel):
             self.expire_codes(flat, mask)
 
     @torch.no_grad()
+    @torch.compiler.disable  # data-dependent (which codes, how many samples): runs eagerly, one graph break
     def expire_codes(self, flat: Tensor, mask: Tensor | None) -> None:
         """Replace codes whose EMA count fell below the threshold by batch vectors, and reset their EMA
         state (count and sum) so the stale average cannot overwrite the new vector."""
@@ -967,8 +978,8 @@ class VectorQuantize(QuantizerModel):
             terms["orthogonal_reg_loss"] = ortho
             weighted.append(ortho * c.orthogonal_reg_weight)
         loss = sum(weighted[1:], weighted[0]) if weighted else zero
-        if torch.is_grad_enabled() and not loss.requires_grad:
-            loss = loss.detach().requires_grad_()
+        if torch.is_grad_enabled() and not loss.requires_grad and not torch.compiler.is_compiling():
+            loss = loss.detach().requires_grad_()  # (a graph cannot make a leaf: compiled, such a loss stays constant)
         return loss, terms
 
 
