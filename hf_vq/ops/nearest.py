@@ -219,9 +219,12 @@ def nearest_code(
                 sqn_t = sq_norm(cbt)
             else:
                 sqn_t = codebook_sq_norm.float().reshape(cbt.shape[0], -1)
-            codes = x3.new_empty(x3.shape, dtype=codebook.dtype) if return_codes else None
-            indices, best = triton_nearest.nearest_code_triton(x3, cbt, sqn_t, metric=metric, mode=mode,
-                                                               out_codes=codes)
+            if torch.compiler.is_compiling():  # one opaque op in the graph
+                indices, best, codes = triton_nearest.nearest_code_op(x3, cbt, sqn_t, metric, mode, return_codes)
+            else:
+                codes = x3.new_empty(x3.shape, dtype=codebook.dtype) if return_codes else None
+                indices, best = triton_nearest.nearest_code_triton(x3, cbt, sqn_t, metric=metric, mode=mode,
+                                                                   out_codes=codes)
     else:
         # the choice is not differentiable: without no_grad autograd would keep every chunk's scores alive
         indices, best = _nearest_torch(x3, cb, sqn, metric, chunk_bytes)

@@ -79,10 +79,14 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def kernel_ok(x: Tensor, max_dim: int) -> bool:
+def kernel_ok(x: Tensor, max_dim: int, *, as_custom_op: bool = False) -> bool:
     """Whether one of hf_vq's Triton kernels may serve `x`: triton installed, `HF_VQ_DISABLE_TRITON` unset, a float
-    dtype, last dim <= `max_dim`, and CUDA (or the CPU interpreter, `TRITON_INTERPRET=1`)."""
+    dtype, last dim <= `max_dim`, and CUDA (or the CPU interpreter, `TRITON_INTERPRET=1`). Under torch.compile only
+    a kernel wrapped as a custom op (`as_custom_op`: dynamo sees one opaque op) serves; the others' PyTorch paths
+    are what gets compiled."""
     if not HAS_TRITON or os.environ.get("HF_VQ_DISABLE_TRITON", "0") == "1":
+        return False
+    if torch.compiler.is_compiling() and not as_custom_op:
         return False
     if x.shape[-1] > max_dim or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
@@ -90,8 +94,8 @@ def kernel_ok(x: Tensor, max_dim: int) -> bool:
 
 
 def available(x: Tensor) -> bool:
-    """Whether `nearest_code` should use the kernel for `x`."""
-    return kernel_ok(x, MAX_DIM)
+    """Whether `nearest_code` should use the kernel for `x` (under torch.compile: through `nearest_code_op`)."""
+    return kernel_ok(x, MAX_DIM, as_custom_op=True)
 
 
 if HAS_TRITON:
@@ -546,3 +550,22 @@ def nearest_code_triton(
                 if out_codes is not None:
                     out_codes[hh, rows] = cf[ch, i_r[0]].to(out_codes.dtype)
     return idx, score
+
+
+@torch.library.custom_op("hf_vq::nearest_code", mutates_args=())
+def nearest_code_op(x: Tensor, codebook: Tensor, codebook_sq_norm: Tensor, metric: str, mode: str,
+                    return_codes: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """`nearest_code_triton` as one opaque op for torch.compile (dynamo does not trace into the launch, its
+    autotuning or exact mode's host-side fallback): `(indices, score, codes)`, codes empty unless `return_codes`.
+    Eager calls use `nearest_code_triton` directly (no op dispatch)."""
+    codes = x.new_empty(x.shape, dtype=codebook.dtype) if return_codes else x.new_empty(0, dtype=codebook.dtype)
+    idx, score = nearest_code_triton(x, codebook, codebook_sq_norm, metric=metric, mode=mode,
+                                     out_codes=codes if return_codes else None)
+    return idx, score, codes
+
+
+@nearest_code_op.register_fake
+def _nearest_code_op_shapes(x, codebook, codebook_sq_norm, metric, mode, return_codes):
+    H, N, _ = x.shape
+    codes = x.new_empty(x.shape if return_codes else (0,), dtype=codebook.dtype)
+    return x.new_empty((H, N), dtype=torch.long), x.new_empty((H, N), dtype=torch.float32), codes
