@@ -122,7 +122,7 @@ def check_levels(levels, *, allow_two: bool = True, field: str = "levels") -> No
         raise ValueError(f"{field} contains 2, which needs preserve_symmetry=True (or use levels >= 3): {levels!r}")
 
 
-def _keeps_codebook_axis(config) -> bool:
+def keeps_codebook_axis(config) -> bool:
     """`keep_num_codebooks_dim`, resolved (defaults to `num_codebooks > 1`)."""
     keep = config.keep_num_codebooks_dim
     return config.num_codebooks > 1 if keep is None else keep
@@ -173,7 +173,7 @@ class FSQ(QuantizerModel):
 
     @property
     def keep_num_codebooks_dim(self) -> bool:
-        return _keeps_codebook_axis(self.config)
+        return keeps_codebook_axis(self.config)
 
     @property
     def codebook_size(self) -> int:
@@ -308,6 +308,6 @@ class FSQ(QuantizerModel):
 
         if indices is not None:
             indices = layout.indices_from_tokens(indices)
-            if not _keeps_codebook_axis(c):
+            if not keeps_codebook_axis(c):
                 indices = indices.squeeze(-1)
         return self._output(FSQOutput(quantized=quantized, indices=indices), return_dict)

@@ -36,7 +36,7 @@ from ..modeling_utils import (
     register_quantizer,
 )
 from ..ops import fsq as fsq_ops
-from .fsq import check_levels
+from .fsq import check_levels, keeps_codebook_axis
 
 
 class LatentQuantizeConfig(QuantizerConfig):
@@ -208,8 +208,7 @@ class LatentQuantize(QuantizerModel):
 
     @property
     def keep_num_codebooks_dim(self) -> bool:
-        keep = self.config.keep_num_codebooks_dim
-        return self.config.num_codebooks > 1 if keep is None else keep
+        return keeps_codebook_axis(self.config)
 
     def latent_values(self) -> list[Tensor]:
         """The current values of each latent."""

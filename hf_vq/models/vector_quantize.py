@@ -32,7 +32,7 @@ from ..ops import ema as ema_ops
 from ..ops import kmeans as kmeans_ops
 from ..ops.estimators import (directional_reparam, gumbel_select, rotate_to, rotate_to_with_commitment,
                               straight_through)
-from ..ops.nearest import nearest_code, scores
+from ..ops.nearest import gather_codes, nearest_code, scores
 from ._config_view import fast_view
 
 
@@ -713,12 +713,10 @@ class VectorQuantize(QuantizerModel):
         metric = "cosine" if c.use_cosine_sim else "euclidean"
         sample = self.training and c.stochastic_sample_codes and temperature > 0
         if not sample:
-            if embed.requires_grad and torch.is_grad_enabled():  # a learnable codebook: the lookup is differentiable
-                indices, _ = nearest_code(flat, embed.expand(flat.shape[0], -1, -1), metric=metric)
-                return _gather_codes(embed, indices), indices
-            indices, _, codes = nearest_code(flat, embed.expand(flat.shape[0], -1, -1), metric=metric,
-                                             return_codes=True)
-            return codes, indices
+            differentiable = embed.requires_grad and torch.is_grad_enabled()  # a learnable codebook's lookup
+            found = nearest_code(flat, embed.expand(flat.shape[0], -1, -1), metric=metric,
+                                 return_codes=not differentiable)
+            return (gather_codes(embed, found[0]) if differentiable else found[2]), found[0]
         embed = embed.expand(flat.shape[0], -1, -1)
         indices, soft = [], []
         for sl in _row_slices(flat, embed):  # row chunks: never a full (N, K) matrix of logits
@@ -730,7 +728,7 @@ class VectorQuantize(QuantizerModel):
                     idx, _ = self._sample_rows(flat[:, sl], embed, temperature)
             indices.append(idx)
         indices = torch.cat(indices, dim=1)
-        codes = _gather_codes(embed, indices)
+        codes = gather_codes(embed, indices)
         if soft:  # straight-through: value of the hard code, gradient of the soft mixture
             mix = torch.cat(soft, dim=1)
             codes = codes + mix - mix.detach()
@@ -992,16 +990,6 @@ class _Rows(NamedTuple):
     loss: Tensor
     loss_terms: dict[str, Tensor]
     inplace_loss: Tensor | None
-
-
-def _gather_codes(embed: Tensor, indices: Tensor) -> Tensor:
-    """`embed (h or 1, K, d)`, `indices (H, N)` -> `(H, N, d)` by row lookup (no one-hot, no per-batch repeat):
-    an embedding lookup for a shared codebook (no expanded index tensor; on an H200 it runs the same gather
-    kernel, at the same speed), `gather` for per-head codebooks."""
-    if embed.shape[0] == 1:
-        return F.embedding(indices, embed[0])
-    embed = embed.expand(indices.shape[0], -1, -1)
-    return torch.gather(embed, 1, indices.unsqueeze(-1).expand(-1, -1, embed.shape[-1]))
 
 
 @torch.no_grad()

@@ -38,6 +38,7 @@ import os
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import triton_nearest
@@ -175,6 +176,16 @@ def _nearest_torch(x3: Tensor, cb: Tensor, sqn: Tensor | None, metric: str,
     return indices, best
 
 
+def gather_codes(codebook: Tensor, indices: Tensor) -> Tensor:
+    """`codebook (h or 1, K, d)`, `indices (H, N)` -> `(H, N, d)` by row lookup (no one-hot, no per-batch repeat):
+    an embedding lookup for a shared codebook (no expanded index tensor; on an H200 it runs the same gather
+    kernel, at the same speed), `gather` for per-head codebooks. Differentiable in `codebook`."""
+    if codebook.shape[0] == 1:
+        return F.embedding(indices, codebook[0])
+    codebook = codebook.expand(indices.shape[0], -1, -1)
+    return torch.gather(codebook, 1, indices.unsqueeze(-1).expand(-1, -1, codebook.shape[-1]))
+
+
 def nearest_code(
     x: Tensor,
     codebook: Tensor,
@@ -228,7 +239,6 @@ def nearest_code(
     else:
         # the choice is not differentiable: without no_grad autograd would keep every chunk's scores alive
         indices, best = _nearest_torch(x3, cb, sqn, metric, chunk_bytes)
-        codes = torch.gather(cb.detach(), 1, indices.unsqueeze(-1).expand(-1, -1, cb.shape[-1])) if return_codes \
-            else None
+        codes = gather_codes(cb.detach(), indices) if return_codes else None
     out = indices.reshape(*lead, -1), best.reshape(*lead, -1)
     return (*out, codes.reshape(*lead, *codes.shape[-2:])) if return_codes else out
