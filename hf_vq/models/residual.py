@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..ops.nearest import nearest_code
-from ..ops.triton_residual import residual_step_
+from ..ops import ema as ema_ops
+from ..ops.triton_residual import level_inputs, residual_step_, residual_train_levels, train_levels_ok
 from ..modeling_utils import QuantizerConfig, QuantizerModel, QuantizerOutput, check_features, register_quantizer
 from .fsq import FSQ, FSQConfig, check_levels
 from .lfq import LFQ, LFQConfig
@@ -154,6 +155,11 @@ class ResidualQuantizerBase(QuantizerModel):
     def _level_codes(self, level: int, layer, indices: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _fused_levels(self, residual: Tensor, mask, cutoff: int, level_kwargs) -> tuple[Tensor, Tensor, Tensor] | None:
+        """`(quantized before project_out, indices, per-level loss)` of levels `0..cutoff` (later ones dropped) when
+        a subclass can run them all in one fused pass, else None (each level's own forward runs)."""
+        return None
+
     def _finish_step(self, level_inputs: list[Tensor], mask: Tensor | None) -> None:
         """Called once after all levels ran (ResidualVQ's shared codebook updates here)."""
 
@@ -237,10 +243,14 @@ class ResidualQuantizerBase(QuantizerModel):
         """`(quantized, indices, per-level loss)` through every level's own forward."""
         c = fast_view(self.config)
         residual = self._prepare(self.project_in(x))
-        quantized_out = torch.zeros_like(residual)
         cutoff = c.num_quantizers - 1
         if self.uses_dropout():
             cutoff = dropout_cutoff if dropout_cutoff is not None else self.dropout_cutoff(x.device)
+        fused = self._fused_levels(residual, mask, cutoff, level_kwargs)
+        if fused is not None:
+            quantized, indices, loss = fused
+            return self.project_out(quantized), indices, loss
+        quantized_out = torch.zeros_like(residual)
         all_indices, all_losses, level_inputs = [], [], []
         for level, layer in enumerate(self.layers):
             if level > cutoff:
@@ -346,6 +356,63 @@ class ResidualVQ(ResidualQuantizerBase):
 
     def _level_codes(self, level, layer, indices):
         return layer.codebook[indices]
+
+    def _fused_levels(self, residual, mask, cutoff, level_kwargs):
+        """The training levels by `residual_train_levels` (the kernels, one autograd node) when each kept level's
+        step is the common one (`VectorQuantize.residual_train_codebook`) with one decay, eps and commitment weight;
+        then every level's EMA update at once and, if a code fell below its threshold, dead-code expiry. Deferring
+        the updates to the end changes nothing: each level's codes come from its codebook before its own update,
+        and no level reads another's codebook."""
+        c = fast_view(self.config)
+        if (not self.training or mask is not None or level_kwargs or c.shared_codebook
+                or not (residual.requires_grad and torch.is_grad_enabled())):
+            return None
+        flat = residual.reshape(-1, residual.shape[-1])
+        levels = list(self.layers)[: cutoff + 1]
+        if not train_levels_ok(flat) or not all(_callable_directly(layer) for layer in levels):
+            return None
+        books = [layer.residual_train_codebook() for layer in levels]
+        configs = {(k.decay, k.eps, k.commitment_weight) for k in (fast_view(layer.config) for layer in levels)}
+        if any(b is None for b in books) or len(configs) > 1:
+            return None
+        decay, eps, weight = configs.pop()
+        books = torch.stack(books)  # the snapshot the backward pass and dead-code expiry read
+        quantized, commits, indices, counts, sums = residual_train_levels(flat, books)
+        self._update_levels(levels, counts, sums, decay, eps)
+        self._expire_levels(levels, flat, books, indices)
+        dropped = c.num_quantizers - len(levels)
+        loss = commits * weight if weight != 1 else commits
+        indices = indices.t()
+        if dropped:
+            loss = torch.cat([loss, loss.new_zeros(dropped)])
+            indices = torch.cat([indices, indices.new_full((indices.shape[0], dropped), -1)], dim=1)
+        return quantized.view(residual.shape), indices.view(*residual.shape[:-1], -1), loss
+
+    @staticmethod
+    @torch.no_grad()
+    def _update_levels(levels: list[VectorQuantize], counts: Tensor, sums: Tensor, decay: float, eps: float) -> None:
+        """Every level's EMA step and codebook from its batch statistics `counts (L, K)`, `sums (L, K, d)`."""
+        if levels[0]._sync():
+            distributed.all_reduce_sum_(counts, sums)
+        books = [layer._codebook for layer in levels]
+        sizes, avgs = [cb.cluster_size for cb in books], [cb.embed_avg for cb in books]
+        ema_ops.ema_update_((*sizes, *avgs), (*counts.unsqueeze(1).unbind(0), *sums.unsqueeze(1).unbind(0)), decay)
+        ema_ops.codebooks_from_ema_(sizes, avgs, [cb.embed.data for cb in books], eps)
+
+    @staticmethod
+    def _expire_levels(levels: list[VectorQuantize], flat: Tensor, books: Tensor, indices: Tensor) -> None:
+        """Dead-code expiry of every level that has it, from its own input (recomputed, only when some code's
+        count fell below its level's threshold: one host sync per step, instead of one per level)."""
+        thresholds = [fast_view(layer.config).threshold_ema_dead_code for layer in levels]
+        if not any(t > 0 for t in thresholds):
+            return
+        sizes = torch.stack([layer._codebook.cluster_size for layer in levels])
+        limit = torch.tensor(thresholds, dtype=sizes.dtype, device=sizes.device).view(-1, *[1] * (sizes.dim() - 1))
+        if not bool((sizes < limit).any()):  # the same on every rank: the sizes come from all-reduced statistics
+            return
+        for layer, threshold, inputs in zip(levels, thresholds, level_inputs(flat, books, indices)):
+            if threshold > 0:
+                layer.expire_codes(inputs.unsqueeze(0), None)
 
     def _plain_eval_codebooks(self, mask, level_kwargs) -> list[Tensor] | None:
         """Every level's codebook when this call may take the lean eval loop (`_forward_plain_eval`): not

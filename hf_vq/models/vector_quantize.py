@@ -563,12 +563,9 @@ class VectorQuantize(QuantizerModel):
     @torch.no_grad()
     def update_embed_from_ema(self) -> None:
         cb, c = self._codebook, fast_view(self.config)
-        total = cb.cluster_size.sum(dim=-1, keepdim=True)
-        cluster_size = ema_ops.laplace_smoothing(cb.cluster_size, c.codebook_size, c.eps, total) * total
+        ema_ops.codebooks_from_ema_([cb.cluster_size], [cb.embed_avg], [cb.embed.data], c.eps)
         if c.use_cosine_sim:
-            cb.embed.data.copy_(_l2norm(cb.embed_avg / cluster_size.unsqueeze(-1)))
-        else:
-            torch.div(cb.embed_avg, cluster_size.unsqueeze(-1), out=cb.embed.data)
+            cb.embed.data.copy_(_l2norm(cb.embed.data))
 
     def _decayed(self, name: str, new: Tensor, decay: float) -> None:
         """vqp's `update_with_decay`: first value taken as is, then `old * decay + new * (1 - decay)`."""
@@ -706,6 +703,22 @@ class VectorQuantize(QuantizerModel):
             return None
         learn = isinstance(cb.embed, nn.Parameter) and c.resolved_learnable_codebook
         return (cb.embed if learn else cb.embed.detach())[0]
+
+    def residual_train_codebook(self) -> Tensor | None:
+        """The `(K, d)` float32 codebook when this layer's training step on `(b, n, d)` input that requires grad is
+        exactly a level of `triton_residual.residual_train_levels` followed by the EMA update and dead-code expiry:
+        nearest euclidean code, the rotation trick with the MSE commitment loss, EMA codebook (decay, eps), nothing
+        else (no affine, in-place optimizer, sampling, extra losses, pending accumulated statistics); initialized.
+        ResidualVQ then runs all its levels in one fused pass. None otherwise."""
+        c, cb = fast_view(self.config), self._codebook
+        if not (self.takes_tokens_as_rows() and self._rotation_and_commitment(None, True)):
+            return None
+        if (c.use_cosine_sim or c.affine_param or not c.resolved_ema_update or c.manual_ema_update
+                or c.freeze_codebook or c.stochastic_sample_codes or c.codebook_diversity_loss_weight > 0
+                or c.orthogonal_reg_weight > 0 or self.in_place_codebook_optimizer is not None
+                or "_pending_ema" in self.__dict__ or cb.embed.dtype != torch.float32 or not self._is_initted()):
+            return None
+        return cb.embed.detach()[0]
 
     def _quantize(self, flat: Tensor, embed: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
         """Codes and indices for `flat (H, N, d)`: nearest code, or a Gumbel sample in training."""

@@ -70,6 +70,17 @@ def ema_update_(moving: Tensor | tuple[Tensor, ...], new: Tensor | tuple[Tensor,
         m.lerp_(n, (1.0 - decay) * w.reshape(*w.shape, *([1] * (m.ndim - 2))))
 
 
+def codebooks_from_ema_(cluster_sizes: list[Tensor], embed_avgs: list[Tensor], embeds: list[Tensor],
+                        eps: float) -> None:
+    """`embed <- embed_avg / smoothed cluster size` for several codebooks at once (each `(H, K)` sizes, `(H, K, d)`
+    averages and codebooks, all of one shape), with vqp's Laplace smoothing `(c + eps) / (sum c + K eps) * sum c`
+    of the sizes."""
+    sizes = torch.stack(cluster_sizes) if len(cluster_sizes) > 1 else cluster_sizes[0].unsqueeze(0)
+    total = sizes.sum(dim=-1, keepdim=True)
+    smoothed = (laplace_smoothing(sizes, sizes.shape[-1], eps, total) * total).unsqueeze(-1)
+    torch._foreach_copy_(embeds, torch._foreach_div(embed_avgs, list(smoothed.unbind(0))))
+
+
 def laplace_smoothing(counts: Tensor, num_codes: int, eps: float, total: Tensor | None = None) -> Tensor:
     """Additive smoothing of code counts along the last dim: `(c + eps) / (sum c + K eps)` (`total`: the sum, when
     the caller has it)."""

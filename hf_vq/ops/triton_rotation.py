@@ -27,17 +27,37 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _frame(X, C, offs, m2, EPS: tl.constexpr):
-        # u = x/|x|, q = c/|c|, w = (u + q)/|u + q| (norms clamped at EPS, as the PyTorch path), s = |c| / |x|
-        x = tl.load(X + offs, mask=m2, other=0.0).to(tl.float32)
-        c = tl.load(C + offs, mask=m2, other=0.0).to(tl.float32)
+    def frame_of(x, c, EPS: tl.constexpr):
+        # u = x/|x|, q = c/|c|, w = (u + q)/|u + q| (norms clamped at EPS, as the PyTorch path), s = |c| / |x|;
+        # x, c: (rows, BD) float32 blocks
         xn = tl.sqrt(tl.sum(x * x, axis=1))[:, None]
         cn = tl.sqrt(tl.sum(c * c, axis=1))[:, None]
         u = x / tl.maximum(xn, EPS)
         q = c / tl.maximum(cn, EPS)
         v = u + q
         w = v / tl.maximum(tl.sqrt(tl.sum(v * v, axis=1))[:, None], EPS)
-        return x, c, u, q, w, cn / tl.maximum(xn, EPS)
+        return u, q, w, cn / tl.maximum(xn, EPS)
+
+    @triton.jit
+    def rotated(x, u, q, w, s):
+        # the rotation trick's value: (x - 2 (x.w) w + 2 (x.u) q) * s
+        ew = tl.sum(x * w, axis=1)[:, None]
+        eu = tl.sum(x * u, axis=1)[:, None]
+        return (x - 2.0 * ew * w + 2.0 * eu * q) * s
+
+    @triton.jit
+    def rotated_grad(g, u, q, w, s):
+        # its gradient to x for the output's gradient g (u, q, w, s held constant, as vqp)
+        g = g * s
+        gw = tl.sum(g * w, axis=1)[:, None]
+        gq = tl.sum(g * q, axis=1)[:, None]
+        return g - 2.0 * gw * w + 2.0 * gq * u
+
+    @triton.jit
+    def _load_pair(X, C, offs, m2):
+        x = tl.load(X + offs, mask=m2, other=0.0).to(tl.float32)
+        c = tl.load(C + offs, mask=m2, other=0.0).to(tl.float32)
+        return x, c
 
     @triton.jit
     def _rotate_fwd(X, C, OUT, PART, M, D, BLOCK: tl.constexpr, BD: tl.constexpr, COMMIT: tl.constexpr):
@@ -46,11 +66,9 @@ if HAS_TRITON:
         cols = tl.arange(0, BD)
         m2 = (rows < M)[:, None] & (cols < D)[None, :]
         offs = rows[:, None] * D + cols[None, :]
-        x, c, u, q, w, s = _frame(X, C, offs, m2, 1e-6)
-        ew = tl.sum(x * w, axis=1)[:, None]
-        eu = tl.sum(x * u, axis=1)[:, None]
-        out = (x - 2.0 * ew * w + 2.0 * eu * q) * s
-        tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=m2)
+        x, c = _load_pair(X, C, offs, m2)
+        u, q, w, s = frame_of(x, c, 1e-6)
+        tl.store(OUT + offs, rotated(x, u, q, w, s).to(OUT.dtype.element_ty), mask=m2)
         if COMMIT:
             diff = c - x
             tl.store(PART + tl.program_id(0), tl.sum(tl.sum(diff * diff, axis=1), axis=0))
@@ -62,11 +80,9 @@ if HAS_TRITON:
         cols = tl.arange(0, BD)
         m2 = (rows < M)[:, None] & (cols < D)[None, :]
         offs = rows[:, None] * D + cols[None, :]
-        x, c, u, q, w, s = _frame(X, C, offs, m2, 1e-6)
-        g = tl.load(G + offs, mask=m2, other=0.0).to(tl.float32) * s
-        gw = tl.sum(g * w, axis=1)[:, None]
-        gq = tl.sum(g * q, axis=1)[:, None]
-        gx = g - 2.0 * gw * w + 2.0 * gq * u
+        x, c = _load_pair(X, C, offs, m2)
+        u, q, w, s = frame_of(x, c, 1e-6)
+        gx = rotated_grad(tl.load(G + offs, mask=m2, other=0.0).to(tl.float32), u, q, w, s)
         if COMMIT:
             gx += (x - c) * (tl.load(GL) * scale)
         tl.store(GX + offs, gx.to(GX.dtype.element_ty), mask=m2)
@@ -77,7 +93,7 @@ def available(x: Tensor) -> bool:
     return kernel_ok(x, MAX_DIM)
 
 
-def _blocks(m: int, d: int) -> tuple[int, int, int]:
+def row_blocks(m: int, d: int) -> tuple[int, int, int]:
     """`(programs, rows per program, padded dim)`: a block of rows of up to 4096 elements stays on chip."""
     bd = max(16, triton.next_power_of_2(d))
     block = max(1, min(64, 4096 // bd))
@@ -85,7 +101,7 @@ def _blocks(m: int, d: int) -> tuple[int, int, int]:
 
 
 def _launch(kernel, m: int, d: int, *tensors: Tensor, commit: bool) -> None:
-    programs, block, bd = _blocks(m, d)
+    programs, block, bd = row_blocks(m, d)
     kernel[(programs,)](*tensors, m, d, BLOCK=block, BD=bd, COMMIT=commit, num_warps=4 if bd <= 256 else 8)
 
 
@@ -100,7 +116,7 @@ class _Rotate(torch.autograd.Function):
         m = x.numel() // d if d else 0
         out = torch.empty_like(x)
         # per-program partial sums of the loss (summed here: deterministic, unlike atomics)
-        part = torch.empty(_blocks(m, d)[0], dtype=torch.float32, device=x.device) if commit and m else out
+        part = torch.empty(row_blocks(m, d)[0], dtype=torch.float32, device=x.device) if commit and m else out
         if m:
             _launch(_rotate_fwd, m, d, x, codes, out, part, commit=commit)
         ctx.save_for_backward(x, codes)
