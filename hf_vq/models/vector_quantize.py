@@ -633,8 +633,9 @@ class VectorQuantize(QuantizerModel):
         self._all_reduce(counts, sums)
         if callable(ema_update_weight):
             ema_update_weight = ema_update_weight(sums, counts)
-        pending = self.__dict__.pop("_pending_ema", None)
+        pending = self.__dict__.get("_pending_ema")  # (`get`, not `pop`: dynamo of torch 2.11 cannot trace the latter)
         if pending is not None:
+            del self.__dict__["_pending_ema"]
             counts, sums = counts + pending[0], sums + pending[1]
         if accum_ema_update:
             self.__dict__["_pending_ema"] = (counts, sums)
@@ -716,7 +717,7 @@ class VectorQuantize(QuantizerModel):
         if (c.use_cosine_sim or c.affine_param or not c.resolved_ema_update or c.manual_ema_update
                 or c.freeze_codebook or c.stochastic_sample_codes or c.codebook_diversity_loss_weight > 0
                 or c.orthogonal_reg_weight > 0 or self.in_place_codebook_optimizer is not None
-                or "_pending_ema" in self.__dict__ or cb.embed.dtype != torch.float32 or not self._is_initted()):
+                or self.__dict__.get("_pending_ema") is not None or cb.embed.dtype != torch.float32 or not self._is_initted()):
             return None
         return cb.embed.detach()[0]
 
