@@ -273,9 +273,7 @@ class FSQ(QuantizerModel):
         train = torch.is_grad_enabled() and src.requires_grad
         with torch.no_grad():
             codes, indices, slope = triton_fsq.fsq_quantize_fused(
-                tokens.unflatten(-1, self._code_shape), *self._fused_tables(tokens.device), c.bound_hard_clamp,
-                slope=train)
-            codes, slope = codes.flatten(-2), slope.flatten(-2) if train else None
+                tokens, *self._fused_tables(tokens.device), c.bound_hard_clamp, slope=train)
             if not self.has_projections:
                 codes, slope = layout.from_tokens(codes), layout.from_tokens(slope) if train else None
         if train:

@@ -97,17 +97,19 @@ def fsq_table(levels: Tensor, basis: Tensor, hard_clamp: bool, eps: float = 1e-3
 
 def fsq_quantize_fused(z: Tensor, tab: Tensor, basis: Tensor, hard_clamp: bool = False, *,
                        slope: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
-    """`(codes in z's dtype, int32 indices, slope | None)` of `fsq_quantize` + `codes_to_indices` for `z (..., d)`,
-    in one kernel (float32 inside). Not differentiable: with `slope=True` it also returns d(code)/dz of the bound
-    (in z's dtype), the straight-through gradient that `estimators.straight_through_scaled` attaches with two
-    C++ autograd ops (a Python autograd Function's backward cost more host time than the whole GPU step).
-    `tab, basis` from `fsq_table`."""
+    """`(codes in z's dtype, int32 indices (..., C), slope | None)` of `fsq_quantize` + `codes_to_indices` for
+    `z (..., C * d)` (C codebooks of `d = len(levels)` dims side by side), in one kernel (float32 inside). Not
+    differentiable: with `slope=True` it also returns d(code)/dz of the bound (in z's dtype), the straight-through
+    gradient that `estimators.straight_through_scaled` attaches with one C++ autograd op (a Python autograd
+    Function's backward cost more host time than the whole GPU step). `tab, basis` from `fsq_table`."""
+    d = basis.numel()
+    if z.shape[-1] % d:
+        raise ValueError(f"last dim {z.shape[-1]} is not a multiple of the {d} levels")
     z = z.detach().contiguous()
-    d = z.shape[-1]
     m = z.numel() // d
     q = torch.empty_like(z)
     s = torch.empty_like(z) if slope else None
-    idx = torch.empty(z.shape[:-1], dtype=torch.int32, device=z.device)
+    idx = torch.empty((*z.shape[:-1], z.shape[-1] // d), dtype=torch.int32, device=z.device)
     if m:
         _fsq_fwd[(triton.cdiv(m, BLOCK),)](z, tab, basis, q, q if s is None else s, idx, m, d, HARD=hard_clamp,
                                            EMULATE=_interpret(), WANT_SLOPE=slope, BLOCK=BLOCK, BD=tab.shape[1],
