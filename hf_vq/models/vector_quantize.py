@@ -490,6 +490,8 @@ class VectorQuantize(QuantizerModel):
     def _split_heads(self, x: Tensor) -> Tensor:
         """`(b, n, h*d)` -> `(h, b, n, d)` (separate codebooks) or `(1, b*h, n, d)` (shared)."""
         c = fast_view(self.config)
+        if c.heads == 1:  # (one view: in a training step every view is an autograd node, i.e. host time)
+            return x.unsqueeze(0)
         b, n, _ = x.shape
         x = x.view(b, n, c.heads, -1)
         if c.separate_codebook_per_head:
@@ -817,8 +819,11 @@ class VectorQuantize(QuantizerModel):
                                        accum_ema_update=accum_ema_update)
             perplexity = _perplexity(rows.indices, c.codebook_size, flat_mask)
 
-        codes = rows.codes.reshape(H, B, n, -1).to(dtype)
-        quantized = self.project_out(self._merge_heads(codes, b).flatten(-2))
+        if c.heads == 1:
+            codes = rows.codes.reshape(b, n, -1)
+        else:
+            codes = self._merge_heads(rows.codes.reshape(H, B, n, -1), b).flatten(-2)
+        quantized = self.project_out(codes.to(dtype))
         if indices is not None:  # vqp returns here, its codes not yet merged/projected; ours in the output layout
             output = VectorQuantizeOutput(quantized=restore(quantized), loss=rows.loss, perplexity=perplexity)
             return output if (c.return_dict if return_dict is None else return_dict) else (output.quantized, rows.loss)
