@@ -148,6 +148,7 @@ class _ResidualTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_out: Tensor | None, g_loss: Tensor | None, *_):
         x, books, indices = ctx.saved_tensors
+        x = x.contiguous()  # (the kernel reads rows at stride d)
         levels, num_codes, d = books.shape
         n = x.shape[0]
         g_out = torch.zeros_like(x) if g_out is None else g_out.contiguous()

@@ -64,7 +64,7 @@ TRAIN_CHECK = textwrap.dedent(
         for x in xs:
             x = x.clone().requires_grad_()
             o = m(x)
-            w = torch.randn_like(o.quantized)
+            w = torch.randn(o.quantized.shape, device=x.device)  # (not randn_like: the layouts may differ)
             lw = torch.arange(1, o.loss.numel() + 1, device=x.device, dtype=o.loss.dtype)
             ((o.quantized * w).sum() + (o.loss * lw).sum()).backward()
             steps.append((o.indices, o.quantized.detach(), o.loss.detach(), x.grad))
@@ -74,12 +74,15 @@ TRAIN_CHECK = textwrap.dedent(
     configs = dict(plain={}, dead_codes=dict(threshold_ema_dead_code=2),
                    projected=dict(commitment_weight=0.25, codebook_dim=dim // 2),
                    dropout=dict(quantize_dropout=True, quantize_dropout_cutoff_index=1),
+                   image=dict(accept_image_fmap=True),  # channel-first input: strided token rows
                    cosine=dict(use_cosine_sim=True))
     out = {}
     for name, kw in configs.items():
         torch.manual_seed(0)
         model = ResidualVQ(dim=dim, num_quantizers=levels, codebook_size=size, decay=0.9, **kw).to(dev).train()
         xs = torch.randn(3, 2, n // 2, dim, device=dev)
+        if kw.get("accept_image_fmap"):
+            xs = torch.randn(3, 2, dim, 5, n // 10, device=dev)
         used.clear(); expired.clear()
         fused, a = run(model, xs, True)
         n_expired = len(expired)
