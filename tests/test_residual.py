@@ -318,3 +318,18 @@ def test_training_levels_run_their_row_step_directly(kwargs):
         assert torch.equal(p.grad, q.grad), name
     for (name, t), u in zip(direct.state_dict().items(), called.state_dict().values()):
         assert torch.equal(t, u), name
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(use_cosine_sim=True), dict(affine_param=True), dict(ema_update=False), dict(learnable_codebook=True, ema_update=False),
+    dict(stochastic_sample_codes=True), dict(codebook_diversity_loss_weight=0.1), dict(orthogonal_reg_weight=0.1),
+    dict(commitment_use_cross_entropy_loss=True), dict(rotation_trick=False), dict(commitment_weight=0.0),
+    dict(heads=2), dict(codebook_dim=8), dict(kmeans_init=True), dict(freeze_codebook=True),
+], ids=lambda kw: next(iter(kw)))
+def test_only_the_common_level_configuration_is_fused(kwargs):
+    """ResidualVQ fuses its training levels (`residual_train_levels`) only for levels whose step is exactly what the
+    fused pass computes (euclidean, EMA, rotation trick + MSE commitment); any other option keeps the level's own
+    forward."""
+    plain = hf_vq.VectorQuantize(dim=16, codebook_size=32).train()
+    assert torch.equal(plain.residual_train_codebook(), plain.codebook)
+    assert hf_vq.VectorQuantize(dim=16, codebook_size=32, **kwargs).train().residual_train_codebook() is None
