@@ -311,6 +311,7 @@ class TokenLayout:
     spatial: tuple[int, ...]
     channel_first: bool
     single_token: bool
+    is_tokens: bool = False  # the input already is `(b, n, d)`: every map is the identity (no view op per call)
 
     @classmethod
     def of(cls, x: torch.Tensor, channel_first: bool | None = None) -> "TokenLayout":
@@ -318,9 +319,12 @@ class TokenLayout:
             channel_first = x.ndim >= 4
         single = x.ndim == 2
         spatial = tuple(x.shape[2:]) if channel_first else tuple(x.shape[1:-1])
-        return cls(spatial=spatial, channel_first=channel_first and not single, single_token=single)
+        return cls(spatial=spatial, channel_first=channel_first and not single, single_token=single,
+                   is_tokens=x.ndim == 3 and not channel_first)
 
     def to_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_tokens:
+            return x
         if self.single_token:
             return x.unsqueeze(1)
         if self.channel_first:
@@ -329,6 +333,8 @@ class TokenLayout:
 
     def from_tokens(self, t: torch.Tensor) -> torch.Tensor:
         """`(b, n, d)` features back to the input layout."""
+        if self.is_tokens:
+            return t
         if self.single_token:
             return t.squeeze(1)
         t = t.reshape(t.shape[0], *self.spatial, t.shape[-1])
@@ -336,6 +342,8 @@ class TokenLayout:
 
     def indices_from_tokens(self, t: torch.Tensor) -> torch.Tensor:
         """`(b, n, *extra)` indices or per-token values to `(b, *spatial, *extra)`."""
+        if self.is_tokens:
+            return t
         if self.single_token:
             return t.squeeze(1)
         return t.reshape(t.shape[0], *self.spatial, *t.shape[2:])
