@@ -372,3 +372,22 @@ def test_training_step_on_gpu_matches_cpu(kind, monkeypatch):
         torch.testing.assert_close(xg.grad.cpu(), xc.grad, atol=1e-5, rtol=1e-4)
     for (name, t), u in zip(cpu.state_dict().items(), gpu.state_dict().values()):
         torch.testing.assert_close(u.cpu().float(), t.float(), atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("kwargs", [dict(), dict(heads=2), dict(heads=2, separate_codebook_per_head=True)],
+                         ids=["one_head", "shared_heads", "separate_heads"])
+def test_perplexity_is_exp_entropy_of_the_batch_code_usage(train, kwargs):
+    """`perplexity`: exp(entropy) of the valid rows' code usage (per codebook, averaged over separate codebooks); in
+    training it comes from the EMA update's counts, outside training from the indices: the same value."""
+    vq = hf_vq.VectorQuantize(dim=8, codebook_size=16, decay=0.9, **kwargs).train(train)
+    x, mask = torch.randn(3, 20, 8), torch.rand(3, 20) > 0.3
+    out = vq(x, mask=mask)
+    heads = kwargs.get("heads", 1)
+    idx = out.indices.reshape(3, 20, heads)[mask]  # (valid rows, heads)
+    groups = idx.unbind(-1) if kwargs.get("separate_codebook_per_head") or heads == 1 else [idx.reshape(-1)]
+    want = []
+    for g in groups:
+        p = torch.bincount(g, minlength=16).float() / g.numel()
+        want.append(torch.exp(-(p * p.clamp(min=1e-10).log()).sum()))
+    torch.testing.assert_close(out.perplexity, torch.stack(want).mean())

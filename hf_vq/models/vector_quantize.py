@@ -615,8 +615,9 @@ class VectorQuantize(QuantizerModel):
         ema_update: bool | None = None,
         ema_update_weight: Tensor | Callable | None = None,
         accum_ema_update: bool = False,
-    ) -> None:
-        """EMA counts/sums (one fused all-reduce), codebook from EMA, then dead-code expiry.
+    ) -> Tensor | None:
+        """EMA counts/sums (one fused all-reduce), codebook from EMA, then dead-code expiry. Returns this batch's
+        code counts `(H, K)` on this rank (what the perplexity counts), or None when nothing was counted.
 
         `ema_update_weight` scales each code's EMA step (a tensor `(K,)`/`(heads, K)`, or a function of the
         batch's `(sums, counts)`); `accum_ema_update` only accumulates the batch statistics, which the next
@@ -625,13 +626,14 @@ class VectorQuantize(QuantizerModel):
         ema_update = c.resolved_ema_update if ema_update is None else ema_update
         has_dead = c.threshold_ema_dead_code > 0
         if not ema_update and not has_dead:
-            return
+            return None
         stats_input = flat
         if c.affine_param:
             codebook_std = cb.codebook_variance.clamp(min=1e-5).sqrt()
             batch_std = cb.batch_variance.clamp(min=1e-5).sqrt()
             stats_input = (flat - cb.batch_mean) * (codebook_std / batch_std) + cb.codebook_mean
         counts, sums = ema_ops.cluster_stats(stats_input, indices, c.codebook_size, mask)
+        local = counts.clone() if self._sync() else counts  # (the all-reduce sums in place)
         self._all_reduce(counts, sums)
         if callable(ema_update_weight):
             ema_update_weight = ema_update_weight(sums, counts)
@@ -641,12 +643,13 @@ class VectorQuantize(QuantizerModel):
             counts, sums = counts + pending[0], sums + pending[1]
         if accum_ema_update:
             self.__dict__["_pending_ema"] = (counts, sums)
-            return
+            return local
         ema_ops.ema_update_((cb.cluster_size, cb.embed_avg), (counts, sums), c.decay, ema_update_weight)
         if ema_update and not c.manual_ema_update:
             self.update_embed_from_ema()
         if has_dead:
             self.expire_codes(flat, mask)
+        return local
 
     @torch.no_grad()
     @torch.compiler.disable  # data-dependent (which codes, how many samples): runs eagerly, one graph break
@@ -817,7 +820,7 @@ class VectorQuantize(QuantizerModel):
             rows = self._quantize_rows(flat, flat_mask, temperature, freeze_codebook, input_requires_grad, B,
                                        target=target, ema_update=ema_update, ema_update_weight=ema_update_weight,
                                        accum_ema_update=accum_ema_update)
-            perplexity = _perplexity(rows.indices, c.codebook_size, flat_mask)
+            perplexity = _perplexity(rows.indices, c.codebook_size, flat_mask, rows.counts)
 
         if c.heads == 1:
             codes = rows.codes.reshape(b, n, -1)
@@ -888,7 +891,7 @@ class VectorQuantize(QuantizerModel):
         if c.affine_param:
             embed = self._affine_embed(embed)
 
-        inplace_loss = None
+        inplace_loss, counts = None, None
         if self.in_place_codebook_optimizer is not None and self.training and not freeze_codebook:
             codes, _ = self._quantize(flat, embed, temperature)
             inplace_loss = _masked_mse(codes, flat.detach(), flat_mask)
@@ -900,21 +903,22 @@ class VectorQuantize(QuantizerModel):
         if c.commitment_use_cross_entropy_loss or c.codebook_diversity_loss_weight > 0 or target is not None:
             embed = embed.clone()  # these losses score against the codebook as it was before the update
         if self.training and not freeze_codebook:
-            self._update_codebook(flat.detach(), code_ids, flat_mask, ema_update, ema_update_weight, accum_ema_update)
+            counts = self._update_codebook(flat.detach(), code_ids, flat_mask, ema_update, ema_update_weight,
+                                           accum_ema_update)
 
         if target is not None:
             H = flat.shape[0]
             valid = target >= 0 if flat_mask is None else (target >= 0) & flat_mask
             metric = "cosine" if c.use_cosine_sim else "euclidean"
             loss = _cross_entropy_to_codes(flat, embed.expand(H, -1, -1), metric, target.clamp(min=0), valid)
-            return _Rows(self._estimator(flat, codes, input_requires_grad), code_ids, loss, {}, inplace_loss)
+            return _Rows(self._estimator(flat, codes, input_requires_grad), code_ids, loss, {}, inplace_loss, counts)
         if self._rotation_and_commitment(flat_mask, input_requires_grad):
             # vqp's defaults: both read (flat, detached codes); one fused pass each way on CUDA
             rotated, commit = rotate_to_with_commitment(flat, codes.detach())
             loss, terms = self._losses(flat, codes, code_ids, embed, flat_mask, freeze_codebook, batch, commit)
-            return _Rows(rotated, code_ids, loss, terms, inplace_loss)
+            return _Rows(rotated, code_ids, loss, terms, inplace_loss, counts)
         loss, terms = self._losses(flat, codes, code_ids, embed, flat_mask, freeze_codebook, batch)
-        return _Rows(self._estimator(flat, codes, input_requires_grad), code_ids, loss, terms, inplace_loss)
+        return _Rows(self._estimator(flat, codes, input_requires_grad), code_ids, loss, terms, inplace_loss, counts)
 
     def _rotation_and_commitment(self, flat_mask: Tensor | None, input_requires_grad: bool) -> bool:
         """Whether `_estimator` is the rotation trick on detached codes and the commitment loss is the MSE to
@@ -1009,15 +1013,18 @@ class _Rows(NamedTuple):
     loss: Tensor
     loss_terms: dict[str, Tensor]
     inplace_loss: Tensor | None
+    counts: Tensor | None = None  # this batch's code counts `(H, K)` when the codebook update computed them
 
 
 @torch.no_grad()
-def _perplexity(indices: Tensor, num_codes: int, mask: Tensor | None) -> Tensor:
-    """`exp(entropy)` of code usage per head `(H, N)` (valid rows only), averaged over heads; by bincount."""
-    heads = indices.shape[0]
-    flat = (indices + torch.arange(heads, device=indices.device).unsqueeze(1) * num_codes).reshape(-1)
-    weights = None if mask is None else mask.reshape(-1).float()
-    counts = ema_ops.code_counts(flat, heads * num_codes, weights).view(heads, num_codes)
+def _perplexity(indices: Tensor, num_codes: int, mask: Tensor | None, counts: Tensor | None = None) -> Tensor:
+    """`exp(entropy)` of code usage per head `(H, N)` (valid rows only), averaged over heads; by bincount, unless
+    the codebook update already counted them (`counts (H, K)`)."""
+    if counts is None:
+        heads = indices.shape[0]
+        flat = (indices + torch.arange(heads, device=indices.device).unsqueeze(1) * num_codes).reshape(-1)
+        weights = None if mask is None else mask.reshape(-1).float()
+        counts = ema_ops.code_counts(flat, heads * num_codes, weights).view(heads, num_codes)
     prob = counts / counts.sum(-1, keepdim=True).clamp(min=1)
     return (-(prob * prob.clamp(min=1e-10).log()).sum(-1)).exp().mean()
 
