@@ -321,7 +321,8 @@ def test_training_levels_run_their_row_step_directly(kwargs):
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(use_cosine_sim=True), dict(affine_param=True), dict(ema_update=False), dict(learnable_codebook=True, ema_update=False),
+    dict(use_cosine_sim=True), dict(affine_param=True), dict(ema_update=False),
+    dict(learnable_codebook=True, ema_update=False),
     dict(stochastic_sample_codes=True), dict(codebook_diversity_loss_weight=0.1), dict(orthogonal_reg_weight=0.1),
     dict(commitment_use_cross_entropy_loss=True), dict(rotation_trick=False), dict(commitment_weight=0.0),
     dict(heads=2), dict(codebook_dim=8), dict(kmeans_init=True), dict(freeze_codebook=True),

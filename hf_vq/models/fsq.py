@@ -291,7 +291,8 @@ class FSQ(QuantizerModel):
         layout = TokenLayout.of(z, channel_first=True if c.channel_first else None)
         tokens = layout.to_tokens(z)
         if tokens.shape[-1] != self._in_dim:
-            raise ValueError(f"expected feature dim {self._in_dim}, got {tokens.shape[-1]} (input shape {tuple(z.shape)})")
+            raise ValueError(f"expected feature dim {self._in_dim}, got {tokens.shape[-1]} "
+                             f"(input shape {tuple(z.shape)})")
 
         if self.has_projections:  # (not calling the Identity modules: host time is most of a small FSQ step)
             tokens = self.project_in(tokens)

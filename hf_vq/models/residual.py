@@ -380,13 +380,12 @@ class ResidualVQ(ResidualQuantizerBase):
         quantized, commits, indices, counts, sums = residual_train_levels(flat, books)
         self._update_levels(levels, counts, sums, decay, eps)
         self._expire_levels(levels, flat, books, indices)
-        dropped = c.num_quantizers - len(levels)
         loss = commits * weight if weight != 1 else commits
-        indices = indices.t()
-        if dropped:
-            loss = torch.cat([loss, loss.new_zeros(dropped)])
-            indices = torch.cat([indices, indices.new_full((indices.shape[0], dropped), -1)], dim=1)
-        return quantized.view(residual.shape), indices.view(*residual.shape[:-1], -1), loss
+        all_indices = indices.new_full((flat.shape[0], c.num_quantizers), -1)  # dropped levels: -1, loss 0
+        all_indices[:, : len(levels)] = indices.t()
+        if len(levels) < c.num_quantizers:
+            loss = torch.cat([loss, loss.new_zeros(c.num_quantizers - len(levels))])
+        return quantized.view(residual.shape), all_indices.view(*residual.shape[:-1], -1), loss
 
     @staticmethod
     @torch.no_grad()
@@ -406,9 +405,9 @@ class ResidualVQ(ResidualQuantizerBase):
         thresholds = [fast_view(layer.config).threshold_ema_dead_code for layer in levels]
         if not any(t > 0 for t in thresholds):
             return
-        sizes = torch.stack([layer._codebook.cluster_size for layer in levels])
-        limit = torch.tensor(thresholds, dtype=sizes.dtype, device=sizes.device).view(-1, *[1] * (sizes.dim() - 1))
-        if not bool((sizes < limit).any()):  # the same on every rank: the sizes come from all-reduced statistics
+        smallest = torch.stack([layer._codebook.cluster_size.min() for layer in levels]).tolist()  # one host read
+        # (the same on every rank: the sizes come from all-reduced statistics)
+        if not any(size < t for size, t in zip(smallest, thresholds)):
             return
         for layer, threshold, inputs in zip(levels, thresholds, level_inputs(flat, books, indices)):
             if threshold > 0:

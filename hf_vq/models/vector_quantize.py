@@ -722,7 +722,8 @@ class VectorQuantize(QuantizerModel):
         if (c.use_cosine_sim or c.affine_param or not c.resolved_ema_update or c.manual_ema_update
                 or c.freeze_codebook or c.stochastic_sample_codes or c.codebook_diversity_loss_weight > 0
                 or c.orthogonal_reg_weight > 0 or self.in_place_codebook_optimizer is not None
-                or self.__dict__.get("_pending_ema") is not None or cb.embed.dtype != torch.float32 or not self._is_initted()):
+                or self.__dict__.get("_pending_ema") is not None or cb.embed.dtype != torch.float32
+                or not self._is_initted()):
             return None
         return cb.embed.detach()[0]
 

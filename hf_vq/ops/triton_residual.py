@@ -1,7 +1,7 @@
 """Residual quantization steps in one pass each (Triton).
 
-`residual_step_` (CUDA, PyTorch elsewhere): after a level's search, `codes = codebook[idx]`, `residual - codes` and `out + codes` are three passes over
-`(N, d)` (at ResidualVQ 8x1024 d128 N=2^17 on an H200: 81 + 49 + 48 us a level). The kernel reads each row's
+`residual_step_` (CUDA, PyTorch elsewhere): after a level's search, `codes = codebook[idx]`, `residual - codes`
+and `out + codes` are three passes over `(N, d)` (at ResidualVQ 8x1024 d128 N=2^17 on an H200: 81 + 49 + 48 us a level). The kernel reads each row's
 index, code, residual and running sum once and updates the last two in place: the same float32 values.
 Float32 only: Triton 3.9's CPU interpreter rounds float32 -> bfloat16 differently from PyTorch, so a
 low-precision variant could not be checked in CI; other dtypes take the PyTorch ops.
@@ -22,6 +22,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from .nearest import nearest_code, sq_norm
 from .triton_nearest import HAS_TRITON, kernel_ok
 from .triton_rotation import MAX_DIM, row_blocks
 
@@ -126,8 +127,6 @@ def _launch_step(r: Tensor, out: Tensor, book: Tensor, idx: Tensor, counts: Tens
 class _ResidualTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, books: Tensor, sq_norms: Tensor):
-        from .nearest import nearest_code  # (nearest imports this package's kernels)
-
         levels, num_codes, d = books.shape
         n = x.shape[0]
         r = x.detach().clone(memory_format=torch.contiguous_format)
@@ -170,7 +169,7 @@ def residual_train_levels(x: Tensor, books: Tensor) -> tuple[Tensor, Tensor, Ten
     EMA counts (L, K), EMA sums of r_l (L, K, d))`; the first two are differentiable in `x` (the rotation's
     gradient and the losses', as vqp's per-level modules give them), the others are not."""
     books = books.detach().contiguous()
-    return _ResidualTrain.apply(x, books, (books**2).sum(-1))
+    return _ResidualTrain.apply(x, books, sq_norm(books))
 
 
 @torch.no_grad()
