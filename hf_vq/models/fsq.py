@@ -22,7 +22,6 @@ from ..modeling_utils import (
     check_indices,
     register_quantizer,
 )
-from ..ops import estimators
 from ..ops import fsq as fsq_ops
 from ..ops import triton_fsq
 from ._config_view import fast_view
@@ -265,21 +264,12 @@ class FSQ(QuantizerModel):
                 codes = codes @ self.orthogonal_rot.t()
             return codes.flatten(-2).to(orig_dtype), indices
 
-    def _quantize_fused(self, z: Tensor, tokens: Tensor, layout: TokenLayout, c) -> tuple[Tensor, Tensor | None]:
-        """`(quantized in z's layout, indices | None)` by the kernel, on detached rows. The straight-through
-        gradient attaches where the graph enters the quantizer: `z` itself without projections, so the layout's
-        views stay out of the backward graph (each view node is engine time in a step this small)."""
-        src = tokens if self.has_projections else z
-        train = torch.is_grad_enabled() and src.requires_grad
-        with torch.no_grad():
-            codes, indices, slope = triton_fsq.fsq_quantize_fused(
-                tokens, *self._fused_tables(tokens.device), c.bound_hard_clamp, slope=train)
-            if not self.has_projections:
-                codes, slope = layout.from_tokens(codes), layout.from_tokens(slope) if train else None
-        if train:
-            codes = estimators.straight_through_scaled(src, codes, slope)
-        if self.has_projections:
-            codes = layout.from_tokens(self.project_out(codes))
+    def _quantize_fused(self, tokens: Tensor, c) -> tuple[Tensor, Tensor | None]:
+        """`(codes, indices | None)` of the token rows by the kernel, with the straight-through gradient in
+        training."""
+        codes, indices = triton_fsq.fsq_quantize_fused(
+            tokens, *self._fused_tables(tokens.device), c.bound_hard_clamp,
+            straight_through=tokens.requires_grad and torch.is_grad_enabled())
         return codes, indices if c.return_indices else None
 
     def forward(self, z: Tensor, return_dict: bool | None = None) -> FSQOutput | tuple:
@@ -297,13 +287,13 @@ class FSQ(QuantizerModel):
         if self.has_projections:  # (not calling the Identity modules: host time is most of a small FSQ step)
             tokens = self.project_in(tokens)
         if self._fused_ok(tokens, c):
-            quantized, indices = self._quantize_fused(z, tokens, layout, c)
+            codes, indices = self._quantize_fused(tokens, c)
         else:
             tokens = tokens.unflatten(-1, self._code_shape)
             if c.orthogonal_rotation:
                 tokens = tokens @ self.orthogonal_rot
             codes, indices = self._quantize_torch(tokens)
-            quantized = layout.from_tokens(self.project_out(codes) if self.has_projections else codes)
+        quantized = layout.from_tokens(self.project_out(codes) if self.has_projections else codes)
 
         if indices is not None:
             indices = layout.indices_from_tokens(indices)

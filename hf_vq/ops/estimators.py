@@ -14,16 +14,6 @@ def straight_through(x: Tensor, codes: Tensor) -> Tensor:
     return x + (codes - x).detach()
 
 
-def straight_through_scaled(x: Tensor, value: Tensor, slope: Tensor) -> Tensor:
-    """Value of `value`, gradient `slope * grad` to `x`: the straight-through estimator of an elementwise map whose
-    derivative before rounding is known (FSQ's bound). The product `x * slope` is recorded (its backward is one
-    multiply by `slope`, one autograd node: in a step this small each node is host time), then its value is
-    overwritten by `value` through a detached alias (the product's gradient never reads its output)."""
-    out = x * slope
-    out.detach().copy_(value)
-    return out
-
-
 def _unit(t: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     norm = t.norm(dim=-1, keepdim=True)
     return t / norm.clamp(min=eps), norm

@@ -3,7 +3,7 @@
 `fsq_quantize` (in `fsq.py`) is several elementwise kernels plus the index's; at 1M tokens each is a few
 microseconds of work behind its own launch, so the op is launch- and pass-bound. This kernel reads `z` once and
 writes the codes (in `z`'s dtype) and the int32 index, and in training the slope of the bound (the
-straight-through gradient of the round times the bound's derivative), which two C++ autograd ops apply. The same
+straight-through gradient of the round times the bound's derivative), which one C++ autograd op applies. The same
 float32 arithmetic as the PyTorch op, in the same order where it decides a rounding (`tanh(z + shift) * half_l -
 offset`, round half to even, `/ (L // 2)`); the per-dimension constants come from the PyTorch op's own formulas.
 """
@@ -96,22 +96,29 @@ def fsq_table(levels: Tensor, basis: Tensor, hard_clamp: bool, eps: float = 1e-3
 
 
 def fsq_quantize_fused(z: Tensor, tab: Tensor, basis: Tensor, hard_clamp: bool = False, *,
-                       slope: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
-    """`(codes in z's dtype, int32 indices (..., C), slope | None)` of `fsq_quantize` + `codes_to_indices` for
-    `z (..., C * d)` (C codebooks of `d = len(levels)` dims side by side), in one kernel (float32 inside). Not
-    differentiable: with `slope=True` it also returns d(code)/dz of the bound (in z's dtype), the straight-through
-    gradient that `estimators.straight_through_scaled` attaches with one C++ autograd op (a Python autograd
-    Function's backward cost more host time than the whole GPU step). `tab, basis` from `fsq_table`."""
+                       straight_through: bool = False) -> tuple[Tensor, Tensor]:
+    """`(codes in z's dtype, int32 indices (..., C))` of `fsq_quantize` + `codes_to_indices` for `z (..., C * d)`
+    (C codebooks of `d = len(levels)` dims side by side), in one kernel (float32 inside). `tab, basis` from
+    `fsq_table`.
+
+    With `straight_through=True` the codes carry FSQ's straight-through gradient to `z`: d(code)/dz of the bound
+    times the incoming gradient. That is recorded as the product `z * slope` (one C++ autograd node; a Python
+    autograd Function's backward costs more host time than the whole GPU step), and the kernel then writes the
+    codes over the product and the slope into the tensor the product saved for its backward: neither needs a
+    buffer or an op of its own. Otherwise the codes are not differentiable."""
     d = basis.numel()
     if z.shape[-1] % d:
         raise ValueError(f"last dim {z.shape[-1]} is not a multiple of the {d} levels")
-    z = z.detach().contiguous()
+    z = z.contiguous()
     m = z.numel() // d
-    q = torch.empty_like(z)
-    s = torch.empty_like(z) if slope else None
     idx = torch.empty((*z.shape[:-1], z.shape[-1] // d), dtype=torch.int32, device=z.device)
+    if straight_through:
+        slope = torch.empty_like(z)
+        q = z * slope  # contiguous like both operands; its value (from unset memory) is overwritten below
+    else:
+        slope, q = None, torch.empty_like(z)
     if m:
-        _fsq_fwd[(triton.cdiv(m, BLOCK),)](z, tab, basis, q, q if s is None else s, idx, m, d, HARD=hard_clamp,
-                                           EMULATE=_interpret(), WANT_SLOPE=slope, BLOCK=BLOCK, BD=tab.shape[1],
-                                           BE=triton.next_power_of_2(BLOCK * d))
-    return q, idx, s
+        _fsq_fwd[(triton.cdiv(m, BLOCK),)](z, tab, basis, q, q if slope is None else slope, idx, m, d,
+                                           HARD=hard_clamp, EMULATE=_interpret(), WANT_SLOPE=straight_through,
+                                           BLOCK=BLOCK, BD=tab.shape[1], BE=triton.next_power_of_2(BLOCK * d))
+    return q, idx

@@ -41,25 +41,28 @@ FSQ_CHECK = textwrap.dedent(
                 codes_equal=bool(torch.equal(res.quantized, qt)), indices_equal=bool(torch.equal(res.indices, it)),
                 dtype_ok=res.quantized.dtype == dt and res.indices.dtype == it.dtype,
                 grad_err=float((zf.grad.float() - zt.grad.float()).abs().max() / (zt.grad.float().abs().max() + 1e-12)))
-    # projections and a channel-first (image) input: the same module with the kernel and with the PyTorch ops
+    # channel-first (image) inputs, with and without projections: the same module with the kernel and with the
+    # PyTorch ops
     import os
-    torch.manual_seed(0)
-    m = hf_vq.FSQ(levels=[8, 5, 5, 5], dim=12, check_inputs=False).to(dev)
-    z = (torch.randn(2, 12, 5, 7, generator=g) * 2).to(dev)
-    res = {}
-    for disable in ("0", "1"):
-        os.environ["HF_VQ_DISABLE_TRITON"] = disable
-        m.zero_grad()
-        zz = z.clone().requires_grad_()
-        o = m(zz)
-        (o.quantized * torch.linspace(-1, 1, o.quantized.numel(), device=dev).view_as(o.quantized)).sum().backward()
-        res[disable] = (o.quantized.detach(), o.indices, zz.grad, m.project_in.weight.grad.clone())
-    os.environ.pop("HF_VQ_DISABLE_TRITON")
-    (qf, i_f, gf, wf), (qt, it, gt, wt) = res["0"], res["1"]
     rel = lambda a, b: float((a - b).abs().max() / (b.abs().max() + 1e-12))
-    out["projected-image"] = dict(codes_equal=bool(torch.equal(qf, qt)),
-                                  indices_equal=bool(torch.equal(i_f, it)), dtype_ok=qf.shape == z.shape,
-                                  grad_err=max(rel(gf, gt), rel(wf, wt)))
+    for name, dim in (("projected-image", 12), ("image", None)):
+        torch.manual_seed(0)
+        m = hf_vq.FSQ(levels=[8, 5, 5, 5], dim=dim, check_inputs=False).to(dev)
+        z = (torch.randn(2, dim or 4, 5, 7, generator=g) * 2).to(dev)
+        res = {}
+        for disable in ("0", "1"):
+            os.environ["HF_VQ_DISABLE_TRITON"] = disable
+            m.zero_grad()
+            zz = z.clone().requires_grad_()
+            o = m(zz)
+            w = torch.linspace(-1, 1, o.quantized.numel(), device=dev).view_as(o.quantized)
+            (o.quantized * w).sum().backward()
+            grads = [zz.grad] + ([m.project_in.weight.grad.clone()] if dim else [])
+            res[disable] = (o.quantized.detach(), o.indices, grads)
+        os.environ.pop("HF_VQ_DISABLE_TRITON")
+        (qf, i_f, gf), (qt, it, gt) = res["0"], res["1"]
+        out[name] = dict(codes_equal=bool(torch.equal(qf, qt)), indices_equal=bool(torch.equal(i_f, it)),
+                         dtype_ok=qf.shape == z.shape, grad_err=max(rel(a, b) for a, b in zip(gf, gt)))
     print("RESULT" + json.dumps(out))
     """
 )

@@ -56,19 +56,58 @@ TRAIN_CHECK = textwrap.dedent(
         return expire_codes(self, *a, **k)
     VectorQuantize.expire_codes = expire_spy
 
-    def run(model, xs, fused):
-        m = copy.deepcopy(model)
+    def step(m, x, fused, seed):
         ResidualVQ._fused_levels = spy if fused else (lambda *a, **k: None)
-        torch.manual_seed(1)
-        steps = []
-        for x in xs:
-            x = x.clone().requires_grad_()
-            o = m(x)
-            w = torch.randn(o.quantized.shape, device=x.device)  # (not randn_like: the layouts may differ)
-            lw = torch.arange(1, o.loss.numel() + 1, device=x.device, dtype=o.loss.dtype)
-            ((o.quantized * w).sum() + (o.loss * lw).sum()).backward()
-            steps.append((o.indices, o.quantized.detach(), o.loss.detach(), x.grad))
-        return m, steps
+        torch.manual_seed(seed)
+        x = x.clone().requires_grad_()
+        o = m(x)
+        w = torch.randn(o.quantized.shape, device=x.device)  # (not randn_like: the layouts may differ)
+        lw = torch.arange(1, o.loss.numel() + 1, device=x.device, dtype=o.loss.dtype)
+        ((o.quantized * w).sum() + (o.loss * lw).sum()).backward()
+        return o.indices.reshape(-1, levels), token_rows(o.quantized.detach()), o.loss.detach(), token_rows(x.grad)
+
+    def token_rows(t):  # (b, n, d) or channel-first (b, d, h, w) to (N, d)
+        return (t.movedim(1, -1) if t.ndim == 4 else t).reshape(-1, t.shape[1 if t.ndim == 4 else -1])
+
+    def near_tie(row, level, i, j, inputs, books):
+        # float64 distances of the reference's level input to both codes differ by float32 rounding only
+        d = ((inputs[level][row].double() - books[level][[i, j]].double()) ** 2).sum(-1)
+        return bool((d[0] - d[1]).abs() <= 1e-5 * d.max())
+
+    def compare(model, xs):
+        # Both paths step by step from the same state: the reference starts each step from the fused model's state
+        # (the two round the residuals differently in the last bits, so a float32 near tie may be chosen either
+        # way and change the state; restarting from one state keeps such a row from spreading). A row whose codes
+        # differ must be a near tie at its first differing level (checked in float64); the other rows' values and
+        # gradients are compared, and the losses and state on steps without such a row.
+        fused, ref = copy.deepcopy(model), copy.deepcopy(model)
+        inputs = []  # each level's input rows in the reference step
+        for layer in ref.layers:
+            layer.register_forward_pre_hook(lambda mod, args: inputs.append(token_rows(args[0].detach())))
+        r = dict(ties=0, untied=0, value=0.0, loss=0.0, grad=0.0, state=0.0)
+        err = lambda p, q: float((p - q).abs().max()) if p.numel() else 0.0
+        for seed, x in enumerate(xs):
+            ref.load_state_dict(fused.state_dict())
+            books = [layer._codebook.embed.detach()[0].clone() for layer in ref.layers]
+            inputs.clear()
+            p = step(fused, x, True, seed)
+            counted = len(expired)
+            q = step(ref, x, False, seed)
+            del expired[counted:]  # (the fused path's expiries only)
+            differ = p[0] != q[0]
+            for row in differ.any(1).nonzero().flatten().tolist():
+                level = int(differ[row].nonzero()[0])
+                tie = near_tie(row, level, int(p[0][row, level]), int(q[0][row, level]), inputs, books)
+                r["ties" if tie else "untied"] += 1
+            same = ~differ.any(1)
+            r["value"] = max(r["value"], err(p[1][same], q[1][same]))
+            r["grad"] = max(r["grad"], err(p[3][same], q[3][same]) / float(q[3].abs().max()))
+            if bool(same.all()):
+                r["loss"] = max(r["loss"], err(p[2], q[2]) / float(q[2].abs().max()))
+                r["state"] = max(r["state"], max(err(u, v) / (float(v.abs().max()) + 1e-6)  # (atomics: any order)
+                                                 for u, v in zip(fused.state_dict().values(), ref.state_dict().values())
+                                                 if v.is_floating_point()))
+        return r
 
     dim, levels, size, n = (128, 8, 1024, 4099) if dev == "cuda" else (16, 4, 32, 100)
     configs = dict(plain={}, dead_codes=dict(threshold_ema_dead_code=2),
@@ -84,18 +123,7 @@ TRAIN_CHECK = textwrap.dedent(
         if kw.get("accept_image_fmap"):
             xs = torch.randn(3, 2, dim, 5, n // 10, device=dev)
         used.clear(); expired.clear()
-        fused, a = run(model, xs, True)
-        n_expired = len(expired)
-        ref, b = run(model, xs, False)
-        err = lambda p, q: float((p - q).abs().max())
-        out[name] = dict(
-            used=used[:], expired=n_expired,
-            indices=all(torch.equal(p[0], q[0]) for p, q in zip(a, b)),
-            value=max(err(p[1], q[1]) for p, q in zip(a, b)),
-            loss=max(err(p[2], q[2]) / float(q[2].abs().max()) for p, q in zip(a, b)),
-            grad=max(err(p[3], q[3]) / float(q[3].abs().max()) for p, q in zip(a, b)),
-            state=max(err(p, q) / (float(q.abs().max()) + 1e-6)  # (EMA sums: atomics add in any order)
-                      for p, q in zip(fused.state_dict().values(), ref.state_dict().values()) if p.is_floating_point()))
+        out[name] = dict(compare(model, xs), used=used[:], expired=len(expired))
     print("RESULT" + json.dumps(out))
     """
 )
@@ -115,7 +143,7 @@ def _run(dev, env, check=CHECK):
 def _assert_train_levels(res):
     for name, r in res.items():
         assert r["used"] == ([False] * 3 if name == "cosine" else [True] * 3), (name, r)  # cosine: each level
-        assert r["indices"], (name, r)
+        assert r["untied"] == 0 and r["ties"] <= 2, (name, r)  # codes differ only at rare float32 near ties
         assert r["value"] < 1e-5 and r["loss"] < 1e-5 and r["grad"] < 1e-5 and r["state"] < 1e-5, (name, r)
     assert res["dead_codes"]["expired"] > 0 and res["plain"]["expired"] == 0, res
 
