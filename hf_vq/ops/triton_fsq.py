@@ -19,6 +19,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice
+    from triton.runtime import driver
 
     @triton.jit
     def _round_half_even(v):
@@ -51,7 +52,7 @@ if HAS_TRITON:
             slope = scale * (1.0 - t * t)
         return _round_half_even(bounded), hw, slope
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])  # (one compiled kernel for every row count: see `_launch`)
     def _fsq_fwd(Z, TAB, BASIS, Q, SLOPE, IDX, M, d: tl.constexpr, HARD: tl.constexpr, EMULATE: tl.constexpr,
                  WANT_SLOPE: tl.constexpr, BLOCK: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
         # codes: the block's BLOCK rows as one contiguous run of BLOCK * d elements (coalesced, vectorized)
@@ -118,7 +119,31 @@ def fsq_quantize_fused(z: Tensor, tab: Tensor, basis: Tensor, hard_clamp: bool =
     else:
         slope, q = None, torch.empty_like(z)
     if m:
-        _fsq_fwd[(triton.cdiv(m, BLOCK),)](z, tab, basis, q, q if slope is None else slope, idx, m, d,
-                                           HARD=hard_clamp, EMULATE=_interpret(), WANT_SLOPE=straight_through,
-                                           BLOCK=BLOCK, BD=tab.shape[1], BE=triton.next_power_of_2(BLOCK * d))
+        _launch(z, tab, basis, q, q if slope is None else slope, idx, m, d, hard_clamp, straight_through)
     return q, idx
+
+
+# `_fsq_fwd` compiled kernels, by everything Triton specializes them on (see `_launch`)
+_COMPILED: dict[tuple, object] = {}
+
+
+def _launch(z: Tensor, tab: Tensor, basis: Tensor, q: Tensor, slope: Tensor, idx: Tensor, m: int, d: int,
+            hard_clamp: bool, want_slope: bool) -> None:
+    """Run `_fsq_fwd` over `m` rows. The first launch of each specialization goes through Triton's JIT (argument
+    binding, specialization, cache lookup, compile); later ones call the compiled kernel itself, ~10 us less
+    host time in a training step of ~0.3 ms that is all host time (`benchmarks/RESULTS.md`). The key holds
+    what Triton specializes this kernel on: the constexprs, the tensors' dtypes (z's sets q's and slope's) and
+    16-byte alignment (the outputs and tables are fresh or cached allocations, always aligned; z may be a view),
+    and M's integer type (M itself is not specialized)."""
+    grid = (triton.cdiv(m, BLOCK), 1, 1)
+    consts = (d, hard_clamp, _interpret(), want_slope, BLOCK, tab.shape[1], triton.next_power_of_2(BLOCK * d))
+    args = (z, tab, basis, q, slope, idx, m)
+    if consts[2]:  # the interpreter has no compiled kernels
+        _fsq_fwd[grid](*args, *consts)
+        return
+    key = (z.device.index, z.dtype, z.data_ptr() % 16 == 0, m < 2**31, consts)
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        _COMPILED[key] = _fsq_fwd[grid](*args, *consts)
+    else:
+        compiled[grid](*args, *consts, stream=driver.active.get_current_stream(z.device.index))

@@ -20,27 +20,34 @@ FSQ_CHECK = textwrap.dedent(
     g = torch.Generator().manual_seed(0)
     out = {}
     dtypes = [torch.float32] + ([torch.bfloat16, torch.float16] if dev == "cuda" else [])
-    n = 4099 if dev == "cuda" else 61
-    for levels, hard, ncb in (([8, 8, 8, 5, 5, 5], False, 1), ([7, 5, 4], True, 1), ([3, 6, 9, 4], False, 2),
-                              ([5], False, 1)):
+    sizes = (4099, 1000, 33) if dev == "cuda" else (61, 9)  # (later sizes: the compiled kernel's direct launch)
+    cases = [(levels, hard, ncb, dt, n, offset)
+             for levels, hard, ncb in (([8, 8, 8, 5, 5, 5], False, 1), ([7, 5, 4], True, 1), ([3, 6, 9, 4], False, 2),
+                                       ([5], False, 1))
+             for dt in dtypes for n in sizes for offset in ((0, 1) if n == sizes[-1] else (0,))]
+    for levels, hard, ncb, dt, n, offset in cases:
         m = hf_vq.FSQ(levels=levels, bound_hard_clamp=hard, num_codebooks=ncb, check_inputs=False).to(dev)
-        for dt in dtypes:
-            z = (torch.randn(3, n, len(levels) * ncb, generator=g) * 2).to(dev, dt)
-            tokens = z.unflatten(-1, (ncb, len(levels)))
-            assert m._fused_ok(tokens, fast_view(m.config))
-            zf = z.clone().requires_grad_()
-            zt = z.clone().requires_grad_()
-            res = m(zf)
-            qt, it = m._quantize_torch(zt.unflatten(-1, (ncb, len(levels))))
-            if ncb == 1:
-                it = it.squeeze(-1)
-            w = torch.randn(res.quantized.shape, generator=g).to(dev)
-            (res.quantized.float() * w).sum().backward()
-            (qt.float() * w).sum().backward()
-            out[f"{levels}-{hard}-{dt}"] = dict(
-                codes_equal=bool(torch.equal(res.quantized, qt)), indices_equal=bool(torch.equal(res.indices, it)),
-                dtype_ok=res.quantized.dtype == dt and res.indices.dtype == it.dtype,
-                grad_err=float((zf.grad.float() - zt.grad.float()).abs().max() / (zt.grad.float().abs().max() + 1e-12)))
+        width = len(levels) * ncb
+        # offset: z starts one element into its buffer (a pointer Triton must not treat as 16-byte aligned)
+        buf = (torch.randn(3 * n * width + offset, generator=g) * 2).to(dev, dt).requires_grad_()
+        z = buf[offset:].view(3, n, width)
+        assert m._fused_ok(z, fast_view(m.config))
+        zt = z.detach().clone().requires_grad_()
+        res = m(z)
+        with torch.no_grad():
+            ev = m(z)  # (inference: no slope)
+        qt, it = m._quantize_torch(zt.unflatten(-1, (ncb, len(levels))))
+        if ncb == 1:
+            it = it.squeeze(-1)
+        w = torch.randn(res.quantized.shape, generator=g).to(dev)
+        (res.quantized.float() * w).sum().backward()
+        (qt.float() * w).sum().backward()
+        gf, gt = buf.grad[offset:].view_as(zt).float(), zt.grad.float()
+        out[f"{levels}-{hard}-{dt}-{n}-{offset}"] = dict(
+            codes_equal=bool(torch.equal(res.quantized, qt) and torch.equal(ev.quantized, qt)),
+            indices_equal=bool(torch.equal(res.indices, it) and torch.equal(ev.indices, it)),
+            dtype_ok=res.quantized.dtype == dt and res.indices.dtype == it.dtype,
+            grad_err=float((gf - gt).abs().max() / (gt.abs().max() + 1e-12)))
     # channel-first (image) inputs, with and without projections: the same module with the kernel and with the
     # PyTorch ops
     import os
