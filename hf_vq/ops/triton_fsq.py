@@ -134,11 +134,13 @@ def _launch(z: Tensor, tab: Tensor, basis: Tensor, q: Tensor, slope: Tensor, idx
     host time in a training step of ~0.3 ms that is all host time (`benchmarks/RESULTS.md`). The key holds
     what Triton specializes this kernel on: the constexprs, the tensors' dtypes (z's sets q's and slope's) and
     16-byte alignment (the outputs and tables are fresh or cached allocations, always aligned; z may be a view),
-    and M's integer type (M itself is not specialized)."""
+    and M's integer type (M itself is not specialized). Triton settings changed after a specialization's first
+    launch (e.g. its debug mode) do not reach that specialization."""
     grid = (triton.cdiv(m, BLOCK), 1, 1)
-    consts = (d, hard_clamp, _interpret(), want_slope, BLOCK, tab.shape[1], triton.next_power_of_2(BLOCK * d))
+    interpret = _interpret()
+    consts = (d, hard_clamp, interpret, want_slope, BLOCK, tab.shape[1], triton.next_power_of_2(BLOCK * d))
     args = (z, tab, basis, q, slope, idx, m)
-    if consts[2]:  # the interpreter has no compiled kernels
+    if interpret:  # (no compiled kernels)
         _fsq_fwd[grid](*args, *consts)
         return
     key = (z.device.index, z.dtype, z.data_ptr() % 16 == 0, m < 2**31, consts)
