@@ -1023,9 +1023,9 @@ def _perplexity(indices: Tensor, num_codes: int, mask: Tensor | None, counts: Te
     the codebook update already counted them (`counts (H, K)`)."""
     if counts is None:
         heads = indices.shape[0]
-        flat = (indices + torch.arange(heads, device=indices.device).unsqueeze(1) * num_codes).reshape(-1)
         weights = None if mask is None else mask.reshape(-1).float()
-        counts = ema_ops.code_counts(flat, heads * num_codes, weights).view(heads, num_codes)
+        counts = ema_ops.code_counts(ema_ops.head_code_ids(indices, num_codes), heads * num_codes, weights)
+        counts = counts.view(heads, num_codes)
     prob = counts / counts.sum(-1, keepdim=True).clamp(min=1)
     return (-(prob * prob.clamp(min=1e-10).log()).sum(-1)).exp().mean()
 

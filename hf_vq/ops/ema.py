@@ -21,6 +21,14 @@ def code_counts(flat: Tensor, num_bins: int, weights: Tensor | None = None) -> T
     return torch.bincount(flat, weights=weights, minlength=num_bins).to(torch.float32)
 
 
+def head_code_ids(indices: Tensor, num_codes: int) -> Tensor:
+    """`(H, N)` codes to `(H * N,)` ids in one flat space (`head * K + code`), so a single bincount/index_add_
+    serves every head."""
+    if indices.shape[0] == 1:
+        return indices.reshape(-1)
+    return (indices + torch.arange(indices.shape[0], device=indices.device).unsqueeze(1) * num_codes).reshape(-1)
+
+
 def cluster_stats(x: Tensor, indices: Tensor, num_codes: int, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-code counts and feature sums.
 
@@ -39,10 +47,7 @@ def cluster_stats(x: Tensor, indices: Tensor, num_codes: int, mask: Tensor | Non
         mask = None if mask is None else mask.unsqueeze(0)
     heads, _, dim = x.shape
     x = x.float()
-    # one flat index space (head * K + code) so a single bincount/index_add_ serves every head
-    flat = indices.reshape(-1)
-    if heads > 1:
-        flat = (indices + torch.arange(heads, device=x.device).unsqueeze(1) * num_codes).reshape(-1)
+    flat = head_code_ids(indices, num_codes)
     rows = x.reshape(-1, dim)
     weights = None
     if mask is not None:

@@ -1,8 +1,9 @@
 """Residual quantization steps in one pass each (Triton).
 
 `residual_step_` (CUDA, PyTorch elsewhere): after a level's search, `codes = codebook[idx]`, `residual - codes`
-and `out + codes` are three passes over `(N, d)` (at ResidualVQ 8x1024 d128 N=2^17 on an H200: 81 + 49 + 48 us a level). The kernel reads each row's
-index, code, residual and running sum once and updates the last two in place: the same float32 values.
+and `out + codes` are three passes over `(N, d)` (at ResidualVQ 8x1024 d128 N=2^17 on an H200: 81 + 49 + 48 us a
+level). The kernel reads each row's index, code, residual and running sum once and updates the last two in place:
+the same float32 values.
 Float32 only: Triton 3.9's CPU interpreter rounds float32 -> bfloat16 differently from PyTorch, so a
 low-precision variant could not be checked in CI; other dtypes take the PyTorch ops.
 
@@ -24,7 +25,7 @@ from torch import Tensor
 
 from .nearest import nearest_code, sq_norm
 from .triton_nearest import HAS_TRITON, kernel_ok
-from .triton_rotation import MAX_DIM, row_blocks
+from .triton_rotation import MAX_DIM, row_blocks, row_warps
 
 if HAS_TRITON:
     import triton
@@ -121,7 +122,7 @@ def _launch_step(r: Tensor, out: Tensor, book: Tensor, idx: Tensor, counts: Tens
     n, d = r.shape
     programs, block, bd = row_blocks(n, d)
     _train_step[(programs,)](r, out, book, idx, counts, sums, part, n, d, BLOCK=block, BD=bd, STATS=stats,
-                             num_warps=4 if bd <= 256 else 8)
+                             num_warps=row_warps(bd))
 
 
 class _ResidualTrain(torch.autograd.Function):
@@ -155,7 +156,7 @@ class _ResidualTrain(torch.autograd.Function):
         gx = torch.empty_like(x)
         programs, block, bd = row_blocks(n, d)
         _train_bwd[(programs,)](x, g_out, books, indices, g_loss, gx, 2.0 / x.numel(), n, d, num_codes, levels,
-                                BLOCK=block, BD=bd, num_warps=4 if bd <= 256 else 8)
+                                BLOCK=block, BD=bd, num_warps=row_warps(bd))
         return gx, None, None
 
 

@@ -100,9 +100,14 @@ def row_blocks(m: int, d: int) -> tuple[int, int, int]:
     return triton.cdiv(m, block), block, bd
 
 
+def row_warps(bd: int) -> int:
+    """Warps of a row-block program over padded dim `bd` (`row_blocks`)."""
+    return 4 if bd <= 256 else 8
+
+
 def _launch(kernel, m: int, d: int, *tensors: Tensor, commit: bool) -> None:
     programs, block, bd = row_blocks(m, d)
-    kernel[(programs,)](*tensors, m, d, BLOCK=block, BD=bd, COMMIT=commit, num_warps=4 if bd <= 256 else 8)
+    kernel[(programs,)](*tensors, m, d, BLOCK=block, BD=bd, COMMIT=commit, num_warps=row_warps(bd))
 
 
 class _Rotate(torch.autograd.Function):
