@@ -100,10 +100,10 @@ class QuantizerOutput(ModelOutput):
     loss: torch.Tensor | None = None
 
     # the order of the plain tuple the anchor implementation returns (`return_dict=False`)
-    seed_fields: ClassVar[tuple[str, ...]] = ("quantized", "indices", "loss")
+    tuple_fields: ClassVar[tuple[str, ...]] = ("quantized", "indices", "loss")
 
-    def to_seed_tuple(self) -> tuple:
-        return tuple(getattr(self, name) for name in self.seed_fields)
+    def to_tuple_output(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.tuple_fields)
 
     # ModelOutput re-reads `dataclasses.fields()` on every attribute write and re-checks the fields in
     # `__post_init__`: ~80 us per output on a 2-core host, more host time than a small quantizer's whole GPU step.
@@ -219,7 +219,7 @@ class QuantizerModel(PretrainedIOMixin, PreTrainedModel):
 
     def _output(self, output: QuantizerOutput, return_dict: bool | None):
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        return output if return_dict else output.to_seed_tuple()
+        return output if return_dict else output.to_tuple_output()
 
 
 def write_empty_weights_if_stateless(model: torch.nn.Module, weights_path: str) -> None:

@@ -78,7 +78,7 @@ def test_return_dict_false_gives_seed_tuple(name):
     torch.manual_seed(1)
     tup = model(x, return_dict=False)
     assert isinstance(tup, tuple)
-    _assert_same(tup, out.to_seed_tuple())
+    _assert_same(tup, out.to_tuple_output())
 
 
 class _QuantizerPipeline(DiffusionPipeline):

@@ -132,7 +132,7 @@ def test_eval_loss_is_zero_and_seed_tuples():
     (q, i, l), breakdown = lfq(x, return_dict=False, return_loss_breakdown=True)
     assert type(breakdown).__name__ == "LFQLossBreakdown" and breakdown._fields == (
         "per_sample_entropy", "batch_entropy", "commitment")
-    assert hf_vq.LFQOutput.seed_fields == ("quantized", "indices", "loss")
+    assert hf_vq.LFQOutput.tuple_fields == ("quantized", "indices", "loss")
 
 
 def test_force_quantization_f32_bf16_matches_vqp_and_keeps_dtype():

@@ -131,7 +131,7 @@ def keeps_codebook_axis(config) -> bool:
 class FSQOutput(QuantizerOutput):
     """Output of [`FSQ`]: `quantized` and `indices` (FSQ has no auxiliary loss, so `loss` is `None`)."""
 
-    seed_fields: ClassVar[tuple[str, ...]] = ("quantized", "indices")
+    tuple_fields: ClassVar[tuple[str, ...]] = ("quantized", "indices")
 
 
 @register_quantizer

@@ -156,7 +156,7 @@ def initial_values(level: int, device=None) -> Tensor:
 class LatentQuantizeOutput(QuantizerOutput):
     """Output of [`LatentQuantize`]: `quantized`, int32 `indices` and `loss` (0 in eval), the seed's tuple order."""
 
-    seed_fields: ClassVar[tuple[str, ...]] = ("quantized", "indices", "loss")
+    tuple_fields: ClassVar[tuple[str, ...]] = ("quantized", "indices", "loss")
 
 
 @register_quantizer

@@ -199,7 +199,7 @@ class LFQOutput(QuantizerOutput):
     loss_breakdown: LFQLossBreakdown | None = None
 
     # the seed's `Return(quantized, indices, entropy_aux_loss)`
-    seed_fields: ClassVar[tuple[str, ...]] = ("quantized", "indices", "loss")
+    tuple_fields: ClassVar[tuple[str, ...]] = ("quantized", "indices", "loss")
 
 
 class CosineSimLinear(nn.Module):
@@ -378,7 +378,7 @@ class LFQ(QuantizerModel):
         out = LFQOutput(quantized=quantized, indices=indices, loss=loss,
                         loss_breakdown=LFQLossBreakdown(*breakdown) if return_loss_breakdown else None)
         if return_dict is False or (return_dict is None and not c.return_dict):
-            seed = out.to_seed_tuple()
+            seed = out.to_tuple_output()
             return (seed, out.loss_breakdown) if return_loss_breakdown else seed
         return out
 

@@ -127,7 +127,7 @@ class ResidualOutput(QuantizerOutput):
 
     all_codes: Tensor | None = None
 
-    def to_seed_tuple(self) -> tuple:
+    def to_tuple_output(self) -> tuple:
         base = (self.quantized, self.indices) if self.loss is None else (self.quantized, self.indices, self.loss)
         return base if self.all_codes is None else (*base, self.all_codes)
 

@@ -52,7 +52,7 @@ class SgmQuantizerOutput(QuantizerOutput):
     cluster_usage: Tensor | None = None
     log_dict: dict | None = None
 
-    def to_seed_tuple(self) -> tuple:
+    def to_tuple_output(self) -> tuple:
         return self.quantized, self.log_dict
 
 
@@ -62,7 +62,7 @@ class TamingQuantizerOutput(SgmQuantizerOutput):
     N x K one-hot) is always `None`, as in diffusers; `perplexity` is computed (a bincount) where taming
     returns `None` for the hard quantizer, and is `None` for GumbelQuantize as in taming."""
 
-    def to_seed_tuple(self) -> tuple:
+    def to_tuple_output(self) -> tuple:
         return self.quantized, self.loss, (self.perplexity, None, self.indices)
 
 
@@ -567,15 +567,15 @@ class GumbelQuantize(GumbelQuantizer):
             return out
         # taming appends the logits only with the VQ interface (and ignores return_logits without it)
         if return_logits and self.config.use_vqinterface:
-            return (*out.to_seed_tuple(), logits)
-        return out.to_seed_tuple()
+            return (*out.to_tuple_output(), logits)
+        return out.to_tuple_output()
 
 
 @dataclass
 class GumbelQuantizeOutput(SgmQuantizerOutput):
     """taming GumbelQuantize without the VQ interface: `(z_q, loss, indices)`."""
 
-    def to_seed_tuple(self) -> tuple:
+    def to_tuple_output(self) -> tuple:
         return self.quantized, self.loss, self.indices
 
 

@@ -252,7 +252,7 @@ class VectorQuantizeOutput(QuantizerOutput):
     perplexity: Tensor | None = None
     loss_breakdown: LossBreakdown | None = None
 
-    seed_fields: ClassVar[tuple[str, ...]] = ("quantized", "indices", "loss")
+    tuple_fields: ClassVar[tuple[str, ...]] = ("quantized", "indices", "loss")
 
 
 class Codebook(nn.Module):
