@@ -35,9 +35,23 @@ def check_same_shapes(*tensors: Tensor) -> None:
         raise RuntimeError(f"codebook sync: ranks hold different shapes/dtypes: {gathered}")
 
 
+# Tensor layouts already checked against every rank, per process group. A quantizer's statistics have the same
+# shapes on every step, so the check's two all-gathers run on its first step only (and again when a shape changes).
+_checked_layouts: set[tuple] = set()
+
+
+def _layout_key(tensors: tuple[Tensor, ...]) -> tuple:
+    return (id(dist.group.WORLD), *((t.dtype, *t.shape) for t in tensors))
+
+
 def _check_layouts(tensors: tuple[Tensor, ...]) -> None:
     """A tiny all-gather of every tensor's shape before the big collective: a rank whose codebook differs in
-    shape fails with a clear error instead of hanging (or silently mixing mismatched buffers)."""
+    shape fails with a clear error instead of hanging (or silently mixing mismatched buffers). Runs once per
+    layout: every rank sees the same sequence of layouts when the configs agree, and a rank whose config differs
+    meets a layout it has not checked on its first step, where every rank checks it."""
+    key = _layout_key(tensors)
+    if key in _checked_layouts:
+        return
     dims = [d for t in tensors for d in (t.ndim, *t.shape)]
     local = torch.tensor([len(dims), *dims], dtype=torch.long, device=tensors[0].device)
     size = torch.tensor([local.numel()], device=local.device)
@@ -51,14 +65,22 @@ def _check_layouts(tensors: tuple[Tensor, ...]) -> None:
         shapes = [tuple(t.shape) for t in tensors]
         raise RuntimeError(f"codebook sync: rank {rank()} holds tensors of shapes {shapes}, which differ from "
                            "another rank's; every rank must build the quantizer with the same config")
+    _checked_layouts.add(key)
 
 
-def all_reduce_sum_(*tensors: Tensor) -> None:
-    """Sum tensors across ranks in place with one collective (flattened into one buffer), after checking
-    that every rank holds the same shapes."""
+def all_reduce_sum_(*tensors: Tensor, shapes_agreed: bool = False) -> None:
+    """Sum tensors across ranks in place with one collective (flattened into one buffer).
+
+    The first time a layout (the tensors' shapes and dtypes) is reduced, every rank's shapes are compared first;
+    `shapes_agreed=True` skips that for tensors whose shapes come from values the ranks already share (e.g. a
+    count that was broadcast)."""
     if not is_distributed() or not tensors:
         return
-    _check_layouts(tensors)
+    if not shapes_agreed:
+        _check_layouts(tensors)
+    if len(tensors) == 1 and tensors[0].dtype == torch.float32 and tensors[0].is_contiguous():
+        dist.all_reduce(tensors[0])
+        return
     flat = torch.cat([t.reshape(-1).float() for t in tensors])
     dist.all_reduce(flat)
     offset = 0

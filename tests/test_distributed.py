@@ -168,3 +168,60 @@ def test_single_process_helpers_are_no_ops():
     assert torch.equal(distributed.gather_variable(t), t)
     assert not distributed.is_distributed()
     distributed.assert_same_across_ranks(hf_vq.VectorQuantize(dim=4, codebook_size=8))
+
+
+_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list", "gather",
+                "scatter", "reduce", "barrier")
+
+
+def _count_collectives(monkeypatch_like: dict) -> dict:
+    """Wrap torch.distributed's collectives so every call is counted by name."""
+    counts = dict.fromkeys(_COLLECTIVES, 0)
+    for name in _COLLECTIVES:
+        original = getattr(dist, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch_like[name] = original
+        setattr(dist, name, counted)
+    return counts
+
+
+def _collective_count_worker(rank, world, init_file, out_dir, kind):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    originals = {}
+    try:
+        torch.manual_seed(0)
+        model = _counted_model(kind).train()
+        g = torch.Generator().manual_seed(rank)
+        model(torch.randn(2, 12, 8, generator=g))  # first step: layouts checked, k-means if any
+        counts = _count_collectives(originals)
+        for _ in range(3):
+            model(torch.randn(2, 12, 8, generator=g))
+        torch.save(counts, os.path.join(out_dir, f"counts{rank}.pt"))
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+        dist.destroy_process_group()
+
+
+def _counted_model(kind):
+    if kind == "vq":
+        return hf_vq.VectorQuantize(dim=8, codebook_size=16, decay=0.9)
+    if kind == "vq_kmeans":
+        return hf_vq.VectorQuantize(dim=8, codebook_size=16, decay=0.9, kmeans_init=True, kmeans_iters=2)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["vq", "vq_kmeans"])
+def test_a_training_step_issues_one_all_reduce(kind):
+    """After the first step (layout check, k-means init), a step's EMA statistics travel in one all-reduce and
+    nothing else is exchanged."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_collective_count_worker, args=(2, os.path.join(out_dir, "init"), out_dir, kind), nprocs=2, join=True)
+        counts = [torch.load(os.path.join(out_dir, f"counts{r}.pt"), weights_only=True) for r in range(2)]
+    for c in counts:
+        assert c["all_reduce"] == 3, c
+        assert sum(v for k, v in c.items() if k != "all_reduce") == 0, c
