@@ -43,6 +43,7 @@ from .models.residual import (
 )
 from .models.latent_quantize import LatentQuantize, LatentQuantizeConfig, LatentQuantizeOutput
 from .models.vq_autoencoder import VQAutoencoder
+from .models.fsp import FSP, FSPConfig, FSPOutput, build_cdf_act
 
 __version__ = "0.1.0"
 
