@@ -34,6 +34,7 @@ EXAMPLES = {
     "LFQ_projections": (dict(dim=16, codebook_size=2**8, num_codebooks=2, orthogonal_rotation=True), (2, 16, 4, 4)),
     "FSP": (dict(levels=[8, 5, 3], dim=6, quantize_rate=0.5, act_name="normal"), (2, 5, 6)),
     "FSP_inv_act": (dict(levels=[4, 3], channel_first=True, need_inv_act=True, vector_norm="kurt"), (2, 2, 3, 3)),
+    "BinaryMapper": (dict(bits=4, kl_loss_threshold=0.5), (2, 5, 4)),
 }
 
 
