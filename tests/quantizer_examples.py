@@ -35,6 +35,7 @@ EXAMPLES = {
     "FSP": (dict(levels=[8, 5, 3], dim=6, quantize_rate=0.5, act_name="normal"), (2, 5, 6)),
     "FSP_inv_act": (dict(levels=[4, 3], channel_first=True, need_inv_act=True, vector_norm="kurt"), (2, 2, 3, 3)),
     "BinaryMapper": (dict(bits=4, kl_loss_threshold=0.5), (2, 5, 4)),
+    "EvoLFQ": (dict(dim=8, codebook_size=2**4, pop_size=8, entropy_loss_weight=0.2), (2, 5, 8)),
 }
 
 
