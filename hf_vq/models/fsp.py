@@ -242,9 +242,9 @@ class FSP(QuantizerModel):
         """Quantize `z` of shape `(b, ..., dim)` (or `(b, dim, ...)` with `channel_first`). `eps` keeps values
         below 1 before binning (default: the input dtype's machine epsilon, as vqp). Returns [`FSPOutput`], or
         vqp's `(quantized, indices, norm_loss, other_info)` with `return_dict=False`."""
-        eps = eps or torch.finfo(z.dtype).eps
         if self.check_inputs:
             self._check_input(z)
+        eps = eps or torch.finfo(z.dtype).eps
         if self.channel_first:
             z = z.movedim(1, -1)
         lead_shape = z.shape[:-1]
