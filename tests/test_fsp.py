@@ -24,7 +24,8 @@ CONFIGS = [
 def _input(kwargs, seed=0):
     g = torch.Generator().manual_seed(seed)
     dim = kwargs.get("dim") or len(kwargs["levels"])
-    return torch.randn(2, dim, 3, 4, generator=g) if kwargs.get("channel_first") else torch.randn(2, 7, dim, generator=g)
+    shape = (2, dim, 3, 4) if kwargs.get("channel_first") else (2, 7, dim)
+    return torch.randn(*shape, generator=g)
 
 
 def _pair(kwargs):

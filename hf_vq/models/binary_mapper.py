@@ -186,7 +186,8 @@ class BinaryMapper(QuantizerModel):
         if not logits.is_floating_point():
             raise ValueError(f"logits must be a floating point tensor, got dtype {logits.dtype}")
         if logits.ndim < 1 or logits.shape[-1] != self.bits:
-            raise ValueError(f"logits must have a last dimension of {self.bits} (bits), got shape {tuple(logits.shape)}")
+            raise ValueError(f"logits must have a last dimension of {self.bits} (bits), "
+                             f"got shape {tuple(logits.shape)}")
 
     def forward(
         self,
