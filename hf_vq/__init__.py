@@ -43,6 +43,9 @@ from .models.residual import (
 )
 from .models.latent_quantize import LatentQuantize, LatentQuantizeConfig, LatentQuantizeOutput
 from .models.vq_autoencoder import VQAutoencoder
+from .models.fsp import FSP, FSPConfig, FSPOutput, build_cdf_act
+from .models.binary_mapper import BinaryMapper, BinaryMapperConfig, BinaryMapperOutput
+from .models.evo_lfq import EvoLFQ, EvoLFQConfig, EvoLFQOutput
 
 __version__ = "0.1.0"
 

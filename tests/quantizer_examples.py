@@ -32,6 +32,10 @@ EXAMPLES = {
     "GroupedResidualFSQ": (dict(dim=8, groups=2, levels=[5, 3], num_quantizers=2), (2, 10, 8)),
     "GroupedResidualLFQ": (dict(dim=8, groups=2, codebook_size=2**4, num_quantizers=2), (2, 10, 8)),
     "LFQ_projections": (dict(dim=16, codebook_size=2**8, num_codebooks=2, orthogonal_rotation=True), (2, 16, 4, 4)),
+    "FSP": (dict(levels=[8, 5, 3], dim=6, quantize_rate=0.5, act_name="normal"), (2, 5, 6)),
+    "FSP_inv_act": (dict(levels=[4, 3], channel_first=True, need_inv_act=True, vector_norm="kurt"), (2, 2, 3, 3)),
+    "BinaryMapper": (dict(bits=4, kl_loss_threshold=0.5), (2, 5, 4)),
+    "EvoLFQ": (dict(dim=8, codebook_size=2**4, pop_size=8, entropy_loss_weight=0.2), (2, 5, 8)),
 }
 
 
