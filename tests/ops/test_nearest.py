@@ -203,26 +203,33 @@ KERNEL_CHECK = textwrap.dedent(
     dev = sys.argv[1]
     g = torch.Generator().manual_seed(0)
     out = {}
-    cases = [  # (H, N, K, D, codebook heads, metric, dtype)
-        (1, 37, 45, 20, 1, "euclidean", torch.float32),
-        (2, 21, 19, 16, 2, "euclidean", torch.bfloat16),
-        (3, 18, 40, 33, 1, "cosine", torch.float32),
-        (1, 25, 3, 8, 1, "euclidean", torch.float16),
-        (2, 19, 70, 7, 1, "euclidean", torch.float16),
-        (1, 33, 17, 48, 1, "cosine", torch.bfloat16),
-        (1, 29, 32, 16, 1, "cosine", torch.float32),  # K a multiple of the block, D == BD: the unmasked loop
-        (2, 23, 48, 32, 1, "euclidean", torch.bfloat16),
+    BOTH, BF16 = ("bf16", "tf32"), ("bf16",)
+    # (H, N, K, D, codebook heads, metric, dtype, precisions, block): block None is launch_config's choice; a
+    # 3-tuple (BLOCK_N, BLOCK_K, BLOCK_D) with BLOCK_D below the padded dim reads the rows in feature slices
+    cases = [
+        (1, 37, 45, 20, 1, "euclidean", torch.float32, BOTH, None),
+        (2, 21, 19, 16, 2, "euclidean", torch.bfloat16, BOTH, None),
+        (3, 18, 40, 33, 1, "cosine", torch.float32, BOTH, None),
+        (1, 25, 3, 8, 1, "euclidean", torch.float16, BOTH, None),
+        (2, 19, 70, 7, 1, "euclidean", torch.float16, BOTH, None),
+        (1, 33, 17, 48, 1, "cosine", torch.bfloat16, BOTH, None),
+        (1, 29, 32, 16, 1, "cosine", torch.float32, BOTH, (16, 16)),  # K, D multiples of the tiles: no masks
+        (2, 23, 48, 32, 1, "euclidean", torch.bfloat16, BOTH, None),
+        (1, 21, 37, 300, 1, "euclidean", torch.float32, BOTH, None),  # D > 256: feature slices, K not a tile multiple
+        (2, 17, 40, 70, 1, "cosine", torch.float32, BOTH, (16, 16, 32)),  # sliced rows, D not a slice multiple
+        (1, 19, 32, 64, 1, "euclidean", torch.bfloat16, BF16, (16, 16, 32)),  # sliced rows, no masks
     ]
-    if dev == "cuda":  # odd and large shapes, several autotuned block sizes
+    if dev == "cuda":  # larger shapes with the launch configurations users get (each one compilation)
         cases += [
-            (1, 1001, 999, 129, 1, "euclidean", torch.float32),
-            (2, 513, 257, 7, 2, "euclidean", torch.bfloat16),
-            (1, 4097, 8192, 256, 1, "euclidean", torch.float32),
-            (3, 777, 1024, 128, 1, "euclidean", torch.float16),
-            (1, 2049, 4096, 64, 1, "cosine", torch.float32),
-            (1, 3000, 65536, 256, 1, "euclidean", torch.bfloat16),
+            (1, 1001, 999, 129, 1, "euclidean", torch.float32, BOTH, None),
+            (2, 513, 257, 7, 2, "euclidean", torch.bfloat16, BF16, None),
+            (1, 4097, 8192, 256, 1, "euclidean", torch.float32, BF16, None),
+            (1, 2049, 4096, 64, 1, "cosine", torch.float32, BF16, None),
+            (1, 3000, 65536, 256, 1, "euclidean", torch.bfloat16, BF16, None),
+            (1, 2001, 3001, 700, 1, "euclidean", torch.float32, BOTH, None),
+            (2, 1025, 2048, 2048, 1, "cosine", torch.float32, BF16, None),
         ]
-    for case_no, (H, N, K, D, HC, metric, dtype) in enumerate(cases):
+    for case_no, (H, N, K, D, HC, metric, dtype, precisions, blk) in enumerate(cases):
         x = torch.randn(H, N, D, generator=g)
         c = torch.randn(HC, K, D, generator=g)
         if case_no == 0:  # near-ties: duplicates and near-duplicates of codes, points next to codes
@@ -233,10 +240,9 @@ KERNEL_CHECK = textwrap.dedent(
             x, c = torch.nn.functional.normalize(x, dim=-1), torch.nn.functional.normalize(c, dim=-1)
         x, c = x.to(dtype).to(dev), c.to(dev)
         sqn = sq_norm(c)
-        blk = (64, 32) if dev == "cuda" else None  # fixed blocks: autotuning compiles every config (the benchmarks run it)
         ref_i, ref_s = _nearest_torch(x, c, sqn, metric)
         pack = bool(case_no % 2) and K <= 8192  # both selection layouts (lanes, packed keys) over the cases
-        for prec in ("bf16", "tf32"):
+        for prec in precisions:
             st = {}
             kw = dict(metric=metric, precision=prec, block=blk, pack=pack)
             codes_e, codes_r = torch.empty_like(x, dtype=c.dtype), torch.empty_like(x, dtype=c.dtype)
@@ -285,7 +291,7 @@ KERNEL_CHECK = textwrap.dedent(
     c[0, 128] = 1.0 + 2.0**-12
     x = torch.full((1, 5, 16), 1.5)
     x, c = x.to(dev), c.to(dev)
-    blk = (64, 32) if dev == "cuda" else None
+    blk = None
     for prec in ("bf16", "tf32") if dev == "cuda" else ("bf16",):  # the interpreter's tf32 dot is full fp32
         for pack in (False, True):
             out[f"lane-{prec}-{pack}"] = {
