@@ -126,6 +126,31 @@ if HAS_TRITON:
         return value, code, best, second
 
     @triton.jit
+    def _pop(best, best_code, second, second_code, lane, PACK: tl.constexpr, PROMOTE: tl.constexpr,
+             TILE_BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+        """`(score, code, best, best_code, second)` after popping each row's best lane (either layout)."""
+        if PACK:
+            value, code, best, second = _pop_packed(best, second, lane[None, :], PROMOTE, TILE_BITS, BLOCK_K)
+        else:
+            value, code, best, best_code, second = _pop_lanes(best, best_code, second, second_code, PROMOTE)
+        return value, code, best, best_code, second
+
+    @triton.jit
+    def _fold(value, code, r, q, win_r, win_q, win_t, win, runner_up, COSINE: tl.constexpr, PROVE: tl.constexpr):
+        """Fold a popped candidate (low-precision `value`, fp32 score `r` / value `q`) into the running winner
+        (higher `r`, then lower code). PROVE also keeps `runner_up`, the best lower-is-better fp32 score among the
+        candidates that lost (a duplicate of the winner's code excluded)."""
+        t = -q if COSINE else q
+        valid = value < float("inf")  # an empty lane pops +inf
+        takes = valid & ((r > win_r) | ((r == win_r) & (code < win)))
+        if PROVE:  # the displaced winner, or this candidate, joins the runners-up
+            loser_t = tl.where(takes, win_t, t)
+            loser_ok = tl.where(takes, win_r > float("-inf"), valid & (code != win))
+            runner_up = tl.where(loser_ok, tl.minimum(runner_up, loser_t), runner_up)
+        return (tl.where(takes, r, win_r), tl.where(takes, q, win_q), tl.where(takes, t, win_t),
+                tl.where(takes, code, win), runner_up)
+
+    @triton.jit
     def _low_dot(a, b, acc, BF16: tl.constexpr, EMULATE: tl.constexpr):
         """`acc + a @ b.T` in the search's precision: bf16 operands (EMULATE: the same rounded operands through
         an fp32 dot, for the CPU interpreter, whose bf16 dot is wrong) or tf32."""
@@ -306,38 +331,30 @@ if HAS_TRITON:
             rest, _ = _unpack(tl.min(second, axis=1), rows, TILE_BITS)
         else:
             rest = tl.min(second, axis=1)
-        first = tl.zeros([BLOCK_N], dtype=tl.float32)
-        last = tl.zeros([BLOCK_N], dtype=tl.float32)
-        win_r = tl.full([BLOCK_N], float("-inf"), tl.float32)  # fp32 score of the best candidate so far
+        # the first pop is the low-precision winner; with RESCORE the first POPS - 1 pops are re-scored in fp32
+        # (a runtime loop: one copy of the re-score code) and the last pop bounds every code never popped
+        value, code, best, best_code, second = _pop(best, best_code, second, second_code, lane, PACK, RERANK,
+                                                    TILE_BITS, BLOCK_K)
+        first = value
+        win = code
+        last = tl.minimum(value, rest)
         win_q = tl.zeros([BLOCK_N], dtype=tl.float32)
-        win = tl.zeros([BLOCK_N], dtype=tl.int32)
-        win_t = tl.full([BLOCK_N], float("inf"), tl.float32)  # its lower-is-better fp32 score
+        win_t = tl.full([BLOCK_N], float("inf"), tl.float32)  # the winner's lower-is-better fp32 score
         runner_up = tl.full([BLOCK_N], float("inf"), tl.float32)  # best lower-is-better score of the others
-        for j in tl.static_range(POPS):
-            if PACK:
-                value, code, best, second = _pop_packed(best, second, lane[None, :], RERANK, TILE_BITS, BLOCK_K)
-            else:
-                value, code, best, best_code, second = _pop_lanes(best, best_code, second, second_code, RERANK)
-            if j == 0:
-                first = value
-                win = code
-            if RESCORE and j < POPS - 1:
+        if RESCORE:
+            win_r = tl.full([BLOCK_N], float("-inf"), tl.float32)  # the winner's fp32 score (higher is better)
+            for j in range(POPS - 1):
+                if j > 0:
+                    value, code, best, best_code, second = _pop(best, best_code, second, second_code, lane, PACK,
+                                                                RERANK, TILE_BITS, BLOCK_K)
                 r, q = _rescore(X, CODES, CODE_SQ, x_sq, head, rows, row_mask, code, code_dim,
                                 stride_x_head, stride_x_row, stride_c_head, stride_c_code, stride_sq_head,
                                 COSINE, RERANK, BLOCK_N, BLOCK_R)
-                t = -q if COSINE else q
-                valid = value < float("inf")
-                takes = valid & ((r > win_r) | ((r == win_r) & (code < win)))
-                if PROVE:  # the displaced winner, or this candidate, joins the runners-up
-                    loser_t = tl.where(takes, win_t, t)
-                    loser_ok = tl.where(takes, win_r > float("-inf"), valid & (code != win))
-                    runner_up = tl.where(loser_ok, tl.minimum(runner_up, loser_t), runner_up)
-                win_r = tl.where(takes, r, win_r)
-                win_q = tl.where(takes, q, win_q)
-                win_t = tl.where(takes, t, win_t)
-                win = tl.where(takes, code, win)
-            if j == POPS - 1:
-                last = tl.minimum(value, rest)
+                win_r, win_q, win_t, win, runner_up = _fold(value, code, r, q, win_r, win_q, win_t, win, runner_up,
+                                                            COSINE, PROVE)
+            value, code, best, best_code, second = _pop(best, best_code, second, second_code, lane, PACK, RERANK,
+                                                        TILE_BITS, BLOCK_K)
+            last = tl.minimum(value, rest)
 
         if PROVE:
             # the error bound of the low-precision scores for this row (see the module docstring)
@@ -416,12 +433,16 @@ def launch_config(code_dim: int, n_codes: int, *, bf16: bool, mode: str, device:
                   block: tuple[int, ...] | None = None, pack: bool | None = None) -> LaunchConfig:
     """The launch configuration for a search (no autotuning: one compilation per specialization).
 
-    Rule, from sweeps over these candidates on an H200 (`benchmarks/bench_nearest.py --sweep`, RESULTS.md):
-    rows that fit `RESIDENT_DIM` stay on chip; 128 rows x 64 codes with 8 warps for bf16 (the widest tile whose
-    selection state stays in registers), 64 x 64 with 4 warps for tf32 (a 128-row fp32 tile leaves no room for
-    the codebook stages); wider rows are read in 64-feature slices with 128 x 64 tiles and 4 stages (bf16) or
-    32-feature slices with 64 x 64 (tf32). Packed keys where the tile bits allow and the feature dim is at most
-    64 (there the selection, not the dot, bounds the kernel). `block=(BLOCK_N, BLOCK_K[, BLOCK_D])` and `pack`
+    The rule comes from `benchmarks/bench_nearest.py --sweep` on an H200 (table in `benchmarks/RESULTS.md`), which
+    times a fixed set of candidates per (D, K): packed keys beat lane arrays wherever the tile bits allow them
+    (the selection is a large share of the kernel's work at every D), so they are used whenever they fit.
+    - Rows that fit `RESIDENT_DIM` stay on chip. bf16: 128 rows x 64 codes with 8 warps at padded D 256, 64 x 64
+      with 4 warps below; without packed keys (K above 2^9 tiles) 64 x 32 with 4 warps and 4 stages. tf32: 128 x
+      32 with 8 warps (the fp32 rows leave room for narrower codebook tiles only).
+    - Wider rows are read in 64-feature slices: 128 x 128 with 8 warps and 3 stages with packed keys (up to
+      K = 2^16), else 64 x 64 with 4 warps and 4 stages. tf32 (not swept): 64 x 64 in 32-feature slices, the
+      bf16 lane shape at the same bytes per stage.
+    Stages are then cut to what fits the device's shared memory. `block=(BLOCK_N, BLOCK_K[, BLOCK_D])` and `pack`
     override the rule (tests, sweeps)."""
     elt = 2 if bf16 else 4
     padded = padded_dim(code_dim)
@@ -432,20 +453,33 @@ def launch_config(code_dim: int, n_codes: int, *, bf16: bool, mode: str, device:
         resident = block_d >= padded
         block_d = padded if resident else block_d
         warps, stages = (4 if block_n * block_k <= 4096 else 8), 3
+        can_pack = _tile_bits(n_codes, block_k) <= PACK_MAX_BITS
     elif resident:
-        block_n, block_k, block_d = (128, 64, padded) if bf16 else (64, 64, padded)
-        warps, stages = (8, 3) if bf16 else (4, 3)
+        block_d = padded
+        can_pack = bf16 and _tile_bits(n_codes, 64) <= PACK_MAX_BITS
+        if not bf16:
+            block_n, block_k, warps, stages = 128, 32, 8, 3
+        elif not can_pack:
+            block_n, block_k, warps, stages = 64, 32, 4, 4
+        elif padded >= 256:
+            block_n, block_k, warps, stages = 128, 64, 8, 3
+        else:
+            block_n, block_k, warps, stages = 64, 64, 4, 3
     else:
-        block_n, block_k, block_d = (128, 64, 64) if bf16 else (64, 64, 32)
-        warps, stages = (8, 4) if bf16 else (4, 3)
+        can_pack = bf16 and _tile_bits(n_codes, 128) <= PACK_MAX_BITS
+        if not bf16:
+            block_n, block_k, block_d, warps, stages = 64, 64, 32, 4, 3
+        elif can_pack:
+            block_n, block_k, block_d, warps, stages = 128, 128, 64, 8, 3
+        else:
+            block_n, block_k, block_d, warps, stages = 64, 64, 64, 4, 4
     if interpreting():
         stages = 1
     else:
-        stages = _fit_stages(stages, block_n, block_k, block_d, resident, elt, shared_memory_bytes(device) - 8192)
-    fits = _tile_bits(n_codes, block_k) <= PACK_MAX_BITS
+        stages = _fit_stages(stages, block_n, block_k, block_d, resident, elt, shared_memory_bytes(device) - 1024)
     if pack is None:
-        pack = fits and padded <= 64
-    elif pack and not fits:
+        pack = can_pack
+    elif pack and _tile_bits(n_codes, block_k) > PACK_MAX_BITS:
         raise ValueError(f"pack=True needs at most 2^{PACK_MAX_BITS} codebook tiles of {block_k} codes, "
                          f"got K={n_codes}")
     return LaunchConfig(block_n, block_k, block_d, pack, warps, stages)
