@@ -64,7 +64,7 @@ def run_case(d: int, k: int, n: int, device: torch.device, iters: int, warmup: i
     c2 = nearest_ops.sq_norm(c3)
     xb, cb = x.bfloat16(), c.bfloat16()
 
-    def triton(mode: str, precision: str, stats: dict | None = None, topk: int = triton_nearest.TOPK):
+    def triton(mode: str, precision: str, stats: dict | None = None, topk: int = triton_nearest.CANDIDATES):
         return lambda: triton_nearest.nearest_code_triton(x3, c3, c2, mode=mode, precision=precision, stats=stats,
                                                           topk=topk)
 

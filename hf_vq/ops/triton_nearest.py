@@ -73,10 +73,6 @@ PACK_MAX_BITS = 9  # packed keys keep >= 14 of fp32's 23 mantissa bits
 CANDIDATES = 8  # candidates popped per row (4 or 8): the best 7 are re-scored in fp32, the 8th bounds the rest
 MODES = ("exact", "rerank", "fast")
 
-# compatibility names for callers of the earlier module layout
-_interpret = interpreting
-TOPK = CANDIDATES
-
 
 def available(x: Tensor) -> bool:
     """Whether `nearest_code` should use the kernel for `x` (any feature dim; under torch.compile through
@@ -195,7 +191,8 @@ if HAS_TRITON:
             r = -tl.sqrt_rn(q)  # what the reference compares (its sqrt makes ties)
         return r, q
 
-    @triton.jit
+    # sizes that change with the batch are not specialized on (a new batch size reuses the compiled kernel)
+    @triton.jit(do_not_specialize=["n_rows", "n_codes", "stride_x_head", "stride_xl_head"])
     def _nearest_kernel(
         X, X_LOW, CODES_LOW, CODES, CODE_SQ, CODE_STATS, X_SQ,
         OUT_INDEX, OUT_SCORE, OUT_FLAG, OUT_CODES,

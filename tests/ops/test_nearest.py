@@ -194,6 +194,34 @@ def test_packed_keys_refuse_codebooks_with_too_many_tiles():
         tn.nearest_code_triton(torch.randn(1, 3, 4), c, sq_norm(c), mode="rerank", block=(16, 16), pack=True)
 
 
+def test_launch_config_covers_every_dim_and_codebook_size():
+    """`launch_config` (the rule that replaces autotuning) gives a valid configuration for feature dims 4..2048 and
+    codebook sizes 256..2^17 in both precisions: rows resident exactly up to RESIDENT_DIM, else sliced; packed keys
+    only where the tile bits allow; the H200's shared memory (227 KiB) never exceeded by the stage buffers."""
+    tn = pytest.importorskip("hf_vq.ops.triton_nearest")
+    if not tn.HAS_TRITON:
+        pytest.skip("triton is not installed")
+    from hf_vq.ops.utils import padded_dim
+
+    smem = 227 * 1024
+    for d in (4, 7, 16, 33, 64, 100, 128, 255, 256, 257, 300, 512, 768, 1000, 1024, 2048):
+        for k in (256, 1000, 8192, 65536, 2**17):
+            for bf16 in (True, False):
+                cfg = tn.launch_config(d, k, bf16=bf16, mode="rerank")
+                resident = padded_dim(d) <= tn.RESIDENT_DIM
+                assert (cfg.block_d >= padded_dim(d)) == resident, (d, k, bf16, cfg)
+                assert not resident or cfg.block_d == padded_dim(d)
+                assert not cfg.pack or tn._tile_bits(k, cfg.block_k) <= tn.PACK_MAX_BITS, (d, k, cfg)
+                elt = 2 if bf16 else 4
+                rows = cfg.block_n * cfg.block_d * elt
+                stage = cfg.block_k * cfg.block_d * elt + (0 if resident else rows)
+                assert (rows if resident else 0) + cfg.num_stages * stage <= smem, (d, k, bf16, cfg)
+                assert cfg.num_stages >= 1 and cfg.num_warps in (4, 8)
+    assert not tn.launch_config(256, 2**17, bf16=True, mode="rerank").pack  # 2^11 tiles: lane arrays
+    with pytest.raises(ValueError, match="pack=True needs at most"):
+        tn.launch_config(256, 2**17, bf16=True, mode="rerank", pack=True)
+
+
 # ---------------------------------------------------------------- Triton kernel vs the PyTorch reference
 KERNEL_CHECK = textwrap.dedent(
     """
@@ -302,6 +330,11 @@ KERNEL_CHECK = textwrap.dedent(
         xb, cb = torch.randn(30, 16, generator=g).bfloat16(), torch.randn(33, 16, generator=g)
         out["dispatch"] = bool(torch.equal(nearest_code(xb, cb, mode="exact")[0],
                                            _nearest_torch(xb[None], cb[None], None, "euclidean")[0][0]))
+        # a feature dim above the resident rows' limit takes the kernel too (rows read in feature slices)
+        xw, cw = torch.randn(2, 9, 260, generator=g), torch.randn(21, 260, generator=g)
+        assert tn.available(xw)
+        out["dispatch_wide"] = bool(torch.equal(nearest_code(xw, cw, mode="exact")[0],
+                                                _nearest_torch(xw, cw[None], None, "euclidean")[0]))
     print("RESULT" + json.dumps(out))
     """
 )
@@ -309,6 +342,7 @@ KERNEL_CHECK = textwrap.dedent(
 
 def _check_kernel_results(res):
     assert res.pop("dispatch", True)
+    assert res.pop("dispatch_wide", True)
     for prec in ("bf16", "tf32"):
         assert res.pop(f"top4-{prec}"), prec
     for prec in ("bf16", "tf32") if "lane-tf32-True" in res else ("bf16",):
