@@ -211,7 +211,7 @@ def test_launch_config_covers_every_dim_and_codebook_size():
                 resident = padded_dim(d) <= tn.RESIDENT_DIM
                 assert (cfg.block_d >= padded_dim(d)) == resident, (d, k, bf16, cfg)
                 assert not resident or cfg.block_d == padded_dim(d)
-                assert not cfg.pack or tn._tile_bits(k, cfg.block_k) <= tn.PACK_MAX_BITS, (d, k, cfg)
+                assert not cfg.pack or tn.tile_bits(k, cfg.block_k) <= tn.PACK_MAX_BITS, (d, k, cfg)
                 elt = 2 if bf16 else 4
                 rows = cfg.block_n * cfg.block_d * elt
                 stage = cfg.block_k * cfg.block_d * elt + (0 if resident else rows)
