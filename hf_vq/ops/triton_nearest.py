@@ -168,8 +168,8 @@ if HAS_TRITON:
         for d0 in range(0, code_dim, BLOCK_R):
             cols = d0 + tl.arange(0, BLOCK_R)
             mask = row_mask[:, None] & (cols < code_dim)[None, :]
-            xv = tl.load(X + head * stride_x_head + rows[:, None] * stride_x_row + cols[None, :], mask=mask,
-                         other=0.0).to(tl.float32)
+            xv = tl.load(X + head.to(tl.int64) * stride_x_head + rows.to(tl.int64)[:, None] * stride_x_row
+                         + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             cv = tl.load(CODES + head * stride_c_head + code[:, None] * stride_c_code + cols[None, :], mask=mask,
                          other=0.0)
             if RERANK and not COSINE:
@@ -230,8 +230,9 @@ if HAS_TRITON:
         head = tl.program_id(1)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < n_rows
-        x_rows = X + head * stride_x_head + rows[:, None] * stride_x_row
-        xl_rows = X_LOW + head * stride_xl_head + rows[:, None] * stride_xl_row
+        rows64 = rows.to(tl.int64)[:, None]  # row offsets in int64: heads x rows x features can pass 2^31
+        x_rows = X + head.to(tl.int64) * stride_x_head + rows64 * stride_x_row
+        xl_rows = X_LOW + head.to(tl.int64) * stride_xl_head + rows64 * stride_xl_row
         cols = tl.arange(0, BLOCK_D)
 
         # row norms: |x|^2 (returned distances), and for the error bound the norms of x~ and of x - x~
