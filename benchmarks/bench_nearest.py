@@ -3,12 +3,13 @@
     python benchmarks/bench_nearest.py               # GPU: d256 K8192 N=2^18 and d256 K65536 N=2^17
     python benchmarks/bench_nearest.py --cpu-smoke   # tiny sizes on the CPU (checks the script, no kernel)
     TRITON_INTERPRET=1 python benchmarks/bench_nearest.py --cpu-smoke   # also the kernel rows, interpreted
+    python benchmarks/bench_nearest.py --sweep       # GPU: launch configurations per (D, K), for launch_config
 
 Rows: the Triton kernel's modes (`rerank`: low-precision candidates re-ranked in fp32; `exact`: plus the margin
 check and the reference fallback for unproven rows; `fast`: the low-precision argmin), bf16 or tf32 dots, top-4 or
 top-8 candidates, hf_vq's chunked PyTorch reference (`HF_VQ_DISABLE_TRITON` path), plain PyTorch fp32
 `addmm + argmin` on the materialized N x K matrix, and the bf16 GEMM alone (a floor: no argmin, no exactness).
-Times are CUDA-event medians after warmup (autotuning happens in the warmup); peak memory is what the call
+Times are CUDA-event medians after warmup (compilation happens in the warmup); peak memory is what the call
 allocates above the inputs. Agreement: share of the first 4,096 rows whose index equals the float64 argmin
 (and, separately, the fp32 reference's). Inputs fp32; `--data randn|clustered|both` (default both).
 """
@@ -63,7 +64,7 @@ def run_case(d: int, k: int, n: int, device: torch.device, iters: int, warmup: i
     c2 = nearest_ops.sq_norm(c3)
     xb, cb = x.bfloat16(), c.bfloat16()
 
-    def triton(mode: str, precision: str, stats: dict | None = None, topk: int = triton_nearest.TOPK):
+    def triton(mode: str, precision: str, stats: dict | None = None, topk: int = triton_nearest.CANDIDATES):
         return lambda: triton_nearest.nearest_code_triton(x3, c3, c2, mode=mode, precision=precision, stats=stats,
                                                           topk=topk)
 
@@ -121,13 +122,77 @@ def run_case(d: int, k: int, n: int, device: torch.device, iters: int, warmup: i
         print("\n(no Triton kernel rows: needs CUDA and triton, and HF_VQ_DISABLE_TRITON unset)")
 
 
+# (D, K, N, precision, mode) of the sweep, and the configurations it tries: (BLOCK_N, BLOCK_K, BLOCK_D or None for
+# resident rows, pack, warps, stages)
+SWEEP_CASES = [
+    (32, 8192, 2**18, "bf16", "rerank"), (128, 1024, 2**17, "bf16", "rerank"), (256, 8192, 2**18, "bf16", "rerank"),
+    (256, 65536, 2**17, "bf16", "rerank"), (256, 8192, 2**18, "tf32", "rerank"), (512, 16384, 2**16, "bf16", "rerank"),
+    (768, 2048, 2**17, "bf16", "rerank"), (1024, 1024, 2**16, "bf16", "exact"), (2048, 4096, 2**16, "bf16", "rerank"),
+]
+RESIDENT_CONFIGS = [(128, 64, None, False, 8, 3), (128, 64, None, True, 8, 3), (64, 64, None, False, 4, 3),
+                    (128, 32, None, False, 8, 3), (64, 32, None, False, 4, 4), (64, 64, None, True, 4, 3)]
+SLICED_CONFIGS = [(128, 64, 64, False, 8, 4), (128, 128, 64, False, 8, 3), (128, 128, 64, True, 8, 3),
+                  (64, 128, 64, False, 4, 3), (128, 64, 128, False, 8, 3), (64, 64, 64, False, 4, 4),
+                  (128, 64, 32, False, 8, 5), (256, 64, 64, True, 8, 3)]
+
+
+def sweep(device: torch.device) -> None:
+    """Time each candidate configuration of `_nearest_kernel` per case (the data behind `launch_config`'s rule):
+    median ms (`triton.testing.do_bench`), agreement with float64 on 4,096 rows, and which one the rule picks."""
+    import time
+
+    import triton
+
+    from hf_vq.ops.utils import padded_dim
+
+    chosen_fn = triton_nearest.launch_config
+    print("| D | K | N | prec | mode | BLOCK_N x BLOCK_K x BLOCK_D | pack | warps | stages | first call s | ms | "
+          "agree f64 | rule |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for d, k, n, prec, mode in SWEEP_CASES:
+        x, c = make_data(d, k, n, device, "randn")
+        x3, c3, c2 = x[None], c[None], (c * c).sum(-1)[None]
+        rows = min(CHECK_ROWS, n)
+        d64 = torch.cdist(x[:rows].double(), c.double())
+        rule = chosen_fn(d, k, bf16=prec == "bf16", mode=mode, device=device)
+        resident = padded_dim(d) <= triton_nearest.RESIDENT_DIM
+        for bn, bk, bd, pack, warps, stages in RESIDENT_CONFIGS if resident else SLICED_CONFIGS:
+            if pack and (triton.cdiv(k, bk) - 1).bit_length() > triton_nearest.PACK_MAX_BITS:
+                continue
+            cfg = triton_nearest.LaunchConfig(bn, bk, bd or padded_dim(d), pack, warps, stages)
+            triton_nearest.launch_config = lambda *a, _cfg=cfg, **kw: _cfg
+            try:
+                fn = lambda: triton_nearest.nearest_code_triton(x3, c3, c2, mode=mode, precision=prec)
+                t0 = time.perf_counter()
+                idx = fn()[0][0, :rows]
+                torch.cuda.synchronize()
+                first = time.perf_counter() - t0
+                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                agree = (d64.gather(1, idx[:, None])[:, 0] == d64.amin(1)).float().mean().item()
+                note = "**rule**" if cfg == rule else ""
+                print(f"| {d} | {k} | {n} | {prec} | {mode} | {bn} x {bk} x {cfg.block_d} | {pack} | {warps} | "
+                      f"{stages} | {first:.2f} | {ms:.3f} | {agree:.4f} | {note} |", flush=True)
+            except Exception as e:  # out of shared memory or registers: report and go on
+                print(f"| {d} | {k} | {n} | {prec} | {mode} | {bn} x {bk} x {cfg.block_d} | {pack} | {warps} | "
+                      f"{stages} | — | failed: {type(e).__name__} {str(e)[:60]} | | |", flush=True)
+            finally:
+                triton_nearest.launch_config = chosen_fn
+        print(f"| {d} | {k} | {n} | {prec} | {mode} | rule: {rule} | | | | | | | |", flush=True)
+        del x, c, x3, c3, d64
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (checks the script)")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--data", choices=["randn", "clustered", "both"], default="both")
+    p.add_argument("--sweep", action="store_true", help="time launch configurations per (D, K) (GPU)")
     args = p.parse_args()
+    if args.sweep:
+        sweep(torch.device("cuda"))
+        return
     if args.cpu_smoke:
         device, cases = torch.device("cpu"), CPU_CASES
         if os.environ.get("TRITON_INTERPRET") == "1":

@@ -3,9 +3,9 @@
     python benchmarks/bench_selection_layout.py                # GPU: the three workloads below
     TRITON_INTERPRET=1 python benchmarks/bench_selection_layout.py --cpu-smoke   # tiny shapes, interpreted
 
-For each workload and mode (`rerank`, `exact`), the kernel autotuned with the lane arrays only
-(`pack=False`), with packed keys only (`pack=True`), and with both layouts in its search (the default): the
-median time (CUDA events, autotuning in the warmup), the autotuner's choice, the share of the first 16,384 rows
+For each workload and mode (`rerank`, `exact`), the kernel with the lane arrays only (`pack=False`), with packed
+keys only (`pack=True`), and with `launch_config`'s choice (the default): the median time (CUDA events,
+compilation in the warmup), the launch configuration, the share of the first 16,384 rows
 whose index is a float64 nearest code (exact ties count as agreeing), and exact mode's fallback rows.
 Workloads: cosine cdim 32 K8192 (the cosine VQ row of bench_vs_vqp; unit vectors), euclidean d256 K8192 and
 d128 K1024 (a ResidualVQ level), randn data.
@@ -44,7 +44,7 @@ def main() -> None:
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes (the kernel runs under TRITON_INTERPRET=1)")
     args = p.parse_args()
     device = torch.device("cpu" if args.cpu_smoke or not torch.cuda.is_available() else "cuda")
-    if device.type == "cpu" and not tn._interpret():
+    if device.type == "cpu" and not tn.interpreting():
         raise SystemExit("the kernel needs a GPU, or TRITON_INTERPRET=1 with --cpu-smoke")
     print("| workload | mode | layout | ms | autotuned config | agree | fallback rows |")
     print("|---|---|---|---|---|---|---|")
@@ -56,15 +56,13 @@ def main() -> None:
             x, c = torch.nn.functional.normalize(x, dim=-1), torch.nn.functional.normalize(c, dim=-1)
         c2 = nearest_ops.sq_norm(c)
         for mode in ("rerank", "exact"):
-            for label, pack in (("lanes", False), ("packed keys", True), ("autotuned", None)):
+            for label, pack in (("lanes", False), ("packed keys", True), ("launch_config", None)):
                 stats: dict = {}
                 call = lambda: tn.nearest_code_triton(x, c, c2, metric=metric, mode=mode, pack=pack,  # noqa: E731
                                                       stats=stats)
                 idx = call()[0]
                 ms = measure(call, device, iters=20).ms
-                choice = next((v for key, v in reversed(tn._best_configs.items())
-                               if key[1] == ((False, True) if pack is None else (pack,)) and key[2:4] == (k, d)), None)
-                cfg = "—" if choice is None else f"{choice.kwargs} w{choice.num_warps} s{choice.num_stages}"
+                cfg = tn.launch_config(d, k, bf16=True, mode=mode, device=device, pack=pack)
                 print(f"| {metric} d{d} K{k} N={n} | {mode} | {label} | {fmt(ms, '.3f')} | {cfg} | "
                       f"{agreement(idx, x, c, metric):.5f} | {stats.get('fallback_rows', 0)} |", flush=True)
 

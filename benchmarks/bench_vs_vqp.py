@@ -1,6 +1,12 @@
 """hf_vq vs vector-quantize-pytorch 1.32, side by side in one run: time, tokens/s, peak memory.
 
     python benchmarks/bench_vs_vqp.py [--quick] [--only SUBSTRING ...] [--repeat N] [--out RESULTS_TABLE.md]
+    python benchmarks/bench_vs_vqp.py --matrix [--quick] [--only SUBSTRING ...]   # the configuration grid
+
+`--matrix` runs the grid of `vqp_matrix.py` (feature dims 4..2048, codebook sizes 256..2^17, heads, projections,
+cosine, channel-first image/video, bf16 input, residual and grouped classes, every scalar quantizer; eval and
+train) and the first-call times of `first_call.py` (fresh processes, empty then warm Triton cache), and prints one
+table with the speedups and the worst one.
 
 Every row builds both modules with the same config, copies vqp's state into hf_vq where both hold state,
 runs the same input, and reports the median time (CUDA events) and the peak memory above the inputs. On
@@ -262,15 +268,39 @@ def _triton_version() -> str:
     return triton.__version__
 
 
+def _run_matrix(device, quick: bool, only: list[str] | None, out: str | None) -> None:
+    import first_call
+    import vqp_matrix
+
+    results = vqp_matrix.run_matrix(device, quick, _measure_pair, only)
+    first_calls = []
+    if device.type == "cuda" and not only:
+        for name in ("VectorQuantize d256 K8192", "VectorQuantize d1024 K4096", "ResidualVQ 8x1024 d128",
+                     "FSQ [8,8,8,5,5,5]"):
+            first_calls.append((name, *first_call.cold_and_warm(name)))
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    header = (f"{datetime.date.today()} — {name}, torch {torch.__version__}, vector-quantize-pytorch "
+              f"{getattr(vqp, '__version__', '1.32.0')}, triton {_triton_version()}, hf_vq {hf_vq.__version__}")
+    text = header + "\n\n" + vqp_matrix.matrix_table(results, first_calls) + "\n"
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes (CPU smoke test)")
     parser.add_argument("--only", nargs="*", default=None, help="run the rows whose name contains one of these")
     parser.add_argument("--out", default=None, help="also write the table (with a header) to this file")
+    parser.add_argument("--matrix", action="store_true", help="the configuration grid (vqp_matrix.py) and first calls")
     parser.add_argument("--repeat", type=int, default=1,
                         help="measure each row this many times, hf_vq and vqp alternating, and report the medians")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.matrix:
+        _run_matrix(device, args.quick or device.type == "cpu", args.only, args.out)
+        return
     rows = run_rows(device, args.quick or device.type == "cpu", args.only, args.repeat)
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     header = (

@@ -15,7 +15,7 @@ Bit-parity with vqp holds at vqp's own shape (one chunk): some CPU BLAS (seen: A
 GEMM differently by its row count (~4e-6 at d24), so with smaller chunks a near-tie inside that rounding can
 go to the other code (never a worse one).
 
-CUDA path: the fused Triton kernel of `triton_nearest` (never an `N x K` matrix). Its mode is the `mode`
+CUDA path: the fused Triton kernel of `triton_nearest` (never an `N x K` matrix; any feature dim). Its mode is the `mode`
 argument, else the environment variable `HF_VQ_NEAREST_MODE`, else `"rerank"`:
 
 - `"rerank"` (default): bf16 scores pick the best 7 candidates per row, fp32 `|x - c|^2` (summed from the
@@ -50,7 +50,7 @@ DEFAULT_MODE = "rerank"
 
 
 def resolve_mode(mode: str | None = None, exact: bool | None = None) -> str:
-    """The kernel mode: `exact=True/False` (older spelling) > `mode` > `$HF_VQ_NEAREST_MODE` > `"rerank"`."""
+    """The kernel mode: `exact=True/False` > `mode` > `$HF_VQ_NEAREST_MODE` > `"rerank"`."""
     if exact is not None:
         return "exact" if exact else "fast"
     mode = mode or os.environ.get(MODE_ENV) or DEFAULT_MODE
@@ -205,7 +205,7 @@ def nearest_code(
         metric: `"euclidean"` (argmin of the squared distance) or `"cosine"` (argmax of `x.c`).
         mode: the kernel's `"rerank"` | `"exact"` | `"fast"` (module docstring); default `$HF_VQ_NEAREST_MODE`,
             else `"rerank"`. The PyTorch path (CPU, `HF_VQ_DISABLE_TRITON=1`) is always the fp32 reference.
-        exact: older spelling: `True` = `"exact"`, `False` = `"fast"`.
+        exact: the same as `mode`: `True` = `"exact"`, `False` = `"fast"`.
         chunk_bytes: memory budget of one chunk's score matrix on the PyTorch path.
         codebook_sq_norm: optional cached `(..., K)` float32 `|c|^2` (as `sq_norm(codebook)` computes it).
         return_codes: also return the winners' codes `(..., N, D)` in the codebook's dtype (not differentiable;

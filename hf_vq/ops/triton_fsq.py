@@ -1,7 +1,7 @@
 """Fused FSQ on CUDA (Triton): bound, round, renormalize and pack the index in one pass over the features.
 
-`fsq_quantize` (in `fsq.py`) is several elementwise kernels plus the index's; at 1M tokens each is a few
-microseconds of work behind its own launch, so the op is launch- and pass-bound. This kernel reads `z` once and
+`fsq_quantize` (in `fsq.py`) is several elementwise kernels plus the index's, each a small amount of work behind
+its own launch, so the op is launch- and pass-bound. This kernel reads `z` once and
 writes the codes (in `z`'s dtype) and the int32 index, and in training the slope of the bound (the
 straight-through gradient of the round times the bound's derivative), which one C++ autograd op applies. The same
 float32 arithmetic as the PyTorch op, in the same order where it decides a rounding (`tanh(z + shift) * half_l -
@@ -13,13 +13,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .triton_nearest import HAS_TRITON, _interpret, kernel_ok
+from .utils import HAS_TRITON, interpreting, kernel_ok
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice
-    from triton.runtime import driver
 
     @triton.jit
     def _round_half_even(v):
@@ -34,14 +33,14 @@ if HAS_TRITON:
             return libdevice.tanh(v)  # CUDA's tanhf, as torch.tanh on the GPU
 
     @triton.jit
-    def _bound_round(z, col, TAB, HARD: tl.constexpr, EMULATE: tl.constexpr, BD: tl.constexpr):
+    def _bound_round(z, col, TABLE, HARD: tl.constexpr, EMULATE: tl.constexpr, TABLE_WIDTH: tl.constexpr):
         # per-dimension constants by column (a tiny, cached table); returns (rounded level offset r, L // 2, slope):
         # the slope is d(code)/dz of the bound, the straight-through gradient of the rounded code
-        shift = tl.load(TAB + col)
-        half_l = tl.load(TAB + BD + col)
-        offset = tl.load(TAB + 2 * BD + col)
-        hw = tl.load(TAB + 3 * BD + col)
-        scale = tl.load(TAB + 4 * BD + col)  # half_l / (L // 2)
+        shift = tl.load(TABLE + col)
+        half_l = tl.load(TABLE + TABLE_WIDTH + col)
+        offset = tl.load(TABLE + 2 * TABLE_WIDTH + col)
+        hw = tl.load(TABLE + 3 * TABLE_WIDTH + col)
+        scale = tl.load(TABLE + 4 * TABLE_WIDTH + col)  # half_l / (L // 2)
         if HARD:
             v = z + shift
             bounded = tl.minimum(tl.maximum(v, -1.0), 1.0) * half_l - offset
@@ -52,27 +51,36 @@ if HAS_TRITON:
             slope = scale * (1.0 - t * t)
         return _round_half_even(bounded), hw, slope
 
-    @triton.jit(do_not_specialize=["M"])  # (one compiled kernel for every row count: see `_launch`)
-    def _fsq_fwd(Z, TAB, BASIS, Q, SLOPE, IDX, M, d: tl.constexpr, HARD: tl.constexpr, EMULATE: tl.constexpr,
-                 WANT_SLOPE: tl.constexpr, BLOCK: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
-        # codes: the block's BLOCK rows as one contiguous run of BLOCK * d elements (coalesced, vectorized)
-        first = tl.program_id(0) * BLOCK
-        e = tl.arange(0, BE)
-        emask = (e < BLOCK * d) & (first * d + e < M * d)
-        z = tl.load(Z + first * d + e, mask=emask, other=0.0).to(tl.float32)
-        r, hw, slope = _bound_round(z, e % d, TAB, HARD, EMULATE, BD)
-        tl.store(Q + first * d + e, tl.math.div_rn(r, hw).to(Q.dtype.element_ty), mask=emask)
+    @triton.jit(do_not_specialize=["n_rows"])  # one compiled kernel for every row count
+    def _fsq_fwd(Z, TABLE, BASIS, CODES, SLOPE, INDEX, n_rows, n_levels: tl.constexpr, HARD: tl.constexpr,
+                 EMULATE: tl.constexpr, WANT_SLOPE: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                 TABLE_WIDTH: tl.constexpr, BLOCK_E: tl.constexpr):
+        """FSQ of BLOCK_ROWS rows of `n_levels` values each.
+
+        Z: contiguous `(n_rows, n_levels)` input, any float dtype. TABLE: `(5, TABLE_WIDTH)` float32 per-level
+        constants (`fsq_table`). BASIS: `(n_levels,)` int32 index basis. CODES: `(n_rows, n_levels)` output in
+        Z's dtype; SLOPE: the bound's slope (WANT_SLOPE, else None); INDEX: `(n_rows,)` int32 packed index.
+        HARD: clamp instead of tanh. EMULATE: the CPU interpreter (no libdevice). BLOCK_E: BLOCK_ROWS * n_levels
+        padded to a power of two."""
+        # codes: the block's rows as one contiguous run of BLOCK_ROWS * n_levels elements (coalesced, vectorized)
+        first = tl.program_id(0) * BLOCK_ROWS
+        e = tl.arange(0, BLOCK_E)
+        emask = (e < BLOCK_ROWS * n_levels) & (first * n_levels + e < n_rows * n_levels)
+        z = tl.load(Z + first * n_levels + e, mask=emask, other=0.0).to(tl.float32)
+        r, hw, slope = _bound_round(z, e % n_levels, TABLE, HARD, EMULATE, TABLE_WIDTH)
+        tl.store(CODES + first * n_levels + e, tl.math.div_rn(r, hw).to(CODES.dtype.element_ty), mask=emask)
         if WANT_SLOPE:
-            tl.store(SLOPE + first * d + e, slope.to(SLOPE.dtype.element_ty), mask=emask)
-        # index: the same rows as a (BLOCK, BD) tile (a second read, from cache), levels summed per row
-        rows = first + tl.arange(0, BLOCK)
-        cols = tl.arange(0, BD)
-        m2 = (rows < M)[:, None] & (cols < d)[None, :]
-        z2 = tl.load(Z + rows[:, None] * d + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        r2, hw2, _ = _bound_round(z2, tl.broadcast_to(cols[None, :], (BLOCK, BD)), TAB, HARD, EMULATE, BD)
-        basis = tl.load(BASIS + cols, mask=cols < d, other=0)[None, :]
+            tl.store(SLOPE + first * n_levels + e, slope.to(SLOPE.dtype.element_ty), mask=emask)
+        # index: the same rows as a (BLOCK_ROWS, TABLE_WIDTH) tile (a second read, from cache), levels summed
+        rows = first + tl.arange(0, BLOCK_ROWS)
+        cols = tl.arange(0, TABLE_WIDTH)
+        mask = (rows < n_rows)[:, None] & (cols < n_levels)[None, :]
+        z2 = tl.load(Z + rows[:, None] * n_levels + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        r2, hw2, _ = _bound_round(z2, tl.broadcast_to(cols[None, :], (BLOCK_ROWS, TABLE_WIDTH)), TABLE, HARD,
+                                  EMULATE, TABLE_WIDTH)
+        basis = tl.load(BASIS + cols, mask=cols < n_levels, other=0)[None, :]
         level = (r2 + hw2).to(tl.int32)
-        tl.store(IDX + rows, tl.sum(tl.where(m2, level * basis, 0), axis=1), mask=rows < M)
+        tl.store(INDEX + rows, tl.sum(tl.where(mask, level * basis, 0), axis=1), mask=rows < n_rows)
 
 
 BLOCK = 256  # rows per program
@@ -119,33 +127,14 @@ def fsq_quantize_fused(z: Tensor, tab: Tensor, basis: Tensor, hard_clamp: bool =
     else:
         slope, q = None, torch.empty_like(z)
     if m:
-        _launch(z, tab, basis, q, q if slope is None else slope, idx, m, d, hard_clamp, straight_through)
+        _launch(z, tab, basis, q, slope, idx, m, d, hard_clamp, straight_through)
     return q, idx
 
 
-# `_fsq_fwd` compiled kernels, by everything Triton specializes them on (see `_launch`)
-_COMPILED: dict[tuple, object] = {}
-
-
-def _launch(z: Tensor, tab: Tensor, basis: Tensor, q: Tensor, slope: Tensor, idx: Tensor, m: int, d: int,
+def _launch(z: Tensor, tab: Tensor, basis: Tensor, q: Tensor, slope: Tensor | None, idx: Tensor, m: int, d: int,
             hard_clamp: bool, want_slope: bool) -> None:
-    """Run `_fsq_fwd` over `m` rows. The first launch of each specialization goes through Triton's JIT (argument
-    binding, specialization, cache lookup, compile); later ones call the compiled kernel itself, ~10 us less
-    host time in a training step of ~0.3 ms that is all host time (`benchmarks/RESULTS.md`). The key holds
-    what Triton specializes this kernel on: the constexprs, the tensors' dtypes (z's sets q's and slope's) and
-    16-byte alignment (the outputs and tables are fresh or cached allocations, always aligned; z may be a view),
-    and M's integer type (M itself is not specialized). Triton settings changed after a specialization's first
-    launch (e.g. its debug mode) do not reach that specialization."""
-    grid = (triton.cdiv(m, BLOCK), 1, 1)
-    interpret = _interpret()
-    consts = (d, hard_clamp, interpret, want_slope, BLOCK, tab.shape[1], triton.next_power_of_2(BLOCK * d))
-    args = (z, tab, basis, q, slope, idx, m)
-    if interpret:  # (no compiled kernels)
-        _fsq_fwd[grid](*args, *consts)
-        return
-    key = (z.device.index, z.dtype, z.data_ptr() % 16 == 0, m < 2**31, consts)
-    compiled = _COMPILED.get(key)
-    if compiled is None:
-        _COMPILED[key] = _fsq_fwd[grid](*args, *consts)
-    else:
-        compiled[grid](*args, *consts, stream=driver.active.get_current_stream(z.device.index))
+    """Run `_fsq_fwd` over `m` rows through Triton's launcher (row count unspecialized: one compilation per
+    level count, dtype and flags)."""
+    _fsq_fwd[(triton.cdiv(m, BLOCK),)](
+        z, tab, basis, q, slope, idx, m, n_levels=d, HARD=hard_clamp, EMULATE=interpreting(), WANT_SLOPE=want_slope,
+        BLOCK_ROWS=BLOCK, TABLE_WIDTH=tab.shape[1], BLOCK_E=triton.next_power_of_2(BLOCK * d))

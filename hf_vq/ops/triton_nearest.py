@@ -1,37 +1,38 @@
 """Fused nearest-code search on CUDA (Triton): distances and a running top-k, never an `N x K` matrix.
 
-One program scores `BLOCK_N` rows of one head against the whole codebook in `BLOCK_K` tiles with a
-low-precision `tl.dot` (bf16 operands, or tf32) and fp32 accumulation. Selection is lane-wise: lane `j` of a
-row keeps the best score (and its code) and the second-best score among codes `j, j + BLOCK_K, ...`, updated
-elementwise per tile (no per-tile reductions: the earlier per-tile top-k extraction took 13.3 ms in exact top-8 mode
-at d256 K8192 N=2^18 on an H100, lanes 8.7 ms); after the
-loop the best `TOPK` lane minima are popped, and every code not popped scores at least the next pop or its lane's
+One program scores `BLOCK_N` rows of one head against the whole codebook in tiles of `BLOCK_K` codes with a
+low-precision `tl.dot` (bf16 operands, or tf32) and fp32 accumulation. The feature dim is tiled too: up to
+`RESIDENT_DIM` features the program's rows stay on chip for the whole codebook loop; wider rows are read in
+`BLOCK_D`-wide slices for each codebook tile (the slices of one tile accumulate into one fp32 dot, as in a GEMM),
+from a bf16 copy of `x` made once per call. So every feature dim takes the kernel, with the same modes.
+
+Selection is lane-wise: lane `j` of a row keeps the best score (and its code) and the second-best score among
+codes `j, j + BLOCK_K, ...`, updated elementwise per tile (no per-tile reductions). After the loop the best
+`CANDIDATES` lane minima are popped one by one; every code not popped scores at least the last pop or its lane's
 second best, which is the bound the exactness test below needs. In `rerank` mode a lane also keeps its second
-best's code and a pop moves it up: a row's two nearest codes can share a lane, and where bf16 rounding orders
-them wrongly the true winner would otherwise never be re-ranked (the 2-8 rows of 65,536 that rerank missed vs
-float64 on randn d256 K8192 before, about 1/BLOCK_K of the ~0.5% of rows whose top two bf16 swaps).
+best's code and a pop moves it up: a row's two nearest codes can share a lane, and where the low-precision
+rounding orders them wrongly the true winner must still reach the fp32 re-score.
 
 Packed keys (`PACK`): the lane state can instead be two float arrays of keys, each a score's fp32 bits with its
-low `TB` bits replaced by the tile number (lane `j` of tile `t` is code `t * BLOCK_K + j`, so the key names its
-code). Keys compare as floats in the scores' order (ties within a `2^TB`-ulp bucket go by tile), so the update is
-`min`/`max` only: at cdim 32, where this selection and not the dot bounds the kernel, the cosine search took
-1.10-1.21 instead of 1.59 ms (K8192, N=2^18, H200). A key's score is within 2^(TB - 23) of itself of the score:
-rerank re-scores the candidates in fp32 anyway, and exact mode adds that slack to its bound. `TB` covers the
-smallest tile of the launch; up to `PACK_MAX_BITS` bits are allowed (K <= 16,384 at BLOCK_K 32), larger codebooks
-keep the lane arrays.
+low `TILE_BITS` bits replaced by the codebook tile number (lane `j` of tile `t` is code `t * BLOCK_K + j`, so
+the key names its code). Keys compare as floats in the scores' order (ties within a `2^TILE_BITS`-ulp bucket go
+by tile), so the update is `min`/`max` only, cheaper where the selection and not the dot bounds the kernel
+(small feature dims). A key's score is within `2^(TILE_BITS - 23)` of itself of the score: rerank re-scores the
+candidates in fp32 anyway, and exact mode adds that slack to its bound. Up to `PACK_MAX_BITS` tile bits are
+allowed; larger codebooks keep the lane arrays.
 
-Tile sizes and the state layout (lanes or packed keys: neither wins everywhere, e.g. exact mode at d128 K1024
-prefers lanes) are autotuned once per (precision, K, D, mode) and then launched directly: the autotuner's
-per-call dispatch is host time that a ResidualVQ step pays once per level (dropping it, with two smaller host
-trims, took that training step from 10.8 to 7.5 ms on an H200). K and D are compile-time, so a codebook whose K
-is a multiple of the tile and whose D is a power of two runs an unmasked loop. With `out_codes` the kernel also
-writes each row's winning code (the lookup that follows every search, without its own pass over memory).
+Launch configuration: no autotuning. `launch_config` picks the tile sizes, warps, pipeline stages and the state
+layout from the feature dim, codebook size, precision and mode by a small rule (how it was chosen is written
+next to it), so a new codebook shape costs one compilation. The codebook size and the feature dim are runtime
+arguments (the compiled kernel serves every size with the same tile shape); `EVEN_K`/`EVEN_D` drop the masks
+when the sizes are multiples of the tiles. With `out_codes` the kernel also writes each row's winning code (the
+lookup that follows every search, without its own pass over memory).
 
-Modes: `fast` returns the low-precision winner; `rerank` re-scores the best `TOPK - 1` candidates in fp32 as
-`|x - c|^2` summed from the differences and returns the best (no fallback, no host sync); `exact` is described
-next.
+Modes: `fast` returns the low-precision winner; `rerank` re-scores the best `CANDIDATES - 1` candidates in fp32
+as `|x - c|^2` summed from the differences and returns the best (no fallback, no host sync); `exact` is
+described next.
 
-Exactness (`mode="exact"`, or `exact=True`). The low-precision score `s~_k = |c_k|^2 - 2 x~.c~_k` differs from the exact
+Exactness (`mode="exact"`). The low-precision score `s~_k = |c_k|^2 - 2 x~.c~_k` differs from the exact
 `s_k = |c_k|^2 - 2 x.c_k` by at most `E` for every code of the row, where (Cauchy-Schwarz on the rounding
 residuals `x = x~ + x_lo`, `c = c~ + c_lo`, since `x.c - x~.c~ = x_lo.c + x~.c_lo`)
 
@@ -39,405 +40,368 @@ residuals `x = x~ + x_lo`, `c = c~ + c_lo`, since `x.c - x~.c~ = x_lo.c + x~.c_l
 
 the gamma term covering the fp32 accumulation of the kernel's dot and the rounding of the fp32 reference
 itself (cosine: `s = -x.c`, no factor 2). `|x_lo|` is measured per row for bf16 (the kernel rounds itself);
-for tf32 the hardware rounding is only bounded, `|x_lo| <= 2^-10 |x|`. A code outside the kept top-`TOPK`
-has `s~ >= s~_(TOPK)`; if `s~_(TOPK) - s~_(1) > 2E`, every code that can win in fp32 is among the first
-`TOPK - 1`, which the kernel re-scores in fp32 with the reference formula (`-sqrt(clamp(|x|^2 + |c|^2 -
+for tf32 the hardware rounding is only bounded, `|x_lo| <= 2^-10 |x|`. A code outside the kept candidates
+has `s~ >= s~_(last)`; if `s~_(last) - s~_(1) > 2E`, every code that can win in fp32 is among the first
+`CANDIDATES - 1`, which the kernel re-scores in fp32 with the reference formula (`-sqrt(clamp(|x|^2 + |c|^2 -
 2 x.c, 1e-8))`, ties to the lowest index). The kernel's fp32 dot sums in another order than the reference
 GEMM, so the fp32 winner is kept only if it beats the other candidates by more than twice the worst-case
 difference of two fp32 evaluations of one score (`4 gamma_D |x| max|c| + 2u (|x|^2 + max|c|^2 + 2 |x| max|c|)`,
 `gamma_D = D u / (1 - D u)`, `u = 2^-24`) plus `2^-20` relative; every other row is flagged and re-done by the
-PyTorch path. Kept winners are therefore the reference's
-winners (the indices equal the PyTorch path's); only the returned score may differ from it by that rounding.
-Exact duplicate codes near the top make rows fall back (correct, slower).
+PyTorch path. Kept winners are therefore the reference's winners (the indices equal the PyTorch path's); only
+the returned score may differ from it by that rounding. Exact duplicate codes near the top make rows fall back
+(correct, slower).
 
-Returned score: the winner's squared distance (euclidean) or `x.c` (cosine); with `exact=False` it is the
+Returned score: the winner's squared distance (euclidean) or `x.c` (cosine); in `fast` mode it is the
 low-precision value.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 from torch import Tensor
 
-try:  # triton is optional: CPU installs and HF_VQ_DISABLE_TRITON=1 use the PyTorch path
+# (PACK_MAX_BITS, RESIDENT_DIM and LaunchConfig are re-exported: the kernel's limits and its launch type)
+from .triton_nearest_config import PACK_MAX_BITS, RESIDENT_DIM, LaunchConfig, launch_config, tile_bits
+from .utils import HAS_TRITON, interpreting, kernel_ok, padded_dim
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    HAS_TRITON = True
-except Exception:  # pragma: no cover - depends on the install
-    HAS_TRITON = False
-
-MAX_DIM = 256  # the x tile (BLOCK_N x next_pow2(D)) stays on chip up to here
-PACK_MAX_BITS = 9  # packed keys keep >= 14 of fp32's 23 mantissa bits (K <= 16384 at BLOCK_K 32)
-TOPK = 8  # candidates per row (4 or 8); with lane-wise selection 8 costs only 4 more pops after the loop
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def kernel_ok(x: Tensor, max_dim: int, *, as_custom_op: bool = False) -> bool:
-    """Whether one of hf_vq's Triton kernels may serve `x`: triton installed, `HF_VQ_DISABLE_TRITON` unset, a float
-    dtype, last dim <= `max_dim`, and CUDA (or the CPU interpreter, `TRITON_INTERPRET=1`). Under torch.compile only
-    a kernel wrapped as a custom op (`as_custom_op`: dynamo sees one opaque op) serves; the others' PyTorch paths
-    are what gets compiled."""
-    if not HAS_TRITON or os.environ.get("HF_VQ_DISABLE_TRITON", "0") == "1":
-        return False
-    if torch.compiler.is_compiling() and not as_custom_op:
-        return False
-    if x.shape[-1] > max_dim or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
-    return x.is_cuda or _interpret()
+CANDIDATES = 8  # candidates popped per row (4 or 8): the best 7 are re-scored in fp32, the 8th bounds the rest
+MODES = ("exact", "rerank", "fast")
 
 
 def available(x: Tensor) -> bool:
-    """Whether `nearest_code` should use the kernel for `x` (under torch.compile: through `nearest_code_op`)."""
-    return kernel_ok(x, MAX_DIM, as_custom_op=True)
+    """Whether `nearest_code` should use the kernel for `x` (any feature dim; under torch.compile through
+    `nearest_code_op`)."""
+    return kernel_ok(x, as_custom_op=True)
 
 
 if HAS_TRITON:
     _EMPTY = tl.constexpr(3.0e38)  # a packed key no score reaches; finite, so tile bits keep it a number
 
     @triton.jit
-    def _pop(m1, li, m2, li2, HEAP: tl.constexpr):
-        # the smallest lane value per row and its code (lowest on ties); that lane then holds its second best
-        # (HEAP: a row's two nearest codes can share a lane, and bf16 rounding can order them wrongly) or inf
-        m = tl.min(m1, axis=1)
-        i = tl.min(tl.where(m1 == m[:, None], li, 2147483647), axis=1)
-        sel = li == i[:, None]
-        if HEAP:
-            m1 = tl.where(sel, m2, m1)
-            li = tl.where(sel, li2, li)
-            m2 = tl.where(sel, float("inf"), m2)
+    def _pop_lanes(best, best_code, second, second_code, PROMOTE: tl.constexpr):
+        """The smallest lane value per row and its code (lowest code on ties). That lane then holds its second
+        best and its code (PROMOTE: rerank keeps a lane's second code) or +inf."""
+        value = tl.min(best, axis=1)
+        code = tl.min(tl.where(best == value[:, None], best_code, 2147483647), axis=1)
+        taken = best_code == code[:, None]
+        if PROMOTE:
+            best = tl.where(taken, second, best)
+            best_code = tl.where(taken, second_code, best_code)
+            second = tl.where(taken, float("inf"), second)
         else:
-            m1 = tl.where(sel, float("inf"), m1)
-        return m, i, m1, li, m2
+            best = tl.where(taken, float("inf"), best)
+        return value, code, best, best_code, second
 
     @triton.jit
-    def _pop_packed(m1, m2, lane, HEAP: tl.constexpr, TB: tl.constexpr, BLOCK_K: tl.constexpr):
-        # `_pop` for packed keys (see the codebook loop): returns the popped key's score (truncated; inf for an
-        # empty lane) and code
-        m = tl.min(m1, axis=1)
-        code = (m1.to(tl.int32, bitcast=True) & ((1 << TB) - 1)) * BLOCK_K + lane
-        i = tl.min(tl.where(m1 == m[:, None], code, 2147483647), axis=1)
-        sel = code == i[:, None]
-        if HEAP:
-            m1 = tl.where(sel, m2, m1)
-            m2 = tl.where(sel, _EMPTY, m2)
-        else:
-            m1 = tl.where(sel, _EMPTY, m1)
-        b, i = _unpack(m, i, TB)
-        return b, i, m1, m2
-
-    @triton.jit
-    def _unpack(key, i, TB: tl.constexpr):
-        # a key's score (its low TB bits cleared) and code; an empty lane's key is _EMPTY with tile bits
+    def _unpack(key, code, TILE_BITS: tl.constexpr):
+        """A packed key's score (its tile bits cleared) and code; an empty lane gives (+inf, 0)."""
         empty = key >= _EMPTY
-        b = (key.to(tl.int32, bitcast=True) & -(1 << TB)).to(tl.float32, bitcast=True)
-        return tl.where(empty, float("inf"), b), tl.where(empty, 0, i)
+        value = (key.to(tl.int32, bitcast=True) & -(1 << TILE_BITS)).to(tl.float32, bitcast=True)
+        return tl.where(empty, float("inf"), value), tl.where(empty, 0, code)
 
     @triton.jit
-    def _fold(r, q, i, rb, qb, ib):
-        u = (r > rb) | ((r == rb) & (i < ib))
-        return tl.where(u, r, rb), tl.where(u, q, qb), tl.where(u, i, ib)
-
-    @triton.jit
-    def _other(q, i, b, ib, COSINE: tl.constexpr):
-        # lower-is-better fp32 score of a candidate other than the winner (inf for the winner, empty slots)
-        if COSINE:
-            t = -q
+    def _pop_packed(best, second, lane, PROMOTE: tl.constexpr, TILE_BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+        """`_pop_lanes` for packed keys: the popped key's (truncated) score and code; PROMOTE moves the lane's
+        second key up."""
+        key = tl.min(best, axis=1)
+        codes = (best.to(tl.int32, bitcast=True) & ((1 << TILE_BITS) - 1)) * BLOCK_K + lane
+        code = tl.min(tl.where(best == key[:, None], codes, 2147483647), axis=1)
+        taken = codes == code[:, None]
+        if PROMOTE:
+            best = tl.where(taken, second, best)
+            second = tl.where(taken, _EMPTY, second)
         else:
-            t = q
-        return tl.where((i != ib) & (b < float("inf")), t, float("inf"))
+            best = tl.where(taken, _EMPTY, best)
+        value, code = _unpack(key, code, TILE_BITS)
+        return value, code, best, second
 
     @triton.jit
-    def _rescore(X, CF, C2, x2, h, rows, rmask, idx, D, sxh, sxn, scf_h, scf_k, sc2_h,
-                 COSINE: tl.constexpr, RERANK: tl.constexpr, BLOCK_N: tl.constexpr, BD: tl.constexpr,
-                 RD: tl.constexpr):
-        # fp32 score (higher is better) of code `idx` for each row: the reference's `-sqrt(d2)`, or with RERANK
-        # `-|x - c|^2` summed from the differences (no cancellation, no sqrt to merge neighbours: far closer to
-        # the float64 ranking than the reference formula)
+    def _pop(best, best_code, second, second_code, lane, PACK: tl.constexpr, PROMOTE: tl.constexpr,
+             TILE_BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+        """`(score, code, best, best_code, second)` after popping each row's best lane (either layout)."""
+        if PACK:
+            value, code, best, second = _pop_packed(best, second, lane[None, :], PROMOTE, TILE_BITS, BLOCK_K)
+        else:
+            value, code, best, best_code, second = _pop_lanes(best, best_code, second, second_code, PROMOTE)
+        return value, code, best, best_code, second
+
+    @triton.jit
+    def _fold(value, code, r, q, win_r, win_q, win_t, win, runner_up, COSINE: tl.constexpr, PROVE: tl.constexpr):
+        """Fold a popped candidate (low-precision `value`, fp32 score `r` / value `q`) into the running winner
+        (higher `r`, then lower code). PROVE also keeps `runner_up`, the best lower-is-better fp32 score among the
+        candidates that lost (a duplicate of the winner's code excluded)."""
+        t = -q if COSINE else q
+        valid = value < float("inf")  # an empty lane pops +inf
+        takes = valid & ((r > win_r) | ((r == win_r) & (code < win)))
+        if PROVE:  # the displaced winner, or this candidate, joins the runners-up
+            loser_t = tl.where(takes, win_t, t)
+            loser_ok = tl.where(takes, win_r > float("-inf"), valid & (code != win))
+            runner_up = tl.where(loser_ok, tl.minimum(runner_up, loser_t), runner_up)
+        return (tl.where(takes, r, win_r), tl.where(takes, q, win_q), tl.where(takes, t, win_t),
+                tl.where(takes, code, win), runner_up)
+
+    @triton.jit
+    def _low_dot(a, b, acc, BF16: tl.constexpr, EMULATE: tl.constexpr):
+        """`acc + a @ b.T` in the search's precision: bf16 operands (EMULATE: the same rounded operands through
+        an fp32 dot, for the CPU interpreter, whose bf16 dot is wrong) or tf32."""
+        if BF16:
+            if EMULATE:
+                return acc + tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
+            else:
+                return tl.dot(a, tl.trans(b), acc)
+        else:
+            return tl.dot(a, tl.trans(b), acc, input_precision="tf32")
+
+    @triton.jit
+    def _rescore(X, CODES, CODE_SQ, x_sq, head, rows, row_mask, code, code_dim,
+                 stride_x_head, stride_x_row, stride_c_head, stride_c_code, stride_sq_head,
+                 COSINE: tl.constexpr, RERANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        """fp32 score `(r, q)` of code `code` (one per row): `r` higher is better, `q` the value returned for it.
+        Euclidean: the reference's `r = -sqrt(q)`, `q = |x|^2 + |c|^2 - 2 x.c`, or with RERANK `q = |x - c|^2`
+        summed from the differences (no cancellation, so closer to the float64 ranking). Cosine: `r = q = x.c`.
+        Reads `BLOCK_R` features at a time."""
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for d0 in tl.static_range(0, BD, RD):
-            d = d0 + tl.arange(0, RD)
-            m2 = rmask[:, None] & (d < D)[None, :]
-            xv = tl.load(X + h * sxh + rows[:, None] * sxn + d[None, :], mask=m2, other=0.0).to(tl.float32)
-            cv = tl.load(CF + h * scf_h + idx[:, None] * scf_k + d[None, :], mask=m2, other=0.0)
+        for d0 in range(0, code_dim, BLOCK_R):
+            cols = d0 + tl.arange(0, BLOCK_R)
+            mask = row_mask[:, None] & (cols < code_dim)[None, :]
+            xv = tl.load(X + head.to(tl.int64) * stride_x_head + rows.to(tl.int64)[:, None] * stride_x_row
+                         + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            cv = tl.load(CODES + head * stride_c_head + code[:, None] * stride_c_code + cols[None, :], mask=mask,
+                         other=0.0)
             if RERANK and not COSINE:
                 diff = xv - cv
-                acc += tl.sum(diff * diff, axis=1)  # |x - c|^2 directly: no cancellation of |x|^2 against 2 x.c
+                acc += tl.sum(diff * diff, axis=1)
             else:
                 acc += tl.sum(xv * cv, axis=1)
         if COSINE:
             r = acc
             q = acc
         elif RERANK:
-            q = tl.maximum(acc, 1e-8)  # the squared distance (returned)
+            q = tl.maximum(acc, 1e-8)
             r = -acc
         else:
-            c2 = tl.load(C2 + h * sc2_h + idx, mask=rmask, other=0.0)
-            q = tl.maximum((x2 + c2) + acc * -2.0, 1e-8)  # the squared distance (returned)
-            r = -tl.sqrt_rn(q)  # what vqp compares (its sqrt makes ties)
+            c_sq = tl.load(CODE_SQ + head * stride_sq_head + code, mask=row_mask, other=0.0)
+            q = tl.maximum((x_sq + c_sq) + acc * -2.0, 1e-8)
+            r = -tl.sqrt_rn(q)  # what the reference compares (its sqrt makes ties)
         return r, q
 
-    @triton.jit
+    # sizes that change with the batch are not specialized on (a new batch size reuses the compiled kernel)
+    @triton.jit(do_not_specialize=["n_rows", "n_codes", "stride_x_head", "stride_xl_head"])
     def _nearest_kernel(
-        X, X2, CL, CF, C2, STATS, OUT_I, OUT_S, OUT_F, OUT_C,
-        N, K: tl.constexpr, D: tl.constexpr, sxh, sxn, scl_h, scl_k, scf_h, scf_k, sc2_h, sst_h,
-        COSINE: tl.constexpr, EXACT: tl.constexpr, BF16: tl.constexpr, RERANK: tl.constexpr, EMULATE: tl.constexpr,
-        TOPK: tl.constexpr, PACK: tl.constexpr, TB: tl.constexpr, TRUNC: tl.constexpr, WRITE_CODES: tl.constexpr,
-        BD: tl.constexpr, RD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        X, X_LOW, CODES_LOW, CODES, CODE_SQ, CODE_STATS, X_SQ,
+        OUT_INDEX, OUT_SCORE, OUT_FLAG, OUT_CODES,
+        n_rows, n_codes, code_dim,
+        stride_x_head, stride_x_row, stride_xl_head, stride_xl_row,
+        stride_cl_head, stride_cl_code, stride_c_head, stride_c_code, stride_sq_head, stride_stats_head,
+        COSINE: tl.constexpr, RESCORE: tl.constexpr, RERANK: tl.constexpr, PROVE: tl.constexpr, BF16: tl.constexpr,
+        EMULATE: tl.constexpr, CANDIDATES: tl.constexpr, PACK: tl.constexpr, TILE_BITS: tl.constexpr,
+        TRUNC: tl.constexpr, WRITE_CODES: tl.constexpr, EVEN_K: tl.constexpr, EVEN_D: tl.constexpr,
+        X_RESIDENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_R: tl.constexpr, POPS: tl.constexpr,
     ):
-        # K and D are compile-time (one build per codebook shape): when K is a multiple of BLOCK_K and D == BD
-        # the codebook loop needs no masks. CL holds the low-precision codes, negated for cosine, so that the
-        # dot is already the lower-is-better score.
-        pid = tl.program_id(0)
-        h = tl.program_id(1)
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask = rows < N
-        d = tl.arange(0, BD)
-        dmask = d < D
-        xf = tl.load(X + h * sxh + rows[:, None] * sxn + d[None, :], mask=rmask[:, None] & dmask[None, :],
-                     other=0.0).to(tl.float32)
-        if BF16:
-            xq = xf.to(tl.bfloat16)
-        else:
-            xq = xf
-        if COSINE or RERANK or not EXACT:
-            x2 = tl.sum(xf * xf, axis=1)  # only the returned distance uses it (exact mode: torch's own |x|^2)
-        else:
-            x2 = tl.load(X2 + h * N + rows, mask=rmask, other=0.0)
-        # row norms for the error bound, computed before the loop so the fp32 tile need not stay live
-        nhi = tl.sqrt(tl.sum(xq.to(tl.float32) * xq.to(tl.float32), axis=1))
-        if BF16:
-            xlo = xf - xq.to(tl.float32)
-            nlo = tl.sqrt(tl.sum(xlo * xlo, axis=1))
-        else:
-            nlo = nhi * 0.0009765625
+        """Nearest code of `BLOCK_N` rows of one head. Grid: (row blocks, heads).
 
-        inf = float("inf")
-        kk = tl.arange(0, BLOCK_K)
-        if PACK:
-            # packed keys: a score's fp32 bits with the low TB bits replaced by the tile number, compared as
-            # floats. Lane j of tile t is code t * BLOCK_K + j, so the key carries its code, and two arrays
-            # (best, second best) with min/max updates replace four with compares and selects. Truncation moves a
-            # score by < 2^TB ulps; keys keep the scores' order across buckets and are unique within a lane.
-            m1 = tl.full([BLOCK_N, BLOCK_K], _EMPTY, tl.float32)
-            m2 = m1
-            li = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)  # unused (keeps the names bound for the compiler)
-            li2 = li
+        Tensors (head strides are 0 for a codebook shared by all heads):
+            X: `(heads, n_rows, code_dim)` features, any float dtype, unit stride along features.
+            X_LOW: the dot's copy of X (bf16 when the rows are not resident, else X itself).
+            CODES_LOW: `(heads, n_codes, code_dim)` codes in the dot's dtype, negated for cosine (so that the dot
+                is a lower-is-better score).
+            CODES: the same codes in float32 (fp32 re-scoring, written codes).
+            CODE_SQ: `(heads, n_codes)` float32 `|c|^2` (euclidean), None for cosine.
+            CODE_STATS: `(heads, 4)` float32 `max|c|, max|c|^2, max|c_lo|, 0` (PROVE only, else None).
+            X_SQ: `(heads, n_rows)` float32 reference `|x|^2` (PROVE euclidean only, else None).
+            OUT_INDEX: `(heads, n_rows)` int64 winners. OUT_SCORE: `(heads, n_rows)` float32 their score.
+            OUT_FLAG: `(heads, n_rows)` int8, 1 where PROVE could not prove the winner (else None).
+            OUT_CODES: `(heads, n_rows, code_dim)` winners' codes (WRITE_CODES, else None).
+        Sizes: n_rows, n_codes, code_dim. Strides: stride_<tensor>_<dim> in elements.
+        Flags: COSINE (argmax x.c, else argmin distance); RESCORE (pop CANDIDATES and re-score all but the last in
+            fp32); RERANK (rescore without proof: rerank mode's lane promotion and |x - c|^2 scores); PROVE (exact mode's error bound, see the module docstring); BF16 (bf16 dot, else tf32);
+            EMULATE (CPU interpreter); PACK, TILE_BITS, TRUNC (packed keys and their relative truncation);
+            WRITE_CODES; EVEN_K / EVEN_D (sizes are multiples of the tiles: no masks); X_RESIDENT (one
+            BLOCK_D tile holds the whole row and stays on chip).
+        Tiles: BLOCK_N rows, BLOCK_K codes, BLOCK_D features per dot slice, BLOCK_R features per fp32 re-score
+            slice; POPS candidates popped per row (CANDIDATES when RESCORE, else 1).
+        """
+        pid = tl.program_id(0)
+        head = tl.program_id(1)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < n_rows
+        rows64 = rows.to(tl.int64)[:, None]  # row offsets in int64: heads x rows x features can pass 2^31
+        x_rows = X + head.to(tl.int64) * stride_x_head + rows64 * stride_x_row
+        xl_rows = X_LOW + head.to(tl.int64) * stride_xl_head + rows64 * stride_xl_row
+        cols = tl.arange(0, BLOCK_D)
+
+        # row norms: |x|^2 (returned distances), and for the error bound the norms of x~ and of x - x~
+        x_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
+        hi_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
+        lo_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for d0 in range(0, code_dim, BLOCK_D):
+            mask = row_mask[:, None] & (d0 + cols < code_dim)[None, :]
+            xf = tl.load(x_rows + d0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x_sq += tl.sum(xf * xf, axis=1)
+            if PROVE and BF16:
+                xr = xf.to(tl.bfloat16).to(tl.float32)
+                hi_sq += tl.sum(xr * xr, axis=1)
+                lo_sq += tl.sum((xf - xr) * (xf - xr), axis=1)
+        if BF16:
+            x_hi = tl.sqrt(hi_sq)
+            x_lo = tl.sqrt(lo_sq)
         else:
-            # per-lane state (lane j sees codes k0 + j): best score m1 and its code li, second-best score m2 -
-            # elementwise updates only; the top-k is extracted from the lanes once, after the loop
-            m1 = tl.full([BLOCK_N, BLOCK_K], inf, tl.float32)
-            m2 = m1
-            li = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
-            li2 = li  # rerank: the code of the lane's second best
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + kk
-            kmask = ks < K
-            cptr = CL + h * scl_h + ks[:, None] * scl_k + d[None, :]
-            if K % BLOCK_K == 0 and D == BD:
-                c = tl.load(cptr)
+            x_hi = tl.sqrt(x_sq)
+            x_lo = x_hi * 0.0009765625  # tf32 keeps 10 mantissa bits
+        if PROVE and not COSINE:
+            x_sq = tl.load(X_SQ + head * n_rows + rows, mask=row_mask, other=0.0)  # the reference's own |x|^2
+        if X_RESIDENT:
+            if EVEN_D:
+                xq = tl.load(xl_rows + cols[None, :], mask=row_mask[:, None], other=0.0)
             else:
-                c = tl.load(cptr, mask=kmask[:, None] & dmask[None, :], other=0.0)
+                xq = tl.load(xl_rows + cols[None, :], mask=row_mask[:, None] & (cols < code_dim)[None, :],
+                             other=0.0)
             if BF16:
-                if EMULATE:  # the Triton 3.9 CPU interpreter gets bf16 dots wrong: same operands, fp32 dot
-                    dot = tl.dot(xq.to(tl.float32), tl.trans(c.to(tl.float32)), input_precision="ieee")
-                else:
-                    dot = tl.dot(xq, tl.trans(c))
+                xq = xq.to(tl.bfloat16)
             else:
-                dot = tl.dot(xq, tl.trans(c), input_precision="tf32")
+                xq = xq.to(tl.float32)
+
+        lane = tl.arange(0, BLOCK_K)
+        if PACK:
+            best = tl.full([BLOCK_N, BLOCK_K], _EMPTY, tl.float32)
+        else:
+            best = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
+        second = best
+        best_code = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)  # (lanes only)
+        second_code = best_code  # (lanes, RERANK: each lane's second-best code)
+        for k0 in range(0, n_codes, BLOCK_K):
+            codes = k0 + lane
+            code_mask = codes < n_codes
+            code_rows = CODES_LOW + head * stride_cl_head + codes[:, None] * stride_cl_code
+            dot = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            if X_RESIDENT:
+                if EVEN_K and EVEN_D:
+                    c = tl.load(code_rows + cols[None, :])
+                else:
+                    c = tl.load(code_rows + cols[None, :], mask=code_mask[:, None] & (cols < code_dim)[None, :],
+                                other=0.0)
+                dot = _low_dot(xq, c, dot, BF16, EMULATE)
+            else:
+                for d0 in range(0, code_dim, BLOCK_D):
+                    if EVEN_K and EVEN_D:
+                        xt = tl.load(xl_rows + d0 + cols[None, :], mask=row_mask[:, None], other=0.0)
+                        c = tl.load(code_rows + d0 + cols[None, :])
+                    else:
+                        col_mask = (d0 + cols < code_dim)[None, :]
+                        xt = tl.load(xl_rows + d0 + cols[None, :], mask=row_mask[:, None] & col_mask, other=0.0)
+                        c = tl.load(code_rows + d0 + cols[None, :], mask=code_mask[:, None] & col_mask, other=0.0)
+                    if not BF16:
+                        xt = xt.to(tl.float32)
+                    dot = _low_dot(xt, c, dot, BF16, EMULATE)
             if COSINE:
                 s = dot  # x.(-c)
             else:
-                c2 = tl.load(C2 + h * sc2_h + ks, mask=kmask, other=0.0)
-                s = c2[None, :] - 2.0 * dot
+                c_sq = tl.load(CODE_SQ + head * stride_sq_head + codes, mask=code_mask, other=0.0)
+                s = c_sq[None, :] - 2.0 * dot
             if PACK:
-                if K % BLOCK_K != 0:
-                    s = tl.where(kmask[None, :], s, _EMPTY)
-                key = ((s.to(tl.int32, bitcast=True) & -(1 << TB)) | (k0 // BLOCK_K)).to(tl.float32, bitcast=True)
-                if EXACT:
-                    m2 = tl.minimum(m2, tl.maximum(m1, key))
-                m1 = tl.minimum(m1, key)
+                if not EVEN_K:
+                    s = tl.where(code_mask[None, :], s, _EMPTY)
+                key = ((s.to(tl.int32, bitcast=True) & -(1 << TILE_BITS)) | (k0 // BLOCK_K)).to(tl.float32,
+                                                                                                  bitcast=True)
+                if RESCORE:
+                    second = tl.minimum(second, tl.maximum(best, key))
+                best = tl.minimum(best, key)
             else:
-                if K % BLOCK_K != 0:
-                    s = tl.where(kmask[None, :], s, inf)
-                lt = s < m1  # strict: within a lane the earlier (lower) code keeps a tie
+                if not EVEN_K:
+                    s = tl.where(code_mask[None, :], s, float("inf"))
+                better = s < best  # strict: within a lane the earlier (lower) code keeps a tie
                 if RERANK:
-                    li2 = tl.where(lt, li, tl.where(s < m2, ks[None, :], li2))
-                if EXACT:
-                    m2 = tl.minimum(m2, tl.maximum(m1, s))
-                li = tl.where(lt, ks[None, :], li)
-                m1 = tl.where(lt, s, m1)
+                    second_code = tl.where(better, best_code, tl.where(s < second, codes[None, :], second_code))
+                if RESCORE:
+                    second = tl.minimum(second, tl.maximum(best, s))
+                best_code = tl.where(better, codes[None, :], best_code)
+                best = tl.where(better, s, best)
 
-        # lane minima in ascending order (ties: lowest code); every code not popped scores >= the next pop or
-        # its lane's second best
+        # every code not popped scores >= the last pop or its lane's second best (`rest`)
         if PACK:
-            rest, _ = _unpack(tl.min(m2, axis=1), rows, TB)
-            b0, i0, m1, m2 = _pop_packed(m1, m2, kk[None, :], RERANK, TB, BLOCK_K)
-            if EXACT:
-                b1, i1, m1, m2 = _pop_packed(m1, m2, kk[None, :], RERANK, TB, BLOCK_K)
-                b2, i2, m1, m2 = _pop_packed(m1, m2, kk[None, :], RERANK, TB, BLOCK_K)
-                b3, i3, m1, m2 = _pop_packed(m1, m2, kk[None, :], RERANK, TB, BLOCK_K)
-                if TOPK == 8:
-                    b4, i4, m1, m2 = _pop_packed(m1, m2, kk[None, :], RERANK, TB, BLOCK_K)
-                    b5, i5, m1, m2 = _pop_packed(m1, m2, kk[None, :], RERANK, TB, BLOCK_K)
-                    b6, i6, m1, m2 = _pop_packed(m1, m2, kk[None, :], RERANK, TB, BLOCK_K)
-                    b7, i7, m1, m2 = _pop_packed(m1, m2, kk[None, :], RERANK, TB, BLOCK_K)
-                    b7 = tl.minimum(b7, rest)
-                else:
-                    b3 = tl.minimum(b3, rest)
+            rest, _ = _unpack(tl.min(second, axis=1), rows, TILE_BITS)
         else:
-            rest = tl.min(m2, axis=1)  # exact mode's bound (before RERANK's pops move second bests up)
-            b0, i0, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
-            if EXACT:
-                b1, i1, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
-                b2, i2, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
-                b3, i3, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
-                if TOPK == 8:
-                    b4, i4, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
-                    b5, i5, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
-                    b6, i6, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
-                    b7, i7, m1, li, m2 = _pop(m1, li, m2, li2, RERANK)
-                    b7 = tl.minimum(b7, rest)
-                else:
-                    b3 = tl.minimum(b3, rest)
+            rest = tl.min(second, axis=1)
+        # the first pop is the low-precision winner; with RESCORE the first POPS - 1 pops are re-scored in fp32
+        # (a runtime loop: one copy of the re-score code) and the last pop bounds every code never popped
+        value, code, best, best_code, second = _pop(best, best_code, second, second_code, lane, PACK, RERANK,
+                                                    TILE_BITS, BLOCK_K)
+        first = value
+        win = code
+        last = tl.minimum(value, rest)
+        win_q = tl.zeros([BLOCK_N], dtype=tl.float32)
+        win_t = tl.full([BLOCK_N], float("inf"), tl.float32)  # the winner's lower-is-better fp32 score
+        runner_up = tl.full([BLOCK_N], float("inf"), tl.float32)  # best lower-is-better score of the others
+        if RESCORE:
+            win_r = tl.full([BLOCK_N], float("-inf"), tl.float32)  # the winner's fp32 score (higher is better)
+            for j in range(POPS - 1):
+                if j > 0:
+                    value, code, best, best_code, second = _pop(best, best_code, second, second_code, lane, PACK,
+                                                                RERANK, TILE_BITS, BLOCK_K)
+                r, q = _rescore(X, CODES, CODE_SQ, x_sq, head, rows, row_mask, code, code_dim,
+                                stride_x_head, stride_x_row, stride_c_head, stride_c_code, stride_sq_head,
+                                COSINE, RERANK, BLOCK_N, BLOCK_R)
+                win_r, win_q, win_t, win, runner_up = _fold(value, code, r, q, win_r, win_q, win_t, win, runner_up,
+                                                            COSINE, PROVE)
+            value, code, best, best_code, second = _pop(best, best_code, second, second_code, lane, PACK, RERANK,
+                                                        TILE_BITS, BLOCK_K)
+            last = tl.minimum(value, rest)
 
-        if EXACT:
-            if not RERANK:
-                # the error bound of the low-precision scores for this row (see the module docstring)
-                cmax = tl.load(STATS + h * sst_h + 0)
-                c2max = tl.load(STATS + h * sst_h + 1)
-                clomax = tl.load(STATS + h * sst_h + 2)
-                nx = nhi + nlo
-                gamma = (D + 16) * 2.384185791015625e-07  # (D + 16) * 2^-22
-                # ferr: how far the kernel's fp32 re-score of one code can be from the reference's (both sum the
-                # same fp32 products, in different orders: each within gamma_D |x| |c| of the exact dot,
-                # gamma_D = D u / (1 - D u), u = 2^-24; plus one rounding of the final add in each)
-                gd = D * 5.9604644775390625e-08 * 1.001
-                if COSINE:
-                    ferr = 2.0 * gd * nx * cmax + 1.1920928955078125e-07 * (nx * cmax + 1.0)
-                    err = (nlo * cmax + nx * clomax) + gamma * (nx * cmax + 1.0)
-                else:
-                    ferr = 4.0 * gd * nx * cmax + 1.1920928955078125e-07 * (x2 + c2max + 2.0 * nx * cmax)
-                    err = 2.0 * (nlo * cmax + nx * clomax) + gamma * (x2 + c2max + 2.0 * nx * cmax)
-                err = err * 1.0625 + 1e-30
-                ferr = ferr * 1.0625 + 1e-30
-                if TOPK == 8:
-                    bl = b7
-                else:
-                    bl = b3
-                if PACK:  # each packed score (and the bound) is within 2^(TB - 23) of itself of the score
-                    err2 = 2.0 * err + TRUNC * (tl.abs(b0) + tl.abs(bl))
-                else:
-                    err2 = 2.0 * err
-                flag = (bl - b0) <= err2
-            r0, q0 = _rescore(X, CF, C2, x2, h, rows, rmask, i0, D, sxh, sxn, scf_h, scf_k, sc2_h,
-                              COSINE, RERANK, BLOCK_N, BD, RD)
-            r1, q1 = _rescore(X, CF, C2, x2, h, rows, rmask, i1, D, sxh, sxn, scf_h, scf_k, sc2_h,
-                              COSINE, RERANK, BLOCK_N, BD, RD)
-            r2, q2 = _rescore(X, CF, C2, x2, h, rows, rmask, i2, D, sxh, sxn, scf_h, scf_k, sc2_h,
-                              COSINE, RERANK, BLOCK_N, BD, RD)
-            rb = r0
-            qb = q0
-            ib = i0
-            rb, qb, ib = _fold(r1, q1, i1, rb, qb, ib)
-            rb, qb, ib = _fold(r2, q2, i2, rb, qb, ib)
-            if TOPK == 8:
-                r3, q3 = _rescore(X, CF, C2, x2, h, rows, rmask, i3, D, sxh, sxn, scf_h, scf_k, sc2_h,
-                                  COSINE, RERANK, BLOCK_N, BD, RD)
-                r4, q4 = _rescore(X, CF, C2, x2, h, rows, rmask, i4, D, sxh, sxn, scf_h, scf_k, sc2_h,
-                                  COSINE, RERANK, BLOCK_N, BD, RD)
-                r5, q5 = _rescore(X, CF, C2, x2, h, rows, rmask, i5, D, sxh, sxn, scf_h, scf_k, sc2_h,
-                                  COSINE, RERANK, BLOCK_N, BD, RD)
-                r6, q6 = _rescore(X, CF, C2, x2, h, rows, rmask, i6, D, sxh, sxn, scf_h, scf_k, sc2_h,
-                                  COSINE, RERANK, BLOCK_N, BD, RD)
-                rb, qb, ib = _fold(r3, q3, i3, rb, qb, ib)
-                rb, qb, ib = _fold(r4, q4, i4, rb, qb, ib)
-                rb, qb, ib = _fold(r5, q5, i5, rb, qb, ib)
-                rb, qb, ib = _fold(r6, q6, i6, rb, qb, ib)
-            if not RERANK:
-                # the kernel's fp32 dot sums in another order than the reference GEMM: a winner closer than that
-                # rounding slack to another candidate is not proven either (the reference decides those rows)
-                if COSINE:
-                    tb = -qb
-                else:
-                    tb = qb
-                second = tl.minimum(tl.minimum(_other(q0, i0, b0, ib, COSINE), _other(q1, i1, b1, ib, COSINE)),
-                                    _other(q2, i2, b2, ib, COSINE))
-                if TOPK == 8:
-                    second = tl.minimum(second, tl.minimum(
-                        tl.minimum(_other(q3, i3, b3, ib, COSINE), _other(q4, i4, b4, ib, COSINE)),
-                        tl.minimum(_other(q5, i5, b5, ib, COSINE), _other(q6, i6, b6, ib, COSINE))))
-                # a margin of 2^-20 |tb| on top keeps the reference's gap many ulps wide, so vqp's sqrt cannot merge it
-                flag = flag | ((second - tb) <= 2.0 * ferr + 9.5367431640625e-07 * tl.abs(tb))
-                tl.store(OUT_F + h * N + rows, flag.to(tl.int8), mask=rmask)
-        else:
-            ib = i0
+        if PROVE:
+            # the error bound of the low-precision scores for this row (see the module docstring)
+            c_max = tl.load(CODE_STATS + head * stride_stats_head + 0)
+            c_sq_max = tl.load(CODE_STATS + head * stride_stats_head + 1)
+            c_lo_max = tl.load(CODE_STATS + head * stride_stats_head + 2)
+            x_norm = x_hi + x_lo
+            gamma = (code_dim + 16) * 2.384185791015625e-07  # (D + 16) * 2^-22
+            # fp32_err: how far the kernel's fp32 re-score of one code can be from the reference's (both sum the
+            # same fp32 products in different orders: each within gamma_D |x| |c| of the exact dot,
+            # gamma_D = D u / (1 - D u), u = 2^-24; plus one rounding of the final add in each)
+            gamma_d = code_dim * 5.9604644775390625e-08 * 1.001
             if COSINE:
-                qb = -b0
+                fp32_err = 2.0 * gamma_d * x_norm * c_max + 1.1920928955078125e-07 * (x_norm * c_max + 1.0)
+                err = (x_lo * c_max + x_norm * c_lo_max) + gamma * (x_norm * c_max + 1.0)
             else:
-                qb = tl.maximum(x2 + b0, 1e-8)  # low-precision squared distance
-        tl.store(OUT_I + h * N + rows, ib.to(tl.int64), mask=rmask)
-        tl.store(OUT_S + h * N + rows, qb, mask=rmask)
+                mag = x_sq + c_sq_max + 2.0 * x_norm * c_max
+                fp32_err = 4.0 * gamma_d * x_norm * c_max + 1.1920928955078125e-07 * mag
+                err = 2.0 * (x_lo * c_max + x_norm * c_lo_max) + gamma * mag
+            err = err * 1.0625 + 1e-30
+            fp32_err = fp32_err * 1.0625 + 1e-30
+            gap_needed = 2.0 * err
+            if PACK:  # each packed score is within TRUNC of itself of the score
+                gap_needed += TRUNC * (tl.abs(first) + tl.abs(last))
+            unproven = (last - first) <= gap_needed
+            # a margin of 2^-20 |t| on top keeps the reference's gap many ulps wide, so its sqrt cannot merge it
+            unproven = unproven | ((runner_up - win_t) <= 2.0 * fp32_err + 9.5367431640625e-07 * tl.abs(win_t))
+            tl.store(OUT_FLAG + head * n_rows + rows, unproven.to(tl.int8), mask=row_mask)
+        if not RESCORE:
+            if COSINE:
+                win_q = -first
+            else:
+                win_q = tl.maximum(x_sq + first, 1e-8)  # low-precision squared distance
+        tl.store(OUT_INDEX + head * n_rows + rows, win.to(tl.int64), mask=row_mask)
+        tl.store(OUT_SCORE + head * n_rows + rows, win_q, mask=row_mask)
         if WRITE_CODES:  # the winners' rows (the lookup that follows a search, without its own pass and launch)
-            for d0 in tl.static_range(0, BD, RD):
-                dd = d0 + tl.arange(0, RD)
-                m2 = rmask[:, None] & (dd < D)[None, :]
-                cv = tl.load(CF + h * scf_h + ib[:, None] * scf_k + dd[None, :], mask=m2, other=0.0)
-                dst = OUT_C + (h * N + rows[:, None]).to(tl.int64) * D + dd[None, :]
-                tl.store(dst, cv.to(OUT_C.dtype.element_ty), mask=m2)
-
-    # (BLOCK_N, BLOCK_K, warps, stages); 64 x 128 was dropped when the layouts doubled the search: on an H200 it
-    # was never the fastest (cosine d32, euclidean d128; at d256 it exceeds shared memory)
-    _BLOCKS = ((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 4))
-
-    def _configs(bf16: bool, packs: tuple[bool, ...]):
-        cfgs = []
-        for pack in packs:  # the selection state's layout is tuned like the tile sizes (neither wins everywhere)
-            for bn, bk, w, s in _BLOCKS:
-                if not bf16 and bn == 128:
-                    continue  # a 128 x 256 fp32 x tile plus codebook stages does not fit in shared memory
-                cfgs.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "PACK": pack}, num_warps=w, num_stages=s))
-        return cfgs
-
-    def _prune(configs, named_args, **kwargs):
-        bd = named_args.get("BD", kwargs.get("BD", 256))
-        bf16 = named_args.get("BF16", kwargs.get("BF16", True))
-        tb = named_args.get("TB", kwargs.get("TB", PACK_MAX_BITS + 1))
-        elt = 2 if bf16 else 4
-        keep = [c for c in configs
-                if (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"] * c.num_stages) * bd * elt <= 200 * 1024
-                and (tb <= PACK_MAX_BITS or not c.kwargs["PACK"])]
-        return keep or configs[-1:]
-
-    _KEY = ["K", "D", "COSINE", "EXACT", "RERANK", "BF16", "TOPK"]
-
-    @functools.cache
-    def _tuner(bf16: bool, packs: tuple[bool, ...]):
-        return triton.autotune(_configs(bf16, packs), key=_KEY, prune_configs_by={"early_config_prune": _prune})(
-            _nearest_kernel)
+            out_rows = OUT_CODES + (head * n_rows + rows[:, None]).to(tl.int64) * code_dim
+            for d0 in range(0, code_dim, BLOCK_R):
+                dd = d0 + tl.arange(0, BLOCK_R)
+                mask = row_mask[:, None] & (dd < code_dim)[None, :]
+                cv = tl.load(CODES + head * stride_c_head + win[:, None] * stride_c_code + dd[None, :], mask=mask,
+                             other=0.0)
+                tl.store(out_rows + dd[None, :], cv.to(OUT_CODES.dtype.element_ty), mask=mask)
 
 
-MODES = ("exact", "rerank", "fast")
-_best_configs: dict = {}  # (bf16, K, D, constexprs) -> the autotuner's choice
-
-
-def _launch_tuned(args: tuple, consts: dict, n: int, heads: int, packs: tuple[bool, ...], key: tuple) -> None:
-    """Autotune once per `key` (precision, allowed key layouts, codebook shape, constexprs), then launch with the
-    chosen config directly: the autotuner's own per-call dispatch costs host time that a ResidualVQ step (one
-    search per level) notices."""
-    best = _best_configs.get(key)
-    if best is None:
-        tuner = _tuner(key[0], packs)
-        tuner[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), heads)](*args, **consts)
-        _best_configs[key] = tuner.best_config
-        return
-    _nearest_kernel[(triton.cdiv(n, best.kwargs["BLOCK_N"]), heads)](*args, **consts, **best.all_kwargs())
+def _code_stats(cf: Tensor, c_low: Tensor, c_sq: Tensor, bf16: bool) -> Tensor:
+    """`(heads, 4)` float32 `max|c|, max|c|^2, max|c - c~|, 0` for exact mode's error bound (`cf`: the codes as
+    the kernel's dot sees them before rounding, `c_low` after)."""
+    norms = cf.norm(dim=-1)
+    lo = (cf - c_low.float()).norm(dim=-1) if bf16 else norms * 2.0**-10
+    return torch.stack([norms.amax(-1), c_sq.amax(-1), lo.amax(-1), torch.zeros_like(norms[:, 0])], -1).contiguous()
 
 
 def nearest_code_triton(
@@ -450,24 +414,22 @@ def nearest_code_triton(
     mode: str = "exact",
     precision: str = "bf16",
     stats: dict | None = None,
-    block: tuple[int, int] | None = None,
-    topk: int = TOPK,
+    block: tuple[int, ...] | None = None,
+    topk: int = CANDIDATES,
     pack: bool | None = None,
     out_codes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Kernel behind `nearest_code`: `x (H, N, D)`, `codebook (H or 1, K, D)`, `codebook_sq_norm (H or 1, K)`
-    (float32, `(codebook.float()**2).sum(-1)`). Returns `(indices int64 (H, N), score float32 (H, N))` with
-    `nearest_code`'s conventions.
+    (float32, `(codebook.float()**2).sum(-1)`; not read for cosine). Returns `(indices int64 (H, N), score
+    float32 (H, N))` with `nearest_code`'s conventions.
 
     `mode`: `"exact"` (the reference's fp32 indices: margin check, PyTorch fallback for unproven rows, one host
-    sync), `"rerank"` (the best `topk - 1` low-precision candidates re-ranked by fp32 `|c|^2 - 2 x.c`; no
-    fallback, no sync), `"fast"` (the low-precision argmin). `exact=True/False` is the older spelling of
-    `"exact"`/`"fast"`. `stats`, if given, receives the number of rows re-done by the PyTorch path.
-    `out_codes`, if given (contiguous `(H, N, D)`), receives the winners' code rows (in its dtype). `pack`:
-    the selection layout, packed keys (True) or lane arrays (False); default: whichever the autotuner times faster.
-    `block=(BLOCK_N, BLOCK_K)` skips autotuning (the interpreter uses (16, 16)). `topk` (4 or 8): candidates
-    kept per row; 8 sends far fewer near-tie rows to the fallback (randn d256 K8192: 17,866 -> 1,511 of
-    262,144 rows, H100) for a little more work after the codebook loop."""
+    sync), `"rerank"` (the best `topk - 1` low-precision candidates re-ranked by fp32 `|x - c|^2`; no
+    fallback, no sync), `"fast"` (the low-precision argmin). `exact=True/False` is the same as `"exact"`/`"fast"`.
+    `stats`, if given, receives the number of rows re-done by the PyTorch path. `out_codes`, if given (contiguous
+    `(H, N, D)`), receives the winners' code rows (in its dtype). `block=(BLOCK_N, BLOCK_K[, BLOCK_D])` and `pack`
+    override `launch_config`. `topk` (4 or 8): candidates popped per row; 8 sends far fewer near-tie rows to the
+    fallback for a little more work after the codebook loop."""
     if exact is not None:
         mode = "exact" if exact else "fast"
     if mode not in MODES:
@@ -476,96 +438,91 @@ def nearest_code_triton(
         raise ValueError(f"topk must be 4 or 8, got {topk!r}")
     if precision not in ("bf16", "tf32"):
         raise ValueError(f"precision must be 'bf16' or 'tf32', got {precision!r}")
+    if metric not in ("euclidean", "cosine"):
+        raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
     H, N, D = x.shape
     K = codebook.shape[-2]
-    cosine = metric == "cosine"
-    bf16 = precision == "bf16"
-    dev = x.device
-    idx = torch.empty(H, N, dtype=torch.long, device=dev)
-    score = torch.empty(H, N, dtype=torch.float32, device=dev)
-    if N == 0 or H == 0:
-        return idx, score
-    x = x.contiguous()
-    cf = codebook.float().contiguous()
-    signed = -cf if cosine else cf  # the kernel scores with -c for cosine (its dot is then lower-is-better)
-    cl = signed.to(torch.bfloat16) if bf16 else signed
-    c2 = codebook_sq_norm.float().contiguous()
-    shared = cf.shape[0] == 1 and H > 1
-    exact = mode == "exact"
-    # the reference's |x|^2 (exact euclidean mode; the other modes sum it in the kernel)
-    x2 = (x.float() ** 2).sum(-1).contiguous() if exact and not cosine else score
-    flag = torch.zeros(H, N, dtype=torch.int8, device=dev) if exact else idx
-    if exact:
-        cn = cf.norm(dim=-1)
-        clo = (signed - cl.float()).norm(dim=-1) if bf16 else cn * 2.0**-10
-        st = torch.stack([cn.amax(-1), c2.amax(-1), clo.amax(-1), torch.zeros_like(cn[:, 0])], -1).contiguous()
-    else:
-        st = c2  # not read outside exact mode (any float32 tensor with a head stride will do)
-    bd = max(16, triton.next_power_of_2(D))
     if out_codes is not None and (out_codes.shape != (H, N, D) or not out_codes.is_contiguous()):
         raise ValueError(f"out_codes must be a contiguous {(H, N, D)} tensor, got {tuple(out_codes.shape)}")
-    args = (
-        x, x2, cl, cf, c2, st, idx, score, flag, score if out_codes is None else out_codes, N, K, D,
-        x.stride(0), x.stride(1),
-        0 if shared else cl.stride(0), cl.stride(1),
-        0 if shared else cf.stride(0), cf.stride(1),
-        0 if shared else c2.stride(0), 0 if shared else st.stride(0),
+    cosine = metric == "cosine"
+    bf16 = precision == "bf16"
+    prove = mode == "exact"
+    idx = torch.empty(H, N, dtype=torch.long, device=x.device)
+    score = torch.empty(H, N, dtype=torch.float32, device=x.device)
+    if N == 0 or H == 0:
+        return idx, score
+    cfg = launch_config(D, K, bf16=bf16, mode=mode, device=x.device, block=block, pack=pack)
+    resident = cfg.block_d >= padded_dim(D)
+
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    cf = codebook.float().contiguous()
+    signed = -cf if cosine else cf  # the kernel scores with -c for cosine (its dot is then lower-is-better)
+    c_low = signed.to(torch.bfloat16) if bf16 else signed
+    c_sq = None if cosine else codebook_sq_norm.float().contiguous()
+    x_low = x.to(torch.bfloat16) if bf16 and not resident else x
+    x_sq = (x.float() ** 2).sum(-1).contiguous() if prove and not cosine else None
+    flag = torch.zeros(H, N, dtype=torch.int8, device=x.device) if prove else None
+    code_stats = _code_stats(signed, c_low, codebook_sq_norm.float(), bf16) if prove else None
+    shared = cf.shape[0] == 1 and H > 1
+
+    n_tile_bits = tile_bits(K, cfg.block_k)
+    grid = (triton.cdiv(N, cfg.block_n), H)
+    _nearest_kernel[grid](
+        x, x_low, c_low, cf, c_sq, code_stats, x_sq, idx, score, flag, out_codes,
+        N, K, D,
+        x.stride(0), x.stride(1), x_low.stride(0), x_low.stride(1),
+        0 if shared else c_low.stride(0), c_low.stride(1), 0 if shared else cf.stride(0), cf.stride(1),
+        0 if shared or cosine else c_sq.stride(0), 0 if shared or not prove else code_stats.stride(0),
+        COSINE=cosine, RESCORE=mode != "fast", RERANK=mode == "rerank", PROVE=prove, BF16=bf16, EMULATE=interpreting(),
+        CANDIDATES=topk, PACK=cfg.pack, TILE_BITS=n_tile_bits, TRUNC=2.0 ** (n_tile_bits - 23) * 1.001,
+        WRITE_CODES=out_codes is not None, EVEN_K=K % cfg.block_k == 0, EVEN_D=D % cfg.block_d == 0,
+        X_RESIDENT=resident, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
+        BLOCK_R=min(cfg.block_d, 64), POPS=topk if mode != "fast" else 1,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if block is None and _interpret():
-        block = (16, 16)
-    # tile-number bits of a packed key: enough for the smallest BLOCK_K this launch may use
-    min_block_k = block[1] if block is not None else min(bk for _, bk, _, _ in _BLOCKS)
-    tb = max(1, (triton.cdiv(K, min_block_k) - 1).bit_length())
-    if pack and tb > PACK_MAX_BITS:
-        raise ValueError(f"pack=True needs at most 2^{PACK_MAX_BITS} codebook tiles of {min_block_k} codes, got K={K}")
-    consts = dict(COSINE=cosine, EXACT=mode != "fast", RERANK=mode == "rerank", BF16=bf16, EMULATE=_interpret(),
-                  TOPK=topk if mode != "fast" else 4, TB=tb, TRUNC=2.0 ** (tb - 23) * 1.001,
-                  WRITE_CODES=out_codes is not None, BD=bd, RD=min(bd, 64))
-    if block is not None:
-        grid = (triton.cdiv(N, block[0]), H)
-        _nearest_kernel[grid](*args, **consts, BLOCK_N=block[0], BLOCK_K=block[1],
-                              PACK=tb <= PACK_MAX_BITS if pack is None else pack)
-    else:
-        packs = (False, True) if pack is None else (pack,)
-        _launch_tuned(args, consts, N, H, packs, key=(bf16, packs, K, D, *consts.items()))
 
     if stats is not None:
         stats["fallback_rows"], stats["rows"] = 0, H * N
-    if exact:
-        redo = flag.bool()
-        n_redo = int(redo.sum())
-        if stats is not None:
-            stats["fallback_rows"] = n_redo
-            stats["rows"] = H * N
-        if n_redo:
-            from .nearest import _nearest_torch  # the reference path; lazy to avoid an import cycle
-
-            heads = redo.any(1).nonzero().flatten().tolist()
-            for hh in heads:
-                rows = redo[hh].nonzero().flatten()
-                ch = 0 if cf.shape[0] == 1 else hh
-                i_r, s_r = _nearest_torch(x[hh : hh + 1, rows], cf[ch : ch + 1], c2[ch : ch + 1], metric)
-                idx[hh, rows] = i_r[0]
-                score[hh, rows] = s_r[0]
-                if out_codes is not None:
-                    out_codes[hh, rows] = cf[ch, i_r[0]].to(out_codes.dtype)
+    if prove:
+        _redo_unproven(x, cf, codebook_sq_norm.float(), flag.bool(), metric, idx, score, out_codes, stats)
     return idx, score
 
 
-@torch.library.custom_op("hf_vq::nearest_code", mutates_args=())
-def nearest_code_op(x: Tensor, codebook: Tensor, codebook_sq_norm: Tensor, metric: str, mode: str,
-                    return_codes: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """`nearest_code_triton` as one opaque op for torch.compile (dynamo does not trace into the launch, its
-    autotuning or exact mode's host-side fallback): `(indices, score, codes)`, codes empty unless `return_codes`.
-    Eager calls use `nearest_code_triton` directly (no op dispatch)."""
-    codes = x.new_empty(x.shape, dtype=codebook.dtype) if return_codes else x.new_empty(0, dtype=codebook.dtype)
-    idx, score = nearest_code_triton(x, codebook, codebook_sq_norm, metric=metric, mode=mode,
-                                     out_codes=codes if return_codes else None)
-    return idx, score, codes
+def _redo_unproven(x: Tensor, cf: Tensor, c_sq: Tensor, redo: Tensor, metric: str, idx: Tensor, score: Tensor,
+                   out_codes: Tensor | None, stats: dict | None) -> None:
+    """Exact mode: re-do the flagged rows with the PyTorch reference (one host sync for the count)."""
+    n_redo = int(redo.sum())
+    if stats is not None:
+        stats["fallback_rows"] = n_redo
+    if not n_redo:
+        return
+    from .nearest import _nearest_torch  # the reference path; lazy to avoid an import cycle
+
+    for head in redo.any(1).nonzero().flatten().tolist():
+        rows = redo[head].nonzero().flatten()
+        ch = 0 if cf.shape[0] == 1 else head
+        i_r, s_r = _nearest_torch(x[head : head + 1, rows], cf[ch : ch + 1], c_sq[ch : ch + 1], metric)
+        idx[head, rows] = i_r[0]
+        score[head, rows] = s_r[0]
+        if out_codes is not None:
+            out_codes[head, rows] = cf[ch, i_r[0]].to(out_codes.dtype)
 
 
-@nearest_code_op.register_fake
-def _nearest_code_op_shapes(x, codebook, codebook_sq_norm, metric, mode, return_codes):
-    H, N, _ = x.shape
-    codes = x.new_empty(x.shape if return_codes else (0,), dtype=codebook.dtype)
-    return x.new_empty((H, N), dtype=torch.long), x.new_empty((H, N), dtype=torch.float32), codes
+if HAS_TRITON:
+
+    @torch.library.custom_op("hf_vq::nearest_code", mutates_args=())
+    def nearest_code_op(x: Tensor, codebook: Tensor, codebook_sq_norm: Tensor, metric: str, mode: str,
+                        return_codes: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """`nearest_code_triton` as one opaque op for torch.compile (dynamo does not trace into the launch or
+        exact mode's host-side fallback): `(indices, score, codes)`, codes empty unless `return_codes`. Eager calls
+        use `nearest_code_triton` directly (no op dispatch)."""
+        codes = x.new_empty(x.shape if return_codes else (0,), dtype=codebook.dtype)
+        idx, score = nearest_code_triton(x, codebook, codebook_sq_norm, metric=metric, mode=mode,
+                                         out_codes=codes if return_codes else None)
+        return idx, score, codes
+
+    @nearest_code_op.register_fake
+    def _nearest_code_op_shapes(x, codebook, codebook_sq_norm, metric, mode, return_codes):
+        H, N, _ = x.shape
+        codes = x.new_empty(x.shape if return_codes else (0,), dtype=codebook.dtype)
+        return x.new_empty((H, N), dtype=torch.long), x.new_empty((H, N), dtype=torch.float32), codes

@@ -1,9 +1,8 @@
 """Residual quantization steps in one pass each (Triton).
 
 `residual_step_` (CUDA, PyTorch elsewhere): after a level's search, `codes = codebook[idx]`, `residual - codes`
-and `out + codes` are three passes over `(N, d)` (at ResidualVQ 8x1024 d128 N=2^17 on an H200: 81 + 49 + 48 us a
-level). The kernel reads each row's index, code, residual and running sum once and updates the last two in place:
-the same float32 values.
+and `out + codes` would be three passes over `(N, d)`. The kernel reads each row's index, code, residual and
+running sum once and updates the last two in place: the same float32 values.
 Float32 only: Triton 3.9's CPU interpreter rounds float32 -> bfloat16 differently from PyTorch, so a
 low-precision variant could not be checked in CI; other dtypes take the PyTorch ops.
 
@@ -13,7 +12,7 @@ Per level a search and one pass that looks up the code, adds the row to the code
 `index_add_` on CUDA), takes the commitment loss's partial sum, and updates the residual and the running sum by
 the rotated code. The backward pass is one kernel for all levels: it recomputes each level's residual from the
 input and the codes (nothing per level is stored but the indices and a snapshot of the codebooks), and adds up
-every level's rotation and commitment gradient. A step at 8 levels costs ~60 host ops instead of ~440.
+every level's rotation and commitment gradient.
 """
 
 from __future__ import annotations
@@ -24,72 +23,81 @@ import torch
 from torch import Tensor
 
 from .nearest import nearest_code, sq_norm
-from .triton_nearest import HAS_TRITON, kernel_ok
-from .triton_rotation import MAX_DIM, row_blocks, row_warps
+from .triton_rotation import MAX_DIM
+from .utils import HAS_TRITON, kernel_ok, row_blocks, row_warps
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _residual_step(R, O, C, IDX, N, D, BLOCK_N: tl.constexpr, BD: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        d = tl.arange(0, BD)
-        m = (rows < N)[:, None] & (d < D)[None, :]
-        idx = tl.load(IDX + rows, mask=rows < N, other=0)
-        code = tl.load(C + idx[:, None] * D + d[None, :], mask=m, other=0.0)
-        off = rows[:, None] * D + d[None, :]
-        r = tl.load(R + off, mask=m, other=0.0)
-        o = tl.load(O + off, mask=m, other=0.0)
-        tl.store(R + off, r - code, mask=m)
-        tl.store(O + off, o + code, mask=m)
+    def _residual_step(RESIDUAL, OUT, CODEBOOK, INDEX, n_rows, dim, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+        """In place for BLOCK_ROWS rows: `RESIDUAL -= CODEBOOK[INDEX]`, `OUT += CODEBOOK[INDEX]`. RESIDUAL, OUT:
+        contiguous float32 `(n_rows, dim)`; CODEBOOK contiguous `(K, dim)`; INDEX int64 `(n_rows,)`; BLOCK_D: `dim`
+        padded to a power of two."""
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        cols = tl.arange(0, BLOCK_D)
+        mask = (rows < n_rows)[:, None] & (cols < dim)[None, :]
+        idx = tl.load(INDEX + rows, mask=rows < n_rows, other=0)
+        code = tl.load(CODEBOOK + idx[:, None] * dim + cols[None, :], mask=mask, other=0.0)
+        offs = rows[:, None] * dim + cols[None, :]
+        r = tl.load(RESIDUAL + offs, mask=mask, other=0.0)
+        o = tl.load(OUT + offs, mask=mask, other=0.0)
+        tl.store(RESIDUAL + offs, r - code, mask=mask)
+        tl.store(OUT + offs, o + code, mask=mask)
 
     from .triton_rotation import frame_of, rotated, rotated_grad
 
     @triton.jit
-    def _train_step(R, O, C, IDX, CNT, SUM, PART, N, D, BLOCK: tl.constexpr, BD: tl.constexpr,
-                    STATS: tl.constexpr):
-        # one level: EMA statistics of the rows (STATS), commitment partial sum into PART[program],
-        # R -= rotated code, O += rotated code; without STATS only R moves (replaying the levels' inputs)
-        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        d = tl.arange(0, BD)
-        rm = rows < N
-        m = rm[:, None] & (d < D)[None, :]
-        idx = tl.load(IDX + rows, mask=rm, other=0)
-        off = rows[:, None] * D + d[None, :]
-        coff = idx[:, None] * D + d[None, :]
-        r = tl.load(R + off, mask=m, other=0.0)
-        c = tl.load(C + coff, mask=m, other=0.0)
+    def _train_step(RESIDUAL, OUT, CODEBOOK, INDEX, COUNTS, SUMS, LOSS_PARTS, n_rows, dim,
+                    BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, STATS: tl.constexpr):
+        """One level for BLOCK_ROWS rows: `RESIDUAL -= rot`, and with STATS `OUT += rot`, the rows added to
+        their codes' EMA statistics (COUNTS `(K,)`, SUMS `(K, dim)`, atomics) and the commitment loss's partial
+        sum `sum((c - r)^2)` into LOSS_PARTS[program]; `rot` is the rotation trick of the residual towards its
+        code. Without STATS only RESIDUAL moves (replaying the levels' inputs; OUT, COUNTS, SUMS, LOSS_PARTS are
+        None). RESIDUAL, OUT: contiguous float32 `(n_rows, dim)`; CODEBOOK `(K, dim)`; INDEX int64 `(n_rows,)`."""
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        cols = tl.arange(0, BLOCK_D)
+        row_mask = rows < n_rows
+        mask = row_mask[:, None] & (cols < dim)[None, :]
+        idx = tl.load(INDEX + rows, mask=row_mask, other=0)
+        offs = rows[:, None] * dim + cols[None, :]
+        code_offs = idx[:, None] * dim + cols[None, :]
+        r = tl.load(RESIDUAL + offs, mask=mask, other=0.0)
+        c = tl.load(CODEBOOK + code_offs, mask=mask, other=0.0)
         u, q, w, s = frame_of(r, c, 1e-6)
         rot = rotated(r, u, q, w, s)
-        tl.store(R + off, r - rot, mask=m)
+        tl.store(RESIDUAL + offs, r - rot, mask=mask)
         if STATS:
-            tl.atomic_add(SUM + coff, r, mask=m, sem="relaxed")
-            tl.atomic_add(CNT + idx, tl.full([BLOCK], 1.0, tl.float32), mask=rm, sem="relaxed")
+            tl.atomic_add(SUMS + code_offs, r, mask=mask, sem="relaxed")
+            tl.atomic_add(COUNTS + idx, tl.full([BLOCK_ROWS], 1.0, tl.float32), mask=row_mask, sem="relaxed")
             diff = c - r
-            tl.store(PART + tl.program_id(0), tl.sum(tl.sum(diff * diff, axis=1), axis=0))
-            o = tl.load(O + off, mask=m, other=0.0)
-            tl.store(O + off, o + rot, mask=m)
+            tl.store(LOSS_PARTS + tl.program_id(0), tl.sum(tl.sum(diff * diff, axis=1), axis=0))
+            o = tl.load(OUT + offs, mask=mask, other=0.0)
+            tl.store(OUT + offs, o + rot, mask=mask)
 
     @triton.jit
-    def _train_bwd(X, G, C, IDX, GL, GX, scale, N, D, K, LEVELS, BLOCK: tl.constexpr, BD: tl.constexpr):
-        # grad_x = sum over levels of the rotation's gradient of G plus GL[l] * scale * (r_l - c_l), the residual
-        # r_l recomputed level by level as in the forward (same arithmetic, so the same values)
-        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        d = tl.arange(0, BD)
-        rm = rows < N
-        m = rm[:, None] & (d < D)[None, :]
-        off = rows[:, None] * D + d[None, :]
-        r = tl.load(X + off, mask=m, other=0.0)
-        g = tl.load(G + off, mask=m, other=0.0)
-        gx = tl.zeros([BLOCK, BD], dtype=tl.float32)
-        for level in range(LEVELS):
-            idx = tl.load(IDX + level * N + rows, mask=rm, other=0)
-            c = tl.load(C + level * K * D + idx[:, None] * D + d[None, :], mask=m, other=0.0)
+    def _train_bwd(X, GRAD_OUT, CODEBOOKS, INDICES, GRAD_LOSSES, GRAD_X, loss_scale, n_rows, dim, n_codes, n_levels,
+                   BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+        """`GRAD_X` = the sum over levels of the rotation's gradient of GRAD_OUT plus `GRAD_LOSSES[l] *
+        loss_scale * (r_l - c_l)`, the residual `r_l` recomputed level by level as in the forward (same
+        arithmetic, so the same values). X, GRAD_OUT, GRAD_X: contiguous float32 `(n_rows, dim)`; CODEBOOKS
+        `(n_levels, n_codes, dim)`; INDICES int64 `(n_levels, n_rows)`; GRAD_LOSSES float32 `(n_levels,)`."""
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        cols = tl.arange(0, BLOCK_D)
+        row_mask = rows < n_rows
+        mask = row_mask[:, None] & (cols < dim)[None, :]
+        offs = rows[:, None] * dim + cols[None, :]
+        r = tl.load(X + offs, mask=mask, other=0.0)
+        g = tl.load(GRAD_OUT + offs, mask=mask, other=0.0)
+        gx = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
+        for level in range(n_levels):
+            idx = tl.load(INDICES + level * n_rows + rows, mask=row_mask, other=0)
+            c = tl.load(CODEBOOKS + level * n_codes * dim + idx[:, None] * dim + cols[None, :], mask=mask, other=0.0)
             u, q, w, s = frame_of(r, c, 1e-6)
-            gx += rotated_grad(g, u, q, w, s) + (r - c) * (tl.load(GL + level) * scale)
+            gx += rotated_grad(g, u, q, w, s) + (r - c) * (tl.load(GRAD_LOSSES + level) * loss_scale)
             r = r - rotated(r, u, q, w, s)
-        tl.store(GX + off, gx, mask=m)
+        tl.store(GRAD_X + offs, gx, mask=mask)
 
 
 def residual_step_(residual: Tensor, out: Tensor, codebook: Tensor, idx: Tensor) -> None:
@@ -99,17 +107,16 @@ def residual_step_(residual: Tensor, out: Tensor, codebook: Tensor, idx: Tensor)
     PyTorch in-place ops run, so gradients reach the codebook and the residual's inputs."""
     tracked = torch.is_grad_enabled() and (residual.requires_grad or out.requires_grad or codebook.requires_grad)
     fused = (not tracked and residual.dtype == out.dtype == codebook.dtype == torch.float32
-             and kernel_ok(residual, 1024) and residual.is_contiguous() and out.is_contiguous())
+             and kernel_ok(residual, MAX_DIM) and residual.is_contiguous() and out.is_contiguous())
     if not fused:
         code = codebook[idx].to(residual.dtype)
         residual.sub_(code)
         out.add_(code)
         return
     n, d = residual.shape
-    bd = triton.next_power_of_2(d)
-    block_n = max(1, 4096 // bd)  # 4096 elements a program
-    _residual_step[(triton.cdiv(n, block_n),)](residual, out, codebook.contiguous(), idx, n, d,
-                                               BLOCK_N=block_n, BD=bd)
+    programs, block, block_d = row_blocks(n, d)
+    _residual_step[(programs,)](residual, out, codebook.contiguous(), idx, n, d, BLOCK_ROWS=block, BLOCK_D=block_d,
+                                num_warps=row_warps(block_d))
 
 
 def train_levels_ok(x: Tensor) -> bool:
@@ -117,12 +124,12 @@ def train_levels_ok(x: Tensor) -> bool:
     return x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] > 0 and kernel_ok(x, MAX_DIM)
 
 
-def _launch_step(r: Tensor, out: Tensor, book: Tensor, idx: Tensor, counts: Tensor, sums: Tensor, part: Tensor,
-                 stats: bool) -> None:
+def _launch_step(r: Tensor, out: Tensor | None, book: Tensor, idx: Tensor, counts: Tensor | None,
+                 sums: Tensor | None, part: Tensor | None, stats: bool) -> None:
     n, d = r.shape
-    programs, block, bd = row_blocks(n, d)
-    _train_step[(programs,)](r, out, book, idx, counts, sums, part, n, d, BLOCK=block, BD=bd, STATS=stats,
-                             num_warps=row_warps(bd))
+    programs, block, block_d = row_blocks(n, d)
+    _train_step[(programs,)](r, out, book, idx, counts, sums, part, n, d, BLOCK_ROWS=block, BLOCK_D=block_d,
+                             STATS=stats, num_warps=row_warps(block_d))
 
 
 class _ResidualTrain(torch.autograd.Function):
@@ -154,9 +161,9 @@ class _ResidualTrain(torch.autograd.Function):
         g_out = torch.zeros_like(x) if g_out is None else g_out.contiguous()
         g_loss = x.new_zeros(levels) if g_loss is None else g_loss.float().contiguous()
         gx = torch.empty_like(x)
-        programs, block, bd = row_blocks(n, d)
+        programs, block, block_d = row_blocks(n, d)
         _train_bwd[(programs,)](x, g_out, books, indices, g_loss, gx, 2.0 / x.numel(), n, d, num_codes, levels,
-                                BLOCK=block, BD=bd, num_warps=row_warps(bd))
+                                BLOCK_ROWS=block, BLOCK_D=block_d, num_warps=row_warps(block_d))
         return gx, None, None
 
 
@@ -180,4 +187,4 @@ def level_inputs(x: Tensor, books: Tensor, indices: Tensor) -> Iterator[Tensor]:
     r = x.detach().clone(memory_format=torch.contiguous_format)
     for book, idx in zip(books, indices):
         yield r.clone()
-        _launch_step(r, r, book, idx, r, r, r, stats=False)
+        _launch_step(r, None, book, idx, None, None, None, stats=False)

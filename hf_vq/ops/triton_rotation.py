@@ -1,16 +1,15 @@
 """Fused rotation trick on CUDA (Triton): forward value and backward in one pass over the rows each.
 
 `estimators.rotate_to` computes `e - 2 (e.w) w + 2 (e.u) q`, scaled by `|c| / |x|`, with vqp's per-row
-`(1, d) @ (d, 1) @ (1, d)` matrix products: on the GPU those become batched tiny GEMMs (cuBLAS gemv/gemmk1
-kernels) that cost ~10 ms per call at 2^18 x 256, forward and backward. Row-wise the same map is a few dot
-products per row: this kernel keeps a block of rows on chip, and the backward recomputes `u, q, w` from `x` and
-the codes instead of storing them (`grad_x = s (g - 2 (g.w) w + 2 (g.q) u)`, `s = |c| / |x|`; `w, u, q, s` are
-constants of the estimator, as in vqp). Same formula as the PyTorch path; float32 sums in another order, so the
-value differs from it by float32 rounding (the CPU path keeps vqp's bit-exact form).
+`(1, d) @ (d, 1) @ (1, d)` matrix products, which on the GPU become batched tiny GEMMs. Row-wise the same map is
+a few dot products per row: this kernel keeps a block of rows on chip, and the backward recomputes `u, q, w` from
+`x` and the codes instead of storing them (`grad_x = s (g - 2 (g.w) w + 2 (g.q) u)`, `s = |c| / |x|`; `w, u, q, s`
+are constants of the estimator, as in vqp). Same formula as the PyTorch path; float32 sums in another order, so
+the value differs from it by float32 rounding (the CPU path keeps vqp's bit-exact form).
 
 With `rotate_to_with_commitment` the same passes also give vqp's default commitment loss `mse(c, x)` (per-program
-partial sums, summed after the launch: deterministic) and its gradient `2 (x - c) / numel`: the separate MSE
-forward, backward and gradient accumulation were ~0.2 ms per ResidualVQ level at 2^17 x 128 on an H200.
+partial sums, summed after the launch: deterministic) and its gradient `2 (x - c) / numel`, so no separate MSE
+forward, backward and gradient accumulation run.
 """
 
 from __future__ import annotations
@@ -18,9 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .triton_nearest import HAS_TRITON, kernel_ok
+from .utils import HAS_TRITON, kernel_ok, row_blocks, row_warps
 
-MAX_DIM = 1024
+MAX_DIM = 2048  # a block of whole rows stays on chip (row_blocks: 2 rows of 2048)
 
 if HAS_TRITON:
     import triton
@@ -54,38 +53,42 @@ if HAS_TRITON:
         return g - 2.0 * gw * w + 2.0 * gq * u
 
     @triton.jit
-    def _load_pair(X, C, offs, m2):
-        x = tl.load(X + offs, mask=m2, other=0.0).to(tl.float32)
-        c = tl.load(C + offs, mask=m2, other=0.0).to(tl.float32)
-        return x, c
+    def _row_block(n_rows, dim, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+        # this program's rows of a contiguous (n_rows, dim) tensor: element offsets and their mask
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        cols = tl.arange(0, BLOCK_D)
+        mask = (rows < n_rows)[:, None] & (cols < dim)[None, :]
+        return rows[:, None] * dim + cols[None, :], mask
 
     @triton.jit
-    def _rotate_fwd(X, C, OUT, PART, M, D, BLOCK: tl.constexpr, BD: tl.constexpr, COMMIT: tl.constexpr):
-        # COMMIT: also this block's share of the commitment loss, sum((c - x)^2), into PART[program]
-        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        cols = tl.arange(0, BD)
-        m2 = (rows < M)[:, None] & (cols < D)[None, :]
-        offs = rows[:, None] * D + cols[None, :]
-        x, c = _load_pair(X, C, offs, m2)
+    def _rotate_fwd(X, CODES, OUT, LOSS_PARTS, n_rows, dim, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+                    COMMIT: tl.constexpr):
+        """Rotation trick value of BLOCK_ROWS rows. X, CODES, OUT: contiguous `(n_rows, dim)` (OUT in X's
+        dtype); LOSS_PARTS: float32 per-program sums of `(c - x)^2` (COMMIT only, else None). BLOCK_D: `dim`
+        padded to a power of two."""
+        offs, mask = _row_block(n_rows, dim, BLOCK_ROWS, BLOCK_D)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        c = tl.load(CODES + offs, mask=mask, other=0.0).to(tl.float32)
         u, q, w, s = frame_of(x, c, 1e-6)
-        tl.store(OUT + offs, rotated(x, u, q, w, s).to(OUT.dtype.element_ty), mask=m2)
+        tl.store(OUT + offs, rotated(x, u, q, w, s).to(OUT.dtype.element_ty), mask=mask)
         if COMMIT:
             diff = c - x
-            tl.store(PART + tl.program_id(0), tl.sum(tl.sum(diff * diff, axis=1), axis=0))
+            tl.store(LOSS_PARTS + tl.program_id(0), tl.sum(tl.sum(diff * diff, axis=1), axis=0))
 
     @triton.jit
-    def _rotate_bwd(X, C, G, GX, GL, scale, M, D, BLOCK: tl.constexpr, BD: tl.constexpr, COMMIT: tl.constexpr):
-        # COMMIT: plus the commitment loss's gradient, GL * scale * (x - c), scale = 2 / numel
-        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        cols = tl.arange(0, BD)
-        m2 = (rows < M)[:, None] & (cols < D)[None, :]
-        offs = rows[:, None] * D + cols[None, :]
-        x, c = _load_pair(X, C, offs, m2)
+    def _rotate_bwd(X, CODES, GRAD_OUT, GRAD_X, GRAD_LOSS, loss_scale, n_rows, dim, BLOCK_ROWS: tl.constexpr,
+                    BLOCK_D: tl.constexpr, COMMIT: tl.constexpr):
+        """Gradient to X of the rotation (and with COMMIT of the commitment loss: `GRAD_LOSS[0] * loss_scale *
+        (x - c)`, `loss_scale = 2 / numel`; GRAD_LOSS None without COMMIT). Tensors as in `_rotate_fwd`;
+        GRAD_OUT and GRAD_X contiguous `(n_rows, dim)`."""
+        offs, mask = _row_block(n_rows, dim, BLOCK_ROWS, BLOCK_D)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        c = tl.load(CODES + offs, mask=mask, other=0.0).to(tl.float32)
         u, q, w, s = frame_of(x, c, 1e-6)
-        gx = rotated_grad(tl.load(G + offs, mask=m2, other=0.0).to(tl.float32), u, q, w, s)
+        gx = rotated_grad(tl.load(GRAD_OUT + offs, mask=mask, other=0.0).to(tl.float32), u, q, w, s)
         if COMMIT:
-            gx += (x - c) * (tl.load(GL) * scale)
-        tl.store(GX + offs, gx.to(GX.dtype.element_ty), mask=m2)
+            gx += (x - c) * (tl.load(GRAD_LOSS) * loss_scale)
+        tl.store(GRAD_X + offs, gx.to(GRAD_X.dtype.element_ty), mask=mask)
 
 
 def available(x: Tensor) -> bool:
@@ -93,21 +96,10 @@ def available(x: Tensor) -> bool:
     return kernel_ok(x, MAX_DIM)
 
 
-def row_blocks(m: int, d: int) -> tuple[int, int, int]:
-    """`(programs, rows per program, padded dim)`: a block of rows of up to 4096 elements stays on chip."""
-    bd = max(16, triton.next_power_of_2(d))
-    block = max(1, min(64, 4096 // bd))
-    return triton.cdiv(m, block), block, bd
-
-
-def row_warps(bd: int) -> int:
-    """Warps of a row-block program over padded dim `bd` (`row_blocks`)."""
-    return 4 if bd <= 256 else 8
-
-
-def _launch(kernel, m: int, d: int, *tensors: Tensor, commit: bool) -> None:
-    programs, block, bd = row_blocks(m, d)
-    kernel[(programs,)](*tensors, m, d, BLOCK=block, BD=bd, COMMIT=commit, num_warps=row_warps(bd))
+def _launch(kernel, m: int, d: int, *args, commit: bool) -> None:
+    programs, block, block_d = row_blocks(m, d)
+    kernel[(programs,)](*args, m, d, BLOCK_ROWS=block, BLOCK_D=block_d, COMMIT=commit,
+                        num_warps=row_warps(block_d))
 
 
 class _Rotate(torch.autograd.Function):
@@ -121,7 +113,7 @@ class _Rotate(torch.autograd.Function):
         m = x.numel() // d if d else 0
         out = torch.empty_like(x)
         # per-program partial sums of the loss (summed here: deterministic, unlike atomics)
-        part = torch.empty(row_blocks(m, d)[0], dtype=torch.float32, device=x.device) if commit and m else out
+        part = torch.empty(row_blocks(m, d)[0], dtype=torch.float32, device=x.device) if commit and m else None
         if m:
             _launch(_rotate_fwd, m, d, x, codes, out, part, commit=commit)
         ctx.save_for_backward(x, codes)
@@ -138,7 +130,7 @@ class _Rotate(torch.autograd.Function):
         gx = torch.empty_like(x)
         commit = ctx.commit and g_loss is not None
         if m:
-            gl = g_loss.float().reshape(1) if commit else gx
+            gl = g_loss.float().reshape(1) if commit else None
             _launch(_rotate_bwd, m, d, x, codes, g.contiguous(), gx, gl, 2.0 / x.numel(), commit=commit)
         return gx, None, None
 

@@ -16,9 +16,9 @@ ROT_CHECK = textwrap.dedent(
     from hf_vq.ops import estimators, triton_rotation
     dev = sys.argv[1]
     g = torch.Generator().manual_seed(0)
-    shapes = [(2, 37, 24), (1, 5, 256), (3, 9, 7), (1, 3, 1)]
+    shapes = [(2, 37, 24), (1, 5, 256), (3, 9, 7), (1, 3, 1), (1, 5, 1500)]  # 1500: 2 rows of 2048 a program
     if dev == "cuda":
-        shapes += [(1, 4099, 256), (2, 1001, 129), (1, 257, 1000)]
+        shapes += [(1, 4099, 256), (2, 1001, 129), (1, 257, 1000), (1, 129, 2048)]
     out = {}
     for shape in shapes:
         for dt in [torch.float32] + ([torch.bfloat16] if dev == "cuda" else []):

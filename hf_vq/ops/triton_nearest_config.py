@@ -1,0 +1,103 @@
+"""Launch configuration of the nearest-code kernel (`triton_nearest`): a rule instead of autotuning.
+
+Autotuning compiles and times every candidate configuration on the first call of each codebook shape (tens of
+seconds for a new model). `launch_config` instead picks one configuration from the feature dim, codebook size,
+precision and mode, so a new shape costs a single compilation. The rule was read off a sweep of candidates on an
+H200 (`benchmarks/bench_nearest.py --sweep`; the table is in `benchmarks/RESULTS.md`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .utils import interpreting, padded_dim, shared_memory_bytes
+
+RESIDENT_DIM = 256  # up to this (padded) feature dim a program's rows stay on chip for the codebook loop
+PACK_MAX_BITS = 9  # packed keys keep >= 14 of fp32's 23 mantissa bits
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile shape and scheduling of one `_nearest_kernel` launch."""
+
+    block_n: int  # rows per program
+    block_k: int  # codes per codebook tile (the lanes of the selection)
+    block_d: int  # features per dot slice (>= the padded dim when the rows stay resident)
+    pack: bool  # packed keys instead of lane arrays
+    num_warps: int
+    num_stages: int
+
+
+def tile_bits(n_codes: int, block_k: int) -> int:
+    """Bits of a packed key that number the codebook tiles."""
+    return max(1, (-(-n_codes // block_k) - 1).bit_length())
+
+
+def _fit_stages(stages: int, block_n: int, block_k: int, block_d: int, resident: bool, elt: int,
+                smem: int) -> int:
+    """The most pipeline stages (at most `stages`, at least 1) whose shared-memory buffers fit `smem`: the
+    resident rows once, plus one codebook slice (and one row slice when not resident) per stage."""
+    while stages > 1:
+        per_stage = block_k * block_d * elt + (0 if resident else block_n * block_d * elt)
+        if (block_n * block_d * elt if resident else 0) + stages * per_stage <= smem:
+            break
+        stages -= 1
+    return stages
+
+
+def launch_config(code_dim: int, n_codes: int, *, bf16: bool, mode: str, device: torch.device | None = None,
+                  block: tuple[int, ...] | None = None, pack: bool | None = None) -> LaunchConfig:
+    """The launch configuration for a search (no autotuning: one compilation per specialization).
+
+    The rule comes from `benchmarks/bench_nearest.py --sweep` on an H200 (table in `benchmarks/RESULTS.md`), which
+    times a fixed set of candidates per (D, K): packed keys beat lane arrays wherever the tile bits allow them
+    (the selection is a large share of the kernel's work at every D), so they are used whenever they fit.
+    - Rows that fit `RESIDENT_DIM` stay on chip. bf16: 128 rows x 64 codes with 8 warps at padded D 256, 64 x 64
+      with 4 warps below; without packed keys (K above 2^9 tiles) 64 x 32 with 4 warps and 4 stages. tf32: 128 x
+      32 with 8 warps (the fp32 rows leave room for narrower codebook tiles only).
+    - Wider rows are read in 64-feature slices: 128 x 128 with 8 warps and 3 stages with packed keys (up to
+      K = 2^16), else 64 x 64 with 4 warps and 4 stages. tf32 (not swept): 64 x 64 in 32-feature slices, the
+      bf16 lane shape at the same bytes per stage.
+    Stages are then cut to what fits the device's shared memory. `block=(BLOCK_N, BLOCK_K[, BLOCK_D])` and `pack`
+    override the rule (tests, sweeps)."""
+    elt = 2 if bf16 else 4
+    padded = padded_dim(code_dim)
+    resident = padded <= RESIDENT_DIM
+    if block is not None:
+        block_n, block_k = block[0], block[1]
+        block_d = block[2] if len(block) > 2 else (padded if resident else 64)
+        resident = block_d >= padded
+        block_d = padded if resident else block_d
+        warps, stages = (4 if block_n * block_k <= 4096 else 8), 3
+        can_pack = tile_bits(n_codes, block_k) <= PACK_MAX_BITS
+    elif resident:
+        block_d = padded
+        can_pack = bf16 and tile_bits(n_codes, 64) <= PACK_MAX_BITS
+        if not bf16:
+            block_n, block_k, warps, stages = 128, 32, 8, 3
+        elif not can_pack:
+            block_n, block_k, warps, stages = 64, 32, 4, 4
+        elif padded >= 256:
+            block_n, block_k, warps, stages = 128, 64, 8, 3
+        else:
+            block_n, block_k, warps, stages = 64, 64, 4, 3
+    else:
+        can_pack = bf16 and tile_bits(n_codes, 128) <= PACK_MAX_BITS
+        if not bf16:
+            block_n, block_k, block_d, warps, stages = 64, 64, 32, 4, 3
+        elif can_pack:
+            block_n, block_k, block_d, warps, stages = 128, 128, 64, 8, 3
+        else:
+            block_n, block_k, block_d, warps, stages = 64, 64, 64, 4, 4
+    if interpreting():
+        stages = 1
+    else:
+        stages = _fit_stages(stages, block_n, block_k, block_d, resident, elt, shared_memory_bytes(device) - 1024)
+    if pack is None:
+        pack = can_pack
+    elif pack and tile_bits(n_codes, block_k) > PACK_MAX_BITS:
+        raise ValueError(f"pack=True needs at most 2^{PACK_MAX_BITS} codebook tiles of {block_k} codes, "
+                         f"got K={n_codes}")
+    return LaunchConfig(block_n, block_k, block_d, pack, warps, stages)
