@@ -47,3 +47,4 @@ from .models.vq_autoencoder import VQAutoencoder
 __version__ = "0.1.0"
 
 register_with_diffusers()
+from .models.sim_vq import ResidualSimVQ, ResidualSimVQConfig, ResidualSimVQOutput, SimVQ, SimVQConfig, SimVQOutput

@@ -32,6 +32,10 @@ EXAMPLES = {
     "GroupedResidualFSQ": (dict(dim=8, groups=2, levels=[5, 3], num_quantizers=2), (2, 10, 8)),
     "GroupedResidualLFQ": (dict(dim=8, groups=2, codebook_size=2**4, num_quantizers=2), (2, 10, 8)),
     "LFQ_projections": (dict(dim=16, codebook_size=2**8, num_codebooks=2, orthogonal_rotation=True), (2, 16, 4, 4)),
+    "SimVQ": (dict(dim=8, codebook_size=16), (2, 10, 8)),
+    "SimVQ_mlp": (dict(dim=8, codebook_size=16, channel_first=True, frozen_codebook_dim=6,
+                       codebook_transform=dict(hidden_dims=[12], activation="relu")), (2, 8, 3, 3)),
+    "ResidualSimVQ": (dict(dim=8, num_quantizers=3, codebook_size=16, channel_first=True), (2, 8, 5)),
 }
 
 
