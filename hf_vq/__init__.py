@@ -48,3 +48,8 @@ __version__ = "0.1.0"
 
 register_with_diffusers()
 from .models.sim_vq import ResidualSimVQ, ResidualSimVQConfig, ResidualSimVQOutput, SimVQ, SimVQConfig, SimVQOutput
+from .models.random_projection import (
+    RandomProjectionQuantizer,
+    RandomProjectionQuantizerConfig,
+    RandomProjectionQuantizerOutput,
+)

@@ -36,6 +36,8 @@ EXAMPLES = {
     "SimVQ_mlp": (dict(dim=8, codebook_size=16, channel_first=True, frozen_codebook_dim=6,
                        codebook_transform=dict(hidden_dims=[12], activation="relu")), (2, 8, 3, 3)),
     "ResidualSimVQ": (dict(dim=8, num_quantizers=3, codebook_size=16, channel_first=True), (2, 8, 5)),
+    "RandomProjectionQuantizer": (dict(dim=8, codebook_size=16, codebook_dim=4, num_codebooks=2, decay=0.9),
+                                  (2, 10, 8)),
 }
 
 
