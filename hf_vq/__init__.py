@@ -53,3 +53,4 @@ from .models.random_projection import (
     RandomProjectionQuantizerConfig,
     RandomProjectionQuantizerOutput,
 )
+from .models.hierarchical_vq import HierarchicalVQ, HierarchicalVQConfig, HierarchicalVQOutput

@@ -38,6 +38,11 @@ EXAMPLES = {
     "ResidualSimVQ": (dict(dim=8, num_quantizers=3, codebook_size=16, channel_first=True), (2, 8, 5)),
     "RandomProjectionQuantizer": (dict(dim=8, codebook_size=16, codebook_dim=4, num_codebooks=2, decay=0.9),
                                   (2, 10, 8)),
+    "HierarchicalVQ": (dict(dim=8, codebook_size=16, scales=[1, 2, [3, 4]], accept_image_fmap=True, kmeans_init=False,
+                            threshold_ema_dead_code=0), (2, 8, 3, 4)),
+    "HierarchicalVQ_levels": (dict(dim=8, codebook_size=[8, 16], scales=[2, 5], shared_codebook=False,
+                                   channel_first=False, share_quant_resi=0, kmeans_init=False,
+                                   threshold_ema_dead_code=0), (2, 5, 8)),
 }
 
 
