@@ -4,6 +4,8 @@ Random paths (k-means init, dead-code replacement, nested dropout) draw from the
 Tolerances: indices and cutoffs exact; outputs, losses, gradients and state within 1e-5 (float32; on this CPU they
 agree to the last bit)."""
 
+import os
+
 import pytest
 import torch
 import vector_quantize_pytorch as vqp
@@ -158,3 +160,44 @@ def test_bad_input_is_a_value_error():
         hq.get_output_from_indices([torch.zeros(2, 1, 1, dtype=torch.long)])
     with pytest.raises(TypeError, match="keyword arguments only"):
         hf_vq.HierarchicalVQ(8, 16)
+
+
+# -- two processes (gloo): codebook state and random level choices agree across ranks -----------------------------
+
+
+def _sync_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    from hf_vq import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # same initial weights
+        hq = hf_vq.HierarchicalVQ(dim=4, codebook_size=8, scales=[1, 2, 4], kmeans_iters=2, decay=0.8,
+                                  threshold_ema_dead_code=1, nested_dropout=0.8).train()
+        rsv = hf_vq.ResidualSimVQ(dim=4, num_quantizers=4, codebook_size=8, quantize_dropout=True).train()
+        torch.manual_seed(100 + rank)  # different data and random streams per rank
+        cutoffs, dropped = [], []
+        for _ in range(4):
+            cutoffs.append(hq(torch.randn(2 + rank, 4, 4), return_cutoff=True, return_dict=False)[3])
+            dropped.append(int((rsv(torch.randn(2, 3, 4)).indices[0, 0] == -1).sum()))
+        distributed.assert_same_across_ranks(hq)
+        state = {k: v.clone() for k, v in hq.state_dict().items()}
+        torch.save({"state": state, "cutoffs": cutoffs, "dropped": dropped}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_hold_the_same_codebooks_and_drop_the_same_levels():
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_sync_worker, args=(2, os.path.join(out_dir, "init"), out_dir), nprocs=2, join=True)
+        results = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(2)]
+    assert results[0]["cutoffs"] == results[1]["cutoffs"]
+    assert results[0]["dropped"] == results[1]["dropped"]
+    for key, value in results[0]["state"].items():
+        assert torch.equal(value, results[1]["state"][key]), key
+    assert bool(results[0]["state"]["vq._codebook.initted"])
