@@ -201,3 +201,11 @@ def test_two_ranks_hold_the_same_codebooks_and_drop_the_same_levels():
     for key, value in results[0]["state"].items():
         assert torch.equal(value, results[1]["state"][key]), key
     assert bool(results[0]["state"]["vq._codebook.initted"])
+
+
+def test_bfloat16_input_keeps_its_dtype():
+    hq = hf_vq.HierarchicalVQ(dim=8, codebook_size=16, scales=[1, 3], kmeans_init=False)
+    x = torch.randn(2, 8, 6)
+    out = hq(x.bfloat16())
+    assert out.quantized.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    assert out.quantized.shape == x.shape

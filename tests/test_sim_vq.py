@@ -205,3 +205,15 @@ def test_errors_name_the_problem():
     rq = hf_vq.ResidualSimVQ(dim=8, num_quantizers=3, codebook_size=16)
     with pytest.raises(ValueError, match="fewer levels than num_quantizers need quantize_dropout=True"):
         rq.get_output_from_indices(torch.zeros(2, 4, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("cls, kwargs", [(hf_vq.SimVQ, dict(dim=8, codebook_size=16, channel_first=True)),
+                                         (hf_vq.ResidualSimVQ, dict(dim=8, codebook_size=16, num_quantizers=2,
+                                                                    channel_first=True))])
+def test_bfloat16_input_keeps_its_dtype_and_trains(cls, kwargs):
+    model = cls(**kwargs)
+    x = torch.randn(2, 8, 3, 3, dtype=torch.bfloat16, requires_grad=True)
+    out = model(x)
+    assert out.quantized.dtype == torch.bfloat16 and out.quantized.shape == x.shape
+    (out.quantized.float().sum() + out.loss.float().sum()).backward()
+    assert x.grad is not None and all(p.grad is not None for p in model.parameters())

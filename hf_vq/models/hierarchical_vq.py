@@ -192,7 +192,8 @@ class ResidualConv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.resi_ratio <= 1e-8:
             return x
-        return x.lerp(self.conv(x), self.resi_ratio)
+        refined = self.conv(x.to(self.conv.weight.dtype)).to(x.dtype)  # bf16/fp16 input with float32 weights
+        return x.lerp(refined, self.resi_ratio)
 
 
 @dataclass
