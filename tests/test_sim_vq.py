@@ -189,6 +189,8 @@ def test_errors_name_the_problem():
         hf_vq.SimVQ(*range(1, 11))
     with pytest.raises(TypeError, match="multiple values for argument 'dim'"):
         hf_vq.SimVQ(8, dim=8)
+    with pytest.raises(TypeError, match="either a config or vqp's positional arguments"):
+        hf_vq.SimVQ(hf_vq.SimVQConfig(dim=8), 16)
     with pytest.raises(ValueError, match="heads must be 1"):
         hf_vq.ResidualSimVQ(dim=8, num_quantizers=2, codebook_size=16, heads=2)
     with pytest.raises(ValueError, match="quantize_dropout_cutoff_index must be an int in"):

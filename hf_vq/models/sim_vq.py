@@ -183,7 +183,9 @@ def _prepare_model_kwargs(owner: str, config_class: type, args: tuple, kwargs: d
     """`(config | None, kwargs, transform module | None, init_fn | None)` from vqp-style constructor arguments:
     positional values bound in vqp's order, a transform module replaced by its JSON spec."""
     config, args = split_config_arg(config_class, args)
-    kwargs = bind_positional(owner, positional[1:] if config is not None else positional, args, kwargs)
+    if config is not None and args:
+        raise TypeError(f"{owner}: pass either a config or vqp's positional arguments, not both")
+    kwargs = bind_positional(owner, positional, args, kwargs)
     init_fn = kwargs.pop("init_fn", None)
     module = kwargs.get("codebook_transform")
     if isinstance(module, nn.Module):
