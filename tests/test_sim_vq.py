@@ -219,3 +219,32 @@ def test_bfloat16_input_keeps_its_dtype_and_trains(cls, kwargs):
     assert out.quantized.dtype == torch.bfloat16 and out.quantized.shape == x.shape
     (out.quantized.float().sum() + out.loss.float().sum()).backward()
     assert x.grad is not None and all(p.grad is not None for p in model.parameters())
+
+
+KERNEL_PATH = """
+import torch, hf_vq, vector_quantize_pytorch as vqp
+from hf_vq.ops import triton_nearest
+torch.manual_seed(0)
+x = torch.randn(2, 12, 8)
+assert triton_nearest.available(x.reshape(1, -1, 8))
+for name, ref in [("SimVQ", vqp.SimVQ(dim=8, codebook_size=32)),
+                  ("ResidualSimVQ", vqp.ResidualSimVQ(dim=8, num_quantizers=2, codebook_size=32))]:
+    ours = getattr(hf_vq, name).from_vector_quantize_pytorch(ref)
+    a, b = ref(x), ours(x, return_dict=False)
+    assert torch.equal(a[1], b[1]) and torch.allclose(a[0], b[0], atol=1e-6), name
+print("KERNEL-OK")
+"""
+
+
+def test_nearest_code_kernel_path_interpreted_gives_vqp_indices():
+    """With the Triton kernel available (its CPU interpreter here), the code search runs in the kernel: vqp's
+    indices on these inputs."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("HF_VQ_DISABLE_TRITON", None)
+    proc = subprocess.run([sys.executable, "-c", KERNEL_PATH], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and "KERNEL-OK" in proc.stdout, proc.stderr[-3000:]
