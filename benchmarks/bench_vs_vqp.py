@@ -229,7 +229,36 @@ def run_rows(device, quick: bool, only: list[str] | None = None, repeat: int = 1
         ours = hf_vq.FSQ(levels=levels, check_inputs=False).to(device)
         add(f"FSQ {levels} N={n_fsq} {'train' if train else 'eval'}", ours, theirs, xf, train)
     add(f"FSQ-sized step floor: x * 1, sum, backward, N={n_fsq}", _TimesOne(), None, xf, True)
+    del xf
+    _sim_projection_hierarchical_rows(add, device, s)
     return rows
+
+
+def _sim_projection_hierarchical_rows(add, device, s: int) -> None:
+    """SimVQ, ResidualSimVQ, RandomProjectionQuantizer (eval only: vqp returns indices) and HierarchicalVQ, each
+    side on the same weights (hf_vq migrated from the vqp module)."""
+    n = 2**17 // s**2
+    x = torch.randn(max(1, n // 4096), min(n, 4096), 128 // s, device=device)
+    d, k = 128 // s, 4096 // s
+    cases = [
+        (f"SimVQ d{d} K{k} N={n}", vqp.SimVQ, hf_vq.SimVQ, dict(dim=d, codebook_size=k), (False, True)),
+        (f"ResidualSimVQ 4x{k} d{d} N={n}", vqp.ResidualSimVQ, hf_vq.ResidualSimVQ,
+         dict(dim=d, num_quantizers=4, codebook_size=k), (False, True)),
+        (f"RandomProjectionQuantizer 4x{1024 // s} cdim16 d{d} N={n}", vqp.RandomProjectionQuantizer,
+         hf_vq.RandomProjectionQuantizer, dict(dim=d, num_codebooks=4, codebook_dim=16, codebook_size=1024 // s),
+         (False,)),
+        (f"HierarchicalVQ scales 1..{x.shape[1]} K{k} d{d} N={n}", vqp.HierarchicalVQ, hf_vq.HierarchicalVQ,
+         dict(dim=d, codebook_size=k, scales=(1, 16, 256, x.shape[1]), channel_first=False), (False, True)),
+    ]
+    for name, theirs_cls, ours_cls, kwargs, modes in cases:
+        for train in modes:
+            torch.manual_seed(0)
+            theirs = theirs_cls(**kwargs)
+            ours = ours_cls.from_vector_quantize_pytorch(theirs).to(device)
+            ours.check_inputs = False
+            theirs.to(device)
+            add(f"{name} {'train' if train else 'eval'}", ours, theirs, x, train)
+            del ours, theirs
 
 
 class _TimesOne(torch.nn.Module):

@@ -50,3 +50,10 @@ from .models.evo_lfq import EvoLFQ, EvoLFQConfig, EvoLFQOutput
 __version__ = "0.1.0"
 
 register_with_diffusers()
+from .models.sim_vq import ResidualSimVQ, ResidualSimVQConfig, ResidualSimVQOutput, SimVQ, SimVQConfig, SimVQOutput
+from .models.random_projection import (
+    RandomProjectionQuantizer,
+    RandomProjectionQuantizerConfig,
+    RandomProjectionQuantizerOutput,
+)
+from .models.hierarchical_vq import HierarchicalVQ, HierarchicalVQConfig, HierarchicalVQOutput

@@ -36,6 +36,17 @@ EXAMPLES = {
     "FSP_inv_act": (dict(levels=[4, 3], channel_first=True, need_inv_act=True, vector_norm="kurt"), (2, 2, 3, 3)),
     "BinaryMapper": (dict(bits=4, kl_loss_threshold=0.5), (2, 5, 4)),
     "EvoLFQ": (dict(dim=8, codebook_size=2**4, pop_size=8, entropy_loss_weight=0.2), (2, 5, 8)),
+    "SimVQ": (dict(dim=8, codebook_size=16), (2, 10, 8)),
+    "SimVQ_mlp": (dict(dim=8, codebook_size=16, channel_first=True, frozen_codebook_dim=6,
+                       codebook_transform=dict(hidden_dims=[12], activation="relu")), (2, 8, 3, 3)),
+    "ResidualSimVQ": (dict(dim=8, num_quantizers=3, codebook_size=16, channel_first=True), (2, 8, 5)),
+    "RandomProjectionQuantizer": (dict(dim=8, codebook_size=16, codebook_dim=4, num_codebooks=2, decay=0.9),
+                                  (2, 10, 8)),
+    "HierarchicalVQ": (dict(dim=8, codebook_size=16, scales=[1, 2, [3, 4]], accept_image_fmap=True, kmeans_init=False,
+                            threshold_ema_dead_code=0), (2, 8, 3, 4)),
+    "HierarchicalVQ_levels": (dict(dim=8, codebook_size=[8, 16], scales=[2, 5], shared_codebook=False,
+                                   channel_first=False, share_quant_resi=0, kmeans_init=False,
+                                   threshold_ema_dead_code=0), (2, 5, 8)),
 }
 
 

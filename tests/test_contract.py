@@ -77,7 +77,8 @@ def test_return_dict_false_gives_seed_tuple(name):
     out = model(x, return_dict=True)
     torch.manual_seed(1)
     tup = model(x, return_dict=False)
-    assert isinstance(tup, tuple)
+    # a reference that returns one tensor (vqp's RandomProjectionQuantizer) is matched by a bare tensor
+    assert isinstance(tup, tuple) or (len(type(out).tuple_fields) == 1 and isinstance(tup, torch.Tensor))
     _assert_same(tup, out.to_tuple_output())
 
 
