@@ -7,19 +7,18 @@ Model families in `hf_vq/models/` subclass these and only compose ops.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import inspect
 import itertools
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
-from transformers.utils import SAFE_WEIGHTS_NAME, ModelOutput
+from transformers.utils import SAFE_WEIGHTS_NAME
+
+from .framework_overrides import FastModelOutput
 
 # Keys that PretrainedConfig itself writes into / reads from config.json; anything else a quantizer
 # config does not declare is a user error (a typo must not silently become a no-op attribute).
@@ -86,7 +85,7 @@ class QuantizerConfig(PretrainedConfig):
 
 
 @dataclass
-class QuantizerOutput(ModelOutput):
+class QuantizerOutput(FastModelOutput):
     """Output of a quantizer forward pass.
 
     Args:
@@ -104,27 +103,6 @@ class QuantizerOutput(ModelOutput):
 
     def to_tuple_output(self) -> tuple:
         return tuple(getattr(self, name) for name in self.tuple_fields)
-
-    # ModelOutput re-reads `dataclasses.fields()` on every attribute write and re-checks the fields in
-    # `__post_init__`: ~80 us per output on a 2-core host, more host time than a small quantizer's whole GPU step.
-    # Our fields are never a dict or an iterator to unpack, so the mapping is the non-None fields in declaration
-    # order, which the dataclass `__init__` writes through `__setattr__`; same behaviour, a dict lookup per write.
-    # Under torch.compile, ModelOutput's own methods (which dynamo knows how to trace) run instead.
-    def __post_init__(self):
-        if torch.compiler.is_compiling():
-            super().__post_init__()
-
-    def __setattr__(self, name, value):
-        if torch.compiler.is_compiling():
-            return super().__setattr__(name, value)
-        if value is not None and name in _field_names(type(self)):
-            OrderedDict.__setitem__(self, name, value)
-        object.__setattr__(self, name, value)
-
-
-@functools.cache
-def _field_names(cls: type) -> frozenset[str]:
-    return frozenset(f.name for f in dataclasses.fields(cls))
 
 
 class PretrainedIOMixin:
