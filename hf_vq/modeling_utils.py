@@ -98,7 +98,7 @@ class QuantizerOutput(FastModelOutput):
     indices: torch.Tensor | None = None
     loss: torch.Tensor | None = None
 
-    # the order of the plain tuple the anchor implementation returns (`return_dict=False`)
+    # the order of the plain tuple the reference implementation returns (`return_dict=False`; vqp 1.32, CogVideo sgm)
     tuple_fields: ClassVar[tuple[str, ...]] = ("quantized", "indices", "loss")
 
     def to_tuple_output(self) -> tuple:
