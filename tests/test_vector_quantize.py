@@ -420,3 +420,14 @@ def test_non_finite_input_never_reaches_the_codebook_state(kwargs, bad):
             assert out.quantized.shape == x.shape and out.indices.shape == (2, 5, *((2,) if "heads" in kwargs else ()))
         for key, value in model.state_dict().items():
             assert torch.equal(value, before[key]), key
+
+
+def test_non_finite_input_never_reaches_an_in_place_optimized_codebook():
+    model = hf_vq.VectorQuantize(dim=8, codebook_size=16, learnable_codebook=True, ema_update=False,
+                                 in_place_codebook_optimizer=lambda params: torch.optim.SGD(params, lr=0.1)).train()
+    before = model._codebook.embed.detach().clone()
+    x = torch.randn(2, 5, 8)
+    x[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="in-place optimizer loss"):
+        model(x)
+    assert torch.equal(model._codebook.embed.detach(), before) and model._codebook.embed.grad is None

@@ -30,6 +30,7 @@ from ..modeling_utils import (
     check_indices,
     register_quantizer,
 )
+from ..ops import ema as ema_ops
 from ..ops.estimators import (directional_reparam, gumbel_select, rotate_to, rotate_to_with_commitment,
                               straight_through)
 from ..ops.nearest import gather_codes, nearest_code, scores
@@ -454,6 +455,7 @@ class VectorQuantize(QuantizerModel):
         if self.in_place_codebook_optimizer is not None and self.training and not freeze_codebook:
             codes, _ = self._quantize(flat, embed, temperature)
             inplace_loss = masked_mse(codes, flat.detach(), flat_mask)
+            ema_ops.require_finite(inplace_loss.detach(), "in-place optimizer loss")  # before any gradient exists
             inplace_loss.backward()
             if not self.manual_in_place_optimizer_update:
                 self.update_in_place_optimizer()
