@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from math import ceil
 from typing import Any, ClassVar
 
 import torch
