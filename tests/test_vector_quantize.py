@@ -1,6 +1,8 @@
 """VectorQuantize: parity with vector-quantize-pytorch 1.32 on shared state, invariants of the random
 paths, state round trips and errors."""
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModel
@@ -431,3 +433,15 @@ def test_non_finite_input_never_reaches_an_in_place_optimized_codebook():
     with pytest.raises(ValueError, match="in-place optimizer loss"):
         model(x)
     assert torch.equal(model._codebook.embed.detach(), before) and model._codebook.embed.grad is None
+
+
+def test_return_perplexity_false_changes_nothing_else():
+    torch.manual_seed(0)
+    a = hf_vq.VectorQuantize(dim=8, codebook_size=16, decay=0.9).train()
+    b = copy.deepcopy(a)
+    x = torch.randn(2, 7, 8)
+    out, lean = a(x), b(x, return_perplexity=False)
+    assert out.perplexity is not None and lean.perplexity is None
+    assert torch.equal(out.quantized, lean.quantized) and torch.equal(out.indices, lean.indices)
+    for (name, u), v in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(u, v), name

@@ -327,7 +327,7 @@ class ResidualVQ(ResidualQuantizerBase):
 
     def _run_level(self, level, layer, residual, mask, sample_codebook_temp=None, freeze_codebook=False):
         out = layer(residual, mask=mask, sample_codebook_temp=sample_codebook_temp,
-                    freeze_codebook=freeze_codebook, return_dict=True)
+                    freeze_codebook=freeze_codebook, return_dict=True, return_perplexity=False)
         return out.quantized, out.indices, out.loss
 
     def _level_codes(self, level, layer, indices):

@@ -360,6 +360,7 @@ class VectorQuantize(QuantizerModel):
         ema_update_weight: Tensor | Callable | None = None,
         accum_ema_update: bool = False,
         return_loss_breakdown: bool = False,
+        return_perplexity: bool = True,
     ) -> VectorQuantizeOutput | tuple:
         """Quantize `x` (`(b, n, d)`; `(b, d, n)` with `channel_last=False`; `(b, d, h, w)` / `(b, d, t, h, w)`
         with `accept_image_fmap` / `accept_3d_fmap`; `(b, d)` as one token). `mask`/`lens` mark valid
@@ -370,7 +371,8 @@ class VectorQuantize(QuantizerModel):
         code scores against those codes (NaturalSpeech 2) and the tuple form `(quantized, loss)`;
         `ema_update` overrides the config for this call; `ema_update_weight` scales each code's EMA step (a
         tensor `(K,)`/`(heads, K)`, or a function of the batch's `(sums, counts)`); `accum_ema_update` only
-        accumulates this batch's statistics, which the next update adds to its own."""
+        accumulates this batch's statistics, which the next update adds to its own. `return_perplexity=False`
+        leaves `perplexity` None (a caller that does not read it, e.g. a residual level, saves its bincount)."""
         if self.check_inputs:
             check_features(x, self.dim, name="x")
         if mask is not None and lens is not None:
@@ -404,7 +406,7 @@ class VectorQuantize(QuantizerModel):
             rows = self._quantize_rows(flat, flat_mask, temperature, freeze_codebook, input_requires_grad, B,
                                        target=target, ema_update=ema_update, ema_update_weight=ema_update_weight,
                                        accum_ema_update=accum_ema_update)
-            usage = perplexity(rows.indices, self.codebook_size, flat_mask, rows.counts)
+            usage = perplexity(rows.indices, self.codebook_size, flat_mask, rows.counts) if return_perplexity else None
 
         if self.heads == 1:
             codes = rows.codes.reshape(b, n, -1)
