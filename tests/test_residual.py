@@ -335,3 +335,23 @@ def test_only_the_common_level_configuration_is_fused(kwargs):
     other option keeps the level's own forward."""
     assert hf_vq.VectorQuantize(dim=16, codebook_size=32).plan.fused_levels
     assert not hf_vq.VectorQuantize(dim=16, codebook_size=32, **kwargs).plan.fused_levels
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(shared_codebook=True, threshold_ema_dead_code=1.0),
+                                    dict(codebook_dim=4, kmeans_init=True)], ids=["plain", "shared", "kmeans"])
+def test_non_finite_input_leaves_every_level_untouched(kwargs):
+    """A NaN/Inf batch in training raises before any level's codebook, EMA or k-means state is written (whatever
+    `check_inputs` says); outside training the levels return a result without reading values."""
+    torch.manual_seed(0)
+    model = hf_vq.ResidualVQ(dim=8, num_quantizers=3, codebook_size=16, check_inputs=False, **kwargs).train()
+    if not kwargs.get("kmeans_init"):
+        model(torch.randn(2, 6, 8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 5, 8)
+    x[0, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf values .* not updated"):
+        model(x)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    if not kwargs.get("kmeans_init"):
+        assert model.eval()(x).indices.shape == (2, 5, 3)
