@@ -26,13 +26,15 @@ from .models.sgm import (
     VectorQuantizerWithInputProjection,
     VectorQuantizerWithInputProjectionConfig,
 )
-from .models.residual import (
+from .models.grouped import (
     GroupedResidualFSQ,
     GroupedResidualFSQConfig,
     GroupedResidualLFQ,
     GroupedResidualLFQConfig,
     GroupedResidualVQ,
     GroupedResidualVQConfig,
+)
+from .models.residual import (
     ResidualFSQ,
     ResidualFSQConfig,
     ResidualLFQ,

@@ -7,19 +7,18 @@ Model families in `hf_vq/models/` subclass these and only compose ops.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import inspect
 import itertools
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
-from transformers.utils import SAFE_WEIGHTS_NAME, ModelOutput
+from transformers.utils import SAFE_WEIGHTS_NAME
+
+from .framework_overrides import FastModelOutput
 
 # Keys that PretrainedConfig itself writes into / reads from config.json; anything else a quantizer
 # config does not declare is a user error (a typo must not silently become a no-op attribute).
@@ -45,8 +44,8 @@ class QuantizerConfig(PretrainedConfig):
 
     Args:
         check_inputs (`bool`, *optional*, defaults to `True`):
-            Validate inputs in `forward` (rank, feature dim, NaN/Inf). The NaN/Inf check costs a device sync;
-            benchmarks and tuned training loops may turn it off.
+            Validate inputs' metadata in `forward` (type, dtype, rank, feature dim, empty). Non-finite values are
+            refused before any state update whatever this says.
     """
 
     model_type = "hf_vq_quantizer"
@@ -86,7 +85,7 @@ class QuantizerConfig(PretrainedConfig):
 
 
 @dataclass
-class QuantizerOutput(ModelOutput):
+class QuantizerOutput(FastModelOutput):
     """Output of a quantizer forward pass.
 
     Args:
@@ -99,32 +98,11 @@ class QuantizerOutput(ModelOutput):
     indices: torch.Tensor | None = None
     loss: torch.Tensor | None = None
 
-    # the order of the plain tuple the anchor implementation returns (`return_dict=False`)
+    # the order of the plain tuple the reference implementation returns (`return_dict=False`; vqp 1.32, CogVideo sgm)
     tuple_fields: ClassVar[tuple[str, ...]] = ("quantized", "indices", "loss")
 
     def to_tuple_output(self) -> tuple:
         return tuple(getattr(self, name) for name in self.tuple_fields)
-
-    # ModelOutput re-reads `dataclasses.fields()` on every attribute write and re-checks the fields in
-    # `__post_init__`: ~80 us per output on a 2-core host, more host time than a small quantizer's whole GPU step.
-    # Our fields are never a dict or an iterator to unpack, so the mapping is the non-None fields in declaration
-    # order, which the dataclass `__init__` writes through `__setattr__`; same behaviour, a dict lookup per write.
-    # Under torch.compile, ModelOutput's own methods (which dynamo knows how to trace) run instead.
-    def __post_init__(self):
-        if torch.compiler.is_compiling():
-            super().__post_init__()
-
-    def __setattr__(self, name, value):
-        if torch.compiler.is_compiling():
-            return super().__setattr__(name, value)
-        if value is not None and name in _field_names(type(self)):
-            OrderedDict.__setitem__(self, name, value)
-        object.__setattr__(self, name, value)
-
-
-@functools.cache
-def _field_names(cls: type) -> frozenset[str]:
-    return frozenset(f.name for f in dataclasses.fields(cls))
 
 
 class PretrainedIOMixin:
@@ -268,8 +246,10 @@ def build_quantizer(quantizer_type: str, config: dict[str, Any] | QuantizerConfi
 # input validation and shape handling
 
 
-def check_features(x: torch.Tensor, dim: int, *, name: str = "input", check_finite: bool = True) -> None:
-    """Validate a feature tensor: floating point, rank 2..5, `dim` features, non-empty, finite."""
+def check_features(x: torch.Tensor, dim: int, *, name: str = "input") -> None:
+    """Validate a feature tensor's metadata: a floating point tensor of rank 2..5, non-empty. No value is read
+    (no device sync): non-finite values are refused where they would do harm, on the statistics of a state update
+    (`hf_vq.ops.ema.require_finite`)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -281,11 +261,6 @@ def check_features(x: torch.Tensor, dim: int, *, name: str = "input", check_fini
         )
     if x.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
-    if check_finite:
-        if torch.compiler.is_compiling():  # no host sync inside a graph: an assert op (raises when it runs)
-            torch._assert_async(torch.isfinite(x).all(), f"{name} contains NaN or Inf values")
-        elif not bool(torch.isfinite(x).all()):
-            raise ValueError(f"{name} contains NaN or Inf values")
 
 
 def check_indices(indices: torch.Tensor, codebook_size: int, *, codebook_axis: int | None = None) -> None:
@@ -306,27 +281,56 @@ class TokenLayout:
 
     Channel-first `(b, d, *spatial)` for rank >= 4 (images, video) unless `channel_first=False`;
     `(b, n, d)` for rank 3 (or `(b, d, n)` with `channel_first=True`); `(b, d)` is one token per row.
+    `strided_tokens`: channel-first input maps to a transposed view (no copy; the token rows are strided) and the
+    output back to a contiguous channel-first tensor (vqp 1.32's `VectorQuantize` layout); otherwise the tokens
+    are contiguous and the output a channel-first view of them.
     """
 
     spatial: tuple[int, ...]
     channel_first: bool
     single_token: bool
     is_tokens: bool = False  # the input already is `(b, n, d)`: every map is the identity (no view op per call)
+    strided_tokens: bool = False
 
     @classmethod
-    def of(cls, x: torch.Tensor, channel_first: bool | None = None) -> "TokenLayout":
+    def of(cls, x: torch.Tensor, channel_first: bool | None = None, strided_tokens: bool = False) -> "TokenLayout":
         if channel_first is None:
             channel_first = x.ndim >= 4
         single = x.ndim == 2
         spatial = tuple(x.shape[2:]) if channel_first else tuple(x.shape[1:-1])
         return cls(spatial=spatial, channel_first=channel_first and not single, single_token=single,
-                   is_tokens=x.ndim == 3 and not channel_first)
+                   is_tokens=x.ndim == 3 and not channel_first, strided_tokens=strided_tokens)
+
+    @classmethod
+    def of_fmap(cls, x: torch.Tensor, *, channel_last: bool = True, accept_image_fmap: bool = False,
+                accept_3d_fmap: bool = False) -> "TokenLayout":
+        """The layout of vqp 1.32's `VectorQuantize` / `ResidualVQ` flags: `(b, d)` one token per row; with
+        `accept_image_fmap` / `accept_3d_fmap` a `(b, d, h, w)` / `(b, d, t, h, w)` feature map; else `(b, n, d)`,
+        or `(b, d, n)` with `channel_last=False`. Raises `ValueError` for another rank."""
+        if x.ndim == 2:
+            return cls.of(x)
+        if accept_image_fmap or accept_3d_fmap:
+            want = 4 if accept_image_fmap else 5
+            if x.ndim != want:
+                raise ValueError(f"expected a rank-{want} feature map (b, d, ...), got shape {tuple(x.shape)}")
+            return cls.of(x, channel_first=True, strided_tokens=True)
+        if x.ndim != 3:
+            raise ValueError(
+                f"expected (b, n, d) input (or set accept_image_fmap / accept_3d_fmap), got shape {tuple(x.shape)}"
+            )
+        return cls.of(x, channel_first=not channel_last, strided_tokens=True)
+
+    def feature_dim(self, x: torch.Tensor) -> int:
+        """The feature dim of input `x` in this layout."""
+        return x.shape[1] if self.channel_first or self.single_token else x.shape[-1]
 
     def to_tokens(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_tokens:
             return x
         if self.single_token:
             return x.unsqueeze(1)
+        if self.channel_first and self.strided_tokens:
+            return x.flatten(2).transpose(1, 2)
         if self.channel_first:
             x = x.movedim(1, -1)
         return x.reshape(x.shape[0], -1, x.shape[-1])
@@ -337,6 +341,9 @@ class TokenLayout:
             return t
         if self.single_token:
             return t.squeeze(1)
+        if self.channel_first and self.strided_tokens:
+            t = t.transpose(1, 2)
+            return t if len(self.spatial) == 1 else t.reshape(t.shape[0], t.shape[1], *self.spatial)
         t = t.reshape(t.shape[0], *self.spatial, t.shape[-1])
         return t.movedim(-1, 1) if self.channel_first else t
 
@@ -355,3 +362,27 @@ class TokenLayout:
         if mask.dtype != torch.bool:
             raise ValueError(f"mask must be a bool tensor, got dtype {mask.dtype}")
         return mask.reshape(mask.shape[0], -1)
+
+
+# --------------------------------------------------------------------------------------------------
+# config helpers shared by the residual and grouped configs
+
+
+def absorb_nested_kwargs(kwargs: dict[str, Any], nested: dict[str, Any] | None, fields) -> dict[str, Any]:
+    """The options of a nested config (`vq_kwargs`, `fsq_kwargs`, ...): `nested` plus every entry of `kwargs` named
+    in `fields`, which is removed from `kwargs` (so `ResidualVQConfig(decay=0.9)` means `vq_kwargs={"decay": 0.9}`)."""
+    options = dict(nested or {})
+    for name in [k for k in kwargs if k in fields]:
+        options[name] = kwargs.pop(name)
+    return options
+
+
+def validate_quantize_dropout(config) -> None:
+    """`num_quantizers`, `quantize_dropout_multiple_of` positive ints; `quantize_dropout_cutoff_index` a level."""
+    for name in ("num_quantizers", "quantize_dropout_multiple_of"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not 0 <= config.quantize_dropout_cutoff_index < config.num_quantizers:
+        raise ValueError(f"quantize_dropout_cutoff_index must be in [0, {config.num_quantizers}), "
+                         f"got {config.quantize_dropout_cutoff_index!r}")

@@ -71,7 +71,7 @@ def test_automodel_round_trip_is_bit_identical(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_return_dict_false_gives_seed_tuple(name):
+def test_return_dict_false_gives_the_reference_tuple(name):
     model, x = _build(name)
     torch.manual_seed(1)
     out = model(x, return_dict=True)
@@ -164,3 +164,19 @@ def test_outputs_behave_as_transformers_model_outputs():
     out.indices = i  # a later write enters the mapping too
     assert list(out.keys()) == ["quantized", "indices"] and out["indices"] is i and out[1] is i
     assert isinstance(out, ModelOutput)
+
+
+def test_framework_overrides_are_pinned_to_the_checked_transformers_versions():
+    """`hf_vq.framework_overrides` replaces ModelOutput internals: a transformers release outside the checked range
+    fails here until the overrides (and the test above) are checked against it and the range is extended."""
+    import transformers
+    from packaging.version import Version
+
+    from hf_vq.framework_overrides import TRANSFORMERS_VERSIONS, FastModelOutput
+
+    oldest, newest = TRANSFORMERS_VERSIONS
+    version = Version(transformers.__version__)
+    assert oldest <= (version.major, version.minor) <= newest, transformers.__version__
+    assert issubclass(hf_vq.QuantizerOutput, FastModelOutput)
+    # the ModelOutput internals the overrides replace are still the ones they were written for
+    assert {"__post_init__", "__setattr__", "__setitem__"} <= set(vars(ModelOutput))

@@ -190,10 +190,8 @@ def test_input_and_index_errors():
         fsq(torch.randn(2, 9, 15))
     with pytest.raises(ValueError, match="must have rank"):
         fsq(torch.randn(16))
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        fsq(torch.full((2, 9, 16), float("nan")))
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        fsq(torch.full((2, 16, 2, 2), float("inf")))
+    # no value check on the input (no device sync); FSQ keeps no state a NaN could reach
+    assert fsq(torch.full((2, 9, 16), float("nan"))).quantized.shape == (2, 9, 16)
     with pytest.raises(ValueError, match=r"indices must be in \[0, 1000\), got range \[0, 1000\]"):
         fsq.indices_to_codes(torch.tensor([[0, 1000]]))
     with pytest.raises(ValueError, match=r"indices must be in \[0, 1000\)"):

@@ -239,11 +239,11 @@ def test_shared_codebook_is_saved_once_and_shared_after_loading(tmp_path):
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_eval_loop_equals_every_level_forward(dtype, device):
-    """Outside training ResidualVQ runs plain levels by nearest_code + a row lookup (`_forward_plain_eval`):
-    the same values as each level's own forward, in the input dtype, for every input layout."""
+    """Outside training ResidualVQ runs levels whose plan has `lean_eval` by nearest_code + a row lookup
+    (`_forward_lean_eval`): the same values as each level's own forward, in the input dtype, for every input layout."""
     torch.manual_seed(0)
     model = hf_vq.ResidualVQ(dim=16, num_quantizers=4, codebook_size=32).eval().to(device)
-    assert model._plain_eval_codebooks(None, {}) is not None  # the lean loop serves these calls
+    assert model._lean_eval_codebooks(None, {}) is not None  # the lean loop serves these calls
     for shape in [(3, 7, 16), (5, 16), (4, 1000, 16)]:
         x = torch.randn(shape).to(dtype).to(device)
         out = model(x)
@@ -263,7 +263,7 @@ def test_eval_loop_equals_every_level_forward(dtype, device):
     # a learnable codebook keeps its gradient through the lean loop, as through the levels' forwards
     learn = hf_vq.ResidualVQ(dim=16, num_quantizers=2, codebook_size=8, learnable_codebook=True,
                              ema_update=False).eval().to(device)
-    assert learn._plain_eval_codebooks(None, {}) is not None
+    assert learn._lean_eval_codebooks(None, {}) is not None
     x = torch.randn(2, 9, 16, device=device)
     learn(x).quantized.square().sum().backward()
     lean_grads = [layer._codebook.embed.grad.clone() for layer in learn.layers]
@@ -277,11 +277,14 @@ def test_eval_loop_equals_every_level_forward(dtype, device):
         assert g.abs().sum() > 0 and torch.equal(layer._codebook.embed.grad, g)
     # levels that are not plain (cosine) or not yet k-means-initialized take the levels' forwards
     assert hf_vq.ResidualVQ(dim=16, num_quantizers=2, codebook_size=8, use_cosine_sim=True).eval() \
-        ._plain_eval_codebooks(None, {}) is None
+        ._lean_eval_codebooks(None, {}) is None
     lazy = hf_vq.ResidualVQ(dim=16, num_quantizers=2, codebook_size=8, kmeans_init=True).eval()
-    assert lazy._plain_eval_codebooks(None, {}) is None
+    assert lazy._lean_eval_codebooks(None, {}) is None and not lazy.layers[0].plan.lean_eval
     lazy(torch.randn(4, 10, 16))
-    assert lazy._plain_eval_codebooks(None, {}) is not None
+    assert lazy._lean_eval_codebooks(None, {}) is not None and lazy.layers[0].plan.lean_eval
+    # the plan follows the codebook's state: an uninitialized checkpoint sends the levels back to their forwards
+    lazy.load_state_dict(hf_vq.ResidualVQ(lazy.config).state_dict())
+    assert lazy._lean_eval_codebooks(None, {}) is None
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -290,10 +293,9 @@ def test_eval_loop_equals_every_level_forward(dtype, device):
     dict(learnable_codebook=True, ema_update=False),
     dict(straight_through=True, stochastic_sample_codes=True, rotation_trick=False),
 ], ids=["ema_dead_kmeans", "cosine", "learnable", "gumbel"])
-def test_training_levels_run_their_row_step_directly(kwargs):
-    """In training, levels whose tokens are their rows skip their module call (`quantize_tokens`): the same
-    values, gradients and codebook updates as calling each level (forced here by a no-op forward hook, which
-    must still fire)."""
+def test_training_levels_are_called_as_modules(kwargs):
+    """Outside the fused training levels, ResidualVQ calls each level as a module (its hooks fire): the same values,
+    gradients and codebook updates with and without a (no-op) forward hook on every level."""
     torch.manual_seed(0)
     direct = hf_vq.ResidualVQ(dim=16, num_quantizers=3, codebook_size=16, **kwargs).train()
     called = hf_vq.ResidualVQ(direct.config).train()
@@ -328,9 +330,28 @@ def test_training_levels_run_their_row_step_directly(kwargs):
     dict(heads=2), dict(codebook_dim=8), dict(kmeans_init=True), dict(freeze_codebook=True),
 ], ids=lambda kw: next(iter(kw)))
 def test_only_the_common_level_configuration_is_fused(kwargs):
-    """ResidualVQ fuses its training levels (`residual_train_levels`) only for levels whose step is exactly what the
-    fused pass computes (euclidean, EMA, rotation trick + MSE commitment); any other option keeps the level's own
-    forward."""
-    plain = hf_vq.VectorQuantize(dim=16, codebook_size=32).train()
-    assert torch.equal(plain.residual_train_codebook(), plain.codebook)
-    assert hf_vq.VectorQuantize(dim=16, codebook_size=32, **kwargs).train().residual_train_codebook() is None
+    """ResidualVQ fuses its training levels (`residual_train_levels`) only for levels whose plan has `fused_levels`:
+    their step is exactly what the fused pass computes (euclidean, EMA, rotation trick + MSE commitment); any
+    other option keeps the level's own forward."""
+    assert hf_vq.VectorQuantize(dim=16, codebook_size=32).plan.fused_levels
+    assert not hf_vq.VectorQuantize(dim=16, codebook_size=32, **kwargs).plan.fused_levels
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(shared_codebook=True, threshold_ema_dead_code=1.0),
+                                    dict(codebook_dim=4, kmeans_init=True)], ids=["plain", "shared", "kmeans"])
+def test_non_finite_input_leaves_every_level_untouched(kwargs):
+    """A NaN/Inf batch in training raises before any level's codebook, EMA or k-means state is written (whatever
+    `check_inputs` says); outside training the levels return a result without reading values."""
+    torch.manual_seed(0)
+    model = hf_vq.ResidualVQ(dim=8, num_quantizers=3, codebook_size=16, check_inputs=False, **kwargs).train()
+    if not kwargs.get("kmeans_init"):
+        model(torch.randn(2, 6, 8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 5, 8)
+    x[0, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf values .* not updated"):
+        model(x)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    if not kwargs.get("kmeans_init"):
+        assert model.eval()(x).indices.shape == (2, 5, 3)

@@ -202,8 +202,12 @@ def test_errors():
     q = hf_vq.VectorQuantizer(16, 4)
     with pytest.raises(ValueError, match="expected 4 channels, got 3"):
         q(torch.randn(2, 3, 5, 5))
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        q(torch.full((2, 4, 2, 2), float("inf")))
+    assert q(torch.full((2, 4, 2, 2), float("inf")), return_dict=True).quantized.shape == (2, 4, 2, 2)  # (no value check)
+    ema = hf_vq.EMAVectorQuantizer(n_embed=16, embedding_dim=4).train()
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    with pytest.raises(ValueError, match="NaN or Inf values .* not updated"):  # refused before the EMA update
+        ema(torch.full((2, 4, 2, 2), float("inf")), return_dict=True)
+    assert all(torch.equal(v, before[k]) for k, v in ema.state_dict().items())
     with pytest.raises(ValueError, match=r"indices must be in \[0, 16\)"):
         q.get_codebook_entry(torch.tensor([16]))
     with pytest.raises(ValueError, match="expected \\(b, 8, h, w\\) input"):

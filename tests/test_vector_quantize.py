@@ -1,6 +1,8 @@
 """VectorQuantize: parity with vector-quantize-pytorch 1.32 on shared state, invariants of the random
 paths, state round trips and errors."""
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModel
@@ -230,8 +232,6 @@ def test_bad_input_errors():
         model(torch.randn(2, 8, 3, 3))
     with pytest.raises(ValueError, match="floating point"):
         model(torch.ones(2, 3, 8, dtype=torch.long))
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        model(torch.full((2, 3, 8), float("nan")))
     with pytest.raises(ValueError, match="empty"):
         model(torch.randn(0, 3, 8))
     with pytest.raises(ValueError, match=r"indices must be in \[0, 16\)"):
@@ -391,3 +391,57 @@ def test_perplexity_is_exp_entropy_of_the_batch_code_usage(train, kwargs):
         p = torch.bincount(g, minlength=16).float() / g.numel()
         want.append(torch.exp(-(p * p.clamp(min=1e-10).log()).sum()))
     torch.testing.assert_close(out.perplexity, torch.stack(want).mean())
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(), dict(decay=0.9, threshold_ema_dead_code=1.0), dict(affine_param=True), dict(kmeans_init=True),
+    dict(heads=2, separate_codebook_per_head=True, use_cosine_sim=True),
+], ids=["ema", "dead_codes", "affine", "kmeans", "heads_cosine"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_input_never_reaches_the_codebook_state(kwargs, bad):
+    """No input check reads values (no device sync); a NaN/Inf batch is refused in training, before any codebook,
+    EMA, k-means or affine update, whatever `check_inputs` says; eval returns a result."""
+    for check_inputs in (True, False):
+        model = hf_vq.VectorQuantize(dim=8, codebook_size=16, check_inputs=check_inputs, **kwargs)
+        if not kwargs.get("kmeans_init"):
+            model.train()(torch.randn(2, 6, 8))  # some state to protect (k-means: the uninitialized one)
+        x = torch.randn(2, 5, 8)
+        x[1, 2, 3] = bad
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match="the batch had NaN or Inf values .* was not updated"):
+            model.train()(x)
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, before[key]), key
+        if kwargs.get("kmeans_init"):
+            continue  # an uninitialized codebook initializes on its first batch, in eval too
+        if kwargs.get("affine_param"):  # eval updates the affine batch statistics too (as vqp): refused as well
+            with pytest.raises(ValueError, match="affine batch statistics"):
+                model.eval()(x)
+        else:
+            out = model.eval()(x)
+            assert out.quantized.shape == x.shape and out.indices.shape == (2, 5, *((2,) if "heads" in kwargs else ()))
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, before[key]), key
+
+
+def test_non_finite_input_never_reaches_an_in_place_optimized_codebook():
+    model = hf_vq.VectorQuantize(dim=8, codebook_size=16, learnable_codebook=True, ema_update=False,
+                                 in_place_codebook_optimizer=lambda params: torch.optim.SGD(params, lr=0.1)).train()
+    before = model._codebook.embed.detach().clone()
+    x = torch.randn(2, 5, 8)
+    x[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="in-place optimizer loss"):
+        model(x)
+    assert torch.equal(model._codebook.embed.detach(), before) and model._codebook.embed.grad is None
+
+
+def test_return_perplexity_false_changes_nothing_else():
+    torch.manual_seed(0)
+    a = hf_vq.VectorQuantize(dim=8, codebook_size=16, decay=0.9).train()
+    b = copy.deepcopy(a)
+    x = torch.randn(2, 7, 8)
+    out, lean = a(x), b(x, return_perplexity=False)
+    assert out.perplexity is not None and lean.perplexity is None
+    assert torch.equal(out.quantized, lean.quantized) and torch.equal(out.indices, lean.indices)
+    for (name, u), v in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(u, v), name

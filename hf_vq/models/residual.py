@@ -1,9 +1,9 @@
-"""Residual quantization (SoundStream, arXiv:2107.03312, Algorithm 1) and its grouped form, for VQ, FSQ and
-LFQ levels, as Hugging Face models.
+"""Residual quantization (SoundStream, arXiv:2107.03312, Algorithm 1) for VQ, FSQ and LFQ levels, as Hugging
+Face models (the grouped forms are in `grouped.py`).
 
-Semantics: vector-quantize-pytorch 1.32 `ResidualVQ`, `ResidualFSQ`, `ResidualLFQ` and their `Grouped*`
-forms. One residual loop (`ResidualQuantizerBase`) serves all three: a subclass only says how a level is built,
-how it is called and how its codes are looked up. Each level is the hf_vq quantizer (bounded-memory ops) and
+Semantics: vector-quantize-pytorch 1.32 `ResidualVQ`, `ResidualFSQ`, `ResidualLFQ`. One residual loop
+(`ResidualQuantizerBase`) serves all three: a subclass only says how a level is built, how it is called and how
+its codes are looked up. Each level is the hf_vq quantizer (bounded-memory ops) and
 keeps vqp's keys (`layers.{i}...`). Levels run one after another on the whole batch: no Python work scales
 with the batch size.
 """
@@ -13,23 +13,22 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from math import ceil
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from ..ops.nearest import nearest_code
+from ..modeling_utils import (QuantizerConfig, QuantizerModel, QuantizerOutput, TokenLayout, absorb_nested_kwargs,
+                              check_features, register_quantizer, validate_quantize_dropout)
 from ..ops import ema as ema_ops
+from ..ops.nearest import nearest_code
 from ..ops.triton_residual import level_inputs, residual_step_, residual_train_levels, train_levels_ok
-from ..modeling_utils import QuantizerConfig, QuantizerModel, QuantizerOutput, check_features, register_quantizer
 from .fsq import FSQ, FSQConfig, check_levels
 from .lfq import LFQ, LFQConfig
 from .vector_quantize import VectorQuantize, VectorQuantizeConfig
-from ._config_view import fast_view
 
-_VQ_FIELDS = set(VectorQuantizeConfig.field_names()) - {"dim", "codebook_size", "codebook_dim", "check_inputs"}
+_VQ_FIELDS = frozenset(VectorQuantizeConfig.field_names()) - {"dim", "codebook_size", "codebook_dim", "check_inputs"}
 
 
 class ResidualVQConfig(QuantizerConfig):
@@ -53,6 +52,7 @@ class ResidualVQConfig(QuantizerConfig):
     """
 
     model_type = "hf_vq_residual_vq"
+    level_fields: ClassVar[frozenset[str]] = _VQ_FIELDS  # the level options that keyword arguments may name
 
     def __init__(
         self,
@@ -76,19 +76,15 @@ class ResidualVQConfig(QuantizerConfig):
         self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
         self.accept_image_fmap = accept_image_fmap
         self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
-        self.vq_kwargs = dict(vq_kwargs or {})
-        for name in [k for k in kwargs if k in _VQ_FIELDS]:
-            self.vq_kwargs[name] = kwargs.pop(name)
+        self.vq_kwargs = absorb_nested_kwargs(kwargs, vq_kwargs, self.level_fields)
         super().__init__(**kwargs)
 
     def validate(self):
-        for name in ("dim", "num_quantizers", "codebook_size", "quantize_dropout_multiple_of"):
+        for name in ("dim", "codebook_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not 0 <= self.quantize_dropout_cutoff_index < self.num_quantizers:
-            raise ValueError(f"quantize_dropout_cutoff_index must be in [0, {self.num_quantizers}), "
-                             f"got {self.quantize_dropout_cutoff_index!r}")
+        validate_quantize_dropout(self)
         unknown = sorted(set(self.vq_kwargs) - _VQ_FIELDS)
         if unknown:
             raise ValueError(f"vq_kwargs has unknown VectorQuantize option(s) {unknown}")
@@ -109,16 +105,6 @@ class ResidualVQConfig(QuantizerConfig):
 
 
 
-def _validate_dropout(config) -> None:
-    for name in ("num_quantizers", "quantize_dropout_multiple_of"):
-        value = getattr(config, name)
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not 0 <= config.quantize_dropout_cutoff_index < config.num_quantizers:
-        raise ValueError(f"quantize_dropout_cutoff_index must be in [0, {config.num_quantizers}), "
-                         f"got {config.quantize_dropout_cutoff_index!r}")
-
-
 @dataclass
 class ResidualOutput(QuantizerOutput):
     """Output of the residual quantizers: `quantized`, `indices` `(..., num_quantizers)` (-1 for dropped
@@ -136,14 +122,21 @@ ResidualVQOutput = ResidualOutput
 
 
 class ResidualQuantizerBase(QuantizerModel):
-    """The residual loop shared by ResidualVQ / ResidualFSQ / ResidualLFQ.
+    """The residual loop shared by ResidualVQ / ResidualFSQ / ResidualLFQ: each level is called on what the levels
+    before it left over.
 
-    Subclasses build `self.layers`, `self.project_in`, `self.project_out` and implement `_run_level`
-    (quantize one level's input) and `_level_codes` (codes of one level's indices).
+    Subclasses build `self.layers`, `self.project_in`, `self.project_out`, call `_copy_loop_config` and implement
+    `_run_level` (quantize one level's input) and `_level_codes` (codes of one level's indices).
     """
 
-    def _channel_first(self) -> bool:
-        return False
+    def _copy_loop_config(self, c, channel_first: bool = False) -> None:
+        """What the loop reads in `forward`, as plain attributes."""
+        self.dim, self.num_quantizers, self.check_inputs = c.dim, c.num_quantizers, c.check_inputs
+        self.quantize_dropout = c.quantize_dropout
+        self.quantize_dropout_cutoff_index = c.quantize_dropout_cutoff_index
+        self.quantize_dropout_multiple_of = c.quantize_dropout_multiple_of
+        self.return_zeros_for_masked_padding = getattr(c, "return_zeros_for_masked_padding", True)
+        self.channel_first = channel_first
 
     def _prepare(self, x: Tensor) -> Tensor:
         """Transform of the projected input before the first level (e.g. a soft clamp)."""
@@ -157,7 +150,11 @@ class ResidualQuantizerBase(QuantizerModel):
 
     def _fused_levels(self, residual: Tensor, mask, cutoff: int, level_kwargs) -> tuple[Tensor, Tensor, Tensor] | None:
         """`(quantized before project_out, indices, per-level loss)` of levels `0..cutoff` (later ones dropped) when
-        a subclass can run them all in one fused pass, else None (each level's own forward runs)."""
+        a subclass can run them all in one fused pass, else None (each level is called)."""
+        return None
+
+    def _lean_eval_codebooks(self, mask, level_kwargs) -> list[Tensor] | None:
+        """Per-level codebooks when a subclass can run this call by its lean eval loop, else None."""
         return None
 
     def _finish_step(self, level_inputs: list[Tensor], mask: Tensor | None) -> None:
@@ -165,26 +162,25 @@ class ResidualQuantizerBase(QuantizerModel):
 
     def dropout_cutoff(self, device) -> int:
         """The last level kept this training step; the same on every rank (rank 0's draw is broadcast)."""
-        c = fast_view(self.config)
         seed = torch.randint(0, 10_000, (), device=device)
         distributed.broadcast_(seed)
-        cutoff = random.Random(int(seed)).randrange(c.quantize_dropout_cutoff_index, c.num_quantizers)
-        if c.quantize_dropout_multiple_of != 1:
-            cutoff = math.ceil((cutoff + 1) / c.quantize_dropout_multiple_of) * c.quantize_dropout_multiple_of - 1
+        cutoff = random.Random(int(seed)).randrange(self.quantize_dropout_cutoff_index, self.num_quantizers)
+        multiple = self.quantize_dropout_multiple_of
+        if multiple != 1:
+            cutoff = math.ceil((cutoff + 1) / multiple) * multiple - 1
         return cutoff
 
     def uses_dropout(self) -> bool:
-        c = fast_view(self.config)
-        return self.training and c.quantize_dropout and c.num_quantizers > 1 and torch.is_grad_enabled()
+        return self.training and self.quantize_dropout and self.num_quantizers > 1 and torch.is_grad_enabled()
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """`(b, ..., q)` indices (-1 for dropped levels; fewer than `num_quantizers` levels allowed) to
         `(num_quantizers, b, ..., d)` codes, zero for dropped levels."""
-        c = fast_view(self.config)
-        if indices.shape[-1] > c.num_quantizers:
-            raise ValueError(f"indices have {indices.shape[-1]} levels, the model has {c.num_quantizers}")
-        if indices.shape[-1] < c.num_quantizers:
-            pad = indices.new_full((*indices.shape[:-1], c.num_quantizers - indices.shape[-1]), -1)
+        levels = self.num_quantizers
+        if indices.shape[-1] > levels:
+            raise ValueError(f"indices have {indices.shape[-1]} levels, the model has {levels}")
+        if indices.shape[-1] < levels:
+            pad = indices.new_full((*indices.shape[:-1], levels - indices.shape[-1]), -1)
             indices = torch.cat([indices, pad], dim=-1)
         size = self.codebook_size
         if indices.numel() and (indices.min() < -1 or indices.max() >= size):
@@ -198,7 +194,7 @@ class ResidualQuantizerBase(QuantizerModel):
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
         out = self.project_out(self.get_codes_from_indices(indices).sum(0))
-        return out.movedim(-1, 1) if self._channel_first() else out
+        return out.movedim(-1, 1) if self.channel_first else out
 
     def forward(
         self,
@@ -211,39 +207,28 @@ class ResidualQuantizerBase(QuantizerModel):
     ) -> ResidualOutput | tuple:
         """Quantize `x` through all levels. `dropout_cutoff` fixes the quantize-dropout cutoff (grouped forms
         pass one cutoff to every group)."""
-        c = fast_view(self.config)
-        if c.check_inputs:
-            check_features(x, c.dim, name="x")
-        channel_first = self._channel_first()
-        if channel_first:
-            spatial = x.shape[2:]
-            x = x.flatten(2).transpose(1, 2)
-        if x.shape[-1] != c.dim:
-            raise ValueError(f"expected feature dim {c.dim}, got {x.shape[-1]}")
-        books = self._plain_eval_codebooks(mask, level_kwargs)
+        if self.check_inputs:
+            check_features(x, self.dim, name="x")
+        layout = TokenLayout.of(x, channel_first=self.channel_first, strided_tokens=True)
+        tokens = layout.to_tokens(x)
+        if tokens.shape[-1] != self.dim:
+            raise ValueError(f"expected feature dim {self.dim}, got {tokens.shape[-1]}")
+        books = self._lean_eval_codebooks(mask, level_kwargs)
         if books is not None:
-            quantized, indices = self._forward_plain_eval(x, books)
-            loss = torch.zeros(c.num_quantizers, device=x.device)  # each level's loss outside training
+            quantized, indices = self._forward_lean_eval(tokens, books)
+            loss = torch.zeros(self.num_quantizers, device=x.device)  # each level's loss outside training
         else:
-            quantized, indices, loss = self._forward_levels(x, mask, dropout_cutoff, level_kwargs)
+            quantized, indices, loss = self._forward_levels(tokens, mask, dropout_cutoff, level_kwargs)
+        quantized, indices = layout.from_tokens(quantized), layout.indices_from_tokens(indices)
         all_codes = self.get_codes_from_indices(indices) if return_all_codes else None
-        if channel_first:
-            quantized = quantized.transpose(1, 2).reshape(x.shape[0], -1, *spatial)
-            indices = indices.reshape(x.shape[0], *spatial, -1)
-            if all_codes is not None:
-                all_codes = all_codes.reshape(c.num_quantizers, x.shape[0], *spatial, -1)
         output = ResidualOutput(quantized=quantized, indices=indices, loss=loss, all_codes=all_codes)
         return self._output(output, return_dict)
 
-    def _plain_eval_codebooks(self, mask, level_kwargs) -> list[Tensor] | None:
-        """Per-level codebooks when a subclass can run this call by its lean eval loop, else None."""
-        return None
-
     def _forward_levels(self, x: Tensor, mask, dropout_cutoff, level_kwargs) -> tuple[Tensor, Tensor, Tensor | None]:
-        """`(quantized, indices, per-level loss)` through every level's own forward."""
-        c = fast_view(self.config)
+        """`(quantized, indices, per-level loss)` of `(b, n, d)` tokens: the fused pass where a subclass has one,
+        else every level called in turn."""
         residual = self._prepare(self.project_in(x))
-        cutoff = c.num_quantizers - 1
+        cutoff = self.num_quantizers - 1
         if self.uses_dropout():
             cutoff = dropout_cutoff if dropout_cutoff is not None else self.dropout_cutoff(x.device)
         fused = self._fused_levels(residual, mask, cutoff, level_kwargs)
@@ -266,7 +251,7 @@ class ResidualQuantizerBase(QuantizerModel):
         self._finish_step(level_inputs, mask)
         quantized = self.project_out(quantized_out)
         if mask is not None:
-            fill = torch.zeros_like(quantized) if getattr(c, "return_zeros_for_masked_padding", True) else x
+            fill = torch.zeros_like(quantized) if self.return_zeros_for_masked_padding else x
             quantized = torch.where(mask.unsqueeze(-1), quantized, fill)
         indices = torch.stack(all_indices, dim=-1)
         loss = None if all_losses[0] is None else torch.stack([
@@ -280,19 +265,12 @@ def _projections(model, dim: int, inner: int, bias: bool = True) -> None:
     model.project_out = nn.Linear(inner, dim, bias=bias) if model.has_projections else nn.Identity()
 
 
-def _callable_directly(layer: VectorQuantize) -> bool:
-    """Whether the loop may run a level's row-level step instead of calling the module: its tokens are its rows,
-    and no hooks are registered (they would not fire)."""
-    hooked = (layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks
-              or layer._backward_pre_hooks or nn.modules.module._global_forward_hooks
-              or nn.modules.module._global_forward_pre_hooks or nn.modules.module._global_backward_hooks
-              or nn.modules.module._global_backward_pre_hooks)
-    return not hooked and layer.takes_tokens_as_rows()
-
-
 @register_quantizer
 class ResidualVQ(ResidualQuantizerBase):
-    """Residual VQ: level i quantizes what levels < i left over; the output is the sum of all levels.
+    """Residual VQ (vqp 1.32 semantics): level i quantizes what levels < i left over; the output is the sum of all
+    levels. Each level is a [`VectorQuantize`] called as a module, except where every level's plan
+    ([`VQPlan`]) allows a fast path: the lean eval loop (`lean_eval`) and the fused training levels
+    (`fused_levels`, `ops.triton_residual`), which compute the same values without the levels' forwards.
 
     Example:
         >>> rvq = ResidualVQ(dim=32, num_quantizers=4, codebook_size=256, decay=0.99)
@@ -306,6 +284,8 @@ class ResidualVQ(ResidualQuantizerBase):
     def __init__(self, config: ResidualVQConfig | None = None, **kwargs):
         super().__init__(config, **kwargs)
         c = self.config
+        self._copy_loop_config(c, channel_first=c.accept_image_fmap)
+        self.shared_codebook = c.shared_codebook
         _projections(self, c.dim, c.codebook_dim if c.codebook_dim is not None else c.dim)
         self.layers = nn.ModuleList(VectorQuantize(c.level_config()) for _ in range(c.num_quantizers))
         if c.shared_codebook:
@@ -326,14 +306,15 @@ class ResidualVQ(ResidualQuantizerBase):
 
     def _finish_step(self, residuals: list[Tensor], mask: Tensor | None) -> None:
         """Shared codebook: one codebook update from the statistics of every level, then dead-code expiry
-        over all levels' inputs (as vector-quantize-pytorch)."""
-        if not (self.training and fast_view(self.config).shared_codebook):
+        over all levels' inputs (as vector-quantize-pytorch 1.32)."""
+        if not (self.training and self.shared_codebook):
             return
         first = self.layers[0]
-        if first.config.resolved_ema_update:
-            first.update_embed_from_ema()
+        codebook = first._codebook
+        if codebook.ema_update:
+            codebook.update_embed_from_ema()
         first.update_in_place_optimizer()
-        if first.config.threshold_ema_dead_code > 0:
+        if codebook.threshold_ema_dead_code > 0:
             stacked = torch.stack(residuals, dim=-2).detach().float()  # (b, n, levels, d)
             flat = stacked.reshape(1, -1, stacked.shape[-1])
             flat_mask = None if mask is None else mask.unsqueeze(-1).expand(stacked.shape[:-1]).reshape(1, -1)
@@ -344,65 +325,57 @@ class ResidualVQ(ResidualQuantizerBase):
         """`(num_quantizers, codebook_size, codebook_dim)`."""
         return torch.stack([layer.codebook for layer in self.layers])
 
-    def _channel_first(self) -> bool:
-        return self.config.accept_image_fmap
-
     def _run_level(self, level, layer, residual, mask, sample_codebook_temp=None, freeze_codebook=False):
-        if mask is None and _callable_directly(layer):  # the level's row-level step, without its output object
-            return layer.quantize_tokens(residual, sample_codebook_temp, freeze_codebook)
         out = layer(residual, mask=mask, sample_codebook_temp=sample_codebook_temp,
-                    freeze_codebook=freeze_codebook, return_dict=True)
+                    freeze_codebook=freeze_codebook, return_dict=True, return_perplexity=False)
         return out.quantized, out.indices, out.loss
 
     def _level_codes(self, level, layer, indices):
         return layer.codebook[indices]
 
     def _fused_levels(self, residual, mask, cutoff, level_kwargs):
-        """The training levels by `residual_train_levels` (the kernels, one autograd node) when each kept level's
-        step is the common one (`VectorQuantize.residual_train_codebook`) with one decay, eps and commitment weight;
-        then every level's EMA update at once and, if a code fell below its threshold, dead-code expiry. Deferring
-        the updates to the end changes nothing: each level's codes come from its codebook before its own update,
-        and no level reads another's codebook."""
-        c = fast_view(self.config)
-        if (not self.training or mask is not None or level_kwargs or c.shared_codebook
+        """The training levels by `residual_train_levels` (the kernels, one autograd node) when every kept level's
+        plan has `fused_levels`; then every level's EMA update at once and, if a code fell below its threshold,
+        dead-code expiry. Deferring the updates to the end changes nothing: each level's codes come from its
+        codebook before its own update, and no level reads another's codebook."""
+        if (not self.training or mask is not None or level_kwargs or self.shared_codebook
                 or not (residual.requires_grad and torch.is_grad_enabled())):
             return None
         flat = residual.reshape(-1, residual.shape[-1])
         levels = list(self.layers)[: cutoff + 1]
-        if not train_levels_ok(flat) or not all(_callable_directly(layer) for layer in levels):
+        if not train_levels_ok(flat) or not all(layer.plan.fused_levels for layer in levels):
             return None
-        books = [layer.residual_train_codebook() for layer in levels]
-        configs = {(k.decay, k.eps, k.commitment_weight) for k in (fast_view(layer.config) for layer in levels)}
-        if any(b is None for b in books) or len(configs) > 1:
-            return None
-        decay, eps, weight = configs.pop()
-        books = torch.stack(books)  # the snapshot the backward pass and dead-code expiry read
+        books = torch.stack([layer._codebook.embed.detach()[0] for layer in levels])  # the snapshot backward reads
         quantized, commits, indices, counts, sums = residual_train_levels(flat, books)
-        self._update_levels(levels, counts, sums, decay, eps)
+        self._update_levels(levels, counts, sums)
         self._expire_levels(levels, flat, books, indices)
+        weight = levels[0].commitment_weight  # (all levels are built from one config)
         loss = commits * weight if weight != 1 else commits
-        all_indices = indices.new_full((flat.shape[0], c.num_quantizers), -1)  # dropped levels: -1, loss 0
+        all_indices = indices.new_full((flat.shape[0], self.num_quantizers), -1)  # dropped levels: -1, loss 0
         all_indices[:, : len(levels)] = indices.t()
-        if len(levels) < c.num_quantizers:
-            loss = torch.cat([loss, loss.new_zeros(c.num_quantizers - len(levels))])
+        if len(levels) < self.num_quantizers:
+            loss = torch.cat([loss, loss.new_zeros(self.num_quantizers - len(levels))])
         return quantized.view(residual.shape), all_indices.view(*residual.shape[:-1], -1), loss
 
     @staticmethod
     @torch.no_grad()
-    def _update_levels(levels: list[VectorQuantize], counts: Tensor, sums: Tensor, decay: float, eps: float) -> None:
-        """Every level's EMA step and codebook from its batch statistics `counts (L, K)`, `sums (L, K, d)`."""
-        if levels[0]._sync():
-            distributed.all_reduce_sum_(counts, sums)
+    def _update_levels(levels: list[VectorQuantize], counts: Tensor, sums: Tensor) -> None:
+        """Every level's EMA step and codebook from its batch statistics `counts (L, K)`, `sums (L, K, d)`: one
+        all-reduce and one multi-tensor update for all levels (`Codebook.apply_stats` for each, batched)."""
         books = [layer._codebook for layer in levels]
+        if books[0].syncs():
+            distributed.all_reduce_sum_(counts, sums)
+        ema_ops.require_finite(sums, "codebook EMA statistics")
         sizes, avgs = [cb.cluster_size for cb in books], [cb.embed_avg for cb in books]
-        ema_ops.ema_update_((*sizes, *avgs), (*counts.unsqueeze(1).unbind(0), *sums.unsqueeze(1).unbind(0)), decay)
-        ema_ops.codebooks_from_ema_(sizes, avgs, [cb.embed.data for cb in books], eps)
+        ema_ops.ema_update_((*sizes, *avgs), (*counts.unsqueeze(1).unbind(0), *sums.unsqueeze(1).unbind(0)),
+                            books[0].decay)
+        ema_ops.codebooks_from_ema_(sizes, avgs, [cb.embed.data for cb in books], books[0].eps)
 
     @staticmethod
     def _expire_levels(levels: list[VectorQuantize], flat: Tensor, books: Tensor, indices: Tensor) -> None:
         """Dead-code expiry of every level that has it, from its own input (recomputed, only when some code's
         count fell below its level's threshold: one host sync per step, instead of one per level)."""
-        thresholds = [fast_view(layer.config).threshold_ema_dead_code for layer in levels]
+        thresholds = [layer._codebook.threshold_ema_dead_code for layer in levels]
         if not any(t > 0 for t in thresholds):
             return
         smallest = torch.stack([layer._codebook.cluster_size.min() for layer in levels]).tolist()  # one host read
@@ -413,19 +386,19 @@ class ResidualVQ(ResidualQuantizerBase):
             if threshold > 0:
                 layer.expire_codes(inputs.unsqueeze(0), None)
 
-    def _plain_eval_codebooks(self, mask, level_kwargs) -> list[Tensor] | None:
-        """Every level's codebook when this call may take the lean eval loop (`_forward_plain_eval`): not
-        training, no mask, no per-call level options, and each level a plain nearest-code layer."""
+    def _lean_eval_codebooks(self, mask, level_kwargs) -> list[Tensor] | None:
+        """Every level's codebook when this call may take the lean eval loop (`_forward_lean_eval`): not training,
+        no mask, no per-call level options, and every level's plan has `lean_eval`."""
         if self.training or mask is not None or level_kwargs:
             return None
-        books = [layer.plain_eval_codebook() if _callable_directly(layer) else None for layer in self.layers]
-        return None if any(b is None for b in books) else books
+        if not all(layer.plan.lean_eval for layer in self.layers):
+            return None
+        return [layer._codebook.codes()[0] for layer in self.layers]
 
-    def _forward_plain_eval(self, x: Tensor, books: list[Tensor]) -> tuple[Tensor, Tensor]:
+    def _forward_lean_eval(self, x: Tensor, books: list[Tensor]) -> tuple[Tensor, Tensor]:
         """`(quantized, indices)` of the residual loop by `nearest_code` and a row lookup per level: the values
         each level's forward returns outside training (the same search, codes cast to the input dtype), without
-        its per-call bookkeeping (layout, heads, losses, perplexity, output objects), which costs more host time
-        than the GPU work of a level."""
+        its per-call work (layout, heads, losses, perplexity, output object)."""
         residual = self._prepare(self.project_in(x))
         flat = residual.reshape(-1, residual.shape[-1]).clone(memory_format=torch.contiguous_format)  # ours
         quantized_out = torch.zeros_like(flat)
@@ -487,6 +460,8 @@ class ResidualFSQConfig(QuantizerConfig):
     """
 
     model_type = "hf_vq_residual_fsq"
+    level_fields: ClassVar[frozenset[str]] = frozenset(FSQConfig.field_names()) - {
+        "levels", "dim", "preserve_symmetry", "bound_hard_clamp", "check_inputs"}
 
     def __init__(self, levels: list[int] = (8, 5, 5, 5), num_quantizers: int = 4, dim: int | None = None,
                  is_channel_first: bool = False, quantize_dropout: bool = False, quantize_dropout_cutoff_index: int = 0,
@@ -498,17 +473,14 @@ class ResidualFSQConfig(QuantizerConfig):
         self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
         self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
         self.soft_clamp_input_value, self.bound_hard_clamp = soft_clamp_input_value, bound_hard_clamp
-        self.fsq_kwargs = dict(fsq_kwargs or {})
-        fsq_fields = set(FSQConfig.field_names()) - {"levels", "dim", "preserve_symmetry", "bound_hard_clamp", "check_inputs"}
-        for name in [k for k in kwargs if k in fsq_fields]:
-            self.fsq_kwargs[name] = kwargs.pop(name)
+        self.fsq_kwargs = absorb_nested_kwargs(kwargs, fsq_kwargs, self.level_fields)
         super().__init__(**kwargs)
         if self.dim is None:
             self.dim = len(self.levels)
 
     def validate(self):
         check_levels(self.levels)
-        _validate_dropout(self)
+        validate_quantize_dropout(self)
         if self.bound_hard_clamp and self.soft_clamp_input_value is not None:
             raise ValueError("soft_clamp_input_value is implied by bound_hard_clamp=True; set one of them")
 
@@ -526,25 +498,24 @@ class ResidualFSQ(ResidualQuantizerBase):
     def __init__(self, config: ResidualFSQConfig | None = None, **kwargs):
         super().__init__(config, **kwargs)
         c = self.config
+        self._copy_loop_config(c, channel_first=c.is_channel_first)
+        self.levels = list(c.levels)
+        self.soft_clamp_input_value, self.bound_hard_clamp = c.soft_clamp_input_value, c.bound_hard_clamp
         _projections(self, c.dim, len(c.levels))
         self.layers = nn.ModuleList(FSQ(c.level_config()) for _ in range(c.num_quantizers))
         self.post_init()
 
     @property
     def codebook_size(self) -> int:
-        return math.prod(self.config.levels)
+        return math.prod(self.levels)
 
     def _scale(self, level: int, device) -> Tensor:
-        return torch.tensor(self.config.levels, dtype=torch.float32, device=device) ** -level
-
-    def _channel_first(self) -> bool:
-        return self.config.is_channel_first
+        return torch.tensor(self.levels, dtype=torch.float32, device=device) ** -level
 
     def _prepare(self, x: Tensor) -> Tensor:
-        c = self.config
-        clamp = c.soft_clamp_input_value
-        if c.bound_hard_clamp:
-            clamp = 1 + 1 / (torch.tensor(c.levels, dtype=torch.float32, device=x.device) - 1)
+        clamp = self.soft_clamp_input_value
+        if self.bound_hard_clamp:
+            clamp = 1 + 1 / (torch.tensor(self.levels, dtype=torch.float32, device=x.device) - 1)
         elif clamp is None:
             return x
         clamp = torch.as_tensor(clamp, dtype=torch.float32, device=x.device)
@@ -570,6 +541,8 @@ class ResidualLFQConfig(QuantizerConfig):
     Level i has `codebook_scale = 2**-i`."""
 
     model_type = "hf_vq_residual_lfq"
+    level_fields: ClassVar[frozenset[str]] = frozenset(LFQConfig.field_names()) - {
+        "dim", "codebook_size", "codebook_scale", "soft_clamp_input_value", "check_inputs"}
 
     def __init__(self, dim: int = 16, num_quantizers: int = 4, codebook_size: int = 2**10,
                  quantize_dropout: bool = False, quantize_dropout_cutoff_index: int = 0,
@@ -580,15 +553,11 @@ class ResidualLFQConfig(QuantizerConfig):
         self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
         self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
         self.soft_clamp_input_value = soft_clamp_input_value
-        self.lfq_kwargs = dict(lfq_kwargs or {})
-        lfq_fields = set(LFQConfig.field_names()) - {"dim", "codebook_size", "codebook_scale", "soft_clamp_input_value",
-                                                     "check_inputs"}
-        for name in [k for k in kwargs if k in lfq_fields]:
-            self.lfq_kwargs[name] = kwargs.pop(name)
+        self.lfq_kwargs = absorb_nested_kwargs(kwargs, lfq_kwargs, self.level_fields)
         super().__init__(**kwargs)
 
     def validate(self):
-        _validate_dropout(self)
+        validate_quantize_dropout(self)
         if not isinstance(self.codebook_size, int) or self.codebook_size < 2 or self.codebook_size & (self.codebook_size - 1):
             raise ValueError(f"codebook_size must be a power of two >= 2, got {self.codebook_size!r}")
 
@@ -608,6 +577,7 @@ class ResidualLFQ(ResidualQuantizerBase):
     def __init__(self, config: ResidualLFQConfig | None = None, **kwargs):
         super().__init__(config, **kwargs)
         c = self.config
+        self._copy_loop_config(c)
         _projections(self, c.dim, int(math.log2(c.codebook_size)))
         self.layers = nn.ModuleList(LFQ(c.level_config(i)) for i in range(c.num_quantizers))
         self.post_init()
@@ -623,112 +593,3 @@ class ResidualLFQ(ResidualQuantizerBase):
 
     def _level_codes(self, level, layer, indices):
         return layer._codes_from_indices(indices)
-
-
-# --------------------------------------------------------------------------------------------------
-# grouped forms: the feature dim split into groups, one residual quantizer per group
-
-
-class GroupedResidualConfig(QuantizerConfig):
-    """Base of the grouped configs: `dim`, `groups`, `accept_image_fmap` and the per-group residual options
-    (`residual_kwargs`; keyword arguments that are residual options go there)."""
-
-    residual_config_class: ClassVar[type] = QuantizerConfig
-    channel_first_field: ClassVar[str | None] = None  # the residual option that `accept_image_fmap` sets
-
-    def __init__(self, dim: int = 256, groups: int = 1, accept_image_fmap: bool = False,
-                 residual_kwargs: dict[str, Any] | None = None, **kwargs):
-        self.dim, self.groups, self.accept_image_fmap = dim, groups, accept_image_fmap
-        self.residual_kwargs = dict(residual_kwargs or {})
-        known = set(self.residual_config_class.field_names()) | _NESTED_FIELDS.get(self.residual_config_class, set())
-        for name in [k for k in kwargs if k in known and k != "check_inputs"]:
-            self.residual_kwargs[name] = kwargs.pop(name)
-        super().__init__(**kwargs)
-
-    def validate(self):
-        if not isinstance(self.groups, int) or self.groups < 1 or self.dim % self.groups:
-            raise ValueError(f"groups must be a positive int dividing dim={self.dim}, got {self.groups!r}")
-        self.group_config()
-
-    def group_config(self):
-        layout = {self.channel_first_field: self.accept_image_fmap} if self.channel_first_field else {}
-        if self.accept_image_fmap and not layout:
-            raise ValueError(f"accept_image_fmap is not supported by {self.residual_config_class.__name__}")
-        return self.residual_config_class(dim=self.dim // self.groups, check_inputs=False, **layout,
-                                          **self.residual_kwargs)
-
-
-class GroupedResidualBase(QuantizerModel):
-    """`groups` residual quantizers over equal slices of the features; one dropout cutoff for all groups.
-    Indices and losses get a leading group axis, as in vector-quantize-pytorch."""
-
-    residual_class: ClassVar[type] = ResidualQuantizerBase
-
-    def __init__(self, config=None, **kwargs):
-        super().__init__(config, **kwargs)
-        c = self.config
-        self.rvqs = nn.ModuleList(self.residual_class(c.group_config()) for _ in range(c.groups))
-        self.post_init()
-
-    @property
-    def split_dim(self) -> int:
-        return 1 if self.config.accept_image_fmap else -1
-
-    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        return torch.stack([rvq.get_codes_from_indices(i) for rvq, i in zip(self.rvqs, indices)])
-
-    def get_output_from_indices(self, indices: Tensor) -> Tensor:
-        outs = [rvq.get_output_from_indices(i) for rvq, i in zip(self.rvqs, indices)]
-        return torch.cat(outs, dim=self.split_dim)
-
-    def forward(self, x: Tensor, mask: Tensor | None = None, return_all_codes: bool = False,
-                return_dict: bool | None = None, **kwargs):
-        c = self.config
-        if c.check_inputs:
-            check_features(x, c.dim, name="x")
-        if x.shape[self.split_dim] != c.dim:
-            raise ValueError(f"expected feature dim {c.dim}, got {x.shape[self.split_dim]}")
-        first = self.rvqs[0]
-        cutoff = first.dropout_cutoff(x.device) if first.uses_dropout() else None
-        outs = [
-            rvq(chunk, mask=mask, return_all_codes=return_all_codes, return_dict=True, dropout_cutoff=cutoff, **kwargs)
-            for rvq, chunk in zip(self.rvqs, x.chunk(c.groups, dim=self.split_dim))
-        ]
-        output = ResidualOutput(
-            quantized=torch.cat([o.quantized for o in outs], dim=self.split_dim),
-            indices=torch.stack([o.indices for o in outs]),
-            loss=None if outs[0].loss is None else torch.stack([o.loss for o in outs]),
-            all_codes=torch.stack([o.all_codes for o in outs]) if return_all_codes else None,
-        )
-        return self._output(output, return_dict)
-
-
-_NESTED_FIELDS = {
-    ResidualVQConfig: _VQ_FIELDS,
-    ResidualFSQConfig: set(FSQConfig.field_names()),
-    ResidualLFQConfig: set(LFQConfig.field_names()),
-}
-
-
-def _grouped(name: str, residual_cls, residual_config_cls, model_type: str, channel_first_field: str | None):
-    """Define `Grouped<name>Config` / `Grouped<name>` for one residual family (they differ only in the
-    residual class they hold)."""
-    config_cls = type(f"Grouped{name}Config", (GroupedResidualConfig,), {
-        "model_type": model_type, "residual_config_class": residual_config_cls,
-        "channel_first_field": channel_first_field,
-        # an explicit __init__: transformers would otherwise generate a dataclass one that skips ours
-        "__init__": lambda self, *args, **kwargs: GroupedResidualConfig.__init__(self, *args, **kwargs),
-        "__doc__": f"Configuration of [`Grouped{name}`]: `dim`, `groups`, `accept_image_fmap`, and any "
-                   f"[`{residual_config_cls.__name__}`] option for every group.",
-    })
-    model_cls = type(f"Grouped{name}", (GroupedResidualBase,), {
-        "config_class": config_cls, "residual_class": residual_cls,
-        "__doc__": f"Grouped {name}: the feature dim split into `groups`, each quantized by a [`{name}`].",
-    })
-    model_cls.__module__ = config_cls.__module__ = __name__
-    return config_cls, register_quantizer(model_cls)
-
-
-GroupedResidualVQConfig, GroupedResidualVQ = _grouped("ResidualVQ", ResidualVQ, ResidualVQConfig, "hf_vq_grouped_residual_vq", "accept_image_fmap")
-GroupedResidualFSQConfig, GroupedResidualFSQ = _grouped("ResidualFSQ", ResidualFSQ, ResidualFSQConfig, "hf_vq_grouped_residual_fsq", "is_channel_first")
-GroupedResidualLFQConfig, GroupedResidualLFQ = _grouped("ResidualLFQ", ResidualLFQ, ResidualLFQConfig, "hf_vq_grouped_residual_lfq", None)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..modeling_utils import QuantizerConfig, QuantizerModel, QuantizerOutput, check_features, register_quantizer
-from ..ops.ema import cluster_stats, laplace_smoothing
+from ..ops.ema import cluster_stats, laplace_smoothing, require_finite
 from ..ops.nearest import nearest_code
 from ..ops.remap import check_used, remap_to_used, resolve_unknown_index, unmap_to_all
 
@@ -388,6 +388,7 @@ class EMAVectorQuantizer(_RemapMixin, QuantizerModel):
         sync = self.config.sync_codebook
         if distributed.is_distributed() and (sync is None or sync):
             distributed.all_reduce_sum_(counts, sums)
+        require_finite(sums, "codebook EMA statistics")
         emb = self.embedding
         emb.cluster_size_ema_update(counts.to(emb.cluster_size.dtype))
         emb.embed_avg_ema_update(sums.to(emb.embed_avg.dtype))

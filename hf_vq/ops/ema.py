@@ -91,3 +91,14 @@ def laplace_smoothing(counts: Tensor, num_codes: int, eps: float, total: Tensor 
     the caller has it)."""
     total = counts.sum(dim=-1, keepdim=True) if total is None else total
     return (counts + eps) / (total + num_codes * eps)
+
+
+def require_finite(stats: Tensor, what: str) -> None:
+    """Raise `ValueError` when `stats` (a state update's batch statistics: per-code sums, a k-means sample, affine
+    moments) hold NaN or Inf, so the caller can stop before writing them into any buffer. One host read of a
+    small tensor; inside a compiled graph an assert op instead (it raises when it runs, before the update)."""
+    message = f"the batch had NaN or Inf values ({what}); the codebook state was not updated"
+    if torch.compiler.is_compiling():
+        torch._assert_async(torch.isfinite(stats).all(), message)
+    elif not bool(torch.isfinite(stats).all()):
+        raise ValueError(message)

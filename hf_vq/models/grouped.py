@@ -1,0 +1,148 @@
+"""Grouped residual quantization (vector-quantize-pytorch 1.32 `GroupedResidualVQ`, `GroupedResidualFSQ`,
+`GroupedResidualLFQ`): the feature dim split into equal groups, one residual quantizer per group, one quantize
+dropout cutoff for all groups. Indices and losses get a leading group axis."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..modeling_utils import QuantizerConfig, QuantizerModel, absorb_nested_kwargs, check_features, register_quantizer
+from .residual import (ResidualFSQ, ResidualFSQConfig, ResidualLFQ, ResidualLFQConfig, ResidualOutput,
+                       ResidualQuantizerBase, ResidualVQ, ResidualVQConfig)
+
+
+class GroupedResidualConfig(QuantizerConfig):
+    """Base of the grouped configs: `dim`, `groups`, `accept_image_fmap` and the per-group residual options
+    (`residual_kwargs`; keyword arguments that are residual or level options go there)."""
+
+    residual_config_class: ClassVar[type] = QuantizerConfig
+    channel_first_field: ClassVar[str | None] = None  # the residual option that `accept_image_fmap` sets
+
+    def __init__(self, dim: int = 256, groups: int = 1, accept_image_fmap: bool = False,
+                 residual_kwargs: dict[str, Any] | None = None, **kwargs):
+        self.dim, self.groups, self.accept_image_fmap = dim, groups, accept_image_fmap
+        residual = self.residual_config_class
+        known = (set(residual.field_names()) | getattr(residual, "level_fields", set())) - {"check_inputs"}
+        self.residual_kwargs = absorb_nested_kwargs(kwargs, residual_kwargs, known)
+        super().__init__(**kwargs)
+
+    def validate(self):
+        if not isinstance(self.groups, int) or self.groups < 1 or self.dim % self.groups:
+            raise ValueError(f"groups must be a positive int dividing dim={self.dim}, got {self.groups!r}")
+        self.group_config()
+
+    def group_config(self):
+        layout = {self.channel_first_field: self.accept_image_fmap} if self.channel_first_field else {}
+        if self.accept_image_fmap and not layout:
+            raise ValueError(f"accept_image_fmap is not supported by {self.residual_config_class.__name__}")
+        return self.residual_config_class(dim=self.dim // self.groups, check_inputs=False, **layout,
+                                          **self.residual_kwargs)
+
+
+class GroupedResidualBase(QuantizerModel):
+    """`groups` residual quantizers over equal slices of the features; one dropout cutoff for all groups."""
+
+    residual_class: ClassVar[type] = ResidualQuantizerBase
+
+    def __init__(self, config=None, **kwargs):
+        super().__init__(config, **kwargs)
+        c = self.config
+        self.dim, self.groups, self.check_inputs = c.dim, c.groups, c.check_inputs
+        self.split_dim = 1 if c.accept_image_fmap else -1
+        self.rvqs = nn.ModuleList(self.residual_class(c.group_config()) for _ in range(c.groups))
+        self.post_init()
+
+    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        return torch.stack([rvq.get_codes_from_indices(i) for rvq, i in zip(self.rvqs, indices)])
+
+    def get_output_from_indices(self, indices: Tensor) -> Tensor:
+        outs = [rvq.get_output_from_indices(i) for rvq, i in zip(self.rvqs, indices)]
+        return torch.cat(outs, dim=self.split_dim)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, return_all_codes: bool = False,
+                return_dict: bool | None = None, **kwargs):
+        if self.check_inputs:
+            check_features(x, self.dim, name="x")
+        if x.shape[self.split_dim] != self.dim:
+            raise ValueError(f"expected feature dim {self.dim}, got {x.shape[self.split_dim]}")
+        first = self.rvqs[0]
+        cutoff = first.dropout_cutoff(x.device) if first.uses_dropout() else None
+        outs = [
+            rvq(chunk, mask=mask, return_all_codes=return_all_codes, return_dict=True, dropout_cutoff=cutoff, **kwargs)
+            for rvq, chunk in zip(self.rvqs, x.chunk(self.groups, dim=self.split_dim))
+        ]
+        output = ResidualOutput(
+            quantized=torch.cat([o.quantized for o in outs], dim=self.split_dim),
+            indices=torch.stack([o.indices for o in outs]),
+            loss=None if outs[0].loss is None else torch.stack([o.loss for o in outs]),
+            all_codes=torch.stack([o.all_codes for o in outs]) if return_all_codes else None,
+        )
+        return self._output(output, return_dict)
+
+
+class GroupedResidualVQConfig(GroupedResidualConfig):
+    """Configuration of [`GroupedResidualVQ`]: `dim`, `groups`, `accept_image_fmap`, and any [`ResidualVQConfig`]
+    option (and any [`VectorQuantizeConfig`] level option) for every group."""
+
+    model_type = "hf_vq_grouped_residual_vq"
+    residual_config_class = ResidualVQConfig
+    channel_first_field = "accept_image_fmap"
+
+    def __init__(self, dim: int = 256, groups: int = 1, accept_image_fmap: bool = False,
+                 residual_kwargs: dict[str, Any] | None = None, **kwargs):
+        super().__init__(dim=dim, groups=groups, accept_image_fmap=accept_image_fmap,
+                         residual_kwargs=residual_kwargs, **kwargs)
+
+
+class GroupedResidualFSQConfig(GroupedResidualConfig):
+    """Configuration of [`GroupedResidualFSQ`]: `dim`, `groups`, `accept_image_fmap`, and any
+    [`ResidualFSQConfig`] option (and any [`FSQConfig`] level option) for every group."""
+
+    model_type = "hf_vq_grouped_residual_fsq"
+    residual_config_class = ResidualFSQConfig
+    channel_first_field = "is_channel_first"
+
+    def __init__(self, dim: int = 256, groups: int = 1, accept_image_fmap: bool = False,
+                 residual_kwargs: dict[str, Any] | None = None, **kwargs):
+        super().__init__(dim=dim, groups=groups, accept_image_fmap=accept_image_fmap,
+                         residual_kwargs=residual_kwargs, **kwargs)
+
+
+class GroupedResidualLFQConfig(GroupedResidualConfig):
+    """Configuration of [`GroupedResidualLFQ`]: `dim`, `groups`, and any [`ResidualLFQConfig`] option (and any
+    [`LFQConfig`] level option) for every group (token-last input only, as vqp)."""
+
+    model_type = "hf_vq_grouped_residual_lfq"
+    residual_config_class = ResidualLFQConfig
+
+    def __init__(self, dim: int = 256, groups: int = 1, accept_image_fmap: bool = False,
+                 residual_kwargs: dict[str, Any] | None = None, **kwargs):
+        super().__init__(dim=dim, groups=groups, accept_image_fmap=accept_image_fmap,
+                         residual_kwargs=residual_kwargs, **kwargs)
+
+
+@register_quantizer
+class GroupedResidualVQ(GroupedResidualBase):
+    """Grouped ResidualVQ: the feature dim split into `groups`, each quantized by a [`ResidualVQ`]."""
+
+    config_class = GroupedResidualVQConfig
+    residual_class = ResidualVQ
+
+
+@register_quantizer
+class GroupedResidualFSQ(GroupedResidualBase):
+    """Grouped ResidualFSQ: the feature dim split into `groups`, each quantized by a [`ResidualFSQ`]."""
+
+    config_class = GroupedResidualFSQConfig
+    residual_class = ResidualFSQ
+
+
+@register_quantizer
+class GroupedResidualLFQ(GroupedResidualBase):
+    """Grouped ResidualLFQ: the feature dim split into `groups`, each quantized by a [`ResidualLFQ`]."""
+
+    config_class = GroupedResidualLFQConfig
+    residual_class = ResidualLFQ

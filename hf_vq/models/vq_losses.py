@@ -1,0 +1,83 @@
+"""The VectorQuantize losses and statistics that score rows against a whole codebook (vqp 1.32 semantics), in row
+chunks with recomputation in backward, so no `(N, K)` matrix is kept."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from ..ops import ema as ema_ops
+from ..ops.nearest import scores
+from .codebook import l2norm
+
+
+def orthogonal_loss(codes: Tensor) -> Tensor:
+    """Eq. 2 of arXiv:2112.00384 over `(h, n, d)` codes."""
+    h, n = codes.shape[:2]
+    normed = l2norm(codes)
+    cosine = torch.einsum("hid,hjd->hij", normed, normed)
+    return (cosine**2).sum() / (h * n**2) - (1 / n)
+
+
+@torch.no_grad()
+def perplexity(indices: Tensor, num_codes: int, mask: Tensor | None, counts: Tensor | None = None) -> Tensor:
+    """`exp(entropy)` of code usage per head `(H, N)` (valid rows only), averaged over heads; by bincount, unless
+    the codebook update already counted them (`counts (H, K)`)."""
+    if counts is None:
+        heads = indices.shape[0]
+        weights = None if mask is None else mask.reshape(-1).float()
+        counts = ema_ops.code_counts(ema_ops.head_code_ids(indices, num_codes), heads * num_codes, weights)
+        counts = counts.view(heads, num_codes)
+    prob = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+    return (-(prob * prob.clamp(min=1e-10).log()).sum(-1)).exp().mean()
+
+
+def masked_mse(a: Tensor, b: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is None:
+        return F.mse_loss(a, b)
+    return F.mse_loss(a, b, reduction="none")[mask].mean()
+
+
+def mean_position_entropy(flat: Tensor, embed: Tensor, metric: str, temperature: float, batch: int) -> Tensor:
+    """vector-quantize-pytorch 1.32's codebook diversity term: `softmax(scores * temperature)` averaged over
+    heads and batch for each sequence position, its entropy, averaged over positions. Positions are taken in
+    chunks with recomputation in backward, so no `(N, K)` matrix is kept."""
+    heads, rows, dim = flat.shape
+    per_position = flat.view(heads, batch, rows // batch, dim)
+
+    def chunk_sum(x_chunk, emb):
+        h, b, m, d = x_chunk.shape
+        prob = (scores(x_chunk.reshape(h, b * m, d), emb, metric) * temperature).softmax(-1)
+        prob = prob.view(h, b, m, -1).mean(dim=(0, 1))
+        return (-prob * prob.clamp(min=1e-5).log()).sum()
+
+    total = 0
+    step = max(1, (256 * 2**20) // (4 * embed.shape[-2] * heads * batch))
+    for start in range(0, per_position.shape[2], step):
+        chunk = per_position[:, :, start : start + step]
+        total = total + checkpoint(chunk_sum, chunk, embed, use_reentrant=False)
+    return total / per_position.shape[2]
+
+
+def cross_entropy_to_codes(flat, embed, metric, indices, mask) -> Tensor:
+    """Cross-entropy of the scores as logits against the chosen codes, chunked with recomputation."""
+
+    def chunk_sum(x_chunk, emb, target, valid):
+        logp = scores(x_chunk, emb, metric).log_softmax(-1)
+        nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        return (nll * valid).sum()
+
+    valid_all = torch.ones_like(indices, dtype=flat.dtype) if mask is None else mask.to(flat.dtype)
+    total = 0
+    for sl in row_slices(flat, embed):
+        total = total + checkpoint(chunk_sum, flat[:, sl], embed, indices[:, sl], valid_all[:, sl], use_reentrant=False)
+    return total / valid_all.sum().clamp(min=1)
+
+
+def row_slices(flat: Tensor, embed: Tensor):
+    """Row chunks sized like the nearest-code search's (the scores themselves are recomputed by callers)."""
+    rows = max(1, (256 * 2**20) // (4 * embed.shape[-2] * flat.shape[0]))
+    for start in range(0, flat.shape[1], rows):
+        yield slice(start, start + rows)

@@ -1,0 +1,142 @@
+"""Which forward path a VectorQuantize (and a ResidualVQ over such levels) takes, decided from its config.
+
+Three fast paths compute exactly what the general path computes, for a subset of configurations:
+
+- `fused_estimator`: in training, the rotation trick on detached codes and vqp 1.32's MSE commitment loss in one
+  op (`ops.estimators.rotate_to_with_commitment`), instead of the estimator and the loss separately.
+- `lean_eval`: outside training, a level is "nearest euclidean code of its raw `(..., d)` rows, looked up by
+  index"; ResidualVQ's eval loop then runs `nearest_code` and the lookup itself, without the level's forward.
+- `fused_levels`: in training, a level's step is one level of `ops.triton_residual.residual_train_levels`
+  (nearest euclidean code, rotation trick with the MSE commitment loss, EMA codebook, dead-code expiry);
+  ResidualVQ then runs all its levels in one fused pass.
+
+`FAST_PATH_RULES` classifies every `VectorQuantizeConfig` field: for each path, `ANY` (the path honours every
+value) or a rule `(value, config) -> bool` naming the values it honours. A config whose fields all pass a path's
+rules may take it; any other value sends the model to the general path. `plan_for` refuses a config with a field
+that is not classified, so a new option cannot be silently ignored by a fused kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+ANY = None
+Rule = Callable[[object, object], bool] | None
+
+
+def only(*values) -> Callable[[object, object], bool]:
+    return lambda value, config: value in values
+
+
+def _no_projection(value, config) -> bool:
+    return value is None or value == config.dim
+
+
+def _rotation_trick(value, config) -> bool:
+    return config.resolved_rotation_trick
+
+
+def _not_learnable(value, config) -> bool:
+    return not config.resolved_learnable_codebook
+
+
+def _ema_codebook(value, config) -> bool:
+    return config.resolved_ema_update
+
+
+def _positive(value, config) -> bool:
+    return value > 0
+
+
+_OFF = only(False)
+_ZERO = only(0, 0.0)
+
+# field: (fused_estimator, lean_eval, fused_levels)
+FAST_PATH_RULES: dict[str, tuple[Rule, Rule, Rule]] = {
+    "dim": (ANY, ANY, ANY),
+    "codebook_size": (ANY, ANY, ANY),
+    "codebook_dim": (ANY, _no_projection, _no_projection),
+    "heads": (ANY, only(1), only(1)),
+    "separate_codebook_per_head": (ANY, ANY, ANY),  # one head: one codebook either way
+    "decay": (ANY, ANY, ANY),
+    "eps": (ANY, ANY, ANY),
+    "freeze_codebook": (ANY, ANY, _OFF),
+    "kmeans_init": (ANY, ANY, ANY),  # the plan waits for the codebook to be initialized
+    "kmeans_iters": (ANY, ANY, ANY),
+    "use_cosine_sim": (ANY, _OFF, _OFF),
+    "layernorm_after_project_in": (ANY, ANY, ANY),  # only used with projections, which the others exclude
+    "threshold_ema_dead_code": (ANY, ANY, ANY),
+    "reset_cluster_size": (ANY, ANY, ANY),
+    "channel_last": (ANY, only(True), only(True)),
+    "accept_image_fmap": (ANY, _OFF, _OFF),
+    "accept_3d_fmap": (ANY, _OFF, _OFF),
+    "commitment_weight": (_positive, ANY, _positive),
+    "commitment_use_cross_entropy_loss": (_OFF, ANY, _OFF),
+    "orthogonal_reg_weight": (ANY, ANY, _ZERO),
+    "orthogonal_reg_active_codes_only": (ANY, ANY, ANY),
+    "orthogonal_reg_max_codes": (ANY, ANY, ANY),
+    "codebook_diversity_loss_weight": (ANY, ANY, _ZERO),
+    "codebook_diversity_temperature": (ANY, ANY, ANY),
+    "stochastic_sample_codes": (ANY, ANY, _OFF),  # (with straight_through: no rotation trick, see below)
+    "sample_codebook_temp": (ANY, ANY, ANY),
+    "straight_through": (ANY, ANY, ANY),  # excludes the rotation trick (its rule)
+    "reinmax": (ANY, ANY, ANY),  # needs straight_through
+    "rotation_trick": (_rotation_trick, ANY, _rotation_trick),
+    "sync_codebook": (ANY, ANY, ANY),
+    "ema_update": (ANY, ANY, _ema_codebook),
+    "manual_ema_update": (ANY, ANY, _OFF),
+    "learnable_codebook": (_not_learnable, ANY, _not_learnable),
+    "affine_param": (ANY, _OFF, _OFF),
+    "affine_param_batch_decay": (ANY, ANY, ANY),
+    "affine_param_codebook_decay": (ANY, ANY, ANY),
+    "return_zeros_for_masked_padding": (ANY, ANY, ANY),  # masked calls take the general path
+    "route_gradients_to_input": (only(True), ANY, only(True)),
+    "sync_kmeans": (ANY, ANY, ANY),
+    "sync_affine_param": (ANY, ANY, ANY),
+    "directional_reparam": (_OFF, ANY, _OFF),
+    "directional_reparam_variance": (ANY, ANY, ANY),
+    "sync_update_v": (_ZERO, ANY, _ZERO),
+    "manual_in_place_optimizer_update": (ANY, ANY, ANY),  # an in-place optimizer itself excludes fused_levels
+    "check_inputs": (ANY, ANY, ANY),
+}
+
+
+@dataclass(frozen=True)
+class VQPlan:
+    """The fast paths a VectorQuantize may take (see the module docstring); all False is the general path."""
+
+    fused_estimator: bool = False
+    lean_eval: bool = False
+    fused_levels: bool = False
+
+
+GENERAL = VQPlan()
+
+
+def _honours(config, path: int) -> bool:
+    for name in config.field_names():
+        if name not in FAST_PATH_RULES:
+            raise KeyError(f"VectorQuantizeConfig field {name!r} is not classified in hf_vq.models.vq_plan."
+                           "FAST_PATH_RULES: say which values each fast path honours")
+        rule = FAST_PATH_RULES[name][path]
+        if rule is not ANY and not rule(getattr(config, name), config):
+            return False
+    return True
+
+
+def plan_for(config, *, in_place_optimizer: bool = False) -> VQPlan:
+    """The plan of a VectorQuantize built from `config` (before any state is considered)."""
+    estimator, lean, levels = (_honours(config, path) for path in range(3))
+    return VQPlan(fused_estimator=estimator, lean_eval=lean,
+                  fused_levels=levels and estimator and not in_place_optimizer)
+
+
+def with_state(plan: VQPlan, *, initted: bool, float32_codebook: bool, pending_stats: bool) -> VQPlan:
+    """`plan` restricted by the codebook's state: the residual paths need an initialized codebook, and the fused
+    levels a float32 codebook with no accumulated statistics waiting (`accum_ema_update`)."""
+    if not initted:
+        return replace(plan, lean_eval=False, fused_levels=False)
+    if plan.fused_levels and (not float32_codebook or pending_stats):
+        return replace(plan, fused_levels=False)
+    return plan
