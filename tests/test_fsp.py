@@ -223,8 +223,7 @@ def test_bad_input_and_arguments():
     fsp = FSP(levels=[8, 5], dim=6)
     with pytest.raises(ValueError, match="expected feature dim 6 on the last dim, got 5"):
         fsp(torch.randn(2, 3, 5))
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        fsp(torch.full((2, 3, 6), float("nan")))
+    fsp.eval()(torch.full((2, 3, 6), float("nan")))  # no value check on the input (no device sync)
     with pytest.raises(ValueError, match="expected feature dim 6 on dim 1"):
         FSP(levels=[8, 5], dim=6, channel_first=True)(torch.randn(2, 3, 6))
     with pytest.raises(ValueError, match=r"indices must be in \[0, 40\)"):

@@ -200,8 +200,7 @@ def test_errors_name_the_problem():
     model = hf_vq.SimVQ(8, 16)
     with pytest.raises(ValueError, match="expected feature dim 8, got 5"):
         model(torch.randn(2, 3, 5))
-    with pytest.raises(ValueError, match="x contains NaN or Inf"):
-        model(torch.full((2, 3, 8), float("nan")))
+    model.eval()(torch.full((2, 3, 8), float("nan")))  # no value check on the input (no device sync)
     with pytest.raises(ValueError, match=r"indices must be in \[0, 16\)"):
         model.indices_to_codes(torch.tensor([[16]]))
     rq = hf_vq.ResidualSimVQ(dim=8, num_quantizers=3, codebook_size=16)
