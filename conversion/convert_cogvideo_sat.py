@@ -45,7 +45,7 @@ from hf_vq.conversion.sat_io import (
     resolve_checkpoint,
     sha256_of,
 )
-from hf_vq.conversion.sgm_reference import reference_forward
+from hf_vq.conversion.sgm_reference import reference_call, reference_forward
 from hf_vq.modeling_utils import build_quantizer
 
 __all__ = ["ConversionError", "ConversionResult", "VerificationError", "convert", "main"]
@@ -117,8 +117,10 @@ class _QuantizerKeys:
 
 
 def _build(reg: Regularizer, kwargs: dict, tensors: Mapping[str, torch.Tensor]):
+    """The hf_vq model, with the source's call convention: called without `return_dict` it returns what the
+    source module returns (`return_dict=False`, kept in config.json); `return_dict=True` gives the ModelOutput."""
     try:
-        model = build_quantizer(reg.name, kwargs)
+        model = build_quantizer(reg.name, {"return_dict": False, **kwargs})
     except (ValueError, TypeError) as e:
         raise ConversionError(f"cannot build hf_vq.{reg.name} from the regularizer params {kwargs}: {e}") from e
     try:
@@ -178,6 +180,53 @@ def _compare(out, ref, batch: int, max_index: int) -> tuple[dict, list[str]]:
     return {"indices": got.numel(), "ties": int(ties.sum()), "max_abs_diff": max_diff}, problems
 
 
+def _compare_call(model, reg: Regularizer, params: Mapping, tensors, x: torch.Tensor, seed: int,
+                  exact: bool) -> list[str]:
+    """Called as sgm code calls it (`q(x)`), the model returns what the source module returns: the same tuple
+    and dict structure, keys, shapes and values (values unchecked where a float32 tie may pick either code)."""
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(seed)
+        got = model(x)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        want = reference_call(reg.name, params, tensors, x)
+    return [f"called as {reg.name}(x): {p}" for p in compare_structure(got, want, "output", exact)]
+
+
+def compare_structure(got, want, path: str, exact: bool = True) -> list[str]:
+    """Differences between a return value and the reference's: tuples (length), dicts (keys), None, tensor
+    shapes and (when `exact`) values; a -1 in a reference integer tensor is a random draw (any value)."""
+    if isinstance(want, tuple):
+        if not isinstance(got, tuple) or len(got) != len(want):
+            shape = f"tuple of {len(got)}" if isinstance(got, tuple) else f"{type(got).__name__}, not a tuple"
+            return [f"{path} is a {shape}; the source returns a tuple of {len(want)}"]
+        return [p for i, (g, w) in enumerate(zip(got, want)) for p in compare_structure(g, w, f"{path}[{i}]", exact)]
+    if isinstance(want, dict):
+        if type(got) is not dict or list(got) != list(want):
+            keys = list(got) if isinstance(got, dict) else type(got).__name__
+            return [f"{path} has keys {keys}, the source's has {list(want)}"]
+        return [p for k in want for p in compare_structure(got[k], want[k], f"{path}[{k!r}]", exact)]
+    if want is None or got is None:
+        return [] if got is want else [f"{path} is {_kind(got)}, the source returns {_kind(want)}"]
+    if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(want.shape):
+        return [f"{path} is {_kind(got)}, the source returns {_kind(want)}"]
+    if got.is_floating_point() != want.is_floating_point():
+        return [f"{path} has dtype {got.dtype}, the source's has {want.dtype}"]
+    if not exact:
+        return []
+    if not want.is_floating_point():
+        known = want >= 0
+        return [] if torch.equal(got.long()[known], want.long()[known]) else [f"{path}: values differ"]
+    tol = 1e-5 * max(1.0, want.abs().max().item()) if want.numel() else 0.0
+    return [] if torch.allclose(got.float(), want.float(), rtol=1e-4, atol=tol) else [f"{path}: values differ"]
+
+
+def _kind(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return "None" if value is None else f"a {type(value).__name__}"
+
+
 def verify(model, reg: Regularizer, params: Mapping, tensors: Mapping[str, torch.Tensor],
            batches: int = 4, seed: int = 0) -> dict:
     """Compare ``model`` with ``sgm_reference`` on ``batches`` random inputs (same RNG state for both, so
@@ -202,6 +251,8 @@ def verify(model, reg: Regularizer, params: Mapping, tensors: Mapping[str, torch
                                     f"{type(e).__name__}: {e}; nothing was written") from e
         stats, found = _compare(out, ref, b, max_index=getattr(model, "re_embed", 2**62))
         problems += found
+        if not found:
+            problems += _compare_call(model, reg, params, tensors, x, seed + b, exact=not stats.get("ties"))
         totals["indices"] += stats.get("indices", 0)
         totals["ties"] += stats.get("ties", 0)
         if not math.isnan(stats.get("max_abs_diff", math.nan)):
