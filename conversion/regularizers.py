@@ -209,8 +209,10 @@ class _Inference:
         import hf_vq
 
         self.name, self.kwargs, self.notes, self.assumed = name, {}, [], []
-        self._defaults = {k: p.default for k, p in
-                          inspect.signature(getattr(hf_vq, name).config_class.__init__).parameters.items()}
+        self._defaults = {}  # the config's defaults (the source's), the subclass's first
+        for klass in getattr(hf_vq, name).config_class.__mro__:
+            for key, param in inspect.signature(klass.__init__).parameters.items() if "__init__" in vars(klass) else ():
+                self._defaults.setdefault(key, param.default)
 
     def assume(self, *fields: str) -> None:
         for field in fields:
