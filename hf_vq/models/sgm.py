@@ -3,17 +3,13 @@
 Constructor arguments (positional order too), state-dict keys and return conventions follow CogVideo's
 `sat/sgm/modules/autoencoding/regularizers/quantize.py` and `sat/sgm/modules/autoencoding/vqvae/quantize.py`,
 so an sgm/SAT YAML `params:` dict passes straight in and `load_state_dict` of sgm weights works unchanged.
-Called as sgm calls them, they return sgm's tuple (`z_q, log_dict = q(z)`, or taming's
-`z_q, loss, (perplexity, min_encodings, indices)`); `return_dict=True` gives a ModelOutput instead. They are
-also regular hf_vq models: configs, Auto registration, exact save/load.
-
-Called as sgm calls them, the log dicts hold upstream's keys and values (`EMAVectorQuantizer`'s N x K
-`encodings` one-hot is built only for that tuple, never for `return_dict=True`; taming's `(perplexity,
-min_encodings)` are `None`, as upstream returns them). The nearest code comes from `hf_vq.ops.nearest`
-(bounded memory). The outputs keep the input's dtype. With `embedding_weight_norm`, the search
-uses the current weight-normalized codebook (sgm reads the `weight` the hook computed on the previous call).
-`EMAVectorQuantizer` sums its EMA statistics over processes when a process group is up (`sync_codebook`).
-Gumbel's `(b, n_embed, h, w)` soft one-hot is the relaxation itself (a distribution over codes), kept as sgm.
+Called as sgm calls them, they return upstream's tuple with upstream's log keys (`z_q, log_dict = q(z)`, or
+taming's `z_q, loss, (None, None, indices)`; EMA's N x K `encodings` one-hot is built for that tuple only);
+`return_dict=True` gives a ModelOutput. They are also regular hf_vq models: configs, Auto registration, exact
+save/load. The nearest code comes from `hf_vq.ops.nearest` (bounded memory); outputs keep the input's dtype.
+With `embedding_weight_norm`, the search uses the current weight-normalized codebook (sgm reads the `weight`
+the hook computed on the previous call). `EMAVectorQuantizer` sums its EMA statistics over processes when a
+process group is up (`sync_codebook`). Gumbel's soft one-hot is the relaxation itself, kept as sgm.
 """
 
 from __future__ import annotations
@@ -256,13 +252,11 @@ class VectorQuantizer(_RemapMixin, QuantizerModel):
 
     def get_codebook_entry(self, indices: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:
         """Codes for `indices`; with `shape=(b, h, w, c)` returned as `(b, c, h, w)`."""
-        if indices.is_floating_point():
-            raise ValueError(f"indices must be an integer tensor, got dtype {indices.dtype}")
+        check_indices(indices, self.re_embed if self.config.remap is not None else self.config.n_e)
         if self.config.remap is not None:
             if shape is None:
                 raise ValueError("get_codebook_entry needs `shape` when a remap is used")
             indices = self.unmap_to_all(indices.reshape(shape[0], -1)).reshape(-1)
-        check_indices(indices, self.config.n_e)
         z_q = self.embedding(indices)
         if shape is not None:
             z_q = z_q.view(shape).permute(0, 3, 1, 2).contiguous()
