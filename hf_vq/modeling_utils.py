@@ -12,6 +12,7 @@ import functools
 import inspect
 import itertools
 import os
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -53,6 +54,7 @@ class QuantizerConfig(PretrainedConfig):
 
     def __init__(self, check_inputs: bool = True, **kwargs):
         self.check_inputs = bool(check_inputs)
+        check_model_type(type(self), kwargs.get("model_type"))
         unknown = sorted(k for k in kwargs if k not in _HF_CONFIG_KEYS and not k.startswith("_"))
         if unknown:
             raise ValueError(
@@ -202,8 +204,9 @@ def offline_error(source, error: OSError) -> OSError | None:
     None when that is not the situation."""
     from huggingface_hub import constants
 
-    if os.path.isdir(str(source)) or not (constants.HF_HUB_OFFLINE or os.environ.get("TRANSFORMERS_OFFLINE") == "1"):
-        return None
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    if not offline or os.path.exists(str(source)) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(source)):
+        return None  # online, or a local path: the framework's own message says what is wrong
     return OSError(f"cannot load {str(source)!r}: the Hugging Face Hub is offline (HF_HUB_OFFLINE=1) and this repo "
                    f"is not in the local cache ({constants.HF_HUB_CACHE}). Download it once while online, or pass a "
                    f"local folder. ({error})")

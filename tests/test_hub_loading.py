@@ -104,6 +104,8 @@ def test_a_config_of_another_quantizer_names_model_type_and_both_classes(tmp_pat
                                          r"FSQConfig \(model_type 'hf_vq_fsq'\)"):
         FSQ.from_pretrained(tmp_path)
     assert type(AutoModel.from_pretrained(tmp_path)) is LFQ
+    with pytest.raises(ValueError, match=r"model_type 'hf_vq_lfq', which belongs to LFQConfig"):
+        hf_vq.FSQConfig(**json.loads((tmp_path / "config.json").read_text()))
 
 
 @pytest.mark.parametrize("make", [lambda: VectorQuantize(dim=8, codebook_size=16),
@@ -124,6 +126,9 @@ def test_a_missing_repo_offline_names_the_repo_and_says_offline(tmp_path, monkey
         VectorQuantize.from_pretrained("org/missing")
     with pytest.raises(OSError, match=r"cannot load 'org/missing': the Hugging Face Hub is offline"):
         DiffusersQuantizer.from_pretrained("org/missing")
+    with pytest.raises(OSError) as local:  # a local path that is not there: the framework's own message
+        VectorQuantize.from_pretrained(str(tmp_path / "no" / "such" / "folder"))
+    assert "the Hugging Face Hub is offline" not in str(local.value)
 
 
 def test_push_to_hub_uses_public_api_only():
