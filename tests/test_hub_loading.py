@@ -136,3 +136,14 @@ def test_push_to_hub_uses_public_api_only():
     assert "_upload_modified_files" not in vars(QuantizerModel)
     assert "push_to_hub" in vars(QuantizerModel)
     assert hf_vq.modeling_utils.QuantizerModel.push_to_hub.__doc__
+
+
+def test_the_call_convention_survives_save_load_on_both_faces(tmp_path):
+    model = FSQ(levels=[5, 3], return_dict=False)  # as the SAT converter writes it
+    x = torch.randn(2, 2, 3, 3)
+    model.save_pretrained(tmp_path / "hf")
+    z, indices = AutoModel.from_pretrained(tmp_path / "hf")(x)
+    assert torch.equal(z, model(x)[0]) and torch.equal(indices, model(x)[1])
+    DiffusersQuantizer.from_quantizer(model).save_pretrained(tmp_path / "diffusers")
+    loaded = DiffusersQuantizer.from_pretrained(tmp_path / "diffusers")
+    assert isinstance(loaded(x), tuple) and loaded(x, return_dict=True).quantized.shape == x.shape
