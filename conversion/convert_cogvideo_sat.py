@@ -294,7 +294,7 @@ def _check_reload(folder: Path, model) -> None:
 
 def _write_atomically(model, out: Path, source: dict, repo_id: str | None, overwrite: bool) -> dict[str, int]:
     """save_pretrained + card into a hidden temp folder next to ``out``, reload check, then move it into place
-    (see :func:`_replace`). Returns ``{file name: size}``."""
+    (see :func:`~hf_vq.conversion.output_folder.replace_folder`). Returns ``{file name: size}``."""
     out = out.absolute()
     _check_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
