@@ -112,7 +112,8 @@ _VQ_OPTIONAL = ("beta", "remap", "unknown_index", "sane_index_shape", "log_perpl
                 "loss_key")
 SOURCE_SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "VectorQuantizer": (("n_e", "e_dim"), _VQ_OPTIONAL),
-    "EMAVectorQuantizer": (("n_embed", "embedding_dim", "beta"), ("decay", "eps", "remap", "unknown_index", "loss_key")),
+    "EMAVectorQuantizer": (("n_embed", "embedding_dim", "beta"),
+                           ("decay", "eps", "remap", "unknown_index", "loss_key")),
     "GumbelQuantizer": (("num_hiddens", "embedding_dim", "n_embed"),
                         ("straight_through", "kl_weight", "temp_init", "remap", "unknown_index", "loss_key")),
     "VectorQuantizerWithInputProjection": (("input_dim", "n_codes", "codebook_dim"), ("output_dim", *_VQ_OPTIONAL)),
@@ -256,7 +257,8 @@ def _infer_vector_quantize(sd, inf: _Inference) -> None:
 def _infer_latent_quantize(sd, inf: _Inference) -> None:
     keys = sorted((k for k in sd if k.startswith("values_per_latent.")), key=lambda k: int(k.rsplit(".", 1)[1]))
     levels = [int(sd[k].shape[0]) for k in keys]
-    inf.kwargs.update(levels=levels, dim=_shape(sd, "project_in.weight")[1] if "project_in.weight" in sd else len(levels))
+    dim = _shape(sd, "project_in.weight")[1] if "project_in.weight" in sd else len(levels)
+    inf.kwargs.update(levels=levels, dim=dim)
     inf.assume("commitment_loss_weight", "quantization_loss_weight")
 
 
