@@ -20,7 +20,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 # absolute imports: this file also runs as a script (`python conversion/convert_cogvideo_sat.py`); the
 # installed package maps conversion/ to hf_vq.conversion
 import hf_vq  # registers the quantizers with AutoModel
+from hf_vq.conversion.output_folder import check_out_folder, make_readable, replace_folder, temp_sibling
 from hf_vq.conversion.regularizers import (
     Regularizer,
     config_from_target,
@@ -45,7 +45,7 @@ from hf_vq.conversion.sat_io import (
     resolve_checkpoint,
     sha256_of,
 )
-from hf_vq.conversion.sgm_reference import reference_forward
+from hf_vq.conversion.sgm_reference import reference_call, reference_forward
 from hf_vq.modeling_utils import build_quantizer
 
 __all__ = ["ConversionError", "ConversionResult", "VerificationError", "convert", "main"]
@@ -79,6 +79,7 @@ class ConversionResult:
     dtype: torch.dtype
     files: dict[str, int] = field(default_factory=dict)
     url: str | None = None
+    assumed: list[str] = field(default_factory=list)  # values the tensors cannot tell, each with its effect
 
 
 # --------------------------------------------------------------------------------------------------
@@ -86,13 +87,13 @@ class ConversionResult:
 
 
 def _quantizer_spec(tensors: Mapping[str, torch.Tensor], config, node: str | None):
-    """(regularizer, target, params, notes): from the YAML when given, else inferred from the tensors."""
+    """(regularizer, target, params, notes, assumed): from the YAML when given, else inferred from the tensors."""
     if config is not None:
         target, params = find_regularizer_config(config, node_path=node)
         reg, kwargs = config_from_target(target, params, tensors)
-        return reg, target, kwargs, []
-    reg, kwargs, notes = infer_from_state_dict(tensors)
-    return reg, f"{reg.sources[0]}.{reg.name}", kwargs, notes
+        return reg, target, kwargs, [], []
+    reg, kwargs, notes, assumed = infer_from_state_dict(tensors)
+    return reg, f"{reg.sources[0]}.{reg.name}", kwargs, notes, assumed
 
 
 class _QuantizerKeys:
@@ -113,12 +114,15 @@ class _QuantizerKeys:
         what = f"no key starts with prefix {self.prefix!r}" if self.prefix is not None else (
             f"no quantizer found: no key has a component named {list(QUANTIZER_MODULE_NAMES)}")
         return ConversionError(f"{what}; top-level key groups: {sorted(self.groups)[:30]}. Pass the quantizer's "
-                               "key prefix with --prefix ('' for a bare quantizer state dict).")
+                               "key prefix with --prefix ('' for a bare quantizer state dict); a quantizer without "
+                               "tensors (FSQ with levels only) converts from --config alone.")
 
 
 def _build(reg: Regularizer, kwargs: dict, tensors: Mapping[str, torch.Tensor]):
+    """The hf_vq model, with the source's call convention: called without `return_dict` it returns what the
+    source module returns (`return_dict=False`, kept in config.json); `return_dict=True` gives the ModelOutput."""
     try:
-        model = build_quantizer(reg.name, kwargs)
+        model = build_quantizer(reg.name, {"return_dict": False, **kwargs})
     except (ValueError, TypeError) as e:
         raise ConversionError(f"cannot build hf_vq.{reg.name} from the regularizer params {kwargs}: {e}") from e
     try:
@@ -178,6 +182,53 @@ def _compare(out, ref, batch: int, max_index: int) -> tuple[dict, list[str]]:
     return {"indices": got.numel(), "ties": int(ties.sum()), "max_abs_diff": max_diff}, problems
 
 
+def _compare_call(model, reg: Regularizer, params: Mapping, tensors, x: torch.Tensor, seed: int,
+                  exact: bool) -> list[str]:
+    """Called as sgm code calls it (`q(x)`), the model returns what the source module returns: the same tuple
+    and dict structure, keys, shapes and values (values unchecked where a float32 tie may pick either code)."""
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(seed)
+        got = model(x)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        want = reference_call(reg.name, params, tensors, x)
+    return [f"called as {reg.name}(x): {p}" for p in compare_structure(got, want, "output", exact)]
+
+
+def compare_structure(got, want, path: str, exact: bool = True) -> list[str]:
+    """Differences between a return value and the reference's: tuples (length), dicts (keys), None, tensor
+    shapes and (when `exact`) values; a -1 in a reference integer tensor is a random draw (any value)."""
+    if isinstance(want, tuple):
+        if not isinstance(got, tuple) or len(got) != len(want):
+            shape = f"tuple of {len(got)}" if isinstance(got, tuple) else f"{type(got).__name__}, not a tuple"
+            return [f"{path} is a {shape}; the source returns a tuple of {len(want)}"]
+        return [p for i, (g, w) in enumerate(zip(got, want)) for p in compare_structure(g, w, f"{path}[{i}]", exact)]
+    if isinstance(want, dict):
+        if type(got) is not dict or list(got) != list(want):
+            keys = list(got) if isinstance(got, dict) else type(got).__name__
+            return [f"{path} has keys {keys}, the source's has {list(want)}"]
+        return [p for k in want for p in compare_structure(got[k], want[k], f"{path}[{k!r}]", exact)]
+    if want is None or got is None:
+        return [] if got is want else [f"{path} is {_kind(got)}, the source returns {_kind(want)}"]
+    if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(want.shape):
+        return [f"{path} is {_kind(got)}, the source returns {_kind(want)}"]
+    if got.is_floating_point() != want.is_floating_point():
+        return [f"{path} has dtype {got.dtype}, the source's has {want.dtype}"]
+    if not exact:
+        return []
+    if not want.is_floating_point():
+        known = want >= 0
+        return [] if torch.equal(got.long()[known], want.long()[known]) else [f"{path}: values differ"]
+    tol = 1e-5 * max(1.0, want.abs().max().item()) if want.numel() else 0.0
+    return [] if torch.allclose(got.float(), want.float(), rtol=1e-4, atol=tol) else [f"{path}: values differ"]
+
+
+def _kind(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return "None" if value is None else f"a {type(value).__name__}"
+
+
 def verify(model, reg: Regularizer, params: Mapping, tensors: Mapping[str, torch.Tensor],
            batches: int = 4, seed: int = 0) -> dict:
     """Compare ``model`` with ``sgm_reference`` on ``batches`` random inputs (same RNG state for both, so
@@ -202,6 +253,8 @@ def verify(model, reg: Regularizer, params: Mapping, tensors: Mapping[str, torch
                                     f"{type(e).__name__}: {e}; nothing was written") from e
         stats, found = _compare(out, ref, b, max_index=getattr(model, "re_embed", 2**62))
         problems += found
+        if not found:
+            problems += _compare_call(model, reg, params, tensors, x, seed + b, exact=not stats.get("ties"))
         totals["indices"] += stats.get("indices", 0)
         totals["ties"] += stats.get("ties", 0)
         if not math.isnan(stats.get("max_abs_diff", math.nan)):
@@ -240,17 +293,16 @@ def _check_reload(folder: Path, model) -> None:
 
 
 def _write_atomically(model, out: Path, source: dict, repo_id: str | None, overwrite: bool) -> dict[str, int]:
-    """save_pretrained + card into a temp folder next to ``out``, reload check, then rename into place.
-    Returns ``{file name: size}``."""
+    """save_pretrained + card into a hidden temp folder next to ``out``, reload check, then move it into place
+    (see :func:`~hf_vq.conversion.output_folder.replace_folder`). Returns ``{file name: size}``."""
     out = out.absolute()
-    if out.exists() and not overwrite:
-        raise ConversionError(f"{out} already exists (pass --overwrite to replace it)")
+    _check_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp = temp_sibling(out, ".partial")
     try:
         _fill(model, tmp, source, repo_id or str(out))
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-        _replace(tmp, out)
+        replace_folder(tmp, out)
         return files
     except OSError as e:
         raise ConversionError(f"writing {out} failed: {e}; nothing was written") from e
@@ -264,27 +316,15 @@ def _fill(model, folder: Path, source: dict, repo_id: str) -> None:
     model.save_pretrained(folder)
     write_model_card(model, folder, repo_id, source=source)
     _check_reload(folder, model)
-    _make_readable(folder)
+    make_readable(folder)
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` (``--overwrite``) is moved aside first, removed after."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    shutil.rmtree(old)
-
-
-def _make_readable(folder: Path) -> None:
-    """mkdtemp makes a private (0700) folder: give the output the permissions a plain mkdir would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for p in folder.iterdir():
-        os.chmod(p, 0o666 & ~umask)
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Restore or clean what a killed run left next to ``out``; an existing ``out`` needs ``overwrite``."""
+    try:
+        check_out_folder(out, overwrite)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise ConversionError(str(e)) from None
 
 
 def push_folder(folder: Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
@@ -313,6 +353,7 @@ def convert(
     overwrite: bool = False,
     license: str = "other",
     progress: bool = True,
+    split_rules: Mapping[str, tuple[int, int]] | None = None,
 ) -> ConversionResult:
     """Convert the quantizer in a SAT checkpoint into an hf_vq folder (see the module docstring).
 
@@ -325,6 +366,11 @@ def convert(
         node: which regularizer node of the config, when it has several.
         dtype: ``auto`` (the checkpoint's), ``float32``, ``float16`` or ``bfloat16``.
         push_to_hub: a repo id to upload the folder to after it is written.
+        split_rules: ``{key regex: (dim, stride)}`` for model-parallel tensors SAT's own rules do not cover.
+
+    A quantizer without tensors (FSQ with ``levels`` only) converts from ``config`` alone. Without ``config``,
+    every value the tensors cannot tell is named in ``ConversionResult.assumed`` (and the model card) with its
+    effect. The converted model keeps the source's call convention (``return_dict=False``).
 
     Raises:
         ConversionError: anything that stops the conversion (bad checkpoint, config, keys, shapes, failed
@@ -332,21 +378,28 @@ def convert(
     """
     out = Path(out)
     try:
+        _check_out(out.absolute(), overwrite)
         files = resolve_checkpoint(checkpoint)
         prefix = prefix + "." if prefix and not prefix.endswith(".") else prefix
         select = _QuantizerKeys(prefix)
-        state = load_state_dict(checkpoint, progress=progress, allow_non_tensor=True, select=select)
-        if not state:
+        state = load_state_dict(checkpoint, progress=progress, allow_non_tensor=True, select=select,
+                                split_rules=split_rules)
+        if state:
+            found_prefix = find_prefix(state) if prefix is None else prefix
+            tensors = extract_submodule(state, found_prefix)
+        elif config is not None:  # maybe a quantizer without tensors: the config alone builds it
+            found_prefix, tensors = "", {}
+        else:
             raise select.nothing_found()
-        found_prefix = find_prefix(state) if prefix is None else prefix
-        tensors = extract_submodule(state, found_prefix)
-        reg, target, params, notes = _quantizer_spec(tensors, config, node)
+        reg, target, params, notes, assumed = _quantizer_spec(tensors, config, node)
         target_dtype = _target_dtype(dtype, tensors)
     except (ValueError, FileNotFoundError) as e:
         if isinstance(e, ConversionError):
             raise
         raise ConversionError(str(e)) from e
     model = _build(reg, params, tensors)
+    if not tensors and model.state_dict():
+        raise select.nothing_found()
     verification = verify(model, reg, params, tensors)
     model = model.to(target_dtype)
     digests = sha256_of(files, progress=progress)
@@ -359,13 +412,14 @@ def convert(
         "converter": CONVERTER,
         "verification": f"{verification['batches']} random batches ({verification['indices']} code indices)",
         "notes": notes,
+        "assumed": assumed,
         "sha256": digests,
         "license": license,
     }
     written = _write_atomically(model, out, source, push_to_hub, overwrite)
     result = ConversionResult(out=out, model=model, target=target, prefix=found_prefix, params=params,
                               notes=notes, sha256=digests, verification=verification, dtype=target_dtype,
-                              files=written)
+                              files=written, assumed=assumed)
     if push_to_hub:
         try:
             result.url = push_folder(out, push_to_hub, private=private)
@@ -380,9 +434,10 @@ def summary(result: ConversionResult) -> str:
     v = result.verification
     lines = [
         f"Converted {result.target} -> hf_vq.{type(m).__name__} ({sum(t.numel() for t in m.state_dict().values())} values, {result.dtype})",
-        f"  tensors under:  {result.prefix or '(no prefix)'}",
+        f"  tensors under:  {_prefix_text(result)}",
         f"  config:         {result.params}",
         *[f"  inferred:       {n}" for n in result.notes],
+        *[f"  assumed:        {a}" for a in result.assumed],
         f"  verified:       {v['batches']} batches, {v['indices']} indices identical"
         + (f" ({v['ties']} float32 ties)" if v["ties"] else "") + f", max |output diff| {v['max_abs_diff']:.2g}",
         *[f"  sha256:         {name} {digest}" for name, digest in result.sha256.items()],
@@ -391,6 +446,21 @@ def summary(result: ConversionResult) -> str:
     if result.url:
         lines.append(f"  pushed:         {result.url}")
     return "\n".join(lines)
+
+
+def _prefix_text(result: ConversionResult) -> str:
+    if not result.model.state_dict():
+        return "(none: the quantizer has no tensors; built from its config alone)"
+    return result.prefix or "(no prefix)"
+
+
+def _split_rule(text: str) -> tuple[str, tuple[int, int]]:
+    """``REGEX=DIM[,STRIDE]`` -> ``(regex, (dim, stride))``."""
+    regex, sep, spec = text.rpartition("=")
+    parts = spec.split(",")
+    if not sep or not regex or len(parts) > 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected REGEX=DIM or REGEX=DIM,STRIDE, got {text!r}")
+    return regex, (int(parts[0]), int(parts[1]) if len(parts) == 2 else 1)
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -406,6 +476,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--private", action="store_true", help="create the Hub repo private")
     parser.add_argument("--license", default="other", help="license field of the model card (default: other)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--split-rule", action="append", type=_split_rule, metavar="REGEX=DIM[,STRIDE]",
+                        help="how SAT split a model-parallel tensor its own rules do not cover (repeatable)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -415,7 +487,8 @@ def run(args: argparse.Namespace) -> int:
         with _quiet(args.quiet):
             result = convert(args.checkpoint, args.out, config=args.config, prefix=args.prefix, node=args.node,
                              dtype=args.dtype, push_to_hub=args.push_to_hub, private=args.private,
-                             overwrite=args.overwrite, license=args.license, progress=not args.quiet)
+                             overwrite=args.overwrite, license=args.license, progress=not args.quiet,
+                             split_rules=dict(args.split_rule or []))
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ which input layout it is verified. Three functions use it:
 from __future__ import annotations
 
 from collections.abc import Mapping
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +106,47 @@ def _activation_name(value) -> str:
     return str(value).lower()
 
 
+# The constructor parameters of the sgm / taming source classes (CogVideo sat/sgm regularizers and vqvae/quantize.py):
+# (required, optional). A parameter the source class does not take is rejected, as the source would reject it.
+_VQ_OPTIONAL = ("beta", "remap", "unknown_index", "sane_index_shape", "log_perplexity", "embedding_weight_norm",
+                "loss_key")
+SOURCE_SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "VectorQuantizer": (("n_e", "e_dim"), _VQ_OPTIONAL),
+    "EMAVectorQuantizer": (("n_embed", "embedding_dim", "beta"),
+                           ("decay", "eps", "remap", "unknown_index", "loss_key")),
+    "GumbelQuantizer": (("num_hiddens", "embedding_dim", "n_embed"),
+                        ("straight_through", "kl_weight", "temp_init", "remap", "unknown_index", "loss_key")),
+    "VectorQuantizerWithInputProjection": (("input_dim", "n_codes", "codebook_dim"), ("output_dim", *_VQ_OPTIONAL)),
+    "FSQ": (("levels",), ("dim", "num_codebooks", "keep_num_codebooks_dim", "scale")),
+    "LFQ": ((), ("dim", "codebook_size", "entropy_loss_weight", "commitment_loss_weight", "diversity_gamma",
+                 "straight_through_activation", "num_codebooks", "keep_num_codebooks_dim", "codebook_scale",
+                 "frac_per_sample_entropy")),
+    "VectorQuantizer2": (("n_e", "e_dim", "beta"), ("remap", "unknown_index", "sane_index_shape", "legacy")),
+    "GumbelQuantize": (("num_hiddens", "embedding_dim", "n_embed"),
+                       ("straight_through", "kl_weight", "temp_init", "use_vqinterface", "remap", "unknown_index")),
+}
+
+
+def check_source_params(target: str, reg: Regularizer, params: Mapping) -> None:
+    """Reject what the sgm / taming class named by ``target`` rejects: a parameter its constructor does not take,
+    or a required one that is missing (vqp and hf_vq targets are checked by the hf_vq config, which takes vqp
+    1.32's arguments)."""
+    module = str(target).rpartition(".")[0]
+    if not module.startswith(("sgm.", "taming.")) or reg.name not in SOURCE_SIGNATURES:
+        return
+    required, optional = SOURCE_SIGNATURES[reg.name]
+    source = f"{module}.{str(target).rpartition('.')[2]}"
+    unknown = sorted(set(params) - set(required) - set(optional))
+    if unknown:
+        raise ValueError(f"{source} takes no parameter(s) {unknown} (its parameters: {[*required, *optional]}); "
+                         "remove them from the config")
+    missing = [name for name in required if name not in params]
+    if missing:
+        raise ValueError(f"{source} requires the parameter(s) {missing}; add them to the config")
+    if reg.name == "LFQ" and params.get("dim") is None and params.get("codebook_size") is None:
+        raise ValueError(f"{source} requires dim or codebook_size")
+
+
 def config_from_target(target: str, params: Mapping, state_dict: Mapping[str, torch.Tensor]) -> tuple[Regularizer, dict]:
     """``(table entry, hf_vq config kwargs)`` for a quantizer node of an sgm/SAT YAML config.
 
@@ -112,9 +154,11 @@ def config_from_target(target: str, params: Mapping, state_dict: Mapping[str, to
     tensor, which hf_vq loads as a buffer, so the file is not needed.
 
     Raises:
-        ValueError: unsupported target, or a remap without a ``used`` tensor in the checkpoint.
+        ValueError: unsupported target, a parameter the source class rejects, or a remap without a ``used``
+            tensor in the checkpoint.
     """
     reg = resolve_target(target)
+    check_source_params(target, reg, params)
     kwargs = dict(params)
     if kwargs.get("remap") is not None:
         used = state_dict.get("used")
@@ -134,11 +178,56 @@ def _shape(sd: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
     return tuple(sd[key].shape)
 
 
-def _remap_kwargs(sd, notes: list[str]) -> dict:
+# What each value the tensors cannot tell changes, named in the CLI output and the model card when assumed.
+_EFFECTS = {
+    "unknown_index": "the index a code outside `used` gets ('extra': len(used), an int: that int)",
+    "codebook_scale": "the output codes are +-codebook_scale: another value scales every output by the ratio",
+    "num_codebooks": "how the bits split into codebooks per position (the shape and values of the indices)",
+    "sane_index_shape": "the indices' shape: flat (N,) when False, (b, h, w) when True",
+    "log_perplexity": "whether the log dict holds perplexity and cluster_usage",
+    "loss_key": "the log dict's key for the loss",
+    "kl_weight": "scales the returned KL loss",
+    "beta": "the commitment weight in the returned loss",
+    "temp_init": "the Gumbel-softmax temperature in training (eval samples are hard)",
+    "straight_through": "training gradients only",
+    "decay": "the EMA update speed in training",
+    "eps": "the Laplace smoothing of the EMA codebook in training",
+    "entropy_loss_weight": "training loss only (zero in eval)",
+    "commitment_loss_weight": "training loss only (zero in eval)",
+    "diversity_gamma": "training loss only (zero in eval)",
+    "frac_per_sample_entropy": "training loss only (zero in eval)",
+    "straight_through_activation": "training gradients only",
+    "commitment_weight": "training loss only (zero in eval)",
+    "quantization_loss_weight": "training loss only (zero in eval)",
+}
+
+
+class _Inference:
+    """Collects what inference read from the tensors (`notes`) and what it had to assume (`assumed`: each value
+    named with the source default it took and its effect); assumed values are written into the config."""
+
+    def __init__(self, name: str):
+        import hf_vq
+
+        self.name, self.kwargs, self.notes, self.assumed = name, {}, [], []
+        self._defaults = {}  # the config's defaults (the source's), the subclass's first
+        for klass in getattr(hf_vq, name).config_class.__mro__:
+            for key, param in inspect.signature(klass.__init__).parameters.items() if "__init__" in vars(klass) else ():
+                self._defaults.setdefault(key, param.default)
+
+    def assume(self, *fields: str) -> None:
+        for field in fields:
+            value = self._defaults[field]
+            self.kwargs[field] = value
+            self.assumed.append(f"{field}={value!r} (the source's default): {_EFFECTS[field]}")
+
+
+def _remap_kwargs(sd, inf: _Inference) -> None:
     if "used" not in sd:
-        return {}
-    notes.append("a 'used' tensor: remapped indices; unknown_index assumed 'random' (sgm's default)")
-    return {"remap": "used (from the checkpoint)", "remap_size": int(sd["used"].shape[0])}
+        return
+    inf.notes.append(f"a 'used' tensor: indices remapped to its {int(sd['used'].shape[0])} codes")
+    inf.kwargs.update(remap="used (from the checkpoint)", remap_size=int(sd["used"].shape[0]))
+    inf.assume("unknown_index")
 
 
 def _unit_rows(t: torch.Tensor) -> bool:
@@ -146,11 +235,11 @@ def _unit_rows(t: torch.Tensor) -> bool:
     return bool(torch.allclose(norms, torch.ones_like(norms), atol=1e-3))
 
 
-def _infer_vector_quantize(sd, notes) -> dict:
+def _infer_vector_quantize(sd, inf: _Inference) -> None:
     heads, size, cdim = _shape(sd, "_codebook.embed")
     dim = _shape(sd, "project_in.weight")[1] if "project_in.weight" in sd else cdim * heads
     cosine = _unit_rows(sd["_codebook.embed"])
-    notes.append(f"use_cosine_sim={cosine} (codebook rows {'are' if cosine else 'are not'} unit norm)")
+    inf.notes.append(f"use_cosine_sim={cosine} (codebook rows {'are' if cosine else 'are not'} unit norm)")
     kwargs = dict(dim=dim, codebook_size=size, use_cosine_sim=cosine)
     if cdim * heads != dim or heads > 1:
         kwargs["codebook_dim"] = cdim
@@ -158,83 +247,101 @@ def _infer_vector_quantize(sd, notes) -> dict:
         kwargs.update(heads=heads, separate_codebook_per_head=True)
     elif "project_in.weight" in sd and _shape(sd, "project_in.weight")[0] != cdim:
         kwargs["heads"] = _shape(sd, "project_in.weight")[0] // cdim
-        notes.append(f"heads={kwargs['heads']} sharing one codebook (projection width / codebook dim)")
+        inf.notes.append(f"heads={kwargs['heads']} sharing one codebook (projection width / codebook dim)")
     if "_codebook.batch_mean" in sd:
         kwargs["affine_param"] = True
-    notes.append("training options (decay, dead-code threshold, commitment weight) are vqp defaults")
-    return kwargs
+    inf.kwargs.update(kwargs)
+    inf.assume("decay", "eps", "commitment_weight")
 
 
-def _infer_latent_quantize(sd, notes) -> dict:
+def _infer_latent_quantize(sd, inf: _Inference) -> None:
     keys = sorted((k for k in sd if k.startswith("values_per_latent.")), key=lambda k: int(k.rsplit(".", 1)[1]))
     levels = [int(sd[k].shape[0]) for k in keys]
-    kwargs = dict(levels=levels, dim=_shape(sd, "project_in.weight")[1] if "project_in.weight" in sd else len(levels))
-    notes.append("loss weights are vqp defaults")
-    return kwargs
+    dim = _shape(sd, "project_in.weight")[1] if "project_in.weight" in sd else len(levels)
+    inf.kwargs.update(levels=levels, dim=dim)
+    inf.assume("commitment_loss_weight", "quantization_loss_weight")
 
 
-def _infer_lfq(sd, notes) -> dict:
+def _infer_lfq(sd, inf: _Inference) -> None:
     bits = _shape(sd, "mask")[0]
     if "project_in.weight" in sd:
         width, dim = _shape(sd, "project_in.weight")
-        num_codebooks = width // bits
+        inf.kwargs.update(dim=dim, codebook_size=2**bits, num_codebooks=width // bits)
     else:
-        dim, num_codebooks = bits, 1
-        notes.append("no projections: num_codebooks assumed 1")
-    notes.append("loss weights are sgm defaults")
-    return dict(dim=dim, codebook_size=2**bits, num_codebooks=num_codebooks)
+        inf.kwargs.update(dim=bits, codebook_size=2**bits)
+        inf.assume("num_codebooks")
+    inf.assume("codebook_scale", "entropy_loss_weight", "commitment_loss_weight", "diversity_gamma",
+               "frac_per_sample_entropy", "straight_through_activation")
 
 
-def infer_from_state_dict(sd: Mapping[str, torch.Tensor]) -> tuple[Regularizer, dict, list[str]]:
-    """Guess ``(table entry, config kwargs, notes)`` from a quantizer's tensors (prefix already stripped).
+def _infer_sgm(name: str, sd, keys: set) -> _Inference:
+    """The sgm classes, told apart by their tensor names."""
+    inf = _Inference(name)
+    if name == "VectorQuantizer":
+        n_e, e_dim = _shape(sd, "embedding.weight_v" if "embedding.weight_v" in keys else "embedding.weight")
+        inf.kwargs.update(n_e=n_e, e_dim=e_dim, embedding_weight_norm="embedding.weight_v" in keys)
+        inf.notes.append("sgm VectorQuantizer (taming's VectorQuantizer2 has the same tensors; its legacy flag only "
+                         "changes the training loss)")
+        inf.assume("beta", "sane_index_shape", "log_perplexity", "loss_key")
+    elif name == "EMAVectorQuantizer":
+        n, d = _shape(sd, "embedding.weight")
+        inf.kwargs.update(n_embed=n, embedding_dim=d)
+        inf.assume("beta", "decay", "eps", "loss_key")
+    elif name == "VectorQuantizerWithInputProjection":
+        n, d = _shape(sd, "embedding.weight")
+        inf.kwargs.update(input_dim=_shape(sd, "proj_in.weight")[1], n_codes=n, codebook_dim=d)
+        if "proj_out.weight" in keys:
+            inf.kwargs["output_dim"] = _shape(sd, "proj_out.weight")[0]
+        inf.assume("beta", "sane_index_shape", "log_perplexity", "loss_key")
+    else:  # GumbelQuantizer
+        n, d = _shape(sd, "embed.weight")
+        inf.kwargs.update(num_hiddens=_shape(sd, "proj.weight")[1], embedding_dim=d, n_embed=n)
+        inf.notes.append("sgm GumbelQuantizer (taming's GumbelQuantize has the same tensors)")
+        inf.assume("kl_weight", "temp_init", "straight_through", "loss_key")
+    return inf
 
-    The notes say what was read from shapes and what was assumed (loss weights, flags that leave no trace in
-    the weights). FSQ has no tensors that give its levels, so it needs a config.
+
+def _sgm_class(keys: set) -> str | None:
+    if {"embedding.weight_g", "embedding.weight_v"} <= keys or keys - {"used"} == {"embedding.weight"}:
+        return "VectorQuantizer"
+    if {"embedding.weight", "embedding.cluster_size", "embedding.embed_avg"} <= keys:
+        return "EMAVectorQuantizer"
+    if {"embedding.weight", "proj_in.weight"} <= keys:
+        return "VectorQuantizerWithInputProjection"
+    if {"proj.weight", "embed.weight"} <= keys:
+        return "GumbelQuantizer"
+    return None
+
+
+def infer_from_state_dict(sd: Mapping[str, torch.Tensor]) -> tuple[Regularizer, dict, list[str], list[str]]:
+    """Guess ``(table entry, config kwargs, notes, assumed)`` from a quantizer's tensors (prefix stripped).
+
+    ``notes`` say what was read from names and shapes; ``assumed`` names every value the tensors cannot tell
+    (the source's default is taken and written into the config) with its effect. FSQ has no tensors that give
+    its levels, so it needs a config.
 
     Raises:
         ValueError: no rule matches (the message lists the keys and asks for ``--config``).
     """
-    notes: list[str] = []
     keys = set(sd)
     if "_codebook.embed" in keys:
-        name, kwargs = "VectorQuantize", _infer_vector_quantize(sd, notes)
+        inf = _Inference("VectorQuantize")
+        _infer_vector_quantize(sd, inf)
     elif any(k.startswith("values_per_latent.") for k in keys):
-        name, kwargs = "LatentQuantize", _infer_latent_quantize(sd, notes)
+        inf = _Inference("LatentQuantize")
+        _infer_latent_quantize(sd, inf)
     elif "mask" in keys:
-        name, kwargs = "LFQ", _infer_lfq(sd, notes)
-    elif {"embedding.weight_g", "embedding.weight_v"} <= keys:
-        n_e, e_dim = _shape(sd, "embedding.weight_v")
-        name, kwargs = "VectorQuantizer", dict(n_e=n_e, e_dim=e_dim, embedding_weight_norm=True)
-        notes.append("beta assumed 0.25 (sgm's default)")
-    elif {"embedding.weight", "embedding.cluster_size", "embedding.embed_avg"} <= keys:
-        n, d = _shape(sd, "embedding.weight")
-        name, kwargs = "EMAVectorQuantizer", dict(n_embed=n, embedding_dim=d, beta=0.25)
-        notes.append("beta assumed 0.25; decay 0.99 and eps 1e-5 are sgm's defaults")
-    elif {"embedding.weight", "proj_in.weight"} <= keys:
-        n, d = _shape(sd, "embedding.weight")
-        kwargs = dict(input_dim=_shape(sd, "proj_in.weight")[1], n_codes=n, codebook_dim=d)
-        if "proj_out.weight" in keys:
-            kwargs["output_dim"] = _shape(sd, "proj_out.weight")[0]
-        name = "VectorQuantizerWithInputProjection"
-        notes.append("beta assumed 1.0 (sgm's default)")
-    elif {"proj.weight", "embed.weight"} <= keys:
-        n, d = _shape(sd, "embed.weight")
-        name = "GumbelQuantizer"
-        kwargs = dict(num_hiddens=_shape(sd, "proj.weight")[1], embedding_dim=d, n_embed=n)
-        notes.append("sgm GumbelQuantizer (taming's GumbelQuantize has the same tensors); kl_weight, temp_init "
-                     "and straight_through are sgm's defaults")
-    elif keys - {"used"} == {"embedding.weight"}:
-        n_e, e_dim = _shape(sd, "embedding.weight")
-        name, kwargs = "VectorQuantizer", dict(n_e=n_e, e_dim=e_dim)
-        notes.append("sgm VectorQuantizer (VectorQuantizer2 has the same tensors; its legacy flag only changes the "
-                     "training loss); beta assumed 0.25")
+        inf = _Inference("LFQ")
+        _infer_lfq(sd, inf)
+    elif (name := _sgm_class(keys)) is not None:
+        inf = _infer_sgm(name, sd, keys)
     else:
         raise ValueError(
             f"cannot infer the quantizer type from its tensors {sorted(keys)[:20]}: pass --config with the sgm "
             "YAML (FSQ, for one, keeps its levels only in the config)"
         )
-    kwargs.update(_remap_kwargs(sd, notes))
-    return REGULARIZERS[name], kwargs, notes
+    _remap_kwargs(sd, inf)
+    return REGULARIZERS[inf.name], inf.kwargs, inf.notes, inf.assumed
 
 
 # --------------------------------------------------------------------------------------------------

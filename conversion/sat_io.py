@@ -362,8 +362,8 @@ def merge_model_parallel(
             rule = next((v for pat, v in rules if re.search(pat, key)), None)
             if rule is None:
                 raise ValueError(
-                    f"{key!r} differs across model-parallel ranks but matches no split rule; pass "
-                    "split_rules={regex: (dim, stride)} to say how SAT split it"
+                    f"{key!r} differs across model-parallel ranks but matches no split rule; say how SAT split it "
+                    "with --split-rule 'REGEX=DIM[,STRIDE]' (split_rules={regex: (dim, stride)} in Python)"
                 )
             dim, stride = rule
             if parts[0].dim() <= dim:
@@ -415,7 +415,8 @@ def find_prefix(state_dict: Mapping[str, Any], module_names: Iterable[str] = QUA
         )
     if len(found) > 1:
         listing = ", ".join(f"{p!r} ({n} keys)" for p, n in sorted(found.items()))
-        raise ValueError(f"several candidate quantizer prefixes: {listing}; pass the one to convert as prefix=")
+        raise ValueError(f"several candidate quantizer prefixes: {listing}; pass the one to convert with --prefix "
+                         "(prefix= in Python)")
     return next(iter(found))
 
 
@@ -466,13 +467,23 @@ def _load_config(cfg: Any) -> Any:
         import yaml
 
         with open(cfg) as fh:
-            return yaml.safe_load(fh)
+            try:
+                return yaml.safe_load(fh)
+            except yaml.YAMLError as e:
+                raise ValueError(f"{cfg}: not valid YAML: {_yaml_problem(e)}") from None
     if isinstance(cfg, Sequence):  # several --base files, merged like OmegaConf.merge (later wins)
         merged: dict = {}
         for c in cfg:
             merged = _deep_merge(merged, _load_config(c) or {})
         return merged
     raise TypeError(f"expected a YAML path, a dict or a list of them, got {type(cfg).__name__}")
+
+
+def _yaml_problem(e: Exception) -> str:
+    """PyYAML's error as one line with a 1-based line and column."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def _deep_merge(a: Mapping, b: Mapping) -> dict:
@@ -554,7 +565,8 @@ def find_regularizer_config(config: Any, node_path: str | None = None) -> tuple[
             "taming-style VQModel params (n_embed, embed_dim)"
         )
     if len(nodes) > 1:
-        raise ValueError(f"several quantizer configs found: {sorted(nodes)}; choose one with node_path=")
+        raise ValueError(f"several quantizer configs found: {sorted(nodes)}; choose one with --node "
+                         "(node_path= in Python)")
     return next(iter(nodes.values()))
 
 

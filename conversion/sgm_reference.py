@@ -10,6 +10,10 @@ quantizer's tensors with the prefix stripped, an input in the seed's layout) and
 :class:`Reference`: the output, the flat indices (row-major over the positions, then codebooks/heads), and for
 nearest-code searches the relative float64 distance gap to the runner-up code, so that a true tie (a gap at
 float32 rounding level) is not reported as a mismatch.
+
+:func:`reference_call` gives what the source module itself returns when sgm code calls it (``z_q, log =
+q(z)`` with sgm's log dict keys, taming's ``(z_q, loss, (None, None, indices))``, FSQ's ``(out, indices)``,
+LFQ's and vqp's ``(quantized, indices, aux_loss)``), eval mode, built from the same reference forward.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["REFERENCES", "Reference", "reference_forward"]
+__all__ = ["CALLS", "REFERENCES", "Reference", "reference_call", "reference_forward"]
 
 
 @dataclass
@@ -108,6 +112,11 @@ def vector_quantizer_with_input_projection(params, tensors, x: Tensor) -> Refere
 def gumbel_quantizer(params, tensors, x: Tensor) -> Reference:
     """Eval (hard) Gumbel-softmax: argmax of `logits + g`, g = -log(Exp(1)) drawn as torch's `gumbel_softmax`
     draws it; the caller seeds the RNG identically for the model and for this function."""
+    return _gumbel(params, tensors, x)[0]
+
+
+def _gumbel(params, tensors, x: Tensor) -> tuple[Reference, Tensor, Tensor]:
+    """(reference, logits over the codes in use, chosen code before the remap `(b, h, w)`)."""
     logits = F.conv2d(x, tensors["proj.weight"], tensors.get("proj.bias"))
     if params.get("remap") is not None:
         logits = logits[:, tensors["used"].long()]
@@ -115,7 +124,7 @@ def gumbel_quantizer(params, tensors, x: Tensor) -> Reference:
     choice = (logits + gumbels).argmax(1)  # the softmax with temperature keeps the argmax
     full = tensors["used"].long()[choice] if params.get("remap") is not None else choice
     out = tensors["embed.weight"].float()[full].movedim(-1, 1)
-    return Reference(out, _remap(full.reshape(-1), params, tensors))
+    return Reference(out, _remap(full.reshape(-1), params, tensors)), logits, full
 
 
 def fsq(params, tensors, x: Tensor) -> Reference:
@@ -232,3 +241,134 @@ def reference_forward(name: str, params: Mapping, tensors: Mapping[str, Tensor],
     tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     with torch.no_grad():
         return REFERENCES[name](params, tensors, x.float())
+
+
+# --------------------------------------------------------------------------------------------------
+# The source modules' return values (eval mode), as sgm / taming / vqp code receives them
+
+
+def _perplexity(indices: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """sgm's `measure_perplexity`: exp of the entropy of the code frequencies, and the number of codes used."""
+    probs = F.one_hot(indices.reshape(-1), n).float().mean(0)
+    return (-(probs * torch.log(probs + 1e-10)).sum()).exp(), (probs > 0).sum()
+
+
+def _vq_log(params, z: Tensor, codebook: Tensor, flat: Tensor, beta_default: float) -> dict:
+    """sgm `VectorQuantizer`'s log dict for channel-last `z` and its remapped flat indices `flat`."""
+    raw, _ = _nearest(z.reshape(-1, codebook.shape[1]), codebook)
+    beta = float(params.get("beta", beta_default))
+    loss = (1 + beta) * ((codebook[raw].reshape(z.shape) - z) ** 2).mean()  # both terms are one mse in eval
+    log = {}
+    if params.get("log_perplexity", False):
+        log["perplexity"], log["cluster_usage"] = _perplexity(raw, codebook.shape[0])
+    indices = flat.reshape(-1, 1) if params.get("remap") is not None else flat
+    if params.get("sane_index_shape", False):
+        indices = indices.reshape(z.shape[:-1]) if z.ndim == 4 else indices.reshape(z.shape[0], -1)
+    log[params.get("loss_key", "loss/vq")] = loss
+    log["min_encoding_indices"] = indices
+    return log
+
+
+def vector_quantizer_call(params, tensors, x: Tensor) -> tuple:
+    ref = vector_quantizer(params, tensors, x)
+    e = _weight_normed(tensors) if "embedding.weight_v" in tensors else tensors["embedding.weight"].float()
+    return ref.output, _vq_log(params, _channels_last(x), e, ref.indices, 0.25)
+
+
+def vector_quantizer2_call(params, tensors, x: Tensor) -> tuple:
+    z_q, log = vector_quantizer_call({**params, "log_perplexity": False}, tensors, x)
+    return z_q, log.pop(params.get("loss_key", "loss/vq")), (None, None, log["min_encoding_indices"])
+
+
+def ema_vector_quantizer_call(params, tensors, x: Tensor) -> tuple:
+    ref = ema_vector_quantizer(params, tensors, x)
+    e = tensors["embedding.weight"].float()
+    encodings = F.one_hot(ref.indices, e.shape[0]).to(x.dtype)
+    loss = float(params["beta"]) * ((ref.output - x) ** 2).mean()
+    return ref.output, {params.get("loss_key", "loss/vq"): loss, "encodings": encodings,
+                        "encoding_indices": ref.indices, "perplexity": _perplexity(ref.indices, e.shape[0])[0]}
+
+
+def vector_quantizer_with_input_projection_call(params, tensors, x: Tensor) -> tuple:
+    ref = vector_quantizer_with_input_projection(params, tensors, x)
+    z = _linear(x.flatten(2).transpose(1, 2) if x.ndim > 3 else x, tensors, "proj_in")
+    return ref.output, _vq_log(params, z, tensors["embedding.weight"].float(), ref.indices, 1.0)
+
+
+def _gumbel_loss(params, logits: Tensor) -> Tensor:
+    qy = F.softmax(logits, dim=1)
+    n = int(params["n_embed"])
+    return float(params.get("kl_weight", 5e-4)) * torch.sum(qy * torch.log(qy * n + 1e-10), dim=1).mean()
+
+
+def gumbel_quantizer_call(params, tensors, x: Tensor) -> tuple:
+    ref, logits, full = _gumbel(params, tensors, x)
+    return ref.output, {params.get("loss_key", "loss/vq"): _gumbel_loss(params, logits), "indices": full}
+
+
+def gumbel_quantize_call(params, tensors, x: Tensor) -> tuple:
+    ref, logits, full = _gumbel(params, tensors, x)
+    indices = ref.indices.reshape(full.shape)
+    if params.get("use_vqinterface", True):
+        return ref.output, _gumbel_loss(params, logits), (None, None, indices)
+    return ref.output, _gumbel_loss(params, logits), indices
+
+
+def _code_indices(flat: Tensor, x: Tensor, codebooks: int, keep: bool | None, image: bool) -> Tensor:
+    """`(b, *positions[, codebooks])`: the codebook axis is kept when there are several (or when asked)."""
+    positions = tuple(x.shape[2:]) if image else tuple(x.shape[1:-1])
+    keep = codebooks > 1 if keep is None else keep
+    return flat.reshape(x.shape[0], *positions, *((codebooks,) if keep else ()))
+
+
+def fsq_call(params, tensors, x: Tensor) -> tuple:
+    ref = fsq(params, tensors, x)
+    codebooks = int(params.get("num_codebooks", 1))
+    return ref.output, _code_indices(ref.indices, x, codebooks, params.get("keep_num_codebooks_dim"), x.ndim >= 4)
+
+
+def lfq_call(params, tensors, x: Tensor) -> tuple:
+    ref = lfq(params, tensors, x)
+    codebooks = int(params.get("num_codebooks", 1))
+    indices = _code_indices(ref.indices, x, codebooks, params.get("keep_num_codebooks_dim"), x.ndim >= 4)
+    return ref.output, indices, torch.tensor(0.0)  # the auxiliary losses are zero in eval
+
+
+def vector_quantize_call(params, tensors, x: Tensor) -> tuple:
+    ref = vector_quantize(params, tensors, x)
+    heads = int(params.get("heads", 1))
+    image = bool(params.get("accept_image_fmap", False) or params.get("accept_3d_fmap", False))
+    if image:
+        positions = tuple(x.shape[2:])
+    else:
+        positions = (x.shape[2],) if not params.get("channel_last", True) else (x.shape[1],)
+    indices = ref.indices.reshape(x.shape[0], *positions, *((heads,) if heads > 1 else ()))
+    return ref.output, indices, torch.tensor(0.0)
+
+
+def latent_quantize_call(params, tensors, x: Tensor) -> tuple:
+    ref = latent_quantize(params, tensors, x)
+    codebooks = int(params.get("num_codebooks", 1))
+    indices = _code_indices(ref.indices, x, codebooks, params.get("keep_num_codebooks_dim"), False)
+    return ref.output, indices, torch.tensor(0.0)
+
+
+CALLS: dict[str, Callable[[Mapping, Mapping[str, Tensor], Tensor], tuple]] = {
+    "VectorQuantizer": vector_quantizer_call,
+    "VectorQuantizer2": vector_quantizer2_call,
+    "EMAVectorQuantizer": ema_vector_quantizer_call,
+    "VectorQuantizerWithInputProjection": vector_quantizer_with_input_projection_call,
+    "GumbelQuantizer": gumbel_quantizer_call,
+    "GumbelQuantize": gumbel_quantize_call,
+    "FSQ": fsq_call,
+    "LFQ": lfq_call,
+    "LatentQuantize": latent_quantize_call,
+    "VectorQuantize": vector_quantize_call,
+}
+
+
+def reference_call(name: str, params: Mapping, tensors: Mapping[str, Tensor], x: Tensor) -> tuple:
+    """What the source class ``name`` returns for ``q(x)`` in eval mode (remapped random indices are -1)."""
+    tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    with torch.no_grad():
+        return CALLS[name](params, tensors, x.float())

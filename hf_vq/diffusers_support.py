@@ -47,8 +47,10 @@ class DiffusersQuantizer(PretrainedIOMixin, ModelMixin, ConfigMixin):
 
     @classmethod
     def from_quantizer(cls, quantizer: QuantizerModel) -> "DiffusersQuantizer":
-        """Wrap an existing quantizer, copying its full state (parameters and running buffers)."""
-        wrapper = cls(type(quantizer).__name__, quantizer.config.to_kwargs())
+        """Wrap an existing quantizer, copying its full state (parameters and running buffers) and its call
+        convention (`return_dict`: a converted model keeps returning what its source returns)."""
+        config = {**quantizer.config.to_kwargs(), "return_dict": quantizer.config.return_dict}
+        wrapper = cls(type(quantizer).__name__, config)
         wrapper.quantizer.load_state_dict(quantizer.state_dict())
         return wrapper.to(quantizer.device)
 

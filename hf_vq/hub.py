@@ -82,7 +82,7 @@ def render_model_card(model, repo_id: str | None = None, source: dict | None = N
     )
 
 
-# transformers' push_to_hub puts this generic card in place of ours (see `QuantizerModel._upload_modified_files`)
+# transformers' generic card (a folder saved by transformers itself may hold it): ours replaces it
 _TRANSFORMERS_DEFAULT = "This model card has been automatically generated."
 
 
@@ -90,16 +90,52 @@ def _replaceable(text: str) -> bool:
     return MARKER in text or _TRANSFORMERS_DEFAULT in text
 
 
-def write_model_card(model, folder: str | os.PathLike, repo_id: str | None = None, source: dict | None = None) -> None:
+def write_model_card(model, folder: str | os.PathLike, repo_id: str | None = None, source: dict | None = None,
+                     tags: list[str] | None = None) -> None:
     """Write hf_vq's README.md into `folder`, unless a README that neither hf_vq nor transformers generated is
-    already there (a user's own card is kept). Tags of a replaced card (`push_to_hub(tags=...)`) are kept."""
+    already there (a user's own card is kept). `tags` and the tags of a replaced card are added."""
     path = Path(folder) / "README.md"
-    extra_tags = []
+    extra_tags = list(tags or [])
     if path.exists():
         text = path.read_text(errors="ignore")
         if not _replaceable(text):
             return
-        extra_tags = [t for t in (ModelCard(text, ignore_metadata_errors=True).data.tags or []) if t != "transformers"]
+        extra_tags += [t for t in (ModelCard(text, ignore_metadata_errors=True).data.tags or []) if t != "transformers"]
     card = render_model_card(model, repo_id or str(folder), source=source)
     card.data.tags += [t for t in extra_tags if t not in card.data.tags]
     card.save(path)
+
+
+def _hub_card_is_users(repo_id: str, revision: str | None, token) -> bool:
+    """True when the repo already has a README.md that neither hf_vq nor transformers generated."""
+    from huggingface_hub import file_exists, hf_hub_download
+
+    if not file_exists(repo_id, "README.md", revision=revision, token=token):
+        return False
+    text = Path(hf_hub_download(repo_id, "README.md", revision=revision, token=token, force_download=True)).read_text(
+        errors="ignore")
+    return not _replaceable(text)
+
+
+def push_model_to_hub(model, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
+                      private: bool | None = None, token=None, revision: str | None = None, create_pr: bool = False,
+                      tags: list[str] | None = None, save_kwargs: dict | None = None):
+    """`model.push_to_hub`: `save_pretrained` into a temporary folder, our card naming `repo_id` (with `tags`),
+    then `create_repo` + `upload_folder` (public huggingface_hub API). A user's own card on the Hub is kept.
+    Returns the upload's `CommitInfo`."""
+    import tempfile
+
+    from huggingface_hub import create_branch, create_repo, upload_folder
+
+    repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    if revision is not None and not create_pr:
+        create_branch(repo_id, branch=revision, token=token, exist_ok=True)
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder, **(save_kwargs or {}))
+        card = Path(folder) / "README.md"
+        card.unlink(missing_ok=True)  # rendered for the local folder: render it again for the repo
+        if not _hub_card_is_users(repo_id, revision, token):
+            write_model_card(model, folder, repo_id, tags=tags)
+        return upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message or
+                             f"Upload {type(model).__name__}", commit_description=commit_description, token=token,
+                             revision=revision, create_pr=create_pr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -52,6 +53,7 @@ class QuantizerConfig(PretrainedConfig):
 
     def __init__(self, check_inputs: bool = True, **kwargs):
         self.check_inputs = bool(check_inputs)
+        check_model_type(type(self), kwargs.get("model_type"))
         unknown = sorted(k for k in kwargs if k not in _HF_CONFIG_KEYS and not k.startswith("_"))
         if unknown:
             raise ValueError(
@@ -78,6 +80,31 @@ class QuantizerConfig(PretrainedConfig):
                     if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n not in names
                 ]
         return names
+
+    # Fields whose absence from a saved config.json cannot change what the model computes.
+    optional_fields: ClassVar[tuple[str, ...]] = ("check_inputs",)
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """What `save_pretrained` writes: every hyper-parameter (and `return_dict`), not only those that differ
+        from a default, so a config.json states the whole model and a default changed later cannot alter it."""
+        diff = super().to_diff_dict()
+        full = self.to_dict()
+        for name in [*self.field_names(), "return_dict"]:
+            diff[name] = full.get(name, getattr(self, name))
+        return diff
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs):
+        """Build the config from a saved config.json dict; one of another quantizer (`model_type`), or one that
+        lacks a field which decides what the model computes, is a `ValueError` naming it."""
+        check_model_type(cls, config_dict.get("model_type"))
+        if "model_type" in config_dict:  # a saved config (save_pretrained / to_dict), not hand-written kwargs
+            missing = [n for n in cls.field_names() if n not in config_dict and n not in cls.optional_fields
+                       and n not in kwargs]
+            if missing:
+                raise ValueError(f"config.json of {cls.__name__} lacks the field(s) {missing}: they decide what the "
+                                 "model computes, so they are not filled in with defaults; add them to config.json")
+        return super().from_dict(config_dict, **kwargs)
 
     def to_kwargs(self) -> dict[str, Any]:
         """The quantizer's hyper-parameters as plain kwargs: `type(config)(**config.to_kwargs())` rebuilds it."""
@@ -106,20 +133,61 @@ class QuantizerOutput(FastModelOutput):
 
 
 class PretrainedIOMixin:
-    """`from_pretrained` / `save_pretrained` additions shared by the transformers and diffusers faces:
-    rebuild derived buffers after a (meta-device) load, and give stateless quantizers a weights file."""
+    """`from_pretrained` / `save_pretrained` additions shared by the transformers and diffusers faces: a
+    quantizer loads exactly or not at all (a missing, unexpected or mis-shaped tensor is an error naming the key
+    and both shapes, where the frameworks only log it), derived buffers are rebuilt after a (meta-device) load,
+    stateless quantizers get a weights file, and a file in place of the target folder is an error."""
 
     weights_name: ClassVar[str] = SAFE_WEIGHTS_NAME
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        wants_info = kwargs.pop("output_loading_info", False)
+        tolerate_shapes = kwargs.pop("ignore_mismatched_sizes", False)
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                                  ignore_mismatched_sizes=True, **kwargs)
+        except OSError as e:
+            raise offline_error(pretrained_model_name_or_path, e) or e
+        check_loading_info(model, info, pretrained_model_name_or_path, tolerate_shapes)
         rebuild_derived_buffers(model)
-        return model
+        return (model, info) if wants_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_pretrained: {save_directory!r} is a file; pass a folder to save the model into")
         super().save_pretrained(save_directory, *args, **kwargs)
         write_empty_weights_if_stateless(self, os.path.join(save_directory, self.weights_name))
+
+
+def check_loading_info(model: torch.nn.Module, info: dict, source, tolerate_shapes: bool = False) -> None:
+    """Raise `ValueError` for every tensor that `from_pretrained` did not load exactly (transformers and
+    diffusers initialize it afresh and only log a report): missing and unexpected keys, and shape mismatches
+    unless the caller passed `ignore_mismatched_sizes=True`."""
+    expected = model.state_dict()
+    problems = [f"{key!r} is missing from the weights file (the model expects shape {tuple(expected[key].shape)})"
+                for key in sorted(info.get("missing_keys") or ())]
+    problems += [f"{key!r} in the weights file is not a tensor of {type(model).__name__}"
+                 for key in sorted(info.get("unexpected_keys") or ())]
+    if not tolerate_shapes:
+        problems += [f"{key!r} has shape {tuple(found)} in the weights file, the model expects {tuple(wanted)}"
+                     for key, found, wanted in sorted(info.get("mismatched_keys") or (), key=lambda m: m[0])]
+    problems += [str(msg) for msg in info.get("error_msgs") or ()]
+    if problems:
+        raise ValueError(f"cannot load {type(model).__name__} from {str(source)!r} exactly: " + "; ".join(problems))
+
+
+def offline_error(source, error: OSError) -> OSError | None:
+    """A clear error for a Hub repo id that is not in the local cache while the Hub is offline (`HF_HUB_OFFLINE`);
+    None when that is not the situation."""
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    if not offline or os.path.exists(str(source)) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(source)):
+        return None  # online, or a local path: the framework's own message says what is wrong
+    return OSError(f"cannot load {str(source)!r}: the Hugging Face Hub is offline (HF_HUB_OFFLINE=1) and this repo "
+                   f"is not in the local cache ({constants.HF_HUB_CACHE}). Download it once while online, or pass a "
+                   f"local folder. ({error})")
 
 
 class QuantizerModel(PretrainedIOMixin, PreTrainedModel):
@@ -173,13 +241,17 @@ class QuantizerModel(PretrainedIOMixin, PreTrainedModel):
         if kwargs.get("is_main_process", True):
             write_model_card(self, save_directory)
 
-    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
-        # transformers' push_to_hub writes its generic card (or the Hub's) after save_pretrained: ours wins over
-        # the generic one, a user's own card on the Hub is kept
-        from .hub import write_model_card
+    def push_to_hub(self, repo_id: str, commit_message: str | None = None, commit_description: str | None = None,
+                    private: bool | None = None, token: str | bool | None = None, revision: str | None = None,
+                    create_pr: bool = False, tags: list[str] | None = None, **save_kwargs):
+        """Save into a temporary folder with hf_vq's model card (naming `repo_id`, with `tags` added) and upload
+        it with `huggingface_hub.upload_folder`; a card on the Hub that hf_vq did not write is kept.
+        Returns the `CommitInfo` of the upload. `save_kwargs` go to `save_pretrained`."""
+        from .hub import push_model_to_hub
 
-        write_model_card(self, working_dir, repo_id)
-        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
+        return push_model_to_hub(self, repo_id, commit_message=commit_message, commit_description=commit_description,
+                                 private=private, token=token, revision=revision, create_pr=create_pr, tags=tags,
+                                 save_kwargs=save_kwargs)
 
     def example_input_shape(self) -> tuple[int, ...]:
         """A valid input shape for this quantizer (used by the model card's usage snippet)."""
@@ -217,6 +289,18 @@ def rebuild_derived_buffers(module: torch.nn.Module) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # registration
+
+
+def check_model_type(config_cls: type, model_type: str | None) -> None:
+    """A config.json whose `model_type` belongs to another quantizer cannot build `config_cls`: say so."""
+    own = getattr(config_cls, "model_type", None)
+    if model_type is None or model_type == own or own == QuantizerConfig.model_type:
+        return
+    other = QUANTIZER_CLASSES.get(model_type)
+    owner = f"{other.config_class.__name__} ({other.__name__})" if other is not None else "no hf_vq quantizer"
+    raise ValueError(f"config.json has model_type {model_type!r}, which belongs to {owner}, not to "
+                     f"{config_cls.__name__} (model_type {own!r}); load it with "
+                     f"{other.__name__ if other is not None else 'the class it was saved from'} or AutoModel")
 
 
 QUANTIZER_CLASSES: dict[str, type[QuantizerModel]] = {}

@@ -210,6 +210,13 @@ def test_errors():
     assert all(torch.equal(v, before[k]) for k, v in ema.state_dict().items())
     with pytest.raises(ValueError, match=r"indices must be in \[0, 16\)"):
         q.get_codebook_entry(torch.tensor([16]))
+    # float indices (1.7) are rejected, never truncated to 1 nor left to a raw torch error
+    with pytest.raises(ValueError, match="indices must be an integer tensor, got dtype torch.float32"):
+        q.get_codebook_entry(torch.tensor([1.7, 2.0]))
+    with pytest.raises(ValueError, match="indices must be an integer tensor"):
+        hf_vq.VectorQuantizer(16, 4, remap=None).get_codebook_entry(torch.tensor([1.7]), (1, 1, 1, 4))
+    with pytest.raises(ValueError, match="indices must be an integer tensor"):
+        hf_vq.GumbelQuantizer(8, 4, 16).get_codebook_entry(torch.full((4,), 1.7), (1, 2, 2, 4))
     with pytest.raises(ValueError, match="expected \\(b, 8, h, w\\) input"):
         hf_vq.GumbelQuantizer(8, 4, 16)(torch.randn(2, 8, 3))
 

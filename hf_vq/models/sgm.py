@@ -3,17 +3,13 @@
 Constructor arguments (positional order too), state-dict keys and return conventions follow CogVideo's
 `sat/sgm/modules/autoencoding/regularizers/quantize.py` and `sat/sgm/modules/autoencoding/vqvae/quantize.py`,
 so an sgm/SAT YAML `params:` dict passes straight in and `load_state_dict` of sgm weights works unchanged.
-Called as sgm calls them, they return sgm's tuple (`z_q, log_dict = q(z)`, or taming's
-`z_q, loss, (perplexity, min_encodings, indices)`); `return_dict=True` gives a ModelOutput instead. They are
-also regular hf_vq models: configs, Auto registration, exact save/load.
-
-Differences from the seed, by design: the nearest code comes from `hf_vq.ops.nearest` (bounded memory);
-N x K one-hots are never built, so `EMAVectorQuantizer`'s log dict has no `encodings` entry and
-`VectorQuantizer2`'s `min_encodings` is always `None` (as diffusers' VectorQuantizer returns it; the indices
-carry the same information). The outputs keep the input's dtype. With `embedding_weight_norm`, the search
-uses the current weight-normalized codebook (sgm reads the `weight` the hook computed on the previous call).
-`EMAVectorQuantizer` sums its EMA statistics over processes when a process group is up (`sync_codebook`).
-Gumbel's `(b, n_embed, h, w)` soft one-hot is the relaxation itself (a distribution over codes), kept as sgm.
+Called as sgm calls them, they return upstream's tuple with upstream's log keys (`z_q, log_dict = q(z)`, or
+taming's `z_q, loss, (None, None, indices)`; EMA's N x K `encodings` one-hot is built for that tuple only);
+`return_dict=True` gives a ModelOutput. They are also regular hf_vq models: configs, Auto registration, exact
+save/load. The nearest code comes from `hf_vq.ops.nearest` (bounded memory); outputs keep the input's dtype.
+With `embedding_weight_norm`, the search uses the current weight-normalized codebook (sgm reads the `weight`
+the hook computed on the previous call). `EMAVectorQuantizer` sums its EMA statistics over processes when a
+process group is up (`sync_codebook`). Gumbel's soft one-hot is the relaxation itself, kept as sgm.
 """
 
 from __future__ import annotations
@@ -29,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed
-from ..modeling_utils import QuantizerConfig, QuantizerModel, QuantizerOutput, check_features, register_quantizer
+from ..modeling_utils import (QuantizerConfig, QuantizerModel, QuantizerOutput, check_features, check_indices,
+                              register_quantizer)
 from ..ops.ema import cluster_stats, laplace_smoothing, require_finite
 from ..ops.nearest import nearest_code
 from ..ops.remap import check_used, remap_to_used, resolve_unknown_index, unmap_to_all
@@ -58,12 +55,21 @@ class SgmQuantizerOutput(QuantizerOutput):
 
 @dataclass
 class TamingQuantizerOutput(SgmQuantizerOutput):
-    """taming/`vqvae` convention: `(z_q, loss, (perplexity, min_encodings, indices))`. `min_encodings` (taming's
-    N x K one-hot) is always `None`, as in diffusers; `perplexity` is computed (a bincount) where taming
-    returns `None` for the hard quantizer, and is `None` for GumbelQuantize as in taming."""
+    """taming/`vqvae` convention: `(z_q, loss, (None, None, indices))`: taming's VectorQuantizer2 and
+    GumbelQuantize return `None` for perplexity and min_encodings (the ModelOutput has `perplexity`)."""
 
     def to_tuple_output(self) -> tuple:
-        return self.quantized, self.loss, (self.perplexity, None, self.indices)
+        return self.quantized, self.loss, (None, None, self.indices)
+
+
+@dataclass
+class EMAQuantizerOutput(SgmQuantizerOutput):
+    """sgm's EMA log dict also holds `encodings`, the N x K one-hot of the indices: built only for the tuple."""
+
+    def to_tuple_output(self) -> tuple:
+        (loss_key, loss), *rest = self.log_dict.items()
+        encodings = F.one_hot(self.indices, self.num_codes).to(self.quantized.dtype)
+        return self.quantized, {loss_key: loss, "encodings": encodings, **dict(rest)}
 
 
 def _require(config, name: str, ok, allowed: str) -> None:
@@ -230,10 +236,8 @@ class VectorQuantizer(_RemapMixin, QuantizerModel):
             z_q = z_q.movedim(-1, 1).contiguous()
         perplexity, usage = measure_perplexity(indices.detach(), c.n_e)
         indices = self._shape_indices(indices, z)
-        log = {c.loss_key: loss}
-        if c.log_perplexity:
-            log.update(perplexity=perplexity, cluster_usage=usage)
-        log["min_encoding_indices"] = indices
+        log = {"perplexity": perplexity, "cluster_usage": usage} if c.log_perplexity else {}
+        log.update({c.loss_key: loss, "min_encoding_indices": indices})
         out = self.output_class(quantized=z_q, indices=indices, loss=loss, perplexity=perplexity,
                                 cluster_usage=usage, log_dict=log)
         return self._output(out, return_dict)
@@ -248,12 +252,11 @@ class VectorQuantizer(_RemapMixin, QuantizerModel):
 
     def get_codebook_entry(self, indices: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:
         """Codes for `indices`; with `shape=(b, h, w, c)` returned as `(b, c, h, w)`."""
+        check_indices(indices, self.re_embed if self.config.remap is not None else self.config.n_e)
         if self.config.remap is not None:
             if shape is None:
                 raise ValueError("get_codebook_entry needs `shape` when a remap is used")
             indices = self.unmap_to_all(indices.reshape(shape[0], -1)).reshape(-1)
-        if indices.numel() and (indices.min() < 0 or indices.max() >= self.config.n_e):
-            raise ValueError(f"indices must be in [0, {self.config.n_e})")
         z_q = self.embedding(indices)
         if shape is not None:
             z_q = z_q.view(shape).permute(0, 3, 1, 2).contiguous()
@@ -377,8 +380,9 @@ class EMAVectorQuantizer(_RemapMixin, QuantizerModel):
         loss = c.beta * F.mse_loss(z_q.detach(), z)
         z_q = (z + (z_q - z).detach()).movedim(-1, 1)
         log = {c.loss_key: loss, "encoding_indices": indices, "perplexity": perplexity}
-        out = SgmQuantizerOutput(quantized=z_q, indices=indices, loss=loss, perplexity=perplexity,
+        out = EMAQuantizerOutput(quantized=z_q, indices=indices, loss=loss, perplexity=perplexity,
                                  cluster_usage=usage, log_dict=log)
+        object.__setattr__(out, "num_codes", c.n_embed)  # not a field: for the one-hot of sgm's tuple
         return self._output(out, return_dict)
 
     @torch.no_grad()
@@ -512,15 +516,14 @@ class GumbelQuantizer(_RemapMixin, QuantizerModel):
         z_q = torch.einsum("bnhw,nd->bdhw", soft_one_hot, self.embed.weight)
         qy = F.softmax(logits, dim=1)
         loss = c.kl_weight * torch.sum(qy * torch.log(qy * c.n_embed + 1e-10), dim=1).mean()
-        indices = soft_one_hot.argmax(dim=1)
-        if self.used is not None:
-            indices = self.remap_to_used(indices)
-        return z_q, loss, indices, logits
+        full_indices = soft_one_hot.argmax(dim=1)
+        indices = self.remap_to_used(full_indices) if self.used is not None else full_indices
+        return z_q, loss, indices, logits, full_indices
 
     def forward(self, z: Tensor, temp: float | None = None, return_logits: bool = False,
                 return_dict: bool | None = None):
-        z_q, loss, indices, logits = self._gumbel(z, temp)
-        log = {self.config.loss_key: loss}
+        z_q, loss, indices, logits, full_indices = self._gumbel(z, temp)
+        log = {self.config.loss_key: loss, "indices": full_indices}  # sgm logs the index before the remap
         if return_logits:
             log["logits"] = logits
         out = SgmQuantizerOutput(quantized=z_q, indices=indices, loss=loss, log_dict=log)
@@ -528,6 +531,7 @@ class GumbelQuantizer(_RemapMixin, QuantizerModel):
 
     def get_codebook_entry(self, indices: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
         b, h, w, _ = shape
+        check_indices(indices, self.re_embed if self.used is not None else self.config.n_embed)
         if b * h * w != indices.shape[0]:
             raise ValueError(f"shape {shape} does not match {indices.shape[0]} indices")
         indices = indices.reshape(b, h, w)
@@ -561,7 +565,7 @@ class GumbelQuantize(GumbelQuantizer):
 
     def forward(self, z: Tensor, temp: float | None = None, return_logits: bool = False,
                 return_dict: bool | None = None):
-        z_q, loss, indices, logits = self._gumbel(z, temp)
+        z_q, loss, indices, logits, _ = self._gumbel(z, temp)
         output_class = TamingQuantizerOutput if self.config.use_vqinterface else GumbelQuantizeOutput
         out = output_class(quantized=z_q, indices=indices, loss=loss, log_dict={"logits": logits} if return_logits else {})
         if self.config.return_dict if return_dict is None else return_dict:
