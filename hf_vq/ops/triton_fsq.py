@@ -1,25 +1,32 @@
 """Fused FSQ on CUDA (Triton): bound, round, renormalize and pack the index in one pass over the features.
 
-`fsq_quantize` (in `fsq.py`) is several elementwise kernels plus the index's; at 1M tokens each is a few
-microseconds of work behind its own launch, so the op is launch- and pass-bound. This kernel reads `z` once and
-writes the codes (in `z`'s dtype) and the int32 index, and in training the slope of the bound (the
-straight-through gradient of the round times the bound's derivative), which one C++ autograd op applies. The same
-float32 arithmetic as the PyTorch op, in the same order where it decides a rounding (`tanh(z + shift) * half_l -
-offset`, round half to even, `/ (L // 2)`); the per-dimension constants come from the PyTorch op's own formulas.
+The PyTorch path (`bound_and_round` in `fsq.py`) is several elementwise kernels plus the index's, each a small
+amount of work behind its own launch. This kernel reads `z` once and writes the codes (in `z`'s dtype) and the
+int32 index, and in training the slope of the bound (the straight-through gradient of the round times the bound's
+derivative), which one C++ autograd op applies. It does the same float32 arithmetic as the PyTorch op, in the same
+order where it decides a rounding (`tanh(z + shift) * half_l - offset`, round half to even, `/ (L // 2)`); the
+per-dimension constants come from the PyTorch op's own formulas (`fsq_table`).
+
+Self-contained: the launch goes through Triton's own launcher (`kernel[grid](...)`).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
-from .triton_nearest import HAS_TRITON, _interpret, kernel_ok
-
-if HAS_TRITON:
+try:
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice
-    from triton.runtime import driver
+
+    HAS_TRITON = True
+except ImportError:  # the PyTorch ops serve every input
+    HAS_TRITON = False
+
+if HAS_TRITON:
 
     @triton.jit
     def _round_half_even(v):
@@ -27,125 +34,133 @@ if HAS_TRITON:
         return (v + 12582912.0) - 12582912.0
 
     @triton.jit
-    def _tanh(v, EMULATE: tl.constexpr):
-        if EMULATE:  # the CPU interpreter has no libdevice: 1 - 2 / (exp(2v) + 1), within ~1e-7 of tanh
+    def _tanh(v, EMULATE_TANH: tl.constexpr):
+        if EMULATE_TANH:  # the CPU interpreter has no libdevice: 1 - 2 / (exp(2v) + 1), within ~1e-7 of tanh
             return 1.0 - 2.0 / (tl.exp(2.0 * v) + 1.0)
         else:
             return libdevice.tanh(v)  # CUDA's tanhf, as torch.tanh on the GPU
 
     @triton.jit
-    def _bound_round(z, col, TAB, HARD: tl.constexpr, EMULATE: tl.constexpr, BD: tl.constexpr):
-        # per-dimension constants by column (a tiny, cached table); returns (rounded level offset r, L // 2, slope):
-        # the slope is d(code)/dz of the bound, the straight-through gradient of the rounded code
-        shift = tl.load(TAB + col)
-        half_l = tl.load(TAB + BD + col)
-        offset = tl.load(TAB + 2 * BD + col)
-        hw = tl.load(TAB + 3 * BD + col)
-        scale = tl.load(TAB + 4 * BD + col)  # half_l / (L // 2)
-        if HARD:
+    def _bound_round(z, col, table_ptr, HARD_CLAMP: tl.constexpr, EMULATE_TANH: tl.constexpr,
+                     TABLE_WIDTH: tl.constexpr):
+        # Per-dimension constants by column `col` (rows of the table, see `fsq_table`). Returns the rounded level
+        # offset r (in [-L // 2, L // 2]), L // 2, and the slope d(code)/dz of the bound: the straight-through
+        # gradient of the rounded code.
+        shift = tl.load(table_ptr + col)
+        half_l = tl.load(table_ptr + TABLE_WIDTH + col)
+        offset = tl.load(table_ptr + 2 * TABLE_WIDTH + col)
+        half_width = tl.load(table_ptr + 3 * TABLE_WIDTH + col)
+        code_scale = tl.load(table_ptr + 4 * TABLE_WIDTH + col)  # half_l / (L // 2)
+        if HARD_CLAMP:
             v = z + shift
             bounded = tl.minimum(tl.maximum(v, -1.0), 1.0) * half_l - offset
-            slope = tl.where((v >= -1.0) & (v <= 1.0), scale, 0.0)
+            slope = tl.where((v >= -1.0) & (v <= 1.0), code_scale, 0.0)
         else:
-            t = _tanh(z + shift, EMULATE)
+            t = _tanh(z + shift, EMULATE_TANH)
             bounded = t * half_l - offset
-            slope = scale * (1.0 - t * t)
-        return _round_half_even(bounded), hw, slope
+            slope = code_scale * (1.0 - t * t)
+        return _round_half_even(bounded), half_width, slope
 
-    @triton.jit(do_not_specialize=["M"])  # (one compiled kernel for every row count: see `_launch`)
-    def _fsq_fwd(Z, TAB, BASIS, Q, SLOPE, IDX, M, d: tl.constexpr, HARD: tl.constexpr, EMULATE: tl.constexpr,
-                 WANT_SLOPE: tl.constexpr, BLOCK: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
-        # codes: the block's BLOCK rows as one contiguous run of BLOCK * d elements (coalesced, vectorized)
-        first = tl.program_id(0) * BLOCK
-        e = tl.arange(0, BE)
-        emask = (e < BLOCK * d) & (first * d + e < M * d)
-        z = tl.load(Z + first * d + e, mask=emask, other=0.0).to(tl.float32)
-        r, hw, slope = _bound_round(z, e % d, TAB, HARD, EMULATE, BD)
-        tl.store(Q + first * d + e, tl.math.div_rn(r, hw).to(Q.dtype.element_ty), mask=emask)
-        if WANT_SLOPE:
-            tl.store(SLOPE + first * d + e, slope.to(SLOPE.dtype.element_ty), mask=emask)
-        # index: the same rows as a (BLOCK, BD) tile (a second read, from cache), levels summed per row
-        rows = first + tl.arange(0, BLOCK)
-        cols = tl.arange(0, BD)
-        m2 = (rows < M)[:, None] & (cols < d)[None, :]
-        z2 = tl.load(Z + rows[:, None] * d + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        r2, hw2, _ = _bound_round(z2, tl.broadcast_to(cols[None, :], (BLOCK, BD)), TAB, HARD, EMULATE, BD)
-        basis = tl.load(BASIS + cols, mask=cols < d, other=0)[None, :]
-        level = (r2 + hw2).to(tl.int32)
-        tl.store(IDX + rows, tl.sum(tl.where(m2, level * basis, 0), axis=1), mask=rows < M)
+    @triton.jit(do_not_specialize=["n_rows"])  # one compiled kernel for every row count
+    def _fsq_fwd_kernel(z_ptr, table_ptr, basis_ptr, codes_ptr, slope_ptr, indices_ptr, n_rows,
+                        N_LEVELS: tl.constexpr, HARD_CLAMP: tl.constexpr, EMULATE_TANH: tl.constexpr,
+                        WRITE_SLOPE: tl.constexpr, ROWS_PER_BLOCK: tl.constexpr, TABLE_WIDTH: tl.constexpr,
+                        ELEMS_PER_BLOCK: tl.constexpr):
+        """One block quantizes `ROWS_PER_BLOCK` rows of `N_LEVELS` features.
+
+        Args:
+            z_ptr: `(n_rows, N_LEVELS)` contiguous features (any float dtype; float32 math).
+            table_ptr: `(5, TABLE_WIDTH)` float32 per-level constants from `fsq_table`.
+            basis_ptr: `(N_LEVELS,)` int32 mixed-radix place values.
+            codes_ptr: `(n_rows, N_LEVELS)` output codes, in the dtype of the buffer.
+            slope_ptr: `(n_rows, N_LEVELS)` output slopes (written only when `WRITE_SLOPE`).
+            indices_ptr: `(n_rows,)` int32 output indices.
+            n_rows: number of rows (not specialized on).
+            ELEMS_PER_BLOCK: next power of two >= `ROWS_PER_BLOCK * N_LEVELS`.
+        """
+        first_row = tl.program_id(0) * ROWS_PER_BLOCK
+        base = first_row * N_LEVELS
+        # codes: the block's rows as one contiguous run of elements (coalesced, vectorized)
+        e = tl.arange(0, ELEMS_PER_BLOCK)
+        emask = (e < ROWS_PER_BLOCK * N_LEVELS) & (base + e < n_rows * N_LEVELS)
+        z = tl.load(z_ptr + base + e, mask=emask, other=0.0).to(tl.float32)
+        r, half_width, slope = _bound_round(z, e % N_LEVELS, table_ptr, HARD_CLAMP, EMULATE_TANH, TABLE_WIDTH)
+        tl.store(codes_ptr + base + e, tl.math.div_rn(r, half_width).to(codes_ptr.dtype.element_ty), mask=emask)
+        if WRITE_SLOPE:
+            tl.store(slope_ptr + base + e, slope.to(slope_ptr.dtype.element_ty), mask=emask)
+        # index: the same rows as a (ROWS_PER_BLOCK, TABLE_WIDTH) tile (a second read, from cache), digits summed
+        rows = first_row + tl.arange(0, ROWS_PER_BLOCK)
+        cols = tl.arange(0, TABLE_WIDTH)
+        tile_mask = (rows < n_rows)[:, None] & (cols < N_LEVELS)[None, :]
+        z2 = tl.load(z_ptr + rows[:, None] * N_LEVELS + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+        col2 = tl.broadcast_to(cols[None, :], (ROWS_PER_BLOCK, TABLE_WIDTH))
+        r2, half_width2, _ = _bound_round(z2, col2, table_ptr, HARD_CLAMP, EMULATE_TANH, TABLE_WIDTH)
+        basis = tl.load(basis_ptr + cols, mask=cols < N_LEVELS, other=0)[None, :]
+        digit = (r2 + half_width2).to(tl.int32)
+        tl.store(indices_ptr + rows, tl.sum(tl.where(tile_mask, digit * basis, 0), axis=1), mask=rows < n_rows)
 
 
-BLOCK = 256  # rows per program
+ROWS_PER_BLOCK = 256
+MAX_LEVELS = 64  # one row of levels per tile row: FSQ has a handful
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def available(z: Tensor) -> bool:
-    """Whether the fused kernel can serve `z` (CUDA or the interpreter, float dtypes, `HF_VQ_DISABLE_TRITON`)."""
-    return kernel_ok(z, 64)  # one row of levels per thread block row: a handful of dims
+    """Whether the kernel can serve `z`: triton installed, `HF_VQ_DISABLE_TRITON` unset, not under torch.compile
+    (the PyTorch ops are what gets compiled), a float dtype, and CUDA (or the interpreter, `TRITON_INTERPRET=1`)."""
+    if not HAS_TRITON or os.environ.get("HF_VQ_DISABLE_TRITON", "0") == "1" or torch.compiler.is_compiling():
+        return False
+    if z.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    return z.is_cuda or _interpret()
 
 
 def fsq_table(levels: Tensor, basis: Tensor, hard_clamp: bool, eps: float = 1e-3) -> tuple[Tensor, Tensor]:
-    """Per-dimension constants `(5, BD)` float32 (shift, half_l, offset, L // 2, half_l / (L // 2)) and the int32
-    basis, computed by the PyTorch op's formulas (so the kernel rounds the same values)."""
+    """Per-dimension constants `(5, W)` float32 (shift, half_l, offset, L // 2, half_l / (L // 2); W the next
+    power of two >= len(levels), at least 2) and the int32 basis, by the PyTorch op's formulas (so the kernel
+    rounds the same values)."""
     half_l = (levels - 1) * (1 + eps) / 2
     offset = torch.where(levels % 2 == 0, 0.5, 0.0).to(levels.device)
     shift = offset / half_l if hard_clamp else torch.atanh(offset / half_l)
-    bd = max(2, triton.next_power_of_2(levels.numel()))
-    tab = torch.ones(5, bd, dtype=torch.float32, device=levels.device)
+    width = max(2, 1 << (levels.numel() - 1).bit_length())
+    table = torch.ones(5, width, dtype=torch.float32, device=levels.device)
     for row, v in enumerate((shift, half_l, offset, levels // 2, half_l / (levels // 2))):
-        tab[row, : levels.numel()] = v.float()
-    return tab, basis.to(torch.int32).contiguous()
+        table[row, : levels.numel()] = v.float()
+    return table, basis.to(torch.int32).contiguous()
 
 
-def fsq_quantize_fused(z: Tensor, tab: Tensor, basis: Tensor, hard_clamp: bool = False, *,
+def fsq_quantize_fused(z: Tensor, table: Tensor, basis: Tensor, hard_clamp: bool = False, *,
                        straight_through: bool = False) -> tuple[Tensor, Tensor]:
     """`(codes in z's dtype, int32 indices (..., C))` of `fsq_quantize` + `codes_to_indices` for `z (..., C * d)`
-    (C codebooks of `d = len(levels)` dims side by side), in one kernel (float32 inside). `tab, basis` from
+    (C codebooks of `d = len(levels)` dims side by side), in one kernel (float32 inside). `table, basis` from
     `fsq_table`.
 
     With `straight_through=True` the codes carry FSQ's straight-through gradient to `z`: d(code)/dz of the bound
-    times the incoming gradient. That is recorded as the product `z * slope` (one C++ autograd node; a Python
-    autograd Function's backward costs more host time than the whole GPU step), and the kernel then writes the
-    codes over the product and the slope into the tensor the product saved for its backward: neither needs a
-    buffer or an op of its own. Otherwise the codes are not differentiable."""
-    d = basis.numel()
-    if z.shape[-1] % d:
-        raise ValueError(f"last dim {z.shape[-1]} is not a multiple of the {d} levels")
+    times the incoming gradient. That is recorded as the product `z * slope` (one C++ autograd node, cheaper in
+    host time than a Python autograd Function), and the kernel then writes the codes over the product and the
+    slope into the tensor the product saved for its backward: neither needs a buffer or an op of its own.
+    Otherwise the codes are not differentiable."""
+    n_levels = basis.numel()
+    if z.shape[-1] % n_levels:
+        raise ValueError(f"last dim {z.shape[-1]} is not a multiple of the {n_levels} levels")
+    if n_levels > MAX_LEVELS:
+        raise ValueError(f"the FSQ kernel takes at most {MAX_LEVELS} levels, got {n_levels}")
     z = z.contiguous()
-    m = z.numel() // d
-    idx = torch.empty((*z.shape[:-1], z.shape[-1] // d), dtype=torch.int32, device=z.device)
+    n_rows = z.numel() // n_levels
+    indices = torch.empty((*z.shape[:-1], z.shape[-1] // n_levels), dtype=torch.int32, device=z.device)
     if straight_through:
         slope = torch.empty_like(z)
-        q = z * slope  # contiguous like both operands; its value (from unset memory) is overwritten below
+        codes = z * slope  # contiguous like both operands; its value (from unset memory) is overwritten below
     else:
-        slope, q = None, torch.empty_like(z)
-    if m:
-        _launch(z, tab, basis, q, q if slope is None else slope, idx, m, d, hard_clamp, straight_through)
-    return q, idx
-
-
-# `_fsq_fwd` compiled kernels, by everything Triton specializes them on (see `_launch`)
-_COMPILED: dict[tuple, object] = {}
-
-
-def _launch(z: Tensor, tab: Tensor, basis: Tensor, q: Tensor, slope: Tensor, idx: Tensor, m: int, d: int,
-            hard_clamp: bool, want_slope: bool) -> None:
-    """Run `_fsq_fwd` over `m` rows. The first launch of each specialization goes through Triton's JIT (argument
-    binding, specialization, cache lookup, compile); later ones call the compiled kernel itself, ~10 us less
-    host time in a training step of ~0.3 ms that is all host time (`benchmarks/RESULTS.md`). The key holds
-    what Triton specializes this kernel on: the constexprs, the tensors' dtypes (z's sets q's and slope's) and
-    16-byte alignment (the outputs and tables are fresh or cached allocations, always aligned; z may be a view),
-    and M's integer type (M itself is not specialized). Triton settings changed after a specialization's first
-    launch (e.g. its debug mode) do not reach that specialization."""
-    grid = (triton.cdiv(m, BLOCK), 1, 1)
-    interpret = _interpret()
-    consts = (d, hard_clamp, interpret, want_slope, BLOCK, tab.shape[1], triton.next_power_of_2(BLOCK * d))
-    args = (z, tab, basis, q, slope, idx, m)
-    if interpret:  # (no compiled kernels)
-        _fsq_fwd[grid](*args, *consts)
-        return
-    key = (z.device.index, z.dtype, z.data_ptr() % 16 == 0, m < 2**31, consts)
-    compiled = _COMPILED.get(key)
-    if compiled is None:
-        _COMPILED[key] = _fsq_fwd[grid](*args, *consts)
-    else:
-        compiled[grid](*args, *consts, stream=driver.active.get_current_stream(z.device.index))
+        slope, codes = None, torch.empty_like(z)
+    if n_rows:
+        grid = (triton.cdiv(n_rows, ROWS_PER_BLOCK),)
+        _fsq_fwd_kernel[grid](
+            z, table, basis, codes, codes if slope is None else slope, indices, n_rows,
+            N_LEVELS=n_levels, HARD_CLAMP=hard_clamp, EMULATE_TANH=_interpret(), WRITE_SLOPE=straight_through,
+            ROWS_PER_BLOCK=ROWS_PER_BLOCK, TABLE_WIDTH=table.shape[1],
+            ELEMS_PER_BLOCK=triton.next_power_of_2(ROWS_PER_BLOCK * n_levels))
+    return codes, indices

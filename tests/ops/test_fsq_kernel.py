@@ -15,7 +15,6 @@ FSQ_CHECK = textwrap.dedent(
     """
     import json, sys, torch
     import hf_vq
-    from hf_vq.models._config_view import fast_view
     dev = sys.argv[1]
     g = torch.Generator().manual_seed(0)
     out = {}
@@ -31,12 +30,12 @@ FSQ_CHECK = textwrap.dedent(
         # offset: z starts one element into its buffer (a pointer Triton must not treat as 16-byte aligned)
         buf = (torch.randn(3 * n * width + offset, generator=g) * 2).to(dev, dt).requires_grad_()
         z = buf[offset:].view(3, n, width)
-        assert m._fused_ok(z, fast_view(m.config))
+        assert m.uses_kernel(z)
         zt = z.detach().clone().requires_grad_()
         res = m(z)
         with torch.no_grad():
             ev = m(z)  # (inference: no slope)
-        qt, it = m._quantize_torch(zt.unflatten(-1, (ncb, len(levels))))
+        qt, it = m.quantize_rows(zt, use_kernel=False)
         if ncb == 1:
             it = it.squeeze(-1)
         w = torch.randn(res.quantized.shape, generator=g).to(dev)
