@@ -342,9 +342,8 @@ class FSQ(QuantizerModel):
 
 
 def channel_linear(linear: nn.Linear, x: Tensor) -> Tensor:
-    """`linear` applied along axis 1 of `x (b, d_in, n)`: `(b, d_out, n)`, one batched product with the bias folded
-    in (the same value as `linear(x.transpose(1, 2)).transpose(1, 2)`, without transposing `x`)."""
-    weight = linear.weight.expand(x.shape[0], -1, -1)
-    if linear.bias is None:
-        return torch.bmm(weight, x)
-    return torch.baddbmm(linear.bias.unsqueeze(-1), weight, x)
+    """`linear` applied along axis 1 of `x (b, d_in, n)`: `(b, d_out, n)`, a batched product and the bias added in
+    place (the value of `linear(x.transpose(1, 2)).transpose(1, 2)`, without transposing `x`; `baddbmm` would
+    first broadcast-copy the bias into the output, a slow extra pass on CPU)."""
+    out = torch.bmm(linear.weight.expand(x.shape[0], -1, -1), x)
+    return out if linear.bias is None else out.add_(linear.bias.unsqueeze(-1))
