@@ -41,9 +41,9 @@ def codes_to_indices(codes: Tensor) -> Tensor:
 
 
 def sign_codes(positive: Tensor, scale: float, dtype: torch.dtype = torch.float32) -> Tensor:
-    """`sign_quantize` from the precomputed `x > 0`: `scale` where set, else `-scale`, in one pass."""
-    codes = torch.where(positive, scale, -scale)
-    return codes if dtype == codes.dtype else codes.to(dtype)
+    """`sign_quantize` from the precomputed `x > 0`: `scale` where set, else `-scale` (exactly: `{0, 1} * 2 * scale
+    - scale`; elementwise arithmetic, which runs vectorized where a `where` over scalars does not on CPU)."""
+    return positive.to(dtype).mul_(2 * scale).sub_(scale)
 
 
 def bits_to_indices(positive: Tensor, bit_values: Tensor) -> Tensor:
