@@ -239,25 +239,30 @@ class LatentQuantize(QuantizerModel):
 
     def nearest_levels(self, z: Tensor, table: Tensor | None = None) -> Tensor:
         """`(..., latents)` features to the `(..., latents)` int64 level index of the nearest value of each latent
-        (the first on ties, as `argmin(|z - values|)`). A running minimum over the few values of a latent: no
-        `(..., latents, levels)` intermediate, and no reduction over a short trailing axis."""
-        table = self._value_table() if table is None else table
-        with torch.no_grad():
-            z = z.float()
-            best = (z - table[:, 0]).abs_()
-            level = torch.zeros(z.shape, dtype=torch.int64, device=z.device)
-            for j in range(1, table.shape[1]):
-                distance = (z - table[:, j]).abs_()
-                closer = distance < best
-                level.masked_fill_(closer, j)
-                best = torch.minimum(best, distance, out=best)
+        (the first on ties, as `argmin(|z - values|)`)."""
+        return self._nearest_levels(z, self._value_table() if table is None else table).long()
+
+    @staticmethod
+    @torch.no_grad()
+    def _nearest_levels(z: Tensor, table: Tensor) -> Tensor:
+        """`nearest_levels` as exact float32 level numbers, by a running minimum over the few values of a latent:
+        no `(..., latents, levels)` intermediate and no reduction over a short trailing axis, each step a
+        vectorized elementwise pass in `z`'s memory layout."""
+        z = z.float()
+        best = (z - table[:, 0]).abs_()
+        level = torch.zeros_like(best)
+        for j in range(1, table.shape[1]):
+            distance = (z - table[:, j]).abs_()
+            closer = distance < best
+            level.addcmul_(closer, j - level)  # j where closer, else unchanged (small integers: exact)
+            best = torch.minimum(best, distance, out=best)
         return level
 
     def level_indices_to_codes(self, level_indices: Tensor, table: Tensor | None = None) -> Tensor:
         """`(..., latents)` level indices to the values (differentiable in the values)."""
         table = self._value_table() if table is None else table
         offsets = torch.arange(0, table.numel(), table.shape[1], device=level_indices.device)
-        return table.flatten()[level_indices + offsets]
+        return table.flatten()[level_indices.long() + offsets]
 
     def quantize(self, z: Tensor) -> Tensor:
         """Quantize `(..., latents)` features to their nearest values, straight-through (as vqp)."""
@@ -348,7 +353,7 @@ class LatentQuantize(QuantizerModel):
 
         with torch.autocast(device_type=latents.device.type, enabled=False):
             table = self._value_table()
-            levels = self.nearest_levels(latents, table)
+            levels = self._nearest_levels(latents, table)
             values = self.level_indices_to_codes(levels, table)  # differentiable in the values
         codes = latents + (values.to(latents.dtype) - latents).detach()  # straight-through to the input
         indices = self._indices_from_levels(levels)
