@@ -169,7 +169,8 @@ class FSQ(QuantizerModel):
         self.orthogonal_rotation = c.orthogonal_rotation
         self.check_inputs = c.check_inputs
         # the single-kernel path serves the plain configuration (noise dropout is checked per call: eval has none)
-        self.kernel_capable = not (c.preserve_symmetry or c.orthogonal_rotation)
+        self.kernel_capable = not (c.preserve_symmetry or c.orthogonal_rotation) and \
+            len(self.levels) <= triton_fsq.MAX_LEVELS
 
         inner = self.codebook_dim * self.num_codebooks
         self.has_projections = self.dim != inner
