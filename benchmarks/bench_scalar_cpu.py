@@ -33,7 +33,7 @@ from harness import measure  # noqa: E402
 try:
     import vector_quantize_pytorch as vqp
 except ImportError as e:  # the comparison is the point of this script
-    raise SystemExit("pip install vector-quantize-pytorch==1.32.0 to run the comparison") from e
+    raise SystemExit(f"pip install vector-quantize-pytorch==1.32.0 to run the comparison ({e!r})") from e
 
 
 @dataclass
