@@ -245,10 +245,13 @@ class LatentQuantize(QuantizerModel):
     @staticmethod
     @torch.no_grad()
     def _nearest_levels(z: Tensor, table: Tensor) -> Tensor:
-        """`nearest_levels` as exact float32 level numbers, by a running minimum over the few values of a latent:
-        no `(..., latents, levels)` intermediate and no reduction over a short trailing axis, each step a
-        vectorized elementwise pass in `z`'s memory layout."""
+        """`nearest_levels` as exact float32 level numbers. On CPU by a running minimum over the few values of a
+        latent: no `(..., latents, levels)` intermediate and no reduction over a short trailing axis (slow there),
+        each step a vectorized elementwise pass in `z`'s memory layout. On other devices, where each pass is a
+        kernel launch, by `argmin` over the distances to all values at once."""
         z = z.float()
+        if z.device.type != "cpu":
+            return (z.unsqueeze(-1) - table).abs_().argmin(dim=-1).float()
         best = (z - table[:, 0]).abs_()
         level = torch.zeros_like(best)
         for j in range(1, table.shape[1]):
@@ -262,7 +265,9 @@ class LatentQuantize(QuantizerModel):
         """`(..., latents)` level indices to the values (differentiable in the values)."""
         table = self._value_table() if table is None else table
         offsets = torch.arange(0, table.numel(), table.shape[1], device=level_indices.device)
-        return table.flatten()[level_indices.long() + offsets]
+        flat = (level_indices.long() + offsets).reshape(-1)
+        # (index_select: its gradient is an index_add, where indexing's is a sorting accumulate on CUDA)
+        return table.flatten().index_select(0, flat).view(level_indices.shape)
 
     def quantize(self, z: Tensor) -> Tensor:
         """Quantize `(..., latents)` features to their nearest values, straight-through (as vqp)."""

@@ -253,7 +253,8 @@ class LFQ(QuantizerModel):
         self.experimental_softplus_entropy_loss = c.experimental_softplus_entropy_loss
         self.entropy_loss_offset = c.entropy_loss_offset
         # place value of each bit, most significant first (the index of a code is the sum over its set bits)
-        self._bit_values = 2 ** torch.arange(self.codebook_dim - 1, -1, -1)
+        # (an explicit device: models are also built under a meta-device context, which would leave no values)
+        self._bit_values = 2 ** torch.arange(self.codebook_dim - 1, -1, -1, device="cpu")
         inner = c.codebook_dim * c.num_codebooks
         self.has_projections = c.has_projections if c.has_projections is not None else c.effective_dim != inner
         if not self.has_projections:
