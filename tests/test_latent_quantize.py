@@ -221,3 +221,22 @@ def test_input_and_index_errors():
         lq(torch.full((2, 3, 6), float("nan")))
     with pytest.raises(ValueError, match=r"indices must be in \[0, 20\)"):
         lq.indices_to_codes(torch.tensor([[20]]))
+
+
+# ---- nearest value per latent ----------------------------------------------------------------------------
+
+
+def test_nearest_levels_running_minimum_is_argmin_with_ties_and_unsorted_values():
+    lq = hf_vq.LatentQuantize(levels=[5, 3, 4], dim=3)
+    with torch.no_grad():  # learned values: unsorted, one duplicated (a tie the first index wins)
+        lq.values_per_latent[0].copy_(torch.tensor([0.4, -0.3, 0.1, -0.3, 0.9]))
+        lq.values_per_latent[1].copy_(torch.tensor([0.5, -0.5, 0.0]))
+    table = lq._value_table()
+    z = torch.cat([torch.randn(400, 3), torch.tensor([[-0.3, 0.25, -0.125], [0.25, -0.25, 0.5]])])
+    expected = (z.unsqueeze(-1) - table).abs().argmin(dim=-1)  # +inf padding is never nearest
+    assert torch.equal(lq.nearest_levels(z), expected)
+    # a transposed (channel-first) view gives the same levels
+    zt = z.t().contiguous().t()
+    assert torch.equal(lq.nearest_levels(zt), expected)
+    codes = lq.level_indices_to_codes(expected)
+    assert torch.equal(codes, table.gather(1, expected.t()).t())

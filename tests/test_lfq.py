@@ -274,3 +274,28 @@ def test_input_errors():
         lfq(torch.randn(2, 5, 8), mask=torch.zeros(2, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask must have shape"):
         lfq(torch.randn(2, 5, 8), mask=torch.ones(2, 4, dtype=torch.bool))
+
+
+# ---- the eval path's ops -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [5, 24, 30])
+def test_bits_to_indices_and_sign_codes_equal_the_reference_ops(bits):
+    x = torch.randn(300, 2, bits)
+    x[0] = 0.0  # zero is not positive: code -scale, bit 0
+    positive = x > 0
+    bit_values = 2 ** torch.arange(bits - 1, -1, -1)
+    for scale in (1.0, 0.25, 0.3):
+        assert torch.equal(ops.sign_codes(positive, scale), ops.sign_quantize(x, scale))
+    assert torch.equal(ops.bits_to_indices(positive, bit_values), ops.codes_to_indices(ops.sign_quantize(x, 1.0)))
+
+
+def test_video_eval_indices_match_vqp_channel_first():
+    ours, ref = _pair(codebook_size=2**6, dim=6)
+    ours.eval(), ref.eval()
+    x = torch.randn(2, 6, 3, 4, 5)
+    x[0, :, 0] = 0.0
+    out = ours(x)
+    q_ref, i_ref, _ = ref(x)
+    assert torch.equal(out.indices, i_ref) and torch.equal(out.quantized, q_ref)
+    assert float(out.loss) == 0.0
