@@ -1,4 +1,4 @@
-"""FSQ: parity with vector-quantize-pytorch 1.32 `FSQ` for every option, the CogVideo seed's formulas, index <->
+"""FSQ: parity with vector-quantize-pytorch 1.32 `FSQ` for every option, CogVideo sgm's formulas, index <->
 code round trips, shapes, gradients, noise dropout, errors."""
 
 import math
@@ -73,11 +73,11 @@ def test_force_quantization_f32_with_bf16_under_autocast():
         assert loose(x).quantized.dtype == torch.bfloat16
 
 
-# ---- the CogVideo seed (000) formulas ----------------------------------------------------------
+# ---- CogVideo sgm's formulas ---------------------------------------------------------------------
 
 
-def _seed_indices_to_codes(indices, levels, num_codebooks_axis):
-    """Seed `indices_to_codes(..., project_out=False)`: mixed-radix digits, centred, image -> channel first."""
+def _sgm_indices_to_codes(indices, levels, num_codebooks_axis):
+    """CogVideo sgm `indices_to_codes(..., project_out=False)`: mixed-radix digits, centred, image -> channel first."""
     levels_t = torch.tensor(levels)
     basis = torch.cumprod(torch.tensor([1] + levels[:-1]), 0)
     is_img = indices.ndim >= 3 + int(num_codebooks_axis)
@@ -90,15 +90,15 @@ def _seed_indices_to_codes(indices, levels, num_codebooks_axis):
 
 
 @pytest.mark.parametrize("levels,num_codebooks,shape", [([8, 5, 5, 5], 1, (2, 4, 4)), ([7, 5, 3], 2, (2, 6, 2))])
-def test_indices_to_codes_without_projection_matches_seed(levels, num_codebooks, shape):
+def test_indices_to_codes_without_projection_matches_sgm(levels, num_codebooks, shape):
     fsq = hf_vq.FSQ(levels=levels, num_codebooks=num_codebooks, dim=16)
     indices = torch.randint(0, math.prod(levels), shape)
-    expected = _seed_indices_to_codes(indices, levels, num_codebooks > 1)
+    expected = _sgm_indices_to_codes(indices, levels, num_codebooks > 1)
     torch.testing.assert_close(fsq.indices_to_codes(indices, project_out=False), expected)
 
 
-def test_codes_to_indices_rounds_where_seed_truncates():
-    # the seed casts float sums with int32() (truncation); vqp and hf_vq round. Over the whole implicit
+def test_codes_to_indices_rounds_where_sgm_truncates():
+    # CogVideo sgm casts float sums with int32() (truncation); vqp and hf_vq round. Over the whole implicit
     # codebook the indices are exact.
     fsq = hf_vq.FSQ(levels=[7, 7, 7, 6])
     assert torch.equal(fsq.codes_to_indices(fsq.implicit_codebook).long(), torch.arange(fsq.codebook_size))
