@@ -270,3 +270,28 @@ def test_config_is_read_once():
     fsq = hf_vq.FSQ(levels=[8, 5, 5, 5])
     assert (fsq.levels, fsq.dim, fsq.keep_num_codebooks_dim, fsq.check_inputs) == ([8, 5, 5, 5], 4, False, True)
     assert not hasattr(hf_vq.models.fsq, "fast_view")
+
+
+@pytest.mark.parametrize("levels,hard_clamp,num_quantizers", [([8, 5, 5, 5], True, 4), ([7, 4, 3], False, 3)])
+def test_residual_fsq_op_equals_the_per_level_loop(levels, hard_clamp, num_quantizers):
+    """`fsq.residual_fsq` (the reference of the one-pass ResidualFSQ kernel) gives ResidualFSQ's values, indices
+    and straight-through gradients, computed there by calling each level's FSQ forward."""
+    from hf_vq.ops import fsq as fsq_ops
+
+    model = hf_vq.ResidualFSQ(levels=levels, num_quantizers=num_quantizers, dim=len(levels),
+                              bound_hard_clamp=hard_clamp)
+    scales = torch.stack([torch.tensor(levels, dtype=torch.float32) ** -i for i in range(num_quantizers)])
+    table = fsq_ops.bound_table(levels, hard_clamp=hard_clamp, symmetric=True)
+    basis = fsq_ops.fsq_tables(levels)[1]
+    x = torch.randn(2, 41, len(levels)) * 2
+    for train in (False, True):
+        model.train(train)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ref = model(xa)
+        out, indices = fsq_ops.residual_fsq(model._prepare(xb), scales, table, basis, model.codebook_size,
+                                            hard_clamp=hard_clamp)
+        assert torch.equal(out, ref.quantized) and torch.equal(indices.long(), ref.indices.long())
+        w = torch.randn(out.shape)
+        (ref.quantized * w).sum().backward()
+        (out * w).sum().backward()
+        assert torch.equal(xa.grad, xb.grad)

@@ -153,3 +153,24 @@ def level_digits_to_indices(level: Tensor, basis: Tensor, codebook_size: int) ->
             and torch.get_float32_matmul_precision() == "highest"):
         return torch.matmul(level, basis.to(level.dtype)).to(torch.int32)
     return (level.long() * basis).sum(-1).to(torch.int32)
+
+
+def residual_fsq(x: Tensor, scales: Tensor, table: Tensor, basis: Tensor, codebook_size: int, *,
+                 hard_clamp: bool) -> tuple[Tensor, Tensor]:
+    """ResidualFSQ's levels (vqp 1.32 semantics) in one call: `(quantized, int32 indices (..., Q))` of
+    `x (..., d)` (the projected, soft-clamped input) through Q symmetric FSQ levels, level `i` quantizing
+    `residual / scales[i]` and contributing its codes times `scales[i]`; `quantized` is the sum of the levels'
+    contributions, straight-through to `x` when `x` requires grad (each level's input is `x` minus the detached
+    earlier contributions, as the per-level loop).
+
+    `scales (Q, d)` float32 (`levels ** -i`), `table` from `bound_table(levels, symmetric=True, ...)`, `basis`
+    from `fsq_tables`. This is the PyTorch reference of `triton_fsq.residual_fsq_fused`, the same arithmetic as
+    calling each level's `FSQ` forward in turn."""
+    residual, quantized, indices = x, None, []
+    for scale in scales:
+        codes, level = bound_and_round(residual / scale, table, hard_clamp=hard_clamp, symmetric=True)
+        contribution = codes * scale
+        indices.append(level_digits_to_indices(level, basis, codebook_size))
+        residual = residual - contribution.detach()
+        quantized = contribution if quantized is None else quantized + contribution
+    return quantized, torch.stack(indices, dim=-1)

@@ -100,6 +100,58 @@ if HAS_TRITON:
         tl.store(indices_ptr + rows, tl.sum(tl.where(tile_mask, digit * basis, 0), axis=1), mask=rows < n_rows)
 
 
+    @triton.jit(do_not_specialize=["n_rows"])
+    def _residual_fsq_fwd_kernel(x_ptr, scales_ptr, lm1_ptr, step_ptr, basis_ptr, out_ptr, slope_ptr, indices_ptr,
+                                 n_rows, N_LEVELS: tl.constexpr, N_QUANTIZERS: tl.constexpr,
+                                 HARD_CLAMP: tl.constexpr, EMULATE_TANH: tl.constexpr, WRITE_SLOPE: tl.constexpr,
+                                 ROWS_PER_BLOCK: tl.constexpr, WIDTH: tl.constexpr):
+        """One block runs `ROWS_PER_BLOCK` rows through every level of a ResidualFSQ, the residual in registers.
+
+        Args:
+            x_ptr: `(n_rows, N_LEVELS)` contiguous input (any float dtype; float32 math).
+            scales_ptr: `(N_QUANTIZERS, N_LEVELS)` float32 scale of each level and dimension (`levels ** -i`).
+            lm1_ptr, step_ptr: `(N_LEVELS,)` float32 `L - 1` and `2 / (L - 1)` (`fsq.bound_table`, symmetric).
+            basis_ptr: `(N_LEVELS,)` int32 mixed-radix place values.
+            out_ptr: `(n_rows, N_LEVELS)` output: the sum of the levels' contributions.
+            slope_ptr: `(n_rows, N_LEVELS)` output: d(out)/dx, the sum of the levels' straight-through slopes
+                (written only when `WRITE_SLOPE`).
+            indices_ptr: `(n_rows, N_QUANTIZERS)` int32 output indices.
+            WIDTH: next power of two >= `N_LEVELS`.
+        """
+        rows = tl.program_id(0) * ROWS_PER_BLOCK + tl.arange(0, ROWS_PER_BLOCK)
+        cols = tl.arange(0, WIDTH)
+        row_ok = rows < n_rows
+        mask = row_ok[:, None] & (cols < N_LEVELS)[None, :]
+        offsets = rows[:, None] * N_LEVELS + cols[None, :]
+        residual = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        lm1 = tl.load(lm1_ptr + cols, mask=cols < N_LEVELS, other=1.0)[None, :]
+        step = tl.load(step_ptr + cols, mask=cols < N_LEVELS, other=0.0)[None, :]
+        basis = tl.load(basis_ptr + cols, mask=cols < N_LEVELS, other=0)[None, :]
+        out = tl.zeros((ROWS_PER_BLOCK, WIDTH), dtype=tl.float32)
+        slope = tl.zeros((ROWS_PER_BLOCK, WIDTH), dtype=tl.float32)
+        for level in tl.static_range(N_QUANTIZERS):
+            scale = tl.load(scales_ptr + level * N_LEVELS + cols, mask=cols < N_LEVELS, other=1.0)[None, :]
+            v = tl.math.div_rn(residual, scale)
+            if HARD_CLAMP:
+                squashed = tl.minimum(tl.maximum(v, -1.0), 1.0)
+                d_squashed = tl.where((v >= -1.0) & (v <= 1.0), 1.0, 0.0)
+            else:
+                squashed = _tanh(v, EMULATE_TANH)
+                d_squashed = 1.0 - squashed * squashed
+            # (L - 1) * (s + 1) / 2 + 1/2, floored: the level; the code is 2 / (L - 1) * level - 1
+            digit = tl.math.floor(lm1 * (squashed + 1.0) * 0.5 + 0.5)
+            contribution = (step * digit - 1.0) * scale
+            tl.store(indices_ptr + rows * N_QUANTIZERS + level,
+                     tl.sum(tl.where(mask, digit.to(tl.int32) * basis, 0), axis=1), mask=row_ok)
+            residual = residual - contribution
+            out = out + contribution
+            if WRITE_SLOPE:  # d(contribution)/d(residual): scale * step * (L - 1) / 2 * squash' / scale
+                slope = slope + step * lm1 * 0.5 * d_squashed
+        tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+        if WRITE_SLOPE:
+            tl.store(slope_ptr + offsets, slope.to(slope_ptr.dtype.element_ty), mask=mask)
+
+
 ROWS_PER_BLOCK = 256
 MAX_LEVELS = 64  # one row of levels per tile row: FSQ has a handful
 
@@ -164,3 +216,37 @@ def fsq_quantize_fused(z: Tensor, table: Tensor, basis: Tensor, hard_clamp: bool
             ROWS_PER_BLOCK=ROWS_PER_BLOCK, TABLE_WIDTH=table.shape[1],
             ELEMS_PER_BLOCK=triton.next_power_of_2(ROWS_PER_BLOCK * n_levels))
     return codes, indices
+
+
+def residual_fsq_fused(x: Tensor, scales: Tensor, table: Tensor, basis: Tensor, hard_clamp: bool = False, *,
+                       straight_through: bool = False) -> tuple[Tensor, Tensor]:
+    """`fsq.residual_fsq` in one kernel: `(quantized in x's dtype, int32 indices (..., Q))` of `x (..., d)` through
+    the Q symmetric FSQ levels of a ResidualFSQ. `scales (Q, d)`, `table` (`fsq.bound_table(..., symmetric=True)`)
+    and `basis` as there. Each element is read once and written once; the residual stays in registers.
+
+    With `straight_through=True` the output carries the straight-through gradient to `x`, recorded as the product
+    `x * slope` (see `fsq_quantize_fused`): the kernel writes the output over the product and the summed slopes of
+    the levels into the tensor the product saved. The kernel runs with floating-point contraction off, so that
+    each step rounds as the PyTorch ops do."""
+    n_levels = basis.numel()
+    if x.shape[-1] != n_levels:
+        raise ValueError(f"last dim {x.shape[-1]} is not the {n_levels} levels")
+    if n_levels > MAX_LEVELS:
+        raise ValueError(f"the FSQ kernel takes at most {MAX_LEVELS} levels, got {n_levels}")
+    x = x.contiguous()
+    n_rows, n_quantizers = x.numel() // n_levels, scales.shape[0]
+    indices = torch.empty((*x.shape[:-1], n_quantizers), dtype=torch.int32, device=x.device)
+    if straight_through:
+        slope = torch.empty_like(x)
+        out = x * slope  # overwritten by the kernel (see `fsq_quantize_fused`)
+    else:
+        slope, out = None, torch.empty_like(x)
+    if n_rows:
+        grid = (triton.cdiv(n_rows, ROWS_PER_BLOCK),)
+        _residual_fsq_fwd_kernel[grid](
+            x, scales.contiguous(), table[0].contiguous(), table[1].contiguous(), basis, out,
+            out if slope is None else slope, indices, n_rows,
+            N_LEVELS=n_levels, N_QUANTIZERS=n_quantizers, HARD_CLAMP=hard_clamp, EMULATE_TANH=_interpret(),
+            WRITE_SLOPE=straight_through, ROWS_PER_BLOCK=ROWS_PER_BLOCK,
+            WIDTH=max(2, triton.next_power_of_2(n_levels)), enable_fp_fusion=False)
+    return out, indices
