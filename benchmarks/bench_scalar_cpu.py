@@ -7,7 +7,9 @@ Both modules of a row are built with the same config in one process and run on t
 the median wall time of `--repeat` calls after warm-up (CUDA events on a GPU), the ratio vqp / hf_vq (above 1:
 hf_vq is faster) and, on a GPU, the peak memory above the input. "eval" is one forward under `torch.no_grad()`
 in eval mode; "train" is forward + backward of `quantized.sum()` (plus the aux loss) in train mode.
-hf_vq runs with its default `check_inputs=True` unless `--no-check` is given.
+hf_vq runs with its default `check_inputs=True` unless `--no-check` is given. `--clock process` times CPU rows
+by the process's CPU time instead of wall time: on a machine shared with other jobs, wall-time medians pick up
+waits for a core, while the CPU time of each call (summed over its threads) stays the work it did.
 
 LatentQuantize: vqp 1.32 reads a rank-3 input as `(b, d, n)`, so both get `(b, d, n)` (hf_vq with
 `channel_first=True`).
@@ -20,6 +22,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 import hf_vq  # noqa: E402
-from harness import measure  # noqa: E402
+from harness import Measurement, measure  # noqa: E402
 
 try:
     import vector_quantize_pytorch as vqp
@@ -120,6 +123,18 @@ def _step(module: torch.nn.Module, x: torch.Tensor, train: bool, ours: bool) -> 
     return run
 
 
+def _measure_cpu_time(fn: Callable[[], None], iters: int) -> Measurement:
+    """Median CPU time of `fn()` in this process (all threads), after warm-up."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        start = time.process_time()
+        fn()
+        times.append((time.process_time() - start) * 1e3)
+    return Measurement(statistics.median(times), None)
+
+
 def _copy_projections(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
     for name in ("project_in", "project_out"):
         a, b = getattr(ours, name, None), getattr(theirs, name, None)
@@ -136,12 +151,13 @@ def main() -> None:
     parser.add_argument("--no-check", action="store_true", help="hf_vq with check_inputs=False")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--modes", nargs="*", default=["eval", "train"])
+    parser.add_argument("--clock", choices=("wall", "process"), default="wall")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"# hf_vq {hf_vq.__version__} vs vector-quantize-pytorch 1.32 | torch {torch.__version__} | "
           f"{platform.processor() or platform.machine()} | {device} | threads {torch.get_num_threads()} | "
-          f"median of {args.repeat} | check_inputs={not args.no_check}")
+          f"median of {args.repeat} | {args.clock} clock | check_inputs={not args.no_check}")
     print("| workload | mode | tokens | hf_vq ms | vqp ms | vqp / hf_vq | hf_vq peak GiB | vqp peak GiB |")
     print("|---|---|---|---|---|---|---|---|")
     ratios = []
@@ -159,8 +175,10 @@ def main() -> None:
             theirs.to(device).train(train)
             x = torch.randn(case.shape, device=device)
             tokens = x.numel() // (x.shape[1] if x.ndim != 3 or "LatentQuantize" in case.name else x.shape[-1])
-            m_ours = measure(_step(ours, x, train, True), device, iters=args.repeat)
-            m_theirs = measure(_step(theirs, x, train, False), device, iters=args.repeat)
+            timer = (lambda fn: _measure_cpu_time(fn, args.repeat)) if args.clock == "process" and \
+                device.type == "cpu" else (lambda fn: measure(fn, device, iters=args.repeat))
+            m_ours = timer(_step(ours, x, train, True))
+            m_theirs = timer(_step(theirs, x, train, False))
             ratio = m_theirs.ms / m_ours.ms if m_ours.ms and m_theirs.ms else None
             ratios.append(ratio)
             gib = lambda m: "—" if m.peak_gib is None else f"{m.peak_gib:.3f}"  # noqa: E731
