@@ -248,9 +248,10 @@ class LatentQuantize(QuantizerModel):
         """`nearest_levels` as exact float32 level numbers. On CPU by a running minimum over the few values of a
         latent: no `(..., latents, levels)` intermediate and no reduction over a short trailing axis (slow there),
         each step a vectorized elementwise pass in `z`'s memory layout. On other devices, where each pass is a
-        kernel launch, by `argmin` over the distances to all values at once."""
+        kernel launch, and under torch.compile, which fuses the passes, by `argmin` over the distances to all
+        values at once."""
         z = z.float()
-        if z.device.type != "cpu":
+        if z.device.type != "cpu" or torch.compiler.is_compiling():
             return (z.unsqueeze(-1) - table).abs_().argmin(dim=-1).float()
         best = (z - table[:, 0]).abs_()
         level = torch.zeros_like(best)

@@ -51,7 +51,8 @@ def bits_to_indices(positive: Tensor, bit_values: Tensor) -> Tensor:
     significant first). On CPU one float32 matrix-vector product (exact: every partial sum is an integer below
     2**24 for C <= 24; full-precision matmuls only, see `fsq.level_digits_to_indices`), where a sum over a short
     trailing axis is a slow reduction; elsewhere the integer sum."""
-    if (positive.device.type == "cpu" and positive.shape[-1] <= 24 and not torch.is_autocast_enabled("cpu")
+    if (not torch.compiler.is_compiling() and positive.device.type == "cpu" and positive.shape[-1] <= 24
+            and not torch.is_autocast_enabled("cpu")
             and torch.get_float32_matmul_precision() == "highest"):
         return torch.matmul(positive.to(torch.float32), bit_values.to(torch.float32)).long()
     return (positive.long() * bit_values).sum(-1)
