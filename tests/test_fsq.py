@@ -1,4 +1,4 @@
-"""FSQ: parity with vector-quantize-pytorch 1.32 `FSQ` for every option, the CogVideo seed's formulas, index <->
+"""FSQ: parity with vector-quantize-pytorch 1.32 `FSQ` for every option, CogVideo sgm's formulas, index <->
 code round trips, shapes, gradients, noise dropout, errors."""
 
 import math
@@ -73,11 +73,11 @@ def test_force_quantization_f32_with_bf16_under_autocast():
         assert loose(x).quantized.dtype == torch.bfloat16
 
 
-# ---- the CogVideo seed (000) formulas ----------------------------------------------------------
+# ---- CogVideo sgm's formulas ---------------------------------------------------------------------
 
 
-def _seed_indices_to_codes(indices, levels, num_codebooks_axis):
-    """Seed `indices_to_codes(..., project_out=False)`: mixed-radix digits, centred, image -> channel first."""
+def _sgm_indices_to_codes(indices, levels, num_codebooks_axis):
+    """CogVideo sgm `indices_to_codes(..., project_out=False)`: mixed-radix digits, centred, image -> channel first."""
     levels_t = torch.tensor(levels)
     basis = torch.cumprod(torch.tensor([1] + levels[:-1]), 0)
     is_img = indices.ndim >= 3 + int(num_codebooks_axis)
@@ -90,15 +90,15 @@ def _seed_indices_to_codes(indices, levels, num_codebooks_axis):
 
 
 @pytest.mark.parametrize("levels,num_codebooks,shape", [([8, 5, 5, 5], 1, (2, 4, 4)), ([7, 5, 3], 2, (2, 6, 2))])
-def test_indices_to_codes_without_projection_matches_seed(levels, num_codebooks, shape):
+def test_indices_to_codes_without_projection_matches_sgm(levels, num_codebooks, shape):
     fsq = hf_vq.FSQ(levels=levels, num_codebooks=num_codebooks, dim=16)
     indices = torch.randint(0, math.prod(levels), shape)
-    expected = _seed_indices_to_codes(indices, levels, num_codebooks > 1)
+    expected = _sgm_indices_to_codes(indices, levels, num_codebooks > 1)
     torch.testing.assert_close(fsq.indices_to_codes(indices, project_out=False), expected)
 
 
-def test_codes_to_indices_rounds_where_seed_truncates():
-    # the seed casts float sums with int32() (truncation); vqp and hf_vq round. Over the whole implicit
+def test_codes_to_indices_rounds_where_sgm_truncates():
+    # CogVideo sgm casts float sums with int32() (truncation); vqp and hf_vq round. Over the whole implicit
     # codebook the indices are exact.
     fsq = hf_vq.FSQ(levels=[7, 7, 7, 6])
     assert torch.equal(fsq.codes_to_indices(fsq.implicit_codebook).long(), torch.arange(fsq.codebook_size))
@@ -196,3 +196,100 @@ def test_input_and_index_errors():
         fsq.indices_to_codes(torch.tensor([[0, 1000]]))
     with pytest.raises(ValueError, match=r"indices must be in \[0, 1000\)"):
         fsq.indices_to_codes(torch.tensor([[-1]]))
+
+
+# ---- the forward's ops: one bound/round pass, exact indices, channel-first layouts ----------------------
+
+
+@pytest.mark.parametrize("levels,symmetric,hard_clamp", [
+    ([8, 8, 8, 5, 5, 5], False, False), ([7, 5, 4], False, True), ([2, 4, 5], True, False), ([6, 5], True, True)])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_bound_and_round_equals_the_reference_ops(levels, symmetric, hard_clamp, requires_grad):
+    from hf_vq.ops import fsq as fsq_ops
+
+    g = torch.Generator().manual_seed(len(levels))
+    z = torch.randn(3000, 2 * len(levels), generator=g) * 3
+    z[:7] = 0.0  # exact zeros and values on rounding boundaries of the bound
+    lv, basis = fsq_ops.fsq_tables(levels)
+    reference = fsq_ops.fsq_quantize_symmetric if symmetric else fsq_ops.fsq_quantize
+    z_ref = z.clone().requires_grad_(requires_grad)
+    ref_codes = reference(z_ref, lv.repeat(2), hard_clamp=hard_clamp)
+    ref_indices = fsq_ops.codes_to_indices(ref_codes.unflatten(-1, (2, len(levels))), lv, basis, symmetric)
+    table = fsq_ops.bound_table(levels, hard_clamp=hard_clamp, symmetric=symmetric, repeat=2)
+    z_ours = z.clone().requires_grad_(requires_grad)
+    codes, level = fsq_ops.bound_and_round(z_ours, table, hard_clamp=hard_clamp, symmetric=symmetric)
+    indices = fsq_ops.level_digits_to_indices(level.unflatten(-1, (2, len(levels))), basis, math.prod(levels))
+    assert torch.equal(codes, ref_codes) and torch.equal(indices, ref_indices)
+    assert codes.requires_grad == requires_grad
+    if requires_grad:
+        w = torch.randn(codes.shape, generator=g)
+        (codes * w).sum().backward()
+        (ref_codes * w).sum().backward()
+        assert torch.equal(z_ours.grad, z_ref.grad)
+
+
+def test_level_digits_to_indices_exact_beyond_float32_integers():
+    from hf_vq.ops import fsq as fsq_ops
+
+    levels = [1000, 1000, 999]  # codebook of ~1e9 codes: float32 sums would round
+    lv, basis = fsq_ops.fsq_tables(levels)
+    digits = torch.stack([torch.randint(0, level, (500,)) for level in levels], dim=-1)
+    expected = (digits * basis).sum(-1).to(torch.int32)
+    got = fsq_ops.level_digits_to_indices(digits.float().unsqueeze(-2), basis, math.prod(levels))
+    assert torch.equal(got.squeeze(-1), expected)
+    # within 2**24 the float32 product is exact, also under a bf16 autocast region
+    small = [8, 8, 8, 5, 5, 5]
+    lv, basis = fsq_ops.fsq_tables(small)
+    digits = torch.stack([torch.randint(0, level, (500,)) for level in small], dim=-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fsq_ops.level_digits_to_indices(digits.float(), basis, math.prod(small))
+    assert torch.equal(got, (digits * basis).sum(-1).to(torch.int32))
+
+
+@pytest.mark.parametrize("dim,bias", [(24, True), (24, False), (None, True)])
+def test_channel_first_input_equals_the_token_layout(dim, bias):
+    """A (b, d, h, w) input (projected as batched products over its (b, d, n) view) gives the values and
+    gradients of the same tokens given as (b, n, d)."""
+    fsq = hf_vq.FSQ(levels=[8, 5, 5, 5], dim=dim, projection_has_bias=bias)
+    d = dim or 4
+    x = (torch.randn(2, d, 3, 5) * 2).requires_grad_()
+    tokens = x.detach().flatten(2).transpose(1, 2).contiguous().requires_grad_()
+    out, ref = fsq(x), fsq(tokens)
+    torch.testing.assert_close(out.quantized.flatten(2).transpose(1, 2), ref.quantized, rtol=1e-6, atol=1e-6)
+    assert torch.equal(out.indices.flatten(1), ref.indices)
+    w = torch.randn(ref.quantized.shape)
+    (out.quantized.flatten(2).transpose(1, 2) * w).sum().backward()
+    (ref.quantized * w).sum().backward()
+    torch.testing.assert_close(x.grad.flatten(2).transpose(1, 2), tokens.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_config_is_read_once():
+    """The forward reads the plain attributes copied from the config when the model was built."""
+    fsq = hf_vq.FSQ(levels=[8, 5, 5, 5])
+    assert (fsq.levels, fsq.dim, fsq.keep_num_codebooks_dim, fsq.check_inputs) == ([8, 5, 5, 5], 4, False, True)
+    assert not hasattr(hf_vq.models.fsq, "fast_view")
+
+
+@pytest.mark.parametrize("levels,hard_clamp,num_quantizers", [([8, 5, 5, 5], True, 4), ([7, 4, 3], False, 3)])
+def test_residual_fsq_op_equals_the_per_level_loop(levels, hard_clamp, num_quantizers):
+    """`fsq.residual_fsq` (the reference of the one-pass ResidualFSQ kernel) gives ResidualFSQ's values, indices
+    and straight-through gradients, computed there by calling each level's FSQ forward."""
+    from hf_vq.ops import fsq as fsq_ops
+
+    model = hf_vq.ResidualFSQ(levels=levels, num_quantizers=num_quantizers, dim=len(levels),
+                              bound_hard_clamp=hard_clamp)
+    scales = torch.stack([torch.tensor(levels, dtype=torch.float32) ** -i for i in range(num_quantizers)])
+    table = fsq_ops.bound_table(levels, hard_clamp=hard_clamp, symmetric=True)
+    basis = fsq_ops.fsq_tables(levels)[1]
+    x = torch.randn(2, 41, len(levels)) * 2
+    for train in (False, True):
+        model.train(train)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ref = model(xa)
+        out, indices = fsq_ops.residual_fsq(model._prepare(xb), scales, table, basis, model.codebook_size,
+                                            hard_clamp=hard_clamp)
+        assert torch.equal(out, ref.quantized) and torch.equal(indices.long(), ref.indices.long())
+        w = torch.randn(out.shape)
+        (ref.quantized * w).sum().backward()
+        (out * w).sum().backward()
+        assert torch.equal(xa.grad, xb.grad)

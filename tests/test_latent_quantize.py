@@ -50,7 +50,7 @@ def test_parity_with_vqp_train_and_eval(case):
 
 
 def test_rank3_channel_first_matches_vqp_and_default_is_tokens_last():
-    # vqp 1.32 reads every input as (b, d, ...); the seed and hf_vq read rank 3 as (b, n, d) by default
+    # vqp 1.32 reads every input as (b, d, ...); CogVideo sgm and hf_vq read rank 3 as (b, n, d) by default
     ours, ref = _pair(levels=[5, 4], dim=6)
     ours_cf = hf_vq.LatentQuantize(levels=[5, 4], dim=6, channel_first=True)
     ours_cf.load_state_dict(ref.state_dict())
@@ -160,7 +160,7 @@ def test_in_place_codebook_optimizer_updates_values_then_quantizes():
 
 def test_indices_exact_where_vqp_truncates():
     # vqp computes int32(float code * basis), which truncates 4.9999995 to 4 for levels of 7; we take the
-    # mixed radix of the argmin level indices (the seed formula's intent) and check it exactly
+    # mixed radix of the argmin level indices (the intent of vqp 1.32's formula) and check it exactly
     lq = hf_vq.LatentQuantize(levels=[7, 7, 6], dim=3).eval()
     level_indices = torch.stack(torch.meshgrid(*[torch.arange(n) for n in (7, 7, 6)], indexing="ij"), -1).reshape(-1, 3)
     codes = lq.level_indices_to_codes(level_indices)
@@ -220,3 +220,22 @@ def test_input_and_index_errors():
     assert lq.eval()(torch.full((2, 3, 6), float("nan"))).quantized.shape == (2, 3, 6)  # (no value check)
     with pytest.raises(ValueError, match=r"indices must be in \[0, 20\)"):
         lq.indices_to_codes(torch.tensor([[20]]))
+
+
+# ---- nearest value per latent ----------------------------------------------------------------------------
+
+
+def test_nearest_levels_running_minimum_is_argmin_with_ties_and_unsorted_values():
+    lq = hf_vq.LatentQuantize(levels=[5, 3, 4], dim=3)
+    with torch.no_grad():  # learned values: unsorted, one duplicated (a tie the first index wins)
+        lq.values_per_latent[0].copy_(torch.tensor([0.4, -0.3, 0.1, -0.3, 0.9]))
+        lq.values_per_latent[1].copy_(torch.tensor([0.5, -0.5, 0.0]))
+    table = lq._value_table()
+    z = torch.cat([torch.randn(400, 3), torch.tensor([[-0.3, 0.25, -0.125], [0.25, -0.25, 0.5]])])
+    expected = (z.unsqueeze(-1) - table).abs().argmin(dim=-1)  # +inf padding is never nearest
+    assert torch.equal(lq.nearest_levels(z), expected)
+    # a transposed (channel-first) view gives the same levels
+    zt = z.t().contiguous().t()
+    assert torch.equal(lq.nearest_levels(zt), expected)
+    codes = lq.level_indices_to_codes(expected)
+    assert torch.equal(codes, table.gather(1, expected.t()).t())

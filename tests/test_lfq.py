@@ -1,4 +1,4 @@
-"""LFQ: parity with vector-quantize-pytorch 1.32 `LFQ`, the seed's formulas, the factorized entropy ops, errors."""
+"""LFQ: parity with vector-quantize-pytorch 1.32 `LFQ`, CogVideo sgm's formulas, the factorized entropy ops, errors."""
 
 import math
 
@@ -16,7 +16,7 @@ VQP_ONLY = {"straight_through_activation", "inv_temperature", "entropy_loss_meth
 
 def _pair(**kwargs):
     """An hf_vq LFQ and a vqp LFQ with the same weights (vqp's state dict, incl. its `mask`, loaded into ours)."""
-    kwargs.setdefault("commitment_loss_weight", 0.25)  # the seed's default; vqp's is 0
+    kwargs.setdefault("commitment_loss_weight", 0.25)  # CogVideo sgm's default; vqp's is 0
     ref_kwargs = {k: v for k, v in kwargs.items() if k not in VQP_ONLY}
     if "straight_through_activation" in kwargs:
         ref_kwargs["straight_through_activation"] = hf_vq.models.lfq.ACTIVATIONS[kwargs["straight_through_activation"]]()
@@ -27,7 +27,7 @@ def _pair(**kwargs):
 
 
 def _full_softmax_probs(x, scale, inv_temperature):
-    """The seed's formula: softmax over all codes of `2 * inv_temp * <x, c>` -> `(N, c, 2**C)`."""
+    """CogVideo sgm's formula: softmax over all codes of `2 * inv_temp * <x, c>` -> `(N, c, 2**C)`."""
     nbits = x.shape[-1]
     codebook = ops.bits_to_codes(ops.bits_of(torch.arange(2**nbits), nbits), scale).to(x.dtype)
     return (2 * inv_temperature * torch.einsum("...d,kd->...k", x, codebook)).softmax(-1)
@@ -88,12 +88,12 @@ def test_inv_temperature_forward_argument_and_config(inv_temperature):
     x = torch.randn(2, 8, 5)
     loss_ref = ref(x, inv_temperature=inv_temperature).entropy_aux_loss
     torch.testing.assert_close(ours(x).loss, loss_ref, rtol=0, atol=1e-5)
-    # the forward argument overrides the config, as in the seed
+    # the forward argument overrides the config, as in CogVideo sgm
     torch.testing.assert_close(ours(x, inv_temperature=7.0).loss, ref(x, inv_temperature=7.0).entropy_aux_loss,
                                rtol=0, atol=1e-5)
 
 
-def test_mask_restricts_losses_like_the_seed():
+def test_mask_restricts_losses_like_sgm():
     ours, ref = _pair(dim=16, codebook_size=2**6)
     x = torch.randn(3, 16, 2, 4)
     mask = torch.rand(3, 2, 4) > 0.4
@@ -104,19 +104,19 @@ def test_mask_restricts_losses_like_the_seed():
     torch.testing.assert_close(out.loss_breakdown.per_sample_entropy, bd_ref.per_sample_entropy, rtol=0, atol=1e-5)
     torch.testing.assert_close(out.loss_breakdown.commitment, bd_ref.commitment, rtol=0, atol=1e-6)
     # vqp 1.32 flattens the masked (M, c, d) input to (M*c, d), so its "batch" entropy with a mask is the
-    # per-sample entropy (no mean over tokens). The seed averages the masked (M, c, K) probs over tokens: we
-    # follow the seed and check its formula.
+    # per-sample entropy (no mean over tokens). CogVideo sgm averages the masked (M, c, K) probs over tokens: we
+    # follow CogVideo sgm and check its formula.
     tokens = ours.project_in(x.flatten(2).transpose(1, 2)).unflatten(-1, (1, 6))[mask.flatten(1)]
-    seed_batch = ops.entropy(_full_softmax_probs(tokens, 1.0, 100.0).mean(0)).mean()
-    torch.testing.assert_close(out.loss_breakdown.batch_entropy, seed_batch, rtol=0, atol=1e-5)
-    expected = 0.1 * (bd_ref.per_sample_entropy - seed_batch) + 0.25 * bd_ref.commitment
+    sgm_batch = ops.entropy(_full_softmax_probs(tokens, 1.0, 100.0).mean(0)).mean()
+    torch.testing.assert_close(out.loss_breakdown.batch_entropy, sgm_batch, rtol=0, atol=1e-5)
+    expected = 0.1 * (bd_ref.per_sample_entropy - sgm_batch) + 0.25 * bd_ref.commitment
     torch.testing.assert_close(out.loss, expected, rtol=0, atol=1e-5)
     unmasked = ours(x, return_loss_breakdown=True)
     assert not torch.allclose(unmasked.loss_breakdown.commitment, out.loss_breakdown.commitment)
 
 
-def test_commitment_reported_in_breakdown_even_with_zero_weight_as_the_seed():
-    # the seed computes the commitment loss in training whatever its weight (vqp reports 0 when weight is 0)
+def test_commitment_reported_in_breakdown_even_with_zero_weight_as_sgm():
+    # CogVideo sgm computes the commitment loss in training whatever its weight (vqp reports 0 when weight is 0)
     lfq = hf_vq.LFQ(codebook_size=2**4, commitment_loss_weight=0.0, entropy_loss_weight=0.0)
     x = torch.randn(2, 5, 4)
     out = lfq(x, return_loss_breakdown=True)
@@ -124,7 +124,7 @@ def test_commitment_reported_in_breakdown_even_with_zero_weight_as_the_seed():
     assert out.loss == 0
 
 
-def test_eval_loss_is_zero_and_seed_tuples():
+def test_eval_loss_is_zero_and_sgm_tuples():
     lfq = hf_vq.LFQ(codebook_size=2**4).eval()
     x = torch.randn(2, 5, 4)
     quantized, indices, loss = lfq(x, return_dict=False)
@@ -273,3 +273,28 @@ def test_input_errors():
         lfq(torch.randn(2, 5, 8), mask=torch.zeros(2, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask must have shape"):
         lfq(torch.randn(2, 5, 8), mask=torch.ones(2, 4, dtype=torch.bool))
+
+
+# ---- the eval path's ops -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [5, 24, 30])
+def test_bits_to_indices_and_sign_codes_equal_the_reference_ops(bits):
+    x = torch.randn(300, 2, bits)
+    x[0] = 0.0  # zero is not positive: code -scale, bit 0
+    positive = x > 0
+    bit_values = 2 ** torch.arange(bits - 1, -1, -1)
+    for scale in (1.0, 0.25, 0.3):
+        assert torch.equal(ops.sign_codes(positive, scale), ops.sign_quantize(x, scale))
+    assert torch.equal(ops.bits_to_indices(positive, bit_values), ops.codes_to_indices(ops.sign_quantize(x, 1.0)))
+
+
+def test_video_eval_indices_match_vqp_channel_first():
+    ours, ref = _pair(codebook_size=2**6, dim=6)
+    ours.eval(), ref.eval()
+    x = torch.randn(2, 6, 3, 4, 5)
+    x[0, :, 0] = 0.0
+    out = ours(x)
+    q_ref, i_ref, _ = ref(x)
+    assert torch.equal(out.indices, i_ref) and torch.equal(out.quantized, q_ref)
+    assert float(out.loss) == 0.0

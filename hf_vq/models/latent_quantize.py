@@ -1,6 +1,6 @@
 """Latent Quantization (disentanglement via latent quantization) as a Hugging Face model.
 
-Semantics: vector-quantize-pytorch 1.32 `latent_quantization.py` (seed 003). https://arxiv.org/abs/2305.18378
+Semantics: vector-quantize-pytorch 1.32 `latent_quantization.py`. https://arxiv.org/abs/2305.18378
 
 Where this module deliberately differs from vqp 1.32 (each difference is tested):
 - Learnable values learn. vqp returns `z + (values - z).detach()`, so `values_per_latent` never receive a
@@ -13,7 +13,8 @@ Where this module deliberately differs from vqp 1.32 (each difference is tested)
 - Indices come from the per-latent argmin (exact mixed radix), not from `int32(float code * basis)`; they are
   the same for the initial values, and stay correct once the values are learned.
 - `indices_to_codes` decodes with the current (possibly learned) values.
-- Rank-3 input is `(b, n, d)` as in the seed; vqp 1.32 reads it as `(b, d, n)` (use `channel_first=True`).
+- Rank-3 input is `(b, n, d)` as in the other hf_vq quantizers; vqp 1.32 reads it as `(b, d, n)` (use
+  `channel_first=True`).
 """
 
 from __future__ import annotations
@@ -30,13 +31,12 @@ from ..modeling_utils import (
     QuantizerConfig,
     QuantizerModel,
     QuantizerOutput,
-    TokenLayout,
     check_features,
     check_indices,
     register_quantizer,
 )
 from ..ops import fsq as fsq_ops
-from .fsq import check_levels, keeps_codebook_axis
+from .fsq import channel_linear, check_levels, keeps_codebook_axis
 
 
 class LatentQuantizeConfig(QuantizerConfig):
@@ -154,7 +154,7 @@ def initial_values(level: int, device=None) -> Tensor:
 
 @dataclass
 class LatentQuantizeOutput(QuantizerOutput):
-    """Output of [`LatentQuantize`]: `quantized`, int32 `indices` and `loss` (0 in eval), the seed's tuple order."""
+    """Output of [`LatentQuantize`]: `quantized`, int32 `indices` and `loss` (0 in eval), vqp 1.32's tuple order."""
 
     tuple_fields: ClassVar[tuple[str, ...]] = ("quantized", "indices", "loss")
 
@@ -176,6 +176,17 @@ class LatentQuantize(QuantizerModel):
         super().__init__(config, **kwargs)
         c = self.config
         levels = c.levels_list
+        self.levels = levels
+        self.latent_dim = c.latent_dim
+        self.num_codebooks = c.num_codebooks
+        self.dim = c.effective_dim
+        self.keep_num_codebooks_dim = keeps_codebook_axis(c)
+        self.optimize_values = c.optimize_values
+        self.in_place_codebook_optimizer = c.in_place_codebook_optimizer
+        self.commitment_loss_weight = c.commitment_loss_weight
+        self.quantization_loss_weight = c.quantization_loss_weight
+        self.channel_first = c.channel_first
+        self.check_inputs = c.check_inputs
         inner = c.latent_dim * c.num_codebooks
         self.has_projections = c.effective_dim != inner
         if self.has_projections:
@@ -206,15 +217,11 @@ class LatentQuantize(QuantizerModel):
     def codebook_size(self) -> int:
         return self.config.codebook_size
 
-    @property
-    def keep_num_codebooks_dim(self) -> bool:
-        return keeps_codebook_axis(self.config)
-
     def latent_values(self) -> list[Tensor]:
         """The current values of each latent."""
-        if self.config.optimize_values:
+        if self.optimize_values:
             return list(self.values_per_latent)
-        return [getattr(self, f"_fixed_values_{i}") for i in range(self.config.latent_dim)]
+        return [getattr(self, f"_fixed_values_{i}") for i in range(self.latent_dim)]
 
     def _value_table(self) -> Tensor:
         """`(latents, max_level)` values, padded with +inf (never the nearest) where levels are unequal."""
@@ -230,16 +237,38 @@ class LatentQuantize(QuantizerModel):
 
     # -- quantize / index <-> code ----------------------------------------------------------------
 
-    def nearest_levels(self, z: Tensor) -> Tensor:
-        """`(..., latents)` features to the `(..., latents)` level index of the nearest value of each latent."""
-        table = self._value_table()
-        return (z.float().unsqueeze(-1) - table).abs().argmin(dim=-1)
+    def nearest_levels(self, z: Tensor, table: Tensor | None = None) -> Tensor:
+        """`(..., latents)` features to the `(..., latents)` int64 level index of the nearest value of each latent
+        (the first on ties, as `argmin(|z - values|)`)."""
+        return self._nearest_levels(z, self._value_table() if table is None else table).long()
 
-    def level_indices_to_codes(self, level_indices: Tensor) -> Tensor:
+    @staticmethod
+    @torch.no_grad()
+    def _nearest_levels(z: Tensor, table: Tensor) -> Tensor:
+        """`nearest_levels` as exact float32 level numbers. On CPU by a running minimum over the few values of a
+        latent: no `(..., latents, levels)` intermediate and no reduction over a short trailing axis (slow there),
+        each step a vectorized elementwise pass in `z`'s memory layout. On other devices, where each pass is a
+        kernel launch, and under torch.compile, which fuses the passes, by `argmin` over the distances to all
+        values at once."""
+        z = z.float()
+        if z.device.type != "cpu" or torch.compiler.is_compiling():
+            return (z.unsqueeze(-1) - table).abs_().argmin(dim=-1).float()
+        best = (z - table[:, 0]).abs_()
+        level = torch.zeros_like(best)
+        for j in range(1, table.shape[1]):
+            distance = (z - table[:, j]).abs_()
+            closer = distance < best
+            level.addcmul_(closer, j - level)  # j where closer, else unchanged (small integers: exact)
+            best = torch.minimum(best, distance, out=best)
+        return level
+
+    def level_indices_to_codes(self, level_indices: Tensor, table: Tensor | None = None) -> Tensor:
         """`(..., latents)` level indices to the values (differentiable in the values)."""
-        table = self._value_table()
-        flat = level_indices.reshape(-1, table.shape[0])
-        return table.gather(1, flat.t()).t().reshape(level_indices.shape)
+        table = self._value_table() if table is None else table
+        offsets = torch.arange(0, table.numel(), table.shape[1], device=level_indices.device)
+        flat = (level_indices.long() + offsets).reshape(-1)
+        # (index_select: its gradient is an index_add, where indexing's is a sorting accumulate on CUDA)
+        return table.flatten().index_select(0, flat).view(level_indices.shape)
 
     def quantize(self, z: Tensor) -> Tensor:
         """Quantize `(..., latents)` features to their nearest values, straight-through (as vqp)."""
@@ -248,12 +277,12 @@ class LatentQuantize(QuantizerModel):
 
     def codes_to_indices(self, codes: Tensor) -> Tensor:
         """`(..., latents)` codes (values of the latents) to `(...)` int32 indices."""
-        if codes.shape[-1] != self.config.latent_dim:
-            raise ValueError(f"codes must have last dim {self.config.latent_dim}, got {codes.shape[-1]}")
+        if codes.shape[-1] != self.latent_dim:
+            raise ValueError(f"codes must have last dim {self.latent_dim}, got {codes.shape[-1]}")
         return self._indices_from_levels(self.nearest_levels(codes))
 
     def _indices_from_levels(self, level_indices: Tensor) -> Tensor:
-        return (level_indices * self._basis).sum(-1).to(torch.int32)
+        return fsq_ops.level_digits_to_indices(level_indices.to(torch.float32), self._basis, self.codebook_size)
 
     def indices_to_codes(self, indices: Tensor, project_out: bool = True) -> Tensor:
         """Inverse of the forward's indices: `(b, ...)` or `(b, ..., c)` indices to features (channel-first for
@@ -266,12 +295,12 @@ class LatentQuantize(QuantizerModel):
         codes = self.level_indices_to_codes(levels).flatten(-2)
         if project_out:
             codes = self.project_out(codes)
-        if spatial or self.config.channel_first:
+        if spatial or self.channel_first:
             codes = codes.movedim(-1, 1)
         return codes
 
     def _check_indices(self, indices: Tensor) -> None:
-        axis = self.config.num_codebooks if self.keep_num_codebooks_dim else None
+        axis = self.num_codebooks if self.keep_num_codebooks_dim else None
         check_indices(indices, self.codebook_size, codebook_axis=axis)
 
     # -- in-place codebook optimizer --------------------------------------------------------------
@@ -306,47 +335,64 @@ class LatentQuantize(QuantizerModel):
 
     def forward(self, z: Tensor, return_dict: bool | None = None) -> LatentQuantizeOutput | tuple:
         """Quantize `z` of shape `(b, n, d)`, `(b, d, h, w)` or `(b, d, t, h, w)` (or `(b, d, n)` with
-        `channel_first`). Returns [`LatentQuantizeOutput`], or `(quantized, indices, loss)` with
-        `return_dict=False`."""
-        c = self.config
-        if c.check_inputs:
-            check_features(z, c.effective_dim, name="z")
-        layout = TokenLayout.of(z, channel_first=True if c.channel_first else None)
-        tokens = layout.to_tokens(z)
-        if tokens.shape[-1] != c.effective_dim:
-            raise ValueError(f"expected feature dim {c.effective_dim}, got {tokens.shape[-1]} (input shape {tuple(z.shape)})")
+        `channel_first`; `(b, d)` is one token per row). Returns [`LatentQuantizeOutput`], or
+        `(quantized, indices, loss)` with `return_dict=False`.
 
-        latents = self.project_in(tokens).unflatten(-1, (c.num_codebooks, c.latent_dim))
-        in_place = self.training and c.in_place_codebook_optimizer is not None
+        A channel-first input goes through the projections as batched products over its `(b, d, n)` view and its
+        latents are quantized as a transposed view: no transposed copy of the features."""
+        if self.check_inputs:
+            check_features(z, self.dim, name="z")
+        channel_first = z.ndim >= 4 or (z.ndim == 3 and self.channel_first)
+        feature_axis = 1 if channel_first else -1
+        if z.shape[feature_axis] != self.dim:
+            raise ValueError(f"expected feature dim {self.dim}, got {z.shape[feature_axis]} (input shape {tuple(z.shape)})")
+        features = z.flatten(2) if channel_first else z
+        if channel_first:
+            projected = channel_linear(self.project_in, features) if self.has_projections else features
+            latents = projected.transpose(1, 2)
+        else:
+            latents = self.project_in(features) if self.has_projections else features
+        latents = latents.unflatten(-1, (self.num_codebooks, self.latent_dim))
+        in_place = self.training and self.in_place_codebook_optimizer is not None
         if in_place:
             self._optimize_values_in_place(latents)
 
         with torch.autocast(device_type=latents.device.type, enabled=False):
-            levels = self.nearest_levels(latents)
-            values = self.level_indices_to_codes(levels)  # differentiable in the values
+            table = self._value_table()
+            levels = self._nearest_levels(latents, table)
+            values = self.level_indices_to_codes(levels, table)  # differentiable in the values
         codes = latents + (values.to(latents.dtype) - latents).detach()  # straight-through to the input
         indices = self._indices_from_levels(levels)
 
-        out = self.project_out(codes.flatten(-2))
-        loss = self._loss(tokens, out, values, in_place)
+        out = self._project_out(codes, channel_first)
+        loss = self._loss(features, out, values, in_place, channel_first) if self.training else \
+            features.new_zeros((), dtype=torch.float32)
 
-        quantized = layout.from_tokens(out)
-        indices = layout.indices_from_tokens(indices)
+        if channel_first:
+            quantized = out.reshape(z.shape[0], out.shape[1], *z.shape[2:])
+            indices = indices.reshape(z.shape[0], *z.shape[2:], indices.shape[-1])
+        else:
+            quantized = out
         if not self.keep_num_codebooks_dim:
             indices = indices.squeeze(-1)
         return self._output(LatentQuantizeOutput(quantized=quantized, indices=indices, loss=loss), return_dict)
 
-    def _loss(self, tokens: Tensor, out: Tensor, values: Tensor, in_place: bool) -> Tensor:
+    def _project_out(self, codes: Tensor, channel_first: bool) -> Tensor:
+        """`(..., C, latents)` codes (rows; a transposed view for channel-first input) to output features."""
+        codes = codes.flatten(-2)
+        if channel_first:
+            codes = codes.transpose(1, 2)
+            return channel_linear(self.project_out, codes) if self.has_projections else codes
+        return self.project_out(codes) if self.has_projections else codes
+
+    def _loss(self, features: Tensor, out: Tensor, values: Tensor, in_place: bool, channel_first: bool) -> Tensor:
         """vqp's `cw * mse(input.detach(), out) + qw * mse(out.detach(), input)`, with the commitment term's
-        gradient routed to the values (unless they are optimized in place)."""
-        c = self.config
-        zero = tokens.new_zeros((), dtype=torch.float32)
-        if not self.training:
-            return zero
-        loss = zero
-        if c.commitment_loss_weight != 0:
-            target = out if in_place or not c.optimize_values else self.project_out(values.to(out.dtype).flatten(-2))
-            loss = loss + c.commitment_loss_weight * F.mse_loss(tokens.detach(), target)
-        if c.quantization_loss_weight != 0:
-            loss = loss + c.quantization_loss_weight * F.mse_loss(out.detach(), tokens)
+        gradient routed to the values (unless they are optimized in place). `features` and `out` in one layout."""
+        loss = features.new_zeros((), dtype=torch.float32)
+        if self.commitment_loss_weight != 0:
+            target = out if in_place or not self.optimize_values else \
+                self._project_out(values.to(out.dtype), channel_first)
+            loss = loss + self.commitment_loss_weight * F.mse_loss(features.detach(), target)
+        if self.quantization_loss_weight != 0:
+            loss = loss + self.quantization_loss_weight * F.mse_loss(out.detach(), features)
         return loss

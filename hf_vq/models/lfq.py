@@ -1,11 +1,12 @@
 """Lookup-Free Quantization (LFQ) and its spherical variant (BSQ) as a Hugging Face model.
 
-Semantics: CogVideo sgm `lookup_free_quantization.py` (the seed) and vector-quantize-pytorch 1.32 `LFQ` (its
-superset of options). https://arxiv.org/abs/2310.05737, https://arxiv.org/abs/2406.07548
+Semantics: CogVideo sgm `lookup_free_quantization.py` and vector-quantize-pytorch 1.32 `LFQ` (a superset of
+CogVideo sgm's options). https://arxiv.org/abs/2310.05737, https://arxiv.org/abs/2406.07548
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import namedtuple
 from dataclasses import dataclass
@@ -26,8 +27,9 @@ from ..modeling_utils import (
     register_quantizer,
 )
 from ..ops import lfq as lfq_ops
+from .fsq import channel_linear
 
-# the seed's breakdown of the aux loss, same field order
+# CogVideo sgm's breakdown of the aux loss, same field order
 LFQLossBreakdown = namedtuple("LFQLossBreakdown", ["per_sample_entropy", "batch_entropy", "commitment"])
 
 ACTIVATIONS = {
@@ -51,11 +53,11 @@ class LFQConfig(QuantizerConfig):
             differs, linear projections map in and out of the code space.
         codebook_size (`int`, *optional*): a power of two; defaults to `2 ** dim`.
         entropy_loss_weight (`float`, defaults to 0.1): weight of the entropy aux loss.
-        commitment_loss_weight (`float`, defaults to 0.25): weight of the commitment loss (the seed's default;
+        commitment_loss_weight (`float`, defaults to 0.25): weight of the commitment loss (CogVideo sgm's default;
             vector-quantize-pytorch defaults to 0).
         diversity_gamma (`float`, defaults to 1.0): weight of the codebook entropy inside the entropy loss.
         straight_through_activation (`str`, defaults to `"identity"`): activation applied before the
-            straight-through estimator, one of `ACTIVATIONS` (the seed takes a module; a name keeps the config JSON).
+            straight-through estimator, one of `ACTIVATIONS` (CogVideo sgm takes a module; a name keeps the config JSON).
         num_codebooks (`int`, defaults to 1): independent codebooks over equal slices of the projected features.
         keep_num_codebooks_dim (`bool`, *optional*): keep a trailing codebook axis on `indices`; defaults to
             `num_codebooks > 1` and must be true when `num_codebooks > 1`.
@@ -65,8 +67,8 @@ class LFQConfig(QuantizerConfig):
         frac_per_sample_entropy (`float`, defaults to 1.0): in (0, 1]; use a random fraction of the tokens for
             the entropy loss.
         inv_temperature (`float`, defaults to 100.0): default inverse temperature of the code softmax (the
-            forward's `inv_temperature` argument overrides it, as in the seed).
-        entropy_loss_method (`str`, defaults to `"exact"`): `"exact"` computes the seed's codebook entropy of the
+            forward's `inv_temperature` argument overrides it, as in CogVideo sgm).
+        entropy_loss_method (`str`, defaults to `"exact"`): `"exact"` computes CogVideo sgm's codebook entropy of the
             batch-mean code distribution over all `2**C` codes (without an `N x 2**C` matrix); `"factorized"` uses
             the BSQ / Open-MAGVIT2 approximation (sum of per-bit entropies of the batch-mean bit probability).
         has_projections (`bool`, *optional*): force projections on or off; defaults to `dim != C * num_codebooks`.
@@ -191,14 +193,14 @@ class LFQOutput(QuantizerOutput):
     Args:
         quantized (`torch.Tensor`): the quantized features, in the input's layout and dtype.
         indices (`torch.Tensor`): int64 code indices, `(b, *spatial)` or `(b, *spatial, num_codebooks)`.
-        loss (`torch.Tensor`): the seed's `entropy_aux_loss`: weighted entropy plus commitment loss (0 in eval).
+        loss (`torch.Tensor`): CogVideo sgm's `entropy_aux_loss`: weighted entropy plus commitment loss (0 in eval).
         loss_breakdown (`LFQLossBreakdown`, *optional*): `(per_sample_entropy, batch_entropy, commitment)` when
             `return_loss_breakdown=True`.
     """
 
     loss_breakdown: LFQLossBreakdown | None = None
 
-    # the seed's `Return(quantized, indices, entropy_aux_loss)`
+    # CogVideo sgm's `Return(quantized, indices, entropy_aux_loss)`
     tuple_fields: ClassVar[tuple[str, ...]] = ("quantized", "indices", "loss")
 
 
@@ -230,6 +232,29 @@ class LFQ(QuantizerModel):
     def __init__(self, config: LFQConfig | None = None, **kwargs):
         super().__init__(config, **kwargs)
         c = self.config
+        self.dim = c.effective_dim
+        self.codebook_dim = c.codebook_dim
+        self.num_codebooks = c.num_codebooks
+        self.keep_num_codebooks_dim = c.num_codebooks > 1 if c.keep_num_codebooks_dim is None else c.keep_num_codebooks_dim
+        self.codebook_scale = c.codebook_scale
+        self.spherical = c.spherical
+        self.soft_clamp_input_value = c.soft_clamp_input_value
+        self.orthogonal_rotation = c.orthogonal_rotation
+        self.force_quantization_f32 = c.force_quantization_f32
+        self.channel_first = c.channel_first
+        self.check_inputs = c.check_inputs
+        self.inv_temperature = c.inv_temperature
+        self.frac_per_sample_entropy = c.frac_per_sample_entropy
+        self.entropy_loss_method = c.entropy_loss_method
+        self.sync_codebook_entropy = c.sync_codebook_entropy
+        self.diversity_gamma = c.diversity_gamma
+        self.entropy_loss_weight = c.entropy_loss_weight
+        self.commitment_loss_weight = c.commitment_loss_weight
+        self.experimental_softplus_entropy_loss = c.experimental_softplus_entropy_loss
+        self.entropy_loss_offset = c.entropy_loss_offset
+        # place value of each bit, most significant first (the index of a code is the sum over its set bits)
+        # (an explicit device: models are also built under a meta-device context, which would leave no values)
+        self._bit_values = 2 ** torch.arange(self.codebook_dim - 1, -1, -1, device="cpu")
         inner = c.codebook_dim * c.num_codebooks
         self.has_projections = c.has_projections if c.has_projections is not None else c.effective_dim != inner
         if not self.has_projections:
@@ -255,15 +280,9 @@ class LFQ(QuantizerModel):
         return self.config.effective_codebook_size
 
     @property
-    def keep_num_codebooks_dim(self) -> bool:
-        keep = self.config.keep_num_codebooks_dim
-        return self.config.num_codebooks > 1 if keep is None else keep
-
-    @property
     def code_magnitude(self) -> float:
         """Per-bit magnitude of every code (after the spherical normalization, if any)."""
-        c = self.config
-        return c.codebook_scale / math.sqrt(c.codebook_dim) if c.spherical else c.codebook_scale
+        return self.codebook_scale / math.sqrt(self.codebook_dim) if self.spherical else self.codebook_scale
 
     @property
     def codebook(self) -> Tensor:
@@ -271,12 +290,12 @@ class LFQ(QuantizerModel):
         return self._codes_from_indices(torch.arange(self.codebook_size, device=self.device))
 
     def _codes_from_indices(self, indices: Tensor) -> Tensor:
-        bits = lfq_ops.bits_of(indices, self.config.codebook_dim)
-        codes = lfq_ops.bits_to_codes(bits, self.config.codebook_scale)
-        return lfq_ops.l2norm(codes, self.config.codebook_scale) if self.config.spherical else codes
+        bits = lfq_ops.bits_of(indices, self.codebook_dim)
+        codes = lfq_ops.bits_to_codes(bits, self.codebook_scale)
+        return lfq_ops.l2norm(codes, self.codebook_scale) if self.spherical else codes
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # the seed (and vqp) save their derived bit `mask` as a buffer: accept and drop it
+        # CogVideo sgm (and vqp 1.32) save their derived bit `mask` as a buffer: accept and drop it
         state_dict.pop(prefix + "mask", None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -284,35 +303,35 @@ class LFQ(QuantizerModel):
 
     def indices_to_codes(self, indices: Tensor, project_out: bool = True) -> Tensor:
         """Inverse of the forward's indices: `(b, ...)` or `(b, ..., c)` indices to features (channel-first for
-        image/video-shaped indices, like the seed)."""
+        image/video-shaped indices, as CogVideo sgm)."""
         self._check_indices(indices)
         spatial = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
         if not self.keep_num_codebooks_dim:
             indices = indices.unsqueeze(-1)
         codes = self._codes_from_indices(indices)
-        if self.config.orthogonal_rotation:
+        if self.orthogonal_rotation:
             codes = codes @ self.orthogonal_rot.t()
         codes = codes.flatten(-2)
         if project_out:
             codes = self.project_out(codes.to(self.project_out.weight.dtype) if self.has_projections else codes)
-        if spatial or self.config.channel_first:
+        if spatial or self.channel_first:
             codes = codes.movedim(-1, 1)
         return codes
 
     def _check_indices(self, indices: Tensor) -> None:
-        axis = self.config.num_codebooks if self.keep_num_codebooks_dim else None
+        axis = self.num_codebooks if self.keep_num_codebooks_dim else None
         check_indices(indices, self.codebook_size, codebook_axis=axis)
 
     # -- losses -----------------------------------------------------------------------------------
 
     def entropy_terms(self, x: Tensor, inv_temperature: float) -> tuple[Tensor, Tensor]:
         """`(per_sample_entropy, codebook_entropy)` of `(N, c, C)` pre-quantization features."""
-        x = lfq_ops.sample_fraction(x, self.config.frac_per_sample_entropy)
+        x = lfq_ops.sample_fraction(x, self.frac_per_sample_entropy)
         logits = lfq_ops.bit_logits(x, inv_temperature, self.code_magnitude)
         per_sample = lfq_ops.per_sample_entropy(logits)
-        if self.config.entropy_loss_method == "factorized":
+        if self.entropy_loss_method == "factorized":
             return per_sample, lfq_ops.factorized_codebook_entropy(logits)
-        sync = self.config.sync_codebook_entropy
+        sync = self.sync_codebook_entropy
         if (distributed.is_distributed() if sync is None else sync) and distributed.is_distributed():
             # the code distribution of the global batch: token-weighted mean over ranks (differentiable)
             count = torch.tensor(float(logits.shape[0]), device=logits.device)
@@ -333,61 +352,95 @@ class LFQ(QuantizerModel):
         return_dict: bool | None = None,
     ) -> LFQOutput | tuple:
         """Quantize `x` of shape `(b, n, d)`, `(b, d, h, w)` or `(b, d, t, h, w)` (or `(b, d, n)` with
-        `channel_first`). `mask` (`(b, n)` or `(b, *spatial)` bool) restricts the losses to some tokens.
-        Returns [`LFQOutput`], or the seed's `(quantized, indices, entropy_aux_loss)` with `return_dict=False`
-        (and `(that tuple, LFQLossBreakdown)` with `return_loss_breakdown`, as the seed)."""
-        c = self.config
-        inv_temperature = c.inv_temperature if inv_temperature is None else inv_temperature
-        if c.check_inputs:
-            check_features(x, c.effective_dim, name="x")
-        layout = TokenLayout.of(x, channel_first=True if c.channel_first else None)
-        tokens = layout.to_tokens(x)
-        if tokens.shape[-1] != c.effective_dim:
-            raise ValueError(f"expected feature dim {c.effective_dim}, got {tokens.shape[-1]} (input shape {tuple(x.shape)})")
-        mask = self._token_mask(mask, layout, tokens)
+        `channel_first`; `(b, d)` is one token per row). `mask` (`(b, n)` or `(b, *spatial)` bool) restricts the
+        losses to some tokens. Returns [`LFQOutput`], or CogVideo sgm's `(quantized, indices, entropy_aux_loss)`
+        with `return_dict=False` (and `(that tuple, LFQLossBreakdown)` with `return_loss_breakdown`, as CogVideo
+        sgm).
 
-        tokens = self.project_in(tokens)
-        if c.soft_clamp_input_value is not None:
-            tokens = lfq_ops.soft_clamp(tokens, c.soft_clamp_input_value)
-        tokens = tokens.unflatten(-1, (c.num_codebooks, c.codebook_dim))
-        if c.orthogonal_rotation:
-            tokens = tokens @ self.orthogonal_rot
-        if c.spherical:
-            tokens = lfq_ops.l2norm(tokens, c.codebook_scale)
+        A channel-first input goes through the projections as batched products over its `(b, d, n)` view and is
+        quantized as a transposed view: no transposed copy of the features."""
+        inv_temperature = self.inv_temperature if inv_temperature is None else inv_temperature
+        if self.check_inputs:
+            check_features(x, self.dim, name="x")
+        channel_first = x.ndim >= 4 or (x.ndim == 3 and self.channel_first)
+        feature_axis = 1 if channel_first else -1
+        if x.shape[feature_axis] != self.dim:
+            raise ValueError(f"expected feature dim {self.dim}, got {x.shape[feature_axis]} (input shape {tuple(x.shape)})")
+        if channel_first:
+            features = x.flatten(2)
+            if self.has_projections:
+                features = self._project_in_channels(features)
+            rows = features.transpose(1, 2)  # (b, n, C * c) view
+        else:
+            rows = x.unsqueeze(1) if x.ndim == 2 else x
+            if self.has_projections:
+                rows = self.project_in(rows)
+        mask = self._token_mask(mask, rows)
 
-        orig_dtype = tokens.dtype
-        with torch.autocast(device_type=tokens.device.type, enabled=not c.force_quantization_f32):
-            if c.force_quantization_f32:
-                tokens = tokens.float()
-            codes, indices, breakdown = self._quantize_tokens(tokens, inv_temperature, mask)
-            codes = codes.to(orig_dtype)
+        codes, indices, breakdown = self._quantize_rows(rows, inv_temperature, mask)
 
-        if c.orthogonal_rotation:
-            codes = codes @ self.orthogonal_rot.t()
-        quantized = layout.from_tokens(self.project_out(codes.flatten(-2)))
-        indices = layout.indices_from_tokens(indices)
+        if channel_first:
+            out = codes.transpose(1, 2)
+            if self.has_projections:
+                out = channel_linear(self.project_out, out)
+            quantized = out.reshape(x.shape[0], out.shape[1], *x.shape[2:])
+            indices = indices.reshape(x.shape[0], *x.shape[2:], indices.shape[-1])
+        else:
+            quantized = self.project_out(codes) if self.has_projections else codes
+            if x.ndim == 2:
+                quantized, indices = quantized.squeeze(1), indices.squeeze(1)
         if not self.keep_num_codebooks_dim:
             indices = indices.squeeze(-1)
 
-        per_sample, batch, commit = breakdown
-        entropy_loss = per_sample - c.diversity_gamma * batch
-        if self.training and c.experimental_softplus_entropy_loss:
-            entropy_loss = F.softplus(entropy_loss + c.entropy_loss_offset)
-        loss = entropy_loss * c.entropy_loss_weight + commit * c.commitment_loss_weight
-
+        loss = self._aux_loss(*breakdown) if self.training else breakdown[0]
         out = LFQOutput(quantized=quantized, indices=indices, loss=loss,
                         loss_breakdown=LFQLossBreakdown(*breakdown) if return_loss_breakdown else None)
-        if return_dict is False or (return_dict is None and not c.return_dict):
-            seed = out.to_tuple_output()
-            return (seed, out.loss_breakdown) if return_loss_breakdown else seed
+        if return_dict is False or (return_dict is None and not self.config.return_dict):
+            plain = out.to_tuple_output()
+            return (plain, out.loss_breakdown) if return_loss_breakdown else plain
         return out
 
-    def _token_mask(self, mask: Tensor | None, layout: TokenLayout, tokens: Tensor) -> Tensor | None:
-        mask = layout.mask_to_tokens(mask)
+    def _project_in_channels(self, features: Tensor) -> Tensor:
+        if isinstance(self.project_in, nn.Linear):
+            return channel_linear(self.project_in, features)
+        return self.project_in(features.transpose(1, 2)).transpose(1, 2)  # (cosine-similarity projection)
+
+    def _aux_loss(self, per_sample: Tensor, batch: Tensor, commit: Tensor) -> Tensor:
+        entropy_loss = per_sample - self.diversity_gamma * batch
+        if self.experimental_softplus_entropy_loss:
+            entropy_loss = F.softplus(entropy_loss + self.entropy_loss_offset)
+        return entropy_loss * self.entropy_loss_weight + commit * self.commitment_loss_weight
+
+    def _quantize_rows(self, rows: Tensor, inv_temperature: float, mask: Tensor | None):
+        """`(b, n, C * c)` features (any layout) -> (codes `(b, n, C * c)` in the features' dtype, `(b, n, c)`
+        int64 indices, (per-sample entropy, codebook entropy, commitment))."""
+        if self.soft_clamp_input_value is not None:
+            rows = lfq_ops.soft_clamp(rows, self.soft_clamp_input_value)
+        tokens = rows.unflatten(-1, (self.num_codebooks, self.codebook_dim))
+        if self.orthogonal_rotation:
+            tokens = tokens @ self.orthogonal_rot
+        if self.spherical:
+            tokens = lfq_ops.l2norm(tokens, self.codebook_scale)
+        orig_dtype = tokens.dtype
+        with torch.autocast(device_type=tokens.device.type, enabled=False) if self.force_quantization_f32 \
+                else contextlib.nullcontext():
+            if self.force_quantization_f32:
+                tokens = tokens.float()
+            codes, indices, breakdown = self._quantize_tokens(tokens, inv_temperature, mask)
+            codes = codes.to(orig_dtype)
+        if self.orthogonal_rotation:
+            codes = codes @ self.orthogonal_rot.t()
+        return codes.flatten(-2), indices, breakdown
+
+    def _token_mask(self, mask: Tensor | None, rows: Tensor) -> Tensor | None:
+        """A `(b, *spatial)` or `(b, n)` bool mask as `(b, n)` over the token rows."""
         if mask is None:
             return None
-        if mask.shape != tokens.shape[:2]:
-            raise ValueError(f"mask must have shape (b, *spatial) = {tuple(tokens.shape[:2])} in tokens, "
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor, got dtype {mask.dtype}")
+        mask = mask.reshape(mask.shape[0], -1)
+        if mask.shape != rows.shape[:2]:
+            raise ValueError(f"mask must have shape (b, *spatial) = {tuple(rows.shape[:2])} in tokens, "
                              f"got {tuple(mask.shape)}")
         if not bool(mask.any()):
             raise ValueError("mask selects no tokens")
@@ -396,12 +449,14 @@ class LFQ(QuantizerModel):
     def _quantize_tokens(self, x: Tensor, inv_temperature: float, mask: Tensor | None):
         """`(b, n, c, C)` features -> (straight-through codes, `(b, n, c)` indices, (per-sample entropy,
         codebook entropy, commitment))."""
-        c = self.config
-        quantized = lfq_ops.sign_quantize(x, c.codebook_scale)
-        indices = lfq_ops.codes_to_indices(quantized)
-        if c.spherical:
-            quantized = lfq_ops.l2norm(quantized, c.codebook_scale)
-        if not self.training:
+        positive = x > 0
+        quantized = lfq_ops.sign_codes(positive, self.codebook_scale, x.dtype)
+        if self._bit_values.device != x.device:
+            self._bit_values = self._bit_values.to(x.device)
+        indices = lfq_ops.bits_to_indices(positive, self._bit_values)
+        if self.spherical:
+            quantized = lfq_ops.l2norm(quantized, self.codebook_scale)
+        if not self.training:  # no aux loss, no straight-through estimator
             zero = x.new_zeros((), dtype=torch.float32)
             return quantized, indices, (zero, zero, zero)
 

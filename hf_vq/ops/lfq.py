@@ -1,6 +1,6 @@
 """Lookup-free quantization ops (LFQ, https://arxiv.org/abs/2310.05737; BSQ, https://arxiv.org/abs/2406.07548).
 
-The entropy aux loss of the seed is defined through the softmax over all `2**C` codes `c in {-m, m}**C` of
+The entropy aux loss of CogVideo sgm (and vqp 1.32) is defined through the softmax over all `2**C` codes `c in {-m, m}**C` of
 `2 * inv_temperature * <x, c>` (the negative squared distance up to a per-sample constant, since every code
 has the same norm). That softmax factorizes over bits: code `k` has probability `prod_i p_i(b_ki)` with
 independent per-bit Bernoullis `p_i(1) = sigmoid(4 * inv_temperature * m * x_i)`. The ops below use this to
@@ -9,7 +9,7 @@ never build the `N x 2**C` probability matrix:
 - per-sample entropy = sum of per-bit binary entropies (exact Shannon entropy);
 - batch-mean code probability: split the `C` bits into a high and a low half; the probability of code
   `(hi, lo)` is `P_hi[n, hi] * P_lo[n, lo]`, so its mean over samples is the matmul `P_hi^T @ P_lo / N`:
-  memory `N * (2**H + 2**L) + 2**C` instead of `N * 2**C`, same flops as the seed's einsum, and plain
+  memory `N * (2**H + 2**L) + 2**C` instead of `N * 2**C`, same flops as CogVideo sgm's einsum, and plain
   autograd gives the gradient with no recomputation needed.
 """
 
@@ -23,7 +23,7 @@ ENTROPY_EPS = 1e-5
 
 
 def bits_of(indices: Tensor, codebook_dim: int) -> Tensor:
-    """`(...)` int indices to `(...)`, `codebook_dim` bool bits, most significant bit first (the seed's mask)."""
+    """`(...)` int indices to `(...)`, `codebook_dim` bool bits, most significant bit first (CogVideo sgm's mask)."""
     mask = 2 ** torch.arange(codebook_dim - 1, -1, -1, device=indices.device)
     return (indices.unsqueeze(-1).long() & mask) != 0
 
@@ -38,6 +38,24 @@ def codes_to_indices(codes: Tensor) -> Tensor:
     c = codes.shape[-1]
     mask = 2 ** torch.arange(c - 1, -1, -1, device=codes.device)
     return ((codes > 0).long() * mask).sum(-1)
+
+
+def sign_codes(positive: Tensor, scale: float, dtype: torch.dtype = torch.float32) -> Tensor:
+    """`sign_quantize` from the precomputed `x > 0`: `scale` where set, else `-scale` (exactly: `{0, 1} * 2 * scale
+    - scale`; elementwise arithmetic, which runs vectorized where a `where` over scalars does not on CPU)."""
+    return positive.to(dtype).mul_(2 * scale).sub_(scale)
+
+
+def bits_to_indices(positive: Tensor, bit_values: Tensor) -> Tensor:
+    """`(..., C)` bits (`x > 0`) to `(...)` int64 indices, `bit_values` the place value of each bit (most
+    significant first). On CPU one float32 matrix-vector product (exact: every partial sum is an integer below
+    2**24 for C <= 24; full-precision matmuls only, see `fsq.level_digits_to_indices`), where a sum over a short
+    trailing axis is a slow reduction; elsewhere the integer sum."""
+    if (not torch.compiler.is_compiling() and positive.device.type == "cpu" and positive.shape[-1] <= 24
+            and not torch.is_autocast_enabled("cpu")
+            and torch.get_float32_matmul_precision() == "highest"):
+        return torch.matmul(positive.to(torch.float32), bit_values.to(torch.float32)).long()
+    return (positive.long() * bit_values).sum(-1)
 
 
 def sign_quantize(x: Tensor, scale: float) -> Tensor:
@@ -57,7 +75,7 @@ def soft_clamp(x: Tensor, value: float) -> Tensor:
 
 
 def bit_logits(x: Tensor, inv_temperature: float, code_magnitude: float) -> Tensor:
-    """Per-bit logit of `P(bit = 1)` under the seed's softmax over codes `{-m, m}**C`: `4 * inv_temp * m * x`."""
+    """Per-bit logit of `P(bit = 1)` under CogVideo sgm's softmax over codes `{-m, m}**C`: `4 * inv_temp * m * x`."""
     return x * (4.0 * inv_temperature * code_magnitude)
 
 
@@ -73,7 +91,7 @@ def per_sample_entropy(logits: Tensor) -> Tensor:
 
 
 def entropy(prob: Tensor, eps: float = ENTROPY_EPS) -> Tensor:
-    """The seed's entropy over the last axis, with `log(clamp(p, eps))`."""
+    """CogVideo sgm's entropy over the last axis, with `log(clamp(p, eps))`."""
     return (-prob * prob.clamp(min=eps).log()).sum(-1)
 
 
@@ -91,7 +109,7 @@ def _code_probability_table(logits: Tensor) -> Tensor:
 def mean_code_probs(logits: Tensor) -> Tensor:
     """Batch-mean probability of every code: `(N, c, C)` bit logits -> `(c, 2**C)`.
 
-    Exactly `softmax(logits of all codes).mean(samples)` of the seed, computed as `P_hi^T @ P_lo / N` over the
+    Exactly CogVideo sgm's `softmax(logits of all codes).mean(samples)`, computed as `P_hi^T @ P_lo / N` over the
     high and low halves of the bits, never materializing `N x 2**C`.
     """
     n, c, nbits = logits.shape
@@ -115,7 +133,7 @@ def factorized_codebook_entropy(logits: Tensor, eps: float = ENTROPY_EPS) -> Ten
 
 
 def sample_fraction(tokens: Tensor, frac: float) -> Tensor:
-    """A random `int(N * frac)` subset of the `(N, ...)` rows (the seed's `argsort` of random numbers)."""
+    """A random `int(N * frac)` subset of the `(N, ...)` rows (CogVideo sgm's `argsort` of random numbers)."""
     if frac >= 1.0:
         return tokens
     n = tokens.shape[0]

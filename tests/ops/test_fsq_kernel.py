@@ -15,7 +15,6 @@ FSQ_CHECK = textwrap.dedent(
     """
     import json, sys, torch
     import hf_vq
-    from hf_vq.models._config_view import fast_view
     dev = sys.argv[1]
     g = torch.Generator().manual_seed(0)
     out = {}
@@ -31,12 +30,12 @@ FSQ_CHECK = textwrap.dedent(
         # offset: z starts one element into its buffer (a pointer Triton must not treat as 16-byte aligned)
         buf = (torch.randn(3 * n * width + offset, generator=g) * 2).to(dev, dt).requires_grad_()
         z = buf[offset:].view(3, n, width)
-        assert m._fused_ok(z, fast_view(m.config))
+        assert m.uses_kernel(z)
         zt = z.detach().clone().requires_grad_()
         res = m(z)
         with torch.no_grad():
             ev = m(z)  # (inference: no slope)
-        qt, it = m._quantize_torch(zt.unflatten(-1, (ncb, len(levels))))
+        qt, it = m.quantize_rows(zt, use_kernel=False)
         if ncb == 1:
             it = it.squeeze(-1)
         w = torch.randn(res.quantized.shape, generator=g).to(dev)
@@ -70,6 +69,30 @@ FSQ_CHECK = textwrap.dedent(
         (qf, i_f, gf), (qt, it, gt) = res["0"], res["1"]
         out[name] = dict(codes_equal=bool(torch.equal(qf, qt)), indices_equal=bool(torch.equal(i_f, it)),
                          dtype_ok=qf.shape == z.shape, grad_err=max(rel(a, b) for a, b in zip(gf, gt)))
+    # the one-pass ResidualFSQ kernel against its PyTorch reference (`fsq.residual_fsq`)
+    from hf_vq.ops import fsq as fsq_ops, triton_fsq
+    for levels, hard, q in (([8, 5, 5, 5], True, 4), ([7, 4, 3], False, 3), ([5], True, 2)):
+        scales = torch.stack([torch.tensor(levels, dtype=torch.float32) ** -i for i in range(q)]).to(dev)
+        table = fsq_ops.bound_table(levels, hard_clamp=hard, symmetric=True, device=dev)
+        basis = fsq_ops.fsq_tables(levels, device=dev)[1]
+        size = 1
+        for level in levels:
+            size *= level
+        for n in sizes:
+            x = torch.tanh(torch.randn(3, n, len(levels), generator=g) * 2).to(dev) * 1.2
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ref, ref_idx = fsq_ops.residual_fsq(xa, scales, table, basis, size, hard_clamp=hard)
+            res, idx = triton_fsq.residual_fsq_fused(xb, scales, table, basis, hard, straight_through=True)
+            with torch.no_grad():
+                ev, ev_idx = triton_fsq.residual_fsq_fused(x, scales, table, basis, hard)
+            w = torch.randn(ref.shape, generator=g).to(dev)
+            (ref * w).sum().backward()
+            (res * w).sum().backward()
+            out[f"residual-{levels}-{hard}-{n}"] = dict(
+                codes_equal=bool(torch.equal(res, ref) and torch.equal(ev, ref)),
+                indices_equal=bool(torch.equal(idx, ref_idx) and torch.equal(ev_idx, ref_idx)),
+                dtype_ok=res.dtype == x.dtype and idx.dtype == torch.int32,
+                grad_err=float((xb.grad - xa.grad).abs().max() / (xa.grad.abs().max() + 1e-12)))
     print("RESULT" + json.dumps(out))
     """
 )
