@@ -278,6 +278,7 @@ def test_residual_fsq_op_equals_the_per_level_loop(levels, hard_clamp, num_quant
 
     model = hf_vq.ResidualFSQ(levels=levels, num_quantizers=num_quantizers, dim=len(levels),
                               bound_hard_clamp=hard_clamp)
+    model.levels_path = "per_level"  # the reference: each level's FSQ forward in turn
     scales = torch.stack([torch.tensor(levels, dtype=torch.float32) ** -i for i in range(num_quantizers)])
     table = fsq_ops.bound_table(levels, hard_clamp=hard_clamp, symmetric=True)
     basis = fsq_ops.fsq_tables(levels)[1]
@@ -293,3 +294,57 @@ def test_residual_fsq_op_equals_the_per_level_loop(levels, hard_clamp, num_quant
         (ref.quantized * w).sum().backward()
         (out * w).sum().backward()
         assert torch.equal(xa.grad, xb.grad)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("kwargs,shape", [
+    (dict(levels=[8, 5, 5, 5], num_quantizers=4, dim=12), (2, 9, 12)),
+    (dict(levels=[7, 4, 3], num_quantizers=3, bound_hard_clamp=False, soft_clamp_input_value=1.5,
+          is_channel_first=True), (2, 3, 9)),
+    (dict(levels=[5, 3], num_quantizers=4, quantize_dropout=True, quantize_dropout_cutoff_index=1), (2, 9, 2)),
+], ids=["proj", "soft", "dropout"])
+def test_residual_fsq_one_pass_equals_the_per_level_loop(kwargs, shape, train):
+    """ResidualFSQ's one-pass levels give what calling each level gives: outputs, indices, input gradients."""
+    torch.manual_seed(0)
+    fast = hf_vq.ResidualFSQ(**kwargs).train(train)
+    assert fast.levels_path == "one_pass"
+    slow = hf_vq.ResidualFSQ(**kwargs).train(train)
+    slow.load_state_dict(fast.state_dict())
+    slow.levels_path = "per_level"
+    x = torch.randn(*shape) * 2
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(1)
+    a = fast(xa, dropout_cutoff=1 if kwargs.get("quantize_dropout") else None)
+    torch.manual_seed(1)
+    b = slow(xb, dropout_cutoff=1 if kwargs.get("quantize_dropout") else None)
+    assert torch.equal(a.quantized, b.quantized)
+    assert torch.equal(a.indices.long(), b.indices.long())
+    w = torch.randn(a.quantized.shape)
+    (a.quantized * w).sum().backward()
+    (b.quantized * w).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=0, atol=0)
+
+
+def test_residual_fsq_takes_the_per_level_loop_for_any_non_default_level_option():
+    """Every FSQ level option at a non-default value sends ResidualFSQ to the per-level loop (the one-pass op
+    implements plain symmetric levels only), so no option is silently ignored."""
+    from hf_vq.models.residual import ResidualFSQConfig
+
+    defaults = hf_vq.FSQConfig(levels=[5, 3], dim=2, preserve_symmetry=True, check_inputs=False).to_kwargs()
+    other = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v + 0.25}
+    checked = []
+    for name in sorted(ResidualFSQConfig.level_fields):
+        value = defaults[name]
+        if type(value) in other:
+            new = other[type(value)](value)
+        elif value is None:
+            new = {"scale": 0.5, "allowed_dtypes": ["float32"]}.get(name, 2)
+        else:
+            continue  # lists/strings: covered by the config's own validation
+        try:
+            model = hf_vq.ResidualFSQ(levels=[5, 3], num_quantizers=2, fsq_kwargs={name: new})
+        except (ValueError, TypeError):
+            continue  # not a valid level option value
+        assert model.levels_path == "per_level", name
+        checked.append(name)
+    assert len(checked) >= 4, checked

@@ -22,6 +22,8 @@ from .. import distributed
 from ..modeling_utils import (QuantizerConfig, QuantizerModel, QuantizerOutput, TokenLayout, absorb_nested_kwargs,
                               check_features, register_quantizer, validate_quantize_dropout)
 from ..ops import ema as ema_ops
+from ..ops import fsq as fsq_ops
+from ..ops import triton_fsq
 from ..ops.nearest import nearest_code
 from ..ops.triton_residual import level_inputs, residual_step_, residual_train_levels, train_levels_ok
 from .fsq import FSQ, FSQConfig, check_levels
@@ -491,7 +493,13 @@ class ResidualFSQConfig(QuantizerConfig):
 
 @register_quantizer
 class ResidualFSQ(ResidualQuantizerBase):
-    """Residual FSQ (vqp 1.32 semantics): symmetric FSQ levels at geometrically shrinking scales."""
+    """Residual FSQ (vqp 1.32 semantics): symmetric FSQ levels at geometrically shrinking scales.
+
+    `levels_path` is decided once, from the config: `"one_pass"` runs every level in one call
+    (`ops.fsq.residual_fsq`, one Triton kernel on CUDA: each element read and written once) when the levels are
+    plain symmetric FSQ (every level option at its default); any other level option takes `"per_level"`, which
+    calls each FSQ level in turn. A call with a mask, per-call level options or a non-float32 residual also
+    takes the per-level loop."""
 
     config_class = ResidualFSQConfig
 
@@ -503,32 +511,68 @@ class ResidualFSQ(ResidualQuantizerBase):
         self.soft_clamp_input_value, self.bound_hard_clamp = c.soft_clamp_input_value, c.bound_hard_clamp
         _projections(self, c.dim, len(c.levels))
         self.layers = nn.ModuleList(FSQ(c.level_config()) for _ in range(c.num_quantizers))
+        self.levels_path = "one_pass" if _plain_symmetric_fsq(c) else "per_level"
+        width = len(self.levels)
+        self.register_buffer("level_scales", torch.empty(c.num_quantizers, width), persistent=False)
+        self.register_buffer("input_clamp", torch.empty(width), persistent=False)
+        self.register_buffer("bound_table", torch.empty(4, width), persistent=False)
+        self.register_buffer("level_basis", torch.empty(width, dtype=torch.int32), persistent=False)
         self.post_init()
+
+    def reset_derived_buffers(self):
+        levels = torch.tensor(self.levels, dtype=torch.float32, device=self.level_scales.device)
+        self.level_scales.copy_(torch.stack([levels**-i for i in range(self.num_quantizers)]))
+        self.input_clamp.copy_(1 + 1 / (levels - 1))
+        self.bound_table.copy_(fsq_ops.bound_table(self.levels, hard_clamp=self.bound_hard_clamp, symmetric=True))
+        self.level_basis.copy_(fsq_ops.fsq_tables(self.levels)[1])
 
     @property
     def codebook_size(self) -> int:
         return math.prod(self.levels)
 
-    def _scale(self, level: int, device) -> Tensor:
-        return torch.tensor(self.levels, dtype=torch.float32, device=device) ** -level
-
     def _prepare(self, x: Tensor) -> Tensor:
         clamp = self.soft_clamp_input_value
         if self.bound_hard_clamp:
-            clamp = 1 + 1 / (torch.tensor(self.levels, dtype=torch.float32, device=x.device) - 1)
+            clamp = self.input_clamp
         elif clamp is None:
             return x
-        clamp = torch.as_tensor(clamp, dtype=torch.float32, device=x.device)
+        else:
+            clamp = torch.as_tensor(clamp, dtype=torch.float32, device=x.device)
         return (x / clamp).tanh() * clamp
 
+    def _fused_levels(self, residual, mask, cutoff, level_kwargs):
+        if self.levels_path != "one_pass" or mask is not None or level_kwargs or residual.dtype != torch.float32:
+            return None
+        scales = self.level_scales[: cutoff + 1]
+        if triton_fsq.available(residual):
+            straight_through = residual.requires_grad and torch.is_grad_enabled()
+            quantized, indices = triton_fsq.residual_fsq_fused(residual, scales, self.bound_table, self.level_basis,
+                                                               self.bound_hard_clamp, straight_through=straight_through)
+        else:
+            quantized, indices = fsq_ops.residual_fsq(residual, scales, self.bound_table, self.level_basis,
+                                                      self.codebook_size, hard_clamp=self.bound_hard_clamp)
+        dropped = self.num_quantizers - 1 - cutoff
+        if dropped:
+            indices = torch.cat([indices, indices.new_full((*indices.shape[:-1], dropped), -1)], dim=-1)
+        return quantized, indices, None
+
     def _run_level(self, level, layer, residual, mask):
-        scale = self._scale(level, residual.device)
+        scale = self.level_scales[level]
         with torch.autocast(device_type=residual.device.type, enabled=False):
             out = layer(residual / scale, return_dict=True)
         return out.quantized * scale, out.indices, None
 
     def _level_codes(self, level, layer, indices):
-        return layer._codes_from_indices(indices) * self._scale(level, indices.device)
+        return layer._codes_from_indices(indices) * self.level_scales[level].to(indices.device)
+
+
+def _plain_symmetric_fsq(config: ResidualFSQConfig) -> bool:
+    """Whether every level is a plain symmetric FSQ (each level option at its default): what the one-pass op
+    computes. Reads the level config, so a new FSQ option is honoured by sending the model to the per-level loop."""
+    level = config.level_config().to_kwargs()
+    plain = FSQConfig(levels=config.levels, dim=len(config.levels), preserve_symmetry=True,
+                      bound_hard_clamp=config.bound_hard_clamp, check_inputs=False).to_kwargs()
+    return level == plain
 
 
 # --------------------------------------------------------------------------------------------------
