@@ -355,3 +355,9 @@ def test_non_finite_input_leaves_every_level_untouched(kwargs):
         assert torch.equal(value, before[key]), key
     if not kwargs.get("kmeans_init"):
         assert model.eval()(x).indices.shape == (2, 5, 3)
+
+
+def test_float_indices_are_refused_not_truncated():
+    rvq = hf_vq.ResidualVQ(dim=8, num_quantizers=2, codebook_size=16).eval()
+    with pytest.raises(ValueError, match="indices must be an integer tensor, got dtype torch.float32"):
+        rvq.get_output_from_indices(torch.full((1, 3, 2), 1.7))

@@ -179,6 +179,8 @@ class ResidualQuantizerBase(QuantizerModel):
         """`(b, ..., q)` indices (-1 for dropped levels; fewer than `num_quantizers` levels allowed) to
         `(num_quantizers, b, ..., d)` codes, zero for dropped levels."""
         levels = self.num_quantizers
+        if indices.is_floating_point() or indices.dtype == torch.bool:
+            raise ValueError(f"indices must be an integer tensor, got dtype {indices.dtype}")
         if indices.shape[-1] > levels:
             raise ValueError(f"indices have {indices.shape[-1]} levels, the model has {levels}")
         if indices.shape[-1] < levels:
