@@ -27,8 +27,8 @@ WORKLOADS = {
                                     (32, 4096, 128), False),
     "ResidualFSQ 4x[8,5,5,5] d256 eval": (lambda: hf_vq.ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=4, dim=256),
                                           (64, 4096, 256), False),
-    "LatentQuantize [5,5,5,5] d64 train": (lambda: hf_vq.LatentQuantize(levels=[5, 5, 5, 5], dim=64,
-                                                                         latent_dim=4), (64, 4096, 64), True),
+    "LatentQuantize [5,5,5,5] d64 train": (lambda: hf_vq.LatentQuantize(levels=[5, 5, 5, 5], dim=64),
+                                           (64, 4096, 64), True),
 }
 
 
