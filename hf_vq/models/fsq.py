@@ -37,7 +37,10 @@ class FSQConfig(QuantizerConfig):
         num_codebooks (`int`, defaults to 1): independent FSQ codebooks over equal slices of the projected features.
         keep_num_codebooks_dim (`bool`, *optional*): keep a trailing codebook axis on `indices`; defaults to
             `num_codebooks > 1` and must be true when `num_codebooks > 1`.
-        scale (`float`, *optional*): kept for signature compatibility with the seed; unused by the forward pass.
+        scale (`float`, *optional*): kept for signature compatibility with vqp 1.32; unused by the forward pass.
+        allowed_dtypes (`list[str]`, defaults to `["float32", "float64"]`): with `force_quantization_f32`, inputs
+            of these dtypes are quantized in their own dtype and any other is cast to float32 first (vqp 1.32).
+            `torch.dtype` values are accepted and stored by name.
         channel_first (`bool`, defaults to `False`): treat rank-3 input as `(b, d, n)`. Rank 4/5 inputs are always
             channel-first `(b, d, h, w)` / `(b, d, t, h, w)`.
         projection_has_bias (`bool`, defaults to `True`): bias in the in/out projections.
@@ -50,6 +53,9 @@ class FSQConfig(QuantizerConfig):
     """
 
     model_type = "hf_vq_fsq"
+    vqp_positional = ("levels", "dim", "num_codebooks", "keep_num_codebooks_dim", "scale", "allowed_dtypes",
+                      "channel_first", "projection_has_bias", "return_indices", "force_quantization_f32",
+                      "preserve_symmetry", "noise_dropout", "bound_hard_clamp", "orthogonal_rotation")
 
     def __init__(
         self,
@@ -58,6 +64,7 @@ class FSQConfig(QuantizerConfig):
         num_codebooks: int = 1,
         keep_num_codebooks_dim: bool | None = None,
         scale: float | None = None,
+        allowed_dtypes: list[str] = ("float32", "float64"),
         channel_first: bool = False,
         projection_has_bias: bool = True,
         return_indices: bool = True,
@@ -73,6 +80,7 @@ class FSQConfig(QuantizerConfig):
         self.dim = dim
         self.keep_num_codebooks_dim = keep_num_codebooks_dim
         self.scale = scale
+        self.allowed_dtypes = dtype_names(allowed_dtypes)
         self.channel_first = channel_first
         self.projection_has_bias = projection_has_bias
         self.return_indices = return_indices
@@ -95,6 +103,9 @@ class FSQConfig(QuantizerConfig):
             raise ValueError(f"noise_dropout must be in [0, 1), got {self.noise_dropout!r}")
         if self.noise_dropout > 0 and not self.preserve_symmetry:
             raise ValueError("noise_dropout > 0 requires preserve_symmetry=True")
+        for name in self.allowed_dtypes:
+            if not isinstance(getattr(torch, name, None), torch.dtype) or not getattr(torch, name).is_floating_point:
+                raise ValueError(f"allowed_dtypes must name floating point torch dtypes, got {name!r}")
 
     @property
     def codebook_dim(self) -> int:
@@ -107,6 +118,13 @@ class FSQConfig(QuantizerConfig):
     @property
     def codebook_size(self) -> int:
         return math.prod(self.levels)
+
+
+def dtype_names(dtypes) -> list:
+    """`torch.float32` or `"float32"` entries as names (JSON-serializable); other values are left for `validate`."""
+    if isinstance(dtypes, (str, torch.dtype)) or not isinstance(dtypes, (list, tuple)):
+        raise ValueError(f"allowed_dtypes must be a list of dtypes, got {dtypes!r}")
+    return [str(d).removeprefix("torch.") if isinstance(d, torch.dtype) else d for d in dtypes]
 
 
 def check_levels(levels, *, allow_two: bool = True, field: str = "levels") -> None:
@@ -168,6 +186,7 @@ class FSQ(QuantizerModel):
         self.reset_derived_buffers()
         # the shapes the parameters were built for (the forward reads these instead of the config's properties)
         self._in_dim, self._code_shape = c.effective_dim, (c.num_codebooks, c.codebook_dim)
+        self._allowed_dtypes = tuple(getattr(torch, name) for name in c.allowed_dtypes)
         self.post_init()
 
     @property
@@ -241,7 +260,15 @@ class FSQ(QuantizerModel):
         levels, no rotation, no noise dropout in training."""
         return (triton_fsq.available(tokens) and not c.preserve_symmetry and not c.orthogonal_rotation
                 and not (self.training and c.noise_dropout > 0)
-                and (c.force_quantization_f32 or tokens.dtype == torch.float32))
+                and (c.force_quantization_f32 and self._quantization_dtype(tokens.dtype) in (torch.float32, torch.float64)
+                     or tokens.dtype == torch.float32))
+
+    def _quantization_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the quantization runs in (vqp 1.32): the input's, except that `force_quantization_f32` casts a
+        dtype outside `allowed_dtypes` to float32."""
+        if self.config.force_quantization_f32 and dtype not in self._allowed_dtypes:
+            return torch.float32
+        return dtype
 
     def _fused_tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
         cached = self.__dict__.get("_fused_cache")
@@ -255,8 +282,7 @@ class FSQ(QuantizerModel):
         c = self.config
         orig_dtype = tokens.dtype
         with torch.autocast(device_type=tokens.device.type, enabled=not c.force_quantization_f32):
-            if c.force_quantization_f32 and orig_dtype not in (torch.float32, torch.float64):
-                tokens = tokens.float()
+            tokens = tokens.to(self._quantization_dtype(orig_dtype))
             codes = self.quantize(tokens)
             indices = self.codes_to_indices(codes) if c.return_indices else None
             codes = self._noise_dropout(codes)

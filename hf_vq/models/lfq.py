@@ -86,6 +86,7 @@ class LFQConfig(QuantizerConfig):
     """
 
     model_type = "hf_vq_lfq"
+    vqp_positional = ()  # keyword-only in vqp 1.32
 
     def __init__(
         self,
@@ -333,7 +334,8 @@ class LFQ(QuantizerModel):
         return_dict: bool | None = None,
     ) -> LFQOutput | tuple:
         """Quantize `x` of shape `(b, n, d)`, `(b, d, h, w)` or `(b, d, t, h, w)` (or `(b, d, n)` with
-        `channel_first`). `mask` (`(b, n)` or `(b, *spatial)` bool) restricts the losses to some tokens.
+        `channel_first`). `mask` (`(b, n)` or `(b, *spatial)` bool) restricts the losses to some tokens;
+        a `(b,)` mask to whole samples (vqp 1.32).
         Returns [`LFQOutput`], or the seed's `(quantized, indices, entropy_aux_loss)` with `return_dict=False`
         (and `(that tuple, LFQLossBreakdown)` with `return_loss_breakdown`, as the seed)."""
         c = self.config
@@ -383,6 +385,8 @@ class LFQ(QuantizerModel):
         return out
 
     def _token_mask(self, mask: Tensor | None, layout: TokenLayout, tokens: Tensor) -> Tensor | None:
+        if mask is not None and mask.ndim == 1 and mask.shape[0] == tokens.shape[0]:
+            mask = mask[:, None].expand(tokens.shape[:2])  # vqp's per-sample mask (b,): keeps or drops whole samples
         mask = layout.mask_to_tokens(mask)
         if mask is None:
             return None
