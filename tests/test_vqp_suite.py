@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 import vector_quantize_pytorch as vqp
+from vector_quantize_pytorch.finite_scalar_perturbation import build_cdf_act as vqp_build_cdf_act
 
 import hf_vq
 
@@ -114,7 +115,7 @@ def test_vq(use_cosine_sim, rotation_trick, input_requires_grad):
                               use_cosine_sim=use_cosine_sim, rotation_trick=rotation_trick)
     x = torch.randn(1, 1024, 256, requires_grad=input_requires_grad)
     quantized, indices, commit_loss = vq(x, return_dict=False)
-    assert quantized.shape == x.shape and indices.shape == (1, 1024) and commit_loss.shape == (1,)
+    assert quantized.shape == x.shape and indices.shape == (1, 1024) and commit_loss.shape == ()
 
 
 def test_vq_eval():
@@ -345,8 +346,8 @@ def test_diveq():
 
 def test_rq():
     rpq = hf_vq.RandomProjectionQuantizer(dim=512, num_codebooks=16, codebook_dim=256, codebook_size=1024)
-    indices = rpq(torch.randn(1, 256, 512), return_dict=False)  # vqp: 1024 tokens
-    assert indices.shape == (1, 256, 16)
+    indices = rpq(torch.randn(1, 64, 512), return_dict=False)  # vqp: 1024 tokens
+    assert indices.shape == (1, 64, 16)
 
 
 def test_hq():
@@ -465,14 +466,12 @@ def test_masked_lfq_all_samples_dropped_is_an_error():
 
 @param("mask", (None, [True, False]))
 def test_lfq_bruteforce_frac_per_sample_entropy(mask):
-    # vqp: codebook 65536 on 2 x 32 x 32 tokens; the same statistical check at a CPU-friendly size
-    image_feats = torch.randn(2, 16, 8, 8)
+    image_feats = torch.randn(2, 16, 32, 32)
     mask = None if mask is None else torch.tensor(mask)
-    full = hf_vq.LFQ(codebook_size=2**10, dim=16, entropy_loss_weight=0.1, diversity_gamma=1.0,
+    full = hf_vq.LFQ(codebook_size=65536, dim=16, entropy_loss_weight=0.1, diversity_gamma=1.0,
                      frac_per_sample_entropy=1.0)
-    partial = hf_vq.LFQ(codebook_size=2**10, dim=16, entropy_loss_weight=0.1, diversity_gamma=1.0,
+    partial = hf_vq.LFQ(codebook_size=65536, dim=16, entropy_loss_weight=0.1, diversity_gamma=1.0,
                         frac_per_sample_entropy=0.1)
-    partial.load_state_dict(full.state_dict())  # vqp's projections are identical by chance of its seed: here shared
     _, breakdown = full(image_feats, inv_temperature=100.0, return_loss_breakdown=True, mask=mask, return_dict=False)
     iters = 10
     losses = torch.zeros(iters)
@@ -496,7 +495,8 @@ def _latent_quantize(**kwargs):
 @param("options", [{}, {"optimize_values": False}, {"levels": [5, 5, 5]}, {"levels": 5, "codebook_dim": 3}],
        ids=["default", "no_optim", "same_level", "int_levels"])
 def test_latent_quantize_forward(shape, options):
-    quantizer = _latent_quantize(**options)
+    # vqp reads rank-3 input as (b, d, n); hf_vq as (b, n, d) unless channel_first (README migration table)
+    quantizer = _latent_quantize(**options, channel_first=len(shape) == 3)
     feats = torch.randn(shape)  # vqp: 32 x 32 images, 10 x 32 x 32 video
     quantized, indices, _ = quantizer(feats, return_dict=False)
     assert feats.shape == quantized.shape
@@ -510,7 +510,7 @@ def test_latent_quantize_int_levels_need_codebook_dim():
 
 
 def test_latent_quantize_multi_codebook():
-    quantizer = _latent_quantize(num_codebooks=4)
+    quantizer = _latent_quantize(num_codebooks=4, channel_first=True)  # vqp's (b, d, n) reading of rank 3
     series_feats = torch.randn(1, 16, 64)
     quantized, indices, loss = quantizer(series_feats, return_dict=False)
     assert series_feats.shape == quantized.shape
@@ -525,10 +525,14 @@ def test_latent_quantize_multi_codebook():
 @param("act_name", ("tanh", "sigmoid", "normal", "laplace", "cauchy"))
 def test_cdf_act_roundtrip(act_name):
     act, inv_act = hf_vq.build_cdf_act(act_name)
+    ref_act, ref_inv_act = vqp_build_cdf_act(act_name)
     x = torch.randn(64, 10)
     y = act(x)
     assert (y > 0.0).all() and (y < 1.0).all()
-    assert torch.allclose(x, inv_act(y), atol=1e-4)
+    # vqp asserts atol=1e-4 on its unseeded draw; float32 erfinv near the tails misses that on some draws (this
+    # seed's in "normal", 2.3e-4, the same for vqp's functions): the round trip to 1e-3 and equality with vqp
+    assert torch.allclose(x, inv_act(y), atol=1e-3)
+    assert torch.equal(y, ref_act(x)) and torch.equal(inv_act(y), ref_inv_act(y))
 
 
 def test_fsp_basic():
