@@ -136,7 +136,7 @@ def bind_positional_args(cls: type, args: tuple, kwargs: dict[str, Any]) -> tupl
     if order is None or not args:
         return args, kwargs
     if isinstance(args[0], PretrainedConfig) or "config" in kwargs:
-        if len(args) > 1 or "config" in kwargs and args:
+        if len(args) > 1 or ("config" in kwargs and args):
             raise TypeError(f"{cls.__name__}: pass either a config or vqp's positional arguments, not both")
         return args, kwargs
     if not order:
@@ -171,10 +171,11 @@ class QuantizerModel(PretrainedIOMixin, PreTrainedModel, metaclass=PositionalArg
 
     `Model(config)` and `Model(**config_kwargs)` are equivalent; where the reference takes positional arguments
     (`FSQ([8, 5, 5, 5])`, `VectorQuantize(256, 512)`), so does the model: their names, in the reference's order, are
-    the config class's `vqp_positional`. Derived tables (implicit codebooks, bit
-    masks, bases) live in non-persistent buffers rebuilt by `reset_derived_buffers()`, which runs after
-    `from_pretrained`: transformers materializes models from the meta device, which leaves non-persistent
-    buffers as uninitialized memory.
+    the config class's `vqp_positional`.
+
+    Derived tables (implicit codebooks, bit masks, bases) live in non-persistent buffers rebuilt by
+    `reset_derived_buffers()`, which runs after `from_pretrained`: transformers materializes models from the meta
+    device, which leaves non-persistent buffers as uninitialized memory.
     """
 
     config_class = QuantizerConfig
