@@ -50,6 +50,10 @@ class QuantizerConfig(PretrainedConfig):
     """
 
     model_type = "hf_vq_quantizer"
+    # The model constructor's positional parameters in its reference's order (vqp 1.32), bound to keyword arguments
+    # by `bind_positional_args`; they may name model-only arguments too (callables, modules). `()`: keyword arguments
+    # only, as vqp's keyword-only classes. `None`: the model's own `__init__` handles its positional arguments.
+    vqp_positional: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, check_inputs: bool = True, **kwargs):
         self.check_inputs = bool(check_inputs)
@@ -190,13 +194,56 @@ def offline_error(source, error: OSError) -> OSError | None:
                    f"local folder. ({error})")
 
 
-class QuantizerModel(PretrainedIOMixin, PreTrainedModel):
+def bind_positional_args(cls: type, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """`(args, kwargs)` for `cls.__init__`: positional values named by `cls.config_class.vqp_positional`, in order,
+    moved into `kwargs`. A config as the only positional argument (what `from_pretrained` passes) is kept.
+
+    Raises `TypeError` for more values than names, a name given twice, or a config mixed with positional values.
+    """
+    order = cls.config_class.vqp_positional
+    if order is None or not args:
+        return args, kwargs
+    if isinstance(args[0], PretrainedConfig) or "config" in kwargs:
+        if len(args) > 1 or ("config" in kwargs and args):
+            raise TypeError(f"{cls.__name__}: pass either a config or vqp's positional arguments, not both")
+        return args, kwargs
+    if not order:
+        raise TypeError(f"{cls.__name__} takes keyword arguments only (as vqp 1.32), or a "
+                        f"{cls.config_class.__name__}")
+    if len(args) > len(order):
+        raise TypeError(f"{cls.__name__} takes at most {len(order)} positional arguments ({', '.join(order)}), "
+                        f"got {len(args)}")
+    bound = dict(kwargs)
+    for name, value in zip(order, args):
+        if name in bound:
+            raise TypeError(f"{cls.__name__} got multiple values for argument {name!r}")
+        bound[name] = value
+    return (), bound
+
+
+class PositionalArgsMeta(type):
+    """Binds reference-style positional constructor arguments before any `__init__` runs.
+
+    A metaclass rather than code in `QuantizerModel.__init__`: a subclass whose `__init__` takes extra model-only
+    parameters after `config` (`VectorQuantize(config, in_place_codebook_optimizer)`) would otherwise receive vqp's
+    second positional value in that parameter before the base class could see it.
+    """
+
+    def __call__(cls, *args, **kwargs):
+        args, kwargs = bind_positional_args(cls, args, kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+class QuantizerModel(PretrainedIOMixin, PreTrainedModel, metaclass=PositionalArgsMeta):
     """Base model of every hf_vq quantizer: a `PreTrainedModel` built from its config or from kwargs.
 
-    `Model(config)` and `Model(**config_kwargs)` are equivalent. Derived tables (implicit codebooks, bit
-    masks, bases) live in non-persistent buffers rebuilt by `reset_derived_buffers()`, which runs after
-    `from_pretrained`: transformers materializes models from the meta device, which leaves non-persistent
-    buffers as uninitialized memory.
+    `Model(config)` and `Model(**config_kwargs)` are equivalent; where the reference takes positional arguments
+    (`FSQ([8, 5, 5, 5])`, `VectorQuantize(256, 512)`), so does the model: their names, in the reference's order, are
+    the config class's `vqp_positional`.
+
+    Derived tables (implicit codebooks, bit masks, bases) live in non-persistent buffers rebuilt by
+    `reset_derived_buffers()`, which runs after `from_pretrained`: transformers materializes models from the meta
+    device, which leaves non-persistent buffers as uninitialized memory.
     """
 
     config_class = QuantizerConfig
@@ -210,7 +257,8 @@ class QuantizerModel(PretrainedIOMixin, PreTrainedModel):
         elif kwargs:
             raise ValueError(f"{type(self).__name__}: pass either a config or keyword arguments, not both")
         elif not isinstance(config, self.config_class):
-            raise TypeError(f"{type(self).__name__} expects a {self.config_class.__name__}, got {type(config).__name__}")
+            raise TypeError(f"{type(self).__name__} takes keyword arguments or a {self.config_class.__name__} "
+                            f"positionally, got {type(config).__name__}")
         super().__init__(config)
 
     # Parameter-free quantizers (FSQ without projections) exist: fall back to buffers, then defaults.

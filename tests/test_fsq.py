@@ -76,6 +76,32 @@ def test_force_quantization_f32_with_bf16_under_autocast():
 # ---- CogVideo sgm's formulas ---------------------------------------------------------------------
 
 
+def test_allowed_dtypes_match_vqp():
+    # levels 7 and 3 give codes like 1/3 that float32 cannot hold exactly: float64 input quantized in float32 (not an
+    # allowed dtype) and cast back differs from float64 quantization
+    x = torch.randn(2, 64, 4, dtype=torch.float64) * 2
+    ours, ref = _pair(levels=[7, 7, 3, 6], allowed_dtypes=(torch.float32,))
+    out, (q_ref, i_ref) = ours(x), ref(x)
+    assert out.quantized.dtype == torch.float64
+    assert torch.equal(out.quantized, q_ref) and torch.equal(out.indices, i_ref)
+    default = hf_vq.FSQ(levels=[7, 7, 3, 6])(x)  # float64 is allowed by default: quantized in float64
+    assert torch.equal(default.quantized, RefFSQ(levels=[7, 7, 3, 6])(x)[0])
+    assert not torch.equal(default.quantized, out.quantized)
+    assert torch.equal(out.quantized, default.quantized.float().double())
+
+
+def test_allowed_dtypes_config_field():
+    fsq = hf_vq.FSQ([8, 5, 5, 5], None, 1, None, None, [torch.bfloat16, "float32"])  # vqp's positional slot
+    assert fsq.config.allowed_dtypes == ["bfloat16", "float32"]
+    assert hf_vq.FSQConfig.from_dict(fsq.config.to_dict()).allowed_dtypes == ["bfloat16", "float32"]
+    for bad in (["int32"], ["nonsense"], torch.float32, "float32"):
+        with pytest.raises(ValueError, match="allowed_dtypes"):
+            hf_vq.FSQ(levels=[8, 5, 5, 5], allowed_dtypes=bad)
+
+
+# ---- the CogVideo seed (000) formulas ----------------------------------------------------------
+
+
 def _sgm_indices_to_codes(indices, levels, num_codebooks_axis):
     """CogVideo sgm `indices_to_codes(..., project_out=False)`: mixed-radix digits, centred, image -> channel first."""
     levels_t = torch.tensor(levels)

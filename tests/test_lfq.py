@@ -298,3 +298,26 @@ def test_video_eval_indices_match_vqp_channel_first():
     q_ref, i_ref, _ = ref(x)
     assert torch.equal(out.indices, i_ref) and torch.equal(out.quantized, q_ref)
     assert float(out.loss) == 0.0
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 2, 4), (3, 5, 16)])
+def test_per_sample_mask_matches_vqp(shape):
+    # vqp 1.32 indexes its (b, n, c, d) input with a (b,) mask: whole samples are kept or dropped for the entropy
+    # and commitment losses; the indices and the quantized output are those of the unmasked call.
+    ours, ref = _pair(dim=16, codebook_size=2**6, entropy_loss_weight=0.3, commitment_loss_weight=0.7)
+    x = torch.randn(shape)
+    mask = torch.tensor([True, False, True])
+    (q_ref, i_ref, loss_ref), bd_ref = ref(x, mask=mask, return_loss_breakdown=True)
+    out = ours(x, mask=mask, return_loss_breakdown=True)
+    assert ours.training and out.loss_breakdown.commitment > 0 and out.loss_breakdown.batch_entropy > 0
+    assert torch.equal(out.indices, i_ref)
+    torch.testing.assert_close(out.quantized, q_ref, rtol=0, atol=1e-6)
+    for name in ("per_sample_entropy", "batch_entropy", "commitment"):
+        torch.testing.assert_close(getattr(out.loss_breakdown, name), getattr(bd_ref, name), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.loss, loss_ref, rtol=0, atol=1e-5)
+    kept = ours(x[mask], return_loss_breakdown=True)  # the same losses as calling on the kept samples only
+    torch.testing.assert_close(out.loss, kept.loss, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="mask selects no tokens"):
+        ours(x, mask=torch.zeros(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask must have shape"):
+        ours(x, mask=torch.ones(2, dtype=torch.bool))

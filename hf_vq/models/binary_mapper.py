@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..modeling_utils import QuantizerConfig, QuantizerModel, QuantizerOutput, check_indices, register_quantizer
-from ._vqp_args import bind_vqp_args
 
 NAT = math.log(2)  # one bit, in nats
 
@@ -38,6 +37,8 @@ class BinaryMapperConfig(QuantizerConfig):
     """
 
     model_type = "hf_vq_binary_mapper"
+
+    vqp_positional = ("bits", "kl_loss_threshold", "deterministic_on_eval")
 
     def __init__(self, bits: int = 1, kl_loss_threshold: float = NAT, deterministic_on_eval: bool = False, **kwargs):
         self.bits = bits
@@ -111,10 +112,8 @@ class BinaryMapper(QuantizerModel):
 
     config_class = BinaryMapperConfig
     main_input_name = "logits"
-    vqp_positional: ClassVar[tuple[str, ...]] = ("bits", "kl_loss_threshold", "deterministic_on_eval")
 
-    def __init__(self, *args, **kwargs):
-        config, kwargs = bind_vqp_args(type(self).__name__, self.vqp_positional, args, kwargs)
+    def __init__(self, config: BinaryMapperConfig | None = None, **kwargs):
         super().__init__(config, **kwargs)
         c = self.config
         self.bits = c.bits

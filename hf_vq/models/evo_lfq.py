@@ -22,7 +22,6 @@ import torch
 from torch import Tensor, nn
 
 from ..modeling_utils import QuantizerConfig, QuantizerModel, QuantizerOutput, register_quantizer
-from ._vqp_args import bind_vqp_args
 from .lfq import ACTIVATIONS, LFQ, LFQConfig
 
 # vqp's `evolve` yields these, same field order
@@ -51,6 +50,9 @@ class EvoLFQConfig(QuantizerConfig):
     """
 
     model_type = "hf_vq_evo_lfq"
+
+    # vqp 1.32 takes the modules positionally (model arguments, not config fields)
+    vqp_positional = ("encoder", "decoder", "lfq")
 
     def __init__(
         self,
@@ -191,11 +193,9 @@ class EvoLFQ(QuantizerModel):
     """
 
     config_class = EvoLFQConfig
-    vqp_positional: ClassVar[tuple[str, ...]] = ("encoder", "decoder", "lfq")
 
-    def __init__(self, *args, **kwargs):
-        config, kwargs = bind_vqp_args(type(self).__name__, self.vqp_positional, args, kwargs)
-        encoder, decoder, lfq = (kwargs.pop(name, None) for name in self.vqp_positional)
+    def __init__(self, config: EvoLFQConfig | None = None, encoder: nn.Module | None = None,
+                 decoder: nn.Module | None = None, lfq: nn.Module | None = None, **kwargs):
         if lfq is not None and not isinstance(lfq, LFQ):  # a vqp LFQ: migrated (a copy of its state)
             lfq = lfq_from_vector_quantize_pytorch(lfq)
         if lfq is not None and config is None:

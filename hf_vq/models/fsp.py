@@ -26,7 +26,6 @@ from ..modeling_utils import (
 from ..ops import fsp as fsp_ops
 from ..ops import fsq as fsq_ops
 from ..ops.fsp import build_cdf_act  # noqa: F401  (re-exported: vqp's `build_cdf_act`)
-from ._vqp_args import bind_vqp_args
 from .fsq import check_levels
 
 
@@ -52,6 +51,9 @@ class FSPConfig(QuantizerConfig):
     """
 
     model_type = "hf_vq_fsp"
+
+    vqp_positional = ("levels", "dim", "channel_first", "projection_has_bias", "act_name",
+                                                 "quantize_rate", "need_inv_act", "vector_norm")
 
     def __init__(
         self,
@@ -146,11 +148,8 @@ class FSP(QuantizerModel):
     """
 
     config_class = FSPConfig
-    vqp_positional: ClassVar[tuple[str, ...]] = ("levels", "dim", "channel_first", "projection_has_bias", "act_name",
-                                                 "quantize_rate", "need_inv_act", "vector_norm")
 
-    def __init__(self, *args, **kwargs):
-        config, kwargs = bind_vqp_args(type(self).__name__, self.vqp_positional, args, kwargs)
+    def __init__(self, config: FSPConfig | None = None, **kwargs):
         super().__init__(config, **kwargs)
         c = self.config
         self.levels = list(c.levels)

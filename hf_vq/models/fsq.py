@@ -37,6 +37,9 @@ class FSQConfig(QuantizerConfig):
         keep_num_codebooks_dim (`bool`, *optional*): keep a trailing codebook axis on `indices`; defaults to
             `num_codebooks > 1` and must be true when `num_codebooks > 1`.
         scale (`float`, *optional*): kept for signature compatibility with CogVideo sgm; unused by the forward pass.
+        allowed_dtypes (`list[str]`, defaults to `["float32", "float64"]`): with `force_quantization_f32`, inputs
+            of these dtypes are quantized in their own dtype and any other is cast to float32 first (vqp 1.32).
+            `torch.dtype` values are accepted and stored by name.
         channel_first (`bool`, defaults to `False`): treat rank-3 input as `(b, d, n)`. Rank 4/5 inputs are always
             channel-first `(b, d, h, w)` / `(b, d, t, h, w)`.
         projection_has_bias (`bool`, defaults to `True`): bias in the in/out projections.
@@ -49,6 +52,9 @@ class FSQConfig(QuantizerConfig):
     """
 
     model_type = "hf_vq_fsq"
+    vqp_positional = ("levels", "dim", "num_codebooks", "keep_num_codebooks_dim", "scale", "allowed_dtypes",
+                      "channel_first", "projection_has_bias", "return_indices", "force_quantization_f32",
+                      "preserve_symmetry", "noise_dropout", "bound_hard_clamp", "orthogonal_rotation")
 
     def __init__(
         self,
@@ -57,6 +63,7 @@ class FSQConfig(QuantizerConfig):
         num_codebooks: int = 1,
         keep_num_codebooks_dim: bool | None = None,
         scale: float | None = None,
+        allowed_dtypes: list[str] = ("float32", "float64"),
         channel_first: bool = False,
         projection_has_bias: bool = True,
         return_indices: bool = True,
@@ -72,6 +79,7 @@ class FSQConfig(QuantizerConfig):
         self.dim = dim
         self.keep_num_codebooks_dim = keep_num_codebooks_dim
         self.scale = scale
+        self.allowed_dtypes = dtype_names(allowed_dtypes)
         self.channel_first = channel_first
         self.projection_has_bias = projection_has_bias
         self.return_indices = return_indices
@@ -94,6 +102,9 @@ class FSQConfig(QuantizerConfig):
             raise ValueError(f"noise_dropout must be in [0, 1), got {self.noise_dropout!r}")
         if self.noise_dropout > 0 and not self.preserve_symmetry:
             raise ValueError("noise_dropout > 0 requires preserve_symmetry=True")
+        for name in self.allowed_dtypes:
+            if not isinstance(getattr(torch, name, None), torch.dtype) or not getattr(torch, name).is_floating_point:
+                raise ValueError(f"allowed_dtypes must name floating point torch dtypes, got {name!r}")
 
     @property
     def codebook_dim(self) -> int:
@@ -106,6 +117,13 @@ class FSQConfig(QuantizerConfig):
     @property
     def codebook_size(self) -> int:
         return math.prod(self.levels)
+
+
+def dtype_names(dtypes) -> list:
+    """`torch.float32` or `"float32"` entries as names (JSON-serializable); other values are left for `validate`."""
+    if isinstance(dtypes, (str, torch.dtype)) or not isinstance(dtypes, (list, tuple)):
+        raise ValueError(f"allowed_dtypes must be a list of dtypes, got {dtypes!r}")
+    return [str(d).removeprefix("torch.") if isinstance(d, torch.dtype) else d for d in dtypes]
 
 
 def check_levels(levels, *, allow_two: bool = True, field: str = "levels") -> None:
@@ -163,6 +181,7 @@ class FSQ(QuantizerModel):
         self.channel_first = c.channel_first
         self.return_indices = c.return_indices
         self.force_quantization_f32 = c.force_quantization_f32
+        self.allowed_dtypes = tuple(getattr(torch, name) for name in c.allowed_dtypes)
         self.preserve_symmetry = c.preserve_symmetry
         self.noise_dropout = c.noise_dropout
         self.bound_hard_clamp = c.bound_hard_clamp
@@ -265,7 +284,14 @@ class FSQ(QuantizerModel):
         """Whether `rows` are quantized by the Triton kernel (CUDA, plain configuration, float32 math)."""
         return (self.kernel_capable and triton_fsq.available(rows)
                 and not (self.training and self.noise_dropout > 0)
-                and (self.force_quantization_f32 or rows.dtype == torch.float32))
+                and self.quantization_dtype(rows.dtype) == torch.float32)
+
+    def quantization_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the quantization runs in (vqp 1.32): the input's, except that `force_quantization_f32` casts a
+        dtype outside `allowed_dtypes` to float32."""
+        if self.force_quantization_f32 and dtype not in self.allowed_dtypes:
+            return torch.float32
+        return dtype
 
     def quantize_rows(self, rows: Tensor, use_kernel: bool | None = None) -> tuple[Tensor, Tensor | None]:
         """`(codes, indices | None)` of features `rows (..., num_codebooks * len(levels))` in any layout: the
@@ -285,9 +311,7 @@ class FSQ(QuantizerModel):
 
     def _quantize_ops(self, rows: Tensor) -> tuple[Tensor, Tensor | None]:
         orig_dtype = rows.dtype
-        x = rows
-        if self.force_quantization_f32 and orig_dtype not in (torch.float32, torch.float64):
-            x = x.float()
+        x = rows.to(self.quantization_dtype(orig_dtype))
         code_shape = (self.num_codebooks, self.codebook_dim)
         if self.orthogonal_rotation:
             x = (x.unflatten(-1, code_shape) @ self.orthogonal_rot).flatten(-2)

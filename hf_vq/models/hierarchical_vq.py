@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..modeling_utils import QuantizerConfig, QuantizerModel, QuantizerOutput, check_features, register_quantizer
-from ._positional import split_config_arg
 from .vector_quantize import VectorQuantize, VectorQuantizeConfig
 
 _INTERPOLATION = ("linear", "bilinear", "trilinear")
@@ -59,6 +58,7 @@ class HierarchicalVQConfig(QuantizerConfig):
     """
 
     model_type = "hf_vq_hierarchical_vq"
+    vqp_positional = ()  # keyword-only in vqp 1.32
 
     def __init__(
         self,
@@ -220,10 +220,7 @@ class HierarchicalVQ(QuantizerModel):
 
     config_class = HierarchicalVQConfig
 
-    def __init__(self, *args, **kwargs):
-        config, args = split_config_arg(HierarchicalVQConfig, args)
-        if args:
-            raise TypeError("HierarchicalVQ takes keyword arguments only (as vqp), or a HierarchicalVQConfig")
+    def __init__(self, config: HierarchicalVQConfig | None = None, **kwargs):
         super().__init__(config, **kwargs)
         c = self.config
         self.dim, self.channel_first, self.check_inputs = c.dim, c.channel_first, c.check_inputs

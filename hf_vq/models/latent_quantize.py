@@ -68,6 +68,8 @@ class LatentQuantizeConfig(QuantizerConfig):
     """
 
     model_type = "hf_vq_latent_quantize"
+    vqp_positional = ("levels", "dim", "commitment_loss_weight", "quantization_loss_weight", "num_codebooks",
+                      "codebook_dim", "keep_num_codebooks_dim", "optimize_values", "in_place_codebook_optimizer")
 
     def __init__(
         self,

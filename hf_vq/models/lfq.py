@@ -88,6 +88,7 @@ class LFQConfig(QuantizerConfig):
     """
 
     model_type = "hf_vq_lfq"
+    vqp_positional = ()  # keyword-only in vqp 1.32
 
     def __init__(
         self,
@@ -353,7 +354,7 @@ class LFQ(QuantizerModel):
     ) -> LFQOutput | tuple:
         """Quantize `x` of shape `(b, n, d)`, `(b, d, h, w)` or `(b, d, t, h, w)` (or `(b, d, n)` with
         `channel_first`; `(b, d)` is one token per row). `mask` (`(b, n)` or `(b, *spatial)` bool) restricts the
-        losses to some tokens. Returns [`LFQOutput`], or CogVideo sgm's `(quantized, indices, entropy_aux_loss)`
+        losses to some tokens, a `(b,)` mask to whole samples (vqp 1.32). Returns [`LFQOutput`], or CogVideo sgm's `(quantized, indices, entropy_aux_loss)`
         with `return_dict=False` (and `(that tuple, LFQLossBreakdown)` with `return_loss_breakdown`, as CogVideo
         sgm).
 
@@ -433,7 +434,10 @@ class LFQ(QuantizerModel):
         return codes.flatten(-2), indices, breakdown
 
     def _token_mask(self, mask: Tensor | None, rows: Tensor) -> Tensor | None:
-        """A `(b, *spatial)` or `(b, n)` bool mask as `(b, n)` over the token rows."""
+        """A `(b, *spatial)` or `(b, n)` bool mask as `(b, n)` over the token rows; vqp 1.32's per-sample `(b,)`
+        mask keeps or drops whole samples."""
+        if mask is not None and mask.ndim == 1 and mask.shape[0] == rows.shape[0]:
+            mask = mask[:, None].expand(rows.shape[:2])
         if mask is None:
             return None
         if mask.dtype != torch.bool:

@@ -16,7 +16,6 @@ import torch
 from torch import Tensor, nn
 
 from ..modeling_utils import QuantizerConfig, QuantizerModel, QuantizerOutput, check_features, register_quantizer
-from ._positional import split_config_arg
 from .vector_quantize import VectorQuantize, VectorQuantizeConfig
 
 # VectorQuantize options a RandomProjectionQuantizer passes through (vqp's `**kwargs`), and those it sets itself
@@ -38,6 +37,7 @@ class RandomProjectionQuantizerConfig(QuantizerConfig):
     """
 
     model_type = "hf_vq_random_projection_quantizer"
+    vqp_positional = ()  # keyword-only in vqp 1.32
 
     def __init__(
         self,
@@ -106,10 +106,7 @@ class RandomProjectionQuantizer(QuantizerModel):
 
     config_class = RandomProjectionQuantizerConfig
 
-    def __init__(self, *args, **kwargs):
-        config, args = split_config_arg(RandomProjectionQuantizerConfig, args)
-        if args:
-            raise TypeError("RandomProjectionQuantizer takes keyword arguments only (as vqp), or its config")
+    def __init__(self, config: RandomProjectionQuantizerConfig | None = None, **kwargs):
         super().__init__(config, **kwargs)
         c = self.config
         self.dim, self.num_codebooks, self.check_inputs = c.dim, c.num_codebooks, c.check_inputs

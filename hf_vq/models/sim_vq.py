@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,6 @@ from ..modeling_utils import (
 )
 from ..ops.estimators import rotate_to, straight_through
 from ..ops.nearest import nearest_code
-from ._positional import bind_positional, split_config_arg
 
 # ----------------------------------------------------------------------------------------------------
 # the codebook transform, as a JSON spec
@@ -131,6 +130,10 @@ class SimVQConfig(QuantizerConfig):
 
     model_type = "hf_vq_sim_vq"
 
+    # vqp 1.32's positional order; `init_fn` is a model argument (a callable is not part of a JSON config)
+    vqp_positional = ("dim", "codebook_size", "codebook_transform", "init_fn", "channel_first", "rotation_trick",
+                      "input_to_quantize_commit_loss_weight", "commitment_weight", "frozen_codebook_dim")
+
     def __init__(
         self,
         dim: int = 256,
@@ -167,11 +170,6 @@ class SimVQConfig(QuantizerConfig):
         return self.dim if self.frozen_codebook_dim is None else self.frozen_codebook_dim
 
 
-# vqp 1.32's positional order (`init_fn` is a model argument: a callable is not part of a JSON config)
-SIM_VQ_POSITIONAL = ("dim", "codebook_size", "codebook_transform", "init_fn", "channel_first", "rotation_trick",
-                     "input_to_quantize_commit_loss_weight", "commitment_weight", "frozen_codebook_dim")
-
-
 @dataclass
 class SimVQOutput(QuantizerOutput):
     """Output of [`SimVQ`]: `quantized`, `indices` and the weighted commitment `loss` (vqp's tuple order)."""
@@ -179,22 +177,14 @@ class SimVQOutput(QuantizerOutput):
     tuple_fields: ClassVar[tuple[str, ...]] = ("quantized", "indices", "loss")
 
 
-def _prepare_model_kwargs(owner: str, config_class: type, args: tuple, kwargs: dict, positional: tuple):
-    """`(config | None, kwargs, transform module | None, init_fn | None)` from vqp-style constructor arguments:
-    positional values bound in vqp's order, a transform module replaced by its JSON spec."""
-    config, args = split_config_arg(config_class, args)
-    if config is not None and args:
-        raise TypeError(f"{owner}: pass either a config or vqp's positional arguments, not both")
-    kwargs = bind_positional(owner, positional, args, kwargs)
-    init_fn = kwargs.pop("init_fn", None)
+def _split_transform_module(kwargs: dict) -> nn.Module | None:
+    """A `codebook_transform` module in `kwargs` replaced by its JSON spec; the module (to adopt its weights) or
+    `None`."""
     module = kwargs.get("codebook_transform")
-    if isinstance(module, nn.Module):
-        kwargs["codebook_transform"] = transform_spec_of(module)
-    else:
-        module = None
-    if init_fn is not None and not callable(init_fn):
-        raise TypeError(f"init_fn must be callable, got {type(init_fn).__name__}")
-    return config, kwargs, module, init_fn
+    if not isinstance(module, nn.Module):
+        return None
+    kwargs["codebook_transform"] = transform_spec_of(module)
+    return module
 
 
 @register_quantizer
@@ -214,9 +204,11 @@ class SimVQ(QuantizerModel):
 
     config_class = SimVQConfig
 
-    def __init__(self, *args, **kwargs):
-        config, kwargs, module, init_fn = _prepare_model_kwargs("SimVQ", SimVQConfig, args, kwargs,
-                                                                SIM_VQ_POSITIONAL)
+    def __init__(self, config: SimVQConfig | None = None, init_fn: Callable[[Tensor], Tensor] | None = None,
+                 **kwargs):
+        if init_fn is not None and not callable(init_fn):
+            raise TypeError(f"init_fn must be callable, got {type(init_fn).__name__}")
+        module = _split_transform_module(kwargs)
         super().__init__(config, **kwargs)
         c = self.config
         self.codebook_size, self.dim, self.channel_first = c.codebook_size, c.dim, c.channel_first
@@ -342,6 +334,7 @@ class ResidualSimVQConfig(QuantizerConfig):
     """
 
     model_type = "hf_vq_residual_sim_vq"
+    vqp_positional = ()  # keyword-only in vqp 1.32
 
     def __init__(
         self,
@@ -424,11 +417,8 @@ class ResidualSimVQ(QuantizerModel):
 
     config_class = ResidualSimVQConfig
 
-    def __init__(self, *args, **kwargs):
-        config, args = split_config_arg(ResidualSimVQConfig, args)
-        if args:
-            raise TypeError("ResidualSimVQ takes keyword arguments only (as vqp), or a ResidualSimVQConfig")
-        init_fn = kwargs.pop("init_fn", None)
+    def __init__(self, config: ResidualSimVQConfig | None = None, init_fn: Callable[[Tensor], Tensor] | None = None,
+                 **kwargs):
         if isinstance(kwargs.get("codebook_transform"), nn.Module):
             raise ValueError("ResidualSimVQ: pass codebook_transform as a spec dict ({'hidden_dims': [...], "
                              "'activation': ..., 'bias': ...}); a module instance would be one transform tied across "

@@ -52,6 +52,19 @@ class VectorQuantizeConfig(QuantizerConfig):
     """
 
     model_type = "hf_vq_vector_quantize"
+    # vqp 1.32's positional order (`in_place_codebook_optimizer` is a model argument, not a config field)
+    vqp_positional = (
+        "dim", "codebook_size", "codebook_dim", "heads", "separate_codebook_per_head", "decay", "eps",
+        "freeze_codebook", "kmeans_init", "kmeans_iters", "sync_kmeans", "use_cosine_sim", "layernorm_after_project_in",
+        "threshold_ema_dead_code", "channel_last", "accept_image_fmap", "accept_3d_fmap", "commitment_weight",
+        "commitment_use_cross_entropy_loss", "orthogonal_reg_weight", "orthogonal_reg_active_codes_only",
+        "orthogonal_reg_max_codes", "codebook_diversity_loss_weight", "codebook_diversity_temperature",
+        "stochastic_sample_codes", "sample_codebook_temp", "straight_through", "rotation_trick", "directional_reparam",
+        "directional_reparam_variance", "sync_codebook", "sync_affine_param", "ema_update", "vq_bridge",
+        "manual_ema_update", "learnable_codebook", "in_place_codebook_optimizer", "manual_in_place_optimizer_update",
+        "affine_param", "affine_param_batch_decay", "affine_param_codebook_decay", "sync_update_v",
+        "return_zeros_for_masked_padding", "route_gradients_to_input",
+    )
 
     def __init__(
         self,
