@@ -445,10 +445,6 @@ def test_rflq():
     assert torch.all(quantized == rlfq.get_output_from_indices(indices))
 
 
-@pytest.mark.xfail(strict=True, raises=(RuntimeError, AssertionError),
-                   reason="residual.py: ResidualLFQ applies a mask to its output as VectorQuantize padding (zeros) and "
-                          "so rejects vqp's per-sample (b,) mask; vqp 1.32's ResidualLFQ passes the mask to its levels "
-                          "(losses only) and returns every position's codes")
 @param("mask", ([True, False, True], [[True] * 5, [False] * 5, [True, True, True, False, False]]))
 def test_residual_lfq_mask_matches_vqp(mask):
     # not a case of vqp's suite: the per-sample LFQ mask through vqp's residual wrapper

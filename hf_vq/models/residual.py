@@ -137,6 +137,9 @@ class ResidualQuantizerBase(QuantizerModel):
         self.quantize_dropout = c.quantize_dropout
         self.quantize_dropout_cutoff_index = c.quantize_dropout_cutoff_index
         self.quantize_dropout_multiple_of = c.quantize_dropout_multiple_of
+        # ResidualVQ pads masked positions of its output (vqp 1.32's VectorQuantize levels do); the scalar forms pass
+        # the mask to their levels only (it restricts their losses) and return every position's codes
+        self.pads_masked_output = hasattr(c, "return_zeros_for_masked_padding")
         self.return_zeros_for_masked_padding = getattr(c, "return_zeros_for_masked_padding", True)
         self.channel_first = channel_first
 
@@ -254,7 +257,7 @@ class ResidualQuantizerBase(QuantizerModel):
             all_losses.append(loss)
         self._finish_step(level_inputs, mask)
         quantized = self.project_out(quantized_out)
-        if mask is not None:
+        if mask is not None and self.pads_masked_output:
             fill = torch.zeros_like(quantized) if self.return_zeros_for_masked_padding else x
             quantized = torch.where(mask.unsqueeze(-1), quantized, fill)
         indices = torch.stack(all_indices, dim=-1)
