@@ -26,6 +26,8 @@ from ..ops.nearest import nearest_code
 from ..ops.triton_residual import level_inputs, residual_step_, residual_train_levels, train_levels_ok
 from .fsq import FSQ, FSQConfig, check_levels
 from .lfq import LFQ, LFQConfig
+from .residual_options import (_vqp_codebook_size, check_level_codebook_sizes, check_level_indices, check_quant_grad_frac,
+                               frac_gradient, level_codebook_sizes)
 from .vector_quantize import VectorQuantize, VectorQuantizeConfig
 
 _VQ_FIELDS = frozenset(VectorQuantizeConfig.field_names()) - {"dim", "codebook_size", "codebook_dim", "check_inputs"}
@@ -36,8 +38,9 @@ class ResidualVQConfig(QuantizerConfig):
 
     Args:
         dim (`int`): input feature dim.
-        num_quantizers (`int`): number of residual levels.
-        codebook_size (`int`): codes per level.
+        num_quantizers (`int`, *optional*): number of residual levels (default: one per entry of a
+            `codebook_size` list, else 8).
+        codebook_size (`int` or `list[int]`): codes per level, or one size per level (vqp 1.32's tuple form).
         codebook_dim (`int`, *optional*): code dim; projections map `dim` in and out when it differs.
         shared_codebook (`bool`): one codebook for all levels (saved once, under `layers.0._codebook`); its EMA
             statistics accumulate over every level and the codebook is updated once per step.
@@ -49,6 +52,8 @@ class ResidualVQConfig(QuantizerConfig):
         vq_kwargs (`dict`): any [`VectorQuantizeConfig`] option for every level (decay, kmeans_init,
             threshold_ema_dead_code, use_cosine_sim, ...). Passing those options as keyword arguments to the
             config or model puts them here.
+        quant_grad_frac (`float`, defaults to 0): share of a level's output gradient that reaches the levels before it
+            through the residual (vqp 1.32's `frac_gradient`; 0: the residual is detached).
     """
 
     model_type = "hf_vq_residual_vq"
@@ -57,8 +62,8 @@ class ResidualVQConfig(QuantizerConfig):
     def __init__(
         self,
         dim: int = 256,
-        num_quantizers: int = 8,
-        codebook_size: int = 1024,
+        num_quantizers: int | None = None,
+        codebook_size: int | list[int] = 1024,
         codebook_dim: int | None = None,
         shared_codebook: bool = False,
         quantize_dropout: bool = False,
@@ -67,9 +72,15 @@ class ResidualVQConfig(QuantizerConfig):
         accept_image_fmap: bool = False,
         return_zeros_for_masked_padding: bool = True,
         vq_kwargs: dict[str, Any] | None = None,
+        quant_grad_frac: float = 0.0,
         **kwargs,
     ):
+        if isinstance(codebook_size, (list, tuple)):
+            codebook_size = list(codebook_size)
+        if num_quantizers is None:
+            num_quantizers = len(codebook_size) if isinstance(codebook_size, list) else 8
         self.dim, self.num_quantizers, self.codebook_size, self.codebook_dim = dim, num_quantizers, codebook_size, codebook_dim
+        self.quant_grad_frac = quant_grad_frac
         self.shared_codebook = shared_codebook
         self.quantize_dropout = quantize_dropout
         self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
@@ -80,11 +91,13 @@ class ResidualVQConfig(QuantizerConfig):
         super().__init__(**kwargs)
 
     def validate(self):
-        for name in ("dim", "codebook_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.dim, int) or isinstance(self.dim, bool) or self.dim < 1:
+            raise ValueError(f"dim must be a positive int, got {self.dim!r}")
+        check_level_codebook_sizes(self.codebook_size, self.num_quantizers)
         validate_quantize_dropout(self)
+        check_quant_grad_frac(self.quant_grad_frac)
+        if self.shared_codebook and not self.uniform_codebook_size:
+            raise ValueError("shared_codebook=True needs one codebook_size for every level")
         unknown = sorted(set(self.vq_kwargs) - _VQ_FIELDS)
         if unknown:
             raise ValueError(f"vq_kwargs has unknown VectorQuantize option(s) {unknown}")
@@ -92,15 +105,24 @@ class ResidualVQConfig(QuantizerConfig):
             raise ValueError("ResidualVQ does not support heads > 1 (as vector-quantize-pytorch)")
         self.level_config()  # validates the per-level options
 
-    def level_config(self) -> VectorQuantizeConfig:
+    @property
+    def codebook_sizes(self) -> list[int]:
+        """The codebook size of each level."""
+        return level_codebook_sizes(self.codebook_size, self.num_quantizers)
+
+    @property
+    def uniform_codebook_size(self) -> bool:
+        return len(set(self.codebook_sizes)) == 1
+
+    def level_config(self, level: int = 0) -> VectorQuantizeConfig:
         codebook_dim = self.codebook_dim if self.codebook_dim is not None else self.dim
-        level = dict(self.vq_kwargs)
+        level_kwargs = dict(self.vq_kwargs)
         if self.shared_codebook:
-            level["manual_ema_update"] = True
+            level_kwargs["manual_ema_update"] = True
         return VectorQuantizeConfig(
-            dim=codebook_dim, codebook_size=self.codebook_size, codebook_dim=codebook_dim,
+            dim=codebook_dim, codebook_size=self.codebook_sizes[level], codebook_dim=codebook_dim,
             return_zeros_for_masked_padding=self.return_zeros_for_masked_padding,
-            check_inputs=False, **level,
+            check_inputs=False, **level_kwargs,
         )
 
 
@@ -170,6 +192,15 @@ class ResidualQuantizerBase(QuantizerModel):
             cutoff = math.ceil((cutoff + 1) / multiple) * multiple - 1
         return cutoff
 
+    @property
+    def level_codebook_sizes(self) -> list[int]:
+        """The number of codes of each level."""
+        return [self.codebook_size] * self.num_quantizers
+
+    def _next_residual(self, residual: Tensor, quantized: Tensor) -> Tensor:
+        """What the next level quantizes: the residual less this level's (detached) output."""
+        return residual - quantized.detach()
+
     def uses_dropout(self) -> bool:
         return self.training and self.quantize_dropout and self.num_quantizers > 1 and torch.is_grad_enabled()
 
@@ -182,9 +213,7 @@ class ResidualQuantizerBase(QuantizerModel):
         if indices.shape[-1] < levels:
             pad = indices.new_full((*indices.shape[:-1], levels - indices.shape[-1]), -1)
             indices = torch.cat([indices, pad], dim=-1)
-        size = self.codebook_size
-        if indices.numel() and (indices.min() < -1 or indices.max() >= size):
-            raise ValueError(f"indices must be -1 (dropped) or in [0, {size})")
+        check_level_indices(indices, self.level_codebook_sizes)
         codes = []
         for level, layer in enumerate(self.layers):
             idx = indices[..., level].long()
@@ -244,7 +273,7 @@ class ResidualQuantizerBase(QuantizerModel):
                 continue
             level_inputs.append(residual)
             quantized, indices, loss = self._run_level(level, layer, residual, mask, **level_kwargs)
-            residual = residual - quantized.detach()
+            residual = self._next_residual(residual, quantized)
             quantized_out = quantized_out + quantized
             all_indices.append(indices)
             all_losses.append(loss)
@@ -286,8 +315,10 @@ class ResidualVQ(ResidualQuantizerBase):
         c = self.config
         self._copy_loop_config(c, channel_first=c.accept_image_fmap)
         self.shared_codebook = c.shared_codebook
+        self.codebook_sizes, self.uniform_codebook_size = c.codebook_sizes, c.uniform_codebook_size
+        self.quant_grad_frac = c.quant_grad_frac
         _projections(self, c.dim, c.codebook_dim if c.codebook_dim is not None else c.dim)
-        self.layers = nn.ModuleList(VectorQuantize(c.level_config()) for _ in range(c.num_quantizers))
+        self.layers = nn.ModuleList(VectorQuantize(c.level_config(level)) for level in range(c.num_quantizers))
         if c.shared_codebook:
             self._share_first_codebook()
         self.post_init()
@@ -302,7 +333,15 @@ class ResidualVQ(ResidualQuantizerBase):
 
     @property
     def codebook_size(self) -> int:
-        return self.config.codebook_size
+        """The first level's codebook size (as vqp 1.32; `codebook_sizes` lists every level's)."""
+        return self.codebook_sizes[0]
+
+    @property
+    def level_codebook_sizes(self) -> list[int]:
+        return self.codebook_sizes
+
+    def _next_residual(self, residual: Tensor, quantized: Tensor) -> Tensor:
+        return residual - frac_gradient(quantized, self.quant_grad_frac)
 
     def _finish_step(self, residuals: list[Tensor], mask: Tensor | None) -> None:
         """Shared codebook: one codebook update from the statistics of every level, then dead-code expiry
@@ -321,9 +360,11 @@ class ResidualVQ(ResidualQuantizerBase):
             first.expire_codes(flat, flat_mask)
 
     @property
-    def codebooks(self) -> Tensor:
-        """`(num_quantizers, codebook_size, codebook_dim)`."""
-        return torch.stack([layer.codebook for layer in self.layers])
+    def codebooks(self) -> Tensor | tuple[Tensor, ...]:
+        """`(num_quantizers, codebook_size, codebook_dim)`; a tuple of `(size_i, codebook_dim)` when the levels'
+        codebook sizes differ (as vqp 1.32)."""
+        books = tuple(layer.codebook for layer in self.layers)
+        return torch.stack(books) if self.uniform_codebook_size else books
 
     def _run_level(self, level, layer, residual, mask, sample_codebook_temp=None, freeze_codebook=False):
         out = layer(residual, mask=mask, sample_codebook_temp=sample_codebook_temp,
@@ -339,6 +380,7 @@ class ResidualVQ(ResidualQuantizerBase):
         dead-code expiry. Deferring the updates to the end changes nothing: each level's codes come from its
         codebook before its own update, and no level reads another's codebook."""
         if (not self.training or mask is not None or level_kwargs or self.shared_codebook
+                or not self.uniform_codebook_size or self.quant_grad_frac > 0
                 or not (residual.requires_grad and torch.is_grad_enabled())):
             return None
         flat = residual.reshape(-1, residual.shape[-1])
@@ -389,7 +431,7 @@ class ResidualVQ(ResidualQuantizerBase):
     def _lean_eval_codebooks(self, mask, level_kwargs) -> list[Tensor] | None:
         """Every level's codebook when this call may take the lean eval loop (`_forward_lean_eval`): not training,
         no mask, no per-call level options, and every level's plan has `lean_eval`."""
-        if self.training or mask is not None or level_kwargs:
+        if self.training or mask is not None or level_kwargs or self.quant_grad_frac > 0:
             return None
         if not all(layer.plan.lean_eval for layer in self.layers):
             return None
@@ -421,13 +463,14 @@ class ResidualVQ(ResidualQuantizerBase):
             level.pop(name, None)
         config = ResidualVQConfig(
             dim=module.project_in.in_features if module.has_projections else module.codebook_dim,
-            num_quantizers=module.num_quantizers, codebook_size=module.codebook_size,
+            num_quantizers=module.num_quantizers, codebook_size=_vqp_codebook_size(module),
             codebook_dim=module.codebook_dim, shared_codebook=bool(module.shared_codebook),
             quantize_dropout=bool(module.quantize_dropout),
             quantize_dropout_cutoff_index=module.quantize_dropout_cutoff_index,
             quantize_dropout_multiple_of=module.quantize_dropout_multiple_of,
             accept_image_fmap=module.accept_image_fmap,
             return_zeros_for_masked_padding=module.return_zeros_for_masked_padding, vq_kwargs=level,
+            quant_grad_frac=float(module.quant_grad_frac),
         )
         model = cls(config)
         if module.has_projections:

@@ -1,0 +1,115 @@
+"""ResidualVQ options of vqp 1.32 (per-level codebook sizes, quant_grad_frac, beam search, ...): parity with
+vector-quantize-pytorch 1.32 on shared weights and inputs, state after training steps, migration round trips,
+config errors."""
+
+import pytest
+import torch
+from transformers import AutoModel
+from vector_quantize_pytorch import ResidualVQ as VqpResidualVQ
+
+import hf_vq
+
+# float32 on CPU, same op order: values agree to 1e-6 (the default assert_close float32 tolerances, 1.3e-6 rel)
+CASES = {
+    "per_level_sizes": dict(dim=8, codebook_size=(8, 16, 32)),
+    "per_level_sizes_projection": dict(dim=8, codebook_dim=4, num_quantizers=2, codebook_size=(16, 4)),
+    "quant_grad_frac": dict(dim=8, num_quantizers=3, codebook_size=16, quant_grad_frac=0.3),
+    "quant_grad_frac_sizes": dict(dim=8, codebook_size=(16, 8), quant_grad_frac=1.0, decay=0.9),
+}
+
+
+def _twin(kwargs, seed=0):
+    torch.manual_seed(seed)
+    ref = VqpResidualVQ(**kwargs)
+    return ref, hf_vq.ResidualVQ.from_vector_quantize_pytorch(ref)
+
+
+def _train_steps(ref, ours, steps=3, shape=(2, 20, 8), **call):
+    """Training steps on the same inputs: equal indices, outputs, losses and input gradients at each."""
+    ref.train(), ours.train()
+    for _ in range(steps):
+        x = torch.randn(*shape, requires_grad=True)
+        x_ours = x.detach().clone().requires_grad_()
+        q_ref, i_ref, l_ref = ref(x, **call)
+        out = ours(x_ours, **call)
+        assert torch.equal(out.indices, i_ref)
+        torch.testing.assert_close(out.quantized, q_ref)
+        torch.testing.assert_close(out.loss, l_ref)
+        (q_ref.square().sum() + l_ref.sum()).backward()
+        (out.quantized.square().sum() + out.loss.sum()).backward()
+        torch.testing.assert_close(x_ours.grad, x.grad)
+
+
+def _same_state(ref, ours):
+    ref_state = ref.state_dict()
+    for key, value in ours.state_dict().items():
+        torch.testing.assert_close(value, ref_state[key], msg=key)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_options_match_vqp_over_training_steps(case):
+    ref, ours = _twin(CASES[case])
+    _train_steps(ref, ours, shape=(2, 20, CASES[case]["dim"]))
+    _same_state(ref, ours)
+    ref.eval(), ours.eval()
+    x = torch.randn(2, 7, CASES[case]["dim"])
+    q_ref, i_ref, _ = ref(x)
+    out = ours(x)
+    assert torch.equal(out.indices, i_ref)
+    torch.testing.assert_close(out.quantized, q_ref)
+    torch.testing.assert_close(ours.get_codes_from_indices(i_ref), ref.get_codes_from_indices(i_ref))
+    torch.testing.assert_close(ours.get_output_from_indices(i_ref), ref.get_output_from_indices(i_ref))
+
+
+def test_per_level_codebook_sizes_round_trip_and_lookup(tmp_path):
+    ref, ours = _twin(CASES["per_level_sizes"])
+    assert ours.config.codebook_size == [8, 16, 32] and ours.config.num_quantizers == 3
+    assert [layer.codebook_size for layer in ours.layers] == [8, 16, 32]
+    assert isinstance(ours.codebooks, tuple) and [b.shape[0] for b in ours.codebooks] == [8, 16, 32]
+    ours.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    x = torch.randn(2, 9, 8)
+    out = loaded(x)
+    torch.testing.assert_close(out.quantized, ref.eval()(x)[0])
+    # the last level has 32 codes: index 31 is valid there, not in the first level (8 codes)
+    ok = torch.tensor([[[7, 15, 31]]])
+    assert loaded.get_codes_from_indices(ok).shape == (3, 1, 1, 8)
+    with pytest.raises(ValueError, match=r"codebook_size\) of their level"):
+        loaded.get_codes_from_indices(torch.tensor([[[8, 0, 0]]]))
+    coarse = loaded.get_codes_from_indices(torch.tensor([[[3]]]))  # fewer levels: the rest count as dropped
+    assert coarse[1:].abs().sum() == 0
+
+
+def test_quant_grad_frac_round_trip(tmp_path):
+    ref, ours = _twin(CASES["quant_grad_frac"])
+    assert ours.config.quant_grad_frac == 0.3
+    ours.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert loaded.quant_grad_frac == 0.3
+    _train_steps(ref, loaded, steps=2)
+
+
+def test_quant_grad_frac_passes_gradient_to_earlier_levels():
+    """With frac 0 a level's output gradient never reaches the previous levels' input; with frac 1 it does."""
+    grads = {}
+    for frac in (0.0, 1.0):
+        torch.manual_seed(0)
+        rvq = hf_vq.ResidualVQ(dim=4, num_quantizers=2, codebook_size=8, learnable_codebook=True,
+                               ema_update=False, rotation_trick=False, quant_grad_frac=frac).train()
+        x = torch.randn(1, 6, 4)
+        rvq(x).quantized.sum().backward()
+        grads[frac] = rvq.layers[0]._codebook.embed.grad.clone()
+    assert not torch.equal(grads[0.0], grads[1.0])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(codebook_size=[8, 16], num_quantizers=3), "one size per level"),
+    (dict(codebook_size=[8, 0]), "positive ints"),
+    (dict(codebook_size="8"), "codebook_size must be"),
+    (dict(codebook_size=[8, 16], shared_codebook=True), "shared_codebook"),
+    (dict(quant_grad_frac=1.5), "quant_grad_frac"),
+    (dict(quant_grad_frac=-0.1), "quant_grad_frac"),
+])
+def test_config_errors_name_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        hf_vq.ResidualVQConfig(dim=8, **kwargs)
