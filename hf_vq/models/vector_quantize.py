@@ -39,6 +39,7 @@ from .vq_config import VectorQuantizeConfig
 from .vq_losses import (cross_entropy_to_codes, masked_mse, mean_position_entropy, orthogonal_loss, perplexity,
                         row_slices)
 from .vq_plan import VQPlan, plan_for, with_state
+from .vq_topk import topk_forward, update_from_indices
 
 __all__ = ["Codebook", "LossBreakdown", "VQPlan", "VectorQuantize", "VectorQuantizeConfig", "VectorQuantizeOutput",
            "orthogonal_loss"]
@@ -299,6 +300,13 @@ class VectorQuantize(QuantizerModel):
         """Dead-code expiry from the code-space rows `flat (H, N, d)` (see `Codebook.expire_codes`)."""
         self._codebook.expire_codes(flat, mask)
 
+    def update_ema_indices(self, x: Tensor, indices: Tensor, mask: Tensor | None = None) -> None:
+        """The codebook update of a training step for `x` with the given codes `indices` (shaped like `forward`'s
+        output indices; -1 ignored), as vqp 1.32's `update_ema_indices` (see `vq_topk.update_from_indices`)."""
+        update_from_indices(self, x, indices, mask)
+
+    update_indices = update_ema_indices
+
     def update_in_place_optimizer(self) -> None:
         """Step the in-place codebook optimizer; gradients are averaged across ranks first."""
         if self.in_place_codebook_optimizer is None:
@@ -361,6 +369,7 @@ class VectorQuantize(QuantizerModel):
         accum_ema_update: bool = False,
         return_loss_breakdown: bool = False,
         return_perplexity: bool = True,
+        topk: int | None = None,
     ) -> VectorQuantizeOutput | tuple:
         """Quantize `x` (`(b, n, d)`; `(b, d, n)` with `channel_last=False`; `(b, d, h, w)` / `(b, d, t, h, w)`
         with `accept_image_fmap` / `accept_3d_fmap`; `(b, d)` as one token). `mask`/`lens` mark valid
@@ -372,9 +381,13 @@ class VectorQuantize(QuantizerModel):
         `ema_update` overrides the config for this call; `ema_update_weight` scales each code's EMA step (a
         tensor `(K,)`/`(heads, K)`, or a function of the batch's `(sums, counts)`); `accum_ema_update` only
         accumulates this batch's statistics, which the next update adds to its own. `return_perplexity=False`
-        leaves `perplexity` None (a caller that does not read it, e.g. a residual level, saves its bincount)."""
+        leaves `perplexity` None (a caller that does not read it, e.g. a residual level, saves its bincount).
+        `topk=k` returns the `k` best codes of every token (a `k` axis after the token axes; see `vq_topk`)."""
         if self.check_inputs:
             check_features(x, self.dim, name="x")
+        if topk is not None:
+            return self._topk_forward(x, topk, mask, lens, sample_codebook_temp, freeze_codebook, return_dict,
+                                      indices, return_loss_breakdown)
         if mask is not None and lens is not None:
             raise ValueError("pass either mask or lens, not both")
         if lens is not None:
@@ -436,6 +449,20 @@ class VectorQuantize(QuantizerModel):
         if return_loss_breakdown:
             output.loss_breakdown = LossBreakdown(output.commitment_loss, output.codebook_diversity_loss,
                                                   output.orthogonal_reg_loss, inplace_loss)
+        result = self._output(output, return_dict)
+        return (*result, output.loss_breakdown) if return_loss_breakdown and isinstance(result, tuple) else result
+
+    def _topk_forward(self, x, topk, mask, lens, temperature, freeze_codebook, return_dict, indices,
+                      return_loss_breakdown):
+        if indices is not None:
+            raise ValueError("pass either indices (cross-entropy loss) or topk, not both")
+        temperature = self.sample_codebook_temp if temperature is None else temperature
+        freeze_codebook = self.freeze_codebook if freeze_codebook is None else freeze_codebook
+        output = VectorQuantizeOutput(**topk_forward(self, x, topk, mask, lens, temperature, freeze_codebook),
+                                      inplace_optimize_loss=torch.zeros((), device=x.device))
+        if return_loss_breakdown:
+            output.loss_breakdown = LossBreakdown(output.commitment_loss, output.codebook_diversity_loss,
+                                                  output.orthogonal_reg_loss, output.inplace_optimize_loss)
         result = self._output(output, return_dict)
         return (*result, output.loss_breakdown) if return_loss_breakdown and isinstance(result, tuple) else result
 
