@@ -113,3 +113,104 @@ def test_quant_grad_frac_passes_gradient_to_earlier_levels():
 def test_config_errors_name_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         hf_vq.ResidualVQConfig(dim=8, **kwargs)
+
+
+# -- beam search ------------------------------------------------------------------------------------
+
+BEAM_CASES = {
+    "beam3": (dict(dim=8, num_quantizers=3, codebook_size=16, beam_size=3), {}),
+    "weighted": (dict(dim=8, num_quantizers=3, codebook_size=16, beam_size=2, decay=0.9,
+                      beam_score_quantizer_weights=[1.0, 0.5, 0.25]), {}),
+    "sizes_frac": (dict(dim=8, num_quantizers=3, codebook_size=(8, 16, 4), beam_size=3, quant_grad_frac=0.5), {}),
+    "call_beam": (dict(dim=8, num_quantizers=3, codebook_size=16), dict(beam_size=4)),
+    "dropout": (dict(dim=8, num_quantizers=4, codebook_size=16, beam_size=2, quantize_dropout=True), {}),
+    "projection_dead_codes": (dict(dim=8, num_quantizers=3, codebook_size=16, codebook_dim=4, beam_size=2,
+                                   threshold_ema_dead_code=1), {}),
+    "masked": (dict(dim=8, num_quantizers=2, codebook_size=16, beam_size=2),
+               dict(mask=torch.tensor([[True] * 6, [True] * 2 + [False] * 4]))),
+}
+
+
+def _vqp_update_later_levels(ref, x, indices, mask, books):
+    """vqp 1.32's beam search updates only the first level's codebook in training (it takes the winning beam's
+    level inputs with `[..., 0, :]`, which picks level 0). hf_vq updates every kept level along the winning
+    beam; this applies the same update to vqp's later levels, so the two can be compared over several steps.
+    `books`: the codebooks the forward searched (before its update of level 0)."""
+    residual = ref.project_in(x)
+    for level, (layer, book) in enumerate(zip(ref.layers, books)):
+        level_indices = indices[..., level]
+        if not bool((level_indices >= 0).any()):
+            break  # quantize dropout: this level and the next ones were not run
+        if level > 0:
+            layer.update_indices(residual, level_indices, mask=mask)
+        residual = residual - book[level_indices]
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", sorted(BEAM_CASES))
+def test_beam_search_matches_vqp(case, train):
+    kwargs, call = BEAM_CASES[case]
+    ref, ours = _twin(kwargs)
+    ref.train(train), ours.train(train)
+    for step in range(3):
+        x = torch.randn(2, 6, 8, requires_grad=True)
+        x_ours = x.detach().clone().requires_grad_()
+        books = [layer.codebook.detach().clone() for layer in ref.layers]
+        torch.manual_seed(step)  # the quantize-dropout draw
+        q_ref, i_ref, l_ref = ref(x, **call)
+        if train:  # (before our step: dead-code replacement draws in the same order, level by level)
+            with torch.no_grad():
+                _vqp_update_later_levels(ref, x.detach(), i_ref, call.get("mask"), books)
+        torch.manual_seed(step)
+        out = ours(x_ours, **call)
+        assert torch.equal(out.indices, i_ref)
+        torch.testing.assert_close(out.quantized, q_ref)
+        torch.testing.assert_close(out.loss, l_ref)
+        if train:
+            (q_ref.square().sum() + l_ref.sum()).backward()
+            (out.quantized.square().sum() + out.loss.sum()).backward()
+            torch.testing.assert_close(x_ours.grad, x.grad)
+    _same_state(ref, ours)
+
+
+def _path_score(rvq, x, indices):
+    """Per token: the sum over levels of the mean squared error between a level's input and its code (the
+    score the beam search minimizes, all level weights 1)."""
+    residual, total = x, torch.zeros(x.shape[:-1])
+    for level, book in enumerate(rvq.codebooks):
+        code = book[indices[..., level]]
+        total = total + (residual - code).square().mean(-1)
+        residual = residual - code
+    return total
+
+
+def test_beam_search_exhaustive_beam_minimizes_the_path_score():
+    torch.manual_seed(0)
+    rvq = hf_vq.ResidualVQ(dim=4, num_quantizers=3, codebook_size=4).eval()
+    x = torch.randn(2, 30, 4)
+    greedy = rvq(x)
+    beam = rvq(x, beam_size=16)  # 4 x 4 prefixes: every path is scored, the best one is kept
+    assert beam.indices.shape == greedy.indices.shape and beam.quantized.shape == x.shape
+    best = torch.full(x.shape[:-1], float("inf"))
+    for path in torch.cartesian_prod(*[torch.arange(4)] * 3):
+        best = torch.minimum(best, _path_score(rvq, x, path.expand(*x.shape[:-1], 3)))
+    torch.testing.assert_close(_path_score(rvq, x, beam.indices), best)
+    assert (_path_score(rvq, x, greedy.indices) > best + 1e-6).any()  # greedy is not optimal here
+    torch.testing.assert_close(rvq.get_output_from_indices(beam.indices), beam.quantized)
+    assert torch.equal(rvq(x, beam_size=1).indices, greedy.indices)
+
+
+def test_beam_options_round_trip_and_errors(tmp_path):
+    ref, ours = _twin(BEAM_CASES["weighted"][0])
+    assert ours.config.beam_size == 2 and ours.config.beam_score_quantizer_weights == [1.0, 0.5, 0.25]
+    ours.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    x = torch.randn(2, 5, 8)
+    assert torch.equal(loaded(x).indices, ref.eval()(x)[1])
+    assert hf_vq.ResidualVQ(dim=8, num_quantizers=2, codebook_size=4, beam_size=2, eval_beam_size=3).eval_beam_size == 3
+    for kwargs, message in [(dict(beam_size=0), "beam_size must be"), (dict(eval_beam_size=2), "eval_beam_size needs"),
+                            (dict(beam_size=2, beam_score_quantizer_weights=[1.0]), "one weight per level")]:
+        with pytest.raises(ValueError, match=message):
+            hf_vq.ResidualVQConfig(dim=8, num_quantizers=2, codebook_size=4, **kwargs)
+    with pytest.raises(ValueError, match="beam_size must be a positive int"):
+        loaded(x, beam_size=0)

@@ -1,5 +1,6 @@
 """Residual quantization (SoundStream, arXiv:2107.03312, Algorithm 1) for VQ, FSQ and LFQ levels, as Hugging
-Face models (the grouped forms are in `grouped.py`).
+Face models (the grouped forms are in `grouped.py`, the FSQ / LFQ subclasses in `residual_scalar.py`, ResidualVQ's
+beam search and other options in `residual_options.py`).
 
 Semantics: vector-quantize-pytorch 1.32 `ResidualVQ`, `ResidualFSQ`, `ResidualLFQ`. One residual loop
 (`ResidualQuantizerBase`) serves all three: a subclass only says how a level is built, how it is called and how
@@ -24,10 +25,8 @@ from ..modeling_utils import (QuantizerConfig, QuantizerModel, QuantizerOutput, 
 from ..ops import ema as ema_ops
 from ..ops.nearest import nearest_code
 from ..ops.triton_residual import level_inputs, residual_step_, residual_train_levels, train_levels_ok
-from .fsq import FSQ, FSQConfig, check_levels
-from .lfq import LFQ, LFQConfig
-from .residual_options import (_vqp_codebook_size, check_level_codebook_sizes, check_level_indices, check_quant_grad_frac,
-                               frac_gradient, level_codebook_sizes)
+from .residual_options import (_vqp_codebook_size, beam_search_forward, check_beam_options, check_level_codebook_sizes,
+                               check_level_indices, check_quant_grad_frac, frac_gradient, level_codebook_sizes)
 from .vector_quantize import VectorQuantize, VectorQuantizeConfig
 
 _VQ_FIELDS = frozenset(VectorQuantizeConfig.field_names()) - {"dim", "codebook_size", "codebook_dim", "check_inputs"}
@@ -54,6 +53,9 @@ class ResidualVQConfig(QuantizerConfig):
             config or model puts them here.
         quant_grad_frac (`float`, defaults to 0): share of a level's output gradient that reaches the levels before it
             through the residual (vqp 1.32's `frac_gradient`; 0: the residual is detached).
+        beam_size (`int`, *optional*), eval_beam_size (`int`, *optional*, defaults to `beam_size`): beam search over
+            the levels' nearest codes in training / outside training (`forward(..., beam_size=)` overrides);
+            `beam_score_quantizer_weights` (`list[float]`, one per level) weighs each level's loss in the score.
     """
 
     model_type = "hf_vq_residual_vq"
@@ -73,6 +75,9 @@ class ResidualVQConfig(QuantizerConfig):
         return_zeros_for_masked_padding: bool = True,
         vq_kwargs: dict[str, Any] | None = None,
         quant_grad_frac: float = 0.0,
+        beam_size: int | None = None,
+        eval_beam_size: int | None = None,
+        beam_score_quantizer_weights: list[float] | None = None,
         **kwargs,
     ):
         if isinstance(codebook_size, (list, tuple)):
@@ -81,6 +86,9 @@ class ResidualVQConfig(QuantizerConfig):
             num_quantizers = len(codebook_size) if isinstance(codebook_size, list) else 8
         self.dim, self.num_quantizers, self.codebook_size, self.codebook_dim = dim, num_quantizers, codebook_size, codebook_dim
         self.quant_grad_frac = quant_grad_frac
+        self.beam_size, self.eval_beam_size = beam_size, eval_beam_size
+        self.beam_score_quantizer_weights = (None if beam_score_quantizer_weights is None
+                                             else list(beam_score_quantizer_weights))
         self.shared_codebook = shared_codebook
         self.quantize_dropout = quantize_dropout
         self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
@@ -96,6 +104,8 @@ class ResidualVQConfig(QuantizerConfig):
         check_level_codebook_sizes(self.codebook_size, self.num_quantizers)
         validate_quantize_dropout(self)
         check_quant_grad_frac(self.quant_grad_frac)
+        check_beam_options(self.beam_size, self.eval_beam_size, self.beam_score_quantizer_weights,
+                           self.num_quantizers)
         if self.shared_codebook and not self.uniform_codebook_size:
             raise ValueError("shared_codebook=True needs one codebook_size for every level")
         unknown = sorted(set(self.vq_kwargs) - _VQ_FIELDS)
@@ -317,6 +327,9 @@ class ResidualVQ(ResidualQuantizerBase):
         self.shared_codebook = c.shared_codebook
         self.codebook_sizes, self.uniform_codebook_size = c.codebook_sizes, c.uniform_codebook_size
         self.quant_grad_frac = c.quant_grad_frac
+        self.beam_size = c.beam_size
+        self.eval_beam_size = c.eval_beam_size if c.eval_beam_size is not None else c.beam_size
+        self.beam_score_weights = tuple(map(float, c.beam_score_quantizer_weights or [1.0] * c.num_quantizers))
         _projections(self, c.dim, c.codebook_dim if c.codebook_dim is not None else c.dim)
         self.layers = nn.ModuleList(VectorQuantize(c.level_config(level)) for level in range(c.num_quantizers))
         if c.shared_codebook:
@@ -342,6 +355,25 @@ class ResidualVQ(ResidualQuantizerBase):
 
     def _next_residual(self, residual: Tensor, quantized: Tensor) -> Tensor:
         return residual - frac_gradient(quantized, self.quant_grad_frac)
+
+    def _call_beam_size(self, level_kwargs: dict) -> int:
+        """This call's beam (`beam_size=` of `forward`, else the config's for the mode); 1: no beam search."""
+        beam = level_kwargs.get("beam_size")
+        if beam is None:
+            beam = self.beam_size if self.training else self.eval_beam_size
+        if beam is not None and not (isinstance(beam, int) and not isinstance(beam, bool) and beam >= 1):
+            raise ValueError(f"beam_size must be a positive int, got {beam!r}")
+        return 1 if beam is None else beam
+
+    def _forward_levels(self, x, mask, dropout_cutoff, level_kwargs):
+        """The residual loop, or (beam size > 1) the beam search of `residual_options.beam_search_levels` followed
+        by each kept level's codebook update along the winning beam (in training, unless the codebook is frozen)."""
+        level_kwargs = dict(level_kwargs)
+        beam = self._call_beam_size(level_kwargs)
+        level_kwargs.pop("beam_size", None)
+        if beam <= 1:
+            return super()._forward_levels(x, mask, dropout_cutoff, level_kwargs)
+        return beam_search_forward(self, x, mask, dropout_cutoff, beam, level_kwargs)
 
     def _finish_step(self, residuals: list[Tensor], mask: Tensor | None) -> None:
         """Shared codebook: one codebook update from the statistics of every level, then dead-code expiry
@@ -431,7 +463,7 @@ class ResidualVQ(ResidualQuantizerBase):
     def _lean_eval_codebooks(self, mask, level_kwargs) -> list[Tensor] | None:
         """Every level's codebook when this call may take the lean eval loop (`_forward_lean_eval`): not training,
         no mask, no per-call level options, and every level's plan has `lean_eval`."""
-        if self.training or mask is not None or level_kwargs or self.quant_grad_frac > 0:
+        if self.training or mask is not None or level_kwargs or self.quant_grad_frac > 0 or self.eval_beam_size:
             return None
         if not all(layer.plan.lean_eval for layer in self.layers):
             return None
@@ -470,7 +502,9 @@ class ResidualVQ(ResidualQuantizerBase):
             quantize_dropout_multiple_of=module.quantize_dropout_multiple_of,
             accept_image_fmap=module.accept_image_fmap,
             return_zeros_for_masked_padding=module.return_zeros_for_masked_padding, vq_kwargs=level,
-            quant_grad_frac=float(module.quant_grad_frac),
+            quant_grad_frac=float(module.quant_grad_frac), beam_size=module.beam_size,
+            eval_beam_size=module.eval_beam_size if module.eval_beam_size != module.beam_size else None,
+            beam_score_quantizer_weights=module.beam_score_weights.tolist(),
         )
         model = cls(config)
         if module.has_projections:
@@ -484,155 +518,5 @@ class ResidualVQ(ResidualQuantizerBase):
         return model
 
 
-# --------------------------------------------------------------------------------------------------
-# ResidualFSQ
-
-
-class ResidualFSQConfig(QuantizerConfig):
-    """Configuration of [`ResidualFSQ`] (vqp 1.32 names).
-
-    Args:
-        levels (`list[int]`), num_quantizers (`int`), dim (`int`, *optional*, defaults to `len(levels)`).
-        is_channel_first (`bool`): `(b, d, ...)` input.
-        quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of: as [`ResidualVQConfig`].
-        soft_clamp_input_value (`float` or `list[float]`, *optional*): tanh soft clamp of the projected input;
-            with `bound_hard_clamp` (default) it is `1 + 1 / (levels - 1)` per dimension.
-        bound_hard_clamp (`bool`, defaults to `True`): levels clamp instead of tanh (input is pre-clamped).
-        fsq_kwargs (`dict`): further [`FSQConfig`] options for every level.
-    Level i quantizes `residual / levels**-i` and its codes are scaled back by `levels**-i`.
-    """
-
-    model_type = "hf_vq_residual_fsq"
-    level_fields: ClassVar[frozenset[str]] = frozenset(FSQConfig.field_names()) - {
-        "levels", "dim", "preserve_symmetry", "bound_hard_clamp", "check_inputs"}
-
-    def __init__(self, levels: list[int] = (8, 5, 5, 5), num_quantizers: int = 4, dim: int | None = None,
-                 is_channel_first: bool = False, quantize_dropout: bool = False, quantize_dropout_cutoff_index: int = 0,
-                 quantize_dropout_multiple_of: int = 1, soft_clamp_input_value: float | list[float] | None = None,
-                 bound_hard_clamp: bool = True, fsq_kwargs: dict[str, Any] | None = None, **kwargs):
-        self.levels = list(levels)
-        self.num_quantizers, self.dim, self.is_channel_first = num_quantizers, dim, is_channel_first
-        self.quantize_dropout = quantize_dropout
-        self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
-        self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
-        self.soft_clamp_input_value, self.bound_hard_clamp = soft_clamp_input_value, bound_hard_clamp
-        self.fsq_kwargs = absorb_nested_kwargs(kwargs, fsq_kwargs, self.level_fields)
-        super().__init__(**kwargs)
-        if self.dim is None:
-            self.dim = len(self.levels)
-
-    def validate(self):
-        check_levels(self.levels)
-        validate_quantize_dropout(self)
-        if self.bound_hard_clamp and self.soft_clamp_input_value is not None:
-            raise ValueError("soft_clamp_input_value is implied by bound_hard_clamp=True; set one of them")
-
-    def level_config(self) -> FSQConfig:
-        return FSQConfig(levels=self.levels, dim=len(self.levels), preserve_symmetry=True,
-                         bound_hard_clamp=self.bound_hard_clamp, check_inputs=False, **self.fsq_kwargs)
-
-
-@register_quantizer
-class ResidualFSQ(ResidualQuantizerBase):
-    """Residual FSQ (vqp 1.32 semantics): symmetric FSQ levels at geometrically shrinking scales."""
-
-    config_class = ResidualFSQConfig
-
-    def __init__(self, config: ResidualFSQConfig | None = None, **kwargs):
-        super().__init__(config, **kwargs)
-        c = self.config
-        self._copy_loop_config(c, channel_first=c.is_channel_first)
-        self.levels = list(c.levels)
-        self.soft_clamp_input_value, self.bound_hard_clamp = c.soft_clamp_input_value, c.bound_hard_clamp
-        _projections(self, c.dim, len(c.levels))
-        self.layers = nn.ModuleList(FSQ(c.level_config()) for _ in range(c.num_quantizers))
-        self.post_init()
-
-    @property
-    def codebook_size(self) -> int:
-        return math.prod(self.levels)
-
-    def _scale(self, level: int, device) -> Tensor:
-        return torch.tensor(self.levels, dtype=torch.float32, device=device) ** -level
-
-    def _prepare(self, x: Tensor) -> Tensor:
-        clamp = self.soft_clamp_input_value
-        if self.bound_hard_clamp:
-            clamp = 1 + 1 / (torch.tensor(self.levels, dtype=torch.float32, device=x.device) - 1)
-        elif clamp is None:
-            return x
-        clamp = torch.as_tensor(clamp, dtype=torch.float32, device=x.device)
-        return (x / clamp).tanh() * clamp
-
-    def _run_level(self, level, layer, residual, mask):
-        scale = self._scale(level, residual.device)
-        with torch.autocast(device_type=residual.device.type, enabled=False):
-            out = layer(residual / scale, return_dict=True)
-        return out.quantized * scale, out.indices, None
-
-    def _level_codes(self, level, layer, indices):
-        return layer._codes_from_indices(indices) * self._scale(level, indices.device)
-
-
-# --------------------------------------------------------------------------------------------------
-# ResidualLFQ
-
-
-class ResidualLFQConfig(QuantizerConfig):
-    """Configuration of [`ResidualLFQ`] (vqp 1.32 names): `dim`, `num_quantizers`, `codebook_size`, the dropout
-    options, `soft_clamp_input_value` (halved at every level) and `lfq_kwargs` for every [`LFQ`] level.
-    Level i has `codebook_scale = 2**-i`."""
-
-    model_type = "hf_vq_residual_lfq"
-    level_fields: ClassVar[frozenset[str]] = frozenset(LFQConfig.field_names()) - {
-        "dim", "codebook_size", "codebook_scale", "soft_clamp_input_value", "check_inputs"}
-
-    def __init__(self, dim: int = 16, num_quantizers: int = 4, codebook_size: int = 2**10,
-                 quantize_dropout: bool = False, quantize_dropout_cutoff_index: int = 0,
-                 quantize_dropout_multiple_of: int = 1, soft_clamp_input_value: float | None = None,
-                 lfq_kwargs: dict[str, Any] | None = None, **kwargs):
-        self.dim, self.num_quantizers, self.codebook_size = dim, num_quantizers, codebook_size
-        self.quantize_dropout = quantize_dropout
-        self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
-        self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
-        self.soft_clamp_input_value = soft_clamp_input_value
-        self.lfq_kwargs = absorb_nested_kwargs(kwargs, lfq_kwargs, self.level_fields)
-        super().__init__(**kwargs)
-
-    def validate(self):
-        validate_quantize_dropout(self)
-        if not isinstance(self.codebook_size, int) or self.codebook_size < 2 or self.codebook_size & (self.codebook_size - 1):
-            raise ValueError(f"codebook_size must be a power of two >= 2, got {self.codebook_size!r}")
-
-    def level_config(self, level: int) -> LFQConfig:
-        clamp = self.soft_clamp_input_value
-        return LFQConfig(dim=int(math.log2(self.codebook_size)), codebook_scale=2.0**-level,
-                         soft_clamp_input_value=None if clamp is None else clamp * 0.5**level,
-                         check_inputs=False, **self.lfq_kwargs)
-
-
-@register_quantizer
-class ResidualLFQ(ResidualQuantizerBase):
-    """Residual LFQ (vqp 1.32 semantics): LFQ levels with codebook scales 1, 1/2, 1/4, ..."""
-
-    config_class = ResidualLFQConfig
-
-    def __init__(self, config: ResidualLFQConfig | None = None, **kwargs):
-        super().__init__(config, **kwargs)
-        c = self.config
-        self._copy_loop_config(c)
-        _projections(self, c.dim, int(math.log2(c.codebook_size)))
-        self.layers = nn.ModuleList(LFQ(c.level_config(i)) for i in range(c.num_quantizers))
-        self.post_init()
-
-    @property
-    def codebook_size(self) -> int:
-        return self.config.codebook_size
-
-    def _run_level(self, level, layer, residual, mask):
-        with torch.autocast(device_type=residual.device.type, enabled=False):
-            out = layer(residual, mask=mask, return_dict=True)
-        return out.quantized, out.indices, out.loss
-
-    def _level_codes(self, level, layer, indices):
-        return layer._codes_from_indices(indices)
+# ResidualFSQ and ResidualLFQ (scalar-quantizer levels) live in residual_scalar.py; importable from here too.
+from .residual_scalar import ResidualFSQ, ResidualFSQConfig, ResidualLFQ, ResidualLFQConfig  # noqa: E402
