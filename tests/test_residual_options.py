@@ -214,3 +214,47 @@ def test_beam_options_round_trip_and_errors(tmp_path):
             hf_vq.ResidualVQConfig(dim=8, num_quantizers=2, codebook_size=4, **kwargs)
     with pytest.raises(ValueError, match="beam_size must be a positive int"):
         loaded(x, beam_size=0)
+
+
+# -- DiVeQ ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [dict(dim=8, num_quantizers=3, codebook_size=16, diveq=True),
+                                    dict(dim=8, codebook_dim=4, num_quantizers=2, codebook_size=16, diveq=True,
+                                         threshold_ema_dead_code=1)], ids=["plain", "projection_dead_codes"])
+def test_diveq_matches_vqp_over_sgd_steps(kwargs):
+    ref, ours = _twin(kwargs)
+    assert ours.config.diveq and ours.quant_grad_frac == 1.0
+    assert all(layer.learnable_codebook and layer.commitment_weight == 0 for layer in ours.layers)
+    ref_opt, our_opt = torch.optim.SGD(ref.parameters(), lr=0.1), torch.optim.SGD(ours.parameters(), lr=0.1)
+    ref.train(), ours.train()
+    for step in range(3):
+        x = torch.randn(2, 6, 8, requires_grad=True)
+        x_ours = x.detach().clone().requires_grad_()
+        torch.manual_seed(step)  # DiVeQ's direction noise and dead-code draws
+        q_ref, i_ref, l_ref = ref(x)
+        torch.manual_seed(step)
+        out = ours(x_ours)
+        assert torch.equal(out.indices, i_ref)
+        torch.testing.assert_close(out.quantized, q_ref)
+        torch.testing.assert_close(out.loss, l_ref)
+        (q_ref.square().sum() + l_ref.sum()).backward()
+        (out.quantized.square().sum() + out.loss.sum()).backward()
+        torch.testing.assert_close(x_ours.grad, x.grad)
+        ref_opt.step(), our_opt.step(), ref_opt.zero_grad(), our_opt.zero_grad()
+    _same_state(ref, ours)
+    ref.eval(), ours.eval()
+    x = torch.randn(2, 5, 8)
+    out = ours(x)
+    assert torch.equal(out.indices, ref(x)[1])
+    # outside training hf_vq outputs the codes (vqp 1.32 adds DiVeQ's random move there too)
+    torch.testing.assert_close(out.quantized, ours.get_output_from_indices(out.indices))
+
+
+def test_diveq_round_trip(tmp_path):
+    _, ours = _twin(dict(dim=8, num_quantizers=2, codebook_size=16, diveq=True))
+    ours.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert loaded.diveq and loaded.quant_grad_frac == 1.0 and loaded.layers[1].learnable_codebook
+    x = torch.randn(2, 5, 8)
+    assert torch.equal(loaded.eval()(x).indices, ours.eval()(x).indices)

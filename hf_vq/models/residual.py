@@ -25,8 +25,9 @@ from ..modeling_utils import (QuantizerConfig, QuantizerModel, QuantizerOutput, 
 from ..ops import ema as ema_ops
 from ..ops.nearest import nearest_code
 from ..ops.triton_residual import level_inputs, residual_step_, residual_train_levels, train_levels_ok
+from ..ops.estimators import directional_reparam
 from .residual_options import (_vqp_codebook_size, beam_search_forward, check_beam_options, check_level_codebook_sizes,
-                               check_level_indices, check_quant_grad_frac, frac_gradient, level_codebook_sizes)
+                               check_level_indices, check_quant_grad_frac, frac_gradient, level_codebook_sizes, level_overrides)
 from .vector_quantize import VectorQuantize, VectorQuantizeConfig
 
 _VQ_FIELDS = frozenset(VectorQuantizeConfig.field_names()) - {"dim", "codebook_size", "codebook_dim", "check_inputs"}
@@ -56,6 +57,10 @@ class ResidualVQConfig(QuantizerConfig):
         beam_size (`int`, *optional*), eval_beam_size (`int`, *optional*, defaults to `beam_size`): beam search over
             the levels' nearest codes in training / outside training (`forward(..., beam_size=)` overrides);
             `beam_score_quantizer_weights` (`list[float]`, one per level) weighs each level's loss in the score.
+        diveq (`bool`): DiVeQ (openreview KRVnpTbx7R): the levels learn their codebooks by gradient (no EMA, no
+            commitment loss, no gradient routed to the input by the levels, `quant_grad_frac` 1) and, in training,
+            the output is the input moved along the noised direction to the summed codes (vqp 1.32 also does
+            this outside training, which makes its eval output random; hf_vq outputs the codes there).
     """
 
     model_type = "hf_vq_residual_vq"
@@ -78,6 +83,7 @@ class ResidualVQConfig(QuantizerConfig):
         beam_size: int | None = None,
         eval_beam_size: int | None = None,
         beam_score_quantizer_weights: list[float] | None = None,
+        diveq: bool = False,
         **kwargs,
     ):
         if isinstance(codebook_size, (list, tuple)):
@@ -87,6 +93,7 @@ class ResidualVQConfig(QuantizerConfig):
         self.dim, self.num_quantizers, self.codebook_size, self.codebook_dim = dim, num_quantizers, codebook_size, codebook_dim
         self.quant_grad_frac = quant_grad_frac
         self.beam_size, self.eval_beam_size = beam_size, eval_beam_size
+        self.diveq = diveq
         self.beam_score_quantizer_weights = (None if beam_score_quantizer_weights is None
                                              else list(beam_score_quantizer_weights))
         self.shared_codebook = shared_codebook
@@ -126,9 +133,7 @@ class ResidualVQConfig(QuantizerConfig):
 
     def level_config(self, level: int = 0) -> VectorQuantizeConfig:
         codebook_dim = self.codebook_dim if self.codebook_dim is not None else self.dim
-        level_kwargs = dict(self.vq_kwargs)
-        if self.shared_codebook:
-            level_kwargs["manual_ema_update"] = True
+        level_kwargs = {**self.vq_kwargs, **level_overrides(self)}
         return VectorQuantizeConfig(
             dim=codebook_dim, codebook_size=self.codebook_sizes[level], codebook_dim=codebook_dim,
             return_zeros_for_masked_padding=self.return_zeros_for_masked_padding,
@@ -211,6 +216,10 @@ class ResidualQuantizerBase(QuantizerModel):
         """What the next level quantizes: the residual less this level's (detached) output."""
         return residual - quantized.detach()
 
+    def _output_codes(self, start: Tensor, quantized: Tensor) -> Tensor:
+        """The summed codes as output (before `project_out`); `start`: the first level's input."""
+        return quantized
+
     def uses_dropout(self) -> bool:
         return self.training and self.quantize_dropout and self.num_quantizers > 1 and torch.is_grad_enabled()
 
@@ -266,7 +275,7 @@ class ResidualQuantizerBase(QuantizerModel):
     def _forward_levels(self, x: Tensor, mask, dropout_cutoff, level_kwargs) -> tuple[Tensor, Tensor, Tensor | None]:
         """`(quantized, indices, per-level loss)` of `(b, n, d)` tokens: the fused pass where a subclass has one,
         else every level called in turn."""
-        residual = self._prepare(self.project_in(x))
+        residual = start = self._prepare(self.project_in(x))
         cutoff = self.num_quantizers - 1
         if self.uses_dropout():
             cutoff = dropout_cutoff if dropout_cutoff is not None else self.dropout_cutoff(x.device)
@@ -288,7 +297,7 @@ class ResidualQuantizerBase(QuantizerModel):
             all_indices.append(indices)
             all_losses.append(loss)
         self._finish_step(level_inputs, mask)
-        quantized = self.project_out(quantized_out)
+        quantized = self.project_out(self._output_codes(start, quantized_out))
         if mask is not None:
             fill = torch.zeros_like(quantized) if self.return_zeros_for_masked_padding else x
             quantized = torch.where(mask.unsqueeze(-1), quantized, fill)
@@ -326,7 +335,8 @@ class ResidualVQ(ResidualQuantizerBase):
         self._copy_loop_config(c, channel_first=c.accept_image_fmap)
         self.shared_codebook = c.shared_codebook
         self.codebook_sizes, self.uniform_codebook_size = c.codebook_sizes, c.uniform_codebook_size
-        self.quant_grad_frac = c.quant_grad_frac
+        self.quant_grad_frac = 1.0 if c.diveq else c.quant_grad_frac
+        self.diveq = c.diveq
         self.beam_size = c.beam_size
         self.eval_beam_size = c.eval_beam_size if c.eval_beam_size is not None else c.beam_size
         self.beam_score_weights = tuple(map(float, c.beam_score_quantizer_weights or [1.0] * c.num_quantizers))
@@ -355,6 +365,11 @@ class ResidualVQ(ResidualQuantizerBase):
 
     def _next_residual(self, residual: Tensor, quantized: Tensor) -> Tensor:
         return residual - frac_gradient(quantized, self.quant_grad_frac)
+
+    def _output_codes(self, start: Tensor, quantized: Tensor) -> Tensor:
+        if self.diveq and self.training:
+            return directional_reparam(start, quantized)
+        return quantized
 
     def _call_beam_size(self, level_kwargs: dict) -> int:
         """This call's beam (`beam_size=` of `forward`, else the config's for the mode); 1: no beam search."""
@@ -502,7 +517,8 @@ class ResidualVQ(ResidualQuantizerBase):
             quantize_dropout_multiple_of=module.quantize_dropout_multiple_of,
             accept_image_fmap=module.accept_image_fmap,
             return_zeros_for_masked_padding=module.return_zeros_for_masked_padding, vq_kwargs=level,
-            quant_grad_frac=float(module.quant_grad_frac), beam_size=module.beam_size,
+            quant_grad_frac=float(module.quant_grad_frac) if not module.diveq else 0.0, beam_size=module.beam_size,
+            diveq=bool(module.diveq),
             eval_beam_size=module.eval_beam_size if module.eval_beam_size != module.beam_size else None,
             beam_score_quantizer_weights=module.beam_score_weights.tolist(),
         )

@@ -11,6 +11,18 @@ import torch
 from torch import Tensor
 
 
+def level_overrides(config) -> dict:
+    """Level options a ResidualVQ config imposes on every level, over its `vq_kwargs` (as vqp 1.32): a shared
+    codebook is updated once per step by the wrapper; DiVeQ learns the codebooks by gradient alone."""
+    overrides = {}
+    if config.shared_codebook:
+        overrides["manual_ema_update"] = True
+    if config.diveq:
+        overrides.update(ema_update=False, learnable_codebook=True, route_gradients_to_input=False,
+                         commitment_weight=0.0)
+    return overrides
+
+
 def level_codebook_sizes(codebook_size: int | list[int], num_quantizers: int) -> list[int]:
     """One codebook size per level: a list as given, an int repeated `num_quantizers` times."""
     if isinstance(codebook_size, (list, tuple)):
@@ -154,7 +166,7 @@ def beam_search_forward(model, x: Tensor, mask: Tensor | None, dropout_cutoff: i
     training, unless the codebook is frozen) by each kept level's codebook update along the winning beam. vqp 1.32
     updates only the first level there (its `[..., 0, :]` on the stacked level inputs picks level 0); hf_vq
     updates every level it ran, as the greedy loop does."""
-    residual = model._prepare(model.project_in(x))
+    residual = start = model._prepare(model.project_in(x))
     cutoff = model.num_quantizers - 1
     if model.uses_dropout():
         cutoff = dropout_cutoff if dropout_cutoff is not None else model.dropout_cutoff(x.device)
@@ -163,7 +175,7 @@ def beam_search_forward(model, x: Tensor, mask: Tensor | None, dropout_cutoff: i
         for level, (layer, level_input) in enumerate(zip(model.layers, inputs)):
             layer.update_ema_indices(level_input.detach(), indices[..., level], mask=mask)
     model._finish_step(inputs, mask)
-    quantized = model.project_out(quantized)
+    quantized = model.project_out(model._output_codes(start, quantized))
     if mask is not None:
         fill = torch.zeros_like(quantized) if model.return_zeros_for_masked_padding else x
         quantized = torch.where(mask.unsqueeze(-1), quantized, fill)
