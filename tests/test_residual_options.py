@@ -258,3 +258,74 @@ def test_diveq_round_trip(tmp_path):
     assert loaded.diveq and loaded.quant_grad_frac == 1.0 and loaded.layers[1].learnable_codebook
     x = torch.randn(2, 5, 8)
     assert torch.equal(loaded.eval()(x).indices, ours.eval()(x).indices)
+
+
+# -- implicit neural codebook (QINCo) -----------------------------------------------------------------
+
+INC_CASES = {
+    "mlp_kwargs": dict(dim=8, num_quantizers=3, codebook_size=16, implicit_neural_codebook=True,
+                       mlp_kwargs=dict(dim_hidden=12, depth=2)),
+    "projection_sizes_dead_codes": dict(dim=8, codebook_dim=4, num_quantizers=3, codebook_size=(16, 8, 4),
+                                        implicit_neural_codebook=True, threshold_ema_dead_code=1),
+    "dropout": dict(dim=8, num_quantizers=3, codebook_size=8, implicit_neural_codebook=True, quantize_dropout=True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INC_CASES))
+def test_implicit_neural_codebook_matches_vqp_over_sgd_steps(case):
+    """Values to float32 defaults; input gradients and state after SGD steps to 1e-5 (the one-hot matmul of vqp
+    and our gather accumulate the codebook/MLP gradients in different orders)."""
+    ref, ours = _twin(INC_CASES[case])
+    assert set(ours.state_dict()) == set(ref.state_dict())  # vqp's keys (mlps.{i}.proj_in, .layers.{j}.0/.2)
+    ref_opt, our_opt = torch.optim.SGD(ref.parameters(), lr=0.01), torch.optim.SGD(ours.parameters(), lr=0.01)
+    ref.train(), ours.train()
+    for step in range(3):
+        x = torch.randn(2, 6, 8, requires_grad=True)
+        x_ours = x.detach().clone().requires_grad_()
+        torch.manual_seed(step)
+        q_ref, i_ref, l_ref = ref(x)
+        torch.manual_seed(step)
+        out = ours(x_ours)
+        assert torch.equal(out.indices, i_ref)
+        torch.testing.assert_close(out.quantized, q_ref)
+        torch.testing.assert_close(out.loss, l_ref)
+        (q_ref.square().sum() + l_ref.sum()).backward()
+        (out.quantized.square().sum() + out.loss.sum()).backward()
+        torch.testing.assert_close(x_ours.grad, x.grad, rtol=1e-5, atol=1e-5)
+        ref_opt.step(), our_opt.step(), ref_opt.zero_grad(), our_opt.zero_grad()
+    ref_state = ref.state_dict()
+    for key, value in ours.state_dict().items():
+        torch.testing.assert_close(value, ref_state[key], rtol=1e-5, atol=1e-5, msg=key)
+    ref.eval(), ours.eval()
+    x = torch.randn(2, 5, 8)
+    q_ref, i_ref, _ = ref(x)
+    out = ours(x)
+    assert torch.equal(out.indices, i_ref)
+    torch.testing.assert_close(out.quantized, q_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.get_codes_from_indices(i_ref), ref.get_codes_from_indices(i_ref),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.get_output_from_indices(i_ref), out.quantized)
+
+
+def test_implicit_neural_codebook_round_trip_and_errors(tmp_path):
+    ref, ours = _twin(INC_CASES["mlp_kwargs"])
+    assert ours.config.mlp_kwargs == dict(dim_hidden=12, depth=2)
+    ours.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    x = torch.randn(2, 5, 8)
+    q_ref, i_ref, _ = ref.eval()(x)
+    out = loaded(x)
+    assert torch.equal(out.indices, i_ref)
+    torch.testing.assert_close(out.quantized, q_ref)
+    # the MLP conditions later levels on earlier codes: the codes of level 1 depend on level 0's index
+    other = i_ref.clone()
+    other[..., 0] = (other[..., 0] + 1) % 16
+    assert not torch.allclose(loaded.get_codes_from_indices(other)[1], loaded.get_codes_from_indices(i_ref)[1])
+    with pytest.raises(ValueError, match="beam search"):
+        loaded(x, beam_size=2)
+    for kwargs, message in [(dict(mlp_kwargs=dict(width=3)), "unknown field"),
+                            (dict(mlp_kwargs=dict(depth=0)), "positive int"),
+                            (dict(straight_through=True, rotation_trick=False), "straight_through")]:
+        with pytest.raises(ValueError, match=message):
+            hf_vq.ResidualVQConfig(dim=8, num_quantizers=2, codebook_size=4, implicit_neural_codebook=True,
+                                   **kwargs)

@@ -26,6 +26,9 @@ from ..ops import ema as ema_ops
 from ..ops.nearest import nearest_code
 from ..ops.triton_residual import level_inputs, residual_step_, residual_train_levels, train_levels_ok
 from ..ops.estimators import directional_reparam
+from .qinco import (QincoMLP, _vqp_implicit_codebook, check_mlp_kwargs, implicit_codes_from_indices,
+                    implicit_forward_levels)
+from .qinco import check_level_options as check_implicit_level_options
 from .residual_options import (_vqp_codebook_size, beam_search_forward, check_beam_options, check_level_codebook_sizes,
                                check_level_indices, check_quant_grad_frac, frac_gradient, level_codebook_sizes, level_overrides)
 from .vector_quantize import VectorQuantize, VectorQuantizeConfig
@@ -61,6 +64,9 @@ class ResidualVQConfig(QuantizerConfig):
             commitment loss, no gradient routed to the input by the levels, `quant_grad_frac` 1) and, in training,
             the output is the input moved along the noised direction to the summed codes (vqp 1.32 also does
             this outside training, which makes its eval output random; hf_vq outputs the codes there).
+        implicit_neural_codebook (`bool`), mlp_kwargs (`dict`: `dim_hidden`, `depth`): QINCo (arXiv:2401.14732):
+            levels after the first search their codebook transformed per token by an MLP conditioned on the
+            codes chosen so far (`qinco.py`); the codebooks are learned by gradient.
     """
 
     model_type = "hf_vq_residual_vq"
@@ -84,6 +90,8 @@ class ResidualVQConfig(QuantizerConfig):
         eval_beam_size: int | None = None,
         beam_score_quantizer_weights: list[float] | None = None,
         diveq: bool = False,
+        implicit_neural_codebook: bool = False,
+        mlp_kwargs: dict[str, Any] | None = None,
         **kwargs,
     ):
         if isinstance(codebook_size, (list, tuple)):
@@ -94,6 +102,7 @@ class ResidualVQConfig(QuantizerConfig):
         self.quant_grad_frac = quant_grad_frac
         self.beam_size, self.eval_beam_size = beam_size, eval_beam_size
         self.diveq = diveq
+        self.implicit_neural_codebook, self.mlp_kwargs = implicit_neural_codebook, dict(mlp_kwargs or {})
         self.beam_score_quantizer_weights = (None if beam_score_quantizer_weights is None
                                              else list(beam_score_quantizer_weights))
         self.shared_codebook = shared_codebook
@@ -120,7 +129,10 @@ class ResidualVQConfig(QuantizerConfig):
             raise ValueError(f"vq_kwargs has unknown VectorQuantize option(s) {unknown}")
         if self.vq_kwargs.get("heads", 1) != 1:
             raise ValueError("ResidualVQ does not support heads > 1 (as vector-quantize-pytorch)")
-        self.level_config()  # validates the per-level options
+        check_mlp_kwargs(self.mlp_kwargs)
+        level = self.level_config()  # validates the per-level options
+        if self.implicit_neural_codebook:
+            check_implicit_level_options(level)
 
     @property
     def codebook_sizes(self) -> list[int]:
@@ -226,6 +238,16 @@ class ResidualQuantizerBase(QuantizerModel):
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """`(b, ..., q)` indices (-1 for dropped levels; fewer than `num_quantizers` levels allowed) to
         `(num_quantizers, b, ..., d)` codes, zero for dropped levels."""
+        indices = self._all_level_indices(indices)
+        codes = []
+        for level, layer in enumerate(self.layers):
+            idx = indices[..., level].long()
+            code = self._level_codes(level, layer, idx.clamp(min=0))
+            codes.append(code.masked_fill((idx == -1).unsqueeze(-1), 0.0))
+        return torch.stack(codes)
+
+    def _all_level_indices(self, indices: Tensor) -> Tensor:
+        """`(b, ..., q)` indices checked and padded with -1 (dropped) to `num_quantizers` levels."""
         levels = self.num_quantizers
         if indices.shape[-1] > levels:
             raise ValueError(f"indices have {indices.shape[-1]} levels, the model has {levels}")
@@ -233,12 +255,7 @@ class ResidualQuantizerBase(QuantizerModel):
             pad = indices.new_full((*indices.shape[:-1], levels - indices.shape[-1]), -1)
             indices = torch.cat([indices, pad], dim=-1)
         check_level_indices(indices, self.level_codebook_sizes)
-        codes = []
-        for level, layer in enumerate(self.layers):
-            idx = indices[..., level].long()
-            code = self._level_codes(level, layer, idx.clamp(min=0))
-            codes.append(code.masked_fill((idx == -1).unsqueeze(-1), 0.0))
-        return torch.stack(codes)
+        return indices
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
         out = self.project_out(self.get_codes_from_indices(indices).sum(0))
@@ -337,11 +354,16 @@ class ResidualVQ(ResidualQuantizerBase):
         self.codebook_sizes, self.uniform_codebook_size = c.codebook_sizes, c.uniform_codebook_size
         self.quant_grad_frac = 1.0 if c.diveq else c.quant_grad_frac
         self.diveq = c.diveq
+        self.implicit_neural_codebook = c.implicit_neural_codebook
         self.beam_size = c.beam_size
         self.eval_beam_size = c.eval_beam_size if c.eval_beam_size is not None else c.beam_size
         self.beam_score_weights = tuple(map(float, c.beam_score_quantizer_weights or [1.0] * c.num_quantizers))
         _projections(self, c.dim, c.codebook_dim if c.codebook_dim is not None else c.dim)
         self.layers = nn.ModuleList(VectorQuantize(c.level_config(level)) for level in range(c.num_quantizers))
+        if c.implicit_neural_codebook:  # one code MLP per level after the first (vqp's `mlps` keys)
+            cosine = self.layers[0].use_cosine_sim
+            self.mlps = nn.ModuleList(QincoMLP(self.layers[0].dim, **c.mlp_kwargs, l2norm_output=cosine)
+                                      for _ in range(c.num_quantizers - 1))
         if c.shared_codebook:
             self._share_first_codebook()
         self.post_init()
@@ -386,6 +408,10 @@ class ResidualVQ(ResidualQuantizerBase):
         level_kwargs = dict(level_kwargs)
         beam = self._call_beam_size(level_kwargs)
         level_kwargs.pop("beam_size", None)
+        if self.implicit_neural_codebook:
+            if beam > 1:
+                raise ValueError("beam search is not supported with implicit_neural_codebook=True in hf_vq")
+            return implicit_forward_levels(self, x, mask, dropout_cutoff, level_kwargs)
         if beam <= 1:
             return super()._forward_levels(x, mask, dropout_cutoff, level_kwargs)
         return beam_search_forward(self, x, mask, dropout_cutoff, beam, level_kwargs)
@@ -405,6 +431,11 @@ class ResidualVQ(ResidualQuantizerBase):
             flat = stacked.reshape(1, -1, stacked.shape[-1])
             flat_mask = None if mask is None else mask.unsqueeze(-1).expand(stacked.shape[:-1]).reshape(1, -1)
             first.expire_codes(flat, flat_mask)
+
+    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        if not self.implicit_neural_codebook:
+            return super().get_codes_from_indices(indices)
+        return implicit_codes_from_indices(self, self._all_level_indices(indices))
 
     @property
     def codebooks(self) -> Tensor | tuple[Tensor, ...]:
@@ -478,7 +509,8 @@ class ResidualVQ(ResidualQuantizerBase):
     def _lean_eval_codebooks(self, mask, level_kwargs) -> list[Tensor] | None:
         """Every level's codebook when this call may take the lean eval loop (`_forward_lean_eval`): not training,
         no mask, no per-call level options, and every level's plan has `lean_eval`."""
-        if self.training or mask is not None or level_kwargs or self.quant_grad_frac > 0 or self.eval_beam_size:
+        if (self.training or mask is not None or level_kwargs or self.quant_grad_frac > 0 or self.eval_beam_size
+                or self.implicit_neural_codebook):
             return None
         if not all(layer.plan.lean_eval for layer in self.layers):
             return None
@@ -502,8 +534,6 @@ class ResidualVQ(ResidualQuantizerBase):
     @classmethod
     def from_vector_quantize_pytorch(cls, module) -> "ResidualVQ":
         """An hf_vq ResidualVQ with a vqp `ResidualVQ`'s config and full state (every level's codebook and EMA)."""
-        if getattr(module, "implicit_neural_codebook", False):
-            raise ValueError("implicit_neural_codebook (QINCo) ResidualVQs are not supported yet")
         first = VectorQuantize.from_vector_quantize_pytorch(module.layers[0])
         level = {k: v for k, v in first.config.to_kwargs().items() if k in _VQ_FIELDS}
         for name in ("accept_image_fmap", "return_zeros_for_masked_padding", "manual_ema_update"):
@@ -518,11 +548,13 @@ class ResidualVQ(ResidualQuantizerBase):
             accept_image_fmap=module.accept_image_fmap,
             return_zeros_for_masked_padding=module.return_zeros_for_masked_padding, vq_kwargs=level,
             quant_grad_frac=float(module.quant_grad_frac) if not module.diveq else 0.0, beam_size=module.beam_size,
-            diveq=bool(module.diveq),
+            diveq=bool(module.diveq), **_vqp_implicit_codebook(module),
             eval_beam_size=module.eval_beam_size if module.eval_beam_size != module.beam_size else None,
             beam_score_quantizer_weights=module.beam_score_weights.tolist(),
         )
         model = cls(config)
+        if config.implicit_neural_codebook:
+            model.mlps.load_state_dict(module.mlps.state_dict())
         if module.has_projections:
             model.project_in.load_state_dict(module.project_in.state_dict())
             model.project_out.load_state_dict(module.project_out.state_dict())

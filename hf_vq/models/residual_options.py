@@ -17,6 +17,8 @@ def level_overrides(config) -> dict:
     overrides = {}
     if config.shared_codebook:
         overrides["manual_ema_update"] = True
+    if config.implicit_neural_codebook:
+        overrides.update(learnable_codebook=True, ema_update=False)
     if config.diveq:
         overrides.update(ema_update=False, learnable_codebook=True, route_gradients_to_input=False,
                          commitment_weight=0.0)
