@@ -33,7 +33,9 @@ from .residual_options import (_vqp_codebook_size, beam_search_forward, check_be
                                check_level_indices, check_quant_grad_frac, frac_gradient, level_codebook_sizes, level_overrides)
 from .vector_quantize import VectorQuantize, VectorQuantizeConfig
 
-_VQ_FIELDS = frozenset(VectorQuantizeConfig.field_names()) - {"dim", "codebook_size", "codebook_dim", "check_inputs"}
+# (a vq_bridge is a module given to one VectorQuantize: not a level option)
+_VQ_FIELDS = frozenset(VectorQuantizeConfig.field_names()) - {"dim", "codebook_size", "codebook_dim", "check_inputs",
+                                                               "has_vq_bridge"}
 
 
 class ResidualVQConfig(QuantizerConfig):
@@ -534,6 +536,8 @@ class ResidualVQ(ResidualQuantizerBase):
     @classmethod
     def from_vector_quantize_pytorch(cls, module) -> "ResidualVQ":
         """An hf_vq ResidualVQ with a vqp `ResidualVQ`'s config and full state (every level's codebook and EMA)."""
+        if any(getattr(layer._codebook, "vq_bridge", None) is not None for layer in module.layers):
+            raise ValueError("ResidualVQ levels with a vq_bridge are not supported by hf_vq's ResidualVQ")
         first = VectorQuantize.from_vector_quantize_pytorch(module.layers[0])
         level = {k: v for k, v in first.config.to_kwargs().items() if k in _VQ_FIELDS}
         for name in ("accept_image_fmap", "return_zeros_for_masked_padding", "manual_ema_update"):
