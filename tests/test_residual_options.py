@@ -329,3 +329,29 @@ def test_implicit_neural_codebook_round_trip_and_errors(tmp_path):
         with pytest.raises(ValueError, match=message):
             hf_vq.ResidualVQConfig(dim=8, num_quantizers=2, codebook_size=4, implicit_neural_codebook=True,
                                    **kwargs)
+
+
+# -- fast paths -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, lean_eval", [
+    (dict(quant_grad_frac=0.5), False),
+    (dict(codebook_size=[16, 8, 4]), True),  # the lean eval loop takes one codebook per level, any size
+    (dict(beam_size=2), False),
+    (dict(diveq=True), False),  # (quant_grad_frac 1; learnable codebooks: never the fused training levels)
+    (dict(implicit_neural_codebook=True), False),
+])
+def test_options_leave_the_fast_paths_they_change(kwargs, lean_eval):
+    """The fused training levels never run with these options (they would drop what the option adds); the lean
+    eval loop runs only where it computes the same as the level-by-level loop."""
+    torch.manual_seed(0)
+    rvq = hf_vq.ResidualVQ(**{**dict(dim=8, num_quantizers=3, codebook_size=16), **kwargs})
+    residual = torch.randn(2, 5, 8, requires_grad=True)
+    assert rvq.train()._fused_levels(residual, None, 2, {}) is None
+    rvq.eval()
+    assert (rvq._lean_eval_codebooks(None, {}) is not None) == lean_eval
+    x = torch.randn(2, 5, 8)
+    out = rvq(x)
+    looped = rvq(x, freeze_codebook=False)  # a per-call option: the level-by-level loop
+    assert torch.equal(out.indices, looped.indices)
+    torch.testing.assert_close(out.quantized, looped.quantized)
