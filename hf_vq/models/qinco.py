@@ -158,7 +158,7 @@ def implicit_codes_from_indices(model, indices: Tensor) -> Tensor:
     return torch.stack(codes)
 
 
-def _vqp_implicit_codebook(module) -> dict:
+def vqp_implicit_codebook(module) -> dict:
     """The `implicit_neural_codebook` / `mlp_kwargs` config of a vqp 1.32 ResidualVQ."""
     if not getattr(module, "implicit_neural_codebook", False):
         return {}

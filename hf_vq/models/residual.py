@@ -23,14 +23,15 @@ from .. import distributed
 from ..modeling_utils import (QuantizerConfig, QuantizerModel, QuantizerOutput, TokenLayout, absorb_nested_kwargs,
                               check_features, register_quantizer, validate_quantize_dropout)
 from ..ops import ema as ema_ops
+from ..ops.estimators import directional_reparam
 from ..ops.nearest import nearest_code
 from ..ops.triton_residual import level_inputs, residual_step_, residual_train_levels, train_levels_ok
-from ..ops.estimators import directional_reparam
-from .qinco import (QincoMLP, _vqp_implicit_codebook, check_mlp_kwargs, implicit_codes_from_indices,
-                    implicit_forward_levels)
+from .qinco import (QincoMLP, check_mlp_kwargs, implicit_codes_from_indices, implicit_forward_levels,
+                    vqp_implicit_codebook)
 from .qinco import check_level_options as check_implicit_level_options
-from .residual_options import (_vqp_codebook_size, beam_search_forward, check_beam_options, check_level_codebook_sizes,
-                               check_level_indices, check_quant_grad_frac, frac_gradient, level_codebook_sizes, level_overrides)
+from .residual_options import (beam_search_forward, check_beam_options, check_level_codebook_sizes, check_level_indices,
+                               check_quant_grad_frac, frac_gradient, level_codebook_sizes, level_overrides,
+                               vqp_codebook_size)
 from .vector_quantize import VectorQuantize, VectorQuantizeConfig
 
 # (a vq_bridge is a module given to one VectorQuantize: not a level option)
@@ -544,7 +545,7 @@ class ResidualVQ(ResidualQuantizerBase):
             level.pop(name, None)
         config = ResidualVQConfig(
             dim=module.project_in.in_features if module.has_projections else module.codebook_dim,
-            num_quantizers=module.num_quantizers, codebook_size=_vqp_codebook_size(module),
+            num_quantizers=module.num_quantizers, codebook_size=vqp_codebook_size(module),
             codebook_dim=module.codebook_dim, shared_codebook=bool(module.shared_codebook),
             quantize_dropout=bool(module.quantize_dropout),
             quantize_dropout_cutoff_index=module.quantize_dropout_cutoff_index,
@@ -552,7 +553,7 @@ class ResidualVQ(ResidualQuantizerBase):
             accept_image_fmap=module.accept_image_fmap,
             return_zeros_for_masked_padding=module.return_zeros_for_masked_padding, vq_kwargs=level,
             quant_grad_frac=float(module.quant_grad_frac) if not module.diveq else 0.0, beam_size=module.beam_size,
-            diveq=bool(module.diveq), **_vqp_implicit_codebook(module),
+            diveq=bool(module.diveq), **vqp_implicit_codebook(module),
             eval_beam_size=module.eval_beam_size if module.eval_beam_size != module.beam_size else None,
             beam_score_quantizer_weights=module.beam_score_weights.tolist(),
         )

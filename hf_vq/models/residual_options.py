@@ -75,7 +75,7 @@ def frac_gradient(t: Tensor, frac: float) -> Tensor:
     return t * frac + t.detach() * (1.0 - frac)
 
 
-def _vqp_codebook_size(module) -> int | list[int]:
+def vqp_codebook_size(module) -> int | list[int]:
     """A vqp ResidualVQ's codebook size in config form: one int, or one per level when they differ."""
     sizes = [int(size) for size in module.codebook_sizes]
     return sizes[0] if len(set(sizes)) == 1 else sizes
