@@ -61,6 +61,7 @@ NON_DEFAULT = {
     "sync_update_v": dict(sync_update_v=0.5, learnable_codebook=True, ema_update=False),
     "manual_in_place_optimizer_update": dict(manual_in_place_optimizer_update=True),
     "check_inputs": dict(check_inputs=False),
+    "has_vq_bridge": dict(vq_bridge=torch.nn.Linear(8, 8)),  # the module sets the field (a bridge is not JSON)
 }
 FIELDS = hf_vq.VectorQuantizeConfig.field_names()
 
@@ -118,7 +119,7 @@ def _assert_same_state(a, b):
 @pytest.mark.parametrize("field", FIELDS)
 def test_each_field_keeps_an_equal_fast_path_or_the_general_one(field):
     torch.manual_seed(0)
-    model = hf_vq.VectorQuantize(**{**BASE, **NON_DEFAULT[field]})
+    model = hf_vq.VectorQuantize(**{**BASE, **copy.deepcopy(NON_DEFAULT[field])})
     if model.config.kmeans_init:
         assert not model.plan.lean_eval and not model.plan.fused_levels  # an uninitialized codebook
         with torch.no_grad():

@@ -4,7 +4,7 @@ Each test re-expresses a case of vqp's `tests/` (test_readme.py, test_lfq.py, te
 test_beam.py) that reaches a class hf_vq has: the hf_vq class is built with the arguments vqp's test uses and called
 with `return_dict=False`, so it returns vqp's plain tuple. Shapes are reduced where vqp's are large for a 2-core CI;
 the assertions are vqp's. Where hf_vq deliberately differs (README "Migrating from vector-quantize-pytorch"), the test
-asserts hf_vq's behaviour and says so. Options hf_vq does not have yet are `xfail(strict=True)` naming the option.
+asserts hf_vq's behaviour and says so.
 """
 
 from __future__ import annotations
@@ -20,11 +20,6 @@ from vector_quantize_pytorch.finite_scalar_perturbation import build_cdf_act as 
 import hf_vq
 
 param = pytest.mark.parametrize
-
-
-def missing(option: str):
-    """A vqp option hf_vq does not implement yet: the case must fail until it does."""
-    return pytest.mark.xfail(strict=True, reason=f"hf_vq lacks vqp 1.32's {option}")
 
 
 @pytest.fixture(autouse=True)
@@ -217,7 +212,6 @@ def test_vq_3d():
     assert torch.allclose(quantized, vq.get_output_from_indices(indices))
 
 
-@missing("VectorQuantize vq_bridge (vqp's test also needs x_transformers)")
 def test_fvq():
     bridge = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.GELU(), torch.nn.Linear(256, 256))
     vq = hf_vq.VectorQuantize(dim=256, codebook_size=512, vq_bridge=bridge, learnable_codebook=True,
@@ -231,7 +225,6 @@ def test_fvq():
 # -- test_beam.py ---------------------------------------------------------------------------------------------------
 
 
-@missing("VectorQuantize forward topk, ema_update=False with topk, and update_ema_indices")
 def test_topk_and_manual_ema_update():
     vq1 = hf_vq.VectorQuantize(dim=256, codebook_size=512)
     vq2 = hf_vq.VectorQuantize(dim=256, codebook_size=512)
@@ -255,7 +248,6 @@ def test_topk_and_manual_ema_update():
     assert torch.allclose(vq1.codebook, vq2.codebook)
 
 
-@missing("ResidualVQ beam search (beam_size, eval_beam_size)")
 @param("codebook_dim", (256, 128))
 def test_beam_search(codebook_dim):
     rvq = hf_vq.ResidualVQ(dim=256, codebook_dim=codebook_dim, num_quantizers=8, codebook_size=1024,
@@ -290,12 +282,7 @@ def _residual_vq_params():
         for train in (True, False):
             for shared in (True, False):
                 for frac in (0.0, 0.1):
-                    marks = []
-                    if inc:
-                        marks.append(missing("ResidualVQ implicit_neural_codebook"))
-                    elif frac:
-                        marks.append(missing("ResidualVQ quant_grad_frac"))
-                    cases.append(pytest.param(inc, cos, train, shared, frac, marks=marks))
+                    cases.append(pytest.param(inc, cos, train, shared, frac))
     return cases
 
 
@@ -323,7 +310,6 @@ def test_residual_vq3():
     assert quantized.shape == (1, 1024, 256) and indices.shape == (1, 1024, 4)
 
 
-@missing("ResidualVQ per-level codebook_size (a tuple)")
 def test_tiger():
     rvq = hf_vq.ResidualVQ(dim=2, codebook_size=(5, 128, 256))
     x = torch.randn(2, 2, 2)
@@ -332,7 +318,6 @@ def test_tiger():
     assert torch.allclose(quantized, rvq.get_output_from_indices(indices), atol=1e-5)
 
 
-@missing("ResidualVQ diveq")
 def test_diveq():
     rvq = hf_vq.ResidualVQ(dim=256, num_quantizers=4, codebook_size=256, diveq=True)
     x = torch.randn(1, 1024, 256)

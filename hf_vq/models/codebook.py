@@ -91,6 +91,8 @@ class Codebook(nn.Module):
     def codes(self) -> Tensor:
         """The codebook the search reads: with its autograd link when learnable, affine-mapped when enabled."""
         embed = self.embed if isinstance(self.embed, nn.Parameter) and self.learnable else self.embed.detach()
+        if "vq_bridge" in self._modules:  # a VectorQuantize `vq_bridge` module maps the codebook (vqp 1.32)
+            embed = self._modules["vq_bridge"](embed)
         return self.affine_embed(embed) if self.affine_param else embed
 
     def affine_embed(self, embed: Tensor) -> Tensor:

@@ -1,5 +1,6 @@
 """Residual quantization (SoundStream, arXiv:2107.03312, Algorithm 1) for VQ, FSQ and LFQ levels, as Hugging
-Face models (the grouped forms are in `grouped.py`).
+Face models (the grouped forms are in `grouped.py`, the FSQ / LFQ subclasses in `residual_scalar.py`, ResidualVQ's
+beam search and other options in `residual_options.py`).
 
 Semantics: vector-quantize-pytorch 1.32 `ResidualVQ`, `ResidualFSQ`, `ResidualLFQ`. One residual loop
 (`ResidualQuantizerBase`) serves all three: a subclass only says how a level is built, how it is called and how
@@ -22,15 +23,20 @@ from .. import distributed
 from ..modeling_utils import (QuantizerConfig, QuantizerModel, QuantizerOutput, TokenLayout, absorb_nested_kwargs,
                               check_features, register_quantizer, validate_quantize_dropout)
 from ..ops import ema as ema_ops
-from ..ops import fsq as fsq_ops
-from ..ops import triton_fsq
+from ..ops.estimators import directional_reparam
 from ..ops.nearest import nearest_code
 from ..ops.triton_residual import level_inputs, residual_step_, residual_train_levels, train_levels_ok
-from .fsq import FSQ, FSQConfig, check_levels
-from .lfq import LFQ, LFQConfig
+from .qinco import (QincoMLP, check_mlp_kwargs, implicit_codes_from_indices, implicit_forward_levels,
+                    vqp_implicit_codebook)
+from .qinco import check_level_options as check_implicit_level_options
+from .residual_options import (beam_search_forward, check_beam_options, check_level_codebook_sizes, check_level_indices,
+                               check_quant_grad_frac, frac_gradient, level_codebook_sizes, level_overrides,
+                               vqp_codebook_size)
 from .vector_quantize import VectorQuantize, VectorQuantizeConfig
 
-_VQ_FIELDS = frozenset(VectorQuantizeConfig.field_names()) - {"dim", "codebook_size", "codebook_dim", "check_inputs"}
+# (a vq_bridge is a module given to one VectorQuantize: not a level option)
+_VQ_FIELDS = frozenset(VectorQuantizeConfig.field_names()) - {"dim", "codebook_size", "codebook_dim", "check_inputs",
+                                                               "has_vq_bridge"}
 
 
 class ResidualVQConfig(QuantizerConfig):
@@ -38,8 +44,9 @@ class ResidualVQConfig(QuantizerConfig):
 
     Args:
         dim (`int`): input feature dim.
-        num_quantizers (`int`): number of residual levels.
-        codebook_size (`int`): codes per level.
+        num_quantizers (`int`, *optional*): number of residual levels (default: one per entry of a
+            `codebook_size` list, else 8).
+        codebook_size (`int` or `list[int]`): codes per level, or one size per level (vqp 1.32's tuple form).
         codebook_dim (`int`, *optional*): code dim; projections map `dim` in and out when it differs.
         shared_codebook (`bool`): one codebook for all levels (saved once, under `layers.0._codebook`); its EMA
             statistics accumulate over every level and the codebook is updated once per step.
@@ -51,6 +58,18 @@ class ResidualVQConfig(QuantizerConfig):
         vq_kwargs (`dict`): any [`VectorQuantizeConfig`] option for every level (decay, kmeans_init,
             threshold_ema_dead_code, use_cosine_sim, ...). Passing those options as keyword arguments to the
             config or model puts them here.
+        quant_grad_frac (`float`, defaults to 0): share of a level's output gradient that reaches the levels before it
+            through the residual (vqp 1.32's `frac_gradient`; 0: the residual is detached).
+        beam_size (`int`, *optional*), eval_beam_size (`int`, *optional*, defaults to `beam_size`): beam search over
+            the levels' nearest codes in training / outside training (`forward(..., beam_size=)` overrides);
+            `beam_score_quantizer_weights` (`list[float]`, one per level) weighs each level's loss in the score.
+        diveq (`bool`): DiVeQ (openreview KRVnpTbx7R): the levels learn their codebooks by gradient (no EMA, no
+            commitment loss, no gradient routed to the input by the levels, `quant_grad_frac` 1) and, in training,
+            the output is the input moved along the noised direction to the summed codes (vqp 1.32 also does
+            this outside training, which makes its eval output random; hf_vq outputs the codes there).
+        implicit_neural_codebook (`bool`), mlp_kwargs (`dict`: `dim_hidden`, `depth`): QINCo (arXiv:2401.14732):
+            levels after the first search their codebook transformed per token by an MLP conditioned on the
+            codes chosen so far (`qinco.py`); the codebooks are learned by gradient.
     """
 
     model_type = "hf_vq_residual_vq"
@@ -59,8 +78,8 @@ class ResidualVQConfig(QuantizerConfig):
     def __init__(
         self,
         dim: int = 256,
-        num_quantizers: int = 8,
-        codebook_size: int = 1024,
+        num_quantizers: int | None = None,
+        codebook_size: int | list[int] = 1024,
         codebook_dim: int | None = None,
         shared_codebook: bool = False,
         quantize_dropout: bool = False,
@@ -69,9 +88,26 @@ class ResidualVQConfig(QuantizerConfig):
         accept_image_fmap: bool = False,
         return_zeros_for_masked_padding: bool = True,
         vq_kwargs: dict[str, Any] | None = None,
+        quant_grad_frac: float = 0.0,
+        beam_size: int | None = None,
+        eval_beam_size: int | None = None,
+        beam_score_quantizer_weights: list[float] | None = None,
+        diveq: bool = False,
+        implicit_neural_codebook: bool = False,
+        mlp_kwargs: dict[str, Any] | None = None,
         **kwargs,
     ):
+        if isinstance(codebook_size, (list, tuple)):
+            codebook_size = list(codebook_size)
+        if num_quantizers is None:
+            num_quantizers = len(codebook_size) if isinstance(codebook_size, list) else 8
         self.dim, self.num_quantizers, self.codebook_size, self.codebook_dim = dim, num_quantizers, codebook_size, codebook_dim
+        self.quant_grad_frac = quant_grad_frac
+        self.beam_size, self.eval_beam_size = beam_size, eval_beam_size
+        self.diveq = diveq
+        self.implicit_neural_codebook, self.mlp_kwargs = implicit_neural_codebook, dict(mlp_kwargs or {})
+        self.beam_score_quantizer_weights = (None if beam_score_quantizer_weights is None
+                                             else list(beam_score_quantizer_weights))
         self.shared_codebook = shared_codebook
         self.quantize_dropout = quantize_dropout
         self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
@@ -82,27 +118,41 @@ class ResidualVQConfig(QuantizerConfig):
         super().__init__(**kwargs)
 
     def validate(self):
-        for name in ("dim", "codebook_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.dim, int) or isinstance(self.dim, bool) or self.dim < 1:
+            raise ValueError(f"dim must be a positive int, got {self.dim!r}")
+        check_level_codebook_sizes(self.codebook_size, self.num_quantizers)
         validate_quantize_dropout(self)
+        check_quant_grad_frac(self.quant_grad_frac)
+        check_beam_options(self.beam_size, self.eval_beam_size, self.beam_score_quantizer_weights,
+                           self.num_quantizers)
+        if self.shared_codebook and not self.uniform_codebook_size:
+            raise ValueError("shared_codebook=True needs one codebook_size for every level")
         unknown = sorted(set(self.vq_kwargs) - _VQ_FIELDS)
         if unknown:
             raise ValueError(f"vq_kwargs has unknown VectorQuantize option(s) {unknown}")
         if self.vq_kwargs.get("heads", 1) != 1:
             raise ValueError("ResidualVQ does not support heads > 1 (as vector-quantize-pytorch)")
-        self.level_config()  # validates the per-level options
+        check_mlp_kwargs(self.mlp_kwargs)
+        level = self.level_config()  # validates the per-level options
+        if self.implicit_neural_codebook:
+            check_implicit_level_options(level)
 
-    def level_config(self) -> VectorQuantizeConfig:
+    @property
+    def codebook_sizes(self) -> list[int]:
+        """The codebook size of each level."""
+        return level_codebook_sizes(self.codebook_size, self.num_quantizers)
+
+    @property
+    def uniform_codebook_size(self) -> bool:
+        return len(set(self.codebook_sizes)) == 1
+
+    def level_config(self, level: int = 0) -> VectorQuantizeConfig:
         codebook_dim = self.codebook_dim if self.codebook_dim is not None else self.dim
-        level = dict(self.vq_kwargs)
-        if self.shared_codebook:
-            level["manual_ema_update"] = True
+        level_kwargs = {**self.vq_kwargs, **level_overrides(self)}
         return VectorQuantizeConfig(
-            dim=codebook_dim, codebook_size=self.codebook_size, codebook_dim=codebook_dim,
+            dim=codebook_dim, codebook_size=self.codebook_sizes[level], codebook_dim=codebook_dim,
             return_zeros_for_masked_padding=self.return_zeros_for_masked_padding,
-            check_inputs=False, **level,
+            check_inputs=False, **level_kwargs,
         )
 
 
@@ -175,29 +225,45 @@ class ResidualQuantizerBase(QuantizerModel):
             cutoff = math.ceil((cutoff + 1) / multiple) * multiple - 1
         return cutoff
 
+    @property
+    def level_codebook_sizes(self) -> list[int]:
+        """The number of codes of each level."""
+        return [self.codebook_size] * self.num_quantizers
+
+    def _next_residual(self, residual: Tensor, quantized: Tensor) -> Tensor:
+        """What the next level quantizes: the residual less this level's (detached) output."""
+        return residual - quantized.detach()
+
+    def _output_codes(self, start: Tensor, quantized: Tensor) -> Tensor:
+        """The summed codes as output (before `project_out`); `start`: the first level's input."""
+        return quantized
+
     def uses_dropout(self) -> bool:
         return self.training and self.quantize_dropout and self.num_quantizers > 1 and torch.is_grad_enabled()
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """`(b, ..., q)` indices (-1 for dropped levels; fewer than `num_quantizers` levels allowed) to
         `(num_quantizers, b, ..., d)` codes, zero for dropped levels."""
-        levels = self.num_quantizers
-        if indices.is_floating_point() or indices.dtype == torch.bool:
-            raise ValueError(f"indices must be an integer tensor, got dtype {indices.dtype}")
-        if indices.shape[-1] > levels:
-            raise ValueError(f"indices have {indices.shape[-1]} levels, the model has {levels}")
-        if indices.shape[-1] < levels:
-            pad = indices.new_full((*indices.shape[:-1], levels - indices.shape[-1]), -1)
-            indices = torch.cat([indices, pad], dim=-1)
-        size = self.codebook_size
-        if indices.numel() and (indices.min() < -1 or indices.max() >= size):
-            raise ValueError(f"indices must be -1 (dropped) or in [0, {size})")
+        indices = self._all_level_indices(indices)
         codes = []
         for level, layer in enumerate(self.layers):
             idx = indices[..., level].long()
             code = self._level_codes(level, layer, idx.clamp(min=0))
             codes.append(code.masked_fill((idx == -1).unsqueeze(-1), 0.0))
         return torch.stack(codes)
+
+    def _all_level_indices(self, indices: Tensor) -> Tensor:
+        """`(b, ..., q)` indices checked and padded with -1 (dropped) to `num_quantizers` levels."""
+        levels = self.num_quantizers
+        if indices.shape[-1] > levels:
+            raise ValueError(f"indices have {indices.shape[-1]} levels, the model has {levels}")
+        if indices.shape[-1] < levels:
+            pad = indices.new_full((*indices.shape[:-1], levels - indices.shape[-1]), -1)
+            indices = torch.cat([indices, pad], dim=-1)
+        if indices.is_floating_point() or indices.dtype == torch.bool:
+            raise ValueError(f"indices must be an integer tensor, got dtype {indices.dtype}")
+        check_level_indices(indices, self.level_codebook_sizes)
+        return indices
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
         out = self.project_out(self.get_codes_from_indices(indices).sum(0))
@@ -234,7 +300,7 @@ class ResidualQuantizerBase(QuantizerModel):
     def _forward_levels(self, x: Tensor, mask, dropout_cutoff, level_kwargs) -> tuple[Tensor, Tensor, Tensor | None]:
         """`(quantized, indices, per-level loss)` of `(b, n, d)` tokens: the fused pass where a subclass has one,
         else every level called in turn."""
-        residual = self._prepare(self.project_in(x))
+        residual = start = self._prepare(self.project_in(x))
         cutoff = self.num_quantizers - 1
         if self.uses_dropout():
             cutoff = dropout_cutoff if dropout_cutoff is not None else self.dropout_cutoff(x.device)
@@ -251,12 +317,12 @@ class ResidualQuantizerBase(QuantizerModel):
                 continue
             level_inputs.append(residual)
             quantized, indices, loss = self._run_level(level, layer, residual, mask, **level_kwargs)
-            residual = residual - quantized.detach()
+            residual = self._next_residual(residual, quantized)
             quantized_out = quantized_out + quantized
             all_indices.append(indices)
             all_losses.append(loss)
         self._finish_step(level_inputs, mask)
-        quantized = self.project_out(quantized_out)
+        quantized = self.project_out(self._output_codes(start, quantized_out))
         if mask is not None and self.pads_masked_output:
             fill = torch.zeros_like(quantized) if self.return_zeros_for_masked_padding else x
             quantized = torch.where(mask.unsqueeze(-1), quantized, fill)
@@ -293,8 +359,19 @@ class ResidualVQ(ResidualQuantizerBase):
         c = self.config
         self._copy_loop_config(c, channel_first=c.accept_image_fmap)
         self.shared_codebook = c.shared_codebook
+        self.codebook_sizes, self.uniform_codebook_size = c.codebook_sizes, c.uniform_codebook_size
+        self.quant_grad_frac = 1.0 if c.diveq else c.quant_grad_frac
+        self.diveq = c.diveq
+        self.implicit_neural_codebook = c.implicit_neural_codebook
+        self.beam_size = c.beam_size
+        self.eval_beam_size = c.eval_beam_size if c.eval_beam_size is not None else c.beam_size
+        self.beam_score_weights = tuple(map(float, c.beam_score_quantizer_weights or [1.0] * c.num_quantizers))
         _projections(self, c.dim, c.codebook_dim if c.codebook_dim is not None else c.dim)
-        self.layers = nn.ModuleList(VectorQuantize(c.level_config()) for _ in range(c.num_quantizers))
+        self.layers = nn.ModuleList(VectorQuantize(c.level_config(level)) for level in range(c.num_quantizers))
+        if c.implicit_neural_codebook:  # one code MLP per level after the first (vqp's `mlps` keys)
+            cosine = self.layers[0].use_cosine_sim
+            self.mlps = nn.ModuleList(QincoMLP(self.layers[0].dim, **c.mlp_kwargs, l2norm_output=cosine)
+                                      for _ in range(c.num_quantizers - 1))
         if c.shared_codebook:
             self._share_first_codebook()
         self.post_init()
@@ -309,7 +386,43 @@ class ResidualVQ(ResidualQuantizerBase):
 
     @property
     def codebook_size(self) -> int:
-        return self.config.codebook_size
+        """The first level's codebook size (as vqp 1.32; `codebook_sizes` lists every level's)."""
+        return self.codebook_sizes[0]
+
+    @property
+    def level_codebook_sizes(self) -> list[int]:
+        return self.codebook_sizes
+
+    def _next_residual(self, residual: Tensor, quantized: Tensor) -> Tensor:
+        return residual - frac_gradient(quantized, self.quant_grad_frac)
+
+    def _output_codes(self, start: Tensor, quantized: Tensor) -> Tensor:
+        if self.diveq and self.training:
+            return directional_reparam(start, quantized)
+        return quantized
+
+    def _call_beam_size(self, level_kwargs: dict) -> int:
+        """This call's beam (`beam_size=` of `forward`, else the config's for the mode); 1: no beam search."""
+        beam = level_kwargs.get("beam_size")
+        if beam is None:
+            beam = self.beam_size if self.training else self.eval_beam_size
+        if beam is not None and not (isinstance(beam, int) and not isinstance(beam, bool) and beam >= 1):
+            raise ValueError(f"beam_size must be a positive int, got {beam!r}")
+        return 1 if beam is None else beam
+
+    def _forward_levels(self, x, mask, dropout_cutoff, level_kwargs):
+        """The residual loop, or (beam size > 1) the beam search of `residual_options.beam_search_levels` followed
+        by each kept level's codebook update along the winning beam (in training, unless the codebook is frozen)."""
+        level_kwargs = dict(level_kwargs)
+        beam = self._call_beam_size(level_kwargs)
+        level_kwargs.pop("beam_size", None)
+        if self.implicit_neural_codebook:
+            if beam > 1:
+                raise ValueError("beam search is not supported with implicit_neural_codebook=True in hf_vq")
+            return implicit_forward_levels(self, x, mask, dropout_cutoff, level_kwargs)
+        if beam <= 1:
+            return super()._forward_levels(x, mask, dropout_cutoff, level_kwargs)
+        return beam_search_forward(self, x, mask, dropout_cutoff, beam, level_kwargs)
 
     def _finish_step(self, residuals: list[Tensor], mask: Tensor | None) -> None:
         """Shared codebook: one codebook update from the statistics of every level, then dead-code expiry
@@ -327,10 +440,17 @@ class ResidualVQ(ResidualQuantizerBase):
             flat_mask = None if mask is None else mask.unsqueeze(-1).expand(stacked.shape[:-1]).reshape(1, -1)
             first.expire_codes(flat, flat_mask)
 
+    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        if not self.implicit_neural_codebook:
+            return super().get_codes_from_indices(indices)
+        return implicit_codes_from_indices(self, self._all_level_indices(indices))
+
     @property
-    def codebooks(self) -> Tensor:
-        """`(num_quantizers, codebook_size, codebook_dim)`."""
-        return torch.stack([layer.codebook for layer in self.layers])
+    def codebooks(self) -> Tensor | tuple[Tensor, ...]:
+        """`(num_quantizers, codebook_size, codebook_dim)`; a tuple of `(size_i, codebook_dim)` when the levels'
+        codebook sizes differ (as vqp 1.32)."""
+        books = tuple(layer.codebook for layer in self.layers)
+        return torch.stack(books) if self.uniform_codebook_size else books
 
     def _run_level(self, level, layer, residual, mask, sample_codebook_temp=None, freeze_codebook=False):
         out = layer(residual, mask=mask, sample_codebook_temp=sample_codebook_temp,
@@ -346,6 +466,7 @@ class ResidualVQ(ResidualQuantizerBase):
         dead-code expiry. Deferring the updates to the end changes nothing: each level's codes come from its
         codebook before its own update, and no level reads another's codebook."""
         if (not self.training or mask is not None or level_kwargs or self.shared_codebook
+                or not self.uniform_codebook_size or self.quant_grad_frac > 0
                 or not (residual.requires_grad and torch.is_grad_enabled())):
             return None
         flat = residual.reshape(-1, residual.shape[-1])
@@ -396,7 +517,8 @@ class ResidualVQ(ResidualQuantizerBase):
     def _lean_eval_codebooks(self, mask, level_kwargs) -> list[Tensor] | None:
         """Every level's codebook when this call may take the lean eval loop (`_forward_lean_eval`): not training,
         no mask, no per-call level options, and every level's plan has `lean_eval`."""
-        if self.training or mask is not None or level_kwargs:
+        if (self.training or mask is not None or level_kwargs or self.quant_grad_frac > 0 or self.eval_beam_size
+                or self.implicit_neural_codebook):
             return None
         if not all(layer.plan.lean_eval for layer in self.layers):
             return None
@@ -420,23 +542,29 @@ class ResidualVQ(ResidualQuantizerBase):
     @classmethod
     def from_vector_quantize_pytorch(cls, module) -> "ResidualVQ":
         """An hf_vq ResidualVQ with a vqp `ResidualVQ`'s config and full state (every level's codebook and EMA)."""
-        if getattr(module, "implicit_neural_codebook", False):
-            raise ValueError("implicit_neural_codebook (QINCo) ResidualVQs are not supported yet")
+        if any(getattr(layer._codebook, "vq_bridge", None) is not None for layer in module.layers):
+            raise ValueError("ResidualVQ levels with a vq_bridge are not supported by hf_vq's ResidualVQ")
         first = VectorQuantize.from_vector_quantize_pytorch(module.layers[0])
         level = {k: v for k, v in first.config.to_kwargs().items() if k in _VQ_FIELDS}
         for name in ("accept_image_fmap", "return_zeros_for_masked_padding", "manual_ema_update"):
             level.pop(name, None)
         config = ResidualVQConfig(
             dim=module.project_in.in_features if module.has_projections else module.codebook_dim,
-            num_quantizers=module.num_quantizers, codebook_size=module.codebook_size,
+            num_quantizers=module.num_quantizers, codebook_size=vqp_codebook_size(module),
             codebook_dim=module.codebook_dim, shared_codebook=bool(module.shared_codebook),
             quantize_dropout=bool(module.quantize_dropout),
             quantize_dropout_cutoff_index=module.quantize_dropout_cutoff_index,
             quantize_dropout_multiple_of=module.quantize_dropout_multiple_of,
             accept_image_fmap=module.accept_image_fmap,
             return_zeros_for_masked_padding=module.return_zeros_for_masked_padding, vq_kwargs=level,
+            quant_grad_frac=float(module.quant_grad_frac) if not module.diveq else 0.0, beam_size=module.beam_size,
+            diveq=bool(module.diveq), **vqp_implicit_codebook(module),
+            eval_beam_size=module.eval_beam_size if module.eval_beam_size != module.beam_size else None,
+            beam_score_quantizer_weights=module.beam_score_weights.tolist(),
         )
         model = cls(config)
+        if config.implicit_neural_codebook:
+            model.mlps.load_state_dict(module.mlps.state_dict())
         if module.has_projections:
             model.project_in.load_state_dict(module.project_in.state_dict())
             model.project_out.load_state_dict(module.project_out.state_dict())
@@ -448,197 +576,5 @@ class ResidualVQ(ResidualQuantizerBase):
         return model
 
 
-# --------------------------------------------------------------------------------------------------
-# ResidualFSQ
-
-
-class ResidualFSQConfig(QuantizerConfig):
-    """Configuration of [`ResidualFSQ`] (vqp 1.32 names).
-
-    Args:
-        levels (`list[int]`), num_quantizers (`int`), dim (`int`, *optional*, defaults to `len(levels)`).
-        is_channel_first (`bool`): `(b, d, ...)` input.
-        quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of: as [`ResidualVQConfig`].
-        soft_clamp_input_value (`float` or `list[float]`, *optional*): tanh soft clamp of the projected input;
-            with `bound_hard_clamp` (default) it is `1 + 1 / (levels - 1)` per dimension.
-        bound_hard_clamp (`bool`, defaults to `True`): levels clamp instead of tanh (input is pre-clamped).
-        fsq_kwargs (`dict`): further [`FSQConfig`] options for every level.
-    Level i quantizes `residual / levels**-i` and its codes are scaled back by `levels**-i`.
-    """
-
-    model_type = "hf_vq_residual_fsq"
-    level_fields: ClassVar[frozenset[str]] = frozenset(FSQConfig.field_names()) - {
-        "levels", "dim", "preserve_symmetry", "bound_hard_clamp", "check_inputs"}
-
-    def __init__(self, levels: list[int] = (8, 5, 5, 5), num_quantizers: int = 4, dim: int | None = None,
-                 is_channel_first: bool = False, quantize_dropout: bool = False, quantize_dropout_cutoff_index: int = 0,
-                 quantize_dropout_multiple_of: int = 1, soft_clamp_input_value: float | list[float] | None = None,
-                 bound_hard_clamp: bool = True, fsq_kwargs: dict[str, Any] | None = None, **kwargs):
-        self.levels = list(levels)
-        self.num_quantizers, self.dim, self.is_channel_first = num_quantizers, dim, is_channel_first
-        self.quantize_dropout = quantize_dropout
-        self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
-        self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
-        self.soft_clamp_input_value, self.bound_hard_clamp = soft_clamp_input_value, bound_hard_clamp
-        self.fsq_kwargs = absorb_nested_kwargs(kwargs, fsq_kwargs, self.level_fields)
-        super().__init__(**kwargs)
-        if self.dim is None:
-            self.dim = len(self.levels)
-
-    def validate(self):
-        check_levels(self.levels)
-        validate_quantize_dropout(self)
-        if self.bound_hard_clamp and self.soft_clamp_input_value is not None:
-            raise ValueError("soft_clamp_input_value is implied by bound_hard_clamp=True; set one of them")
-
-    def level_config(self) -> FSQConfig:
-        return FSQConfig(levels=self.levels, dim=len(self.levels), preserve_symmetry=True,
-                         bound_hard_clamp=self.bound_hard_clamp, check_inputs=False, **self.fsq_kwargs)
-
-
-@register_quantizer
-class ResidualFSQ(ResidualQuantizerBase):
-    """Residual FSQ (vqp 1.32 semantics): symmetric FSQ levels at geometrically shrinking scales.
-
-    `levels_path` is decided once, from the config: `"one_pass"` runs every level in one call
-    (`ops.fsq.residual_fsq`, one Triton kernel on CUDA: each element read and written once) when the levels are
-    plain symmetric FSQ (every level option at its default); any other level option takes `"per_level"`, which
-    calls each FSQ level in turn. A call with a mask, per-call level options or a non-float32 residual also
-    takes the per-level loop."""
-
-    config_class = ResidualFSQConfig
-
-    def __init__(self, config: ResidualFSQConfig | None = None, **kwargs):
-        super().__init__(config, **kwargs)
-        c = self.config
-        self._copy_loop_config(c, channel_first=c.is_channel_first)
-        self.levels = list(c.levels)
-        self.soft_clamp_input_value, self.bound_hard_clamp = c.soft_clamp_input_value, c.bound_hard_clamp
-        _projections(self, c.dim, len(c.levels))
-        self.layers = nn.ModuleList(FSQ(c.level_config()) for _ in range(c.num_quantizers))
-        self.levels_path = "one_pass" if _plain_symmetric_fsq(c) else "per_level"
-        width = len(self.levels)
-        self.register_buffer("level_scales", torch.empty(c.num_quantizers, width), persistent=False)
-        self.register_buffer("input_clamp", torch.empty(width), persistent=False)
-        self.register_buffer("bound_table", torch.empty(4, width), persistent=False)
-        self.register_buffer("level_basis", torch.empty(width, dtype=torch.int32), persistent=False)
-        self.post_init()
-
-    def reset_derived_buffers(self):
-        levels = torch.tensor(self.levels, dtype=torch.float32, device=self.level_scales.device)
-        self.level_scales.copy_(torch.stack([levels**-i for i in range(self.num_quantizers)]))
-        self.input_clamp.copy_(1 + 1 / (levels - 1))
-        self.bound_table.copy_(fsq_ops.bound_table(self.levels, hard_clamp=self.bound_hard_clamp, symmetric=True))
-        self.level_basis.copy_(fsq_ops.fsq_tables(self.levels)[1])
-
-    @property
-    def codebook_size(self) -> int:
-        return math.prod(self.levels)
-
-    def _prepare(self, x: Tensor) -> Tensor:
-        clamp = self.soft_clamp_input_value
-        if self.bound_hard_clamp:
-            clamp = self.input_clamp
-        elif clamp is None:
-            return x
-        else:
-            clamp = torch.as_tensor(clamp, dtype=torch.float32, device=x.device)
-        return (x / clamp).tanh() * clamp
-
-    def _fused_levels(self, residual, mask, cutoff, level_kwargs):
-        if self.levels_path != "one_pass" or mask is not None or level_kwargs or residual.dtype != torch.float32:
-            return None
-        scales = self.level_scales[: cutoff + 1]
-        if triton_fsq.available(residual):
-            straight_through = residual.requires_grad and torch.is_grad_enabled()
-            quantized, indices = triton_fsq.residual_fsq_fused(residual, scales, self.bound_table, self.level_basis,
-                                                               self.bound_hard_clamp, straight_through=straight_through)
-        else:
-            quantized, indices = fsq_ops.residual_fsq(residual, scales, self.bound_table, self.level_basis,
-                                                      self.codebook_size, hard_clamp=self.bound_hard_clamp)
-        dropped = self.num_quantizers - 1 - cutoff
-        if dropped:
-            indices = torch.cat([indices, indices.new_full((*indices.shape[:-1], dropped), -1)], dim=-1)
-        return quantized, indices, None
-
-    def _run_level(self, level, layer, residual, mask):
-        scale = self.level_scales[level]
-        with torch.autocast(device_type=residual.device.type, enabled=False):
-            out = layer(residual / scale, return_dict=True)
-        return out.quantized * scale, out.indices, None
-
-    def _level_codes(self, level, layer, indices):
-        return layer._codes_from_indices(indices) * self.level_scales[level].to(indices.device)
-
-
-def _plain_symmetric_fsq(config: ResidualFSQConfig) -> bool:
-    """Whether every level is a plain symmetric FSQ (each level option at its default): what the one-pass op
-    computes. Reads the level config, so a new FSQ option is honoured by sending the model to the per-level loop."""
-    level = config.level_config().to_kwargs()
-    plain = FSQConfig(levels=config.levels, dim=len(config.levels), preserve_symmetry=True,
-                      bound_hard_clamp=config.bound_hard_clamp, check_inputs=False).to_kwargs()
-    return level == plain
-
-
-# --------------------------------------------------------------------------------------------------
-# ResidualLFQ
-
-
-class ResidualLFQConfig(QuantizerConfig):
-    """Configuration of [`ResidualLFQ`] (vqp 1.32 names): `dim`, `num_quantizers`, `codebook_size`, the dropout
-    options, `soft_clamp_input_value` (halved at every level) and `lfq_kwargs` for every [`LFQ`] level.
-    Level i has `codebook_scale = 2**-i`."""
-
-    model_type = "hf_vq_residual_lfq"
-    level_fields: ClassVar[frozenset[str]] = frozenset(LFQConfig.field_names()) - {
-        "dim", "codebook_size", "codebook_scale", "soft_clamp_input_value", "check_inputs"}
-
-    def __init__(self, dim: int = 16, num_quantizers: int = 4, codebook_size: int = 2**10,
-                 quantize_dropout: bool = False, quantize_dropout_cutoff_index: int = 0,
-                 quantize_dropout_multiple_of: int = 1, soft_clamp_input_value: float | None = None,
-                 lfq_kwargs: dict[str, Any] | None = None, **kwargs):
-        self.dim, self.num_quantizers, self.codebook_size = dim, num_quantizers, codebook_size
-        self.quantize_dropout = quantize_dropout
-        self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
-        self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
-        self.soft_clamp_input_value = soft_clamp_input_value
-        self.lfq_kwargs = absorb_nested_kwargs(kwargs, lfq_kwargs, self.level_fields)
-        super().__init__(**kwargs)
-
-    def validate(self):
-        validate_quantize_dropout(self)
-        if not isinstance(self.codebook_size, int) or self.codebook_size < 2 or self.codebook_size & (self.codebook_size - 1):
-            raise ValueError(f"codebook_size must be a power of two >= 2, got {self.codebook_size!r}")
-
-    def level_config(self, level: int) -> LFQConfig:
-        clamp = self.soft_clamp_input_value
-        return LFQConfig(dim=int(math.log2(self.codebook_size)), codebook_scale=2.0**-level,
-                         soft_clamp_input_value=None if clamp is None else clamp * 0.5**level,
-                         check_inputs=False, **self.lfq_kwargs)
-
-
-@register_quantizer
-class ResidualLFQ(ResidualQuantizerBase):
-    """Residual LFQ (vqp 1.32 semantics): LFQ levels with codebook scales 1, 1/2, 1/4, ..."""
-
-    config_class = ResidualLFQConfig
-
-    def __init__(self, config: ResidualLFQConfig | None = None, **kwargs):
-        super().__init__(config, **kwargs)
-        c = self.config
-        self._copy_loop_config(c)
-        _projections(self, c.dim, int(math.log2(c.codebook_size)))
-        self.layers = nn.ModuleList(LFQ(c.level_config(i)) for i in range(c.num_quantizers))
-        self.post_init()
-
-    @property
-    def codebook_size(self) -> int:
-        return self.config.codebook_size
-
-    def _run_level(self, level, layer, residual, mask):
-        with torch.autocast(device_type=residual.device.type, enabled=False):
-            out = layer(residual, mask=mask, return_dict=True)
-        return out.quantized, out.indices, out.loss
-
-    def _level_codes(self, level, layer, indices):
-        return layer._codes_from_indices(indices)
+# ResidualFSQ and ResidualLFQ (scalar-quantizer levels) live in residual_scalar.py; importable from here too.
+from .residual_scalar import ResidualFSQ, ResidualFSQConfig, ResidualLFQ, ResidualLFQConfig  # noqa: E402

@@ -39,6 +39,8 @@ from .vq_config import VectorQuantizeConfig
 from .vq_losses import (cross_entropy_to_codes, masked_mse, mean_position_entropy, orthogonal_loss, perplexity,
                         row_slices)
 from .vq_plan import VQPlan, plan_for, with_state
+from .vq_migration import from_vqp
+from .vq_topk import topk_forward, update_from_indices
 
 __all__ = ["Codebook", "LossBreakdown", "VQPlan", "VectorQuantize", "VectorQuantizeConfig", "VectorQuantizeOutput",
            "orthogonal_loss"]
@@ -72,6 +74,8 @@ class VectorQuantize(QuantizerModel):
         in_place_codebook_optimizer (`Callable[[iterable of parameters], torch.optim.Optimizer]`, *optional*):
             optimizer factory for a learnable codebook, stepped inside `forward` in training. A callable is not
             JSON-serializable, so it is a constructor argument, not a config field.
+        vq_bridge (`nn.Module`, *optional*): maps the `(heads, K, d)` codebook to the codes searched and returned
+            (vqp 1.32's `vq_bridge`); a constructor argument, recorded as `has_vq_bridge` in the config.
 
     Example:
         >>> vq = VectorQuantize(dim=64, codebook_size=512, decay=0.99)
@@ -86,8 +90,11 @@ class VectorQuantize(QuantizerModel):
         self,
         config: VectorQuantizeConfig | None = None,
         in_place_codebook_optimizer: Callable | None = None,
+        vq_bridge: nn.Module | None = None,
         **kwargs,
     ):
+        if vq_bridge is not None and config is None:
+            kwargs.setdefault("has_vq_bridge", True)
         super().__init__(config, **kwargs)
         c = self.config
         self._copy_config(c)
@@ -100,6 +107,12 @@ class VectorQuantize(QuantizerModel):
         else:
             self.project_in = self.project_out = nn.Identity()
         self._codebook = Codebook(c)
+        if c.has_vq_bridge != (vq_bridge is not None):
+            raise ValueError("has_vq_bridge=True needs a vq_bridge module (pass vq_bridge=..., also to "
+                             "from_pretrained: a module is not part of a config)" if c.has_vq_bridge else
+                             "a vq_bridge module needs a config with has_vq_bridge=True")
+        if vq_bridge is not None:
+            self._codebook.vq_bridge = vq_bridge  # its state is saved under `_codebook.vq_bridge.` (vqp's keys)
         if in_place_codebook_optimizer is not None and not isinstance(self._codebook.embed, nn.Parameter):
             raise ValueError("in_place_codebook_optimizer needs learnable_codebook=True (and ema_update=False)")
         self.in_place_codebook_optimizer = (
@@ -162,72 +175,9 @@ class VectorQuantize(QuantizerModel):
 
     @classmethod
     def from_vector_quantize_pytorch(cls, module) -> "VectorQuantize":
-        """Build an hf_vq VectorQuantize with a vector-quantize-pytorch module's config and full state."""
-        cb = module._codebook
-        learnable = bool(module.learnable_codebook)
-        config = VectorQuantizeConfig(
-            dim=module.dim,
-            codebook_size=module.codebook_size,
-            codebook_dim=cb.embed.shape[-1],
-            heads=module.heads,
-            separate_codebook_per_head=module.separate_codebook_per_head,
-            decay=cb.decay,
-            eps=cb.eps,
-            freeze_codebook=module.freeze_codebook,
-            kmeans_init=not bool(cb.initted),
-            kmeans_iters=cb.kmeans_iters,
-            use_cosine_sim=module.use_cosine_sim,
-            layernorm_after_project_in=isinstance(module.project_in, nn.Sequential),
-            threshold_ema_dead_code=cb.threshold_ema_dead_code,
-            reset_cluster_size=cb.reset_cluster_size,
-            channel_last=module.channel_last,
-            accept_image_fmap=module.accept_image_fmap,
-            accept_3d_fmap=module.accept_3d_fmap,
-            commitment_weight=module.commitment_weight,
-            commitment_use_cross_entropy_loss=module.commitment_use_cross_entropy_loss,
-            orthogonal_reg_weight=module.orthogonal_reg_weight,
-            orthogonal_reg_active_codes_only=module.orthogonal_reg_active_codes_only,
-            orthogonal_reg_max_codes=module.orthogonal_reg_max_codes,
-            codebook_diversity_loss_weight=module.codebook_diversity_loss_weight,
-            codebook_diversity_temperature=module.codebook_diversity_temperature,
-            stochastic_sample_codes=cb.gumbel_sample.keywords.get("stochastic", False),
-            sample_codebook_temp=cb.sample_codebook_temp,
-            straight_through=cb.gumbel_sample.keywords.get("straight_through", False),
-            rotation_trick=bool(module.rotation_trick),
-            ema_update=bool(cb.ema_update),
-            manual_ema_update=bool(cb.manual_ema_update),
-            learnable_codebook=learnable,
-            affine_param=cb.affine_param,
-            affine_param_batch_decay=getattr(cb, "affine_param_batch_decay", 0.99),
-            affine_param_codebook_decay=getattr(cb, "affine_param_codebook_decay", 0.9),
-            return_zeros_for_masked_padding=module.return_zeros_for_masked_padding,
-            route_gradients_to_input=module.route_gradients_to_input,
-            # vqp keeps sync_kmeans only as its choice of sampler, and only when it syncs at all
-            sync_kmeans=not (cb.use_ddp and cb.kmeans_all_reduce_fn is not cb.all_reduce_fn),
-            sync_affine_param=bool(getattr(cb, "sync_affine_param", False)),
-            directional_reparam=bool(module.directional_reparam),
-            directional_reparam_variance=module.directional_reparam_variance,
-            sync_update_v=module.sync_update_v,
-            manual_in_place_optimizer_update=bool(module.manual_in_place_optimizer_update),
-        )
-        if getattr(cb, "vq_bridge", None) is not None:
-            raise ValueError("vqp modules with a vq_bridge are not supported (hf_vq has no vq_bridge option)")
-        if module.in_place_codebook_optimizer is not None:
-            raise ValueError("the vqp module has an in-place codebook optimizer: pass in_place_codebook_optimizer= "
-                             "to VectorQuantize yourself (an optimizer is not part of a config or checkpoint)")
-        model = cls(config)
-        state = dict(module.state_dict())
-        if cb.affine_param:
-            # vqp registers batch statistics as None until the first batch: keep ours flagged "needs init"
-            for name in ("batch_mean", "batch_variance"):
-                key = f"_codebook.{name}"
-                if state.get(key) is None:
-                    state[key] = model._codebook.get_buffer(name)
-                    state[f"{key}_needs_init"] = torch.tensor(True)
-                else:
-                    state[f"{key}_needs_init"] = torch.tensor(False)
-        model.load_state_dict(state, strict=True)
-        return model
+        """Build an hf_vq VectorQuantize with a vector-quantize-pytorch module's config and full state (a
+        `vq_bridge` module is copied along; see `vq_migration.from_vqp`)."""
+        return from_vqp(cls, module)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """`nn.Module.load_state_dict` with an error that names every missing, unexpected or mis-shaped key."""
@@ -252,9 +202,12 @@ class VectorQuantize(QuantizerModel):
         return embed if self.separate_codebook_per_head else embed[0]
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        """Codes `(b, ..., heads * codebook_dim)` (channel-first for image/3d layouts) for `indices`."""
+        """Codes `(b, ..., heads * codebook_dim)` (channel-first for image/3d layouts) for `indices` (through the
+        `vq_bridge`, if any, as `forward` returns them; vqp 1.32 looks up the raw codebook there)."""
         check_indices(indices, self.codebook_size)
         embed = self._codebook.embed
+        if "vq_bridge" in self._codebook._modules:
+            embed = self._codebook.vq_bridge(embed)
         if self.heads == 1:
             codes = embed[0][indices]
         else:
@@ -298,6 +251,13 @@ class VectorQuantize(QuantizerModel):
     def expire_codes(self, flat: Tensor, mask: Tensor | None) -> None:
         """Dead-code expiry from the code-space rows `flat (H, N, d)` (see `Codebook.expire_codes`)."""
         self._codebook.expire_codes(flat, mask)
+
+    def update_ema_indices(self, x: Tensor, indices: Tensor, mask: Tensor | None = None) -> None:
+        """The codebook update of a training step for `x` with the given codes `indices` (shaped like `forward`'s
+        output indices; -1 ignored), as vqp 1.32's `update_ema_indices` (see `vq_topk.update_from_indices`)."""
+        update_from_indices(self, x, indices, mask)
+
+    update_indices = update_ema_indices
 
     def update_in_place_optimizer(self) -> None:
         """Step the in-place codebook optimizer; gradients are averaged across ranks first."""
@@ -361,6 +321,7 @@ class VectorQuantize(QuantizerModel):
         accum_ema_update: bool = False,
         return_loss_breakdown: bool = False,
         return_perplexity: bool = True,
+        topk: int | None = None,
     ) -> VectorQuantizeOutput | tuple:
         """Quantize `x` (`(b, n, d)`; `(b, d, n)` with `channel_last=False`; `(b, d, h, w)` / `(b, d, t, h, w)`
         with `accept_image_fmap` / `accept_3d_fmap`; `(b, d)` as one token). `mask`/`lens` mark valid
@@ -372,9 +333,13 @@ class VectorQuantize(QuantizerModel):
         `ema_update` overrides the config for this call; `ema_update_weight` scales each code's EMA step (a
         tensor `(K,)`/`(heads, K)`, or a function of the batch's `(sums, counts)`); `accum_ema_update` only
         accumulates this batch's statistics, which the next update adds to its own. `return_perplexity=False`
-        leaves `perplexity` None (a caller that does not read it, e.g. a residual level, saves its bincount)."""
+        leaves `perplexity` None (a caller that does not read it, e.g. a residual level, saves its bincount).
+        `topk=k` returns the `k` best codes of every token (a `k` axis after the token axes; see `vq_topk`)."""
         if self.check_inputs:
             check_features(x, self.dim, name="x")
+        if topk is not None:
+            return self._topk_forward(x, topk, mask, lens, sample_codebook_temp, freeze_codebook, return_dict,
+                                      indices, return_loss_breakdown)
         if mask is not None and lens is not None:
             raise ValueError("pass either mask or lens, not both")
         if lens is not None:
@@ -439,6 +404,20 @@ class VectorQuantize(QuantizerModel):
         result = self._output(output, return_dict)
         return (*result, output.loss_breakdown) if return_loss_breakdown and isinstance(result, tuple) else result
 
+    def _topk_forward(self, x, topk, mask, lens, temperature, freeze_codebook, return_dict, indices,
+                      return_loss_breakdown):
+        if indices is not None:
+            raise ValueError("pass either indices (cross-entropy loss) or topk, not both")
+        temperature = self.sample_codebook_temp if temperature is None else temperature
+        freeze_codebook = self.freeze_codebook if freeze_codebook is None else freeze_codebook
+        output = VectorQuantizeOutput(**topk_forward(self, x, topk, mask, lens, temperature, freeze_codebook),
+                                      inplace_optimize_loss=torch.zeros((), device=x.device))
+        if return_loss_breakdown:
+            output.loss_breakdown = LossBreakdown(output.commitment_loss, output.codebook_diversity_loss,
+                                                  output.orthogonal_reg_loss, output.inplace_optimize_loss)
+        result = self._output(output, return_dict)
+        return (*result, output.loss_breakdown) if return_loss_breakdown and isinstance(result, tuple) else result
+
     def _quantize_rows(self, flat: Tensor, flat_mask: Tensor | None, temperature: float, freeze_codebook: bool,
                        input_requires_grad: bool, batch: int, *, target: Tensor | None = None,
                        ema_update: bool | None = None, ema_update_weight: Tensor | Callable | None = None,
@@ -461,7 +440,7 @@ class VectorQuantize(QuantizerModel):
             inplace_loss.backward()
             if not self.manual_in_place_optimizer_update:
                 self.update_in_place_optimizer()
-            embed = cb.embed
+            embed = cb.codes()  # the stepped codebook, through the affine map and bridge again (as vqp)
         codes, code_ids = self._quantize(flat, embed, temperature)
         if self.commitment_use_cross_entropy_loss or self.codebook_diversity_loss_weight > 0 or target is not None:
             embed = embed.clone()  # these losses score against the codebook as it was before the update

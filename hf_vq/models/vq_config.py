@@ -47,6 +47,9 @@ class VectorQuantizeConfig(QuantizerConfig):
             `v * (q - q.detach())` to the output so the codebook gets the output's gradient; needs a learnable codebook.
         manual_in_place_optimizer_update (`bool`): the in-place optimizer computes gradients in `forward`, the
             caller steps it (`update_in_place_optimizer()`).
+        has_vq_bridge (`bool`): the codebook is searched through a `vq_bridge` module (vqp 1.32's `vq_bridge`, a
+            module mapping the `(heads, K, d)` codebook to the codes searched and returned; passed to the model's
+            constructor, set automatically then). Defaults `learnable_codebook=True`, `ema_update=False`.
         return_zeros_for_masked_padding (`bool`): masked positions output zeros (else the input).
         route_gradients_to_input (`bool`): estimator gradients reach the input.
     """
@@ -112,6 +115,7 @@ class VectorQuantizeConfig(QuantizerConfig):
         directional_reparam_variance: float = 5e-3,
         sync_update_v: float = 0.0,
         manual_in_place_optimizer_update: bool = False,
+        has_vq_bridge: bool = False,
         **kwargs,
     ):
         self.dim = dim
@@ -158,6 +162,7 @@ class VectorQuantizeConfig(QuantizerConfig):
         self.directional_reparam_variance = directional_reparam_variance
         self.sync_update_v = sync_update_v
         self.manual_in_place_optimizer_update = manual_in_place_optimizer_update
+        self.has_vq_bridge = has_vq_bridge
         super().__init__(**kwargs)
 
     def validate(self):
@@ -192,16 +197,22 @@ class VectorQuantizeConfig(QuantizerConfig):
             raise ValueError(f"directional_reparam_variance must be >= 0, got {self.directional_reparam_variance!r}")
         if not 0.0 <= self.sync_update_v <= 1.0:
             raise ValueError(f"sync_update_v must be in [0, 1], got {self.sync_update_v!r}")
+        if self.has_vq_bridge and not (self.resolved_learnable_codebook and not self.resolved_ema_update):
+            raise ValueError("has_vq_bridge=True needs learnable_codebook=True and ema_update=False")
         if self.sync_update_v > 0 and not self.resolved_learnable_codebook:
             raise ValueError("sync_update_v > 0 needs learnable_codebook=True")
 
     @property
     def resolved_ema_update(self) -> bool:
-        return not self.directional_reparam if self.ema_update is None else bool(self.ema_update)
+        if self.ema_update is None:
+            return not (self.directional_reparam or self.has_vq_bridge)
+        return bool(self.ema_update)
 
     @property
     def resolved_learnable_codebook(self) -> bool:
-        return self.directional_reparam if self.learnable_codebook is None else bool(self.learnable_codebook)
+        if self.learnable_codebook is None:
+            return bool(self.directional_reparam or self.has_vq_bridge)
+        return bool(self.learnable_codebook)
 
     @property
     def resolved_rotation_trick(self) -> bool:

@@ -99,6 +99,7 @@ FAST_PATH_RULES: dict[str, tuple[Rule, Rule, Rule]] = {
     "sync_update_v": (_ZERO, ANY, _ZERO),
     "manual_in_place_optimizer_update": (ANY, ANY, ANY),  # an in-place optimizer itself excludes fused_levels
     "check_inputs": (ANY, ANY, ANY),
+    "has_vq_bridge": (_OFF, _OFF, _OFF),  # the bridge maps the codebook before every search: general path
 }
 
 

@@ -1,0 +1,149 @@
+"""VectorQuantize's per-call options of vqp 1.32: `forward(..., topk=k)`, `forward(..., ema_update=False)` and
+`update_ema_indices(...)`: parity with vector-quantize-pytorch 1.32 on shared weights and inputs (outputs, indices,
+losses, input gradients, and the state after several steps), and errors.
+
+Tolerances: float32 on CPU with the same operations, so the defaults of `torch.testing.assert_close` (1.3e-6
+relative, 1e-5 absolute) hold; indices are compared exactly."""
+
+import pytest
+import torch
+from vector_quantize_pytorch import VectorQuantize as VqpVectorQuantize
+
+import hf_vq
+
+MASK = torch.tensor([[True] * 5, [True, True, False, False, False]])
+
+TOPK_CASES = {
+    "plain": (dict(dim=8, codebook_size=16), (2, 5, 8), {}),
+    "projection": (dict(dim=8, codebook_size=16, codebook_dim=4, commitment_weight=0.5), (2, 5, 8), {}),
+    "image": (dict(dim=8, codebook_size=16, accept_image_fmap=True), (2, 8, 3, 4), {}),
+    "channel_first": (dict(dim=8, codebook_size=16, channel_last=False), (2, 8, 5), {}),
+    "one_token": (dict(dim=8, codebook_size=16), (2, 8), {}),
+    "masked": (dict(dim=8, codebook_size=16), (2, 5, 8), dict(mask=MASK)),
+    "no_commitment": (dict(dim=8, codebook_size=16, commitment_weight=0.0), (2, 5, 8), {}),
+    "learnable_losses": (dict(dim=8, codebook_size=16, learnable_codebook=True, ema_update=False,
+                              orthogonal_reg_weight=0.1, codebook_diversity_loss_weight=0.1), (2, 5, 8), {}),
+    "cosine_ste": (dict(dim=8, codebook_size=16, use_cosine_sim=True, rotation_trick=False), (2, 5, 8), {}),
+    "topk_over_size": (dict(dim=8, codebook_size=2), (2, 5, 8), {}),
+}
+
+
+def _twin(kwargs, seed=0):
+    torch.manual_seed(seed)
+    ref = VqpVectorQuantize(**kwargs)
+    return ref, hf_vq.VectorQuantize.from_vector_quantize_pytorch(ref)
+
+
+def _same_state(ref, ours):
+    ref_state = ref.state_dict()
+    for key, value in ours.state_dict().items():
+        torch.testing.assert_close(value, ref_state[key], msg=key)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", sorted(TOPK_CASES))
+def test_topk_matches_vqp(case, train):
+    kwargs, shape, call = TOPK_CASES[case]
+    ref, ours = _twin(kwargs)
+    ref.train(train), ours.train(train)
+    for _ in range(3):
+        x = torch.randn(*shape, requires_grad=True)
+        x_ours = x.detach().clone().requires_grad_()
+        q_ref, i_ref, l_ref = ref(x, topk=3, **call)
+        q, i, l = ours(x_ours, topk=3, return_dict=False, **call)
+        assert torch.equal(i, i_ref) and i.shape[-1] == min(3, kwargs["codebook_size"])
+        torch.testing.assert_close(q, q_ref)
+        torch.testing.assert_close(l, l_ref)
+        if train:
+            (q_ref.square().sum() + l_ref.sum()).backward()
+            (q.square().sum() + l.sum()).backward()
+            torch.testing.assert_close(x_ours.grad, x.grad)
+    _same_state(ref, ours)  # a top-k call never updates the codebook
+
+
+def test_topk_candidates_are_the_k_nearest_codes_in_order():
+    vq = hf_vq.VectorQuantize(dim=4, codebook_size=10).eval()
+    x = torch.randn(1, 6, 4)
+    out = vq(x, topk=4)
+    dist = torch.cdist(x[0], vq.codebook)
+    assert torch.equal(out.indices[0], dist.topk(4, largest=False).indices)
+    torch.testing.assert_close(out.quantized[0], vq.codebook[out.indices[0]])
+    torch.testing.assert_close(out.loss[0], (out.quantized[0] - x[0, :, None]).square().mean(-1))
+    assert torch.equal(out.indices[..., 0], vq(x).indices)  # the first candidate is the nearest code
+
+
+def test_topk_loss_breakdown_and_errors():
+    vq = hf_vq.VectorQuantize(dim=4, codebook_size=10)
+    quantized, indices, loss, breakdown = vq(torch.randn(2, 3, 4), topk=2, return_loss_breakdown=True,
+                                             return_dict=False)
+    assert quantized.shape == (2, 3, 2, 4) and torch.equal(breakdown.commitment, loss)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="topk must be a positive int"):
+            vq(torch.randn(2, 3, 4), topk=bad)
+    with pytest.raises(ValueError, match="heads=1"):
+        hf_vq.VectorQuantize(dim=4, codebook_size=10, heads=2)(torch.randn(2, 3, 4), topk=2)
+    with pytest.raises(ValueError, match="commitment_use_cross_entropy_loss"):
+        hf_vq.VectorQuantize(dim=4, codebook_size=10, commitment_use_cross_entropy_loss=True)(
+            torch.randn(2, 3, 4), topk=2)
+    with pytest.raises(ValueError, match="straight_through"):
+        hf_vq.VectorQuantize(dim=4, codebook_size=10, straight_through=True)(torch.randn(2, 3, 4), topk=2)
+    with pytest.raises(ValueError, match="either indices"):
+        vq(torch.randn(2, 3, 4), topk=2, indices=torch.zeros(2, 3, dtype=torch.long))
+
+
+UPDATE_CASES = {
+    "ema": (dict(dim=8, codebook_size=16, decay=0.9), (2, 5, 8), (2, 5), None),
+    "projection_masked": (dict(dim=8, codebook_size=16, decay=0.9, codebook_dim=4), (2, 5, 8), (2, 5), MASK),
+    "separate_heads": (dict(dim=8, codebook_size=16, heads=2, separate_codebook_per_head=True), (2, 5, 8),
+                       (2, 5, 2), None),
+    "shared_heads_masked": (dict(dim=8, codebook_size=16, heads=2), (2, 5, 8), (2, 5, 2), MASK),
+    "cosine": (dict(dim=8, codebook_size=16, use_cosine_sim=True), (2, 5, 8), (2, 5), None),
+    "image": (dict(dim=8, codebook_size=16, accept_image_fmap=True), (2, 8, 3, 2), (2, 3, 2), None),
+    "dead_codes": (dict(dim=8, codebook_size=16, threshold_ema_dead_code=2.0), (2, 5, 8), (2, 5), None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UPDATE_CASES))
+def test_update_ema_indices_and_ema_update_false_match_vqp(case):
+    kwargs, shape, index_shape, mask = UPDATE_CASES[case]
+    ref, ours = _twin(kwargs)
+    ref.train(), ours.train()
+    for step in range(3):
+        torch.manual_seed(100 + step)  # dead-code replacement samples: the same draws on both sides
+        x, idx = torch.randn(*shape), torch.randint(0, kwargs["codebook_size"], index_shape)
+        ref.update_ema_indices(x, idx, mask=mask)
+        torch.manual_seed(100 + step)
+        torch.randn(*shape), torch.randint(0, kwargs["codebook_size"], index_shape)
+        ours.update_ema_indices(x, idx, mask=mask)
+    _same_state(ref, ours)
+    for step in range(2):  # ema_update=False: no EMA codebook update (dead codes still tracked and replaced)
+        x = torch.randn(*shape)
+        torch.manual_seed(200 + step)
+        q_ref, i_ref, _ = ref(x, ema_update=False)
+        torch.manual_seed(200 + step)
+        out = ours(x, ema_update=False)
+        assert torch.equal(out.indices, i_ref)
+        torch.testing.assert_close(out.quantized, q_ref)
+    _same_state(ref, ours)
+
+
+def test_ema_update_false_leaves_the_codebook():
+    vq = hf_vq.VectorQuantize(dim=4, codebook_size=8, decay=0.5).train()
+    before = {k: v.clone() for k, v in vq.state_dict().items()}
+    vq(torch.randn(2, 6, 4), ema_update=False)
+    assert all(torch.equal(before[k], v) for k, v in vq.state_dict().items())
+    vq(torch.randn(2, 6, 4))
+    assert not torch.equal(before["_codebook.embed"], vq.state_dict()["_codebook.embed"])
+
+
+def test_update_ema_indices_moves_codes_to_their_assigned_rows_and_ignores_minus_one():
+    vq = hf_vq.VectorQuantize(dim=2, codebook_size=3, decay=0.0, eps=0.0)
+    x = torch.tensor([[[1.0, 1.0], [3.0, 3.0], [5.0, -5.0], [9.0, 9.0]]])
+    vq.update_ema_indices(x, torch.tensor([[0, 0, 2, -1]]))
+    torch.testing.assert_close(vq.codebook[0], torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(vq.codebook[2], torch.tensor([5.0, -5.0]))
+    assert vq._codebook.cluster_size[0].tolist() == [2.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="indices must be"):
+        vq.update_ema_indices(x, torch.tensor([[0, 0, 3, 1]]))
+    with pytest.raises(ValueError, match="entries"):
+        vq.update_ema_indices(x, torch.tensor([[0, 0]]))
