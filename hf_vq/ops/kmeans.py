@@ -34,22 +34,26 @@ def global_row_count(samples: Tensor, sync: bool) -> int:
     return sum(distributed.all_sizes(samples.shape[0], samples.device))
 
 
-def sample_rows_across_ranks(samples: Tensor, num: int, sync: bool) -> Tensor:
+def sample_rows_across_ranks(samples: Tensor, num: int, sync: bool, sizes: list[int] | None = None) -> Tensor:
     """`num` rows drawn from the union of every rank's `samples (n_rank, D)`, identical on every rank and
     equal to `sample_rows` on the rank-ordered concatenation with rank 0's random state.
 
     Rank 0's positions are broadcast; each rank writes the chosen rows it owns into a zero buffer and one
-    all-reduce sum assembles them. Every rank must call this (ranks with no rows included)."""
+    all-reduce sum assembles them. `sizes`: every rank's row count, when the caller knows them (else one
+    all-gather). Every rank must call this (ranks with no rows included), with the same `num`."""
     if not (sync and distributed.is_distributed()):
         return sample_rows(samples, num)
-    sizes = distributed.all_sizes(samples.shape[0], samples.device)
+    if sizes is None:
+        sizes = distributed.all_sizes(samples.shape[0], samples.device)
     positions = _sample_positions(sum(sizes), num, samples.device)
     distributed.broadcast_(positions)
-    start = sum(sizes[: distributed.rank()])
-    local = (positions >= start) & (positions < start + samples.shape[0])
+    n, start = samples.shape[0], sum(sizes[: distributed.rank()])
     out = samples.new_zeros(num, samples.shape[-1], dtype=torch.float32)
-    out[local] = samples[positions[local] - start].float()
-    distributed.all_reduce_sum_(out)
+    if n:  # this rank's chosen rows, selected without reading the positions on the host
+        mine = (positions >= start) & (positions < start + n)
+        rows = samples[(positions - start).clamp(0, n - 1)].float()
+        out = torch.where(mine.unsqueeze(-1), rows, out)
+    distributed.all_reduce_sum_(out, shapes_agreed=True)  # (num is the same on every rank)
     return out.to(samples.dtype)
 
 
