@@ -39,11 +39,11 @@ def _train(model, inputs):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def _worker(rank, world, init_file, out_dir, rank_sizes, masked, residual):
+def _worker(rank, world, init_file, out_dir, rank_sizes, masked, kind):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
-        model = _model(residual)
+        model = _model(kind)
         steps = _batches(rank_sizes, masked)
         state = _train(model, [step[rank] for step in steps])
         torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -53,27 +53,33 @@ def _worker(rank, world, init_file, out_dir, rank_sizes, masked, residual):
         dist.destroy_process_group()
 
 
-def _model(residual):
-    if residual:
-        return hf_vq.ResidualVQ(dim=8, num_quantizers=2, codebook_size=16, decay=0.8, kmeans_init=True,
-                                kmeans_iters=3, threshold_ema_dead_code=0.5)
+def _model(kind):
+    """Every quantizer with codebook state, with k-means init, EMA and dead-code expiry."""
+    level = dict(codebook_size=16, decay=0.8, kmeans_init=True, kmeans_iters=3, threshold_ema_dead_code=0.5)
+    if kind == "rvq":
+        return hf_vq.ResidualVQ(dim=8, num_quantizers=2, **level)
+    if kind == "grvq":
+        return hf_vq.GroupedResidualVQ(dim=8, groups=2, num_quantizers=2, **level)
+    if kind in ("hvq", "hvq_shared"):
+        return hf_vq.HierarchicalVQ(dim=8, scales=[1, 3, 12], channel_first=False,
+                                    shared_codebook=kind == "hvq_shared", **level)
     return hf_vq.VectorQuantize(**CONFIG)
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["dense", "masked"])
-@pytest.mark.parametrize("residual", [False, True], ids=["vq", "rvq"])
-def test_two_ranks_equal_one_process_on_the_concatenated_batch(masked, residual):
+@pytest.mark.parametrize("kind", ["vq", "rvq", "grvq", "hvq", "hvq_shared"])
+def test_two_ranks_equal_one_process_on_the_concatenated_batch(masked, kind):
     rank_sizes = (3, 2)  # uneven
     with tempfile.TemporaryDirectory() as out_dir:
         init_file = os.path.join(out_dir, "init")
-        mp.spawn(_worker, args=(2, init_file, out_dir, rank_sizes, masked, residual), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, init_file, out_dir, rank_sizes, masked, kind), nprocs=2, join=True)
         states = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(2)]
 
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), f"ranks differ on {key}"
 
     torch.manual_seed(0)
-    single = _model(residual)
+    single = _model(kind)
     inputs = []
     for step in _batches(rank_sizes, masked):
         x = torch.cat([x for x, _ in step])

@@ -9,8 +9,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .codebook import deferred_updates
 from ..modeling_utils import QuantizerConfig, QuantizerModel, absorb_nested_kwargs, check_features, register_quantizer
+from .codebook import deferred_updates
 from .residual import (ResidualFSQ, ResidualFSQConfig, ResidualLFQ, ResidualLFQConfig, ResidualOutput,
                        ResidualQuantizerBase, ResidualVQ, ResidualVQConfig)
 
