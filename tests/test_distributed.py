@@ -12,9 +12,10 @@ import torch.multiprocessing as mp
 
 import hf_vq
 from hf_vq import distributed
+from hf_vq.models.codebook import Codebook
 
 STEPS = 4
-CONFIG = dict(dim=8, codebook_size=16, decay=0.8, kmeans_init=True, kmeans_iters=3, threshold_ema_dead_code=0.5,
+CONFIG = dict(dim=8, codebook_size=16, decay=0.8, kmeans_init=True, kmeans_iters=3, threshold_ema_dead_code=2,
               affine_param=False)
 
 
@@ -55,7 +56,7 @@ def _worker(rank, world, init_file, out_dir, rank_sizes, masked, kind):
 
 def _model(kind):
     """Every quantizer with codebook state, with k-means init, EMA and dead-code expiry."""
-    level = dict(codebook_size=16, decay=0.8, kmeans_init=True, kmeans_iters=3, threshold_ema_dead_code=0.5)
+    level = dict(codebook_size=16, decay=0.8, kmeans_init=True, kmeans_iters=3, threshold_ema_dead_code=2)
     if kind == "rvq":
         return hf_vq.ResidualVQ(dim=8, num_quantizers=2, **level)
     if kind == "grvq":
@@ -68,7 +69,9 @@ def _model(kind):
 
 @pytest.mark.parametrize("masked", [False, True], ids=["dense", "masked"])
 @pytest.mark.parametrize("kind", ["vq", "rvq", "grvq", "hvq", "hvq_shared"])
-def test_two_ranks_equal_one_process_on_the_concatenated_batch(masked, kind):
+def test_two_ranks_equal_one_process_on_the_concatenated_batch(masked, kind, monkeypatch):
+    """Ranks identical and equal to one process on the joint batch, with k-means init, EMA and dead codes
+    replaced on the way (counted in the single-process run)."""
     rank_sizes = (3, 2)  # uneven
     with tempfile.TemporaryDirectory() as out_dir:
         init_file = os.path.join(out_dir, "init")
@@ -78,6 +81,9 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(masked, kind):
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), f"ranks differ on {key}"
 
+    replaced = []
+    replace_codes = Codebook.replace_codes
+    monkeypatch.setattr(Codebook, "replace_codes", lambda self, *a: replaced.append(1) or replace_codes(self, *a))
     torch.manual_seed(0)
     single = _model(kind)
     inputs = []
@@ -87,6 +93,7 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(masked, kind):
         inputs.append((x, mask))
     expected = _train(single, inputs)
     assert bool(expected[[k for k in expected if k.endswith("initted")][0]])
+    assert replaced, "no dead code was replaced: the test would not exercise expiry"
     for key, value in expected.items():
         torch.testing.assert_close(states[0][key].float(), value.float(), atol=1e-5, rtol=1e-5, msg=key)
 
@@ -246,6 +253,8 @@ def _counted_model(kind):
         return hf_vq.VectorQuantize(**vq, threshold_ema_dead_code=1000), _tokens
     if kind == "vq_kmeans":
         return hf_vq.VectorQuantize(**vq, kmeans_init=True, kmeans_iters=2), _tokens
+    if kind == "rvq_expire":
+        return hf_vq.ResidualVQ(num_quantizers=4, threshold_ema_dead_code=1000, **vq), _tokens
     if kind in ("rvq4", "rvq_fused"):
         return hf_vq.ResidualVQ(num_quantizers=4, threshold_ema_dead_code=0.5, **vq), _tokens
     if kind == "rvq_dropout":
@@ -286,10 +295,12 @@ def test_a_training_step_issues_one_all_reduce(kind):
     assert counts == [FIRST_STEP] + [ONE_ALL_REDUCE] * (STEPS - 1), counts
 
 
-def test_steps_where_codes_expire_exchange_only_the_replacement_rows():
-    """Every code expires on every step: one all-reduce for the statistics (with the ranks' row counts), then
-    per replacement a broadcast of the chosen positions and an all-reduce of the chosen rows."""
-    counts = _collective_counts("vq_expire")
+@pytest.mark.parametrize("kind", ["vq_expire", "rvq_expire"])
+def test_steps_where_codes_expire_exchange_only_the_replacement_rows(kind):
+    """Every code of every level expires on every step: one all-reduce for the statistics (with the ranks' row
+    counts), then for all levels together a broadcast of the drawn positions and an all-reduce of the chosen
+    rows."""
+    counts = _collective_counts(kind)
     assert counts == [{"all_reduce": 2, "all_gather": 2, "broadcast": 1}] + [{"all_reduce": 2, "broadcast": 1}] * 3
 
 

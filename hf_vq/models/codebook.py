@@ -299,51 +299,132 @@ class Codebook(nn.Module):
     def expire_codes(self, flat: Tensor, mask: Tensor | None, rank_rows: Tensor | None = None) -> None:
         """Replace codes whose EMA count fell below the threshold by rows of `flat (H, N, d)`, and reset their EMA
         state (count and sum) so the stale average cannot overwrite the new vector. `rank_rows (H, world)`: every
-        rank's valid row count (`rank_rows`, summed), when the caller has it."""
-        expired = self.expired()
-        if bool(expired.any()):
-            self.replace_codes(expired, flat, mask, rank_rows)
+        rank's valid row count per head (`rank_rows`, summed), when the caller has it."""
+        expire_dead_codes([_Expiry(self, flat, mask, rank_rows)])
 
     @torch.no_grad()
-    @torch.compiler.disable
-    def replace_codes(self, expired: Tensor, flat: Tensor, mask: Tensor | None,
-                      rank_rows: Tensor | None = None) -> None:
-        """Dead-code replacement of the codes `expired (H, K)` (at least one), from rows of `flat (H, N, d)`. Across
-        ranks only the replacement rows travel (a broadcast of their positions and one all-reduce per head), plus
-        the row counts when `rank_rows` is not given."""
-        sync = self.syncs_samples()
-        if mask is None:
-            local = torch.full((flat.shape[0],), float(flat.shape[1]), device=flat.device)
-        else:
-            local = mask.sum(dim=-1, dtype=torch.float32)
-        if sync and rank_rows is None:
-            rank_rows = local.new_zeros(local.shape[0], distributed.world_size())
-            rank_rows[:, distributed.rank()] = local
-            rank_rows = distributed.all_reduce_sum([rank_rows])[0]
-        rows = rank_rows if sync else local.unsqueeze(-1)
-        # one host read: how many codes expired and how many rows each rank has, per head
-        info = torch.cat([expired.sum(dim=-1, dtype=torch.float32).unsqueeze(-1), rows], dim=-1).long().tolist()
-        samples_all = l2norm(flat) if self.use_cosine_sim else flat
-        for head, (num_dead, *sizes) in enumerate(info):
-            available = sum(sizes)
-            if num_dead == 0 or available == 0:
-                continue
-            own = sizes[distributed.rank()] if sync else sizes[0]
-            samples = samples_all[head]
-            if mask is not None:
-                samples = samples[torch.nonzero_static(mask[head], size=own).squeeze(-1)]
-            dead_ids = torch.nonzero_static(expired[head], size=num_dead).squeeze(-1)
-            if num_dead > available:
-                # more dead codes than samples: replace a random subset now, the rest in later steps
-                chosen = torch.randperm(num_dead, device=dead_ids.device)[:available]
-                dead_ids = dead_ids[chosen.sort().values]  # ascending, as vqp fills its boolean mask
-                if sync:
-                    distributed.broadcast_(dead_ids)
-            new = kmeans_ops.sample_rows_across_ranks(samples, dead_ids.numel(), sync, sizes=sizes if sync else None)
-            new = new.to(self.embed.dtype)
-            self.embed.data[head, dead_ids] = new
-            self.cluster_size[head, dead_ids] = self.reset_cluster_size
-            self.embed_avg[head, dead_ids] = new * self.reset_cluster_size
+    def replace_codes(self, head: int, dead_ids: Tensor, new: Tensor) -> None:
+        """Codes `dead_ids` of `head` become the rows `new`, with their EMA count and sum reset."""
+        new = new.to(self.embed.dtype)
+        self.embed.data[head, dead_ids] = new
+        self.cluster_size[head, dead_ids] = self.reset_cluster_size
+        self.embed_avg[head, dead_ids] = new * self.reset_cluster_size
+
+
+class _Expiry(NamedTuple):
+    """A codebook to check for dead codes, the rows `flat (H, N, d)` (or a function computing them) and `mask` of
+    this step, and every rank's row count per head `rank_rows (H, world)` (None: counted here if needed)."""
+
+    codebook: Codebook
+    flat: Tensor | Callable[[], Tensor]
+    mask: Tensor | None
+    rank_rows: Tensor | None
+
+
+class _Replacement(NamedTuple):
+    """One head's replacement: the codes to replace, the global positions of their new rows among every rank's
+    rows, and this rank's rows (which start at global position `start`); `sync`: drawn across ranks."""
+
+    codebook: Codebook
+    head: int
+    dead_ids: Tensor
+    positions: Tensor
+    samples: Tensor
+    start: int
+    sync: bool
+
+
+@torch.no_grad()
+@torch.compiler.disable
+def expire_dead_codes(expiries: list[_Expiry]) -> None:
+    """Dead-code expiry of several codebooks with one host read (how many codes expired and how many rows each
+    rank holds, per codebook and head). Where codes expired, their replacement rows are drawn as one process
+    would from the concatenation of every rank's rows (rank 0's random state), and only they travel: one
+    broadcast of the drawn positions and one all-reduce of the chosen rows, for all codebooks together."""
+    expiries = [e for e in expiries if e.codebook.threshold_ema_dead_code > 0]
+    if not expiries:
+        return
+    syncs = [e.codebook.syncs_samples() for e in expiries]
+    expiries = _with_rank_rows(expiries, syncs)
+    expired = [e.codebook.expired() for e in expiries]
+    table = torch.cat([torch.cat([dead.sum(dim=-1, dtype=torch.float32).unsqueeze(-1), e.rank_rows], dim=-1)
+                       for e, dead in zip(expiries, expired)]).long().tolist()  # the one host read
+    plans, row = [], 0
+    for e, dead, sync in zip(expiries, expired, syncs):
+        info, row = table[row : row + dead.shape[0]], row + dead.shape[0]
+        if any(num_dead and sum(sizes) for num_dead, *sizes in info):
+            plans += _plan_replacements(e, dead, info, sync)
+    if not plans:
+        return
+    for plan, new in zip(plans, _exchange_rows(plans)):
+        plan.codebook.replace_codes(plan.head, plan.dead_ids, new)
+
+
+def _with_rank_rows(expiries: list[_Expiry], syncs: list[bool]) -> list[_Expiry]:
+    """Fill in `rank_rows`: this rank's valid row count per head (one column) where rows stay local; summed over
+    ranks (one all-reduce for all codebooks that lack them) where rows are drawn across ranks."""
+    out, missing = [], []
+    for e, sync in zip(expiries, syncs):
+        if e.rank_rows is not None:
+            out.append(e)
+            continue
+        flat = e.flat() if callable(e.flat) else e.flat
+        local = (torch.full((flat.shape[0],), float(flat.shape[1]), device=flat.device) if e.mask is None
+                 else e.mask.sum(dim=-1, dtype=torch.float32))
+        rows = local.unsqueeze(-1)
+        if sync:
+            rows = local.new_zeros(local.shape[0], distributed.world_size())
+            rows[:, distributed.rank()] = local
+            missing.append(len(out))
+        out.append(_Expiry(e.codebook, flat, e.mask, rows))
+    if missing:
+        summed = distributed.all_reduce_sum([out[i].rank_rows for i in missing])
+        for i, rows in zip(missing, summed):
+            out[i] = out[i]._replace(rank_rows=rows)
+    return out
+
+
+def _plan_replacements(e: _Expiry, expired: Tensor, info: list[list[int]], sync: bool) -> list[_Replacement]:
+    """Per head with expired codes and rows: which codes, and the positions of their new rows (drawn in the order
+    a single process draws them)."""
+    flat = e.flat() if callable(e.flat) else e.flat
+    samples_all = l2norm(flat) if e.codebook.use_cosine_sim else flat
+    rank = distributed.rank() if sync else 0
+    plans = []
+    for head, (num_dead, *sizes) in enumerate(info):
+        available = sum(sizes)
+        if num_dead == 0 or available == 0:
+            continue
+        samples = samples_all[head]
+        if e.mask is not None:
+            samples = samples[torch.nonzero_static(e.mask[head], size=sizes[rank]).squeeze(-1)]
+        dead_ids = torch.nonzero_static(expired[head], size=num_dead).squeeze(-1)
+        if num_dead > available:
+            # more dead codes than samples: replace a random subset now, the rest in later steps
+            chosen = torch.randperm(num_dead, device=dead_ids.device)[:available]
+            dead_ids = dead_ids[chosen.sort().values]  # ascending, as vqp fills its boolean mask
+        positions = kmeans_ops.sample_positions(available, dead_ids.numel(), samples.device)
+        plans.append(_Replacement(e.codebook, head, dead_ids, positions, samples, sum(sizes[:rank]), sync))
+    return plans
+
+
+def _exchange_rows(plans: list[_Replacement]) -> list[Tensor]:
+    """Each replacement's new rows. Across ranks: rank 0's codes and positions broadcast in one tensor, each
+    rank's own chosen rows summed in one all-reduce (for all replacements drawn across ranks together)."""
+    shared = [p for p in plans if p.sync]
+    rows = iter(_exchange_shared_rows(shared) if shared else [])
+    return [next(rows) if p.sync else p.samples[p.positions] for p in plans]
+
+
+def _exchange_shared_rows(plans: list[_Replacement]) -> list[Tensor]:
+    """The new rows of replacements drawn across ranks: one broadcast (codes, positions), one all-reduce (rows)."""
+    ids = distributed.broadcast_(torch.cat([t for p in plans for t in (p.dead_ids, p.positions)]))
+    parts = ids.split([t.numel() for p in plans for t in (p.dead_ids, p.positions)])
+    plans = [p._replace(dead_ids=parts[2 * i], positions=parts[2 * i + 1]) for i, p in enumerate(plans)]
+    rows = torch.cat([kmeans_ops.own_rows(p.samples, p.positions, p.start).reshape(-1) for p in plans])
+    distributed.all_reduce_sum_(rows, shapes_agreed=True)  # (sizes follow from values every rank shares)
+    sizes = [p.positions.numel() * p.samples.shape[-1] for p in plans]
+    return [r.view(p.positions.numel(), -1).to(p.samples.dtype) for r, p in zip(rows.split(sizes), plans)]
 
 
 class DeferredUpdates:
@@ -405,16 +486,8 @@ def apply_updates(updates: list[StatsUpdate]) -> None:
     reduced, rank_rows = _reduce(updates)
     ema_ops.require_all_finite([stats.sums for stats in reduced], "codebook EMA statistics")
     applied = _apply_all(updates, reduced)
-    candidates = [(u, rows) for u, rows, done in zip(updates, rank_rows, applied)
-                  if done and u.codebook.threshold_ema_dead_code > 0]
-    if not candidates:
-        return
-    expired = [u.codebook.expired() for u, _ in candidates]
-    any_expired = torch.stack([e.any() for e in expired]).tolist()  # one host read for all codebooks
-    for (u, rows), dead, has_dead in zip(candidates, expired, any_expired):
-        if has_dead:
-            flat = u.flat() if callable(u.flat) else u.flat
-            u.codebook.replace_codes(dead, flat, u.mask, rows)
+    expire_dead_codes([_Expiry(u.codebook, u.flat, u.mask, rows)
+                       for u, rows, done in zip(updates, rank_rows, applied) if done])
 
 
 def _reduce(updates: list[StatsUpdate]) -> tuple[list[CodebookStats], list[Tensor | None]]:

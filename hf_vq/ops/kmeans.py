@@ -15,7 +15,7 @@ from .ema import cluster_stats
 from .nearest import nearest_code
 
 
-def _sample_positions(n: int, num: int, device, generator: torch.Generator | None = None) -> Tensor:
+def sample_positions(n: int, num: int, device, generator: torch.Generator | None = None) -> Tensor:
     """`num` positions in `[0, n)`: without replacement when n >= num, else with replacement (as vqp)."""
     if n >= num:
         return torch.randperm(n, device=device, generator=generator)[:num]
@@ -24,7 +24,7 @@ def _sample_positions(n: int, num: int, device, generator: torch.Generator | Non
 
 def sample_rows(samples: Tensor, num: int, generator: torch.Generator | None = None) -> Tensor:
     """`num` rows of `samples (N, D)`: without replacement when N >= num, else with replacement."""
-    return samples[_sample_positions(samples.shape[0], num, samples.device, generator)]
+    return samples[sample_positions(samples.shape[0], num, samples.device, generator)]
 
 
 def global_row_count(samples: Tensor, sync: bool) -> int:
@@ -45,16 +45,24 @@ def sample_rows_across_ranks(samples: Tensor, num: int, sync: bool, sizes: list[
         return sample_rows(samples, num)
     if sizes is None:
         sizes = distributed.all_sizes(samples.shape[0], samples.device)
-    positions = _sample_positions(sum(sizes), num, samples.device)
+    positions = sample_positions(sum(sizes), num, samples.device)
     distributed.broadcast_(positions)
-    n, start = samples.shape[0], sum(sizes[: distributed.rank()])
-    out = samples.new_zeros(num, samples.shape[-1], dtype=torch.float32)
-    if n:  # this rank's chosen rows, selected without reading the positions on the host
+    out = own_rows(samples, positions, sum(sizes[: distributed.rank()]))
+    distributed.all_reduce_sum_(out, shapes_agreed=True)  # (num is the same on every rank)
+    return out.to(samples.dtype)
+
+
+def own_rows(samples: Tensor, positions: Tensor, start: int) -> Tensor:
+    """float32 `(len(positions), D)`: the rows of `samples (n, D)` at global `positions` that this rank holds (its
+    rows are `start .. start + n` of the ranks' concatenation), zeros elsewhere; summed over ranks, every chosen
+    row. Selected without reading the positions on the host."""
+    out = samples.new_zeros(positions.shape[0], samples.shape[-1], dtype=torch.float32)
+    n = samples.shape[0]
+    if n:
         mine = (positions >= start) & (positions < start + n)
         rows = samples[(positions - start).clamp(0, n - 1)].float()
         out = torch.where(mine.unsqueeze(-1), rows, out)
-    distributed.all_reduce_sum_(out, shapes_agreed=True)  # (num is the same on every rank)
-    return out.to(samples.dtype)
+    return out
 
 
 def kmeans(
