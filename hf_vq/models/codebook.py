@@ -486,8 +486,10 @@ def apply_updates(updates: list[StatsUpdate]) -> None:
     reduced, rank_rows = _reduce(updates)
     ema_ops.require_all_finite([stats.sums for stats in reduced], "codebook EMA statistics")
     applied = _apply_all(updates, reduced)
-    expire_dead_codes([_Expiry(u.codebook, u.flat, u.mask, rows)
-                       for u, rows, done in zip(updates, rank_rows, applied) if done])
+    expiries = [_Expiry(u.codebook, u.flat, u.mask, rows) for u, rows, done in zip(updates, rank_rows, applied)
+                if done and u.codebook.threshold_ema_dead_code > 0]
+    if expiries:  # (eager: a compiled step without dead-code expiry stays one graph)
+        expire_dead_codes(expiries)
 
 
 def _reduce(updates: list[StatsUpdate]) -> tuple[list[CodebookStats], list[Tensor | None]]:
