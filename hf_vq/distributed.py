@@ -90,6 +90,18 @@ def all_reduce_sum_(*tensors: Tensor, shapes_agreed: bool = False) -> None:
         offset += n
 
 
+def all_reduce_sum(tensors: list[Tensor] | tuple[Tensor, ...], shapes_agreed: bool = False) -> list[Tensor]:
+    """Sums of `tensors` across ranks, out of place, with one collective: float32 views of one flat buffer (the
+    inputs keep this rank's values). The shape check runs as in `all_reduce_sum_`."""
+    if not is_distributed() or not tensors:
+        return [t.float() for t in tensors]
+    if not shapes_agreed:
+        _check_layouts(tuple(tensors))
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat)
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
 class _SumAcrossRanks(torch.autograd.Function):
     """All-reduce sum whose backward passes the gradient to the local contribution: each rank then holds the
     gradient of the (identical) global loss with respect to its own data, which DDP averages as usual."""

@@ -12,9 +12,10 @@ import torch.multiprocessing as mp
 
 import hf_vq
 from hf_vq import distributed
+from hf_vq.models.codebook import Codebook
 
 STEPS = 4
-CONFIG = dict(dim=8, codebook_size=16, decay=0.8, kmeans_init=True, kmeans_iters=3, threshold_ema_dead_code=0.5,
+CONFIG = dict(dim=8, codebook_size=16, decay=0.8, kmeans_init=True, kmeans_iters=3, threshold_ema_dead_code=2,
               affine_param=False)
 
 
@@ -39,11 +40,11 @@ def _train(model, inputs):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def _worker(rank, world, init_file, out_dir, rank_sizes, masked, residual):
+def _worker(rank, world, init_file, out_dir, rank_sizes, masked, kind):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
-        model = _model(residual)
+        model = _model(kind)
         steps = _batches(rank_sizes, masked)
         state = _train(model, [step[rank] for step in steps])
         torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -53,27 +54,38 @@ def _worker(rank, world, init_file, out_dir, rank_sizes, masked, residual):
         dist.destroy_process_group()
 
 
-def _model(residual):
-    if residual:
-        return hf_vq.ResidualVQ(dim=8, num_quantizers=2, codebook_size=16, decay=0.8, kmeans_init=True,
-                                kmeans_iters=3, threshold_ema_dead_code=0.5)
+def _model(kind):
+    """Every quantizer with codebook state, with k-means init, EMA and dead-code expiry."""
+    level = dict(codebook_size=16, decay=0.8, kmeans_init=True, kmeans_iters=3, threshold_ema_dead_code=2)
+    if kind == "rvq":
+        return hf_vq.ResidualVQ(dim=8, num_quantizers=2, **level)
+    if kind == "grvq":
+        return hf_vq.GroupedResidualVQ(dim=8, groups=2, num_quantizers=2, **level)
+    if kind in ("hvq", "hvq_shared"):
+        return hf_vq.HierarchicalVQ(dim=8, scales=[1, 3, 12], channel_first=False,
+                                    shared_codebook=kind == "hvq_shared", **level)
     return hf_vq.VectorQuantize(**CONFIG)
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["dense", "masked"])
-@pytest.mark.parametrize("residual", [False, True], ids=["vq", "rvq"])
-def test_two_ranks_equal_one_process_on_the_concatenated_batch(masked, residual):
+@pytest.mark.parametrize("kind", ["vq", "rvq", "grvq", "hvq", "hvq_shared"])
+def test_two_ranks_equal_one_process_on_the_concatenated_batch(masked, kind, monkeypatch):
+    """Ranks identical and equal to one process on the joint batch, with k-means init, EMA and dead codes
+    replaced on the way (counted in the single-process run)."""
     rank_sizes = (3, 2)  # uneven
     with tempfile.TemporaryDirectory() as out_dir:
         init_file = os.path.join(out_dir, "init")
-        mp.spawn(_worker, args=(2, init_file, out_dir, rank_sizes, masked, residual), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, init_file, out_dir, rank_sizes, masked, kind), nprocs=2, join=True)
         states = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(2)]
 
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), f"ranks differ on {key}"
 
+    replaced = []
+    replace_codes = Codebook.replace_codes
+    monkeypatch.setattr(Codebook, "replace_codes", lambda self, *a: replaced.append(1) or replace_codes(self, *a))
     torch.manual_seed(0)
-    single = _model(residual)
+    single = _model(kind)
     inputs = []
     for step in _batches(rank_sizes, masked):
         x = torch.cat([x for x, _ in step])
@@ -81,6 +93,7 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(masked, residual)
         inputs.append((x, mask))
     expected = _train(single, inputs)
     assert bool(expected[[k for k in expected if k.endswith("initted")][0]])
+    assert replaced, "no dead code was replaced: the test would not exercise expiry"
     for key, value in expected.items():
         torch.testing.assert_close(states[0][key].float(), value.float(), atol=1e-5, rtol=1e-5, msg=key)
 
@@ -193,35 +206,134 @@ def _collective_count_worker(rank, world, init_file, out_dir, kind):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     originals = {}
     try:
+        fused = []
+        if kind == "rvq_fused":  # the interpreted search is slow and tested elsewhere: the PyTorch search
+            from hf_vq.ops import triton_nearest
+            triton_nearest.available = lambda x: False
+            fused_levels = hf_vq.ResidualVQ._fused_levels
+            hf_vq.ResidualVQ._fused_levels = lambda *a, **k: fused.append(fused_levels(*a, **k)) or fused[-1]
         torch.manual_seed(0)
-        model = _counted_model(kind).train()
+        model, make_input = _counted_model(kind)
+        model.train()
         g = torch.Generator().manual_seed(rank)
-        model(torch.randn(2, 12, 8, generator=g))  # first step: layouts checked, k-means if any
         counts = _count_collectives(originals)
-        for _ in range(3):
-            model(torch.randn(2, 12, 8, generator=g))
-        torch.save(counts, os.path.join(out_dir, f"counts{rank}.pt"))
+        per_step, kept = [], []
+        for _ in range(STEPS):
+            x = make_input(g).requires_grad_()
+            before = dict(counts)
+            out = model(x)
+            out.quantized.sum().backward()
+            per_step.append({k: counts[k] - before[k] for k in counts if counts[k] != before[k]})
+            if kind == "rvq_dropout":  # levels kept by quantize dropout this step
+                kept.append(int((out.indices.reshape(-1, out.indices.shape[-1]) >= 0).any(0).sum()))
+        for name, original in originals.items():
+            setattr(dist, name, original)
+        originals.clear()
+        distributed.assert_same_across_ranks(model)  # (ranks identical after the counted steps)
+        torch.save({"steps": per_step, "fused": [f is not None for f in fused], "kept": kept},
+                   os.path.join(out_dir, f"counts{rank}.pt"))
     finally:
         for name, original in originals.items():
             setattr(dist, name, original)
         dist.destroy_process_group()
 
 
+def _tokens(g):
+    return torch.randn(2, 12, 8, generator=g)
+
+
 def _counted_model(kind):
+    """`(model, input maker)` for a counting run."""
+    vq = dict(dim=8, codebook_size=16, decay=0.9)
     if kind == "vq":
-        return hf_vq.VectorQuantize(dim=8, codebook_size=16, decay=0.9)
+        return hf_vq.VectorQuantize(**vq), _tokens
+    if kind == "vq_dead":  # counts start at 1 and stay above 0.9 ** 4 > 0.5: no code expires
+        return hf_vq.VectorQuantize(**vq, threshold_ema_dead_code=0.5), _tokens
+    if kind == "vq_expire":  # every code below the threshold on every step (48 rows cover the 16 codes)
+        return hf_vq.VectorQuantize(**vq, threshold_ema_dead_code=1000), _tokens
     if kind == "vq_kmeans":
-        return hf_vq.VectorQuantize(dim=8, codebook_size=16, decay=0.9, kmeans_init=True, kmeans_iters=2)
+        return hf_vq.VectorQuantize(**vq, kmeans_init=True, kmeans_iters=2), _tokens
+    if kind == "rvq_expire":
+        return hf_vq.ResidualVQ(num_quantizers=4, threshold_ema_dead_code=1000, **vq), _tokens
+    if kind in ("rvq4", "rvq_fused"):
+        return hf_vq.ResidualVQ(num_quantizers=4, threshold_ema_dead_code=0.5, **vq), _tokens
+    if kind == "rvq_dropout":
+        return hf_vq.ResidualVQ(num_quantizers=4, quantize_dropout=True, **vq), _tokens
+    if kind == "grvq":
+        return hf_vq.GroupedResidualVQ(groups=2, num_quantizers=2, threshold_ema_dead_code=0.5, **vq), _tokens
+    if kind in ("hvq", "hvq_shared"):  # (a shared codebook decays 3 times a step: 0.9 ** 12 > 0.1)
+        model = hf_vq.HierarchicalVQ(dim=8, codebook_size=16, scales=[1, 2, 4], decay=0.9, kmeans_init=False,
+                                     threshold_ema_dead_code=0.1, shared_codebook=kind == "hvq_shared")
+        return model, lambda g: torch.randn(2, 8, 12, generator=g)
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["vq", "vq_kmeans"])
-def test_a_training_step_issues_one_all_reduce(kind):
-    """After the first step (layout check, k-means init), a step's EMA statistics travel in one all-reduce and
-    nothing else is exchanged."""
+def _collective_counts(kind, env=None):
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_collective_count_worker, args=(2, os.path.join(out_dir, "init"), out_dir, kind), nprocs=2, join=True)
+        old = {k: os.environ.get(k) for k in (env or {})}
+        os.environ.update(env or {})
+        try:
+            mp.spawn(_collective_count_worker, args=(2, os.path.join(out_dir, "init"), out_dir, kind), nprocs=2,
+                     join=True)
+        finally:
+            for k, v in old.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         counts = [torch.load(os.path.join(out_dir, f"counts{r}.pt"), weights_only=True) for r in range(2)]
-    for c in counts:
-        assert c["all_reduce"] == 3, c
-        assert sum(v for k, v in c.items() if k != "all_reduce") == 0, c
+    assert counts[0] == counts[1], counts  # every rank joins the same collectives
+    return counts[0]["steps"] if kind not in ("rvq_fused", "rvq_dropout") else counts[0]
+
+
+ONE_ALL_REDUCE = {"all_reduce": 1}
+FIRST_STEP = {"all_reduce": 1, "all_gather": 2}  # + the layout check of the statistics' buffer
+
+
+@pytest.mark.parametrize("kind", ["vq", "vq_dead", "rvq4", "grvq", "hvq"])
+def test_a_training_step_issues_one_all_reduce(kind):
+    """Whatever the number of levels or groups, a step's EMA statistics travel in one all-reduce, and nothing
+    else is exchanged (no dead-code broadcast when no code expired); the layout check runs on the first step."""
+    counts = _collective_counts(kind)
+    assert counts == [FIRST_STEP] + [ONE_ALL_REDUCE] * (STEPS - 1), counts
+
+
+@pytest.mark.parametrize("kind", ["vq_expire", "rvq_expire"])
+def test_steps_where_codes_expire_exchange_only_the_replacement_rows(kind):
+    """Every code of every level expires on every step: one all-reduce for the statistics (with the ranks' row
+    counts), then for all levels together a broadcast of the drawn positions and an all-reduce of the chosen
+    rows."""
+    counts = _collective_counts(kind)
+    assert counts == [{"all_reduce": 2, "all_gather": 2, "broadcast": 1}] + [{"all_reduce": 2, "broadcast": 1}] * 3
+
+
+def test_kmeans_collectives_only_on_the_first_step():
+    """First step: the row counts (all-gather), the initial centroids (a broadcast of positions and an all-reduce
+    of rows), one all-reduce per k-means iteration (2) with the layout check, then the EMA statistics."""
+    counts = _collective_counts("vq_kmeans")
+    assert counts[0] == {"all_gather": 3, "broadcast": 1, "all_reduce": 4}, counts
+    assert counts[1:] == [ONE_ALL_REDUCE] * (STEPS - 1), counts
+
+
+def test_quantize_dropout_adds_the_cutoff_broadcast():
+    """Quantize dropout: the cutoff's broadcast, and the statistics of the kept levels in one all-reduce; the
+    layout check runs again only when a number of kept levels is met for the first time."""
+    result = _collective_counts("rvq_dropout")
+    seen = set()
+    for step, kept in zip(result["steps"], result["kept"]):
+        expected = {"all_reduce": 1, "broadcast": 1, **({"all_gather": 2} if kept not in seen else {})}
+        assert step == expected, result
+        seen.add(kept)
+    assert len(seen) < STEPS, result  # (the seed gives a repeated cutoff: a step without the check)
+
+
+def test_shared_hierarchical_codebook_reduces_after_each_level():
+    """A shared HierarchicalVQ codebook is updated after each level (the next level searches the new codes, as
+    vqp), so each of its 3 levels reduces its own statistics; still nothing else."""
+    counts = _collective_counts("hvq_shared")
+    assert counts == [{"all_reduce": 3, "all_gather": 2}] + [{"all_reduce": 3}] * (STEPS - 1), counts
+
+
+def test_fused_training_levels_issue_one_all_reduce():
+    """ResidualVQ's fused training levels (Triton interpreter on CPU): one all-reduce for all 4 levels."""
+    pytest.importorskip("triton")
+    result = _collective_counts("rvq_fused", env={"TRITON_INTERPRET": "1", "HF_VQ_DISABLE_TRITON": "0"})
+    assert result["fused"] == [True] * STEPS, result
+    assert result["steps"] == [FIRST_STEP] + [ONE_ALL_REDUCE] * (STEPS - 1), result

@@ -9,11 +9,16 @@ An update is split into two steps so a caller with several codebooks (residual l
 all their statistics in one collective: `batch_stats` computes this rank's per-code counts and sums,
 `apply_stats` writes reduced statistics into the state. Non-finite statistics are refused before anything is
 written (`ops.ema.require_finite`), whatever the model's `check_inputs` says.
+
+Such a caller opens `deferred_updates(codebooks)` around its levels: each codebook's `update` then only records
+its batch statistics, and on exit `apply_updates` sums all of them across processes in one all-reduce, applies
+them, and expires dead codes (a collective only where a code expired).
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from contextlib import contextmanager
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +36,19 @@ class CodebookStats(NamedTuple):
 
     counts: Tensor
     sums: Tensor
+
+
+class StatsUpdate(NamedTuple):
+    """One codebook's recorded update: this rank's `stats`, the rows they came from (`flat (H, N, d)`, or a
+    function that computes them, read only when a code expires) with their `mask`, and `update`'s options."""
+
+    codebook: "Codebook"
+    stats: CodebookStats
+    flat: Tensor | Callable[[], Tensor]
+    mask: Tensor | None
+    ema_update: bool
+    weight: Tensor | Callable | None
+    accum: bool
 
 
 def l2norm(t: Tensor) -> Tensor:
@@ -65,6 +83,8 @@ class Codebook(nn.Module):
         # `update(accum=True)` for the next update (vqp keeps them in the buffers' `.grad`; not checkpointed)
         self.initted_key: tuple | None = None
         self.pending_stats: CodebookStats | None = None
+        # the `DeferredUpdates` of the step in progress when an owner (residual levels, groups) collects updates
+        self.deferred: DeferredUpdates | None = None
 
         shape = (self.num_codebooks, self.codebook_size, self.codebook_dim)
         if c.kmeans_init:
@@ -206,10 +226,12 @@ class Codebook(nn.Module):
 
     @torch.no_grad()
     def apply_stats(self, stats: CodebookStats, ema_update: bool | None = None,
-                    weight: Tensor | Callable | None = None) -> None:
+                    weight: Tensor | Callable | None = None, checked: bool = False) -> None:
         """One EMA step of `cluster_size`/`embed_avg` from reduced `stats`, then (with EMA codebook updates, unless
-        `manual_ema_update`) the codebook from the EMA. Refuses non-finite statistics before writing anything."""
-        ema_ops.require_finite(stats.sums, "codebook EMA statistics")
+        `manual_ema_update`) the codebook from the EMA. Refuses non-finite statistics before writing anything
+        (`checked`: the caller already did)."""
+        if not checked:
+            ema_ops.require_finite(stats.sums, "codebook EMA statistics")
         if callable(weight):
             weight = weight(stats.sums, stats.counts)
         ema_ops.ema_update_((self.cluster_size, self.embed_avg), stats, self.decay, weight)
@@ -220,30 +242,47 @@ class Codebook(nn.Module):
     def update(self, flat: Tensor, indices: Tensor, mask: Tensor | None, ema_update: bool | None = None,
                weight: Tensor | Callable | None = None, accum: bool = False) -> Tensor | None:
         """A training step's update from `flat (H, N, d)` and its codes: EMA statistics (one all-reduce), codebook
-        from the EMA, then dead-code expiry. Returns this rank's code counts `(H, K)` (what the perplexity
-        counts), or None when no statistics are kept (no EMA, no dead-code expiry).
+        from the EMA, then dead-code expiry; inside `deferred_updates` only recorded, applied when it closes.
+        Returns this rank's code counts `(H, K)` (what the perplexity counts), or None when no statistics are kept
+        (no EMA, no dead-code expiry).
 
         `weight` scales each code's EMA step (a tensor `(K,)`/`(H, K)`, or a function of the batch's
         `(sums, counts)`); `accum` only accumulates the statistics, which the next update adds to its own."""
         ema_update = self.ema_update if ema_update is None else ema_update
-        has_dead = self.threshold_ema_dead_code > 0
-        if not ema_update and not has_dead:
+        if not ema_update and self.threshold_ema_dead_code <= 0:
             return None
         stats = self.batch_stats(flat, indices, mask)
-        local = stats.counts.clone() if self.syncs() else stats.counts  # (the all-reduce sums in place)
-        self.all_reduce_(*stats)
+        step = StatsUpdate(self, stats, flat, mask, ema_update, weight, accum)
+        if self.deferred is not None:
+            self.deferred.updates.append(step)
+        else:
+            apply_updates([step])
+        return stats.counts  # (reduced statistics are a separate buffer: these stay this rank's)
+
+    def rank_rows(self, stats: CodebookStats) -> Tensor | None:
+        """`(H, world)`: this rank's valid row count per head in its own column, zeros elsewhere, so the sum over
+        ranks (in the statistics' all-reduce) tells every rank how many rows each rank holds, which dead-code
+        sampling needs. None when no rows are sampled across ranks."""
+        if self.threshold_ema_dead_code <= 0 or not self.syncs_samples():
+            return None
+        rows = stats.counts.new_zeros(stats.counts.shape[0], distributed.world_size())
+        rows[:, distributed.rank()] = stats.counts.sum(dim=-1)
+        return rows
+
+    @torch.no_grad()
+    def apply_step(self, stats: CodebookStats, ema_update: bool, weight: Tensor | Callable | None,
+                   accum: bool) -> bool:
+        """Reduced `stats` (plus any accumulated ones) into the state, or kept for the next step with `accum`.
+        Returns whether the state was updated (dead codes are then checked)."""
         pending = self.pending_stats
         if pending is not None:
             stats = CodebookStats(stats.counts + pending.counts, stats.sums + pending.sums)
         if accum:
-            ema_ops.require_finite(stats.sums, "codebook EMA statistics")
             self.pending_stats = stats
-            return local
-        self.apply_stats(stats, ema_update, weight)
+            return False
+        self.apply_stats(stats, ema_update, weight, checked=True)
         self.pending_stats = None
-        if has_dead:
-            self.expire_codes(flat, mask)
-        return local
+        return True
 
     @torch.no_grad()
     def update_embed_from_ema(self) -> None:
@@ -252,32 +291,254 @@ class Codebook(nn.Module):
         if self.use_cosine_sim:
             self.embed.data.copy_(l2norm(self.embed.data))
 
+    def expired(self) -> Tensor:
+        """`(H, K)` bool: codes whose EMA count is below the threshold. The same on every rank without a
+        collective: the counts come from statistics summed over ranks."""
+        return self.cluster_size < self.threshold_ema_dead_code
+
     @torch.no_grad()
     @torch.compiler.disable  # data-dependent (which codes, how many samples): runs eagerly, one graph break
-    def expire_codes(self, flat: Tensor, mask: Tensor | None) -> None:
+    def expire_codes(self, flat: Tensor, mask: Tensor | None, rank_rows: Tensor | None = None) -> None:
         """Replace codes whose EMA count fell below the threshold by rows of `flat (H, N, d)`, and reset their EMA
-        state (count and sum) so the stale average cannot overwrite the new vector."""
-        expired = self.cluster_size < self.threshold_ema_dead_code
-        if self.syncs():
-            distributed.broadcast_(expired)
-        if not bool(expired.any()):
-            return
-        samples_all = l2norm(flat) if self.use_cosine_sim else flat
-        sync = self.syncs_samples()
-        for head, (samples, dead) in enumerate(zip(samples_all, expired)):
-            if mask is not None:
-                samples = samples[mask[head]]
-            available = kmeans_ops.global_row_count(samples, sync)  # the same on every rank
-            if available == 0:
-                continue
-            dead_ids = dead.nonzero(as_tuple=True)[0]
-            if dead_ids.numel() > available:
-                # more dead codes than samples: replace a random subset now, the rest in later steps
-                chosen = torch.randperm(dead_ids.numel(), device=dead_ids.device)[:available]
-                dead_ids = dead_ids[chosen.sort().values]  # ascending, as vqp fills its boolean mask
-                if sync:
-                    distributed.broadcast_(dead_ids)
-            new = kmeans_ops.sample_rows_across_ranks(samples, dead_ids.numel(), sync).to(self.embed.dtype)
-            self.embed.data[head, dead_ids] = new
-            self.cluster_size[head, dead_ids] = self.reset_cluster_size
-            self.embed_avg[head, dead_ids] = new * self.reset_cluster_size
+        state (count and sum) so the stale average cannot overwrite the new vector. `rank_rows (H, world)`: every
+        rank's valid row count per head (`rank_rows`, summed), when the caller has it."""
+        expire_dead_codes([_Expiry(self, flat, mask, rank_rows)])
+
+    @torch.no_grad()
+    def replace_codes(self, head: int, dead_ids: Tensor, new: Tensor) -> None:
+        """Codes `dead_ids` of `head` become the rows `new`, with their EMA count and sum reset."""
+        new = new.to(self.embed.dtype)
+        self.embed.data[head, dead_ids] = new
+        self.cluster_size[head, dead_ids] = self.reset_cluster_size
+        self.embed_avg[head, dead_ids] = new * self.reset_cluster_size
+
+
+class _Expiry(NamedTuple):
+    """A codebook to check for dead codes, the rows `flat (H, N, d)` (or a function computing them) and `mask` of
+    this step, and every rank's row count per head `rank_rows (H, world)` (None: counted here if needed)."""
+
+    codebook: Codebook
+    flat: Tensor | Callable[[], Tensor]
+    mask: Tensor | None
+    rank_rows: Tensor | None
+
+
+class _Replacement(NamedTuple):
+    """One head's replacement: the codes to replace, the global positions of their new rows among every rank's
+    rows, and this rank's rows (which start at global position `start`); `sync`: drawn across ranks."""
+
+    codebook: Codebook
+    head: int
+    dead_ids: Tensor
+    positions: Tensor
+    samples: Tensor
+    start: int
+    sync: bool
+
+
+@torch.no_grad()
+@torch.compiler.disable
+def expire_dead_codes(expiries: list[_Expiry]) -> None:
+    """Dead-code expiry of several codebooks with one host read (how many codes expired and how many rows each
+    rank holds, per codebook and head). Where codes expired, their replacement rows are drawn as one process
+    would from the concatenation of every rank's rows (rank 0's random state), and only they travel: one
+    broadcast of the drawn positions and one all-reduce of the chosen rows, for all codebooks together."""
+    expiries = [e for e in expiries if e.codebook.threshold_ema_dead_code > 0]
+    if not expiries:
+        return
+    syncs = [e.codebook.syncs_samples() for e in expiries]
+    expiries = _with_rank_rows(expiries, syncs)
+    expired = [e.codebook.expired() for e in expiries]
+    table = torch.cat([torch.cat([dead.sum(dim=-1, dtype=torch.float32).unsqueeze(-1), e.rank_rows], dim=-1)
+                       for e, dead in zip(expiries, expired)]).long().tolist()  # the one host read
+    plans, row = [], 0
+    for e, dead, sync in zip(expiries, expired, syncs):
+        info, row = table[row : row + dead.shape[0]], row + dead.shape[0]
+        if any(num_dead and sum(sizes) for num_dead, *sizes in info):
+            plans += _plan_replacements(e, dead, info, sync)
+    if not plans:
+        return
+    for plan, new in zip(plans, _exchange_rows(plans)):
+        plan.codebook.replace_codes(plan.head, plan.dead_ids, new)
+
+
+def _with_rank_rows(expiries: list[_Expiry], syncs: list[bool]) -> list[_Expiry]:
+    """Fill in `rank_rows`: this rank's valid row count per head (one column) where rows stay local; summed over
+    ranks (one all-reduce for all codebooks that lack them) where rows are drawn across ranks."""
+    out, missing = [], []
+    for e, sync in zip(expiries, syncs):
+        if e.rank_rows is not None:
+            out.append(e)
+            continue
+        flat = e.flat() if callable(e.flat) else e.flat
+        local = (torch.full((flat.shape[0],), float(flat.shape[1]), device=flat.device) if e.mask is None
+                 else e.mask.sum(dim=-1, dtype=torch.float32))
+        rows = local.unsqueeze(-1)
+        if sync:
+            rows = local.new_zeros(local.shape[0], distributed.world_size())
+            rows[:, distributed.rank()] = local
+            missing.append(len(out))
+        out.append(_Expiry(e.codebook, flat, e.mask, rows))
+    if missing:
+        summed = distributed.all_reduce_sum([out[i].rank_rows for i in missing])
+        for i, rows in zip(missing, summed):
+            out[i] = out[i]._replace(rank_rows=rows)
+    return out
+
+
+def _plan_replacements(e: _Expiry, expired: Tensor, info: list[list[int]], sync: bool) -> list[_Replacement]:
+    """Per head with expired codes and rows: which codes, and the positions of their new rows (drawn in the order
+    a single process draws them)."""
+    flat = e.flat() if callable(e.flat) else e.flat
+    samples_all = l2norm(flat) if e.codebook.use_cosine_sim else flat
+    rank = distributed.rank() if sync else 0
+    plans = []
+    for head, (num_dead, *sizes) in enumerate(info):
+        available = sum(sizes)
+        if num_dead == 0 or available == 0:
+            continue
+        samples = samples_all[head]
+        if e.mask is not None:
+            samples = samples[torch.nonzero_static(e.mask[head], size=sizes[rank]).squeeze(-1)]
+        dead_ids = torch.nonzero_static(expired[head], size=num_dead).squeeze(-1)
+        if num_dead > available:
+            # more dead codes than samples: replace a random subset now, the rest in later steps
+            chosen = torch.randperm(num_dead, device=dead_ids.device)[:available]
+            dead_ids = dead_ids[chosen.sort().values]  # ascending, as vqp fills its boolean mask
+        positions = kmeans_ops.sample_positions(available, dead_ids.numel(), samples.device)
+        plans.append(_Replacement(e.codebook, head, dead_ids, positions, samples, sum(sizes[:rank]), sync))
+    return plans
+
+
+def _exchange_rows(plans: list[_Replacement]) -> list[Tensor]:
+    """Each replacement's new rows. Across ranks: rank 0's codes and positions broadcast in one tensor, each
+    rank's own chosen rows summed in one all-reduce (for all replacements drawn across ranks together)."""
+    shared = [p for p in plans if p.sync]
+    rows = iter(_exchange_shared_rows(shared) if shared else [])
+    return [next(rows) if p.sync else p.samples[p.positions] for p in plans]
+
+
+def _exchange_shared_rows(plans: list[_Replacement]) -> list[Tensor]:
+    """The new rows of replacements drawn across ranks: one broadcast (codes, positions), one all-reduce (rows)."""
+    ids = distributed.broadcast_(torch.cat([t for p in plans for t in (p.dead_ids, p.positions)]))
+    parts = ids.split([t.numel() for p in plans for t in (p.dead_ids, p.positions)])
+    plans = [p._replace(dead_ids=parts[2 * i], positions=parts[2 * i + 1]) for i, p in enumerate(plans)]
+    rows = torch.cat([kmeans_ops.own_rows(p.samples, p.positions, p.start).reshape(-1) for p in plans])
+    distributed.all_reduce_sum_(rows, shapes_agreed=True)  # (sizes follow from values every rank shares)
+    sizes = [p.positions.numel() * p.samples.shape[-1] for p in plans]
+    return [r.view(p.positions.numel(), -1).to(p.samples.dtype) for r, p in zip(rows.split(sizes), plans)]
+
+
+class DeferredUpdates:
+    """The codebook updates recorded during one training step (`deferred_updates`), applied together."""
+
+    def __init__(self):
+        self.updates: list[StatsUpdate] = []
+        self.finishers: list[Callable[[], None]] = []
+
+    def after(self, fn: Callable[[], None]) -> None:
+        """Run `fn` once the recorded updates are applied (e.g. a shared codebook's update from its EMA)."""
+        self.finishers.append(fn)
+
+    def apply(self) -> None:
+        updates, self.updates = self.updates, []
+        apply_updates(updates)
+        for fn in self.finishers:
+            fn()
+        self.finishers = []
+
+
+class _Immediate(DeferredUpdates):
+    """Not deferring: `after` runs its function at once."""
+
+    def after(self, fn: Callable[[], None]) -> None:
+        fn()
+
+
+@contextmanager
+def deferred_updates(codebooks: list[Codebook], enabled: bool = True) -> Iterator[DeferredUpdates]:
+    """Record the `update`s of `codebooks` made inside the block and apply them when it closes: one all-reduce
+    for all of their statistics. Nested inside another owner's block (a residual quantizer within a grouped one)
+    it joins the outer one. Deferring assumes no codebook is read after another one's update in the block."""
+    outer = next((cb.deferred for cb in codebooks if cb.deferred is not None), None)
+    if outer is not None:
+        yield outer
+        return
+    if not enabled:
+        yield _Immediate()
+        return
+    batch = DeferredUpdates()
+    for cb in codebooks:
+        cb.deferred = batch
+    try:
+        yield batch
+    finally:
+        for cb in codebooks:
+            cb.deferred = None
+    batch.apply()
+
+
+@torch.no_grad()
+def apply_updates(updates: list[StatsUpdate]) -> None:
+    """Apply recorded codebook updates: the statistics of every syncing codebook summed over ranks in one
+    all-reduce (with the row counts dead-code sampling needs), one finiteness check for all, the EMA steps (one
+    multi-tensor update for codebooks of one kind), then dead-code expiry with one host read for all codebooks."""
+    if not updates:
+        return
+    reduced, rank_rows = _reduce(updates)
+    ema_ops.require_all_finite([stats.sums for stats in reduced], "codebook EMA statistics")
+    applied = _apply_all(updates, reduced)
+    expiries = [_Expiry(u.codebook, u.flat, u.mask, rows) for u, rows, done in zip(updates, rank_rows, applied)
+                if done and u.codebook.threshold_ema_dead_code > 0]
+    if expiries:  # (eager: a compiled step without dead-code expiry stays one graph)
+        expire_dead_codes(expiries)
+
+
+def _reduce(updates: list[StatsUpdate]) -> tuple[list[CodebookStats], list[Tensor | None]]:
+    """Every update's statistics summed over ranks (those of codebooks that sync) in one all-reduce, and each
+    codebook's `rank_rows` summed alike (None where not needed)."""
+    parts, slots = [], []
+    for u in updates:
+        if u.codebook.syncs():
+            rows = u.codebook.rank_rows(u.stats)
+            slots.append((len(parts), rows is not None))
+            parts += [u.stats.counts, u.stats.sums] + ([rows] if rows is not None else [])
+        else:
+            slots.append(None)
+    summed = distributed.all_reduce_sum(parts) if parts else []
+    reduced, rank_rows = [], []
+    for u, slot in zip(updates, slots):
+        if slot is None:
+            reduced.append(u.stats)
+            rank_rows.append(None)
+        else:
+            at, has_rows = slot
+            reduced.append(CodebookStats(summed[at], summed[at + 1]))
+            rank_rows.append(summed[at + 2] if has_rows else None)
+    return reduced, rank_rows
+
+
+def _apply_all(updates: list[StatsUpdate], reduced: list[CodebookStats]) -> list[bool]:
+    """Each update's EMA step; plain ones (no weight, no accumulation, EMA codebook) batched per codebook kind.
+    Returns which updates wrote the state."""
+    groups: dict[tuple, list[int]] = {}
+    applied = [False] * len(updates)
+    for i, (u, stats) in enumerate(zip(updates, reduced)):
+        cb = u.codebook
+        if (u.weight is None and not u.accum and cb.pending_stats is None and u.ema_update
+                and not cb.manual_ema_update):
+            key = (cb.decay, cb.eps, cb.use_cosine_sim, tuple(cb.embed.shape), cb.embed.dtype, cb.embed.device)
+            groups.setdefault(key, []).append(i)
+        else:
+            applied[i] = cb.apply_step(stats, u.ema_update, u.weight, u.accum)
+    for ids in groups.values():
+        books = [updates[i].codebook for i in ids]
+        sizes, avgs = [cb.cluster_size for cb in books], [cb.embed_avg for cb in books]
+        ema_ops.ema_update_((*sizes, *avgs), (*(reduced[i].counts for i in ids), *(reduced[i].sums for i in ids)),
+                            books[0].decay)
+        ema_ops.codebooks_from_ema_(sizes, avgs, [cb.embed.data for cb in books], books[0].eps)
+        for i, cb in zip(ids, books):
+            if cb.use_cosine_sim:
+                cb.embed.data.copy_(l2norm(cb.embed.data))
+            applied[i] = True
+    return applied

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..modeling_utils import QuantizerConfig, QuantizerModel, absorb_nested_kwargs, check_features, register_quantizer
+from .codebook import deferred_updates
 from .residual import (ResidualFSQ, ResidualFSQConfig, ResidualLFQ, ResidualLFQConfig, ResidualOutput,
                        ResidualQuantizerBase, ResidualVQ, ResidualVQConfig)
 
@@ -70,10 +71,14 @@ class GroupedResidualBase(QuantizerModel):
             raise ValueError(f"expected feature dim {self.dim}, got {x.shape[self.split_dim]}")
         first = self.rvqs[0]
         cutoff = first.dropout_cutoff(x.device) if first.uses_dropout() else None
-        outs = [
-            rvq(chunk, mask=mask, return_all_codes=return_all_codes, return_dict=True, dropout_cutoff=cutoff, **kwargs)
-            for rvq, chunk in zip(self.rvqs, x.chunk(self.groups, dim=self.split_dim))
-        ]
+        # every group's codebook updates applied together at the end: one all-reduce for all groups and levels
+        codebooks = [cb for rvq in self.rvqs for cb in rvq.sync_codebooks()]
+        with deferred_updates(codebooks, enabled=all(rvq.defers_updates() for rvq in self.rvqs)):
+            outs = [
+                rvq(chunk, mask=mask, return_all_codes=return_all_codes, return_dict=True, dropout_cutoff=cutoff,
+                    **kwargs)
+                for rvq, chunk in zip(self.rvqs, x.chunk(self.groups, dim=self.split_dim))
+            ]
         output = ResidualOutput(
             quantized=torch.cat([o.quantized for o in outs], dim=self.split_dim),
             indices=torch.stack([o.indices for o in outs]),

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..modeling_utils import QuantizerConfig, QuantizerModel, QuantizerOutput, check_features, register_quantizer
+from .codebook import deferred_updates
 from .vector_quantize import VectorQuantize, VectorQuantizeConfig
 
 _INTERPOLATION = ("linear", "bilinear", "trilinear")
@@ -320,6 +321,16 @@ class HierarchicalVQ(QuantizerModel):
             return None
         return rand.randrange(self.nested_dropout_min_levels - 1, self.num_levels - 1)
 
+    def defers_updates(self) -> bool:
+        """Whether the levels' codebook updates wait for the end of the step (one all-reduce for all levels):
+        with one codebook per level, when statistics are summed across processes and every codebook is
+        initialized (k-means samples level by level on its step). A shared codebook is updated after each level,
+        as vqp: the next level searches the updated codes, so each level reduces its own statistics."""
+        if self.shared_codebook or not self.training:
+            return False
+        books = [vq._codebook for vq in self.vqs]
+        return books[0].syncs() and all(cb.is_initted() for cb in books)
+
     # -- forward ----------------------------------------------------------------------------------
 
     def _check_input(self, x: Tensor) -> tuple[int, ...]:
@@ -360,18 +371,21 @@ class HierarchicalVQ(QuantizerModel):
         residual = x if self.channel_first else x.movedim(-1, 1)
         reconstruction = torch.zeros_like(residual)
         cumulative, all_indices, losses = [], [], []
-        for level, level_shape in enumerate(self.level_shapes):
-            pooled, level_mask = self.pool_residual(residual, level_shape, mask)
-            tokens = pooled.flatten(2).transpose(1, 2)
-            quantized, level_indices, loss = self.get_vq(level)(
-                tokens, mask=None if level_mask is None else level_mask.flatten(1), return_dict=False, **vq_kwargs)
-            codes = quantized.transpose(1, 2).reshape(pooled.shape)
-            codes = self.upsample_to_full(codes, full_shape, level)
-            reconstruction = reconstruction + codes
-            residual = residual - codes
-            cumulative.append(reconstruction)
-            all_indices.append(level_indices.reshape(x.shape[0], *level_shape))
-            losses.append(loss)
+        codebooks = [vq._codebook for vq in self._level_quantizers()]
+        with deferred_updates(codebooks, enabled=self.defers_updates()):
+            for level, level_shape in enumerate(self.level_shapes):
+                pooled, level_mask = self.pool_residual(residual, level_shape, mask)
+                tokens = pooled.flatten(2).transpose(1, 2)
+                quantized, level_indices, loss = self.get_vq(level)(
+                    tokens, mask=None if level_mask is None else level_mask.flatten(1), return_dict=False,
+                    **vq_kwargs)
+                codes = quantized.transpose(1, 2).reshape(pooled.shape)
+                codes = self.upsample_to_full(codes, full_shape, level)
+                reconstruction = reconstruction + codes
+                residual = residual - codes
+                cumulative.append(reconstruction)
+                all_indices.append(level_indices.reshape(x.shape[0], *level_shape))
+                losses.append(loss)
         cutoff = self.sample_nested_cutoff(x.device)
         losses = torch.stack(losses)
         if cutoff is None:

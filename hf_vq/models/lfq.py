@@ -21,7 +21,6 @@ from ..modeling_utils import (
     QuantizerConfig,
     QuantizerModel,
     QuantizerOutput,
-    TokenLayout,
     check_features,
     check_indices,
     register_quantizer,

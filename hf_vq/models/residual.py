@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -22,10 +23,10 @@ from torch import Tensor, nn
 from .. import distributed
 from ..modeling_utils import (QuantizerConfig, QuantizerModel, QuantizerOutput, TokenLayout, absorb_nested_kwargs,
                               check_features, register_quantizer, validate_quantize_dropout)
-from ..ops import ema as ema_ops
 from ..ops.estimators import directional_reparam
 from ..ops.nearest import nearest_code
 from ..ops.triton_residual import level_inputs, residual_step_, residual_train_levels, train_levels_ok
+from .codebook import Codebook, CodebookStats, StatsUpdate, deferred_updates
 from .qinco import (QincoMLP, check_mlp_kwargs, implicit_codes_from_indices, implicit_forward_levels,
                     vqp_implicit_codebook)
 from .qinco import check_level_options as check_implicit_level_options
@@ -213,7 +214,17 @@ class ResidualQuantizerBase(QuantizerModel):
         return None
 
     def _finish_step(self, level_inputs: list[Tensor], mask: Tensor | None) -> None:
-        """Called once after all levels ran (ResidualVQ's shared codebook updates here)."""
+        """Called once after all levels ran and their codebook updates were applied (ResidualVQ's shared codebook
+        updates here)."""
+
+    def sync_codebooks(self) -> list[Codebook]:
+        """The codebooks whose updates a training step may defer to its end (`deferred_updates`)."""
+        return []
+
+    def defers_updates(self) -> bool:
+        """Whether this training step's codebook updates wait for the end of the step, so that one all-reduce
+        carries all of them."""
+        return False
 
     def dropout_cutoff(self, device) -> int:
         """The last level kept this training step; the same on every rank (rank 0's draw is broadcast)."""
@@ -310,18 +321,19 @@ class ResidualQuantizerBase(QuantizerModel):
             return self.project_out(quantized), indices, loss
         quantized_out = torch.zeros_like(residual)
         all_indices, all_losses, level_inputs = [], [], []
-        for level, layer in enumerate(self.layers):
-            if level > cutoff:
-                all_indices.append(torch.full(x.shape[:-1], -1, dtype=torch.long, device=x.device))
-                all_losses.append(torch.zeros((), device=x.device))
-                continue
-            level_inputs.append(residual)
-            quantized, indices, loss = self._run_level(level, layer, residual, mask, **level_kwargs)
-            residual = self._next_residual(residual, quantized)
-            quantized_out = quantized_out + quantized
-            all_indices.append(indices)
-            all_losses.append(loss)
-        self._finish_step(level_inputs, mask)
+        with deferred_updates(self.sync_codebooks(), enabled=self.defers_updates()) as updates:
+            for level, layer in enumerate(self.layers):
+                if level > cutoff:
+                    all_indices.append(torch.full(x.shape[:-1], -1, dtype=torch.long, device=x.device))
+                    all_losses.append(torch.zeros((), device=x.device))
+                    continue
+                level_inputs.append(residual)
+                quantized, indices, loss = self._run_level(level, layer, residual, mask, **level_kwargs)
+                residual = self._next_residual(residual, quantized)
+                quantized_out = quantized_out + quantized
+                all_indices.append(indices)
+                all_losses.append(loss)
+            updates.after(lambda: self._finish_step(level_inputs, mask))
         quantized = self.project_out(self._output_codes(start, quantized_out))
         if mask is not None and self.pads_masked_output:
             fill = torch.zeros_like(quantized) if self.return_zeros_for_masked_padding else x
@@ -424,6 +436,17 @@ class ResidualVQ(ResidualQuantizerBase):
             return super()._forward_levels(x, mask, dropout_cutoff, level_kwargs)
         return beam_search_forward(self, x, mask, dropout_cutoff, beam, level_kwargs)
 
+    def sync_codebooks(self) -> list[Codebook]:
+        return [self.layers[0]._codebook] if self.shared_codebook else [layer._codebook for layer in self.layers]
+
+    def defers_updates(self) -> bool:
+        """Deferred when statistics are summed across processes, every codebook is initialized (k-means draws its
+        samples level by level on its step) and no shared codebook expires dead codes (that changes the codes
+        the next level reads). No level reads another level's codebook, so the result is the same."""
+        books = self.sync_codebooks()
+        return (self.training and books[0].syncs() and all(cb.is_initted() for cb in books)
+                and not (self.shared_codebook and books[0].threshold_ema_dead_code > 0))
+
     def _finish_step(self, residuals: list[Tensor], mask: Tensor | None) -> None:
         """Shared codebook: one codebook update from the statistics of every level, then dead-code expiry
         over all levels' inputs (as vector-quantize-pytorch 1.32)."""
@@ -475,8 +498,7 @@ class ResidualVQ(ResidualQuantizerBase):
             return None
         books = torch.stack([layer._codebook.embed.detach()[0] for layer in levels])  # the snapshot backward reads
         quantized, commits, indices, counts, sums = residual_train_levels(flat, books)
-        self._update_levels(levels, counts, sums)
-        self._expire_levels(levels, flat, books, indices)
+        self._record_level_updates(levels, flat, books, indices, counts, sums)
         weight = levels[0].commitment_weight  # (all levels are built from one config)
         loss = commits * weight if weight != 1 else commits
         all_indices = indices.new_full((flat.shape[0], self.num_quantizers), -1)  # dropped levels: -1, loss 0
@@ -486,33 +508,25 @@ class ResidualVQ(ResidualQuantizerBase):
         return quantized.view(residual.shape), all_indices.view(*residual.shape[:-1], -1), loss
 
     @staticmethod
-    @torch.no_grad()
-    def _update_levels(levels: list[VectorQuantize], counts: Tensor, sums: Tensor) -> None:
-        """Every level's EMA step and codebook from its batch statistics `counts (L, K)`, `sums (L, K, d)`: one
-        all-reduce and one multi-tensor update for all levels (`Codebook.apply_stats` for each, batched)."""
-        books = [layer._codebook for layer in levels]
-        if books[0].syncs():
-            distributed.all_reduce_sum_(counts, sums)
-        ema_ops.require_finite(sums, "codebook EMA statistics")
-        sizes, avgs = [cb.cluster_size for cb in books], [cb.embed_avg for cb in books]
-        ema_ops.ema_update_((*sizes, *avgs), (*counts.unsqueeze(1).unbind(0), *sums.unsqueeze(1).unbind(0)),
-                            books[0].decay)
-        ema_ops.codebooks_from_ema_(sizes, avgs, [cb.embed.data for cb in books], books[0].eps)
+    def _record_level_updates(levels: list[VectorQuantize], flat: Tensor, books: Tensor, indices: Tensor,
+                              counts: Tensor, sums: Tensor) -> None:
+        """Every level's codebook update from its batch statistics `counts (L, K)`, `sums (L, K, d)`, applied
+        together (`apply_updates`: one all-reduce, one multi-tensor EMA step) at the end of this call, or of the
+        grouped quantizer's step that this one is part of. Dead-code expiry reads the levels' inputs, recomputed
+        only when a code expired."""
+        inputs: list[Tensor] = []
 
-    @staticmethod
-    def _expire_levels(levels: list[VectorQuantize], flat: Tensor, books: Tensor, indices: Tensor) -> None:
-        """Dead-code expiry of every level that has it, from its own input (recomputed, only when some code's
-        count fell below its level's threshold: one host sync per step, instead of one per level)."""
-        thresholds = [layer._codebook.threshold_ema_dead_code for layer in levels]
-        if not any(t > 0 for t in thresholds):
-            return
-        smallest = torch.stack([layer._codebook.cluster_size.min() for layer in levels]).tolist()  # one host read
-        # (the same on every rank: the sizes come from all-reduced statistics)
-        if not any(size < t for size, t in zip(smallest, thresholds)):
-            return
-        for layer, threshold, inputs in zip(levels, thresholds, level_inputs(flat, books, indices)):
-            if threshold > 0:
-                layer.expire_codes(inputs.unsqueeze(0), None)
+        def level_input(level: int) -> Tensor:
+            if not inputs:
+                inputs.extend(level_inputs(flat.detach(), books, indices))
+            return inputs[level].unsqueeze(0)
+
+        codebooks = [layer._codebook for layer in levels]
+        with deferred_updates(codebooks) as updates:
+            updates.updates.extend(
+                StatsUpdate(cb, CodebookStats(counts[i : i + 1], sums[i : i + 1]), partial(level_input, i), None,
+                            cb.ema_update, None, False)
+                for i, cb in enumerate(codebooks))
 
     def _lean_eval_codebooks(self, mask, level_kwargs) -> list[Tensor] | None:
         """Every level's codebook when this call may take the lean eval loop (`_forward_lean_eval`): not training,
@@ -577,4 +591,4 @@ class ResidualVQ(ResidualQuantizerBase):
 
 
 # ResidualFSQ and ResidualLFQ (scalar-quantizer levels) live in residual_scalar.py; importable from here too.
-from .residual_scalar import ResidualFSQ, ResidualFSQConfig, ResidualLFQ, ResidualLFQConfig  # noqa: E402
+from .residual_scalar import ResidualFSQ, ResidualFSQConfig, ResidualLFQ, ResidualLFQConfig  # noqa: E402, F401

@@ -102,3 +102,11 @@ def require_finite(stats: Tensor, what: str) -> None:
         torch._assert_async(torch.isfinite(stats).all(), message)
     elif not bool(torch.isfinite(stats).all()):
         raise ValueError(message)
+
+
+def require_all_finite(stats: list[Tensor], what: str) -> None:
+    """`require_finite` for several tensors with one host read."""
+    if len(stats) == 1:
+        require_finite(stats[0], what)
+    elif stats:
+        require_finite(torch.stack([torch.isfinite(s).all() for s in stats]).float(), what)

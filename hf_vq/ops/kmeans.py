@@ -15,7 +15,7 @@ from .ema import cluster_stats
 from .nearest import nearest_code
 
 
-def _sample_positions(n: int, num: int, device, generator: torch.Generator | None = None) -> Tensor:
+def sample_positions(n: int, num: int, device, generator: torch.Generator | None = None) -> Tensor:
     """`num` positions in `[0, n)`: without replacement when n >= num, else with replacement (as vqp)."""
     if n >= num:
         return torch.randperm(n, device=device, generator=generator)[:num]
@@ -24,7 +24,7 @@ def _sample_positions(n: int, num: int, device, generator: torch.Generator | Non
 
 def sample_rows(samples: Tensor, num: int, generator: torch.Generator | None = None) -> Tensor:
     """`num` rows of `samples (N, D)`: without replacement when N >= num, else with replacement."""
-    return samples[_sample_positions(samples.shape[0], num, samples.device, generator)]
+    return samples[sample_positions(samples.shape[0], num, samples.device, generator)]
 
 
 def global_row_count(samples: Tensor, sync: bool) -> int:
@@ -34,23 +34,35 @@ def global_row_count(samples: Tensor, sync: bool) -> int:
     return sum(distributed.all_sizes(samples.shape[0], samples.device))
 
 
-def sample_rows_across_ranks(samples: Tensor, num: int, sync: bool) -> Tensor:
+def sample_rows_across_ranks(samples: Tensor, num: int, sync: bool, sizes: list[int] | None = None) -> Tensor:
     """`num` rows drawn from the union of every rank's `samples (n_rank, D)`, identical on every rank and
     equal to `sample_rows` on the rank-ordered concatenation with rank 0's random state.
 
     Rank 0's positions are broadcast; each rank writes the chosen rows it owns into a zero buffer and one
-    all-reduce sum assembles them. Every rank must call this (ranks with no rows included)."""
+    all-reduce sum assembles them. `sizes`: every rank's row count, when the caller knows them (else one
+    all-gather). Every rank must call this (ranks with no rows included), with the same `num`."""
     if not (sync and distributed.is_distributed()):
         return sample_rows(samples, num)
-    sizes = distributed.all_sizes(samples.shape[0], samples.device)
-    positions = _sample_positions(sum(sizes), num, samples.device)
+    if sizes is None:
+        sizes = distributed.all_sizes(samples.shape[0], samples.device)
+    positions = sample_positions(sum(sizes), num, samples.device)
     distributed.broadcast_(positions)
-    start = sum(sizes[: distributed.rank()])
-    local = (positions >= start) & (positions < start + samples.shape[0])
-    out = samples.new_zeros(num, samples.shape[-1], dtype=torch.float32)
-    out[local] = samples[positions[local] - start].float()
-    distributed.all_reduce_sum_(out)
+    out = own_rows(samples, positions, sum(sizes[: distributed.rank()]))
+    distributed.all_reduce_sum_(out, shapes_agreed=True)  # (num is the same on every rank)
     return out.to(samples.dtype)
+
+
+def own_rows(samples: Tensor, positions: Tensor, start: int) -> Tensor:
+    """float32 `(len(positions), D)`: the rows of `samples (n, D)` at global `positions` that this rank holds (its
+    rows are `start .. start + n` of the ranks' concatenation), zeros elsewhere; summed over ranks, every chosen
+    row. Selected without reading the positions on the host."""
+    out = samples.new_zeros(positions.shape[0], samples.shape[-1], dtype=torch.float32)
+    n = samples.shape[0]
+    if n:
+        mine = (positions >= start) & (positions < start + n)
+        rows = samples[(positions - start).clamp(0, n - 1)].float()
+        out = torch.where(mine.unsqueeze(-1), rows, out)
+    return out
 
 
 def kmeans(

@@ -40,21 +40,21 @@ TRAIN_CHECK = textwrap.dedent(
     """
     import copy, json, sys, torch
     from hf_vq import ResidualVQ
-    from hf_vq.models.vector_quantize import VectorQuantize
+    from hf_vq.models.codebook import Codebook
     from hf_vq.ops import triton_nearest
     dev = sys.argv[1]
     if dev == "cpu":  # the interpreted search is slow and has its own tests: the PyTorch search, same in both paths
         triton_nearest.available = lambda x: False
     used, expired = [], []
-    fused_levels, expire_codes = ResidualVQ._fused_levels, VectorQuantize.expire_codes
+    fused_levels, replace_codes = ResidualVQ._fused_levels, Codebook.replace_codes
     def spy(self, *a, **k):
         r = fused_levels(self, *a, **k)
         used.append(r is not None)
         return r
     def expire_spy(self, *a, **k):
         expired.append(1)
-        return expire_codes(self, *a, **k)
-    VectorQuantize.expire_codes = expire_spy
+        return replace_codes(self, *a, **k)
+    Codebook.replace_codes = expire_spy
 
     def step(m, x, fused, seed):
         ResidualVQ._fused_levels = spy if fused else (lambda *a, **k: None)
