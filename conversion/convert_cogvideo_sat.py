@@ -154,7 +154,7 @@ def _verification_input(model, tensors, generator: torch.Generator, batch: int =
 
 
 def _compare(out, ref, batch: int, max_index: int) -> tuple[dict, list[str]]:
-    """Indices equal (but at float32 ties, and where the seed draws a random index: any index in range),
+    """Indices equal (but at float32 ties, and where the source class draws a random index: any index in range),
     outputs allclose. Returns (stats, problems)."""
     got = out.indices.reshape(-1).long()
     if got.numel() != ref.indices.numel():

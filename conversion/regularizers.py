@@ -1,6 +1,6 @@
 """Key maps per regularizer type: an sgm/SAT (or taming, lucidrains) quantizer -> an hf_vq model.
 
-One table, :data:`REGULARIZERS`, says for every supported seed class which hf_vq class takes its place and in
+One table, :data:`REGULARIZERS`, says for every supported source class (CogVideo sgm, taming, vqp 1.32) which hf_vq class takes its place and in
 which input layout it is verified. Three functions use it:
 
 - :func:`config_from_target` maps a YAML ``target`` + ``params`` to hf_vq config kwargs (the sgm classes keep
@@ -32,11 +32,11 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Regularizer:
-    """One supported seed quantizer class.
+    """One supported source quantizer class.
 
     Attributes:
-        name: the seed class name; also the hf_vq class that replaces it.
-        sources: dotted module paths of the seed classes (CogVideo ``sat/sgm``, taming, vector-quantize-pytorch).
+        name: the source class name; also the hf_vq class that replaces it.
+        sources: dotted module paths of the source classes (CogVideo ``sat/sgm``, taming, vector-quantize-pytorch).
         layout: verification input layout: ``"image"`` = ``(b, c, h, w)``, ``"tokens"`` = ``(b, n, d)``.
     """
 
@@ -72,7 +72,7 @@ _NOT_QUANTIZERS = ("DiagonalGaussianRegularizer", "IdentityRegularizer")
 def resolve_target(target: str) -> Regularizer:
     """The table entry for a YAML ``target`` such as ``sgm.modules.autoencoding.regularizers.quantize.VectorQuantizer``.
 
-    Accepts the seed modules (and their sub-modules, e.g. ``vector_quantize_pytorch.vector_quantize_pytorch``),
+    Accepts the source modules (and their sub-modules, e.g. ``vector_quantize_pytorch.vector_quantize_pytorch``),
     taming's ``VectorQuantizer`` (the same weights and search as ``VectorQuantizer2``) and hf_vq's own classes.
 
     Raises:

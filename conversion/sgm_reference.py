@@ -1,12 +1,12 @@
-"""An independent re-implementation of the seed quantizers' inference forward, from raw checkpoint tensors.
+"""An independent re-implementation of the source quantizers' (CogVideo sgm, taming, vqp 1.32) inference forward, from raw checkpoint tensors.
 
 The converter checks every converted model against these functions before it writes anything. They are
-written from the seed sources (CogVideo ``sat/sgm`` regularizers, taming's ``vqvae/quantize.py``,
+written from the source code (CogVideo ``sat/sgm`` regularizers, taming's ``vqvae/quantize.py``,
 vector-quantize-pytorch 1.32), in plain torch on the raw tensors and the YAML params, and import nothing from
 ``hf_vq``, so a bug in an hf_vq model cannot hide itself.
 
-Every function takes ``(params, tensors, x)`` (config params as the seed's constructor takes them, the
-quantizer's tensors with the prefix stripped, an input in the seed's layout) and returns a
+Every function takes ``(params, tensors, x)`` (config params as the source class's constructor takes them, the
+quantizer's tensors with the prefix stripped, an input in the source class's layout) and returns a
 :class:`Reference`: the output, the flat indices (row-major over the positions, then codebooks/heads), and for
 nearest-code searches the relative float64 distance gap to the runner-up code, so that a true tie (a gap at
 float32 rounding level) is not reported as a mismatch.
@@ -32,13 +32,13 @@ __all__ = ["CALLS", "REFERENCES", "Reference", "reference_call", "reference_forw
 @dataclass
 class Reference:
     output: Tensor
-    indices: Tensor  # flat int64; -1 where the seed draws a random index (remap, unknown_index="random")
+    indices: Tensor  # flat int64; -1 where the source class draws a random index (remap, unknown_index="random")
     gap: Tensor | None = None  # flat float64 relative gap to the runner-up code, same length as indices
 
 
 def _linear(x: Tensor, tensors: Mapping[str, Tensor], name: str) -> Tensor:
     if f"{name}.weight" not in tensors:
-        return x  # nn.Identity in the seed
+        return x  # nn.Identity in the source class
     return F.linear(x, tensors[f"{name}.weight"], tensors.get(f"{name}.bias"))
 
 
@@ -140,7 +140,7 @@ def fsq(params, tensors, x: Tensor) -> Reference:
     rounded = ((z + shift).tanh() * half_l - offset).round()
     half_width = levels // 2
     basis = torch.cumprod(torch.tensor([1, *levels[:-1].tolist()]), 0)
-    # the seed casts `sum(code * basis)` with int32(): the exact integer is the rounded value
+    # CogVideo sgm's FSQ casts `sum(code * basis)` with int32(): the exact integer is the rounded value
     indices = ((rounded + half_width) * basis).sum(-1).round().long()
     out = _linear((rounded / half_width).flatten(-2), tensors, "project_out")
     return Reference(_channels_first(out, x), indices.reshape(-1))
@@ -237,7 +237,7 @@ REFERENCES: dict[str, Callable[[Mapping, Mapping[str, Tensor], Tensor], Referenc
 
 
 def reference_forward(name: str, params: Mapping, tensors: Mapping[str, Tensor], x: Tensor) -> Reference:
-    """Run the reference of seed class ``name`` on float32 copies of the raw tensors."""
+    """Run the reference of source class ``name`` on float32 copies of the raw tensors."""
     tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     with torch.no_grad():
         return REFERENCES[name](params, tensors, x.float())
