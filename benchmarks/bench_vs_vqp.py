@@ -231,6 +231,7 @@ def run_rows(device, quick: bool, only: list[str] | None = None, repeat: int = 1
     add(f"FSQ-sized step floor: x * 1, sum, backward, N={n_fsq}", _TimesOne(), None, xf, True)
     del xf
     _sim_projection_hierarchical_rows(add, device, s)
+    _fsp_binary_mapper_rows(add, device, s)
     return rows
 
 
@@ -259,6 +260,36 @@ def _sim_projection_hierarchical_rows(add, device, s: int) -> None:
             theirs.to(device)
             add(f"{name} {'train' if train else 'eval'}", ours, theirs, x, train)
             del ours, theirs
+
+
+def _fsp_binary_mapper_rows(add, device, s: int) -> None:
+    """FSP (hf_vq migrated from the vqp module) and BinaryMapper, eval and train. (EvoLFQ with identity encoder
+    and decoder is the LFQ rows.)"""
+    n = 2**18 // s**2
+    x = torch.randn(max(1, n // 4096), min(n, 4096), 64, device=device)
+    logits = torch.randn(max(1, n // 4096 // 4), min(n, 4096), 10, device=device)
+    for train in (False, True):
+        torch.manual_seed(0)
+        theirs = vqp.FSP(levels=[8, 5, 5, 5], dim=64, quantize_rate=0.5)
+        ours = hf_vq.FSP.from_vector_quantize_pytorch(theirs).to(device)
+        add(f"FSP [8,5,5,5] d64 N={x.shape[0] * x.shape[1]} {'train' if train else 'eval'}", ours,
+            _LossAt(theirs.to(device), 2), x, train)
+        theirs = vqp.binary_mapper.BinaryMapper(bits=10).to(device)
+        ours = hf_vq.BinaryMapper(bits=10).to(device)
+        add(f"BinaryMapper bits 10 N={logits.shape[0] * logits.shape[1]} {'train' if train else 'eval'}", ours,
+            theirs, logits, train)
+
+
+class _LossAt(torch.nn.Module):
+    """A vqp module whose tuple holds its loss at `index` (not last, where `_step` reads it): `(output, loss)`."""
+
+    def __init__(self, module: torch.nn.Module, index: int):
+        super().__init__()
+        self.module, self.index = module, index
+
+    def forward(self, x):
+        out = self.module(x)
+        return out[0], out[self.index]
 
 
 class _TimesOne(torch.nn.Module):
