@@ -2,7 +2,8 @@
 
     python benchmarks/profile_steps.py [--rows 25]
 
-Profiles the hf_vq side of bench_vs_vqp's VQ d256/K8192, cosine VQ, ResidualVQ and FSQ rows (eval and train),
+Profiles the hf_vq side of bench_vs_vqp's VQ d256/K8192, cosine VQ, ResidualVQ and FSQ rows (eval and train) and
+of the grid's slow rows (VQ d2048 K1024, d4 K256, 8 separate heads; ResidualFSQ, LatentQuantize),
 after warm-up, and prints the top kernels/ops by self CUDA time, the top ops by self CPU time (host cost: what
 a host-bound step spends its time on), plus the wall time per call and the summed GPU kernel time.
 """
@@ -85,6 +86,20 @@ def main():
     for train in (False, True):
         m = hf_vq.FSQ(levels=[8, 8, 8, 5, 5, 5], check_inputs=False).to(dev)
         cases.append((f"FSQ {'train' if train else 'eval'}", m, xf, train))
+    grid_rows = [  # rows of `bench_vs_vqp.py --matrix` that are far from their floor
+        ("VQ d2048 K1024", hf_vq.VectorQuantize(dim=2048, codebook_size=1024), (16, 4096, 2048), (False,)),
+        ("VQ d4 K256", hf_vq.VectorQuantize(dim=4, codebook_size=256), (16, 4096, 4), (False,)),
+        ("VQ heads=8 d512 K1024 separate", hf_vq.VectorQuantize(dim=512, codebook_size=1024, heads=8,
+                                                                separate_codebook_per_head=True), (16, 4096, 512),
+         (False,)),
+        ("ResidualFSQ 4x[8,5,5,5] d256", hf_vq.ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=4, dim=256),
+         (64, 4096, 256), (False, True)),
+        ("LatentQuantize [5,5,5,5] d64", hf_vq.LatentQuantize(levels=[5, 5, 5, 5], dim=64), (64, 4096, 64),
+         (False, True)),
+    ]
+    for name, m, shape, modes in grid_rows:
+        for train in modes:
+            cases.append((f"{name} {'train' if train else 'eval'}", m.to(dev), torch.randn(shape, device=dev), train))
     for name, m, xx, train in cases:
         if args.only and args.only not in name:
             continue

@@ -9,10 +9,9 @@ SAT layout (SwissArmyTransformer ``sat/training/model_io.py``)::
     <save>/<tag>/mp_rank_01_model_states.pt
     <save>/model_config.json
 
-Each file is ``torch.save``'d by DeepSpeed's ``_save_checkpoint`` (``{"module": state_dict,
-"buffer_names", "optimizer", "lr_scheduler", "dp_world_size", "mp_world_size", "ds_config", "ds_version",
-...}`` plus SAT's client state ``iteration``, ``client_lr_scheduler`` and RNG states) or by SAT's
-inference-mode save (``{"module": state_dict}``); SAT's ``load_checkpoint`` reads only ``sd["module"]``.
+Each file is ``torch.save``'d by DeepSpeed's ``_save_checkpoint`` (``{"module": state_dict, "optimizer",
+...}`` plus SAT's client state) or by SAT's inference-mode save (``{"module": state_dict}``); SAT's
+``load_checkpoint`` reads only ``sd["module"]``.
 DeepSpeed names ZeRO-3 model files ``zero_pp_rank_<dp>_mp_rank_<mp>_model_states.pt``; SAT's own
 ``get_checkpoint_name(zero=True)`` puts them in ``<tag>_zero_dp_rank_<dp>/``. Standalone VAE / taming
 checkpoints (CogVideoX ``vae/3d-vae.pt``, Lightning ``.ckpt``) are ``{"state_dict": ...}`` files.
@@ -64,9 +63,8 @@ _Z3_FILE = re.compile(r"^z3_rank_\d+_model_states\.pt$")
 def resolve_checkpoint(path: str | Path) -> list[Path]:
     """Return the files that make up one checkpoint, model-parallel rank files sorted by rank.
 
-    Accepts a SAT save directory (holding ``latest``), an iteration folder (holding
-    ``mp_rank_XX_model_states.pt`` files), or a single ``.pt``/``.pth``/``.ckpt``/``.bin``/
-    ``.safetensors`` file.
+    Accepts a SAT save directory (holding ``latest``), an iteration folder (holding ``mp_rank_XX_model_states.pt``
+    files), or a single ``.pt``/``.pth``/``.ckpt``/``.bin``/``.safetensors`` file.
 
     Raises:
         FileNotFoundError: the path, the folder named by ``latest``, or any rank file is missing.

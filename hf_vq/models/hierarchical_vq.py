@@ -309,8 +309,8 @@ class HierarchicalVQ(QuantizerModel):
         return pooled, pooled_mask.squeeze(1) > 0
 
     def sample_nested_cutoff(self, device) -> int | None:
-        """The last level kept in this training step (None: all), from a seed drawn on rank 0 and broadcast (vqp
-        draws the seed the same way: `randint(0, 10_000)`)."""
+        """The last level kept in this training step (None: all), from a dropout seed drawn on rank 0 and broadcast
+        (vqp 1.32 draws it as `randint(0, 10_000)` too)."""
         if not self.training or self.nested_dropout <= 0 or self.num_levels <= 1:
             return None
         if self.nested_dropout_min_levels >= self.num_levels:

@@ -1,15 +1,13 @@
 """The CogVideo `sgm` quantizers (and the taming-style `vqvae` pair) under their own names and signatures.
 
 Constructor arguments (positional order too), state-dict keys and return conventions follow CogVideo's
-`sat/sgm/modules/autoencoding/regularizers/quantize.py` and `sat/sgm/modules/autoencoding/vqvae/quantize.py`,
-so an sgm/SAT YAML `params:` dict passes straight in and `load_state_dict` of sgm weights works unchanged.
-Called as sgm calls them, they return upstream's tuple with upstream's log keys (`z_q, log_dict = q(z)`, or
-taming's `z_q, loss, (None, None, indices)`; EMA's N x K `encodings` one-hot is built for that tuple only);
-`return_dict=True` gives a ModelOutput. They are also regular hf_vq models: configs, Auto registration, exact
-save/load. The nearest code comes from `hf_vq.ops.nearest` (bounded memory); outputs keep the input's dtype.
-With `embedding_weight_norm`, the search uses the current weight-normalized codebook (sgm reads the `weight`
-the hook computed on the previous call). `EMAVectorQuantizer` sums its EMA statistics over processes when a
-process group is up (`sync_codebook`). Gumbel's soft one-hot is the relaxation itself, kept as sgm.
+`sat/sgm/modules/autoencoding/{regularizers,vqvae}/quantize.py`: an sgm YAML `params:` dict passes straight in
+and sgm weights load unchanged. Called as sgm calls them, they return upstream's tuple and log keys (EMA's
+N x K `encodings` one-hot, part of that tuple, is built for it only); `return_dict=True` gives a ModelOutput.
+The nearest code comes from `hf_vq.ops.nearest` (bounded memory); outputs keep the input's dtype. With
+`embedding_weight_norm` the search uses the current weight-normalized codebook (sgm reads the `weight` the hook
+computed on the previous call). `EMAVectorQuantizer` sums its EMA statistics over processes when a process group
+is up (`sync_codebook`). Gumbel's soft one-hot is the relaxation itself, kept as sgm.
 """
 
 from __future__ import annotations
@@ -36,8 +34,7 @@ def measure_perplexity(indices: Tensor, num_codes: int) -> tuple[Tensor, Tensor]
     """sgm's `measure_perplexity` from a bincount: `(perplexity, cluster_usage)`."""
     avg_probs = torch.bincount(indices.reshape(-1), minlength=num_codes).float() / indices.numel()
     perplexity = (-(avg_probs * torch.log(avg_probs + 1e-10)).sum()).exp()
-    cluster_usage = (avg_probs > 0).sum()
-    return perplexity, cluster_usage
+    return perplexity, (avg_probs > 0).sum()
 
 
 @dataclass
@@ -55,8 +52,7 @@ class SgmQuantizerOutput(QuantizerOutput):
 
 @dataclass
 class TamingQuantizerOutput(SgmQuantizerOutput):
-    """taming/`vqvae` convention: `(z_q, loss, (None, None, indices))`: taming's VectorQuantizer2 and
-    GumbelQuantize return `None` for perplexity and min_encodings (the ModelOutput has `perplexity`)."""
+    """taming's `(z_q, loss, (None, None, indices))` (VectorQuantizer2, GumbelQuantize); the ModelOutput has more."""
 
     def to_tuple_output(self) -> tuple:
         return self.quantized, self.loss, (None, None, self.indices)

@@ -459,7 +459,7 @@ class ResidualSimVQ(QuantizerModel):
 
     def dropout_cutoff(self, device, seed: int | None = None) -> int | None:
         """The last level kept in this training step (None: all), from a seed drawn on rank 0 and broadcast, so
-        every process drops the same levels (vqp draws the seed the same way: `randint(0, 10_000)`)."""
+        every process drops the same levels (vqp 1.32 draws its dropout seed as `randint(0, 10_000)` too)."""
         if not (self.training and self.quantize_dropout):
             return None
         if seed is None:
