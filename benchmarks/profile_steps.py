@@ -3,7 +3,8 @@
     python benchmarks/profile_steps.py [--rows 25]
 
 Profiles the hf_vq side of bench_vs_vqp's VQ d256/K8192, cosine VQ, ResidualVQ and FSQ rows (eval and train) and
-of the grid's slow rows (VQ d2048 K1024, d4 K256, 8 separate heads; ResidualFSQ, LatentQuantize),
+of the grid's slow rows (VQ d2048 K1024, d4 K256, 8 separate heads; ResidualFSQ, LatentQuantize, FSQ and LFQ
+with projections),
 after warm-up, and prints the top kernels/ops by self CUDA time, the top ops by self CPU time (host cost: what
 a host-bound step spends its time on), plus the wall time per call and the summed GPU kernel time.
 """
@@ -96,6 +97,9 @@ def main():
          (64, 4096, 256), (False, True)),
         ("LatentQuantize [5,5,5,5] d64", hf_vq.LatentQuantize(levels=[5, 5, 5, 5], dim=64), (64, 4096, 64),
          (False, True)),
+        ("FSQ [8,8,8,5,5,5] d256 projections", hf_vq.FSQ(levels=[8, 8, 8, 5, 5, 5], dim=256), (64, 4096, 256),
+         (False, True)),
+        ("LFQ 2^10 d256 projections", hf_vq.LFQ(codebook_size=2**10, dim=256), (16, 4096, 256), (False, True)),
     ]
     for name, m, shape, modes in grid_rows:
         for train in modes:
