@@ -6,6 +6,12 @@ low-precision `tl.dot` (bf16 operands, or tf32) and fp32 accumulation. The featu
 `BLOCK_D`-wide slices for each codebook tile (the slices of one tile accumulate into one fp32 dot, as in a GEMM),
 from a bf16 copy of `x` made once per call. So every feature dim takes the kernel, with the same modes.
 
+GEMM route (bf16 rows wider than `RESIDENT_DIM`, `launch_config`): there the in-kernel dots run well above the
+bf16 GEMM floor, so cuBLAS computes them instead: the bf16 copy of a block of rows times the bf16 codebook, fp32
+accumulation and output, at most `GEMM_BLOCK_BYTES` of dots per block. The same kernel then reads the dot tiles
+(`DOTS_GIVEN`) in place of computing them; selection, re-score, exactness bound and written codes are unchanged
+(the bound covers any fp32 summation order of the exact bf16 products, cuBLAS's included).
+
 Selection is lane-wise: lane `j` of a row keeps the best score (and its code) and the second-best score among
 codes `j, j + BLOCK_K, ...`, updated elementwise per tile (no per-tile reductions). After the loop the best
 `CANDIDATES` lane minima are popped one by one; every code not popped scores at least the last pop or its lane's
@@ -68,6 +74,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+GEMM_BLOCK_BYTES = 64 * 2**20  # fp32 dots of one GEMM-route block (the route's scratch memory)
 CANDIDATES = 8  # candidates popped per row (4 or 8): the best 7 are re-scored in fp32, the 8th bounds the rest
 MODES = ("exact", "rerank", "fast")
 
@@ -130,21 +137,6 @@ if HAS_TRITON:
         return value, code, best, best_code, second
 
     @triton.jit
-    def _fold(value, code, r, q, win_r, win_q, win_t, win, runner_up, COSINE: tl.constexpr, PROVE: tl.constexpr):
-        """Fold a popped candidate (low-precision `value`, fp32 score `r` / value `q`) into the running winner
-        (higher `r`, then lower code). PROVE also keeps `runner_up`, the best lower-is-better fp32 score among the
-        candidates that lost (a duplicate of the winner's code excluded)."""
-        t = -q if COSINE else q
-        valid = value < float("inf")  # an empty lane pops +inf
-        takes = valid & ((r > win_r) | ((r == win_r) & (code < win)))
-        if PROVE:  # the displaced winner, or this candidate, joins the runners-up
-            loser_t = tl.where(takes, win_t, t)
-            loser_ok = tl.where(takes, win_r > float("-inf"), valid & (code != win))
-            runner_up = tl.where(loser_ok, tl.minimum(runner_up, loser_t), runner_up)
-        return (tl.where(takes, r, win_r), tl.where(takes, q, win_q), tl.where(takes, t, win_t),
-                tl.where(takes, code, win), runner_up)
-
-    @triton.jit
     def _low_dot(a, b, acc, BF16: tl.constexpr, EMULATE: tl.constexpr):
         """`acc + a @ b.T` in the search's precision: bf16 operands (EMULATE: the same rounded operands through
         an fp32 dot, for the CPU interpreter, whose bf16 dot is wrong) or tf32."""
@@ -157,26 +149,29 @@ if HAS_TRITON:
             return tl.dot(a, tl.trans(b), acc, input_precision="tf32")
 
     @triton.jit
-    def _rescore(X, CODES, CODE_SQ, x_sq, head, rows, row_mask, code, code_dim,
+    def _rescore(X, CODES, CODE_SQ, x_sq, head, rows, row_mask, code, valid, code_dim,
                  stride_x_head, stride_x_row, stride_c_head, stride_c_code, stride_sq_head,
                  COSINE: tl.constexpr, RERANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-        """fp32 score `(r, q)` of code `code` (one per row): `r` higher is better, `q` the value returned for it.
-        Euclidean: the reference's `r = -sqrt(q)`, `q = |x|^2 + |c|^2 - 2 x.c`, or with RERANK `q = |x - c|^2`
-        summed from the differences (no cancellation, so closer to the float64 ranking). Cosine: `r = q = x.c`.
-        Reads `BLOCK_R` features at a time."""
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        """fp32 scores `(r, q)` of the candidates `code (BLOCK_N, C)` (where `valid`), all in one pass over the
+        features (`BLOCK_R` at a time, the `C` codes of a row gathered together): `r` higher is better, `q` the
+        value returned for it. Euclidean: the reference's `r = -sqrt(q)`, `q = |x|^2 + |c|^2 - 2 x.c`, or with
+        RERANK `q = |x - c|^2` summed from the differences (no cancellation, so closer to the float64 ranking).
+        Cosine: `r = q = x.c`."""
+        acc = tl.zeros(code.shape, dtype=tl.float32)
+        x_rows = X + head.to(tl.int64) * stride_x_head + rows.to(tl.int64)[:, None] * stride_x_row
+        c_rows = CODES + head * stride_c_head + code[:, :, None] * stride_c_code
+        mask3 = (row_mask[:, None] & valid)[:, :, None]
         for d0 in range(0, code_dim, BLOCK_R):
             cols = d0 + tl.arange(0, BLOCK_R)
-            mask = row_mask[:, None] & (cols < code_dim)[None, :]
-            xv = tl.load(X + head.to(tl.int64) * stride_x_head + rows.to(tl.int64)[:, None] * stride_x_row
-                         + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            cv = tl.load(CODES + head * stride_c_head + code[:, None] * stride_c_code + cols[None, :], mask=mask,
-                         other=0.0)
+            col_ok = cols < code_dim
+            xv = tl.load(x_rows + cols[None, :], mask=row_mask[:, None] & col_ok[None, :], other=0.0)
+            cv = tl.load(c_rows + cols[None, None, :], mask=mask3 & col_ok[None, None, :], other=0.0)
+            xv = xv.to(tl.float32)[:, None, :]
             if RERANK and not COSINE:
                 diff = xv - cv
-                acc += tl.sum(diff * diff, axis=1)
+                acc += tl.sum(diff * diff, axis=2)
             else:
-                acc += tl.sum(xv * cv, axis=1)
+                acc += tl.sum(xv * cv, axis=2)
         if COSINE:
             r = acc
             q = acc
@@ -184,26 +179,46 @@ if HAS_TRITON:
             q = tl.maximum(acc, 1e-8)
             r = -acc
         else:
-            c_sq = tl.load(CODE_SQ + head * stride_sq_head + code, mask=row_mask, other=0.0)
-            q = tl.maximum((x_sq + c_sq) + acc * -2.0, 1e-8)
+            c_sq = tl.load(CODE_SQ + head * stride_sq_head + code, mask=row_mask[:, None] & valid, other=0.0)
+            q = tl.maximum((x_sq[:, None] + c_sq) + acc * -2.0, 1e-8)
             r = -tl.sqrt_rn(q)  # what the reference compares (its sqrt makes ties)
         return r, q
 
+    @triton.jit
+    def _fold(code, valid, r, q, first_code, COSINE: tl.constexpr, PROVE: tl.constexpr):
+        """The winner among the re-scored candidates `(BLOCK_N, C)`: highest `r`, then lowest code (`first_code`,
+        the low-precision winner, where no score compares, as with NaN features). Returns its code, `q`,
+        lower-is-better score `t`, and (PROVE) `runner_up`, the best `t` among the other candidates."""
+        r = tl.where(valid, r, float("-inf"))
+        win_r = tl.max(r, axis=1)
+        win = tl.min(tl.where(valid & (r == win_r[:, None]), code, 2147483647), axis=1)
+        win = tl.where(win == 2147483647, first_code, win)
+        is_win = valid & (code == win[:, None])
+        t = -q if COSINE else q
+        win_q = tl.sum(tl.where(is_win, q, 0.0), axis=1)
+        win_t = tl.sum(tl.where(is_win, t, 0.0), axis=1)
+        runner_up = tl.full(win_t.shape, float("inf"), tl.float32)
+        if PROVE:
+            runner_up = tl.min(tl.where(valid & (code != win[:, None]), t, float("inf")), axis=1)
+        return win, win_q, win_t, runner_up
+
     # sizes that change with the batch are not specialized on (a new batch size reuses the compiled kernel)
-    @triton.jit(do_not_specialize=["n_rows", "n_codes", "stride_x_head", "stride_xl_head"])
+    @triton.jit(do_not_specialize=["n_rows", "n_codes", "row0", "row_end", "stride_x_head", "stride_xl_head",
+                                   "stride_dots_head", "stride_dots_row"])
     def _nearest_kernel(
-        X, X_LOW, CODES_LOW, CODES, CODE_SQ, CODE_STATS, X_SQ,
+        X, X_LOW, CODES_LOW, CODES, CODE_SQ, CODE_STATS, X_SQ, DOTS,
         OUT_INDEX, OUT_SCORE, OUT_FLAG, OUT_CODES,
-        n_rows, n_codes, code_dim,
+        n_rows, n_codes, code_dim, row0, row_end,
         stride_x_head, stride_x_row, stride_xl_head, stride_xl_row,
         stride_cl_head, stride_cl_code, stride_c_head, stride_c_code, stride_sq_head, stride_stats_head,
+        stride_dots_head, stride_dots_row,
         COSINE: tl.constexpr, RESCORE: tl.constexpr, RERANK: tl.constexpr, PROVE: tl.constexpr, BF16: tl.constexpr,
         EMULATE: tl.constexpr, CANDIDATES: tl.constexpr, PACK: tl.constexpr, TILE_BITS: tl.constexpr,
         TRUNC: tl.constexpr, WRITE_CODES: tl.constexpr, EVEN_K: tl.constexpr, EVEN_D: tl.constexpr,
-        X_RESIDENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_R: tl.constexpr, POPS: tl.constexpr,
+        X_RESIDENT: tl.constexpr, DOTS_GIVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_R3: tl.constexpr, POPS: tl.constexpr,
     ):
-        """Nearest code of `BLOCK_N` rows of one head. Grid: (row blocks, heads).
+        """Nearest code of `BLOCK_N` rows (from `row0`, below `row_end`) of one head. Grid: (row blocks, heads).
 
         Tensors (head strides are 0 for a codebook shared by all heads):
             X: `(heads, n_rows, code_dim)` features, any float dtype, unit stride along features.
@@ -217,19 +232,23 @@ if HAS_TRITON:
             OUT_INDEX: `(heads, n_rows)` int64 winners. OUT_SCORE: `(heads, n_rows)` float32 their score.
             OUT_FLAG: `(heads, n_rows)` int8, 1 where PROVE could not prove the winner (else None).
             OUT_CODES: `(heads, n_rows, code_dim)` winners' codes (WRITE_CODES, else None).
-        Sizes: n_rows, n_codes, code_dim. Strides: stride_<tensor>_<dim> in elements.
+            DOTS: `(heads, row_end - row0, n_codes)` float32 `x~.c~` of this launch's rows, from a GEMM
+                (DOTS_GIVEN, else None: the kernel computes them).
+        Sizes: n_rows (of the whole search), n_codes, code_dim; row0 / row_end: this launch's rows. Strides:
+            stride_<tensor>_<dim> in elements.
         Flags: COSINE (argmax x.c, else argmin distance); RESCORE (pop CANDIDATES and re-score all but the last in
             fp32); RERANK (rescore without proof: rerank mode's lane promotion and |x - c|^2 scores); PROVE (exact mode's error bound, see the module docstring); BF16 (bf16 dot, else tf32);
             EMULATE (CPU interpreter); PACK, TILE_BITS, TRUNC (packed keys and their relative truncation);
             WRITE_CODES; EVEN_K / EVEN_D (sizes are multiples of the tiles: no masks); X_RESIDENT (one
-            BLOCK_D tile holds the whole row and stays on chip).
-        Tiles: BLOCK_N rows, BLOCK_K codes, BLOCK_D features per dot slice, BLOCK_R features per fp32 re-score
-            slice; POPS candidates popped per row (CANDIDATES when RESCORE, else 1).
+            BLOCK_D tile holds the whole row and stays on chip); DOTS_GIVEN (read the dots from DOTS).
+        Tiles: BLOCK_N rows, BLOCK_K codes, BLOCK_D features per dot slice, BLOCK_R features per written-codes
+            slice, BLOCK_R3 features per slice of the candidates' fp32 re-score; POPS candidates popped per row
+            (CANDIDATES when RESCORE, else 1).
         """
         pid = tl.program_id(0)
         head = tl.program_id(1)
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_mask = rows < n_rows
+        rows = row0 + pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < row_end
         rows64 = rows.to(tl.int64)[:, None]  # row offsets in int64: heads x rows x features can pass 2^31
         x_rows = X + head.to(tl.int64) * stride_x_head + rows64 * stride_x_row
         xl_rows = X_LOW + head.to(tl.int64) * stride_xl_head + rows64 * stride_xl_row
@@ -244,7 +263,10 @@ if HAS_TRITON:
             xf = tl.load(x_rows + d0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             x_sq += tl.sum(xf * xf, axis=1)
             if PROVE and BF16:
-                xr = xf.to(tl.bfloat16).to(tl.float32)
+                if X_RESIDENT:
+                    xr = xf.to(tl.bfloat16).to(tl.float32)
+                else:  # the copy the dots were computed from
+                    xr = tl.load(xl_rows + d0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
                 hi_sq += tl.sum(xr * xr, axis=1)
                 lo_sq += tl.sum((xf - xr) * (xf - xr), axis=1)
         if BF16:
@@ -279,7 +301,14 @@ if HAS_TRITON:
             code_mask = codes < n_codes
             code_rows = CODES_LOW + head * stride_cl_head + codes[:, None] * stride_cl_code
             dot = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-            if X_RESIDENT:
+            if DOTS_GIVEN:
+                dot_tile = DOTS + head.to(tl.int64) * stride_dots_head + (rows64 - row0) * stride_dots_row \
+                    + codes[None, :]
+                if EVEN_K:
+                    dot = tl.load(dot_tile, mask=row_mask[:, None], other=0.0)
+                else:
+                    dot = tl.load(dot_tile, mask=row_mask[:, None] & code_mask[None, :], other=0.0)
+            elif X_RESIDENT:
                 if EVEN_K and EVEN_D:
                     c = tl.load(code_rows + cols[None, :])
                 else:
@@ -327,8 +356,9 @@ if HAS_TRITON:
             rest, _ = _unpack(tl.min(second, axis=1), rows, TILE_BITS)
         else:
             rest = tl.min(second, axis=1)
-        # the first pop is the low-precision winner; with RESCORE the first POPS - 1 pops are re-scored in fp32
-        # (a runtime loop: one copy of the re-score code) and the last pop bounds every code never popped
+        # the first pop is the low-precision winner; with RESCORE all POPS candidates are popped first (a runtime
+        # loop: one copy of the pop code), the first POPS - 1 are re-scored in fp32 together (`_rescore`) and the
+        # last one bounds every code never popped
         value, code, best, best_code, second = _pop(best, best_code, second, second_code, lane, PACK, RERANK,
                                                     TILE_BITS, BLOCK_K)
         first = value
@@ -338,19 +368,20 @@ if HAS_TRITON:
         win_t = tl.full([BLOCK_N], float("inf"), tl.float32)  # the winner's lower-is-better fp32 score
         runner_up = tl.full([BLOCK_N], float("inf"), tl.float32)  # best lower-is-better score of the others
         if RESCORE:
-            win_r = tl.full([BLOCK_N], float("-inf"), tl.float32)  # the winner's fp32 score (higher is better)
-            for j in range(POPS - 1):
-                if j > 0:
-                    value, code, best, best_code, second = _pop(best, best_code, second, second_code, lane, PACK,
-                                                                RERANK, TILE_BITS, BLOCK_K)
-                r, q = _rescore(X, CODES, CODE_SQ, x_sq, head, rows, row_mask, code, code_dim,
-                                stride_x_head, stride_x_row, stride_c_head, stride_c_code, stride_sq_head,
-                                COSINE, RERANK, BLOCK_N, BLOCK_R)
-                win_r, win_q, win_t, win, runner_up = _fold(value, code, r, q, win_r, win_q, win_t, win, runner_up,
-                                                            COSINE, PROVE)
-            value, code, best, best_code, second = _pop(best, best_code, second, second_code, lane, PACK, RERANK,
-                                                        TILE_BITS, BLOCK_K)
-            last = tl.minimum(value, rest)
+            slot = tl.arange(0, POPS)[None, :]
+            cand_value = tl.where(slot == 0, value[:, None], float("inf"))
+            cand_code = tl.where(slot == 0, code[:, None], 0)
+            for j in range(1, POPS):
+                value, code, best, best_code, second = _pop(best, best_code, second, second_code, lane, PACK,
+                                                            RERANK, TILE_BITS, BLOCK_K)
+                cand_value = tl.where(slot == j, value[:, None], cand_value)
+                cand_code = tl.where(slot == j, code[:, None], cand_code)
+            last = tl.minimum(value, rest)  # the last pop: not re-scored
+            valid = (cand_value < float("inf")) & (slot < POPS - 1)  # an empty lane pops +inf
+            r, q = _rescore(X, CODES, CODE_SQ, x_sq, head, rows, row_mask, cand_code, valid, code_dim,
+                            stride_x_head, stride_x_row, stride_c_head, stride_c_code, stride_sq_head,
+                            COSINE, RERANK, BLOCK_N, BLOCK_R3)
+            win, win_q, win_t, runner_up = _fold(cand_code, valid, r, q, win, COSINE, PROVE)
 
         if PROVE:
             # the error bound of the low-precision scores for this row (see the module docstring)
@@ -417,6 +448,8 @@ def nearest_code_triton(
     block: tuple[int, ...] | None = None,
     topk: int = CANDIDATES,
     pack: bool | None = None,
+    gemm: bool | None = None,
+    gemm_rows: int | None = None,
     out_codes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Kernel behind `nearest_code`: `x (H, N, D)`, `codebook (H or 1, K, D)`, `codebook_sq_norm (H or 1, K)`
@@ -428,7 +461,8 @@ def nearest_code_triton(
     fallback, no sync), `"fast"` (the low-precision argmin). `exact=True/False` is the same as `"exact"`/`"fast"`.
     `stats`, if given, receives the number of rows re-done by the PyTorch path. `out_codes`, if given (contiguous
     `(H, N, D)`), receives the winners' code rows (in its dtype). `block=(BLOCK_N, BLOCK_K[, BLOCK_D])` and `pack`
-    override `launch_config`. `topk` (4 or 8): candidates popped per row; 8 sends far fewer near-tie rows to the
+    override `launch_config`, `gemm` its route (dots from a cuBLAS GEMM or in the kernel), `gemm_rows` the rows per
+    GEMM block (default: blocks of at most `GEMM_BLOCK_BYTES` of dots). `topk` (4 or 8): candidates popped per row; 8 sends far fewer near-tie rows to the
     fallback for a little more work after the codebook loop."""
     if exact is not None:
         mode = "exact" if exact else "fast"
@@ -451,8 +485,8 @@ def nearest_code_triton(
     score = torch.empty(H, N, dtype=torch.float32, device=x.device)
     if N == 0 or H == 0:
         return idx, score
-    cfg = launch_config(D, K, bf16=bf16, mode=mode, device=x.device, block=block, pack=pack)
-    resident = cfg.block_d >= padded_dim(D)
+    cfg = launch_config(D, K, bf16=bf16, mode=mode, device=x.device, block=block, pack=pack, gemm=gemm)
+    resident = not cfg.gemm and cfg.block_d >= padded_dim(D)
 
     x = x if x.stride(-1) == 1 else x.contiguous()
     cf = codebook.float().contiguous()
@@ -461,31 +495,62 @@ def nearest_code_triton(
     c_sq = None if cosine else codebook_sq_norm.float().contiguous()
     x_low = x.to(torch.bfloat16) if bf16 and not resident else x
     x_sq = (x.float() ** 2).sum(-1).contiguous() if prove and not cosine else None
-    flag = torch.zeros(H, N, dtype=torch.int8, device=x.device) if prove else None
+    flag = torch.empty(H, N, dtype=torch.int8, device=x.device) if prove else None
     code_stats = _code_stats(signed, c_low, codebook_sq_norm.float(), bf16) if prove else None
     shared = cf.shape[0] == 1 and H > 1
 
     n_tile_bits = tile_bits(K, cfg.block_k)
-    grid = (triton.cdiv(N, cfg.block_n), H)
-    _nearest_kernel[grid](
-        x, x_low, c_low, cf, c_sq, code_stats, x_sq, idx, score, flag, out_codes,
-        N, K, D,
-        x.stride(0), x.stride(1), x_low.stride(0), x_low.stride(1),
-        0 if shared else c_low.stride(0), c_low.stride(1), 0 if shared else cf.stride(0), cf.stride(1),
-        0 if shared or cosine else c_sq.stride(0), 0 if shared or not prove else code_stats.stride(0),
-        COSINE=cosine, RESCORE=mode != "fast", RERANK=mode == "rerank", PROVE=prove, BF16=bf16, EMULATE=interpreting(),
-        CANDIDATES=topk, PACK=cfg.pack, TILE_BITS=n_tile_bits, TRUNC=2.0 ** (n_tile_bits - 23) * 1.001,
-        WRITE_CODES=out_codes is not None, EVEN_K=K % cfg.block_k == 0, EVEN_D=D % cfg.block_d == 0,
-        X_RESIDENT=resident, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
-        BLOCK_R=min(cfg.block_d, 64), POPS=topk if mode != "fast" else 1,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    for row0, row_end in _row_blocks(N, H * K, cfg, gemm_rows):
+        dots = _gemm_dots(x_low[:, row0:row_end], c_low) if cfg.gemm else None
+        grid = (triton.cdiv(row_end - row0, cfg.block_n), H)
+        _nearest_kernel[grid](
+            x, x_low, c_low, cf, c_sq, code_stats, x_sq, dots, idx, score, flag, out_codes,
+            N, K, D, row0, row_end,
+            x.stride(0), x.stride(1), x_low.stride(0), x_low.stride(1),
+            0 if shared else c_low.stride(0), c_low.stride(1), 0 if shared else cf.stride(0), cf.stride(1),
+            0 if shared or cosine else c_sq.stride(0), 0 if shared or not prove else code_stats.stride(0),
+            0 if dots is None else dots.stride(0), 0 if dots is None else dots.stride(1),
+            COSINE=cosine, RESCORE=mode != "fast", RERANK=mode == "rerank", PROVE=prove, BF16=bf16,
+            EMULATE=interpreting(), CANDIDATES=topk, PACK=cfg.pack, TILE_BITS=n_tile_bits,
+            TRUNC=2.0 ** (n_tile_bits - 23) * 1.001, WRITE_CODES=out_codes is not None,
+            EVEN_K=K % cfg.block_k == 0, EVEN_D=D % cfg.block_d == 0, X_RESIDENT=resident, DOTS_GIVEN=cfg.gemm,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, BLOCK_R=min(cfg.block_d, 64),
+            BLOCK_R3=min(cfg.block_d, max(16, 1024 // cfg.block_n)), POPS=topk if mode != "fast" else 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
 
     if stats is not None:
         stats["fallback_rows"], stats["rows"] = 0, H * N
     if prove:
         _redo_unproven(x, cf, codebook_sq_norm.float(), flag.bool(), metric, idx, score, out_codes, stats)
     return idx, score
+
+
+def _row_blocks(n_rows: int, dots_per_row: int, cfg: LaunchConfig, rows: int | None) -> list[tuple[int, int]]:
+    """`(row0, row_end)` of each launch: one for in-kernel dots; for the GEMM route, blocks whose fp32 dots take at
+    most `GEMM_BLOCK_BYTES` (or `rows` rows each), so the scratch stays bounded and mostly in L2."""
+    if not cfg.gemm:
+        return [(0, n_rows)]
+    if rows is None:
+        rows = max(1, GEMM_BLOCK_BYTES // (4 * dots_per_row)) // cfg.block_n * cfg.block_n or cfg.block_n
+    return [(r, min(r + rows, n_rows)) for r in range(0, n_rows, rows)]
+
+
+def _gemm_dots(x_low: Tensor, c_low: Tensor) -> Tensor:
+    """`(H, n, K)` float32 `x~.c~` of bf16 `x_low (H, n, D)` and `c_low (H or 1, K, D)`: the bf16 products summed
+    in fp32 (cuBLAS with a float32 output on CUDA; the same products in a float32 GEMM elsewhere), which is the
+    error model of the in-kernel dots. A shared codebook is one GEMM over all heads' rows."""
+    H, n, D = x_low.shape
+    if c_low.shape[0] == 1:
+        return _mm_fp32(x_low.reshape(H * n, D), c_low[0].T).view(H, n, -1)
+    if x_low.is_cuda:
+        return torch.bmm(x_low, c_low.mT, out_dtype=torch.float32)
+    return torch.bmm(x_low.float(), c_low.float().mT)
+
+
+def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
 
 
 def _redo_unproven(x: Tensor, cf: Tensor, c_sq: Tensor, redo: Tensor, metric: str, idx: Tensor, score: Tensor,

@@ -28,6 +28,7 @@ class LaunchConfig:
     pack: bool  # packed keys instead of lane arrays
     num_warps: int
     num_stages: int
+    gemm: bool = False  # dots from a cuBLAS GEMM over row blocks (the kernel then only selects and re-scores)
 
 
 def tile_bits(n_codes: int, block_k: int) -> int:
@@ -48,8 +49,16 @@ def _fit_stages(stages: int, block_n: int, block_k: int, block_d: int, resident:
 
 
 def launch_config(code_dim: int, n_codes: int, *, bf16: bool, mode: str, device: torch.device | None = None,
-                  block: tuple[int, ...] | None = None, pack: bool | None = None) -> LaunchConfig:
+                  block: tuple[int, ...] | None = None, pack: bool | None = None,
+                  gemm: bool | None = None) -> LaunchConfig:
     """The launch configuration for a search (no autotuning: one compilation per specialization).
+
+    Two routes. Rows that fit `RESIDENT_DIM` (and tf32 searches) compute their dots in the kernel, next to the
+    selection. Wider bf16 rows take the GEMM route (`gemm`): cuBLAS computes the dots of a block of rows against
+    the whole codebook, and the kernel streams them (`BLOCK_N x BLOCK_K` fp32 tiles) through the same selection
+    and fp32 re-score. In-kernel dots at wide rows run several times above the bf16 GEMM floor (the selection
+    state and the GEMM's tiles compete for registers; `benchmarks/RESULTS.md`), while the extra pass over the
+    dots costs `8 K` bytes per row against `2 K D` GEMM flops, a small share once `D > RESIDENT_DIM`.
 
     The rule comes from `benchmarks/bench_nearest.py --sweep` on an H200 (table in `benchmarks/RESULTS.md`), which
     times a fixed set of candidates per (D, K): packed keys beat lane arrays wherever the tile bits allow them
@@ -57,15 +66,24 @@ def launch_config(code_dim: int, n_codes: int, *, bf16: bool, mode: str, device:
     - Rows that fit `RESIDENT_DIM` stay on chip. bf16: 128 rows x 64 codes with 8 warps at padded D 256, 64 x 64
       with 4 warps below; without packed keys (K above 2^9 tiles) 64 x 32 with 4 warps and 4 stages. tf32: 128 x
       32 with 8 warps (the fp32 rows leave room for narrower codebook tiles only).
-    - Wider rows are read in 64-feature slices: 128 x 128 with 8 warps and 3 stages with packed keys (up to
+    - Wider rows with `gemm=False` (and tf32) are read in 64-feature slices: 128 x 128 with 8 warps and 3 stages with packed keys (up to
       K = 2^16), else 64 x 64 with 4 warps and 4 stages. tf32 (not swept): 64 x 64 in 32-feature slices, the
       bf16 lane shape at the same bytes per stage.
-    Stages are then cut to what fits the device's shared memory. `block=(BLOCK_N, BLOCK_K[, BLOCK_D])` and `pack`
-    override the rule (tests, sweeps)."""
+    - The GEMM route streams 64 x 128 dot tiles with 4 warps and 3 stages.
+    Stages are then cut to what fits the device's shared memory. `block=(BLOCK_N, BLOCK_K[, BLOCK_D])`, `pack`
+    and `gemm` override the rule (tests, sweeps); a `block` without `gemm=True` selects the in-kernel dots."""
     elt = 2 if bf16 else 4
     padded = padded_dim(code_dim)
     resident = padded <= RESIDENT_DIM
-    if block is not None:
+    if gemm is None:
+        gemm = bf16 and not resident and block is None
+    if gemm and not bf16:
+        raise ValueError("the GEMM route computes bf16 dots (precision='bf16')")
+    if gemm:  # a streaming pass over fp32 dot tiles: 64 x 128 tiles, 64-feature slices for the row norms
+        block_n, block_k = block[:2] if block is not None else (64, 128)
+        block_d, warps, stages = 64, 4, 3
+        can_pack = tile_bits(n_codes, block_k) <= PACK_MAX_BITS
+    elif block is not None:
         block_n, block_k = block[0], block[1]
         block_d = block[2] if len(block) > 2 else (padded if resident else 64)
         resident = block_d >= padded
@@ -93,11 +111,11 @@ def launch_config(code_dim: int, n_codes: int, *, bf16: bool, mode: str, device:
             block_n, block_k, block_d, warps, stages = 64, 64, 64, 4, 4
     if interpreting():
         stages = 1
-    else:
+    elif not gemm:
         stages = _fit_stages(stages, block_n, block_k, block_d, resident, elt, shared_memory_bytes(device) - 1024)
     if pack is None:
         pack = can_pack
     elif pack and tile_bits(n_codes, block_k) > PACK_MAX_BITS:
         raise ValueError(f"pack=True needs at most 2^{PACK_MAX_BITS} codebook tiles of {block_k} codes, "
                          f"got K={n_codes}")
-    return LaunchConfig(block_n, block_k, block_d, pack, warps, stages)
+    return LaunchConfig(block_n, block_k, block_d, pack, warps, stages, gemm)

@@ -196,8 +196,9 @@ def test_packed_keys_refuse_codebooks_with_too_many_tiles():
 
 def test_launch_config_covers_every_dim_and_codebook_size():
     """`launch_config` (the rule that replaces autotuning) gives a valid configuration for feature dims 4..2048 and
-    codebook sizes 256..2^17 in both precisions: rows resident exactly up to RESIDENT_DIM, else sliced; packed keys
-    only where the tile bits allow; the H200's shared memory (227 KiB) never exceeded by the stage buffers."""
+    codebook sizes 256..2^17 in both precisions: rows resident exactly up to RESIDENT_DIM, else the GEMM route
+    (bf16) or sliced in-kernel dots (tf32); packed keys only where the tile bits allow; the H200's shared memory
+    (227 KiB) never exceeded by the stage buffers."""
     tn = pytest.importorskip("hf_vq.ops.triton_nearest")
     if not tn.HAS_TRITON:
         pytest.skip("triton is not installed")
@@ -209,17 +210,21 @@ def test_launch_config_covers_every_dim_and_codebook_size():
             for bf16 in (True, False):
                 cfg = tn.launch_config(d, k, bf16=bf16, mode="rerank")
                 resident = padded_dim(d) <= tn.RESIDENT_DIM
-                assert (cfg.block_d >= padded_dim(d)) == resident, (d, k, bf16, cfg)
+                assert cfg.gemm == (bf16 and not resident), (d, k, bf16, cfg)
+                assert cfg.gemm or (cfg.block_d >= padded_dim(d)) == resident, (d, k, bf16, cfg)
                 assert not resident or cfg.block_d == padded_dim(d)
                 assert not cfg.pack or tn.tile_bits(k, cfg.block_k) <= tn.PACK_MAX_BITS, (d, k, cfg)
                 elt = 2 if bf16 else 4
                 rows = cfg.block_n * cfg.block_d * elt
-                stage = cfg.block_k * cfg.block_d * elt + (0 if resident else rows)
+                stage = cfg.block_n * cfg.block_k * 4 if cfg.gemm else \
+                    cfg.block_k * cfg.block_d * elt + (0 if resident else rows)
                 assert (rows if resident else 0) + cfg.num_stages * stage <= smem, (d, k, bf16, cfg)
                 assert cfg.num_stages >= 1 and cfg.num_warps in (4, 8)
     assert not tn.launch_config(256, 2**17, bf16=True, mode="rerank").pack  # 2^11 tiles: lane arrays
     with pytest.raises(ValueError, match="pack=True needs at most"):
         tn.launch_config(256, 2**17, bf16=True, mode="rerank", pack=True)
+    with pytest.raises(ValueError, match="GEMM route computes bf16 dots"):
+        tn.launch_config(512, 1024, bf16=False, mode="rerank", gemm=True)
 
 
 # ---------------------------------------------------------------- Triton kernel vs the PyTorch reference
@@ -246,6 +251,10 @@ KERNEL_CHECK = textwrap.dedent(
         (1, 21, 37, 300, 1, "euclidean", torch.float32, BOTH, None),  # D > 256: feature slices, K not a tile multiple
         (2, 17, 40, 70, 1, "cosine", torch.float32, BOTH, (16, 16, 32)),  # sliced rows, D not a slice multiple
         (1, 19, 32, 64, 1, "euclidean", torch.bfloat16, BF16, (16, 16, 32)),  # sliced rows, no masks
+        # the GEMM route (dots from a GEMM over row blocks): several blocks, a shared codebook over heads,
+        # separate codebooks, K not a tile multiple, cosine
+        (3, 37, 45, 20, 1, "euclidean", torch.float32, BF16, dict(gemm=True, gemm_rows=16, block=(16, 16))),
+        (2, 29, 64, 40, 2, "cosine", torch.float32, BF16, dict(gemm=True, gemm_rows=32, block=(16, 32))),
     ]
     # on the GPU only larger shapes with the launch configurations users get (the interpreter covers the small
     # ones; every distinct specialization is a compilation, which is what bounds this test's time)
@@ -256,7 +265,8 @@ KERNEL_CHECK = textwrap.dedent(
             (1, 2049, 4096, 64, 1, "cosine", torch.float32, BF16, None),
             (1, 3000, 65536, 256, 1, "euclidean", torch.bfloat16, BF16, None),
             (1, 2001, 3001, 700, 1, "euclidean", torch.float32, BOTH, None),
-            (2, 1025, 2048, 2048, 1, "cosine", torch.float32, BF16, None),
+            (2, 1025, 2048, 2048, 1, "cosine", torch.float32, BF16, dict(gemm_rows=384)),  # GEMM route blocks
+            (1, 1500, 1000, 300, 1, "euclidean", torch.float32, BF16, dict(gemm=False)),  # in-kernel sliced dots
     ]
     cases = large if dev == "cuda" else small
     for case_no, (H, N, K, D, HC, metric, dtype, precisions, blk) in enumerate(cases):
@@ -274,7 +284,7 @@ KERNEL_CHECK = textwrap.dedent(
         pack = bool(case_no % 2) and K <= 8192  # both selection layouts (lanes, packed keys) over the cases
         for prec in precisions:
             st = {}
-            kw = dict(metric=metric, precision=prec, block=blk, pack=pack)
+            kw = dict(metric=metric, precision=prec, pack=pack, **(blk if isinstance(blk, dict) else dict(block=blk)))
             codes_e, codes_r = torch.empty_like(x, dtype=c.dtype), torch.empty_like(x, dtype=c.dtype)
             i, s = tn.nearest_code_triton(x, c, sqn, exact=True, stats=st, out_codes=codes_e, **kw)
             ia, sa = tn.nearest_code_triton(x, c, sqn, exact=False, **kw)
