@@ -15,7 +15,8 @@ Bit-parity with vqp holds at vqp's own shape (one chunk): some CPU BLAS (seen: A
 GEMM differently by its row count (~4e-6 at d24), so with smaller chunks a near-tie inside that rounding can
 go to the other code (never a worse one).
 
-CUDA path: the fused Triton kernel of `triton_nearest` (never an `N x K` matrix; any feature dim). Its mode is the `mode`
+CUDA path: the Triton kernel of `triton_nearest` (any feature dim; never a full `N x K` matrix: in-kernel dots up to
+256 features, cuBLAS dots of bounded row blocks beyond). Its mode is the `mode`
 argument, else the environment variable `HF_VQ_NEAREST_MODE`, else `"rerank"`:
 
 - `"rerank"` (default): bf16 scores pick the best 7 candidates per row, fp32 `|x - c|^2` (summed from the

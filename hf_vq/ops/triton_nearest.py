@@ -9,8 +9,9 @@ from a bf16 copy of `x` made once per call. So every feature dim takes the kerne
 GEMM route (bf16 rows wider than `RESIDENT_DIM`, `launch_config`): there the in-kernel dots run well above the
 bf16 GEMM floor, so cuBLAS computes them instead: the bf16 copy of a block of rows times the bf16 codebook, fp32
 accumulation and output, at most `GEMM_BLOCK_BYTES` of dots per block. The same kernel then reads the dot tiles
-(`DOTS_GIVEN`) in place of computing them; selection, re-score, exactness bound and written codes are unchanged
-(the bound covers any fp32 summation order of the exact bf16 products, cuBLAS's included).
+(`DOTS_GIVEN`) in place of computing them; selection, exactness bound and written codes are unchanged (the bound
+covers any fp32 summation order of the exact bf16 products, cuBLAS's included), and the candidates are re-scored
+together in one pass over the row's features.
 
 Selection is lane-wise: lane `j` of a row keeps the best score (and its code) and the second-best score among
 codes `j, j + BLOCK_K, ...`, updated elementwise per tile (no per-tile reductions). After the loop the best
@@ -74,7 +75,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-GEMM_BLOCK_BYTES = 64 * 2**20  # fp32 dots of one GEMM-route block (the route's scratch memory)
+GEMM_BLOCK_BYTES = 256 * 2**20  # fp32 dots of one GEMM-route block (the route's scratch memory)
 CANDIDATES = 8  # candidates popped per row (4 or 8): the best 7 are re-scored in fp32, the 8th bounds the rest
 MODES = ("exact", "rerank", "fast")
 
@@ -149,7 +150,55 @@ if HAS_TRITON:
             return tl.dot(a, tl.trans(b), acc, input_precision="tf32")
 
     @triton.jit
-    def _rescore(X, CODES, CODE_SQ, x_sq, head, rows, row_mask, code, valid, code_dim,
+    def _rescore_one(X, CODES, CODE_SQ, x_sq, head, rows, row_mask, code, code_dim,
+                 stride_x_head, stride_x_row, stride_c_head, stride_c_code, stride_sq_head,
+                 COSINE: tl.constexpr, RERANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        """fp32 score `(r, q)` of code `code` (one per row): `r` higher is better, `q` the value returned for it.
+        Euclidean: the reference's `r = -sqrt(q)`, `q = |x|^2 + |c|^2 - 2 x.c`, or with RERANK `q = |x - c|^2`
+        summed from the differences (no cancellation, so closer to the float64 ranking). Cosine: `r = q = x.c`.
+        Reads `BLOCK_R` features at a time."""
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for d0 in range(0, code_dim, BLOCK_R):
+            cols = d0 + tl.arange(0, BLOCK_R)
+            mask = row_mask[:, None] & (cols < code_dim)[None, :]
+            xv = tl.load(X + head.to(tl.int64) * stride_x_head + rows.to(tl.int64)[:, None] * stride_x_row
+                         + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            cv = tl.load(CODES + head * stride_c_head + code[:, None] * stride_c_code + cols[None, :], mask=mask,
+                         other=0.0)
+            if RERANK and not COSINE:
+                diff = xv - cv
+                acc += tl.sum(diff * diff, axis=1)
+            else:
+                acc += tl.sum(xv * cv, axis=1)
+        if COSINE:
+            r = acc
+            q = acc
+        elif RERANK:
+            q = tl.maximum(acc, 1e-8)
+            r = -acc
+        else:
+            c_sq = tl.load(CODE_SQ + head * stride_sq_head + code, mask=row_mask, other=0.0)
+            q = tl.maximum((x_sq + c_sq) + acc * -2.0, 1e-8)
+            r = -tl.sqrt_rn(q)  # what the reference compares (its sqrt makes ties)
+        return r, q
+
+    @triton.jit
+    def _fold_one(value, code, r, q, win_r, win_q, win_t, win, runner_up, COSINE: tl.constexpr, PROVE: tl.constexpr):
+        """Fold a popped candidate (low-precision `value`, fp32 score `r` / value `q`) into the running winner
+        (higher `r`, then lower code). PROVE also keeps `runner_up`, the best lower-is-better fp32 score among the
+        candidates that lost (a duplicate of the winner's code excluded)."""
+        t = -q if COSINE else q
+        valid = value < float("inf")  # an empty lane pops +inf
+        takes = valid & ((r > win_r) | ((r == win_r) & (code < win)))
+        if PROVE:  # the displaced winner, or this candidate, joins the runners-up
+            loser_t = tl.where(takes, win_t, t)
+            loser_ok = tl.where(takes, win_r > float("-inf"), valid & (code != win))
+            runner_up = tl.where(loser_ok, tl.minimum(runner_up, loser_t), runner_up)
+        return (tl.where(takes, r, win_r), tl.where(takes, q, win_q), tl.where(takes, t, win_t),
+                tl.where(takes, code, win), runner_up)
+
+    @triton.jit
+    def _rescore_all(X, CODES, CODE_SQ, x_sq, head, rows, row_mask, code, valid, code_dim,
                  stride_x_head, stride_x_row, stride_c_head, stride_c_code, stride_sq_head,
                  COSINE: tl.constexpr, RERANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
         """fp32 scores `(r, q)` of the candidates `code (BLOCK_N, C)` (where `valid`), all in one pass over the
@@ -185,7 +234,7 @@ if HAS_TRITON:
         return r, q
 
     @triton.jit
-    def _fold(code, valid, r, q, first_code, COSINE: tl.constexpr, PROVE: tl.constexpr):
+    def _fold_all(code, valid, r, q, first_code, COSINE: tl.constexpr, PROVE: tl.constexpr):
         """The winner among the re-scored candidates `(BLOCK_N, C)`: highest `r`, then lowest code (`first_code`,
         the low-precision winner, where no score compares, as with NaN features). Returns its code, `q`,
         lower-is-better score `t`, and (PROVE) `runner_up`, the best `t` among the other candidates."""
@@ -356,9 +405,11 @@ if HAS_TRITON:
             rest, _ = _unpack(tl.min(second, axis=1), rows, TILE_BITS)
         else:
             rest = tl.min(second, axis=1)
-        # the first pop is the low-precision winner; with RESCORE all POPS candidates are popped first (a runtime
-        # loop: one copy of the pop code), the first POPS - 1 are re-scored in fp32 together (`_rescore`) and the
-        # last one bounds every code never popped
+        # the first pop is the low-precision winner; with RESCORE the first POPS - 1 pops are re-scored in fp32
+        # and the last pop bounds every code never popped. Pops run as runtime loops (one copy of their code).
+        # Resident rows re-score candidate by candidate (the row is in L1; few registers next to the selection
+        # state); the GEMM route pops all candidates first and re-scores them together, in one pass over a wide
+        # row's features instead of one per candidate.
         value, code, best, best_code, second = _pop(best, best_code, second, second_code, lane, PACK, RERANK,
                                                     TILE_BITS, BLOCK_K)
         first = value
@@ -367,7 +418,7 @@ if HAS_TRITON:
         win_q = tl.zeros([BLOCK_N], dtype=tl.float32)
         win_t = tl.full([BLOCK_N], float("inf"), tl.float32)  # the winner's lower-is-better fp32 score
         runner_up = tl.full([BLOCK_N], float("inf"), tl.float32)  # best lower-is-better score of the others
-        if RESCORE:
+        if RESCORE and DOTS_GIVEN:
             slot = tl.arange(0, POPS)[None, :]
             cand_value = tl.where(slot == 0, value[:, None], float("inf"))
             cand_code = tl.where(slot == 0, code[:, None], 0)
@@ -376,12 +427,26 @@ if HAS_TRITON:
                                                             RERANK, TILE_BITS, BLOCK_K)
                 cand_value = tl.where(slot == j, value[:, None], cand_value)
                 cand_code = tl.where(slot == j, code[:, None], cand_code)
-            last = tl.minimum(value, rest)  # the last pop: not re-scored
+            last = tl.minimum(value, rest)
             valid = (cand_value < float("inf")) & (slot < POPS - 1)  # an empty lane pops +inf
-            r, q = _rescore(X, CODES, CODE_SQ, x_sq, head, rows, row_mask, cand_code, valid, code_dim,
-                            stride_x_head, stride_x_row, stride_c_head, stride_c_code, stride_sq_head,
-                            COSINE, RERANK, BLOCK_N, BLOCK_R3)
-            win, win_q, win_t, runner_up = _fold(cand_code, valid, r, q, win, COSINE, PROVE)
+            r, q = _rescore_all(X, CODES, CODE_SQ, x_sq, head, rows, row_mask, cand_code, valid, code_dim,
+                                stride_x_head, stride_x_row, stride_c_head, stride_c_code, stride_sq_head,
+                                COSINE, RERANK, BLOCK_N, BLOCK_R3)
+            win, win_q, win_t, runner_up = _fold_all(cand_code, valid, r, q, win, COSINE, PROVE)
+        elif RESCORE:
+            win_r = tl.full([BLOCK_N], float("-inf"), tl.float32)  # the winner's fp32 score (higher is better)
+            for j in range(POPS - 1):
+                if j > 0:
+                    value, code, best, best_code, second = _pop(best, best_code, second, second_code, lane, PACK,
+                                                                RERANK, TILE_BITS, BLOCK_K)
+                r, q = _rescore_one(X, CODES, CODE_SQ, x_sq, head, rows, row_mask, code, code_dim,
+                                    stride_x_head, stride_x_row, stride_c_head, stride_c_code, stride_sq_head,
+                                    COSINE, RERANK, BLOCK_N, BLOCK_R)
+                win_r, win_q, win_t, win, runner_up = _fold_one(value, code, r, q, win_r, win_q, win_t, win,
+                                                                runner_up, COSINE, PROVE)
+            value, code, best, best_code, second = _pop(best, best_code, second, second_code, lane, PACK, RERANK,
+                                                        TILE_BITS, BLOCK_K)
+            last = tl.minimum(value, rest)
 
         if PROVE:
             # the error bound of the low-precision scores for this row (see the module docstring)
@@ -462,7 +527,8 @@ def nearest_code_triton(
     `stats`, if given, receives the number of rows re-done by the PyTorch path. `out_codes`, if given (contiguous
     `(H, N, D)`), receives the winners' code rows (in its dtype). `block=(BLOCK_N, BLOCK_K[, BLOCK_D])` and `pack`
     override `launch_config`, `gemm` its route (dots from a cuBLAS GEMM or in the kernel), `gemm_rows` the rows per
-    GEMM block (default: blocks of at most `GEMM_BLOCK_BYTES` of dots). `topk` (4 or 8): candidates popped per row; 8 sends far fewer near-tie rows to the
+    GEMM block (default: blocks of at most `GEMM_BLOCK_BYTES` of dots). `topk` (4 or 8): candidates popped per
+    row; 8 sends far fewer near-tie rows to the
     fallback for a little more work after the codebook loop."""
     if exact is not None:
         mode = "exact" if exact else "fast"
@@ -515,7 +581,8 @@ def nearest_code_triton(
             TRUNC=2.0 ** (n_tile_bits - 23) * 1.001, WRITE_CODES=out_codes is not None,
             EVEN_K=K % cfg.block_k == 0, EVEN_D=D % cfg.block_d == 0, X_RESIDENT=resident, DOTS_GIVEN=cfg.gemm,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, BLOCK_R=min(cfg.block_d, 64),
-            BLOCK_R3=min(cfg.block_d, max(16, 1024 // cfg.block_n)), POPS=topk if mode != "fast" else 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            BLOCK_R3=min(cfg.block_d, max(16, 1024 // cfg.block_n)), POPS=topk if mode != "fast" else 1,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
     if stats is not None:
@@ -527,7 +594,7 @@ def nearest_code_triton(
 
 def _row_blocks(n_rows: int, dots_per_row: int, cfg: LaunchConfig, rows: int | None) -> list[tuple[int, int]]:
     """`(row0, row_end)` of each launch: one for in-kernel dots; for the GEMM route, blocks whose fp32 dots take at
-    most `GEMM_BLOCK_BYTES` (or `rows` rows each), so the scratch stays bounded and mostly in L2."""
+    most `GEMM_BLOCK_BYTES` (or `rows` rows each), so the scratch memory stays bounded."""
     if not cfg.gemm:
         return [(0, n_rows)]
     if rows is None:
