@@ -133,7 +133,10 @@ RESIDENT_CONFIGS = [(128, 64, None, False, 8, 3), (128, 64, None, True, 8, 3), (
                     (128, 32, None, False, 8, 3), (64, 32, None, False, 4, 4), (64, 64, None, True, 4, 3)]
 SLICED_CONFIGS = [(128, 64, 64, False, 8, 4), (128, 128, 64, False, 8, 3), (128, 128, 64, True, 8, 3),
                   (64, 128, 64, False, 4, 3), (128, 64, 128, False, 8, 3), (64, 64, 64, False, 4, 4),
-                  (128, 64, 32, False, 8, 5), (256, 64, 64, True, 8, 3)]
+                  (128, 64, 32, False, 8, 5), (256, 64, 64, True, 8, 3), (64, 256, 64, True, 8, 3)]
+# the GEMM route (bf16 rows wider than RESIDENT_DIM): selection tiles over cuBLAS dots (BLOCK_D: row-norm slices)
+GEMM_CONFIGS = [(32, 128, 64, True, 4, 3, True), (64, 128, 64, True, 4, 3, True), (16, 256, 64, True, 4, 3, True),
+                (32, 128, 64, False, 4, 3, True)]
 
 
 def sweep(device: torch.device) -> None:
@@ -156,10 +159,11 @@ def sweep(device: torch.device) -> None:
         d64 = torch.cdist(x[:rows].double(), c.double())
         rule = chosen_fn(d, k, bf16=prec == "bf16", mode=mode, device=device)
         resident = padded_dim(d) <= triton_nearest.RESIDENT_DIM
-        for bn, bk, bd, pack, warps, stages in RESIDENT_CONFIGS if resident else SLICED_CONFIGS:
+        candidates = RESIDENT_CONFIGS if resident else SLICED_CONFIGS + (GEMM_CONFIGS if prec == "bf16" else [])
+        for bn, bk, bd, pack, warps, stages, *gemm in candidates:
             if pack and (triton.cdiv(k, bk) - 1).bit_length() > triton_nearest.PACK_MAX_BITS:
                 continue
-            cfg = triton_nearest.LaunchConfig(bn, bk, bd or padded_dim(d), pack, warps, stages)
+            cfg = triton_nearest.LaunchConfig(bn, bk, bd or padded_dim(d), pack, warps, stages, bool(gemm))
             triton_nearest.launch_config = lambda *a, _cfg=cfg, **kw: _cfg
             try:
                 fn = lambda: triton_nearest.nearest_code_triton(x3, c3, c2, mode=mode, precision=prec)
@@ -170,7 +174,8 @@ def sweep(device: torch.device) -> None:
                 ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
                 agree = (d64.gather(1, idx[:, None])[:, 0] == d64.amin(1)).float().mean().item()
                 note = "**rule**" if cfg == rule else ""
-                print(f"| {d} | {k} | {n} | {prec} | {mode} | {bn} x {bk} x {cfg.block_d} | {pack} | {warps} | "
+                shape = f"{bn} x {bk} x {cfg.block_d}{' GEMM route' if cfg.gemm else ''}"
+                print(f"| {d} | {k} | {n} | {prec} | {mode} | {shape} | {pack} | {warps} | "
                       f"{stages} | {first:.2f} | {ms:.3f} | {agree:.4f} | {note} |", flush=True)
             except Exception as e:  # out of shared memory or registers: report and go on
                 print(f"| {d} | {k} | {n} | {prec} | {mode} | {bn} x {bk} x {cfg.block_d} | {pack} | {warps} | "
