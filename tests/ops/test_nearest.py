@@ -234,6 +234,7 @@ KERNEL_CHECK = textwrap.dedent(
     from hf_vq.ops import triton_nearest as tn
     from hf_vq.ops.nearest import _nearest_torch, sq_norm
     dev = sys.argv[1]
+    shard, shards = (int(sys.argv[2]), int(sys.argv[3])) if len(sys.argv) > 3 else (0, 1)  # this process's cases
     g = torch.Generator().manual_seed(0)
     out = {}
     BOTH, BF16 = ("bf16", "tf32"), ("bf16",)
@@ -270,6 +271,9 @@ KERNEL_CHECK = textwrap.dedent(
     ]
     cases = large if dev == "cuda" else small
     for case_no, (H, N, K, D, HC, metric, dtype, precisions, blk) in enumerate(cases):
+        if case_no % shards != shard:
+            continue
+        g.manual_seed(case_no)  # each case's data independent of the others (the cases may run in shards)
         x = torch.randn(H, N, D, generator=g)
         c = torch.randn(HC, K, D, generator=g)
         if case_no == 0:  # near-ties: duplicates and near-duplicates of codes, points next to codes
@@ -323,6 +327,9 @@ KERNEL_CHECK = textwrap.dedent(
                 approx_score_maxdiff=float(((sa - ia_d**2) if metric == "euclidean" else (sa + ia_d)).abs().max()
                                            / (1 + 2 * d64.abs().amax() ** 2)),
             )
+    if shard != 0:
+        print("RESULT" + json.dumps(out))
+        sys.exit(0)
     # a row's two nearest codes in one lane (codes 0 and 128 share lane 0 for every BLOCK_K <= 128), ordered
     # wrongly by the low-precision scores: code 128 is nearer in fp32 but rounds to code 0's bf16/tf32 value
     # and has the larger |c|^2, so a lane that keeps only its best code would never re-rank it
@@ -342,7 +349,7 @@ KERNEL_CHECK = textwrap.dedent(
         xb, cb = torch.randn(30, 16, generator=g).bfloat16(), torch.randn(33, 16, generator=g)
         out["dispatch"] = bool(torch.equal(nearest_code(xb, cb, mode="exact")[0],
                                            _nearest_torch(xb[None], cb[None], None, "euclidean")[0][0]))
-        # a feature dim above the resident rows' limit takes the kernel too (rows read in feature slices)
+        # a feature dim above the resident rows' limit takes the kernel too (its GEMM route)
         xw, cw = torch.randn(2, 9, 260, generator=g), torch.randn(21, 260, generator=g)
         assert tn.available(xw)
         out["dispatch_wide"] = bool(torch.equal(nearest_code(xw, cw, mode="exact")[0],
@@ -387,7 +394,15 @@ def test_triton_kernel_interpreted_on_cpu():
 def test_triton_kernel_on_gpu():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", KERNEL_CHECK, "cuda"], capture_output=True, text=True, env=env,
-                          timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    _check_kernel_results(json.loads(proc.stdout.split("RESULT", 1)[1]))
+    # the cases in 3 processes at once: the test's time is compilation, which parallelizes across processes
+    shards = 3
+    procs = [subprocess.Popen([sys.executable, "-c", KERNEL_CHECK, "cuda", str(i), str(shards)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+             for i in range(shards)]
+    res = {}
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-4000:]
+        res.update(json.loads(stdout.split("RESULT", 1)[1]))
+    _check_kernel_results(res)
