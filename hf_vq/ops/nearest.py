@@ -177,6 +177,25 @@ def _nearest_torch(x3: Tensor, cb: Tensor, sqn: Tensor | None, metric: str,
     return indices, best
 
 
+def redo_rows(x: Tensor, cf: Tensor, c_sq: Tensor, redo: Tensor, metric: str, idx: Tensor, score: Tensor,
+              out_codes: Tensor | None, stats: dict | None) -> None:
+    """The kernel's exact mode: re-do the rows flagged in `redo (H, N)` with the PyTorch reference, writing `idx`,
+    `score` (and `out_codes`) in place (one host sync for the count)."""
+    n_redo = int(redo.sum())
+    if stats is not None:
+        stats["fallback_rows"] = n_redo
+    if not n_redo:
+        return
+    for head in redo.any(1).nonzero().flatten().tolist():
+        rows = redo[head].nonzero().flatten()
+        ch = 0 if cf.shape[0] == 1 else head
+        i_r, s_r = _nearest_torch(x[head : head + 1, rows], cf[ch : ch + 1], c_sq[ch : ch + 1], metric)
+        idx[head, rows] = i_r[0]
+        score[head, rows] = s_r[0]
+        if out_codes is not None:
+            out_codes[head, rows] = cf[ch, i_r[0]].to(out_codes.dtype)
+
+
 def gather_codes(codebook: Tensor, indices: Tensor) -> Tensor:
     """`codebook (h or 1, K, d)`, `indices (H, N)` -> `(H, N, d)` by row lookup (no one-hot, no per-batch repeat):
     an embedding lookup for a shared codebook (no expanded index tensor; on an H200 it runs the same gather

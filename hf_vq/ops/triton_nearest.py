@@ -1,18 +1,12 @@
-"""Fused nearest-code search on CUDA (Triton): distances and a running top-k, never an `N x K` matrix.
+"""Nearest-code search on CUDA (Triton): distances and a running top-k, never a full `N x K` matrix.
 
-One program scores `BLOCK_N` rows of one head against the whole codebook in tiles of `BLOCK_K` codes with a
-low-precision `tl.dot` (bf16 operands, or tf32) and fp32 accumulation. The feature dim is tiled too: up to
-`RESIDENT_DIM` features the program's rows stay on chip for the whole codebook loop; wider rows are read in
-`BLOCK_D`-wide slices for each codebook tile (the slices of one tile accumulate into one fp32 dot, as in a GEMM),
-from a bf16 copy of `x` made once per call. So every feature dim takes the kernel, with the same modes.
-
-GEMM route (bf16 rows wider than `RESIDENT_DIM`, `launch_config`): there the in-kernel dots run well above the
-bf16 GEMM floor, so cuBLAS computes them instead: the bf16 copy of a block of rows times the bf16 codebook, fp32
-accumulation and output, at most `GEMM_BLOCK_BYTES` of dots per block. The same kernel then reads the dot tiles
-(`DOTS_GIVEN`) in place of computing them; selection, exactness bound and written codes are unchanged (the bound
-covers any fp32 summation order of the exact bf16 products, cuBLAS's included), and the candidates are re-scored
-together in one pass over the row's features.
-
+One program scores `BLOCK_N` rows of one head against the whole codebook in tiles of `BLOCK_K` codes. Rows of up
+to `RESIDENT_DIM` features stay on chip and the kernel computes their dots (`tl.dot`, bf16 operands or tf32,
+fp32 accumulation). Wider bf16 rows take the GEMM route: there in-kernel dots run well above the bf16 GEMM
+floor, so cuBLAS computes them (a bf16 copy of a block of rows times the bf16 codebook, fp32 accumulation and
+output, at most `GEMM_BLOCK_BYTES` of dots per block) and the kernel reads the dot tiles (`DOTS_GIVEN`); the
+selection, the exactness bound (it covers any fp32 summation order of the exact bf16 products) and the written
+codes are the same. (tf32 and `gemm=False` read wide rows in `BLOCK_D` slices per codebook tile instead.)
 Selection is lane-wise: lane `j` of a row keeps the best score (and its code) and the second-best score among
 codes `j, j + BLOCK_K, ...`, updated elementwise per tile (no per-tile reductions). After the loop the best
 `CANDIDATES` lane minima are popped one by one; every code not popped scores at least the last pop or its lane's
@@ -28,12 +22,9 @@ by tile), so the update is `min`/`max` only, cheaper where the selection and not
 candidates in fp32 anyway, and exact mode adds that slack to its bound. Up to `PACK_MAX_BITS` tile bits are
 allowed; larger codebooks keep the lane arrays.
 
-Launch configuration: no autotuning. `launch_config` picks the tile sizes, warps, pipeline stages and the state
-layout from the feature dim, codebook size, precision and mode by a small rule (how it was chosen is written
-next to it), so a new codebook shape costs one compilation. The codebook size and the feature dim are runtime
-arguments (the compiled kernel serves every size with the same tile shape); `EVEN_K`/`EVEN_D` drop the masks
-when the sizes are multiples of the tiles. With `out_codes` the kernel also writes each row's winning code (the
-lookup that follows every search, without its own pass over memory).
+Launch configuration: no autotuning; `launch_config` picks tiles, warps, stages, state layout and route by a
+rule, so a new codebook shape costs one compilation (sizes are runtime arguments; `EVEN_K`/`EVEN_D` drop the masks
+when they are multiples of the tiles). With `out_codes` the kernel also writes each row's winning code.
 
 Modes: `fast` returns the low-precision winner; `rerank` re-scores the best `CANDIDATES - 1` candidates in fp32
 as `|x - c|^2` summed from the differences and returns the best (no fallback, no host sync); `exact` is
@@ -67,15 +58,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# (PACK_MAX_BITS, RESIDENT_DIM and LaunchConfig are re-exported: the kernel's limits and its launch type)
-from .triton_nearest_config import PACK_MAX_BITS, RESIDENT_DIM, LaunchConfig, launch_config, tile_bits
+# (GEMM_BLOCK_BYTES, PACK_MAX_BITS, RESIDENT_DIM and LaunchConfig are re-exported: the limits and launch type)
+from .triton_nearest_config import (GEMM_BLOCK_BYTES, PACK_MAX_BITS, RESIDENT_DIM, LaunchConfig, gemm_dots,
+                                    launch_config, row_blocks, tile_bits)
 from .utils import HAS_TRITON, interpreting, kernel_ok, padded_dim
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-GEMM_BLOCK_BYTES = 256 * 2**20  # fp32 dots of one GEMM-route block (the route's scratch memory)
 CANDIDATES = 8  # candidates popped per row (4 or 8): the best 7 are re-scored in fp32, the 8th bounds the rest
 MODES = ("exact", "rerank", "fast")
 
@@ -150,13 +141,28 @@ if HAS_TRITON:
             return tl.dot(a, tl.trans(b), acc, input_precision="tf32")
 
     @triton.jit
+    def _scores(acc, x_sq, CODE_SQ, sq_offset, mask, COSINE: tl.constexpr, RERANK: tl.constexpr):
+        """`(r, q)` of candidates from their summed fp32 `acc` (`x.c`, or with RERANK `|x - c|^2`): `r` higher is
+        better, `q` the value returned for it. Euclidean: the reference's `r = -sqrt(q)`, `q = |x|^2 + |c|^2 -
+        2 x.c` (`|c|^2` read at `CODE_SQ + sq_offset`), or with RERANK `q = |x - c|^2` (no cancellation, so
+        closer to the float64 ranking). Cosine: `r = q = x.c`."""
+        if COSINE:
+            r = acc
+            q = acc
+        elif RERANK:
+            q = tl.maximum(acc, 1e-8)
+            r = -acc
+        else:
+            c_sq = tl.load(CODE_SQ + sq_offset, mask=mask, other=0.0)
+            q = tl.maximum((x_sq + c_sq) + acc * -2.0, 1e-8)
+            r = -tl.sqrt_rn(q)  # what the reference compares (its sqrt makes ties)
+        return r, q
+
+    @triton.jit
     def _rescore_one(X, CODES, CODE_SQ, x_sq, head, rows, row_mask, code, code_dim,
-                 stride_x_head, stride_x_row, stride_c_head, stride_c_code, stride_sq_head,
-                 COSINE: tl.constexpr, RERANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-        """fp32 score `(r, q)` of code `code` (one per row): `r` higher is better, `q` the value returned for it.
-        Euclidean: the reference's `r = -sqrt(q)`, `q = |x|^2 + |c|^2 - 2 x.c`, or with RERANK `q = |x - c|^2`
-        summed from the differences (no cancellation, so closer to the float64 ranking). Cosine: `r = q = x.c`.
-        Reads `BLOCK_R` features at a time."""
+                     stride_x_head, stride_x_row, stride_c_head, stride_c_code, stride_sq_head,
+                     COSINE: tl.constexpr, RERANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        """fp32 score `(r, q)` (`_scores`) of code `code` (one per row), reading `BLOCK_R` features at a time."""
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for d0 in range(0, code_dim, BLOCK_R):
             cols = d0 + tl.arange(0, BLOCK_R)
@@ -170,17 +176,7 @@ if HAS_TRITON:
                 acc += tl.sum(diff * diff, axis=1)
             else:
                 acc += tl.sum(xv * cv, axis=1)
-        if COSINE:
-            r = acc
-            q = acc
-        elif RERANK:
-            q = tl.maximum(acc, 1e-8)
-            r = -acc
-        else:
-            c_sq = tl.load(CODE_SQ + head * stride_sq_head + code, mask=row_mask, other=0.0)
-            q = tl.maximum((x_sq + c_sq) + acc * -2.0, 1e-8)
-            r = -tl.sqrt_rn(q)  # what the reference compares (its sqrt makes ties)
-        return r, q
+        return _scores(acc, x_sq, CODE_SQ, head * stride_sq_head + code, row_mask, COSINE, RERANK)
 
     @triton.jit
     def _fold_one(value, code, r, q, win_r, win_q, win_t, win, runner_up, COSINE: tl.constexpr, PROVE: tl.constexpr):
@@ -199,13 +195,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _rescore_all(X, CODES, CODE_SQ, x_sq, head, rows, row_mask, code, valid, code_dim,
-                 stride_x_head, stride_x_row, stride_c_head, stride_c_code, stride_sq_head,
-                 COSINE: tl.constexpr, RERANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-        """fp32 scores `(r, q)` of the candidates `code (BLOCK_N, C)` (where `valid`), all in one pass over the
-        features (`BLOCK_R` at a time, the `C` codes of a row gathered together): `r` higher is better, `q` the
-        value returned for it. Euclidean: the reference's `r = -sqrt(q)`, `q = |x|^2 + |c|^2 - 2 x.c`, or with
-        RERANK `q = |x - c|^2` summed from the differences (no cancellation, so closer to the float64 ranking).
-        Cosine: `r = q = x.c`."""
+                     stride_x_head, stride_x_row, stride_c_head, stride_c_code, stride_sq_head,
+                     COSINE: tl.constexpr, RERANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        """fp32 scores `(r, q)` (`_scores`) of the candidates `code (BLOCK_N, C)` (where `valid`), all in one pass
+        over the features (`BLOCK_R` at a time, the `C` codes of a row gathered together)."""
         acc = tl.zeros(code.shape, dtype=tl.float32)
         x_rows = X + head.to(tl.int64) * stride_x_head + rows.to(tl.int64)[:, None] * stride_x_row
         c_rows = CODES + head * stride_c_head + code[:, :, None] * stride_c_code
@@ -221,17 +214,8 @@ if HAS_TRITON:
                 acc += tl.sum(diff * diff, axis=2)
             else:
                 acc += tl.sum(xv * cv, axis=2)
-        if COSINE:
-            r = acc
-            q = acc
-        elif RERANK:
-            q = tl.maximum(acc, 1e-8)
-            r = -acc
-        else:
-            c_sq = tl.load(CODE_SQ + head * stride_sq_head + code, mask=row_mask[:, None] & valid, other=0.0)
-            q = tl.maximum((x_sq[:, None] + c_sq) + acc * -2.0, 1e-8)
-            r = -tl.sqrt_rn(q)  # what the reference compares (its sqrt makes ties)
-        return r, q
+        return _scores(acc, x_sq[:, None], CODE_SQ, head * stride_sq_head + code, row_mask[:, None] & valid, COSINE,
+                       RERANK)
 
     @triton.jit
     def _fold_all(code, valid, r, q, first_code, COSINE: tl.constexpr, PROVE: tl.constexpr):
@@ -566,8 +550,8 @@ def nearest_code_triton(
     shared = cf.shape[0] == 1 and H > 1
 
     n_tile_bits = tile_bits(K, cfg.block_k)
-    for row0, row_end in _row_blocks(N, H * K, cfg, gemm_rows):
-        dots = _gemm_dots(x_low[:, row0:row_end], c_low) if cfg.gemm else None
+    for row0, row_end in row_blocks(N, H * K, cfg, gemm_rows):
+        dots = gemm_dots(x_low[:, row0:row_end], c_low) if cfg.gemm else None
         grid = (triton.cdiv(row_end - row0, cfg.block_n), H)
         _nearest_kernel[grid](
             x, x_low, c_low, cf, c_sq, code_stats, x_sq, dots, idx, score, flag, out_codes,
@@ -588,56 +572,10 @@ def nearest_code_triton(
     if stats is not None:
         stats["fallback_rows"], stats["rows"] = 0, H * N
     if prove:
-        _redo_unproven(x, cf, codebook_sq_norm.float(), flag.bool(), metric, idx, score, out_codes, stats)
+        from .nearest import redo_rows  # the reference path (lazy: nearest imports this module)
+
+        redo_rows(x, cf, codebook_sq_norm.float(), flag.bool(), metric, idx, score, out_codes, stats)
     return idx, score
-
-
-def _row_blocks(n_rows: int, dots_per_row: int, cfg: LaunchConfig, rows: int | None) -> list[tuple[int, int]]:
-    """`(row0, row_end)` of each launch: one for in-kernel dots; for the GEMM route, blocks whose fp32 dots take at
-    most `GEMM_BLOCK_BYTES` (or `rows` rows each), so the scratch memory stays bounded."""
-    if not cfg.gemm:
-        return [(0, n_rows)]
-    if rows is None:
-        rows = max(1, GEMM_BLOCK_BYTES // (4 * dots_per_row)) // cfg.block_n * cfg.block_n or cfg.block_n
-    return [(r, min(r + rows, n_rows)) for r in range(0, n_rows, rows)]
-
-
-def _gemm_dots(x_low: Tensor, c_low: Tensor) -> Tensor:
-    """`(H, n, K)` float32 `x~.c~` of bf16 `x_low (H, n, D)` and `c_low (H or 1, K, D)`: the bf16 products summed
-    in fp32 (cuBLAS with a float32 output on CUDA; the same products in a float32 GEMM elsewhere), which is the
-    error model of the in-kernel dots. A shared codebook is one GEMM over all heads' rows."""
-    H, n, D = x_low.shape
-    if c_low.shape[0] == 1:
-        return _mm_fp32(x_low.reshape(H * n, D), c_low[0].T).view(H, n, -1)
-    if x_low.is_cuda:
-        return torch.bmm(x_low, c_low.mT, out_dtype=torch.float32)
-    return torch.bmm(x_low.float(), c_low.float().mT)
-
-
-def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
-
-
-def _redo_unproven(x: Tensor, cf: Tensor, c_sq: Tensor, redo: Tensor, metric: str, idx: Tensor, score: Tensor,
-                   out_codes: Tensor | None, stats: dict | None) -> None:
-    """Exact mode: re-do the flagged rows with the PyTorch reference (one host sync for the count)."""
-    n_redo = int(redo.sum())
-    if stats is not None:
-        stats["fallback_rows"] = n_redo
-    if not n_redo:
-        return
-    from .nearest import _nearest_torch  # the reference path; lazy to avoid an import cycle
-
-    for head in redo.any(1).nonzero().flatten().tolist():
-        rows = redo[head].nonzero().flatten()
-        ch = 0 if cf.shape[0] == 1 else head
-        i_r, s_r = _nearest_torch(x[head : head + 1, rows], cf[ch : ch + 1], c_sq[ch : ch + 1], metric)
-        idx[head, rows] = i_r[0]
-        score[head, rows] = s_r[0]
-        if out_codes is not None:
-            out_codes[head, rows] = cf[ch, i_r[0]].to(out_codes.dtype)
 
 
 if HAS_TRITON:

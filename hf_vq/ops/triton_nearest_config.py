@@ -1,4 +1,5 @@
-"""Launch configuration of the nearest-code kernel (`triton_nearest`): a rule instead of autotuning.
+"""Launch configuration of the nearest-code kernel (`triton_nearest`): a rule instead of autotuning, and the GEMM
+route's row blocks and dots.
 
 Autotuning compiles and times every candidate configuration on the first call of each codebook shape (tens of
 seconds for a new model). `launch_config` instead picks one configuration from the feature dim, codebook size,
@@ -11,10 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from .utils import interpreting, padded_dim, shared_memory_bytes
 
 RESIDENT_DIM = 256  # up to this (padded) feature dim a program's rows stay on chip for the codebook loop
+GEMM_BLOCK_BYTES = 256 * 2**20  # fp32 dots of one GEMM-route block (the route's scratch memory)
 PACK_MAX_BITS = 9  # packed keys keep >= 14 of fp32's 23 mantissa bits
 
 
@@ -120,3 +123,32 @@ def launch_config(code_dim: int, n_codes: int, *, bf16: bool, mode: str, device:
         raise ValueError(f"pack=True needs at most 2^{PACK_MAX_BITS} codebook tiles of {block_k} codes, "
                          f"got K={n_codes}")
     return LaunchConfig(block_n, block_k, block_d, pack, warps, stages, gemm)
+
+
+def row_blocks(n_rows: int, dots_per_row: int, cfg: LaunchConfig, rows: int | None) -> list[tuple[int, int]]:
+    """`(row0, row_end)` of each launch: one for in-kernel dots; for the GEMM route, blocks whose fp32 dots take at
+    most `GEMM_BLOCK_BYTES` (or `rows` rows each), so the scratch memory stays bounded."""
+    if not cfg.gemm:
+        return [(0, n_rows)]
+    if rows is None:
+        rows = max(1, GEMM_BLOCK_BYTES // (4 * dots_per_row)) // cfg.block_n * cfg.block_n or cfg.block_n
+    return [(r, min(r + rows, n_rows)) for r in range(0, n_rows, rows)]
+
+
+def gemm_dots(x_low: Tensor, c_low: Tensor) -> Tensor:
+    """`(H, n, K)` float32 `x~.c~` of bf16 `x_low (H, n, D)` and `c_low (H or 1, K, D)`: the bf16 products summed
+    in fp32 (cuBLAS with a float32 output on CUDA; the same products in a float32 GEMM elsewhere), which is the
+    error model of the in-kernel dots. A shared codebook is one GEMM over all heads' rows."""
+    H, n, D = x_low.shape
+    if c_low.shape[0] == 1:
+        return mm_fp32(x_low.reshape(H * n, D), c_low[0].T).view(H, n, -1)
+    if x_low.is_cuda:
+        return torch.bmm(x_low, c_low.mT, out_dtype=torch.float32)
+    return torch.bmm(x_low.float(), c_low.float().mT)
+
+
+def mm_fp32(a: Tensor, b: Tensor) -> Tensor:
+    """`a @ b` of bf16 matrices as float32 (products exact, fp32 sums)."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
