@@ -328,18 +328,18 @@ class LFQ(QuantizerModel):
         """`(per_sample_entropy, codebook_entropy)` of `(N, c, C)` pre-quantization features."""
         x = lfq_ops.sample_fraction(x, self.frac_per_sample_entropy)
         logits = lfq_ops.bit_logits(x, inv_temperature, self.code_magnitude)
-        per_sample = lfq_ops.per_sample_entropy(logits)
         if self.entropy_loss_method == "factorized":
-            return per_sample, lfq_ops.factorized_codebook_entropy(logits)
+            return lfq_ops.per_sample_entropy(logits), lfq_ops.factorized_codebook_entropy(logits)
         sync = self.sync_codebook_entropy
         if (distributed.is_distributed() if sync is None else sync) and distributed.is_distributed():
+            per_sample = lfq_ops.per_sample_entropy(logits)
             # the code distribution of the global batch: token-weighted mean over ranks (differentiable)
             count = torch.tensor(float(logits.shape[0]), device=logits.device)
             total = count.clone()
             distributed.all_reduce_sum_(total)
             probs = distributed.differentiable_sum(lfq_ops.mean_code_probs(logits) * count) / total
             return per_sample, lfq_ops.entropy(probs).mean()
-        return per_sample, lfq_ops.codebook_entropy(logits)
+        return lfq_ops.entropies(logits)
 
     # -- forward ----------------------------------------------------------------------------------
 

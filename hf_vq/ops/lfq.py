@@ -15,6 +15,8 @@ never build the `N x 2**C` probability matrix:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -79,15 +81,19 @@ def bit_logits(x: Tensor, inv_temperature: float, code_magnitude: float) -> Tens
     return x * (4.0 * inv_temperature * code_magnitude)
 
 
-def binary_entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of Bernoulli(sigmoid(l)), stable for large |l|: `p * softplus(-l) + (1 - p) * softplus(l)`."""
-    p = torch.sigmoid(logits)
-    return p * F.softplus(-logits) + (1 - p) * F.softplus(logits)
+def log_bit_probs(logits: Tensor) -> Tensor:
+    """`(..., C)` bit logits -> `(..., C, 2)`: log P(bit set), log P(bit clear) (exact for large |l|)."""
+    return torch.stack((F.logsigmoid(logits), F.logsigmoid(-logits)), dim=-1)
+
+
+def _bits_entropy(log_probs: Tensor) -> Tensor:
+    """`(N, c, C, 2)` log bit probabilities -> mean over samples and codebooks of the summed bit entropies."""
+    return -(log_probs.exp() * log_probs).sum((-2, -1)).mean()
 
 
 def per_sample_entropy(logits: Tensor) -> Tensor:
     """`(N, c, C)` bit logits -> mean over samples and codebooks of the entropy of each code distribution."""
-    return binary_entropy_from_logits(logits).sum(-1).mean()
+    return _bits_entropy(log_bit_probs(logits))
 
 
 def entropy(prob: Tensor, eps: float = ENTROPY_EPS) -> Tensor:
@@ -95,15 +101,38 @@ def entropy(prob: Tensor, eps: float = ENTROPY_EPS) -> Tensor:
     return (-prob * prob.clamp(min=eps).log()).sum(-1)
 
 
-def _code_probability_table(logits: Tensor) -> Tensor:
-    """`(c, N, B)` bit logits to `(c, N, 2**B)` code probabilities, first bit most significant (Kronecker product)."""
-    c, n, nbits = logits.shape
-    p1 = torch.sigmoid(logits)
-    table = logits.new_ones(c, n, 1)
-    for i in range(nbits):
-        pi = p1[..., i : i + 1]
-        table = torch.stack((table * (1 - pi), table * pi), dim=-1).flatten(-2)
-    return table
+def _code_selection(nbits: int, device: torch.device) -> Tensor:
+    """`(2 * nbits, 2**nbits)` float32 0/1: row `2 i` marks the codes with bit `i` set, row `2 i + 1` those with it
+    clear (first bit most significant)."""
+    with torch.inference_mode(False):  # the table is saved for backward: it may not be an inference tensor
+        codes = torch.arange(2**nbits, device=device)
+        place = 2 ** torch.arange(nbits - 1, -1, -1, device=device)
+        bits = ((codes & place[:, None]) != 0).float()
+        return torch.stack((bits, 1 - bits), dim=1).flatten(0, 1)
+
+
+_cached_code_selection = functools.lru_cache(maxsize=64)(_code_selection)
+
+
+def _code_probability_table(log_probs: Tensor) -> Tensor:
+    """`(N, c, B, 2)` log bit probabilities to `(N, c, 2**B)` code probabilities, first bit most significant.
+
+    The probability of a code is the product over bits of P(set) or P(clear): its log is one 0/1 matmul of the
+    log bit probabilities with the code-selection table. Every term of that sum is <= 0 (no cancellation), so the
+    probability keeps float32's relative precision times `|log p|`, unlike a softmax over code logits, which
+    loses `eps * |logit|` when the logits are large."""
+    nbits = log_probs.shape[-2]
+    select = (_code_selection if torch.compiler.is_compiling() else _cached_code_selection)(nbits, log_probs.device)
+    return torch.matmul(log_probs.flatten(-2), select).exp()
+
+
+def _mean_code_probs(log_probs: Tensor) -> Tensor:
+    """`(N, c, C, 2)` float32 log bit probabilities -> `(c, 2**C)` batch-mean code probabilities."""
+    n, c, nbits, _ = log_probs.shape
+    hi_bits = nbits // 2
+    p_hi = _code_probability_table(log_probs[:, :, :hi_bits])  # (N, c, 2**H)
+    p_lo = _code_probability_table(log_probs[:, :, hi_bits:])  # (N, c, 2**L)
+    return torch.bmm(p_hi.permute(1, 2, 0), p_lo.transpose(0, 1)).flatten(1) / n
 
 
 def mean_code_probs(logits: Tensor) -> Tensor:
@@ -112,17 +141,19 @@ def mean_code_probs(logits: Tensor) -> Tensor:
     Exactly CogVideo sgm's `softmax(logits of all codes).mean(samples)`, computed as `P_hi^T @ P_lo / N` over the
     high and low halves of the bits, never materializing `N x 2**C`.
     """
-    n, c, nbits = logits.shape
-    logits = logits.float().transpose(0, 1)  # (c, N, C)
-    hi_bits = nbits // 2
-    p_hi = _code_probability_table(logits[..., :hi_bits])  # (c, N, 2**H)
-    p_lo = _code_probability_table(logits[..., hi_bits:])  # (c, N, 2**L)
-    return torch.bmm(p_hi.transpose(1, 2), p_lo).flatten(1) / n
+    return _mean_code_probs(log_bit_probs(logits.float()))
 
 
 def codebook_entropy(logits: Tensor, eps: float = ENTROPY_EPS) -> Tensor:
     """Entropy of the batch-mean code distribution (exact), averaged over codebooks."""
     return entropy(mean_code_probs(logits), eps).mean()
+
+
+def entropies(logits: Tensor, eps: float = ENTROPY_EPS) -> tuple[Tensor, Tensor]:
+    """`(per_sample_entropy(logits), codebook_entropy(logits))` sharing the log bit probabilities."""
+    log_probs = log_bit_probs(logits)
+    log_probs32 = log_probs if logits.dtype == torch.float32 else log_bit_probs(logits.float())
+    return _bits_entropy(log_probs), entropy(_mean_code_probs(log_probs32), eps).mean()
 
 
 def factorized_codebook_entropy(logits: Tensor, eps: float = ENTROPY_EPS) -> Tensor:
