@@ -227,9 +227,10 @@ class LatentQuantize(QuantizerModel):
 
     def _value_table(self) -> Tensor:
         """`(latents, max_level)` values, padded with +inf (never the nearest) where levels are unequal."""
-        values = self.latent_values()
+        values = [v if v.dtype == torch.float32 else v.float() for v in self.latent_values()]
         width = max(v.numel() for v in values)
-        return torch.stack([F.pad(v.float(), (0, width - v.numel()), value=math.inf) for v in values])
+        return torch.stack([v if v.numel() == width else F.pad(v, (0, width - v.numel()), value=math.inf)
+                            for v in values])
 
     @property
     def implicit_codebook(self) -> Tensor:
@@ -259,8 +260,7 @@ class LatentQuantize(QuantizerModel):
         level = torch.zeros_like(best)
         for j in range(1, table.shape[1]):
             distance = (z - table[:, j]).abs_()
-            closer = distance < best
-            level.addcmul_(closer, j - level)  # j where closer, else unchanged (small integers: exact)
+            level.masked_fill_(distance < best, j)  # j where closer, else unchanged
             best = torch.minimum(best, distance, out=best)
         return level
 
@@ -390,11 +390,13 @@ class LatentQuantize(QuantizerModel):
     def _loss(self, features: Tensor, out: Tensor, values: Tensor, in_place: bool, channel_first: bool) -> Tensor:
         """vqp's `cw * mse(input.detach(), out) + qw * mse(out.detach(), input)`, with the commitment term's
         gradient routed to the values (unless they are optimized in place). `features` and `out` in one layout."""
-        loss = features.new_zeros((), dtype=torch.float32)
+        terms = []
         if self.commitment_loss_weight != 0:
             target = out if in_place or not self.optimize_values else \
                 self._project_out(values.to(out.dtype), channel_first)
-            loss = loss + self.commitment_loss_weight * F.mse_loss(features.detach(), target)
+            terms.append(self.commitment_loss_weight * F.mse_loss(features.detach(), target))
         if self.quantization_loss_weight != 0:
-            loss = loss + self.quantization_loss_weight * F.mse_loss(out.detach(), features)
-        return loss
+            terms.append(self.quantization_loss_weight * F.mse_loss(out.detach(), features))
+        if not terms:
+            return features.new_zeros((), dtype=torch.float32)
+        return (terms[0] + terms[1] if len(terms) == 2 else terms[0]).float()
