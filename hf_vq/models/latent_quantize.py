@@ -31,6 +31,7 @@ from ..modeling_utils import (
     QuantizerConfig,
     QuantizerModel,
     QuantizerOutput,
+    autocast_off,
     check_features,
     check_indices,
     register_quantizer,
@@ -359,7 +360,7 @@ class LatentQuantize(QuantizerModel):
         if in_place:
             self._optimize_values_in_place(latents)
 
-        with torch.autocast(device_type=latents.device.type, enabled=False):
+        with autocast_off(latents.device.type):
             table = self._value_table()
             levels = self._nearest_levels(latents, table)
             values = self.level_indices_to_codes(levels, table)  # differentiable in the values

@@ -6,7 +6,6 @@ CogVideo sgm's options). https://arxiv.org/abs/2310.05737, https://arxiv.org/abs
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import namedtuple
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from ..modeling_utils import (
     QuantizerConfig,
     QuantizerModel,
     QuantizerOutput,
+    autocast_off,
     check_features,
     check_indices,
     register_quantizer,
@@ -422,8 +422,7 @@ class LFQ(QuantizerModel):
         if self.spherical:
             tokens = lfq_ops.l2norm(tokens, self.codebook_scale)
         orig_dtype = tokens.dtype
-        with torch.autocast(device_type=tokens.device.type, enabled=False) if self.force_quantization_f32 \
-                else contextlib.nullcontext():
+        with autocast_off(tokens.device.type, self.force_quantization_f32):
             if self.force_quantization_f32:
                 tokens = tokens.float()
             codes, indices, breakdown = self._quantize_tokens(tokens, inv_temperature, mask)

@@ -26,6 +26,7 @@ from ..modeling_utils import (
     QuantizerModel,
     QuantizerOutput,
     TokenLayout,
+    autocast_off,
     check_features,
     check_indices,
     register_quantizer,
@@ -366,7 +367,7 @@ class VectorQuantize(QuantizerModel):
             flat_mask = per_row.reshape(1, -1).expand(H, -1)
 
         target = self._indices_to_rows(indices, b, n) if indices is not None else None
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             flat = heads_x.float().reshape(H, B * n, -1)
             rows = self._quantize_rows(flat, flat_mask, temperature, freeze_codebook, input_requires_grad, B,
                                        target=target, ema_update=ema_update, ema_update_weight=ema_update_weight,

@@ -128,7 +128,7 @@ def _code_probability_table(log_probs: Tensor) -> Tensor:
 
 def _mean_code_probs(log_probs: Tensor) -> Tensor:
     """`(N, c, C, 2)` float32 log bit probabilities -> `(c, 2**C)` batch-mean code probabilities."""
-    n, c, nbits, _ = log_probs.shape
+    n, _, nbits, _ = log_probs.shape
     hi_bits = nbits // 2
     p_hi = _code_probability_table(log_probs[:, :, :hi_bits])  # (N, c, 2**H)
     p_lo = _code_probability_table(log_probs[:, :, hi_bits:])  # (N, c, 2**L)
