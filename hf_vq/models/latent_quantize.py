@@ -40,6 +40,11 @@ from ..ops import fsq as fsq_ops
 from .fsq import channel_linear, check_levels, keeps_codebook_axis
 
 
+# up to this many distances (z elements x values per latent), `_nearest_levels` takes them all at once on CPU
+# (about where the running-minimum loop starts to win on one core)
+_SMALL_DISTANCES = 2**14
+
+
 class LatentQuantizeConfig(QuantizerConfig):
     """Configuration of [`LatentQuantize`].
 
@@ -252,10 +257,11 @@ class LatentQuantize(QuantizerModel):
         """`nearest_levels` as exact float32 level numbers. On CPU by a running minimum over the few values of a
         latent: no `(..., latents, levels)` intermediate and no reduction over a short trailing axis (slow there),
         each step a vectorized elementwise pass in `z`'s memory layout. On other devices, where each pass is a
-        kernel launch, and under torch.compile, which fuses the passes, by `argmin` over the distances to all
-        values at once."""
+        kernel launch, under torch.compile, which fuses the passes, and for inputs with at most `_SMALL_DISTANCES`
+        distances to all values (64 KiB, in cache: there the per-op cost of the loop dominates), by `argmin` over
+        the distances to all values at once (the same distances, the first on ties either way)."""
         z = z.float()
-        if z.device.type != "cpu" or torch.compiler.is_compiling():
+        if z.device.type != "cpu" or torch.compiler.is_compiling() or z.numel() * table.shape[1] <= _SMALL_DISTANCES:
             return (z.unsqueeze(-1) - table).abs_().argmin(dim=-1).float()
         best = (z - table[:, 0]).abs_()
         level = torch.zeros_like(best)

@@ -357,7 +357,7 @@ class VectorQuantize(QuantizerModel):
             raise ValueError(f"mask must be a bool tensor of shape {tuple(tokens.shape[:2])}, got "
                              f"{mask.dtype} {tuple(mask.shape)}")
         b, n = tokens.shape[:2]
-        heads_x = self._split_heads(self.project_in(tokens))  # (H, B, n, d)
+        heads_x = self._split_heads(self.project_in(tokens) if self.has_projections else tokens)  # (H, B, n, d)
         if self.use_cosine_sim:
             heads_x = l2norm(heads_x)
         H, B = heads_x.shape[:2]
@@ -378,7 +378,7 @@ class VectorQuantize(QuantizerModel):
             codes = rows.codes.reshape(b, n, -1)
         else:
             codes = self._merge_heads(rows.codes.reshape(H, B, n, -1), b).flatten(-2)
-        quantized = self.project_out(codes.to(dtype))
+        quantized = self.project_out(codes.to(dtype)) if self.has_projections else codes.to(dtype)
         if indices is not None:  # vqp returns here, its codes not yet merged/projected; ours in the output layout
             output = VectorQuantizeOutput(quantized=layout.from_tokens(quantized), loss=rows.loss, perplexity=usage)
             return output if (self.config.return_dict if return_dict is None else return_dict) \
