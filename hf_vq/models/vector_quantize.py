@@ -390,7 +390,9 @@ class VectorQuantize(QuantizerModel):
             fill = torch.zeros_like(tokens) if self.return_zeros_for_masked_padding else tokens
             quantized = torch.where(mask.unsqueeze(-1), quantized, fill)
             indices = indices.masked_fill(~(mask if self.heads == 1 else mask.unsqueeze(-1)), -1)
-        inplace_loss = rows.inplace_loss if rows.inplace_loss is not None else torch.zeros((), device=x.device)
+        inplace_loss = rows.inplace_loss
+        if inplace_loss is None:  # outside training the loss is already a zero (shared by the loss terms)
+            inplace_loss = rows.loss if not self.training else torch.zeros((), device=x.device)
         output = VectorQuantizeOutput(
             quantized=layout.from_tokens(quantized),
             indices=layout.indices_from_tokens(indices),
