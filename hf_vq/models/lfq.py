@@ -273,7 +273,15 @@ class LFQ(QuantizerModel):
             rot = torch.empty(c.codebook_dim, c.codebook_dim)
             nn.init.orthogonal_(rot)  # not its return value: loaders may patch init functions to return None
             self.register_buffer("orthogonal_rot", rot)
+        # the exact entropy's code-selection tables (derived from codebook_dim; see `ops.lfq.code_selections`)
+        self.register_buffer("_select_hi", torch.empty(0), persistent=False)
+        self.register_buffer("_select_lo", torch.empty(0), persistent=False)
+        self.reset_derived_buffers()
         self.post_init()
+
+    def reset_derived_buffers(self):
+        device = self._select_hi.device if self._select_hi.device.type != "meta" else torch.device("cpu")
+        self._select_hi, self._select_lo = lfq_ops.code_selections(self.codebook_dim, device)
 
     @property
     def codebook_size(self) -> int:
@@ -337,9 +345,13 @@ class LFQ(QuantizerModel):
             count = torch.tensor(float(logits.shape[0]), device=logits.device)
             total = count.clone()
             distributed.all_reduce_sum_(total)
-            probs = distributed.differentiable_sum(lfq_ops.mean_code_probs(logits) * count) / total
+            probs = lfq_ops.mean_code_probs(logits, self._selections())
+            probs = distributed.differentiable_sum(probs * count) / total
             return per_sample, lfq_ops.entropy(probs).mean()
-        return lfq_ops.entropies(logits)
+        return lfq_ops.entropies(logits, selections=self._selections())
+
+    def _selections(self) -> tuple[Tensor, Tensor]:
+        return self._select_hi, self._select_lo
 
     # -- forward ----------------------------------------------------------------------------------
 

@@ -15,8 +15,6 @@ never build the `N x 2**C` probability matrix:
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -101,59 +99,64 @@ def entropy(prob: Tensor, eps: float = ENTROPY_EPS) -> Tensor:
     return (-prob * prob.clamp(min=eps).log()).sum(-1)
 
 
-def _code_selection(nbits: int, device: torch.device) -> Tensor:
+def code_selection(nbits: int, device: torch.device | str | None = None) -> Tensor:
     """`(2 * nbits, 2**nbits)` float32 0/1: row `2 i` marks the codes with bit `i` set, row `2 i + 1` those with it
-    clear (first bit most significant)."""
-    with torch.inference_mode(False):  # the table is saved for backward: it may not be an inference tensor
-        codes = torch.arange(2**nbits, device=device)
-        place = 2 ** torch.arange(nbits - 1, -1, -1, device=device)
-        bits = ((codes & place[:, None]) != 0).float()
-        return torch.stack((bits, 1 - bits), dim=1).flatten(0, 1)
+    clear (first bit most significant). The table `mean_code_probs` multiplies with; models keep theirs as a
+    derived buffer."""
+    codes = torch.arange(2**nbits, device=device)
+    place = 2 ** torch.arange(nbits - 1, -1, -1, device=device)
+    bits = ((codes & place[:, None]) != 0).float()
+    return torch.stack((bits, 1 - bits), dim=1).flatten(0, 1)
 
 
-_cached_code_selection = functools.lru_cache(maxsize=64)(_code_selection)
+def code_selections(nbits: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """The selection tables of the high and low halves of `nbits` bits (`mean_code_probs`' split)."""
+    return code_selection(nbits // 2, device), code_selection(nbits - nbits // 2, device)
 
 
-def _code_probability_table(log_probs: Tensor) -> Tensor:
+def _code_probability_table(log_probs: Tensor, select: Tensor) -> Tensor:
     """`(N, c, B, 2)` log bit probabilities to `(N, c, 2**B)` code probabilities, first bit most significant.
 
     The probability of a code is the product over bits of P(set) or P(clear): its log is one 0/1 matmul of the
     log bit probabilities with the code-selection table. Every term of that sum is <= 0 (no cancellation), so the
     probability keeps float32's relative precision times `|log p|`, unlike a softmax over code logits, which
     loses `eps * |logit|` when the logits are large."""
-    nbits = log_probs.shape[-2]
-    select = (_code_selection if torch.compiler.is_compiling() else _cached_code_selection)(nbits, log_probs.device)
     return torch.matmul(log_probs.flatten(-2), select).exp()
 
 
-def _mean_code_probs(log_probs: Tensor) -> Tensor:
+def _mean_code_probs(log_probs: Tensor, selections: tuple[Tensor, Tensor] | None) -> Tensor:
     """`(N, c, C, 2)` float32 log bit probabilities -> `(c, 2**C)` batch-mean code probabilities."""
     n, _, nbits, _ = log_probs.shape
     hi_bits = nbits // 2
-    p_hi = _code_probability_table(log_probs[:, :, :hi_bits])  # (N, c, 2**H)
-    p_lo = _code_probability_table(log_probs[:, :, hi_bits:])  # (N, c, 2**L)
+    if selections is None:
+        selections = code_selections(nbits, log_probs.device)
+    p_hi = _code_probability_table(log_probs[:, :, :hi_bits], selections[0])  # (N, c, 2**H)
+    p_lo = _code_probability_table(log_probs[:, :, hi_bits:], selections[1])  # (N, c, 2**L)
     return torch.bmm(p_hi.permute(1, 2, 0), p_lo.transpose(0, 1)).flatten(1) / n
 
 
-def mean_code_probs(logits: Tensor) -> Tensor:
+def mean_code_probs(logits: Tensor, selections: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Batch-mean probability of every code: `(N, c, C)` bit logits -> `(c, 2**C)`.
 
     Exactly CogVideo sgm's `softmax(logits of all codes).mean(samples)`, computed as `P_hi^T @ P_lo / N` over the
-    high and low halves of the bits, never materializing `N x 2**C`.
+    high and low halves of the bits, never materializing `N x 2**C`. `selections`: `code_selections(C)` on the
+    logits' device (built here when not given).
     """
-    return _mean_code_probs(log_bit_probs(logits.float()))
+    return _mean_code_probs(log_bit_probs(logits.float()), selections)
 
 
-def codebook_entropy(logits: Tensor, eps: float = ENTROPY_EPS) -> Tensor:
+def codebook_entropy(logits: Tensor, eps: float = ENTROPY_EPS,
+                     selections: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Entropy of the batch-mean code distribution (exact), averaged over codebooks."""
-    return entropy(mean_code_probs(logits), eps).mean()
+    return entropy(mean_code_probs(logits, selections), eps).mean()
 
 
-def entropies(logits: Tensor, eps: float = ENTROPY_EPS) -> tuple[Tensor, Tensor]:
+def entropies(logits: Tensor, eps: float = ENTROPY_EPS,
+              selections: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """`(per_sample_entropy(logits), codebook_entropy(logits))` sharing the log bit probabilities."""
     log_probs = log_bit_probs(logits)
     log_probs32 = log_probs if logits.dtype == torch.float32 else log_bit_probs(logits.float())
-    return _bits_entropy(log_probs), entropy(_mean_code_probs(log_probs32), eps).mean()
+    return _bits_entropy(log_probs), entropy(_mean_code_probs(log_probs32, selections), eps).mean()
 
 
 def factorized_codebook_entropy(logits: Tensor, eps: float = ENTROPY_EPS) -> Tensor:
