@@ -406,4 +406,5 @@ class LatentQuantize(QuantizerModel):
             terms.append(self.quantization_loss_weight * F.mse_loss(out.detach(), features))
         if not terms:
             return features.new_zeros((), dtype=torch.float32)
-        return (terms[0] + terms[1] if len(terms) == 2 else terms[0]).float()
+        loss = terms[0].to(torch.promote_types(terms[0].dtype, torch.float32))  # at least float32 (no-op there)
+        return loss + terms[1] if len(terms) == 2 else loss
