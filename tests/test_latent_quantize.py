@@ -239,3 +239,19 @@ def test_nearest_levels_running_minimum_is_argmin_with_ties_and_unsorted_values(
     assert torch.equal(lq.nearest_levels(zt), expected)
     codes = lq.level_indices_to_codes(expected)
     assert torch.equal(codes, table.gather(1, expected.t()).t())
+
+
+@pytest.mark.parametrize("rows", [8, 4000], ids=["all-at-once", "running-minimum"])
+def test_nearest_levels_both_cpu_paths_agree_with_argmin(rows):
+    # up to `_SMALL_DISTANCES` distances the CPU takes them all at once, above that by the running minimum
+    from hf_vq.models.latent_quantize import _SMALL_DISTANCES
+
+    lq = hf_vq.LatentQuantize(levels=[5, 3, 4], dim=3)
+    with torch.no_grad():  # unsorted values with a duplicate: the first index wins the tie
+        lq.values_per_latent[0].copy_(torch.tensor([0.4, -0.3, 0.1, -0.3, 0.9]))
+    table = lq._value_table()
+    z = torch.cat([torch.randn(rows, 3), torch.tensor([[-0.3, 0.25, -0.125], [0.25, -0.25, 0.5]])])
+    assert (z.numel() * table.shape[1] > _SMALL_DISTANCES) == (rows == 4000)
+    expected = (z.unsqueeze(-1) - table).abs().argmin(dim=-1)  # float32 distances, as the forward
+    assert torch.equal(lq.nearest_levels(z), expected)
+    assert torch.equal(lq.nearest_levels(z.t().contiguous().t()), expected)  # a transposed view

@@ -204,6 +204,18 @@ def test_factorized_entropies_equal_full_formula(nbits, inv_temperature, scale):
                                rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("nbits,inv_temperature", [(10, 100.0), (14, 100.0), (16, 10.0)])
+def test_mean_code_probs_keep_float32_relative_precision(nbits, inv_temperature):
+    # float32 logits against the float64 softmax over all codes: every probability above 1e-6 to a relative 1e-5
+    # (the product of bit probabilities in log space has no cancellation, even where the logits are large)
+    x = torch.randn(256, 1, nbits)
+    ref = _full_softmax_probs(x.double(), 1.0, inv_temperature).mean(0)[0]
+    got = ops.mean_code_probs(ops.bit_logits(x, inv_temperature, 1.0))[0].double()
+    big = ref > 1e-6
+    torch.testing.assert_close(got[big], ref[big], rtol=1e-5, atol=0)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-9)
+
+
 def test_codebook_entropy_gradient_equals_full_formula():
     x = torch.randn(40, 1, 7, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()

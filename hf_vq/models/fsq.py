@@ -6,7 +6,6 @@ CogVideo sgm's options). https://arxiv.org/abs/2309.15505
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -18,6 +17,7 @@ from ..modeling_utils import (
     QuantizerConfig,
     QuantizerModel,
     QuantizerOutput,
+    autocast_off,
     check_features,
     check_indices,
     register_quantizer,
@@ -324,8 +324,7 @@ class FSQ(QuantizerModel):
         if self.training and self.noise_dropout > 0:
             codes = self._noise_dropout(codes)
         if self.orthogonal_rotation:
-            with torch.autocast(device_type=codes.device.type, enabled=False) if self.force_quantization_f32 \
-                    else contextlib.nullcontext():
+            with autocast_off(codes.device.type, self.force_quantization_f32):
                 codes = (codes.unflatten(-1, code_shape) @ self.orthogonal_rot.t()).flatten(-2)
         return codes.to(orig_dtype), indices
 

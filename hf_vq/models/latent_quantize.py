@@ -31,12 +31,18 @@ from ..modeling_utils import (
     QuantizerConfig,
     QuantizerModel,
     QuantizerOutput,
+    autocast_off,
     check_features,
     check_indices,
     register_quantizer,
 )
 from ..ops import fsq as fsq_ops
 from .fsq import channel_linear, check_levels, keeps_codebook_axis
+
+
+# up to this many distances (z elements x values per latent), `_nearest_levels` takes them all at once on CPU
+# (about where the running-minimum loop starts to win on one core)
+_SMALL_DISTANCES = 2**14
 
 
 class LatentQuantizeConfig(QuantizerConfig):
@@ -227,9 +233,10 @@ class LatentQuantize(QuantizerModel):
 
     def _value_table(self) -> Tensor:
         """`(latents, max_level)` values, padded with +inf (never the nearest) where levels are unequal."""
-        values = self.latent_values()
+        values = [v if v.dtype == torch.float32 else v.float() for v in self.latent_values()]
         width = max(v.numel() for v in values)
-        return torch.stack([F.pad(v.float(), (0, width - v.numel()), value=math.inf) for v in values])
+        return torch.stack([v if v.numel() == width else F.pad(v, (0, width - v.numel()), value=math.inf)
+                            for v in values])
 
     @property
     def implicit_codebook(self) -> Tensor:
@@ -250,17 +257,17 @@ class LatentQuantize(QuantizerModel):
         """`nearest_levels` as exact float32 level numbers. On CPU by a running minimum over the few values of a
         latent: no `(..., latents, levels)` intermediate and no reduction over a short trailing axis (slow there),
         each step a vectorized elementwise pass in `z`'s memory layout. On other devices, where each pass is a
-        kernel launch, and under torch.compile, which fuses the passes, by `argmin` over the distances to all
-        values at once."""
+        kernel launch, under torch.compile, which fuses the passes, and for inputs with at most `_SMALL_DISTANCES`
+        distances to all values (64 KiB, in cache: there the per-op cost of the loop dominates), by `argmin` over
+        the distances to all values at once (the same distances, the first on ties either way)."""
         z = z.float()
-        if z.device.type != "cpu" or torch.compiler.is_compiling():
+        if z.device.type != "cpu" or torch.compiler.is_compiling() or z.numel() * table.shape[1] <= _SMALL_DISTANCES:
             return (z.unsqueeze(-1) - table).abs_().argmin(dim=-1).float()
         best = (z - table[:, 0]).abs_()
         level = torch.zeros_like(best)
         for j in range(1, table.shape[1]):
             distance = (z - table[:, j]).abs_()
-            closer = distance < best
-            level.addcmul_(closer, j - level)  # j where closer, else unchanged (small integers: exact)
+            level.masked_fill_(distance < best, j)  # j where closer, else unchanged
             best = torch.minimum(best, distance, out=best)
         return level
 
@@ -359,7 +366,7 @@ class LatentQuantize(QuantizerModel):
         if in_place:
             self._optimize_values_in_place(latents)
 
-        with torch.autocast(device_type=latents.device.type, enabled=False):
+        with autocast_off(latents.device.type):
             table = self._value_table()
             levels = self._nearest_levels(latents, table)
             values = self.level_indices_to_codes(levels, table)  # differentiable in the values
@@ -390,11 +397,14 @@ class LatentQuantize(QuantizerModel):
     def _loss(self, features: Tensor, out: Tensor, values: Tensor, in_place: bool, channel_first: bool) -> Tensor:
         """vqp's `cw * mse(input.detach(), out) + qw * mse(out.detach(), input)`, with the commitment term's
         gradient routed to the values (unless they are optimized in place). `features` and `out` in one layout."""
-        loss = features.new_zeros((), dtype=torch.float32)
+        terms = []
         if self.commitment_loss_weight != 0:
             target = out if in_place or not self.optimize_values else \
                 self._project_out(values.to(out.dtype), channel_first)
-            loss = loss + self.commitment_loss_weight * F.mse_loss(features.detach(), target)
+            terms.append(self.commitment_loss_weight * F.mse_loss(features.detach(), target))
         if self.quantization_loss_weight != 0:
-            loss = loss + self.quantization_loss_weight * F.mse_loss(out.detach(), features)
-        return loss
+            terms.append(self.quantization_loss_weight * F.mse_loss(out.detach(), features))
+        if not terms:
+            return features.new_zeros((), dtype=torch.float32)
+        loss = terms[0].to(torch.promote_types(terms[0].dtype, torch.float32))  # at least float32 (no-op there)
+        return loss + terms[1] if len(terms) == 2 else loss

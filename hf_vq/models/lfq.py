@@ -6,7 +6,6 @@ CogVideo sgm's options). https://arxiv.org/abs/2310.05737, https://arxiv.org/abs
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import namedtuple
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from ..modeling_utils import (
     QuantizerConfig,
     QuantizerModel,
     QuantizerOutput,
+    autocast_off,
     check_features,
     check_indices,
     register_quantizer,
@@ -273,7 +273,15 @@ class LFQ(QuantizerModel):
             rot = torch.empty(c.codebook_dim, c.codebook_dim)
             nn.init.orthogonal_(rot)  # not its return value: loaders may patch init functions to return None
             self.register_buffer("orthogonal_rot", rot)
+        # the exact entropy's code-selection tables (derived from codebook_dim; see `ops.lfq.code_selections`)
+        self.register_buffer("_select_hi", torch.empty(0), persistent=False)
+        self.register_buffer("_select_lo", torch.empty(0), persistent=False)
+        self.reset_derived_buffers()
         self.post_init()
+
+    def reset_derived_buffers(self):
+        device = self._select_hi.device if self._select_hi.device.type != "meta" else torch.device("cpu")
+        self._select_hi, self._select_lo = lfq_ops.code_selections(self.codebook_dim, device)
 
     @property
     def codebook_size(self) -> int:
@@ -328,18 +336,22 @@ class LFQ(QuantizerModel):
         """`(per_sample_entropy, codebook_entropy)` of `(N, c, C)` pre-quantization features."""
         x = lfq_ops.sample_fraction(x, self.frac_per_sample_entropy)
         logits = lfq_ops.bit_logits(x, inv_temperature, self.code_magnitude)
-        per_sample = lfq_ops.per_sample_entropy(logits)
         if self.entropy_loss_method == "factorized":
-            return per_sample, lfq_ops.factorized_codebook_entropy(logits)
+            return lfq_ops.per_sample_entropy(logits), lfq_ops.factorized_codebook_entropy(logits)
         sync = self.sync_codebook_entropy
         if (distributed.is_distributed() if sync is None else sync) and distributed.is_distributed():
+            per_sample = lfq_ops.per_sample_entropy(logits)
             # the code distribution of the global batch: token-weighted mean over ranks (differentiable)
             count = torch.tensor(float(logits.shape[0]), device=logits.device)
             total = count.clone()
             distributed.all_reduce_sum_(total)
-            probs = distributed.differentiable_sum(lfq_ops.mean_code_probs(logits) * count) / total
+            probs = lfq_ops.mean_code_probs(logits, self._selections())
+            probs = distributed.differentiable_sum(probs * count) / total
             return per_sample, lfq_ops.entropy(probs).mean()
-        return per_sample, lfq_ops.codebook_entropy(logits)
+        return lfq_ops.entropies(logits, selections=self._selections())
+
+    def _selections(self) -> tuple[Tensor, Tensor]:
+        return self._select_hi, self._select_lo
 
     # -- forward ----------------------------------------------------------------------------------
 
@@ -422,8 +434,7 @@ class LFQ(QuantizerModel):
         if self.spherical:
             tokens = lfq_ops.l2norm(tokens, self.codebook_scale)
         orig_dtype = tokens.dtype
-        with torch.autocast(device_type=tokens.device.type, enabled=False) if self.force_quantization_f32 \
-                else contextlib.nullcontext():
+        with autocast_off(tokens.device.type, self.force_quantization_f32):
             if self.force_quantization_f32:
                 tokens = tokens.float()
             codes, indices, breakdown = self._quantize_tokens(tokens, inv_temperature, mask)

@@ -311,14 +311,14 @@ class ResidualQuantizerBase(QuantizerModel):
     def _forward_levels(self, x: Tensor, mask, dropout_cutoff, level_kwargs) -> tuple[Tensor, Tensor, Tensor | None]:
         """`(quantized, indices, per-level loss)` of `(b, n, d)` tokens: the fused pass where a subclass has one,
         else every level called in turn."""
-        residual = start = self._prepare(self.project_in(x))
+        residual = start = self._prepare(self.project_in(x) if self.has_projections else x)
         cutoff = self.num_quantizers - 1
         if self.uses_dropout():
             cutoff = dropout_cutoff if dropout_cutoff is not None else self.dropout_cutoff(x.device)
         fused = self._fused_levels(residual, mask, cutoff, level_kwargs)
         if fused is not None:
             quantized, indices, loss = fused
-            return self.project_out(quantized), indices, loss
+            return (self.project_out(quantized) if self.has_projections else quantized), indices, loss
         quantized_out = torch.zeros_like(residual)
         all_indices, all_losses, level_inputs = [], [], []
         with deferred_updates(self.sync_codebooks(), enabled=self.defers_updates()) as updates:
@@ -334,7 +334,9 @@ class ResidualQuantizerBase(QuantizerModel):
                 all_indices.append(indices)
                 all_losses.append(loss)
             updates.after(lambda: self._finish_step(level_inputs, mask))
-        quantized = self.project_out(self._output_codes(start, quantized_out))
+        quantized = self._output_codes(start, quantized_out)
+        if self.has_projections:
+            quantized = self.project_out(quantized)
         if mask is not None and self.pads_masked_output:
             fill = torch.zeros_like(quantized) if self.return_zeros_for_masked_padding else x
             quantized = torch.where(mask.unsqueeze(-1), quantized, fill)
@@ -542,7 +544,7 @@ class ResidualVQ(ResidualQuantizerBase):
         """`(quantized, indices)` of the residual loop by `nearest_code` and a row lookup per level: the values
         each level's forward returns outside training (the same search, codes cast to the input dtype), without
         its per-call work (layout, heads, losses, perplexity, output object)."""
-        residual = self._prepare(self.project_in(x))
+        residual = self._prepare(self.project_in(x) if self.has_projections else x)
         flat = residual.reshape(-1, residual.shape[-1]).clone(memory_format=torch.contiguous_format)  # ours
         quantized_out = torch.zeros_like(flat)
         indices = []

@@ -9,7 +9,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..modeling_utils import QuantizerConfig, absorb_nested_kwargs, register_quantizer, validate_quantize_dropout
+from ..modeling_utils import (QuantizerConfig, absorb_nested_kwargs, autocast_off, register_quantizer,
+                             validate_quantize_dropout)
 from ..ops import fsq as fsq_ops
 from ..ops import triton_fsq
 from .fsq import FSQ, FSQConfig, check_levels
@@ -132,7 +133,7 @@ class ResidualFSQ(ResidualQuantizerBase):
 
     def _run_level(self, level, layer, residual, mask):
         scale = self.level_scales[level]
-        with torch.autocast(device_type=residual.device.type, enabled=False):
+        with autocast_off(residual.device.type):
             out = layer(residual / scale, return_dict=True)
         return out.quantized * scale, out.indices, None
 
@@ -205,7 +206,7 @@ class ResidualLFQ(ResidualQuantizerBase):
         return self.config.codebook_size
 
     def _run_level(self, level, layer, residual, mask):
-        with torch.autocast(device_type=residual.device.type, enabled=False):
+        with autocast_off(residual.device.type):
             out = layer(residual, mask=mask, return_dict=True)
         return out.quantized, out.indices, out.loss
 

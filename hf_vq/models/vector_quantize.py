@@ -26,6 +26,7 @@ from ..modeling_utils import (
     QuantizerModel,
     QuantizerOutput,
     TokenLayout,
+    autocast_off,
     check_features,
     check_indices,
     register_quantizer,
@@ -356,7 +357,7 @@ class VectorQuantize(QuantizerModel):
             raise ValueError(f"mask must be a bool tensor of shape {tuple(tokens.shape[:2])}, got "
                              f"{mask.dtype} {tuple(mask.shape)}")
         b, n = tokens.shape[:2]
-        heads_x = self._split_heads(self.project_in(tokens))  # (H, B, n, d)
+        heads_x = self._split_heads(self.project_in(tokens) if self.has_projections else tokens)  # (H, B, n, d)
         if self.use_cosine_sim:
             heads_x = l2norm(heads_x)
         H, B = heads_x.shape[:2]
@@ -366,7 +367,7 @@ class VectorQuantize(QuantizerModel):
             flat_mask = per_row.reshape(1, -1).expand(H, -1)
 
         target = self._indices_to_rows(indices, b, n) if indices is not None else None
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             flat = heads_x.float().reshape(H, B * n, -1)
             rows = self._quantize_rows(flat, flat_mask, temperature, freeze_codebook, input_requires_grad, B,
                                        target=target, ema_update=ema_update, ema_update_weight=ema_update_weight,
@@ -377,7 +378,7 @@ class VectorQuantize(QuantizerModel):
             codes = rows.codes.reshape(b, n, -1)
         else:
             codes = self._merge_heads(rows.codes.reshape(H, B, n, -1), b).flatten(-2)
-        quantized = self.project_out(codes.to(dtype))
+        quantized = self.project_out(codes.to(dtype)) if self.has_projections else codes.to(dtype)
         if indices is not None:  # vqp returns here, its codes not yet merged/projected; ours in the output layout
             output = VectorQuantizeOutput(quantized=layout.from_tokens(quantized), loss=rows.loss, perplexity=usage)
             return output if (self.config.return_dict if return_dict is None else return_dict) \
@@ -389,7 +390,9 @@ class VectorQuantize(QuantizerModel):
             fill = torch.zeros_like(tokens) if self.return_zeros_for_masked_padding else tokens
             quantized = torch.where(mask.unsqueeze(-1), quantized, fill)
             indices = indices.masked_fill(~(mask if self.heads == 1 else mask.unsqueeze(-1)), -1)
-        inplace_loss = rows.inplace_loss if rows.inplace_loss is not None else torch.zeros((), device=x.device)
+        inplace_loss = rows.inplace_loss
+        if inplace_loss is None:  # outside training the loss is already a zero (shared by the loss terms)
+            inplace_loss = rows.loss if not self.training else torch.zeros((), device=x.device)
         output = VectorQuantizeOutput(
             quantized=layout.from_tokens(quantized),
             indices=layout.indices_from_tokens(indices),

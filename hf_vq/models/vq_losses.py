@@ -21,17 +21,23 @@ def orthogonal_loss(codes: Tensor) -> Tensor:
     return (cosine**2).sum() / (h * n**2) - (1 / n)
 
 
-@torch.no_grad()
 def perplexity(indices: Tensor, num_codes: int, mask: Tensor | None, counts: Tensor | None = None) -> Tensor:
     """`exp(entropy)` of code usage per head `(H, N)` (valid rows only), averaged over heads; by bincount, unless
-    the codebook update already counted them (`counts (H, K)`)."""
-    if counts is None:
+    the codebook update already counted them (`counts (H, K)`). Not differentiable: it reads only integer
+    indices, the bool mask and counts (no `no_grad` context needed)."""
+    if counts is None and mask is None and indices.shape[1] > 0:
+        # every head counts all N rows: the usage is the integer counts over N (the same float32 division)
         heads = indices.shape[0]
-        weights = None if mask is None else mask.reshape(-1).float()
-        counts = ema_ops.code_counts(ema_ops.head_code_ids(indices, num_codes), heads * num_codes, weights)
-        counts = counts.view(heads, num_codes)
-    prob = counts / counts.sum(-1, keepdim=True).clamp(min=1)
-    return (-(prob * prob.clamp(min=1e-10).log()).sum(-1)).exp().mean()
+        counts = ema_ops.code_counts(ema_ops.head_code_ids(indices, num_codes), heads * num_codes)
+        prob = counts.view(heads, num_codes) / indices.shape[1]
+    else:
+        if counts is None:
+            heads = indices.shape[0]
+            weights = None if mask is None else mask.reshape(-1).float()
+            counts = ema_ops.code_counts(ema_ops.head_code_ids(indices, num_codes), heads * num_codes, weights)
+            counts = counts.view(heads, num_codes)
+        prob = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+    return torch.special.entr(prob).sum(-1).exp().mean()  # entr(p) = -p log p, 0 at p = 0
 
 
 def masked_mse(a: Tensor, b: Tensor, mask: Tensor | None) -> Tensor:

@@ -79,15 +79,19 @@ def bit_logits(x: Tensor, inv_temperature: float, code_magnitude: float) -> Tens
     return x * (4.0 * inv_temperature * code_magnitude)
 
 
-def binary_entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of Bernoulli(sigmoid(l)), stable for large |l|: `p * softplus(-l) + (1 - p) * softplus(l)`."""
-    p = torch.sigmoid(logits)
-    return p * F.softplus(-logits) + (1 - p) * F.softplus(logits)
+def log_bit_probs(logits: Tensor) -> Tensor:
+    """`(..., C)` bit logits -> `(..., C, 2)`: log P(bit set), log P(bit clear) (exact for large |l|)."""
+    return torch.stack((F.logsigmoid(logits), F.logsigmoid(-logits)), dim=-1)
+
+
+def _bits_entropy(log_probs: Tensor) -> Tensor:
+    """`(N, c, C, 2)` log bit probabilities -> mean over samples and codebooks of the summed bit entropies."""
+    return -(log_probs.exp() * log_probs).sum((-2, -1)).mean()
 
 
 def per_sample_entropy(logits: Tensor) -> Tensor:
     """`(N, c, C)` bit logits -> mean over samples and codebooks of the entropy of each code distribution."""
-    return binary_entropy_from_logits(logits).sum(-1).mean()
+    return _bits_entropy(log_bit_probs(logits))
 
 
 def entropy(prob: Tensor, eps: float = ENTROPY_EPS) -> Tensor:
@@ -95,34 +99,64 @@ def entropy(prob: Tensor, eps: float = ENTROPY_EPS) -> Tensor:
     return (-prob * prob.clamp(min=eps).log()).sum(-1)
 
 
-def _code_probability_table(logits: Tensor) -> Tensor:
-    """`(c, N, B)` bit logits to `(c, N, 2**B)` code probabilities, first bit most significant (Kronecker product)."""
-    c, n, nbits = logits.shape
-    p1 = torch.sigmoid(logits)
-    table = logits.new_ones(c, n, 1)
-    for i in range(nbits):
-        pi = p1[..., i : i + 1]
-        table = torch.stack((table * (1 - pi), table * pi), dim=-1).flatten(-2)
-    return table
+def code_selection(nbits: int, device: torch.device | str | None = None) -> Tensor:
+    """`(2 * nbits, 2**nbits)` float32 0/1: row `2 i` marks the codes with bit `i` set, row `2 i + 1` those with it
+    clear (first bit most significant). The table `mean_code_probs` multiplies with; models keep theirs as a
+    derived buffer."""
+    codes = torch.arange(2**nbits, device=device)
+    place = 2 ** torch.arange(nbits - 1, -1, -1, device=device)
+    bits = ((codes & place[:, None]) != 0).float()
+    return torch.stack((bits, 1 - bits), dim=1).flatten(0, 1)
 
 
-def mean_code_probs(logits: Tensor) -> Tensor:
+def code_selections(nbits: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """The selection tables of the high and low halves of `nbits` bits (`mean_code_probs`' split)."""
+    return code_selection(nbits // 2, device), code_selection(nbits - nbits // 2, device)
+
+
+def _code_probability_table(log_probs: Tensor, select: Tensor) -> Tensor:
+    """`(N, c, B, 2)` log bit probabilities to `(N, c, 2**B)` code probabilities, first bit most significant.
+
+    The probability of a code is the product over bits of P(set) or P(clear): its log is one 0/1 matmul of the
+    log bit probabilities with the code-selection table. Every term of that sum is <= 0 (no cancellation), so the
+    probability keeps float32's relative precision times `|log p|`, unlike a softmax over code logits, which
+    loses `eps * |logit|` when the logits are large."""
+    return torch.matmul(log_probs.flatten(-2), select).exp()
+
+
+def _mean_code_probs(log_probs: Tensor, selections: tuple[Tensor, Tensor] | None) -> Tensor:
+    """`(N, c, C, 2)` float32 log bit probabilities -> `(c, 2**C)` batch-mean code probabilities."""
+    n, _, nbits, _ = log_probs.shape
+    hi_bits = nbits // 2
+    if selections is None:
+        selections = code_selections(nbits, log_probs.device)
+    p_hi = _code_probability_table(log_probs[:, :, :hi_bits], selections[0])  # (N, c, 2**H)
+    p_lo = _code_probability_table(log_probs[:, :, hi_bits:], selections[1])  # (N, c, 2**L)
+    return torch.bmm(p_hi.permute(1, 2, 0), p_lo.transpose(0, 1)).flatten(1) / n
+
+
+def mean_code_probs(logits: Tensor, selections: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Batch-mean probability of every code: `(N, c, C)` bit logits -> `(c, 2**C)`.
 
     Exactly CogVideo sgm's `softmax(logits of all codes).mean(samples)`, computed as `P_hi^T @ P_lo / N` over the
-    high and low halves of the bits, never materializing `N x 2**C`.
+    high and low halves of the bits, never materializing `N x 2**C`. `selections`: `code_selections(C)` on the
+    logits' device (built here when not given).
     """
-    n, c, nbits = logits.shape
-    logits = logits.float().transpose(0, 1)  # (c, N, C)
-    hi_bits = nbits // 2
-    p_hi = _code_probability_table(logits[..., :hi_bits])  # (c, N, 2**H)
-    p_lo = _code_probability_table(logits[..., hi_bits:])  # (c, N, 2**L)
-    return torch.bmm(p_hi.transpose(1, 2), p_lo).flatten(1) / n
+    return _mean_code_probs(log_bit_probs(logits.float()), selections)
 
 
-def codebook_entropy(logits: Tensor, eps: float = ENTROPY_EPS) -> Tensor:
+def codebook_entropy(logits: Tensor, eps: float = ENTROPY_EPS,
+                     selections: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Entropy of the batch-mean code distribution (exact), averaged over codebooks."""
-    return entropy(mean_code_probs(logits), eps).mean()
+    return entropy(mean_code_probs(logits, selections), eps).mean()
+
+
+def entropies(logits: Tensor, eps: float = ENTROPY_EPS,
+              selections: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """`(per_sample_entropy(logits), codebook_entropy(logits))` sharing the log bit probabilities."""
+    log_probs = log_bit_probs(logits)
+    log_probs32 = log_probs if logits.dtype == torch.float32 else log_bit_probs(logits.float())
+    return _bits_entropy(log_probs), entropy(_mean_code_probs(log_probs32, selections), eps).mean()
 
 
 def factorized_codebook_entropy(logits: Tensor, eps: float = ENTROPY_EPS) -> Tensor:

@@ -4,6 +4,7 @@ import pytest
 import torch
 from vector_quantize_pytorch import vector_quantize_pytorch as vqp
 
+from hf_vq.ops import ema
 from hf_vq.ops.ema import cluster_stats, ema_update_, laplace_smoothing
 from hf_vq.ops.kmeans import global_row_count, kmeans, sample_rows, sample_rows_across_ranks
 from hf_vq.ops.nearest import nearest_code
@@ -111,3 +112,21 @@ def test_cross_rank_sampling_is_local_sampling_in_one_process():
     b = sample_rows(rows, 4)
     assert torch.equal(a, b)
     assert global_row_count(rows, sync=True) == 9
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_require_finite_refuses_any_non_finite_entry(bad):
+    stats = torch.randn(64, 8)
+    ema.require_finite(stats, "sums")  # finite: passes
+    stats[17, 3] = bad
+    with pytest.raises(ValueError, match=r"NaN or Inf values \(sums\)"):
+        ema.require_finite(stats, "sums")
+
+
+def test_require_finite_accepts_finite_values_whose_sum_overflows():
+    stats = torch.full((4, 2), 3e38)  # every entry finite, the float32 sum is inf
+    assert not torch.isfinite(stats.sum())
+    ema.require_finite(stats, "sums")
+    stats[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        ema.require_finite(stats, "sums")
