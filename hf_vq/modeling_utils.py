@@ -7,7 +7,6 @@ Model families in `hf_vq/models/` subclass these and only compose ops.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import itertools
 import os
@@ -21,6 +20,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .framework_overrides import FastModelOutput
+from .ops.utils import autocast_off  # noqa: F401  (re-exported: the models import it from here)
 
 # Keys that PretrainedConfig itself writes into / reads from config.json; anything else a quantizer
 # config does not declare is a user error (a typo must not silently become a no-op attribute).
@@ -377,18 +377,6 @@ def build_quantizer(quantizer_type: str, config: dict[str, Any] | QuantizerConfi
 
 # --------------------------------------------------------------------------------------------------
 # input validation and shape handling
-
-
-_NO_CONTEXT = contextlib.nullcontext()
-
-
-def autocast_off(device_type: str, enabled: bool = True):
-    """A context that turns autocast off on `device_type` for float32 arithmetic (when `enabled`): an autocast
-    context only where autocast is on, else a shared no-op context (entering an autocast context costs more
-    than most of a small call's ops)."""
-    if enabled and torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type=device_type, enabled=False)
-    return _NO_CONTEXT
 
 
 def check_features(x: torch.Tensor, dim: int, *, name: str = "input") -> None:

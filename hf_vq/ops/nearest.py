@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import triton_nearest
+from .utils import autocast_off
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 _METRICS = ("euclidean", "cosine")
@@ -85,7 +86,7 @@ def _sq_dist(x: Tensor, codebook: Tensor, c2: Tensor | None = None) -> Tensor:
     x, codebook = x.float(), codebook.float()
     x2 = (x**2).sum(-1)
     c2 = sq_norm(codebook) if c2 is None else c2.float()
-    xc = torch.einsum("hnd,hkd->hnk", x, codebook) * -2
+    xc = torch.bmm(x, codebook.mT) * -2  # (einsum's own bmm, without its Python wrapper)
     dist = x2.unsqueeze(-1) + c2.unsqueeze(-2)
     if torch.is_grad_enabled() and (x.requires_grad or codebook.requires_grad):
         return (dist + xc).clamp(min=1e-8)
@@ -158,23 +159,28 @@ def _nearest_torch(x3: Tensor, cb: Tensor, sqn: Tensor | None, metric: str,
         cb = cb.expand(x3.shape[0], -1, -1)
         sqn = None if sqn is None else sqn.expand(x3.shape[0], -1)
     H, N = x3.shape[:2]
-    indices = torch.empty(H, N, dtype=torch.long, device=x3.device)
-    best = torch.empty(H, N, dtype=torch.float32, device=x3.device)
     rows = _rows_per_chunk(cb.shape[-2], H, chunk_bytes)
-    with torch.no_grad(), torch.autocast(device_type=x3.device.type, enabled=False):
+    with torch.no_grad(), autocast_off(x3.device.type):
         cf = cb.float()
+        if rows >= N:  # one chunk: no output buffers to fill
+            return _nearest_chunk(x3, cf, sqn, metric)
+        indices = torch.empty(H, N, dtype=torch.long, device=x3.device)
+        best = torch.empty(H, N, dtype=torch.float32, device=x3.device)
         for start in range(0, N, rows):
             sl = slice(start, min(start + rows, N))
-            if metric == "cosine":
-                s = torch.einsum("hnd,hkd->hnk", x3[:, sl].float(), cf)
-                best[:, sl], indices[:, sl] = s.max(dim=-1)
-                continue
-            d2 = _sq_dist(x3[:, sl], cf, sqn)
-            # vqp's argmax(-sqrt(d2)) == argmin(sqrt(d2)) (negation is exact, both take the first extremum)
-            i = torch.sqrt(d2).argmin(dim=-1)
-            indices[:, sl] = i
-            best[:, sl] = d2.gather(-1, i.unsqueeze(-1)).squeeze(-1)
+            indices[:, sl], best[:, sl] = _nearest_chunk(x3[:, sl], cf, sqn, metric)
     return indices, best
+
+
+def _nearest_chunk(x3: Tensor, cf: Tensor, sqn: Tensor | None, metric: str) -> tuple[Tensor, Tensor]:
+    """`_nearest_torch` on one chunk of rows (`cf`: the float32 codebook)."""
+    if metric == "cosine":
+        best, indices = torch.bmm(x3.float(), cf.mT).max(dim=-1)
+        return indices, best
+    d2 = _sq_dist(x3, cf, sqn)
+    # vqp's argmax(-sqrt(d2)) == argmin(sqrt(d2)) (negation is exact, both take the first extremum)
+    indices = torch.sqrt(d2).argmin(dim=-1)
+    return indices, d2.gather(-1, indices.unsqueeze(-1)).squeeze(-1)
 
 
 def redo_rows(x: Tensor, cf: Tensor, c_sq: Tensor, redo: Tensor, metric: str, idx: Tensor, score: Tensor,

@@ -9,6 +9,7 @@ H200 (`benchmarks/bench_nearest.py --sweep`; the table is in `benchmarks/RESULTS
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +55,17 @@ def _fit_stages(stages: int, block_n: int, block_k: int, block_d: int, resident:
 def launch_config(code_dim: int, n_codes: int, *, bf16: bool, mode: str, device: torch.device | None = None,
                   block: tuple[int, ...] | None = None, pack: bool | None = None,
                   gemm: bool | None = None) -> LaunchConfig:
-    """The launch configuration for a search (no autotuning: one compilation per specialization).
+    """The launch configuration for a search (no autotuning: one compilation per specialization); memoized (a
+    call's host time matters to short searches), see `_launch_config`."""
+    return _launch_config(code_dim, n_codes, bf16, mode, device, None if block is None else tuple(block), pack, gemm,
+                          interpreting())
+
+
+@functools.lru_cache(maxsize=1024)
+def _launch_config(code_dim: int, n_codes: int, bf16: bool, mode: str, device: torch.device | None,
+                   block: tuple[int, ...] | None, pack: bool | None, gemm: bool | None,
+                   interpreter: bool) -> LaunchConfig:
+    """`launch_config`'s rule.
 
     Two routes. Rows that fit `RESIDENT_DIM` (and tf32 searches) compute their dots in the kernel, next to the
     selection. Wider bf16 rows take the GEMM route (`gemm`): cuBLAS computes the dots of a block of rows against
@@ -113,7 +124,7 @@ def launch_config(code_dim: int, n_codes: int, *, bf16: bool, mode: str, device:
             block_n, block_k, block_d, warps, stages = 128, 128, 64, 8, 3
         else:
             block_n, block_k, block_d, warps, stages = 64, 64, 64, 4, 4
-    if interpreting():
+    if interpreter:
         stages = 1
     elif not gemm:
         stages = _fit_stages(stages, block_n, block_k, block_d, resident, elt, shared_memory_bytes(device) - 1024)

@@ -6,6 +6,8 @@ runs the kernels on the CPU through Triton's interpreter (how the tests check th
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -21,6 +23,18 @@ except Exception:  # pragma: no cover - depends on the install
 
 DISABLE_ENV = "HF_VQ_DISABLE_TRITON"
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def autocast_off(device_type: str, enabled: bool = True):
+    """A context that turns autocast off on `device_type` for float32 arithmetic (when `enabled`): an autocast
+    context only where autocast is on, else a shared no-op context (entering an autocast context costs more
+    than most of a small call's ops)."""
+    if enabled and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return _NO_CONTEXT
 
 
 def interpreting() -> bool:
@@ -62,9 +76,10 @@ def row_warps(block_d: int) -> int:
     return 4 if block_d <= 256 else 8
 
 
+@functools.lru_cache(maxsize=None)
 def shared_memory_bytes(device: torch.device | None = None) -> int:
     """Shared memory one program may use: the device's opt-in limit (227 KiB on Hopper), 100 KiB where it cannot
-    be read (CPU interpreter)."""
+    be read (CPU interpreter). Read once per device."""
     if device is not None and device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         limit = getattr(props, "shared_memory_per_block_optin", 0)
