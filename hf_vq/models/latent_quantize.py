@@ -265,9 +265,11 @@ class LatentQuantize(QuantizerModel):
             return (z.unsqueeze(-1) - table).abs_().argmin(dim=-1).float()
         best = (z - table[:, 0]).abs_()
         level = torch.zeros_like(best)
+        closer = torch.empty_like(best)  # a float 0/1 mask: CPU kernels with bool masks are several times slower
         for j in range(1, table.shape[1]):
             distance = (z - table[:, j]).abs_()
-            level.masked_fill_(distance < best, j)  # j where closer, else unchanged
+            torch.lt(distance, best, out=closer)  # strictly closer: the first value keeps a tie
+            level.addcmul_(closer, level, value=-1.0).add_(closer, alpha=j)  # j where closer (small integers: exact)
             best = torch.minimum(best, distance, out=best)
         return level
 
