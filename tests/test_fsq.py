@@ -374,3 +374,19 @@ def test_residual_fsq_takes_the_per_level_loop_for_any_non_default_level_option(
         assert model.levels_path == "per_level", name
         checked.append(name)
     assert len(checked) >= 4, checked
+
+
+def test_unit_clamp_matches_clamp_values_and_gradient():
+    """`ops.fsq.clamp_unit` (the hard bound's clamp, its backward through a float mask) gives `clamp(-1, 1)`'s
+    values and gradient, both ends of the interval included, and no gradient for +-inf and NaN."""
+    from hf_vq.ops.fsq import clamp_unit
+
+    z = torch.cat([torch.tensor([-2.0, -1.0, 1.0, 2.0, float("inf"), -float("inf"), float("nan")]),
+                   torch.randn(200) * 1.5])
+    ours, ref = z.clone().requires_grad_(), z.clone().requires_grad_()
+    out, want = clamp_unit(ours), ref.clamp(-1.0, 1.0)
+    assert torch.equal(out.detach().nan_to_num(), want.detach().nan_to_num())
+    g = torch.randn_like(z)
+    out.backward(g)
+    want.backward(g)
+    assert torch.equal(ours.grad, ref.grad)

@@ -119,7 +119,7 @@ def _asymmetric(z: Tensor, shift: Tensor, half_l: Tensor, offset: Tensor, half_w
         rounded = bounded.mul_(half_l).sub_(offset).round_()
         return rounded / half_width, rounded.add_(half_width)
     bounded = z + shift
-    bounded = (bounded.clamp(-1.0, 1.0) if hard_clamp else bounded.tanh()) * half_l - offset
+    bounded = (clamp_unit(bounded) if hard_clamp else bounded.tanh()) * half_l - offset
     rounded = bounded.detach().round()
     # (x + (round(x) - x) is round(x) exactly: the difference is exact for |x| >= 0.5 and trivially below)
     return round_ste_from(bounded, rounded) / half_width, rounded.add_(half_width)
@@ -131,10 +131,30 @@ def _symmetric(z: Tensor, lm1: Tensor, step: Tensor, hard_clamp: bool) -> tuple[
         level = z.clamp(-1.0, 1.0) if hard_clamp else z.tanh()
         level = level.add_(1.0).mul_(lm1).div_(2.0).add_(0.5).floor_()
         return torch.mul(step, level).sub_(1.0), level
-    squashed = z.clamp(-1.0, 1.0) if hard_clamp else z.tanh()
+    squashed = clamp_unit(z) if hard_clamp else z.tanh()
     scaled = lm1 * (squashed + 1) / 2.0 + 0.5
     level = scaled.detach().floor()
     return step * round_ste_from(scaled, level) - 1.0, level
+
+
+class _UnitClamp(torch.autograd.Function):
+    """`z.clamp(-1, 1)` with clamp's gradient (1 on [-1, 1], both ends included, else 0) taken through a float
+    mask: clamp's own backward selects through bool masks, several times slower than elementwise ops on CPU."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor) -> Tensor:
+        ctx.save_for_backward(z)
+        return z.clamp(-1.0, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (z,) = ctx.saved_tensors
+        return grad * torch.le(z.abs(), 1.0, out=torch.empty_like(z, dtype=grad.dtype))
+
+
+def clamp_unit(z: Tensor) -> Tensor:
+    """`z.clamp(-1, 1)`, differentiable as clamp (`_UnitClamp`)."""
+    return _UnitClamp.apply(z)
 
 
 def round_ste_from(x: Tensor, rounded: Tensor) -> Tensor:
