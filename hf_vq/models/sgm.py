@@ -25,14 +25,14 @@ from torch import Tensor, nn
 from .. import distributed
 from ..modeling_utils import (QuantizerConfig, QuantizerModel, QuantizerOutput, check_features, check_indices,
                               register_quantizer)
-from ..ops.ema import cluster_stats, laplace_smoothing, require_finite
+from ..ops.ema import cluster_stats, code_counts, laplace_smoothing, require_finite
 from ..ops.nearest import nearest_code
 from ..ops.remap import check_used, remap_to_used, resolve_unknown_index, unmap_to_all
 
 
 def measure_perplexity(indices: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
-    """sgm's `measure_perplexity` from a bincount: `(perplexity, cluster_usage)`."""
-    avg_probs = torch.bincount(indices.reshape(-1), minlength=num_codes).float() / indices.numel()
+    """sgm's `measure_perplexity` from `code_counts` (no host sync on CUDA): `(perplexity, cluster_usage)`."""
+    avg_probs = code_counts(indices.reshape(-1), num_codes) / indices.numel()
     perplexity = (-(avg_probs * torch.log(avg_probs + 1e-10)).sum()).exp()
     return perplexity, (avg_probs > 0).sum()
 
