@@ -19,6 +19,7 @@ from .utils import interpreting, padded_dim, shared_memory_bytes
 
 RESIDENT_DIM = 256  # up to this (padded) feature dim a program's rows stay on chip for the codebook loop
 GEMM_BLOCK_BYTES = 256 * 2**20  # fp32 dots of one GEMM-route block (the route's scratch memory)
+GEMM_MIN_ROWS = 4096  # rows per GEMM block below which a selection launch has too few programs for the route
 PACK_MAX_BITS = 9  # packed keys keep >= 14 of fp32's 23 mantissa bits
 
 
@@ -61,16 +62,24 @@ def launch_config(code_dim: int, n_codes: int, *, bf16: bool, mode: str, device:
                           interpreting())
 
 
+def gemm_fits(n_codes: int) -> bool:
+    """Whether GEMM blocks of `GEMM_BLOCK_BYTES` hold `GEMM_MIN_ROWS` rows of one head's `n_codes` fp32 dots. A
+    selection launch then has `GEMM_BLOCK_BYTES / (4 n_codes BLOCK_N)` programs whatever the head count (a block
+    of H heads has 1/H of the rows, each in H programs); with fewer the launches are too small (at K 16384,
+    1024-row blocks were 2.6x slower than 4096-row ones, and slower than the in-kernel dots)."""
+    return GEMM_BLOCK_BYTES // (4 * n_codes) >= GEMM_MIN_ROWS
+
+
 @functools.lru_cache(maxsize=1024)
 def _launch_config(code_dim: int, n_codes: int, bf16: bool, mode: str, device: torch.device | None,
                    block: tuple[int, ...] | None, pack: bool | None, gemm: bool | None,
                    interpreter: bool) -> LaunchConfig:
     """`launch_config`'s rule.
 
-    Two routes. Rows that fit `RESIDENT_DIM` (and tf32 searches) compute their dots in the kernel, next to the
-    selection. Wider bf16 rows take the GEMM route (`gemm`): cuBLAS computes the dots of a block of rows against
-    the whole codebook, and the kernel streams them (`BLOCK_N x BLOCK_K` fp32 tiles) through the same selection
-    and fp32 re-score. In-kernel dots at wide rows run several times above the bf16 GEMM floor (the selection
+    Two routes. Rows that fit `RESIDENT_DIM` (and tf32 searches, and codebooks too large for `gemm_fits`) compute
+    their dots in the kernel, next to the selection. Wider bf16 rows take the GEMM route (`gemm`): cuBLAS computes
+    the dots of a block of rows against the whole codebook, and the kernel streams them (`BLOCK_N x BLOCK_K` fp32
+    tiles) through the same selection and fp32 re-score. In-kernel dots at wide rows run several times above the bf16 GEMM floor (the selection
     state and the GEMM's tiles compete for registers; `benchmarks/RESULTS.md`), while the extra pass over the
     dots costs `8 K` bytes per row against `2 K D` GEMM flops, a small share once `D > RESIDENT_DIM`.
 
@@ -80,8 +89,8 @@ def _launch_config(code_dim: int, n_codes: int, bf16: bool, mode: str, device: t
     - Rows that fit `RESIDENT_DIM` stay on chip. bf16: 128 rows x 64 codes with 8 warps at padded D 256, 64 x 64
       with 4 warps below; without packed keys (K above 2^9 tiles) 64 x 32 with 4 warps and 4 stages. tf32: 128 x
       32 with 8 warps (the fp32 rows leave room for narrower codebook tiles only).
-    - Wider rows with `gemm=False` (and tf32) are read in 64-feature slices: 128 x 128 with 8 warps and 3 stages with packed keys (up to
-      K = 2^16), else 64 x 64 with 4 warps and 4 stages. tf32 (not swept): 64 x 64 in 32-feature slices, the
+    - Wider rows with in-kernel dots are read in 64-feature slices: 128 x 128 with 8 warps and 3 stages with
+      packed keys (up to K = 2^16), else 64 x 64 with 4 warps and 4 stages. tf32 (not swept): 64 x 64 in 32-feature slices, the
       bf16 lane shape at the same bytes per stage.
     - The GEMM route streams 32 x 128 dot tiles with 4 warps and 3 stages: its rows per launch are a GEMM block,
       so short row tiles keep enough programs per launch (64-row tiles were up to 2.3x slower at K 16384).
@@ -91,7 +100,7 @@ def _launch_config(code_dim: int, n_codes: int, bf16: bool, mode: str, device: t
     padded = padded_dim(code_dim)
     resident = padded <= RESIDENT_DIM
     if gemm is None:
-        gemm = bf16 and not resident and block is None
+        gemm = bf16 and not resident and block is None and gemm_fits(n_codes)
     if gemm and not bf16:
         raise ValueError("the GEMM route computes bf16 dots (precision='bf16')")
     if gemm:  # a streaming pass over fp32 dot tiles, 64-feature slices for the row norms

@@ -197,11 +197,12 @@ def test_packed_keys_refuse_codebooks_with_too_many_tiles():
 def test_launch_config_covers_every_dim_and_codebook_size():
     """`launch_config` (the rule that replaces autotuning) gives a valid configuration for feature dims 4..2048 and
     codebook sizes 256..2^17 in both precisions: rows resident exactly up to RESIDENT_DIM, else the GEMM route
-    (bf16) or sliced in-kernel dots (tf32); packed keys only where the tile bits allow; the H200's shared memory
+    (bf16, where its blocks hold enough rows) or sliced in-kernel dots; packed keys only where the tile bits allow; the H200's shared memory
     (227 KiB) never exceeded by the stage buffers."""
     tn = pytest.importorskip("hf_vq.ops.triton_nearest")
     if not tn.HAS_TRITON:
         pytest.skip("triton is not installed")
+    from hf_vq.ops.triton_nearest_config import gemm_fits
     from hf_vq.ops.utils import padded_dim
 
     smem = 227 * 1024
@@ -210,7 +211,7 @@ def test_launch_config_covers_every_dim_and_codebook_size():
             for bf16 in (True, False):
                 cfg = tn.launch_config(d, k, bf16=bf16, mode="rerank")
                 resident = padded_dim(d) <= tn.RESIDENT_DIM
-                assert cfg.gemm == (bf16 and not resident), (d, k, bf16, cfg)
+                assert cfg.gemm == (bf16 and not resident and gemm_fits(k)), (d, k, bf16, cfg)
                 assert cfg.gemm or (cfg.block_d >= padded_dim(d)) == resident, (d, k, bf16, cfg)
                 assert not resident or cfg.block_d == padded_dim(d)
                 assert not cfg.pack or tn.tile_bits(k, cfg.block_k) <= tn.PACK_MAX_BITS, (d, k, cfg)
@@ -223,6 +224,9 @@ def test_launch_config_covers_every_dim_and_codebook_size():
     assert not tn.launch_config(256, 2**17, bf16=True, mode="rerank").pack  # 2^11 tiles: lane arrays
     with pytest.raises(ValueError, match="pack=True needs at most"):
         tn.launch_config(256, 2**17, bf16=True, mode="rerank", pack=True)
+    # the GEMM route needs blocks of enough rows: up to 16384 codes (256 MiB / 4 B / 4096 rows), else in-kernel dots
+    assert tn.launch_config(512, 16384, bf16=True, mode="rerank").gemm
+    assert not tn.launch_config(512, 16385, bf16=True, mode="rerank").gemm
     with pytest.raises(ValueError, match="GEMM route computes bf16 dots"):
         tn.launch_config(512, 1024, bf16=False, mode="rerank", gemm=True)
 
