@@ -65,8 +65,8 @@ def launch_config(code_dim: int, n_codes: int, *, bf16: bool, mode: str, device:
 def gemm_fits(n_codes: int) -> bool:
     """Whether GEMM blocks of `GEMM_BLOCK_BYTES` hold `GEMM_MIN_ROWS` rows of one head's `n_codes` fp32 dots. A
     selection launch then has `GEMM_BLOCK_BYTES / (4 n_codes BLOCK_N)` programs whatever the head count (a block
-    of H heads has 1/H of the rows, each in H programs); with fewer the launches are too small (at K 16384,
-    1024-row blocks were 2.6x slower than 4096-row ones, and slower than the in-kernel dots)."""
+    of H heads has 1/H of the rows, each in H programs); with fewer, the launches are too small to fill the GPU
+    and the in-kernel dots win (the block-size measurements are in `benchmarks/RESULTS.md`)."""
     return GEMM_BLOCK_BYTES // (4 * n_codes) >= GEMM_MIN_ROWS
 
 
@@ -93,7 +93,7 @@ def _launch_config(code_dim: int, n_codes: int, bf16: bool, mode: str, device: t
       packed keys (up to K = 2^16), else 64 x 64 with 4 warps and 4 stages. tf32 (not swept): 64 x 64 in 32-feature slices, the
       bf16 lane shape at the same bytes per stage.
     - The GEMM route streams 32 x 128 dot tiles with 4 warps and 3 stages: its rows per launch are a GEMM block,
-      so short row tiles keep enough programs per launch (64-row tiles were up to 2.3x slower at K 16384).
+      so short row tiles keep enough programs per launch (64-row tiles lost at large K).
     Stages are then cut to what fits the device's shared memory. `block=(BLOCK_N, BLOCK_K[, BLOCK_D])`, `pack`
     and `gemm` override the rule (tests, sweeps); a `block` without `gemm=True` selects the in-kernel dots."""
     elt = 2 if bf16 else 4
