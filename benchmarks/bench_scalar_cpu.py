@@ -31,12 +31,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 import hf_vq  # noqa: E402
-from harness import Measurement, measure  # noqa: E402
+from harness import Measurement, import_vqp, measure  # noqa: E402
 
-try:
-    import vector_quantize_pytorch as vqp
-except ImportError as e:  # the comparison is the point of this script
-    raise SystemExit(f"pip install vector-quantize-pytorch==1.32.0 to run the comparison ({e!r})") from e
+vqp = import_vqp()
 
 
 @dataclass

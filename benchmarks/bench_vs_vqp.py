@@ -34,12 +34,9 @@ from typing import Callable
 import torch
 
 import hf_vq
-from harness import Measurement, fmt, measure
+from harness import Measurement, fmt, import_vqp, measure
 
-try:
-    import vector_quantize_pytorch as vqp
-except ImportError as e:  # the comparison is the point of this script
-    raise SystemExit("pip install vector-quantize-pytorch==1.32.0 to run the comparison") from e
+vqp = import_vqp()
 
 
 @dataclass

@@ -59,3 +59,12 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
 
 def fmt(value: float | None, spec: str = ".2f", missing: str = "—") -> str:
     return missing if value is None else format(value, spec)
+
+
+def import_vqp():
+    """vector-quantize-pytorch, which these comparisons need (a clear exit where it is missing)."""
+    try:
+        import vector_quantize_pytorch
+    except ImportError as e:
+        raise SystemExit(f"pip install vector-quantize-pytorch==1.32.0 to run the comparison ({e!r})") from e
+    return vector_quantize_pytorch
