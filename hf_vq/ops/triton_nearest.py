@@ -7,6 +7,7 @@ floor, so cuBLAS computes them (a bf16 copy of a block of rows times the bf16 co
 output, at most `GEMM_BLOCK_BYTES` of dots per block) and the kernel reads the dot tiles (`DOTS_GIVEN`); the
 selection, the exactness bound (it covers any fp32 summation order of the exact bf16 products) and the written
 codes are the same. (tf32 and `gemm=False` read wide rows in `BLOCK_D` slices per codebook tile instead.)
+
 Selection is lane-wise: lane `j` of a row keeps the best score (and its code) and the second-best score among
 codes `j, j + BLOCK_K, ...`, updated elementwise per tile (no per-tile reductions). After the loop the best
 `CANDIDATES` lane minima are popped one by one; every code not popped scores at least the last pop or its lane's
@@ -512,8 +513,7 @@ def nearest_code_triton(
     `(H, N, D)`), receives the winners' code rows (in its dtype). `block=(BLOCK_N, BLOCK_K[, BLOCK_D])` and `pack`
     override `launch_config`, `gemm` its route (dots from a cuBLAS GEMM or in the kernel), `gemm_rows` the rows per
     GEMM block (default: blocks of at most `GEMM_BLOCK_BYTES` of dots). `topk` (4 or 8): candidates popped per
-    row; 8 sends far fewer near-tie rows to the
-    fallback for a little more work after the codebook loop."""
+    row; 8 sends far fewer near-tie rows to the fallback for a little more work after the codebook loop."""
     if exact is not None:
         mode = "exact" if exact else "fast"
     if mode not in MODES:

@@ -79,9 +79,10 @@ def _launch_config(code_dim: int, n_codes: int, bf16: bool, mode: str, device: t
     Two routes. Rows that fit `RESIDENT_DIM` (and tf32 searches, and codebooks too large for `gemm_fits`) compute
     their dots in the kernel, next to the selection. Wider bf16 rows take the GEMM route (`gemm`): cuBLAS computes
     the dots of a block of rows against the whole codebook, and the kernel streams them (`BLOCK_N x BLOCK_K` fp32
-    tiles) through the same selection and fp32 re-score. In-kernel dots at wide rows run several times above the bf16 GEMM floor (the selection
-    state and the GEMM's tiles compete for registers; `benchmarks/RESULTS.md`), while the extra pass over the
-    dots costs `8 K` bytes per row against `2 K D` GEMM flops, a small share once `D > RESIDENT_DIM`.
+    tiles) through the same selection and fp32 re-score. In-kernel dots at wide rows run several times above the
+    bf16 GEMM floor (the selection state and the GEMM's tiles compete for registers; `benchmarks/RESULTS.md`),
+    while the extra pass over the dots costs `8 K` bytes per row against `2 K D` GEMM flops, a small share once
+    `D > RESIDENT_DIM`.
 
     The rule comes from `benchmarks/bench_nearest.py --sweep` on an H200 (table in `benchmarks/RESULTS.md`), which
     times a fixed set of candidates per (D, K): packed keys beat lane arrays wherever the tile bits allow them
@@ -90,8 +91,8 @@ def _launch_config(code_dim: int, n_codes: int, bf16: bool, mode: str, device: t
       with 4 warps below; without packed keys (K above 2^9 tiles) 64 x 32 with 4 warps and 4 stages. tf32: 128 x
       32 with 8 warps (the fp32 rows leave room for narrower codebook tiles only).
     - Wider rows with in-kernel dots are read in 64-feature slices: 128 x 128 with 8 warps and 3 stages with
-      packed keys (up to K = 2^16), else 64 x 64 with 4 warps and 4 stages. tf32 (not swept): 64 x 64 in 32-feature slices, the
-      bf16 lane shape at the same bytes per stage.
+      packed keys (up to K = 2^16), else 64 x 64 with 4 warps and 4 stages. tf32 (not swept): 64 x 64 in
+      32-feature slices, the bf16 lane shape at the same bytes per stage.
     - The GEMM route streams 32 x 128 dot tiles with 4 warps and 3 stages: its rows per launch are a GEMM block,
       so short row tiles keep enough programs per launch (64-row tiles lost at large K).
     Stages are then cut to what fits the device's shared memory. `block=(BLOCK_N, BLOCK_K[, BLOCK_D])`, `pack`
@@ -160,15 +161,9 @@ def gemm_dots(x_low: Tensor, c_low: Tensor) -> Tensor:
     in fp32 (cuBLAS with a float32 output on CUDA; the same products in a float32 GEMM elsewhere), which is the
     error model of the in-kernel dots. A shared codebook is one GEMM over all heads' rows."""
     H, n, D = x_low.shape
-    if c_low.shape[0] == 1:
-        return mm_fp32(x_low.reshape(H * n, D), c_low[0].T).view(H, n, -1)
-    if x_low.is_cuda:
-        return torch.bmm(x_low, c_low.mT, out_dtype=torch.float32)
-    return torch.bmm(x_low.float(), c_low.float().mT)
-
-
-def mm_fp32(a: Tensor, b: Tensor) -> Tensor:
-    """`a @ b` of bf16 matrices as float32 (products exact, fp32 sums)."""
+    a = x_low.reshape(1, H * n, D) if c_low.shape[0] == 1 else x_low
     if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
+        dots = torch.bmm(a, c_low.mT, out_dtype=torch.float32)
+    else:
+        dots = torch.bmm(a.float(), c_low.float().mT)
+    return dots.view(H, n, -1)
