@@ -9,10 +9,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..modeling_utils import QuantizerConfig, QuantizerModel, absorb_nested_kwargs, check_features, register_quantizer
+from ..modeling_utils import (QuantizerConfig, QuantizerModel, TokenLayout, absorb_nested_kwargs, check_features,
+                              register_quantizer)
 from .codebook import deferred_updates
 from .residual import (ResidualFSQ, ResidualFSQConfig, ResidualLFQ, ResidualLFQConfig, ResidualOutput,
                        ResidualQuantizerBase, ResidualVQ, ResidualVQConfig)
+from .residual_fused import fused_train_levels, lean_eval_levels, stack_groups
 
 
 class GroupedResidualConfig(QuantizerConfig):
@@ -73,19 +75,25 @@ class GroupedResidualBase(QuantizerModel):
         cutoff = first.dropout_cutoff(x.device) if first.uses_dropout() else None
         # every group's codebook updates applied together at the end: one all-reduce for all groups and levels
         codebooks = [cb for rvq in self.rvqs for cb in rvq.sync_codebooks()]
+        chunks = x.chunk(self.groups, dim=self.split_dim)
         with deferred_updates(codebooks, enabled=all(rvq.defers_updates() for rvq in self.rvqs)):
-            outs = [
-                rvq(chunk, mask=mask, return_all_codes=return_all_codes, return_dict=True, dropout_cutoff=cutoff,
-                    **kwargs)
-                for rvq, chunk in zip(self.rvqs, x.chunk(self.groups, dim=self.split_dim))
-            ]
+            outs = self._forward_groups_at_once(chunks, mask, cutoff, kwargs) if self.groups > 1 else None
+            if outs is None:
+                outs = [rvq(chunk, mask=mask, return_dict=True, dropout_cutoff=cutoff, **kwargs)
+                        for rvq, chunk in zip(self.rvqs, chunks)]
+        indices = torch.stack([o.indices for o in outs])
         output = ResidualOutput(
             quantized=torch.cat([o.quantized for o in outs], dim=self.split_dim),
-            indices=torch.stack([o.indices for o in outs]),
+            indices=indices,
             loss=None if outs[0].loss is None else torch.stack([o.loss for o in outs]),
-            all_codes=torch.stack([o.all_codes for o in outs]) if return_all_codes else None,
+            all_codes=self.get_codes_from_indices(indices) if return_all_codes else None,
         )
         return self._output(output, return_dict)
+
+    def _forward_groups_at_once(self, chunks, mask, cutoff, kwargs) -> list[ResidualOutput] | None:
+        """Every group's output from one pass over all groups (a subclass whose fast paths take a group axis),
+        or None: each group is called in turn."""
+        return None
 
 
 class GroupedResidualVQConfig(GroupedResidualConfig):
@@ -131,10 +139,36 @@ class GroupedResidualLFQConfig(GroupedResidualConfig):
 
 @register_quantizer
 class GroupedResidualVQ(GroupedResidualBase):
-    """Grouped ResidualVQ: the feature dim split into `groups`, each quantized by a [`ResidualVQ`]."""
+    """Grouped ResidualVQ: the feature dim split into `groups`, each quantized by a [`ResidualVQ`]. Where every
+    group may take one of ResidualVQ's fast paths (`residual_fused`), all groups run in one pass, the group being
+    a launch axis."""
 
     config_class = GroupedResidualVQConfig
     residual_class = ResidualVQ
+
+    def _forward_groups_at_once(self, chunks, mask, cutoff, kwargs) -> list[ResidualOutput] | None:
+        rvqs = list(self.rvqs)
+        layouts = [TokenLayout.of(c, channel_first=rvq.channel_first, strided_tokens=True)
+                   for rvq, c in zip(rvqs, chunks)]
+        rows = [rvq.level_rows(layout.to_tokens(c)) for rvq, layout, c in zip(rvqs, layouts, chunks)]
+        cutoff = rvqs[0].num_quantizers - 1 if cutoff is None else cutoff
+        books = [rvq._lean_eval_codebooks(mask, kwargs) for rvq in rvqs]
+        if all(b is not None for b in books):
+            quantized, indices = lean_eval_levels(stack_groups(rows), books)
+            losses = [torch.zeros(rvqs[0].num_quantizers, device=quantized.device)] * len(rvqs)
+        else:
+            levels = [rvq.fused_level_layers(r, mask, cutoff, kwargs) for rvq, r in zip(rvqs, rows)]
+            if any(group is None for group in levels):
+                return None
+            quantized, indices, loss = fused_train_levels(stack_groups(rows), levels, rvqs[0].num_quantizers)
+            losses = loss.unbind(0)
+        outs = []
+        for rvq, layout, r, q, idx, loss in zip(rvqs, layouts, rows, quantized, indices, losses):
+            q = q.view(r.shape)
+            q = rvq.project_out(q) if rvq.has_projections else q
+            outs.append(ResidualOutput(quantized=layout.from_tokens(q),
+                                       indices=layout.indices_from_tokens(idx.view(*r.shape[:-1], -1)), loss=loss))
+        return outs
 
 
 @register_quantizer

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -24,12 +23,12 @@ from .. import distributed
 from ..modeling_utils import (QuantizerConfig, QuantizerModel, QuantizerOutput, TokenLayout, absorb_nested_kwargs,
                               check_features, register_quantizer, validate_quantize_dropout)
 from ..ops.estimators import directional_reparam
-from ..ops.nearest import nearest_code
-from ..ops.triton_residual import level_inputs, residual_step_, residual_train_levels, train_levels_ok
-from .codebook import Codebook, CodebookStats, StatsUpdate, deferred_updates
+from ..ops.triton_residual import train_levels_ok
+from .codebook import Codebook, deferred_updates
 from .qinco import (QincoMLP, check_mlp_kwargs, implicit_codes_from_indices, implicit_forward_levels,
                     vqp_implicit_codebook)
 from .qinco import check_level_options as check_implicit_level_options
+from .residual_fused import fused_train_levels, lean_eval_levels, stack_groups
 from .residual_options import (beam_search_forward, check_beam_options, check_level_codebook_sizes, check_level_indices,
                                check_quant_grad_frac, frac_gradient, level_codebook_sizes, level_overrides,
                                vqp_codebook_size)
@@ -485,53 +484,30 @@ class ResidualVQ(ResidualQuantizerBase):
     def _level_codes(self, level, layer, indices):
         return layer.codebook[indices]
 
-    def _fused_levels(self, residual, mask, cutoff, level_kwargs):
-        """The training levels by `residual_train_levels` (the kernels, one autograd node) when every kept level's
-        plan has `fused_levels`; then every level's EMA update at once and, if a code fell below its threshold,
-        dead-code expiry. Deferring the updates to the end changes nothing: each level's codes come from its
-        codebook before its own update, and no level reads another's codebook."""
+    def fused_level_layers(self, residual: Tensor, mask, cutoff: int, level_kwargs) -> list[VectorQuantize] | None:
+        """The kept levels `0..cutoff` when this training call may take the fused levels (`fused_train_levels`):
+        no mask, no per-call level options, no shared codebook, one codebook size, `quant_grad_frac` 0, a
+        differentiable float32 input the kernels serve, and every kept level's plan has `fused_levels`; else
+        None. Deferring the updates to the end changes nothing: each level's codes come from its codebook before
+        its own update, and no level reads another's codebook."""
         if (not self.training or mask is not None or level_kwargs or self.shared_codebook
-                or not self.uniform_codebook_size or self.quant_grad_frac > 0
-                or not (residual.requires_grad and torch.is_grad_enabled())):
+                or not self.uniform_codebook_size or self.quant_grad_frac > 0 or self.implicit_neural_codebook
+                or self._call_beam_size(level_kwargs) > 1 or not (residual.requires_grad and torch.is_grad_enabled())):
             return None
-        flat = residual.reshape(-1, residual.shape[-1])
         levels = list(self.layers)[: cutoff + 1]
-        if not train_levels_ok(flat) or not all(layer.plan.fused_levels for layer in levels):
+        if not train_levels_ok(stack_groups([residual])) or not all(layer.plan.fused_levels for layer in levels):
             return None
-        books = torch.stack([layer._codebook.embed.detach()[0] for layer in levels])  # the snapshot backward reads
-        quantized, commits, indices, counts, sums = residual_train_levels(flat, books)
-        self._record_level_updates(levels, flat, books, indices, counts, sums)
-        weight = levels[0].commitment_weight  # (all levels are built from one config)
-        loss = commits * weight if weight != 1 else commits
-        all_indices = indices.new_full((flat.shape[0], self.num_quantizers), -1)  # dropped levels: -1, loss 0
-        all_indices[:, : len(levels)] = indices.t()
-        if len(levels) < self.num_quantizers:
-            loss = torch.cat([loss, loss.new_zeros(self.num_quantizers - len(levels))])
-        return quantized.view(residual.shape), all_indices.view(*residual.shape[:-1], -1), loss
+        return levels
 
-    @staticmethod
-    def _record_level_updates(levels: list[VectorQuantize], flat: Tensor, books: Tensor, indices: Tensor,
-                              counts: Tensor, sums: Tensor) -> None:
-        """Every level's codebook update from its batch statistics `counts (L, K)`, `sums (L, K, d)`, applied
-        together (`apply_updates`: one all-reduce, one multi-tensor EMA step) at the end of this call, or of the
-        grouped quantizer's step that this one is part of. Dead-code expiry reads the levels' inputs, recomputed
-        only when a code expired."""
-        inputs: list[Tensor] = []
-
-        def level_input(level: int) -> Tensor:
-            if not inputs:
-                inputs.extend(level_inputs(flat.detach(), books, indices))
-            return inputs[level].unsqueeze(0)
-
-        codebooks = [layer._codebook for layer in levels]
-        with deferred_updates(codebooks) as updates:
-            updates.updates.extend(
-                StatsUpdate(cb, CodebookStats(counts[i : i + 1], sums[i : i + 1]), partial(level_input, i), None,
-                            cb.ema_update, None, False)
-                for i, cb in enumerate(codebooks))
+    def _fused_levels(self, residual, mask, cutoff, level_kwargs):
+        levels = self.fused_level_layers(residual, mask, cutoff, level_kwargs)
+        if levels is None:
+            return None
+        quantized, indices, loss = fused_train_levels(stack_groups([residual]), [levels], self.num_quantizers)
+        return quantized.view(residual.shape), indices.view(*residual.shape[:-1], -1), loss[0]
 
     def _lean_eval_codebooks(self, mask, level_kwargs) -> list[Tensor] | None:
-        """Every level's codebook when this call may take the lean eval loop (`_forward_lean_eval`): not training,
+        """Every level's codebook when this call may take the lean eval loop (`lean_eval_levels`): not training,
         no mask, no per-call level options, and every level's plan has `lean_eval`."""
         if (self.training or mask is not None or level_kwargs or self.quant_grad_frac > 0 or self.eval_beam_size
                 or self.implicit_neural_codebook):
@@ -540,20 +516,15 @@ class ResidualVQ(ResidualQuantizerBase):
             return None
         return [layer._codebook.codes()[0] for layer in self.layers]
 
+    def level_rows(self, tokens: Tensor) -> Tensor:
+        """What the first level quantizes: `tokens (..., dim)` projected and prepared."""
+        return self._prepare(self.project_in(tokens) if self.has_projections else tokens)
+
     def _forward_lean_eval(self, x: Tensor, books: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """`(quantized, indices)` of the residual loop by `nearest_code` and a row lookup per level: the values
-        each level's forward returns outside training (the same search, codes cast to the input dtype), without
-        its per-call work (layout, heads, losses, perplexity, output object)."""
-        residual = self._prepare(self.project_in(x) if self.has_projections else x)
-        flat = residual.reshape(-1, residual.shape[-1]).clone(memory_format=torch.contiguous_format)  # ours
-        quantized_out = torch.zeros_like(flat)
-        indices = []
-        for book in books:
-            idx, _ = nearest_code(flat, book)
-            residual_step_(flat, quantized_out, book, idx)
-            indices.append(idx)
-        quantized = self.project_out(quantized_out.view(residual.shape))
-        return quantized, torch.stack(indices, dim=-1).view(*residual.shape[:-1], len(books))
+        rows = self.level_rows(x)
+        quantized, indices = lean_eval_levels(stack_groups([rows]), [books])
+        quantized = self.project_out(quantized.view(rows.shape))
+        return quantized, indices.view(*rows.shape[:-1], len(books))
 
     @classmethod
     def from_vector_quantize_pytorch(cls, module) -> "ResidualVQ":

@@ -1,5 +1,5 @@
 """The fused residual kernels (`hf_vq.ops.triton_residual`). `residual_step_` against PyTorch's lookup, sub and add:
-bit-equal float32 values, other dtypes through the PyTorch ops. `residual_train_levels` (ResidualVQ's fused
+bit-equal float32 values for one and several groups, other dtypes through the PyTorch ops. `residual_train_levels` (ResidualVQ's fused
 training levels) against every level's own forward: indices, output, losses, input gradient and every buffer after
 several steps, with dead-code expiry, projections, a commitment weight and quantize dropout. CPU under
 `TRITON_INTERPRET=1` (subprocess), and the GPU."""
@@ -19,20 +19,20 @@ CHECK = textwrap.dedent(
     from hf_vq.ops.triton_residual import residual_step_
     dev = sys.argv[1]
     g = torch.Generator().manual_seed(0)
-    shapes = [(37, 20, 5), (64, 16, 33), (1, 3, 1), (100, 1000, 7)]  # (N, d, K)
+    shapes = [(1, 37, 20, 5), (3, 64, 16, 33), (1, 1, 3, 1), (2, 100, 1000, 7)]  # (groups, N, d, K)
     if dev == "cuda":
-        shapes += [(131073, 128, 1024), (4099, 256, 8192)]
+        shapes += [(1, 131073, 128, 1024), (4, 4099, 256, 8192)]
     out = {}
-    for n, d, k in shapes:
+    for groups, n, d, k in shapes:
         for dt in (torch.float32, torch.bfloat16):
-            r = torch.randn(n, d, generator=g).to(dev, dt)
-            o = torch.randn(n, d, generator=g).to(dev, dt)
-            cb = torch.randn(k, d, generator=g).to(dev)
-            idx = torch.randint(0, k, (n,), generator=g).to(dev)
-            code = cb[idx].to(dt)
+            r = torch.randn(groups, n, d, generator=g).to(dev, dt)
+            o = torch.randn(groups, n, d, generator=g).to(dev, dt)
+            cb = torch.randn(groups, k, d, generator=g).to(dev)
+            idx = torch.randint(0, k, (groups, n), generator=g).to(dev)
+            code = torch.stack([cb[i][idx[i]] for i in range(groups)]).to(dt)  # each group's own codebook
             r_ref, o_ref = r - code, o + code
             residual_step_(r, o, cb, idx)
-            out[f"{n}x{d}x{k}-{dt}"] = torch.equal(r, r_ref) and torch.equal(o, o_ref)
+            out[f"{groups}x{n}x{d}x{k}-{dt}"] = torch.equal(r, r_ref) and torch.equal(o, o_ref)
     print("RESULT" + json.dumps(out))
     """
 )
@@ -127,6 +127,69 @@ TRAIN_CHECK = textwrap.dedent(
     print("RESULT" + json.dumps(out))
     """
 )
+GROUPED_CHECK = textwrap.dedent(
+    """
+    import copy, json, sys, torch
+    import hf_vq
+    from hf_vq.models import grouped
+    from hf_vq.models.codebook import Codebook
+    from hf_vq.ops import triton_nearest
+    dev = sys.argv[1]
+    if dev == "cpu":  # the interpreted search is slow and has its own tests
+        triton_nearest.available = lambda x: False
+    used, expired = [], []
+    for name in ("fused_train_levels", "lean_eval_levels"):  # which calls took the all-groups pass
+        fn = getattr(grouped, name)
+        setattr(grouped, name, lambda *a, _fn=fn, _name=name: used.append(_name) or _fn(*a))
+    replace_codes = Codebook.replace_codes
+    Codebook.replace_codes = lambda self, *a, **k: expired.append(1) or replace_codes(self, *a, **k)
+    at_once = grouped.GroupedResidualVQ._forward_groups_at_once
+    one_by_one = grouped.GroupedResidualBase._forward_groups_at_once
+
+    def step(model, x, together, seed, train):
+        grouped.GroupedResidualVQ._forward_groups_at_once = at_once if together else one_by_one
+        torch.manual_seed(seed)
+        x = x.clone().requires_grad_(train)
+        with torch.set_grad_enabled(train):
+            o = model.train(train)(x)
+            if train:
+                w = torch.randn(o.quantized.shape, device=x.device)
+                lw = torch.arange(1, o.loss.numel() + 1, device=x.device, dtype=o.loss.dtype).view(o.loss.shape)
+                ((o.quantized * w).sum() + (o.loss * lw).sum()).backward()
+        return o.indices, o.quantized.detach(), o.loss.detach(), x.grad
+
+    err = lambda p, q: float((p - q).abs().max() / (q.abs().max() + 1e-6))
+    dim, levels, size, n = (256, 4, 1024, 4099) if dev == "cuda" else (16, 3, 16, 50)
+    configs = dict(plain={}, dead_codes=dict(threshold_ema_dead_code=2),
+                   projected=dict(commitment_weight=0.25, codebook_dim=dim // 4),
+                   dropout=dict(quantize_dropout=True, quantize_dropout_cutoff_index=1),
+                   image=dict(accept_image_fmap=True))
+    out = {}
+    for name, kw in configs.items():
+        torch.manual_seed(0)
+        model = hf_vq.GroupedResidualVQ(dim=dim, groups=2, num_quantizers=levels, codebook_size=size, decay=0.9,
+                                        **kw).to(dev)
+        ref = copy.deepcopy(model)
+        r = dict(indices=True, value=0.0, loss=0.0, grad=0.0, state=0.0)
+        used.clear(); expired.clear()
+        for seed in range(3):
+            shape = (2, dim, 5, n // 10) if kw.get("accept_image_fmap") else (2, n // 2, dim)
+            x = torch.randn(shape, device=dev)
+            for train in (True, False):
+                ref.load_state_dict(model.state_dict())  # both from one state (atomics sum in any order)
+                p, q = step(model, x, True, seed, train), step(ref, x, False, seed, train)
+                r["indices"] &= bool(torch.equal(p[0], q[0]))
+                r["value"] = max(r["value"], err(p[1], q[1]))
+                r["loss"] = max(r["loss"], err(p[2], q[2]))
+                if train:
+                    r["grad"] = max(r["grad"], err(p[3], q[3]))
+                    r["state"] = max(r["state"], max(err(u, v) for u, v in zip(model.state_dict().values(),
+                                                                              ref.state_dict().values())
+                                                     if v.is_floating_point()))
+        out[name] = dict(r, used=used[:], expired=len(expired))
+    print("RESULT" + json.dumps(out))
+    """
+)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -177,3 +240,27 @@ def test_residual_train_levels_on_gpu():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "HF_VQ_DISABLE_TRITON")}
     _assert_train_levels(_run("cuda", env, TRAIN_CHECK))
+
+
+def _assert_grouped(res):
+    for name, r in res.items():
+        assert r["used"] == ["fused_train_levels", "lean_eval_levels"] * 3, (name, r)
+        assert r["indices"], (name, r)
+        assert r["value"] < 1e-5 and r["loss"] < 1e-5 and r["grad"] < 1e-5 and r["state"] < 1e-5, (name, r)
+    assert res["dead_codes"]["expired"] > 0 and res["plain"]["expired"] == 0, res
+
+
+def test_grouped_levels_at_once_interpreted_on_cpu():
+    """GroupedResidualVQ runs all its groups in one pass (the group a launch axis): the same indices, output,
+    losses, input gradient and state as each group's ResidualVQ called in turn, in training and eval."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("HF_VQ_DISABLE_TRITON", None)
+    _assert_grouped(_run("cpu", env, GROUPED_CHECK))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_grouped_levels_at_once_on_gpu():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "HF_VQ_DISABLE_TRITON")}
+    _assert_grouped(_run("cuda", env, GROUPED_CHECK))
