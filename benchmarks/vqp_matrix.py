@@ -140,6 +140,8 @@ def run_matrix(device, quick: bool, measure_pair: Callable, only: list[str] | No
         tokens = x.numel() // (x.shape[1] if spec.channel_first else x.shape[-1])
         row = dict(name=spec.name, tokens=tokens, note="")
         for train in (False, True):
+            ours.train(train)  # eval rows run both modules in eval mode (training mode updates codebooks)
+            theirs.train(train)
             try:
                 m_ours, m_theirs = measure_pair(ours, theirs, x, train, device, 1)
             except Exception as e:

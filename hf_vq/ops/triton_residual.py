@@ -59,11 +59,11 @@ if HAS_TRITON:
     from .triton_rotation import frame_of, rotated, rotated_grad
 
     @triton.jit
-    def _train_step(RESIDUAL, OUT, CODEBOOK, INDEX, COUNTS, SUMS, LOSS_PARTS, n_rows, dim, n_codes,
+    def _train_step(RESIDUAL, OUT, CODEBOOK, INDEX, COUNTS, SUMS, LOSS_PARTS, n_rows, dim, n_codes, n_parts,
                     BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, STATS: tl.constexpr):
         """One level for BLOCK_ROWS rows of group `program_id(1)`: `RESIDUAL -= rot`, and with STATS `OUT += rot`,
         the rows added to their codes' EMA statistics (COUNTS `(G, n_codes)`, SUMS `(G, n_codes, dim)`, atomics)
-        and the commitment loss's partial sum `sum((c - r)^2)` into LOSS_PARTS `(G, programs)`; `rot` is the
+        and the commitment loss's partial sum `sum((c - r)^2)` into LOSS_PARTS `(G, n_parts)`; `rot` is the
         rotation trick of the residual towards its code. Without STATS only RESIDUAL moves (replaying the levels'
         inputs; OUT, COUNTS, SUMS, LOSS_PARTS are None). RESIDUAL, OUT: contiguous float32 `(G, n_rows, dim)`;
         CODEBOOK `(G, n_codes, dim)`; INDEX int64 `(G, n_rows)`."""
@@ -88,7 +88,7 @@ if HAS_TRITON:
             tl.atomic_add(COUNTS + group * n_codes + idx, tl.full([BLOCK_ROWS], 1.0, tl.float32), mask=row_mask,
                           sem="relaxed")
             diff = c - r
-            tl.store(LOSS_PARTS + group * tl.num_programs(0) + tl.program_id(0),
+            tl.store(LOSS_PARTS + group * n_parts + tl.program_id(0),
                      tl.sum(tl.sum(diff * diff, axis=1), axis=0))
             OUT += group * n_rows * dim
             o = tl.load(OUT + offs, mask=mask, other=0.0)
@@ -96,14 +96,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _train_bwd(X, GRAD_OUT, CODEBOOKS, INDICES, GRAD_LOSSES, GRAD_X, loss_scale, n_rows, dim, n_codes, n_levels,
-                   BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+                   n_groups, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
         """`GRAD_X` = the sum over levels of the rotation's gradient of GRAD_OUT plus `GRAD_LOSSES[l] *
         loss_scale * (r_l - c_l)`, the residual `r_l` recomputed level by level as in the forward (same
-        arithmetic, so the same values), for group `program_id(1)` of G. X, GRAD_OUT, GRAD_X: contiguous float32
-        `(G, n_rows, dim)`; CODEBOOKS `(n_levels, G, n_codes, dim)`; INDICES int64 `(n_levels, G, n_rows)`;
-        GRAD_LOSSES float32 `(n_levels, G)`."""
+        arithmetic, so the same values), for group `program_id(1)` of `n_groups` (G). X, GRAD_OUT, GRAD_X:
+        contiguous float32 `(G, n_rows, dim)`; CODEBOOKS `(n_levels, G, n_codes, dim)`; INDICES int64 `(n_levels, G,
+        n_rows)`; GRAD_LOSSES float32 `(n_levels, G)`."""
         group = tl.program_id(1).to(tl.int64)
-        groups = tl.num_programs(1)
         X += group * n_rows * dim
         GRAD_OUT += group * n_rows * dim
         GRAD_X += group * n_rows * dim
@@ -116,7 +115,7 @@ if HAS_TRITON:
         g = tl.load(GRAD_OUT + offs, mask=mask, other=0.0)
         gx = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
         for level in range(n_levels):
-            book = level * groups + group  # this group's codebook of the level
+            book = level * n_groups + group  # this group's codebook of the level
             idx = tl.load(INDICES + book * n_rows + rows, mask=row_mask, other=0)
             c = tl.load(CODEBOOKS + book * n_codes * dim + idx[:, None] * dim + cols[None, :], mask=mask, other=0.0)
             u, q, w, s = frame_of(r, c, 1e-6)
@@ -154,8 +153,8 @@ def _launch_step(r: Tensor, out: Tensor | None, book: Tensor, idx: Tensor, count
                  sums: Tensor | None, part: Tensor | None, stats: bool) -> None:
     groups, n, d = r.shape
     programs, block, block_d = row_blocks(n, d)
-    _train_step[(programs, groups)](r, out, book, idx, counts, sums, part, n, d, book.shape[1], BLOCK_ROWS=block,
-                                    BLOCK_D=block_d, STATS=stats, num_warps=row_warps(block_d))
+    _train_step[(programs, groups)](r, out, book, idx, counts, sums, part, n, d, book.shape[1], programs,
+                                    BLOCK_ROWS=block, BLOCK_D=block_d, STATS=stats, num_warps=row_warps(block_d))
 
 
 class _ResidualTrain(torch.autograd.Function):
@@ -189,7 +188,7 @@ class _ResidualTrain(torch.autograd.Function):
         gx = torch.empty_like(x)
         programs, block, block_d = row_blocks(n, d)
         _train_bwd[(programs, groups)](x, g_out, books, indices, g_loss, gx, 2.0 / (n * d), n, d, num_codes, levels,
-                                       BLOCK_ROWS=block, BLOCK_D=block_d, num_warps=row_warps(block_d))
+                                       groups, BLOCK_ROWS=block, BLOCK_D=block_d, num_warps=row_warps(block_d))
         return gx, None, None
 
 
