@@ -25,6 +25,8 @@ WORKLOADS = {
     "VectorQuantize d256 K8192": ("hf_vq.VectorQuantize(dim=256, codebook_size=8192)", (1, 65536, 256)),
     "VectorQuantize d1024 K4096": ("hf_vq.VectorQuantize(dim=1024, codebook_size=4096)", (1, 65536, 1024)),
     "ResidualVQ 8x1024 d128": ("hf_vq.ResidualVQ(dim=128, num_quantizers=8, codebook_size=1024)", (1, 65536, 128)),
+    "GroupedResidualVQ groups 2, 4x1024 d256": (
+        "hf_vq.GroupedResidualVQ(dim=256, groups=2, num_quantizers=4, codebook_size=1024)", (1, 65536, 256)),
     "FSQ [8,8,8,5,5,5]": ("hf_vq.FSQ(levels=[8, 8, 8, 5, 5, 5])", (1, 65536, 6)),
 }
 

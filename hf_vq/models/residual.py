@@ -101,7 +101,8 @@ class ResidualVQConfig(QuantizerConfig):
             codebook_size = list(codebook_size)
         if num_quantizers is None:
             num_quantizers = len(codebook_size) if isinstance(codebook_size, list) else 8
-        self.dim, self.num_quantizers, self.codebook_size, self.codebook_dim = dim, num_quantizers, codebook_size, codebook_dim
+        self.dim, self.num_quantizers = dim, num_quantizers
+        self.codebook_size, self.codebook_dim = codebook_size, codebook_dim
         self.quant_grad_frac = quant_grad_frac
         self.beam_size, self.eval_beam_size = beam_size, eval_beam_size
         self.diveq = diveq

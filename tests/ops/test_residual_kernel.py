@@ -1,8 +1,9 @@
 """The fused residual kernels (`hf_vq.ops.triton_residual`). `residual_step_` against PyTorch's lookup, sub and add:
-bit-equal float32 values for one and several groups, other dtypes through the PyTorch ops. `residual_train_levels` (ResidualVQ's fused
-training levels) against every level's own forward: indices, output, losses, input gradient and every buffer after
-several steps, with dead-code expiry, projections, a commitment weight and quantize dropout. CPU under
-`TRITON_INTERPRET=1` (subprocess), and the GPU."""
+bit-equal float32 values for one and several groups, other dtypes through the PyTorch ops. `residual_train_levels`
+(ResidualVQ's fused training levels) against every level's own forward: indices, output, losses, input gradient and
+every buffer after several steps, with dead-code expiry, projections, a commitment weight and quantize dropout.
+GroupedResidualVQ's all-groups pass against its groups called in turn. CPU under `TRITON_INTERPRET=1`
+(subprocess), and the GPU."""
 
 import json
 import os
