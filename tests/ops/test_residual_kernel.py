@@ -212,35 +212,45 @@ def _assert_train_levels(res):
     assert res["dead_codes"]["expired"] > 0 and res["plain"]["expired"] == 0, res
 
 
-def test_residual_step_interpreted_on_cpu():
-    pytest.importorskip("triton")
+def _interpreter_env() -> dict:
+    """The kernels run by Triton's CPU interpreter."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("HF_VQ_DISABLE_TRITON", None)
-    _run("cpu", env)
+    return env
+
+
+def _gpu_env() -> dict:
+    """The kernels compiled for the GPU."""
+    return {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "HF_VQ_DISABLE_TRITON")}
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_residual_step_interpreted_on_cpu():
+    pytest.importorskip("triton")
+    _run("cpu", _interpreter_env())
 
 
 def test_residual_step_pytorch_path():
     _run("cpu", dict(os.environ, HF_VQ_DISABLE_TRITON="1"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_gpu
 def test_residual_step_on_gpu():
     pytest.importorskip("triton")
-    _run("cuda", {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "HF_VQ_DISABLE_TRITON")})
+    _run("cuda", _gpu_env())
 
 
 def test_residual_train_levels_interpreted_on_cpu():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("HF_VQ_DISABLE_TRITON", None)
-    _assert_train_levels(_run("cpu", env, TRAIN_CHECK))
+    _assert_train_levels(_run("cpu", _interpreter_env(), TRAIN_CHECK))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_gpu
 def test_residual_train_levels_on_gpu():
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "HF_VQ_DISABLE_TRITON")}
-    _assert_train_levels(_run("cuda", env, TRAIN_CHECK))
+    _assert_train_levels(_run("cuda", _gpu_env(), TRAIN_CHECK))
 
 
 def _assert_grouped(res):
@@ -255,13 +265,10 @@ def test_grouped_levels_at_once_interpreted_on_cpu():
     """GroupedResidualVQ runs all its groups in one pass (the group a launch axis): the same indices, output,
     losses, input gradient and state as each group's ResidualVQ called in turn, in training and eval."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("HF_VQ_DISABLE_TRITON", None)
-    _assert_grouped(_run("cpu", env, GROUPED_CHECK))
+    _assert_grouped(_run("cpu", _interpreter_env(), GROUPED_CHECK))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_gpu
 def test_grouped_levels_at_once_on_gpu():
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "HF_VQ_DISABLE_TRITON")}
-    _assert_grouped(_run("cuda", env, GROUPED_CHECK))
+    _assert_grouped(_run("cuda", _gpu_env(), GROUPED_CHECK))
