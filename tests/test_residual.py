@@ -134,19 +134,80 @@ def test_residual_fsq_parity_with_vqp(kwargs, train):
     torch.testing.assert_close(ours.get_codes_from_indices(idx), ref.get_codes_from_indices(idx))
 
 
+@pytest.mark.parametrize("clamp", [None, 2.0], ids=["one-pass-eval", "soft-clamp"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_residual_lfq_parity_with_vqp(train):
+def test_residual_lfq_parity_with_vqp(train, clamp):
     from vector_quantize_pytorch import ResidualLFQ as VqpResidualLFQ
 
     kwargs = dict(dim=8, num_quantizers=3, codebook_size=2**5, commitment_loss_weight=0.25,
-                  soft_clamp_input_value=2.0)
+                  soft_clamp_input_value=clamp)
     torch.manual_seed(0)
     ref = VqpResidualLFQ(**kwargs)
     ours = hf_vq.ResidualLFQ(**kwargs)
+    assert ours.eval_path == ("one_pass" if clamp is None else "per_level")
     ours.load_state_dict(ref.state_dict(), strict=False)  # vqp also saves each level's derived bit mask
     _parity(ref, ours, (2, 20, 8), train)
     idx = ours.eval()(torch.randn(2, 5, 8)).indices
     torch.testing.assert_close(ours.get_codes_from_indices(idx), ref.get_codes_from_indices(idx))
+
+
+# every LFQConfig field with a value other than its default: True where ResidualLFQ's one-pass eval still serves it
+# (the option acts only in training), False where it changes eval values (the per-level loop runs)
+_LFQ_OPTION_EVAL_PATHS = {
+    "entropy_loss_weight": (0.5, True), "commitment_loss_weight": (0.5, True), "diversity_gamma": (2.0, True),
+    "straight_through_activation": ("tanh", True), "frac_per_sample_entropy": (0.5, True),
+    "inv_temperature": (50.0, True), "entropy_loss_method": ("factorized", True),
+    "sync_codebook_entropy": (True, True), "experimental_softplus_entropy_loss": (True, True),
+    "entropy_loss_offset": (1.0, True),
+    "spherical": (True, False), "soft_clamp_input_value": (2.0, False), "orthogonal_rotation": (True, False),
+    "num_codebooks": (2, False), "keep_num_codebooks_dim": (True, False), "force_quantization_f32": (False, False),
+    "has_projections": (True, False), "projection_has_bias": (False, False), "cosine_sim_project_in": (True, False),
+    "cosine_sim_project_in_scale": (2.0, False), "channel_first": (True, False),
+}
+
+
+def test_residual_lfq_eval_path_walks_every_level_option():
+    """ResidualLFQ decides its eval path from the level config: every LFQ option is classified, the training-only
+    ones keep the one-pass loop, the others send the model to the level forwards; both give the same values."""
+    fixed = {"dim", "codebook_size", "codebook_scale", "check_inputs"}  # set per level by ResidualLFQ
+    assert set(_LFQ_OPTION_EVAL_PATHS) | fixed == set(hf_vq.LFQConfig.field_names())
+    torch.manual_seed(0)
+    x = torch.randn(2, 17, 12)
+    for name, (value, one_pass) in _LFQ_OPTION_EVAL_PATHS.items():
+        model = hf_vq.ResidualLFQ(dim=12, num_quantizers=3, codebook_size=2**4, **{name: value}).eval()
+        assert model.eval_path == ("one_pass" if one_pass else "per_level"), name
+        if one_pass:
+            with torch.no_grad():
+                lean = model(x)
+                model.eval_path = "per_level"
+                ref = model(x)
+            for key in ("quantized", "indices", "loss"):
+                assert torch.equal(getattr(lean, key), getattr(ref, key)), (name, key)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_lfq_one_pass_eval_equals_level_forwards(dtype):
+    """The one-pass eval loop (`residual_lfq`) gives each level's forward values: indices, codes in the input
+    dtype, zero losses; with and without projections, and in a grouped model."""
+    torch.manual_seed(0)
+    for model, dim in ((hf_vq.ResidualLFQ(dim=5, num_quantizers=4, codebook_size=2**5), 5),
+                       (hf_vq.ResidualLFQ(dim=24, num_quantizers=3, codebook_size=2**6), 24),
+                       (hf_vq.GroupedResidualLFQ(dim=10, groups=2, num_quantizers=3, codebook_size=2**5), 10)):
+        if dim == 24 and dtype != torch.float32:
+            continue  # (projections are float32 Linear layers: a bfloat16 input needs autocast, as vqp)
+        model.eval()
+        rvqs = model.rvqs if hasattr(model, "rvqs") else [model]
+        assert all(r.eval_path == "one_pass" for r in rvqs)
+        x = torch.randn(3, 40, dim).to(dtype)
+        with torch.no_grad():
+            lean = model(x)
+            for r in rvqs:
+                r.eval_path = "per_level"
+            ref = model(x)
+        assert lean.quantized.dtype == dtype and lean.indices.dtype == torch.int64
+        for key in ("quantized", "indices", "loss"):
+            assert torch.equal(getattr(lean, key), getattr(ref, key)), key
+        assert lean.indices.min() >= 0 and lean.indices.max() < 2 ** rvqs[0].layers[0].codebook_dim
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])

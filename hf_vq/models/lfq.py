@@ -297,6 +297,12 @@ class LFQ(QuantizerModel):
         """The implicit `(codebook_size, C)` codebook (built on demand: it is `2**C` rows)."""
         return self._codes_from_indices(torch.arange(self.codebook_size, device=self.device))
 
+    def bit_values(self, device: torch.device) -> Tensor:
+        """The place value of each bit on `device` (moved there once: a plain attribute, not a buffer)."""
+        if self._bit_values.device != device:
+            self._bit_values = self._bit_values.to(device)
+        return self._bit_values
+
     def _codes_from_indices(self, indices: Tensor) -> Tensor:
         bits = lfq_ops.bits_of(indices, self.codebook_dim)
         codes = lfq_ops.bits_to_codes(bits, self.codebook_scale)
@@ -465,9 +471,7 @@ class LFQ(QuantizerModel):
         codebook entropy, commitment))."""
         positive = x > 0
         quantized = lfq_ops.sign_codes(positive, self.codebook_scale, x.dtype)
-        if self._bit_values.device != x.device:
-            self._bit_values = self._bit_values.to(x.device)
-        indices = lfq_ops.bits_to_indices(positive, self._bit_values)
+        indices = lfq_ops.bits_to_indices(positive, self.bit_values(x.device))
         if self.spherical:
             quantized = lfq_ops.l2norm(quantized, self.codebook_scale)
         if not self.training:  # no aux loss, no straight-through estimator

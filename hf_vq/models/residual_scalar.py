@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ..modeling_utils import (QuantizerConfig, absorb_nested_kwargs, autocast_off, register_quantizer,
                              validate_quantize_dropout)
 from ..ops import fsq as fsq_ops
+from ..ops import lfq as lfq_ops
 from ..ops import triton_fsq
 from .fsq import FSQ, FSQConfig, check_levels
 from .lfq import LFQ, LFQConfig
@@ -189,7 +190,13 @@ class ResidualLFQConfig(QuantizerConfig):
 
 @register_quantizer
 class ResidualLFQ(ResidualQuantizerBase):
-    """Residual LFQ (vqp 1.32 semantics): LFQ levels with codebook scales 1, 1/2, 1/4, ..."""
+    """Residual LFQ (vqp 1.32 semantics): LFQ levels with codebook scales 1, 1/2, 1/4, ...
+
+    Outside training, `eval_path` (decided once, from the config) is `"one_pass"` when the levels quantize plain
+    signs (no soft clamp, spherical codes, rotation, several codebooks or level projections; the loss options do
+    not act outside training): the residual loop then runs as a few elementwise ops per level (`residual_lfq`)
+    instead of every level's forward, with the same values. Any other level option takes `"per_level"`, as do
+    training, masked calls and per-call level options."""
 
     config_class = ResidualLFQConfig
 
@@ -199,11 +206,23 @@ class ResidualLFQ(ResidualQuantizerBase):
         self._copy_loop_config(c)
         _projections(self, c.dim, int(math.log2(c.codebook_size)))
         self.layers = nn.ModuleList(LFQ(c.level_config(i)) for i in range(c.num_quantizers))
+        self.eval_path = "one_pass" if _plain_sign_levels(c) else "per_level"
         self.post_init()
 
     @property
     def codebook_size(self) -> int:
         return self.config.codebook_size
+
+    def _lean_eval_codebooks(self, mask, level_kwargs) -> list[float] | None:
+        """The levels' codebook scales when this call may take the one-pass eval loop, else None."""
+        if self.training or mask is not None or level_kwargs or self.eval_path != "one_pass":
+            return None
+        return [layer.codebook_scale for layer in self.layers]
+
+    def _forward_lean_eval(self, x: Tensor, scales: list[float]) -> tuple[Tensor, Tensor]:
+        rows = self.project_in(x) if self.has_projections else x
+        quantized, indices = residual_lfq(rows, scales, self.layers[0].bit_values(rows.device))
+        return (self.project_out(quantized) if self.has_projections else quantized), indices
 
     def _run_level(self, level, layer, residual, mask):
         with autocast_off(residual.device.type):
@@ -212,3 +231,39 @@ class ResidualLFQ(ResidualQuantizerBase):
 
     def _level_codes(self, level, layer, indices):
         return layer._codes_from_indices(indices)
+
+
+# the LFQ options that act only in training (its losses and their estimator); every other one changes eval values
+_LFQ_TRAINING_ONLY = frozenset({
+    "entropy_loss_weight", "commitment_loss_weight", "diversity_gamma", "straight_through_activation",
+    "frac_per_sample_entropy", "inv_temperature", "entropy_loss_method", "sync_codebook_entropy",
+    "experimental_softplus_entropy_loss", "entropy_loss_offset"})
+
+
+def _plain_sign_levels(config: ResidualLFQConfig) -> bool:
+    """Whether every level, outside training, is `sign_codes` of its input at its codebook scale with one codebook
+    and no projection: what `residual_lfq` computes. Reads the level configs, so an LFQ option not listed in
+    `_LFQ_TRAINING_ONLY` is honoured by sending the model to the per-level loop."""
+    for level in range(config.num_quantizers):
+        ours = config.level_config(level).to_kwargs()
+        plain = LFQConfig(dim=ours["dim"], codebook_scale=ours["codebook_scale"], check_inputs=False).to_kwargs()
+        if any(ours[k] != plain[k] for k in plain if k not in _LFQ_TRAINING_ONLY):
+            return False
+    return True
+
+
+def residual_lfq(x: Tensor, scales: list[float], bit_values: Tensor) -> tuple[Tensor, Tensor]:
+    """ResidualLFQ's levels outside training on rows `x (..., C)`: level i quantizes the residual to its signs at
+    scale `scales[i]` (`ops.lfq.sign_codes`), and the next level the residual less those codes. Returns the summed
+    codes `(..., C)` in `x`'s dtype and the indices `(..., levels)` int64: the values of each level's forward, by the
+    same ops, without the levels' module calls; the bits of all levels become indices at once."""
+    residual = x.clone(memory_format=torch.contiguous_format)  # (updated in place)
+    quantized = torch.zeros_like(residual)
+    signs = []
+    for scale in scales:
+        positive = residual > 0
+        codes = lfq_ops.sign_codes(positive, scale, residual.dtype)
+        residual.sub_(codes)
+        quantized.add_(codes)
+        signs.append(positive)
+    return quantized, lfq_ops.bits_to_indices(torch.stack(signs, dim=-2), bit_values)
