@@ -14,7 +14,7 @@ from ..modeling_utils import (QuantizerConfig, QuantizerModel, TokenLayout, abso
 from .codebook import deferred_updates
 from .residual import (ResidualFSQ, ResidualFSQConfig, ResidualLFQ, ResidualLFQConfig, ResidualOutput,
                        ResidualQuantizerBase, ResidualVQ, ResidualVQConfig)
-from .residual_fused import fused_train_levels, lean_eval_levels, stack_groups
+from .residual_fused import fused_train_levels, stack_groups
 
 
 class GroupedResidualConfig(QuantizerConfig):
@@ -91,8 +91,38 @@ class GroupedResidualBase(QuantizerModel):
         return self._output(output, return_dict)
 
     def _forward_groups_at_once(self, chunks, mask, cutoff, kwargs) -> list[ResidualOutput] | None:
-        """Every group's output from one pass over all groups (a subclass whose fast paths take a group axis),
-        or None: each group is called in turn."""
+        """Every group's output from one pass over all groups, their rows stacked (`residual_fused.stack_groups`),
+        where every group may take its residual class's lean eval loop, or (`_fused_train_groups`) its fused
+        training levels; else None: each group is called in turn."""
+        rvqs = list(self.rvqs)
+        books = [rvq._lean_eval_codebooks(mask, kwargs) for rvq in rvqs]
+        lean = all(b is not None for b in books)
+        if not lean and not self.fuses_training:
+            return None
+        layouts = [TokenLayout.of(c, channel_first=rvq.channel_first, strided_tokens=True)
+                   for rvq, c in zip(rvqs, chunks)]
+        rows = [rvq.level_rows(layout.to_tokens(c)) for rvq, layout, c in zip(rvqs, layouts, chunks)]
+        if lean:
+            quantized, indices = rvqs[0].lean_eval_rows(stack_groups(rows), books)
+            losses = [torch.zeros(rvqs[0].num_quantizers, device=quantized.device)] * len(rvqs)
+        else:
+            fused = self._fused_train_groups(rvqs, rows, mask, cutoff, kwargs)
+            if fused is None:
+                return None
+            quantized, indices, losses = fused
+        outs = []
+        for rvq, layout, r, q, idx, loss in zip(rvqs, layouts, rows, quantized, indices, losses):
+            q = q.view(r.shape)
+            q = rvq.project_out(q) if rvq.has_projections else q
+            outs.append(ResidualOutput(quantized=layout.from_tokens(q),
+                                       indices=layout.indices_from_tokens(idx.view(*r.shape[:-1], -1)), loss=loss))
+        return outs
+
+    fuses_training: ClassVar[bool] = False  # whether `_fused_train_groups` may run a training call
+
+    def _fused_train_groups(self, rvqs, rows, mask, cutoff, kwargs):
+        """`(quantized (G, N, d), indices (G, N, levels), per-group losses)` of a training call in one pass, or
+        None."""
         return None
 
 
@@ -146,29 +176,15 @@ class GroupedResidualVQ(GroupedResidualBase):
     config_class = GroupedResidualVQConfig
     residual_class = ResidualVQ
 
-    def _forward_groups_at_once(self, chunks, mask, cutoff, kwargs) -> list[ResidualOutput] | None:
-        rvqs = list(self.rvqs)
-        layouts = [TokenLayout.of(c, channel_first=rvq.channel_first, strided_tokens=True)
-                   for rvq, c in zip(rvqs, chunks)]
-        rows = [rvq.level_rows(layout.to_tokens(c)) for rvq, layout, c in zip(rvqs, layouts, chunks)]
+    fuses_training = True
+
+    def _fused_train_groups(self, rvqs, rows, mask, cutoff, kwargs):
         cutoff = rvqs[0].num_quantizers - 1 if cutoff is None else cutoff
-        books = [rvq._lean_eval_codebooks(mask, kwargs) for rvq in rvqs]
-        if all(b is not None for b in books):
-            quantized, indices = lean_eval_levels(stack_groups(rows), books)
-            losses = [torch.zeros(rvqs[0].num_quantizers, device=quantized.device)] * len(rvqs)
-        else:
-            levels = [rvq.fused_level_layers(r, mask, cutoff, kwargs) for rvq, r in zip(rvqs, rows)]
-            if any(group is None for group in levels):
-                return None
-            quantized, indices, loss = fused_train_levels(stack_groups(rows), levels, rvqs[0].num_quantizers)
-            losses = loss.unbind(0)
-        outs = []
-        for rvq, layout, r, q, idx, loss in zip(rvqs, layouts, rows, quantized, indices, losses):
-            q = q.view(r.shape)
-            q = rvq.project_out(q) if rvq.has_projections else q
-            outs.append(ResidualOutput(quantized=layout.from_tokens(q),
-                                       indices=layout.indices_from_tokens(idx.view(*r.shape[:-1], -1)), loss=loss))
-        return outs
+        levels = [rvq.fused_level_layers(r, mask, cutoff, kwargs) for rvq, r in zip(rvqs, rows)]
+        if any(group is None for group in levels):
+            return None
+        quantized, indices, loss = fused_train_levels(stack_groups(rows), levels, rvqs[0].num_quantizers)
+        return quantized, indices, loss.unbind(0)
 
 
 @register_quantizer
@@ -181,7 +197,8 @@ class GroupedResidualFSQ(GroupedResidualBase):
 
 @register_quantizer
 class GroupedResidualLFQ(GroupedResidualBase):
-    """Grouped ResidualLFQ: the feature dim split into `groups`, each quantized by a [`ResidualLFQ`]."""
+    """Grouped ResidualLFQ: the feature dim split into `groups`, each quantized by a [`ResidualLFQ`]; outside
+    training, where every group takes ResidualLFQ's one-pass eval loop, all groups run in one pass."""
 
     config_class = GroupedResidualLFQConfig
     residual_class = ResidualLFQ

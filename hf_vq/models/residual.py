@@ -209,9 +209,26 @@ class ResidualQuantizerBase(QuantizerModel):
         a subclass can run them all in one fused pass, else None (each level is called)."""
         return None
 
-    def _lean_eval_codebooks(self, mask, level_kwargs) -> list[Tensor] | None:
-        """Per-level codebooks when a subclass can run this call by its lean eval loop, else None."""
+    def _lean_eval_codebooks(self, mask, level_kwargs) -> list | None:
+        """Per-level codebooks (whatever `lean_eval_rows` reads) when a subclass can run this call by its lean
+        eval loop, else None."""
         return None
+
+    def lean_eval_rows(self, rows: Tensor, books: list[list]) -> tuple[Tensor, Tensor]:
+        """`(summed codes (G, N, d), indices (G, N, levels))` of the lean eval loop over G groups' rows `(G, N, d)`
+        of one shape (`books[g]`: group g's `_lean_eval_codebooks`); the subclasses that have the loop define it."""
+        raise NotImplementedError
+
+    def level_rows(self, tokens: Tensor) -> Tensor:
+        """What the first level quantizes: `tokens (..., dim)` projected and prepared."""
+        return self._prepare(self.project_in(tokens) if self.has_projections else tokens)
+
+    def _forward_lean_eval(self, x: Tensor, books: list) -> tuple[Tensor, Tensor]:
+        rows = self.level_rows(x)
+        quantized, indices = self.lean_eval_rows(stack_groups([rows]), [books])
+        quantized = quantized.view(rows.shape)
+        quantized = self.project_out(quantized) if self.has_projections else quantized
+        return quantized, indices.view(*rows.shape[:-1], -1)
 
     def _finish_step(self, level_inputs: list[Tensor], mask: Tensor | None) -> None:
         """Called once after all levels ran and their codebook updates were applied (ResidualVQ's shared codebook
@@ -517,15 +534,8 @@ class ResidualVQ(ResidualQuantizerBase):
             return None
         return [layer._codebook.codes()[0] for layer in self.layers]
 
-    def level_rows(self, tokens: Tensor) -> Tensor:
-        """What the first level quantizes: `tokens (..., dim)` projected and prepared."""
-        return self._prepare(self.project_in(tokens) if self.has_projections else tokens)
-
-    def _forward_lean_eval(self, x: Tensor, books: list[Tensor]) -> tuple[Tensor, Tensor]:
-        rows = self.level_rows(x)
-        quantized, indices = lean_eval_levels(stack_groups([rows]), [books])
-        quantized = self.project_out(quantized.view(rows.shape))
-        return quantized, indices.view(*rows.shape[:-1], len(books))
+    def lean_eval_rows(self, rows: Tensor, books: list[list[Tensor]]) -> tuple[Tensor, Tensor]:
+        return lean_eval_levels(rows, books)
 
     @classmethod
     def from_vector_quantize_pytorch(cls, module) -> "ResidualVQ":

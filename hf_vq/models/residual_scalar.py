@@ -219,10 +219,8 @@ class ResidualLFQ(ResidualQuantizerBase):
             return None
         return [layer.codebook_scale for layer in self.layers]
 
-    def _forward_lean_eval(self, x: Tensor, scales: list[float]) -> tuple[Tensor, Tensor]:
-        rows = self.project_in(x) if self.has_projections else x
-        quantized, indices = residual_lfq(rows, scales, self.layers[0].bit_values(rows.device))
-        return (self.project_out(quantized) if self.has_projections else quantized), indices
+    def lean_eval_rows(self, rows: Tensor, books: list[list[float]]) -> tuple[Tensor, Tensor]:
+        return residual_lfq(rows, books[0], self.layers[0].bit_values(rows.device))  # (groups share the scales)
 
     def _run_level(self, level, layer, residual, mask):
         with autocast_off(residual.device.type):

@@ -138,17 +138,19 @@ GROUPED_CHECK = textwrap.dedent(
     dev = sys.argv[1]
     if dev == "cpu":  # the interpreted search is slow and has its own tests
         triton_nearest.available = lambda x: False
+    from hf_vq.models import residual
     used, expired = [], []
-    for name in ("fused_train_levels", "lean_eval_levels"):  # which calls took the all-groups pass
-        fn = getattr(grouped, name)
-        setattr(grouped, name, lambda *a, _fn=fn, _name=name: used.append(_name) or _fn(*a))
+    for module, name in ((grouped, "fused_train_levels"), (residual, "lean_eval_levels")):  # the all-groups passes
+        fn = getattr(module, name)
+        setattr(module, name, lambda rows, *a, _fn=fn, _name=name: (rows.shape[0] > 1 and used.append(_name))
+                or _fn(rows, *a))
     replace_codes = Codebook.replace_codes
     Codebook.replace_codes = lambda self, *a, **k: expired.append(1) or replace_codes(self, *a, **k)
-    at_once = grouped.GroupedResidualVQ._forward_groups_at_once
-    one_by_one = grouped.GroupedResidualBase._forward_groups_at_once
+    at_once = grouped.GroupedResidualBase._forward_groups_at_once
+    one_by_one = lambda self, *a, **k: None  # (no all-groups pass: each group is called in turn)
 
     def step(model, x, together, seed, train):
-        grouped.GroupedResidualVQ._forward_groups_at_once = at_once if together else one_by_one
+        grouped.GroupedResidualBase._forward_groups_at_once = at_once if together else one_by_one
         torch.manual_seed(seed)
         x = x.clone().requires_grad_(train)
         with torch.set_grad_enabled(train):
