@@ -151,6 +151,43 @@ def test_residual_lfq_parity_with_vqp(train, clamp):
     torch.testing.assert_close(ours.get_codes_from_indices(idx), ref.get_codes_from_indices(idx))
 
 
+def test_grouped_vq_eval_in_one_pass_equals_groups_in_turn(monkeypatch):
+    """GroupedResidualVQ outside training runs its groups in one pass (the lean eval loop over stacked groups): the
+    same values as each group's ResidualVQ called in turn, for every input layout, and the same gradients for a
+    learnable codebook."""
+    from hf_vq.models.grouped import GroupedResidualBase
+
+    at_once = GroupedResidualBase._forward_groups_at_once
+    calls = []
+    monkeypatch.setattr(GroupedResidualBase, "_forward_groups_at_once",
+                        lambda self, *a, **k: calls.append(1) or at_once(self, *a, **k))
+    torch.manual_seed(0)
+    cases = [(dict(), (2, 30, 16)), (dict(accept_image_fmap=True), (2, 16, 3, 5)), (dict(codebook_dim=6), (2, 30, 16)),
+             (dict(learnable_codebook=True, ema_update=False), (2, 30, 16))]
+    for kwargs, shape in cases:
+        model = hf_vq.GroupedResidualVQ(dim=16, groups=2, num_quantizers=3, codebook_size=8, **kwargs).eval()
+        x = torch.randn(shape)
+        results = []
+        for together in (True, False):
+            if not together:
+                monkeypatch.setattr(GroupedResidualBase, "_forward_groups_at_once", lambda self, *a, **k: None)
+            model.zero_grad()
+            calls.clear()
+            out = model(x, return_all_codes=True)
+            out.quantized.square().sum().backward() if out.quantized.requires_grad else None
+            grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+            results.append((out, grads, len(calls)))
+        (a, grads_a, n_calls), (b, grads_b, _) = results
+        assert n_calls == 1 and a.indices.shape == (2, *b.indices.shape[1:])
+        for key in ("quantized", "indices", "loss", "all_codes"):
+            assert torch.equal(getattr(a, key), getattr(b, key)), (kwargs, key)
+        assert len(grads_a) == len(grads_b) and all(torch.equal(u, v) for u, v in zip(grads_a, grads_b))
+        book_grads = [rvq.layers[0]._codebook.embed.grad for rvq in model.rvqs]
+        assert all(g is not None for g in book_grads) == bool(kwargs.get("learnable_codebook"))
+        monkeypatch.setattr(GroupedResidualBase, "_forward_groups_at_once",
+                            lambda self, *a, **k: calls.append(1) or at_once(self, *a, **k))
+
+
 # every LFQConfig field with a value other than its default: True where ResidualLFQ's one-pass eval still serves it
 # (the option acts only in training), False where it changes eval values (the per-level loop runs)
 _LFQ_OPTION_EVAL_PATHS = {
