@@ -49,6 +49,7 @@ class GroupedResidualBase(QuantizerModel):
     """`groups` residual quantizers over equal slices of the features; one dropout cutoff for all groups."""
 
     residual_class: ClassVar[type] = ResidualQuantizerBase
+    fuses_training: ClassVar[bool] = False  # whether `_fused_train_groups` may run a training call in one pass
 
     def __init__(self, config=None, **kwargs):
         super().__init__(config, **kwargs)
@@ -118,8 +119,6 @@ class GroupedResidualBase(QuantizerModel):
                                        indices=layout.indices_from_tokens(idx.view(*r.shape[:-1], -1)), loss=loss))
         return outs
 
-    fuses_training: ClassVar[bool] = False  # whether `_fused_train_groups` may run a training call
-
     def _fused_train_groups(self, rvqs, rows, mask, cutoff, kwargs):
         """`(quantized (G, N, d), indices (G, N, levels), per-group losses)` of a training call in one pass, or
         None."""
@@ -175,7 +174,6 @@ class GroupedResidualVQ(GroupedResidualBase):
 
     config_class = GroupedResidualVQConfig
     residual_class = ResidualVQ
-
     fuses_training = True
 
     def _fused_train_groups(self, rvqs, rows, mask, cutoff, kwargs):
