@@ -37,7 +37,8 @@ def perplexity(indices: Tensor, num_codes: int, mask: Tensor | None, counts: Ten
             counts = ema_ops.code_counts(ema_ops.head_code_ids(indices, num_codes), heads * num_codes, weights)
             counts = counts.view(heads, num_codes)
         prob = counts / counts.sum(-1, keepdim=True).clamp(min=1)
-    return torch.special.entr(prob).sum(-1).exp().mean()  # entr(p) = -p log p, 0 at p = 0
+    per_head = torch.special.entr(prob).sum(-1).exp()  # entr(p) = -p log p, 0 at p = 0
+    return per_head.view(()) if per_head.numel() == 1 else per_head.mean()  # (one head: no reduction launch)
 
 
 def masked_mse(a: Tensor, b: Tensor, mask: Tensor | None) -> Tensor:
