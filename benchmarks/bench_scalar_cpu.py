@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 import hf_vq  # noqa: E402
-from harness import Measurement, import_vqp, measure  # noqa: E402
+from harness import Measurement, import_vqp, measure, step  # noqa: E402
 
 vqp = import_vqp()
 
@@ -102,26 +102,6 @@ _EVAL_ONLY = ("LFQ 2^16", "LFQ 2^18")
 _SLOW_VQP_TRAIN_ON_CPU = ("LFQ", "ResidualLFQ")
 
 
-def _step(module: torch.nn.Module, x: torch.Tensor, train: bool, ours: bool) -> Callable[[], None]:
-    def run():
-        if not train:
-            with torch.no_grad():
-                module(x)
-            return
-        xi = x.detach().requires_grad_()
-        out = module(xi)
-        if ours:
-            q, loss = out.quantized, out.loss
-        else:
-            q, loss = out[0], (out[2] if len(out) > 2 and isinstance(out[2], torch.Tensor) else None)
-        total = q.float().sum()
-        if loss is not None and loss.requires_grad:
-            total = total + loss.float().sum()
-        total.backward()
-
-    return run
-
-
 def _measure_cpu_time(fn: Callable[[], None], iters: int) -> Measurement:
     """Median CPU time of `fn()` in this process (all threads), after warm-up."""
     for _ in range(3):
@@ -178,8 +158,8 @@ def main() -> None:
             tokens = x.numel() // (x.shape[1] if x.ndim != 3 or "LatentQuantize" in case.name else x.shape[-1])
             timer = (lambda fn: _measure_cpu_time(fn, args.repeat)) if args.clock == "process" and \
                 device.type == "cpu" else (lambda fn: measure(fn, device, iters=args.repeat))
-            m_ours = timer(_step(ours, x, train, True))
-            m_theirs = timer(_step(theirs, x, train, False))
+            m_ours = timer(step(ours, x, train, True))
+            m_theirs = timer(step(theirs, x, train, False))
             ratio = m_theirs.ms / m_ours.ms if m_ours.ms and m_theirs.ms else None
             ratios.append(ratio)
             gib = lambda m: "—" if m.peak_gib is None else f"{m.peak_gib:.3f}"  # noqa: E731

@@ -29,12 +29,11 @@ import os
 import platform
 import statistics
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 import hf_vq
-from harness import Measurement, fmt, import_vqp, measure
+from harness import Measurement, fmt, import_vqp, measure, step
 
 vqp = import_vqp()
 
@@ -48,25 +47,6 @@ class Row:
     floor_ms: float | None = None
     agree_ours: float | None = None
     agree_theirs: float | None = None
-
-
-def _step(module, x: torch.Tensor, train: bool, ours: bool) -> Callable[[], None]:
-    """One eval forward, or one training step (forward + backward of quantized.sum() + aux loss)."""
-
-    def run():
-        if train:
-            xi = x.detach().requires_grad_()
-            out = module(xi)
-            q, loss = (out.quantized, out.loss) if ours else (out[0], out[-1])
-            total = q.float().sum()
-            if loss is not None and loss.requires_grad:  # (ResidualVQ: one loss per level)
-                total = total + loss.float().sum()
-            total.backward()
-        else:
-            with torch.no_grad():
-                module(x)
-
-    return run
 
 
 def _gemm_floor(n: int, k: int, d: int, device) -> float | None:
@@ -131,8 +111,8 @@ def _measure_pair(ours, theirs, x, train: bool, device, repeat: int) -> tuple[Me
     on a busy host); each side's median over the repeats, and its largest peak."""
     runs = []
     for _ in range(repeat):
-        m_ours = measure(_step(ours, x, train, True), device)
-        m_theirs = measure(_step(theirs, x, train, False), device) if theirs is not None else \
+        m_ours = measure(step(ours, x, train, True), device)
+        m_theirs = measure(step(theirs, x, train, False), device) if theirs is not None else \
             Measurement(None, None, "not run")
         runs.append((m_ours, m_theirs))
 
@@ -278,7 +258,8 @@ def _fsp_binary_mapper_rows(add, device, s: int) -> None:
 
 
 class _LossAt(torch.nn.Module):
-    """A vqp module whose tuple holds its loss at `index` (not last, where `_step` reads it): `(output, loss)`."""
+    """A vqp module whose tuple holds its loss at `index` (not last, where `harness.step` reads it): `(output,
+    loss)`."""
 
     def __init__(self, module: torch.nn.Module, index: int):
         super().__init__()

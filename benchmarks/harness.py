@@ -57,6 +57,27 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
     return Measurement(statistics.median(times), peak)
 
 
+def step(module: torch.nn.Module, x: torch.Tensor, train: bool, ours: bool) -> Callable[[], None]:
+    """One eval forward (no gradient), or one training step: forward, then backward of `quantized.float().sum()`
+    plus the aux loss where it has a gradient. hf_vq's output gives `quantized` and `loss`; a vqp tuple gives its
+    first element and its last, which is the loss when it is a tensor with a gradient (FSQ's last is its
+    indices)."""
+
+    def run():
+        if not train:
+            with torch.no_grad():
+                module(x)
+            return
+        out = module(x.detach().requires_grad_())
+        q, loss = (out.quantized, out.loss) if ours else (out[0], out[-1])
+        total = q.float().sum()
+        if isinstance(loss, torch.Tensor) and loss.requires_grad:  # (ResidualVQ: one loss per level)
+            total = total + loss.float().sum()
+        total.backward()
+
+    return run
+
+
 def fmt(value: float | None, spec: str = ".2f", missing: str = "—") -> str:
     return missing if value is None else format(value, spec)
 

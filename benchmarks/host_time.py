@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.dirname(__file__))
 
 import hf_vq  # noqa: E402
-from harness import import_vqp  # noqa: E402
+from harness import import_vqp, step  # noqa: E402
 
 vqp = import_vqp()
 
@@ -86,33 +86,6 @@ def cases() -> list[Case]:
              _pair(hf_vq.GroupedResidualLFQ, vqp.GroupedResidualLFQ, codebook_size=2**10, groups=2,
                    num_quantizers=4, dim=64), (2, 8, 64)),
     ]
-
-
-def _quantized_and_loss(out, ours: bool):
-    if ours:
-        return out.quantized, out.loss
-    loss = out[-1] if isinstance(out[-1], torch.Tensor) and out[-1].requires_grad else None
-    if len(out) == 2:  # FSQ: (quantized, indices)
-        loss = None
-    return out[0], loss
-
-
-def step(module: torch.nn.Module, x: torch.Tensor, train: bool, ours: bool) -> Callable[[], None]:
-    """One eval forward, or one training step (forward + backward of quantized.sum() + aux loss)."""
-
-    def run():
-        if not train:
-            with torch.no_grad():
-                module(x)
-            return
-        xi = x.detach().requires_grad_()
-        q, loss = _quantized_and_loss(module(xi), ours)
-        total = q.sum()
-        if loss is not None and loss.requires_grad:
-            total = total + loss.sum()
-        total.backward()
-
-    return run
 
 
 class _OpCounter(TorchDispatchMode):

@@ -18,21 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import hf_vq
-
-
-def _step(module, x, train):
-    def run():
-        if train:
-            xi = x.detach().requires_grad_()
-            out = module(xi)
-            total = out.quantized.float().sum()
-            if out.loss is not None and out.loss.requires_grad:
-                total = total + out.loss.float().sum()
-            total.backward()
-        else:
-            with torch.no_grad():
-                module(x)
-    return run
+from harness import step
 
 
 def _profile(name, fn, rows):
@@ -108,7 +94,7 @@ def main():
         if args.only and args.only not in name:
             continue
         m.train(train)
-        _profile(name, _step(m, xx, train), args.rows)
+        _profile(name, step(m, xx, train, ours=True), args.rows)
 
 
 if __name__ == "__main__":
