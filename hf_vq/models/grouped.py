@@ -14,7 +14,7 @@ from ..modeling_utils import (QuantizerConfig, QuantizerModel, TokenLayout, abso
 from .codebook import deferred_updates
 from .residual import (ResidualFSQ, ResidualFSQConfig, ResidualLFQ, ResidualLFQConfig, ResidualOutput,
                        ResidualQuantizerBase, ResidualVQ, ResidualVQConfig)
-from .residual_fused import fused_train_levels, stack_groups
+from .residual_fused import copy_groups, fused_train_levels, stack_groups
 
 
 class GroupedResidualConfig(QuantizerConfig):
@@ -92,7 +92,7 @@ class GroupedResidualBase(QuantizerModel):
         return self._output(output, return_dict)
 
     def _forward_groups_at_once(self, chunks, mask, cutoff, kwargs) -> list[ResidualOutput] | None:
-        """Every group's output from one pass over all groups, their rows stacked (`residual_fused.stack_groups`),
+        """Every group's output from one pass over all groups, their rows stacked (`residual_fused`),
         where every group may take its residual class's lean eval loop, or (`_fused_train_groups`) its fused
         training levels; else None: each group is called in turn."""
         rvqs = list(self.rvqs)
@@ -104,7 +104,7 @@ class GroupedResidualBase(QuantizerModel):
                    for rvq, c in zip(rvqs, chunks)]
         rows = [rvq.level_rows(layout.to_tokens(c)) for rvq, layout, c in zip(rvqs, layouts, chunks)]
         if lean:
-            quantized, indices = rvqs[0].lean_eval_rows(stack_groups(rows), books)
+            quantized, indices = rvqs[0].lean_eval_rows(copy_groups(rows), books)
             losses = [torch.zeros(rvqs[0].num_quantizers, device=quantized.device)] * len(rvqs)
         else:
             fused = self._fused_train_groups(rvqs, rows, mask, cutoff, kwargs)

@@ -28,7 +28,7 @@ from .codebook import Codebook, deferred_updates
 from .qinco import (QincoMLP, check_mlp_kwargs, implicit_codes_from_indices, implicit_forward_levels,
                     vqp_implicit_codebook)
 from .qinco import check_level_options as check_implicit_level_options
-from .residual_fused import fused_train_levels, lean_eval_levels, stack_groups
+from .residual_fused import copy_groups, fused_train_levels, lean_eval_levels, stack_groups
 from .residual_options import (beam_search_forward, check_beam_options, check_level_codebook_sizes, check_level_indices,
                                check_quant_grad_frac, frac_gradient, level_codebook_sizes, level_overrides,
                                vqp_codebook_size)
@@ -225,7 +225,7 @@ class ResidualQuantizerBase(QuantizerModel):
 
     def _forward_lean_eval(self, x: Tensor, books: list) -> tuple[Tensor, Tensor]:
         rows = self.level_rows(x)
-        quantized, indices = self.lean_eval_rows(stack_groups([rows]), [books])
+        quantized, indices = self.lean_eval_rows(copy_groups([rows]), [books])
         quantized = quantized.view(rows.shape)
         quantized = self.project_out(quantized) if self.has_projections else quantized
         return quantized, indices.view(*rows.shape[:-1], -1)
@@ -513,7 +513,7 @@ class ResidualVQ(ResidualQuantizerBase):
                 or self._call_beam_size(level_kwargs) > 1 or not (residual.requires_grad and torch.is_grad_enabled())):
             return None
         levels = list(self.layers)[: cutoff + 1]
-        if not train_levels_ok(stack_groups([residual])) or not all(layer.plan.fused_levels for layer in levels):
+        if not train_levels_ok(residual) or not all(layer.plan.fused_levels for layer in levels):
             return None
         return levels
 

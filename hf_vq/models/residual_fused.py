@@ -25,10 +25,16 @@ from .codebook import CodebookStats, StatsUpdate, deferred_updates
 
 
 def stack_groups(rows: list[Tensor]) -> Tensor:
-    """`(G, N, d)` from G groups' `(..., d)` rows: a view for one group, one copy for several."""
+    """`(G, N, d)` from G groups' `(..., d)` rows of one shape: a view for one group, one copy for several."""
     if len(rows) == 1:
         return rows[0].reshape(1, -1, rows[0].shape[-1])
     return torch.stack([r.reshape(-1, r.shape[-1]) for r in rows])
+
+
+def copy_groups(rows: list[Tensor]) -> Tensor:
+    """`(G, N, d)` from G groups' `(..., d)` rows of one shape: one contiguous copy, whatever their layout (the
+    lean eval loops update it in place)."""
+    return torch.stack(rows).reshape(len(rows), -1, rows[0].shape[-1])
 
 
 def _stack_level_books(books: list[list[Tensor]]) -> list[Tensor]:
@@ -40,9 +46,10 @@ def _stack_level_books(books: list[list[Tensor]]) -> list[Tensor]:
 
 def lean_eval_levels(rows: Tensor, books: list[list[Tensor]]) -> tuple[Tensor, Tensor]:
     """`(quantized (G, N, d), indices (G, N, L))` of the residual loop over rows `(G, N, d)` (float32 or the input
-    dtype) with group g's level-l codebook `books[g][l] (K_l, d)`: the values each level's forward returns outside
-    training (the same search; codes cast to the rows' dtype), differentiable in a learnable codebook."""
-    residual = rows.clone(memory_format=torch.contiguous_format)  # (updated in place)
+    dtype; contiguous, updated in place into the last residual: the caller's copy, `copy_groups`) with group g's
+    level-l codebook `books[g][l] (K_l, d)`: the values each level's forward returns outside training (the same
+    search; codes cast to the rows' dtype), differentiable in a learnable codebook."""
+    residual = rows
     quantized = torch.zeros_like(residual)
     indices = []
     for book in _stack_level_books(books):

@@ -251,11 +251,12 @@ def _plain_sign_levels(config: ResidualLFQConfig) -> bool:
 
 
 def residual_lfq(x: Tensor, scales: list[float], bit_values: Tensor) -> tuple[Tensor, Tensor]:
-    """ResidualLFQ's levels outside training on rows `x (..., C)`: level i quantizes the residual to its signs at
-    scale `scales[i]` (`ops.lfq.sign_codes`), and the next level the residual less those codes. Returns the summed
-    codes `(..., C)` in `x`'s dtype and the indices `(..., levels)` int64: the values of each level's forward, by the
-    same ops, without the levels' module calls; the bits of all levels become indices at once."""
-    residual = x.clone(memory_format=torch.contiguous_format)  # (updated in place)
+    """ResidualLFQ's levels outside training on rows `x (..., C)` (updated in place into the last residual: the
+    caller's copy): level i quantizes the residual to its signs at scale `scales[i]` (`ops.lfq.sign_codes`), and
+    the next level the residual less those codes. Returns the summed codes `(..., C)` in `x`'s dtype and the
+    indices `(..., levels)` int64: the values of each level's forward, by the same ops, without the levels' module
+    calls; the bits of all levels become indices at once."""
+    residual = x
     quantized = torch.zeros_like(residual)
     signs = []
     for scale in scales:

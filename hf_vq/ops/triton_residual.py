@@ -144,9 +144,9 @@ def residual_step_(residual: Tensor, out: Tensor, codebook: Tensor, idx: Tensor)
 
 
 def train_levels_ok(x: Tensor) -> bool:
-    """Whether `residual_train_levels` can serve `x (G, N, d)`: float32 rows of at most MAX_DIM, kernels
-    available."""
-    return x.dtype == torch.float32 and x.dim() == 3 and x.shape[1] > 0 and kernel_ok(x, MAX_DIM)
+    """Whether `residual_train_levels` can serve rows `x (..., d)` (metadata only): float32, at least one row, at
+    most MAX_DIM features, kernels available."""
+    return x.dtype == torch.float32 and x.numel() > 0 and kernel_ok(x, MAX_DIM)
 
 
 def _launch_step(r: Tensor, out: Tensor | None, book: Tensor, idx: Tensor, counts: Tensor | None,
