@@ -194,9 +194,9 @@ class ResidualLFQ(ResidualQuantizerBase):
 
     Outside training, `eval_path` (decided once, from the config) is `"one_pass"` when the levels quantize plain
     signs (no soft clamp, spherical codes, rotation, several codebooks or level projections; the loss options do
-    not act outside training): the residual loop then runs as a few elementwise ops per level (`residual_lfq`)
-    instead of every level's forward, with the same values. Any other level option takes `"per_level"`, as do
-    training, masked calls and per-call level options."""
+    not act outside training): the residual loop then runs as a few elementwise ops per level
+    (`ops.lfq.residual_lfq`) instead of every level's forward, with the same values. Any other level option takes
+    `"per_level"`, as do training, masked calls and per-call level options."""
 
     config_class = ResidualLFQConfig
 
@@ -220,7 +220,8 @@ class ResidualLFQ(ResidualQuantizerBase):
         return [layer.codebook_scale for layer in self.layers]
 
     def lean_eval_rows(self, rows: Tensor, books: list[list[float]]) -> tuple[Tensor, Tensor]:
-        return residual_lfq(rows, books[0], self.layers[0].bit_values(rows.device))  # (groups share the scales)
+        # (every group has the same level scales)
+        return lfq_ops.residual_lfq(rows, books[0], self.layers[0].bit_values(rows.device))
 
     def _run_level(self, level, layer, residual, mask):
         with autocast_off(residual.device.type):
@@ -240,7 +241,7 @@ _LFQ_TRAINING_ONLY = frozenset({
 
 def _plain_sign_levels(config: ResidualLFQConfig) -> bool:
     """Whether every level, outside training, is `sign_codes` of its input at its codebook scale with one codebook
-    and no projection: what `residual_lfq` computes. Reads the level configs, so an LFQ option not listed in
+    and no projection: what `ops.lfq.residual_lfq` computes. Reads the level configs, so an LFQ option not listed in
     `_LFQ_TRAINING_ONLY` is honoured by sending the model to the per-level loop."""
     for level in range(config.num_quantizers):
         ours = config.level_config(level).to_kwargs()
@@ -249,20 +250,3 @@ def _plain_sign_levels(config: ResidualLFQConfig) -> bool:
             return False
     return True
 
-
-def residual_lfq(x: Tensor, scales: list[float], bit_values: Tensor) -> tuple[Tensor, Tensor]:
-    """ResidualLFQ's levels outside training on rows `x (..., C)` (updated in place into the last residual: the
-    caller's copy): level i quantizes the residual to its signs at scale `scales[i]` (`ops.lfq.sign_codes`), and
-    the next level the residual less those codes. Returns the summed codes `(..., C)` in `x`'s dtype and the
-    indices `(..., levels)` int64: the values of each level's forward, by the same ops, without the levels' module
-    calls; the bits of all levels become indices at once."""
-    residual = x
-    quantized = torch.zeros_like(residual)
-    signs = []
-    for scale in scales:
-        positive = residual > 0
-        codes = lfq_ops.sign_codes(positive, scale, residual.dtype)
-        residual.sub_(codes)
-        quantized.add_(codes)
-        signs.append(positive)
-    return quantized, lfq_ops.bits_to_indices(torch.stack(signs, dim=-2), bit_values)

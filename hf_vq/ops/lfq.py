@@ -58,6 +58,24 @@ def bits_to_indices(positive: Tensor, bit_values: Tensor) -> Tensor:
     return (positive.long() * bit_values).sum(-1)
 
 
+def residual_lfq(x: Tensor, scales: list[float], bit_values: Tensor) -> tuple[Tensor, Tensor]:
+    """ResidualLFQ's levels outside training on rows `x (..., C)` (updated in place into the last residual: the
+    caller's copy): level i quantizes the residual to its signs at scale `scales[i]` (`sign_codes`), and the next
+    level the residual less those codes. Returns the summed codes `(..., C)` in `x`'s dtype and the
+    indices `(..., levels)` int64: the values of each level's forward, by the same ops, without the levels' module
+    calls; the bits of all levels become indices at once."""
+    residual = x
+    quantized = torch.zeros_like(residual)
+    signs = []
+    for scale in scales:
+        positive = residual > 0
+        codes = sign_codes(positive, scale, residual.dtype)
+        residual.sub_(codes)
+        quantized.add_(codes)
+        signs.append(positive)
+    return quantized, bits_to_indices(torch.stack(signs, dim=-2), bit_values)
+
+
 def sign_quantize(x: Tensor, scale: float) -> Tensor:
     """Eq. 3 of the LFQ paper: `scale` where `x > 0`, else `-scale` (no gradient)."""
     value = torch.full_like(x, scale)
