@@ -49,7 +49,6 @@ class GroupedResidualBase(QuantizerModel):
     """`groups` residual quantizers over equal slices of the features; one dropout cutoff for all groups."""
 
     residual_class: ClassVar[type] = ResidualQuantizerBase
-    fuses_training: ClassVar[bool] = False  # whether `_fused_train_groups` may run a training call in one pass
 
     def __init__(self, config=None, **kwargs):
         super().__init__(config, **kwargs)
@@ -92,13 +91,14 @@ class GroupedResidualBase(QuantizerModel):
         return self._output(output, return_dict)
 
     def _forward_groups_at_once(self, chunks, mask, cutoff, kwargs) -> list[ResidualOutput] | None:
-        """Every group's output from one pass over all groups, their rows stacked (`residual_fused`),
-        where every group may take its residual class's lean eval loop, or (`_fused_train_groups`) its fused
-        training levels; else None: each group is called in turn."""
+        """Every group's output from one pass over all groups, their rows stacked (`residual_fused`), where every
+        group may take its residual class's lean eval loop or (`_fusable_train_groups`) its fused training levels;
+        else None: each group is called in turn. The mode and options decide before any row is computed."""
         rvqs = list(self.rvqs)
         books = [rvq._lean_eval_codebooks(mask, kwargs) for rvq in rvqs]
         lean = all(b is not None for b in books)
-        if not lean and not self.fuses_training:
+        levels = None if lean else self._fusable_train_groups(rvqs, mask, cutoff, kwargs)
+        if not lean and levels is None:
             return None
         layouts = [TokenLayout.of(c, channel_first=rvq.channel_first, strided_tokens=True)
                    for rvq, c in zip(rvqs, chunks)]
@@ -107,8 +107,8 @@ class GroupedResidualBase(QuantizerModel):
             quantized, indices = rvqs[0].lean_eval_rows(copy_groups(rows), books)
             losses = [torch.zeros(rvqs[0].num_quantizers, device=quantized.device)] * len(rvqs)
         else:
-            fused = self._fused_train_groups(rvqs, rows, mask, cutoff, kwargs)
-            if fused is None:
+            fused = self._fused_train_groups(rvqs, rows, levels)
+            if fused is None:  # (rows the kernels do not take, e.g. under autocast: the groups in turn)
                 return None
             quantized, indices, losses = fused
         outs = []
@@ -119,9 +119,13 @@ class GroupedResidualBase(QuantizerModel):
                                        indices=layout.indices_from_tokens(idx.view(*r.shape[:-1], -1)), loss=loss))
         return outs
 
-    def _fused_train_groups(self, rvqs, rows, mask, cutoff, kwargs):
-        """`(quantized (G, N, d), indices (G, N, levels), per-group losses)` of a training call in one pass, or
-        None."""
+    def _fusable_train_groups(self, rvqs, mask, cutoff, kwargs) -> list[list] | None:
+        """Every group's kept levels when this training call's mode and options allow one fused pass, else None."""
+        return None
+
+    def _fused_train_groups(self, rvqs, rows, levels):
+        """`(quantized (G, N, d), indices (G, N, levels), per-group losses)` of the fused pass over the groups'
+        `rows`, or None where the rows do not allow it."""
         return None
 
 
@@ -174,12 +178,14 @@ class GroupedResidualVQ(GroupedResidualBase):
 
     config_class = GroupedResidualVQConfig
     residual_class = ResidualVQ
-    fuses_training = True
 
-    def _fused_train_groups(self, rvqs, rows, mask, cutoff, kwargs):
+    def _fusable_train_groups(self, rvqs, mask, cutoff, kwargs):
         cutoff = rvqs[0].num_quantizers - 1 if cutoff is None else cutoff
-        levels = [rvq.fused_level_layers(r, mask, cutoff, kwargs) for rvq, r in zip(rvqs, rows)]
-        if any(group is None for group in levels):
+        levels = [rvq.fusable_levels(mask, cutoff, kwargs) for rvq in rvqs]
+        return None if any(group is None for group in levels) else levels
+
+    def _fused_train_groups(self, rvqs, rows, levels):
+        if not all(ResidualVQ.fused_rows_ok(r) for r in rows):
             return None
         quantized, indices, loss = fused_train_levels(stack_groups(rows), levels, rvqs[0].num_quantizers)
         return quantized, indices, loss.unbind(0)

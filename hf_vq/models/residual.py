@@ -502,24 +502,27 @@ class ResidualVQ(ResidualQuantizerBase):
     def _level_codes(self, level, layer, indices):
         return layer.codebook[indices]
 
-    def fused_level_layers(self, residual: Tensor, mask, cutoff: int, level_kwargs) -> list[VectorQuantize] | None:
-        """The kept levels `0..cutoff` when this training call may take the fused levels (`fused_train_levels`):
-        no mask, no per-call level options, no shared codebook, one codebook size, `quant_grad_frac` 0, a
-        differentiable float32 input the kernels serve, and every kept level's plan has `fused_levels`; else
-        None. Deferring the updates to the end changes nothing: each level's codes come from its codebook before
-        its own update, and no level reads another's codebook."""
+    def fusable_levels(self, mask, cutoff: int, level_kwargs) -> list[VectorQuantize] | None:
+        """The kept levels `0..cutoff` when this call's mode and options allow the fused training levels
+        (`fused_train_levels`): training, no mask, no per-call level options, no shared codebook, one codebook
+        size, `quant_grad_frac` 0, and every kept level's plan has `fused_levels`; else None (`fused_rows_ok` checks
+        the input). Deferring the updates to the end changes nothing: each level's codes come from its codebook
+        before its own update, and no level reads another's codebook."""
         if (not self.training or mask is not None or level_kwargs or self.shared_codebook
                 or not self.uniform_codebook_size or self.quant_grad_frac > 0 or self.implicit_neural_codebook
-                or self._call_beam_size(level_kwargs) > 1 or not (residual.requires_grad and torch.is_grad_enabled())):
+                or self._call_beam_size(level_kwargs) > 1):
             return None
         levels = list(self.layers)[: cutoff + 1]
-        if not train_levels_ok(residual) or not all(layer.plan.fused_levels for layer in levels):
-            return None
-        return levels
+        return levels if all(layer.plan.fused_levels for layer in levels) else None
+
+    @staticmethod
+    def fused_rows_ok(residual: Tensor) -> bool:
+        """Whether the fused training levels serve these rows: differentiable float32 rows the kernels take."""
+        return residual.requires_grad and torch.is_grad_enabled() and train_levels_ok(residual)
 
     def _fused_levels(self, residual, mask, cutoff, level_kwargs):
-        levels = self.fused_level_layers(residual, mask, cutoff, level_kwargs)
-        if levels is None:
+        levels = self.fusable_levels(mask, cutoff, level_kwargs)
+        if levels is None or not self.fused_rows_ok(residual):
             return None
         quantized, indices, loss = fused_train_levels(stack_groups([residual]), [levels], self.num_quantizers)
         return quantized.view(residual.shape), indices.view(*residual.shape[:-1], -1), loss[0]
