@@ -85,7 +85,7 @@ TRAIN_CHECK = textwrap.dedent(
         inputs = []  # each level's input rows in the reference step
         for layer in ref.layers:
             layer.register_forward_pre_hook(lambda mod, args: inputs.append(token_rows(args[0].detach())))
-        r = dict(ties=0, untied=0, value=0.0, loss=0.0, grad=0.0, state=0.0)
+        r = dict(rows=0, ties=0, untied=0, value=0.0, loss=0.0, grad=0.0, state=0.0)
         err = lambda p, q: float((p - q).abs().max()) if p.numel() else 0.0
         for seed, x in enumerate(xs):
             ref.load_state_dict(fused.state_dict())
@@ -96,6 +96,7 @@ TRAIN_CHECK = textwrap.dedent(
             q = step(ref, x, False, seed)
             del expired[counted:]  # (the fused path's expiries only)
             differ = p[0] != q[0]
+            r["rows"] += differ.shape[0]
             for row in differ.any(1).nonzero().flatten().tolist():
                 level = int(differ[row].nonzero()[0])
                 tie = near_tie(row, level, int(p[0][row, level]), int(q[0][row, level]), inputs, books)
@@ -209,7 +210,8 @@ def _run(dev, env, check=CHECK):
 def _assert_train_levels(res):
     for name, r in res.items():
         assert r["used"] == ([False] * 3 if name == "cosine" else [True] * 3), (name, r)  # cosine: each level
-        assert r["untied"] == 0 and r["ties"] <= 2, (name, r)  # codes differ only at rare float32 near ties
+        # codes differ only at float32 near ties (checked in float64), and those are rare: at most 1 row in 1000
+        assert r["untied"] == 0 and r["ties"] <= max(2, r["rows"] // 1000), (name, r)
         assert r["value"] < 1e-5 and r["loss"] < 1e-5 and r["grad"] < 1e-5 and r["state"] < 1e-5, (name, r)
     assert res["dead_codes"]["expired"] > 0 and res["plain"]["expired"] == 0, res
 
