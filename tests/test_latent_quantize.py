@@ -255,3 +255,120 @@ def test_nearest_levels_both_cpu_paths_agree_with_argmin(rows):
     expected = (z.unsqueeze(-1) - table).abs().argmin(dim=-1)  # float32 distances, as the forward
     assert torch.equal(lq.nearest_levels(z), expected)
     assert torch.equal(lq.nearest_levels(z.t().contiguous().t()), expected)  # a transposed view
+
+
+# -- the training step as one autograd node (ops.latent) --------------------------------------------------------
+
+# every config field at a non-default value (with the levels it needs); in_place_codebook_optimizer sends the
+# model to the module path, every other field keeps the one-node step
+FIELD_VALUES = {
+    "levels": dict(levels=[8, 5, 3, 4]),
+    "dim": dict(levels=[5, 4], dim=6),
+    "commitment_loss_weight": dict(levels=[5, 4], dim=6, commitment_loss_weight=0.0),
+    "quantization_loss_weight": dict(levels=[5, 4], dim=6, quantization_loss_weight=0.0),
+    "num_codebooks": dict(levels=[4, 5, 3], dim=12, num_codebooks=2),
+    "codebook_dim": dict(levels=5, codebook_dim=3, dim=8),
+    "keep_num_codebooks_dim": dict(levels=[4, 5], dim=2, keep_num_codebooks_dim=True),
+    "optimize_values": dict(levels=[5, 4], dim=6, optimize_values=False),
+    "in_place_codebook_optimizer": dict(levels=[5, 4], dim=6, in_place_codebook_optimizer="SGD"),
+    "in_place_codebook_optimizer_kwargs": dict(levels=[5, 4], dim=6, in_place_codebook_optimizer="Adam",
+                                               in_place_codebook_optimizer_kwargs={"lr": 0.01}),
+    "channel_first": dict(levels=[5, 4], dim=6, channel_first=True),
+    "check_inputs": dict(levels=[5, 4], dim=6, check_inputs=False),
+}
+MODULE_PATH_FIELDS = {"in_place_codebook_optimizer", "in_place_codebook_optimizer_kwargs"}
+
+
+def test_field_table_covers_every_config_field():
+    assert set(FIELD_VALUES) == set(hf_vq.LatentQuantizeConfig.field_names())
+
+
+def _train_step(model, x, weights):
+    x = x.clone().requires_grad_()
+    out = model(x)
+    total = (out.quantized * weights).sum()
+    if out.loss.requires_grad:
+        total = total + 3.0 * out.loss
+    total.backward()
+    return out, x.grad, {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("field", sorted(FIELD_VALUES))
+@pytest.mark.parametrize("layout", ["tokens", "image", "rank3_channel_first"])
+def test_one_node_training_step_equals_module_path(field, layout, monkeypatch):
+    kwargs = dict(FIELD_VALUES[field])
+    if layout == "rank3_channel_first":
+        kwargs["channel_first"] = True
+    torch.manual_seed(0)
+    one_node = hf_vq.LatentQuantize(**kwargs).train()
+    modules = hf_vq.LatentQuantize(**kwargs).train()
+    modules.load_state_dict(one_node.state_dict())
+    modules.train_path = "modules"
+    assert one_node.train_path == ("modules" if field in MODULE_PATH_FIELDS else "one_node")
+    d = one_node.dim
+    shape = {"tokens": (2, 7, d), "image": (2, d, 3, 5), "rank3_channel_first": (2, d, 7)}[layout]
+    if layout == "tokens" and one_node.channel_first:
+        shape = (2, d, 7)
+    x = torch.randn(shape) * 0.7
+    calls = []
+    from hf_vq.ops import latent
+    apply = latent.LatentTrainStep.apply
+    monkeypatch.setattr(latent.LatentTrainStep, "apply", lambda *a: calls.append(1) or apply(*a))
+    for step in range(2):  # the second step after an optimizer step: learned values, moved projections
+        weights = torch.randn(x.shape) if step == 0 else weights  # (the output has the input's shape)
+        (a, ga, pa), (b, gb, pb) = _train_step(one_node, x, weights), _train_step(modules, x, weights)
+        assert torch.equal(a.indices, b.indices)
+        rel = lambda p, q: float((p - q).abs().max() / (q.abs().max() + 1e-12))
+        assert rel(a.quantized.detach(), b.quantized.detach()) < 1e-6
+        assert rel(a.loss.detach(), b.loss.detach()) < 1e-6 and a.loss.requires_grad == b.loss.requires_grad
+        assert rel(ga, gb) < 1e-5
+        assert pa.keys() == pb.keys()
+        for name in pa:
+            assert (pa[name] is None) == (pb[name] is None), name
+            if pb[name] is not None:
+                assert rel(pa[name], pb[name]) < 1e-5, name
+        for model in (one_node, modules):
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p -= 0.1 * p.grad
+                    p.grad = None
+    assert len(calls) == (0 if field in MODULE_PATH_FIELDS else 2)
+
+
+def test_one_node_step_is_not_taken_where_it_does_not_apply():
+    lq = hf_vq.LatentQuantize(levels=[5, 4], dim=6).train()
+    x = torch.randn(2, 5, 6)
+    assert lq._takes_train_step(x)
+    assert not lq._takes_train_step(x.double()) and not lq._takes_train_step(x.bfloat16())
+    with torch.no_grad():
+        assert not lq._takes_train_step(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not lq._takes_train_step(x)
+    assert not lq.eval()._takes_train_step(x)
+    # bf16 input in training (no projections): the module path, its dtype kept
+    out = hf_vq.LatentQuantize(levels=[5, 4]).train()(torch.randn(2, 5, 2).bfloat16().requires_grad_())
+    assert out.quantized.dtype == torch.bfloat16 and out.loss.requires_grad
+
+
+def test_values_gradient_learns_through_the_one_node_step():
+    # the commitment term's gradient reaches the values (hf_vq's documented deviation), as the module path
+    lq = hf_vq.LatentQuantize(levels=[5, 4], dim=2, commitment_loss_weight=1.0, quantization_loss_weight=0.0)
+    assert lq.train_path == "one_node"
+    x = torch.randn(4, 2, 8, 8)
+    lq(x).loss.backward()
+    tokens = x.movedim(1, -1).reshape(-1, 2)
+    levels = lq.nearest_levels(tokens.unsqueeze(1)).squeeze(1)
+    for i, param in enumerate(lq.values_per_latent):
+        expected = torch.zeros_like(param)
+        expected.index_add_(0, levels[:, i], -2.0 * (tokens[:, i] - param.detach()[levels[:, i]]) / tokens.numel())
+        torch.testing.assert_close(param.grad, expected)
+
+
+@pytest.mark.parametrize("copies", [1, 4, 64])
+def test_sum_into_slots_equals_index_add(copies):
+    from hf_vq.ops.latent import sum_into_slots
+    index = torch.randint(0, 20, (64 * 20,))
+    src = torch.randn(64 * 20, dtype=torch.float64)
+    expected = torch.zeros(20, dtype=torch.float64).index_add_(0, index, src)
+    torch.testing.assert_close(sum_into_slots(index, src, 20, copies), expected)

@@ -23,6 +23,7 @@ from ..modeling_utils import (
     register_quantizer,
 )
 from ..ops import fsq as fsq_ops
+from ..ops import latent as latent_ops
 from ..ops import triton_fsq
 
 
@@ -366,8 +367,5 @@ class FSQ(QuantizerModel):
 
 
 def channel_linear(linear: nn.Linear, x: Tensor) -> Tensor:
-    """`linear` applied along axis 1 of `x (b, d_in, n)`: `(b, d_out, n)`, a batched product and the bias added in
-    place (the value of `linear(x.transpose(1, 2)).transpose(1, 2)`, without transposing `x`; `baddbmm` would
-    first broadcast-copy the bias into the output, a slow extra pass on CPU)."""
-    out = torch.bmm(linear.weight.expand(x.shape[0], -1, -1), x)
-    return out if linear.bias is None else out.add_(linear.bias.unsqueeze(-1))
+    """`linear` applied along axis 1 of `x (b, d_in, n)`: `(b, d_out, n)`, without transposing `x`."""
+    return latent_ops.linear(x, linear.weight, linear.bias, channel_first=True)

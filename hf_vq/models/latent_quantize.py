@@ -37,6 +37,7 @@ from ..modeling_utils import (
     register_quantizer,
 )
 from ..ops import fsq as fsq_ops
+from ..ops.latent import LatentTrainSpec, LatentTrainStep
 from .fsq import channel_linear, check_levels, keeps_codebook_axis
 
 
@@ -210,6 +211,9 @@ class LatentQuantize(QuantizerModel):
         self.register_buffer("_levels", torch.empty(0, dtype=torch.int32), persistent=False)
         self.register_buffer("_basis", torch.empty(0, dtype=torch.int32), persistent=False)
         self._in_place_optimizer = None
+        # a training step is one autograd node (`ops.latent`) unless the values are optimized in place, which
+        # happens between the projection and the quantization (the module path)
+        self.train_path = "modules" if c.in_place_codebook_optimizer is not None else "one_node"
         self.reset_derived_buffers()
         self.post_init()
 
@@ -358,6 +362,9 @@ class LatentQuantize(QuantizerModel):
         if z.shape[feature_axis] != self.dim:
             raise ValueError(f"expected feature dim {self.dim}, got {z.shape[feature_axis]} (input shape {tuple(z.shape)})")
         features = z.flatten(2) if channel_first else z
+        if self._takes_train_step(features):
+            out, loss, levels = self._train_step(features, channel_first)
+            return self._finish(z, out, self._indices_from_levels(levels), loss, channel_first, return_dict)
         if channel_first:
             projected = channel_linear(self.project_in, features) if self.has_projections else features
             latents = projected.transpose(1, 2)
@@ -378,7 +385,11 @@ class LatentQuantize(QuantizerModel):
         out = self._project_out(codes, channel_first)
         loss = self._loss(features, out, values, in_place, channel_first) if self.training else \
             features.new_zeros((), dtype=torch.float32)
+        return self._finish(z, out, indices, loss, channel_first, return_dict)
 
+    def _finish(self, z: Tensor, out: Tensor, indices: Tensor, loss: Tensor, channel_first: bool,
+                return_dict: bool | None) -> LatentQuantizeOutput | tuple:
+        """The output in the input's layout."""
         if channel_first:
             quantized = out.reshape(z.shape[0], out.shape[1], *z.shape[2:])
             indices = indices.reshape(z.shape[0], *z.shape[2:], indices.shape[-1])
@@ -387,6 +398,25 @@ class LatentQuantize(QuantizerModel):
         if not self.keep_num_codebooks_dim:
             indices = indices.squeeze(-1)
         return self._output(LatentQuantizeOutput(quantized=quantized, indices=indices, loss=loss), return_dict)
+
+    def _takes_train_step(self, features: Tensor) -> bool:
+        """Whether this call is a training step the one-node path (`ops.latent.LatentTrainStep`) computes: training
+        with gradients, float32 features and values without autocast, no in-place optimizer (decided at build:
+        `train_path`). torch.compile traces the node as it is."""
+        return (self.train_path == "one_node" and self.training and torch.is_grad_enabled()
+                and features.dtype == torch.float32 and self._values_dtype() == torch.float32
+                and not torch.is_autocast_enabled(features.device.type))
+
+    def _values_dtype(self) -> torch.dtype:
+        return self.values_per_latent[0].dtype if self.optimize_values else self._fixed_values_0.dtype
+
+    def _train_step(self, features: Tensor, channel_first: bool) -> tuple[Tensor, Tensor, Tensor]:
+        spec = LatentTrainSpec(channel_first, self.num_codebooks, self.commitment_loss_weight,
+                               self.quantization_loss_weight, self.optimize_values, self._nearest_levels)
+        project_in, project_out = (self.project_in, self.project_out) if self.has_projections else (None, None)
+        return LatentTrainStep.apply(
+            features, getattr(project_in, "weight", None), getattr(project_in, "bias", None),
+            getattr(project_out, "weight", None), getattr(project_out, "bias", None), self._value_table(), spec)
 
     def _project_out(self, codes: Tensor, channel_first: bool) -> Tensor:
         """`(..., C, latents)` codes (rows; a transposed view for channel-first input) to output features."""
