@@ -372,3 +372,22 @@ def test_sum_into_slots_equals_index_add(copies):
     src = torch.randn(64 * 20, dtype=torch.float64)
     expected = torch.zeros(20, dtype=torch.float64).index_add_(0, index, src)
     torch.testing.assert_close(sum_into_slots(index, src, 20, copies), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_one_node_step_on_gpu_equals_module_path():
+    # enough rows that the values' gradient is summed into private slot copies (sum_into_slots)
+    torch.manual_seed(0)
+    one_node = hf_vq.LatentQuantize(levels=[5, 5, 5, 5], dim=64, channel_first=True).cuda().train()
+    modules = hf_vq.LatentQuantize(levels=[5, 5, 5, 5], dim=64, channel_first=True).cuda().train()
+    modules.load_state_dict(one_node.state_dict())
+    modules.train_path = "modules"
+    x = torch.randn(4, 64, 4096, device="cuda")
+    weights = torch.randn(x.shape, device="cuda")
+    (a, ga, pa), (b, gb, pb) = _train_step(one_node, x, weights), _train_step(modules, x, weights)
+    rel = lambda p, q: float((p - q).abs().max() / (q.abs().max() + 1e-12))
+    assert torch.equal(a.indices, b.indices)
+    assert rel(a.quantized.detach(), b.quantized.detach()) < 1e-6 and rel(a.loss.detach(), b.loss.detach()) < 1e-6
+    assert rel(ga, gb) < 1e-5
+    for name in pb:
+        assert rel(pa[name], pb[name]) < 1e-4, name
