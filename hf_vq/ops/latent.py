@@ -47,13 +47,17 @@ def linear(t: Tensor, weight: Tensor | None, bias: Tensor | None, channel_first:
     return out if bias is None else out.add_(bias.unsqueeze(-1))
 
 
-def linear_input_grad(grad: Tensor, weight: Tensor | None, channel_first: bool) -> Tensor:
-    """The gradient of `linear`'s input from its output's gradient."""
+def linear_input_grad(grad: Tensor, weight: Tensor | None, channel_first: bool, add: Tensor | None = None) -> Tensor:
+    """The gradient of `linear`'s input from its output's gradient, plus `add` (of the input's shape) in the same
+    product."""
     if weight is None:
-        return grad
+        return grad if add is None else grad + add
     if not channel_first:
-        return grad @ weight
-    return torch.bmm(weight.t().expand(grad.shape[0], -1, -1), grad)
+        if add is None:
+            return grad @ weight
+        return torch.addmm(add.reshape(-1, add.shape[-1]), grad.reshape(-1, grad.shape[-1]), weight).view(add.shape)
+    weight_t = weight.t().expand(grad.shape[0], -1, -1)
+    return torch.bmm(weight_t, grad) if add is None else torch.baddbmm(add, weight_t, grad)
 
 
 def linear_param_grads(grad: Tensor, t: Tensor, channel_first: bool, bias: bool) -> tuple[Tensor, Tensor | None]:
@@ -115,13 +119,14 @@ class LatentTrainStep(torch.autograd.Function):
         spec, cf = ctx.spec, ctx.spec.channel_first
         need_x, need_w_in, need_b_in, need_w_out, need_b_out, need_table, _ = ctx.needs_input_grad
         to_input = commit = None  # the quantization term's gradient (input), the commitment term's (output)
-        if grad_loss is not None and (spec.commitment_weight or spec.quantization_weight):
+        cw, qw = spec.commitment_weight, spec.quantization_weight
+        if grad_loss is not None and (cw or qw):
             residual = out - features
-            scale = grad_loss * (2.0 / residual.numel())
-            if spec.quantization_weight and need_x:
-                to_input = residual * (scale * -spec.quantization_weight)
-            if spec.commitment_weight:
-                commit = residual * (scale * spec.commitment_weight)
+            scale = 2.0 / residual.numel()
+            if cw:
+                commit = residual * (grad_loss * (scale * cw))
+            if qw and need_x:
+                to_input = commit * (-qw / cw) if cw else residual * (grad_loss * (scale * -qw))
         to_codes = grad_out if spec.values_learn else _add(grad_out, commit)
         at_output = _add(grad_out, commit)  # everything that reaches the output projection
         grad_w_out = grad_b_out = grad_table = None
@@ -137,7 +142,8 @@ class LatentTrainStep(torch.autograd.Function):
             if w_in is not None and (need_w_in or need_b_in):
                 grad_w_in, grad_b_in = linear_param_grads(grad_z, features, cf, ctx.has_bias[0])
             if need_x:
-                grad_x = linear_input_grad(grad_z, w_in, cf)
+                grad_x = linear_input_grad(grad_z, w_in, cf, add=to_input)
+                to_input = None
         grad_x = _add(grad_x, to_input)
         return (grad_x, grad_w_in, grad_b_in if need_b_in else None, grad_w_out,
                 grad_b_out if need_b_out else None, grad_table, None)
