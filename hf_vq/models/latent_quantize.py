@@ -354,7 +354,9 @@ class LatentQuantize(QuantizerModel):
         `(quantized, indices, loss)` with `return_dict=False`.
 
         A channel-first input goes through the projections as batched products over its `(b, d, n)` view and its
-        latents are quantized as a transposed view: no transposed copy of the features."""
+        latents are quantized as a transposed view: no transposed copy of the features. A training step on float32
+        features is one autograd node (`ops.latent.LatentTrainStep`: the same values and gradients in fewer ops)
+        unless the values are optimized in place."""
         if self.check_inputs:
             check_features(z, self.dim, name="z")
         channel_first = z.ndim >= 4 or (z.ndim == 3 and self.channel_first)
