@@ -40,7 +40,6 @@ from ..ops import fsq as fsq_ops
 from ..ops.latent import LatentTrainSpec, LatentTrainStep
 from .fsq import channel_linear, check_levels, keeps_codebook_axis
 
-
 # up to this many distances (z elements x values per latent), `_nearest_levels` takes them all at once on CPU
 # (about where the running-minimum loop starts to win on one core)
 _SMALL_DISTANCES = 2**14
