@@ -48,17 +48,19 @@ def linear(t: Tensor, weight: Tensor | None, bias: Tensor | None, channel_first:
     return out if bias is None else out.add_(bias.unsqueeze(-1))
 
 
-def linear_input_grad(grad: Tensor, weight: Tensor | None, channel_first: bool, add: Tensor | None = None) -> Tensor:
-    """The gradient of `linear`'s input from its output's gradient, plus `add` (of the input's shape) in the same
-    product."""
+def linear_input_grad(grad: Tensor, weight: Tensor | None, channel_first: bool, add: Tensor | None = None,
+                      beta: float = 1.0) -> Tensor:
+    """The gradient of `linear`'s input from its output's gradient, plus `beta * add` (of the input's shape) in
+    the same product."""
     if weight is None:
-        return grad if add is None else grad + add
+        return grad if add is None else torch.add(grad, add, alpha=beta)
     if not channel_first:
         if add is None:
             return grad @ weight
-        return torch.addmm(add.reshape(-1, add.shape[-1]), grad.reshape(-1, grad.shape[-1]), weight).view(add.shape)
+        rows = grad.reshape(-1, grad.shape[-1])
+        return torch.addmm(add.reshape(-1, add.shape[-1]), rows, weight, beta=beta).view(add.shape)
     weight_t = weight.t().expand(grad.shape[0], -1, -1)
-    return torch.bmm(weight_t, grad) if add is None else torch.baddbmm(add, weight_t, grad)
+    return torch.bmm(weight_t, grad) if add is None else torch.baddbmm(add, weight_t, grad, beta=beta)
 
 
 def linear_param_grads(grad: Tensor, t: Tensor, channel_first: bool, bias: bool) -> tuple[Tensor, Tensor | None]:
@@ -119,32 +121,36 @@ class LatentTrainStep(torch.autograd.Function):
         features, w_in, w_out, codes, out, flat = ctx.saved_tensors
         spec, cf = ctx.spec, ctx.spec.channel_first
         need_x, need_w_in, need_b_in, need_w_out, need_b_out, need_table, _ = ctx.needs_input_grad
-        to_input = commit = None  # the quantization term's gradient (input), the commitment term's (output)
         cw, qw = spec.commitment_weight, spec.quantization_weight
+        # Both loss terms' gradients are multiples of one tensor, the residual scaled in place (`loss_grad`, the one
+        # full-size temporary here): the commitment term's (at the output) is `loss_grad` itself when cw != 0, the
+        # quantization term's (at the input) is `loss_grad * input_factor`.
+        loss_grad = commit = None
+        input_factor = 0.0
         if grad_loss is not None and (cw or qw):
-            residual = out - features
-            scale = 2.0 / residual.numel()
-            if cw:
-                commit = residual * (grad_loss * (scale * cw))
-            if qw and need_x:
-                to_input = commit * (-qw / cw) if cw else residual * (grad_loss * (scale * -qw))
-        to_codes = grad_out if spec.values_learn else _add(grad_out, commit)
-        at_output = _add(grad_out, commit)  # everything that reaches the output projection
-        grad_w_out = grad_b_out = grad_table = None
-        if at_output is not None and w_out is not None and (need_w_out or need_b_out):
-            grad_w_out, grad_b_out = linear_param_grads(at_output, codes, cf, ctx.has_bias[1])
+            loss_grad = (out - features).mul_(grad_loss * (2.0 * (cw or -qw) / out.numel()))
+            commit = loss_grad if cw else None
+            input_factor = (-qw / cw if cw else 1.0) if qw and need_x else 0.0
+        grad_table = None
         if spec.values_learn and commit is not None and need_table:
             to_values = linear_input_grad(commit, w_out, cf)
             rows = to_values.transpose(1, 2) if cf else to_values  # (the layout of `flat`)
             grad_table = sum_into_slots(flat, rows.reshape(-1), math.prod(ctx.table_shape)).view(ctx.table_shape)
+        to_codes = grad_out if spec.values_learn else _add(grad_out, commit)
         grad_x = grad_w_in = grad_b_in = None
         if to_codes is not None:
             grad_z = linear_input_grad(to_codes, w_out, cf)  # straight through the codes to the projected input
             if w_in is not None and (need_w_in or need_b_in):
                 grad_w_in, grad_b_in = linear_param_grads(grad_z, features, cf, ctx.has_bias[0])
             if need_x:
-                grad_x = linear_input_grad(grad_z, w_in, cf, add=to_input)
-                to_input = None
-        grad_x = _add(grad_x, to_input)
+                grad_x = linear_input_grad(grad_z, w_in, cf, add=loss_grad if input_factor else None, beta=input_factor)
+        elif input_factor:
+            grad_x = loss_grad * input_factor
+        # everything that reaches the output projection (summed into `loss_grad`, which is not read after this)
+        at_output = to_codes if not spec.values_learn or commit is None else \
+            commit if grad_out is None else commit.add_(grad_out)
+        grad_w_out = grad_b_out = None
+        if at_output is not None and w_out is not None and (need_w_out or need_b_out):
+            grad_w_out, grad_b_out = linear_param_grads(at_output, codes, cf, ctx.has_bias[1])
         return (grad_x, grad_w_in, grad_b_in if need_b_in else None, grad_w_out,
                 grad_b_out if need_b_out else None, grad_table, None)
