@@ -10,6 +10,7 @@ from transformers import AutoModel
 from vector_quantize_pytorch import LatentQuantize as RefLatentQuantize
 
 import hf_vq
+from hf_vq.models import latent_quantize
 
 
 def _pair(**kwargs):
@@ -334,6 +335,26 @@ def test_one_node_training_step_equals_module_path(field, layout, monkeypatch):
                         p -= 0.1 * p.grad
                     p.grad = None
     assert len(calls) == (0 if field in MODULE_PATH_FIELDS else 2)
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 1100), (2, 1100, 64)], ids=["channel_first", "tokens"])
+def test_one_node_step_on_cpu_rows_past_the_argmin_size(shape):
+    # enough distances that the CPU search takes the running minimum, whose levels keep the input's layout
+    kwargs = dict(levels=[5, 5, 5, 5], dim=64, channel_first=shape[1] == 64)
+    one_node = hf_vq.LatentQuantize(**kwargs).train()
+    modules = hf_vq.LatentQuantize(**kwargs).train()
+    modules.load_state_dict(one_node.state_dict())
+    modules.train_path = "modules"
+    x = torch.randn(shape)
+    assert x.numel() // 64 * 4 * 5 > latent_quantize._SMALL_DISTANCES  # (rows x latents x values)
+    weights = torch.randn(shape)
+    (a, ga, pa), (b, gb, pb) = _train_step(one_node, x, weights), _train_step(modules, x, weights)
+    rel = lambda p, q: float((p - q).abs().max() / (q.abs().max() + 1e-12))
+    assert torch.equal(a.indices, b.indices)
+    assert rel(a.quantized.detach(), b.quantized.detach()) < 1e-6 and rel(a.loss.detach(), b.loss.detach()) < 1e-6
+    assert rel(ga, gb) < 1e-5
+    for name in pb:
+        assert rel(pa[name], pb[name]) < 1e-5, name
 
 
 def test_one_node_step_is_not_taken_where_it_does_not_apply():

@@ -101,7 +101,7 @@ class LatentTrainStep(torch.autograd.Function):
         latents = (z.transpose(1, 2) if cf else z).unflatten(-1, (spec.num_codebooks, table.shape[0]))
         levels = spec.nearest(latents, table)
         offsets = torch.arange(0, table.numel(), table.shape[1], device=table.device)
-        flat = (levels.long() + offsets).view(-1)
+        flat = (levels.long() + offsets).reshape(-1)  # (in row order, whatever the layout `nearest` gave)
         values = table.view(-1).index_select(0, flat).view(levels.shape)
         codes = (latents + (values - latents)).flatten(-2)  # the straight-through value, as vqp
         codes = codes.transpose(1, 2) if cf else codes  # (z's layout)
