@@ -78,6 +78,7 @@ def test_input_gradient_matches_vqp_without_commitment_term():
 
 def test_learnable_values_get_the_commitment_gradient():
     lq = hf_vq.LatentQuantize(levels=[5, 4], dim=2, commitment_loss_weight=1.0, quantization_loss_weight=0.0)
+    assert lq.train_path == "one_node"  # (the training step's one autograd node, ops/latent.py)
     x = torch.randn(4, 2, 8, 8)
     out = lq(x)
     out.loss.backward()
@@ -337,24 +338,28 @@ def test_one_node_training_step_equals_module_path(field, layout, monkeypatch):
     assert len(calls) == (0 if field in MODULE_PATH_FIELDS else 2)
 
 
-@pytest.mark.parametrize("shape", [(2, 64, 1100), (2, 1100, 64)], ids=["channel_first", "tokens"])
-def test_one_node_step_on_cpu_rows_past_the_argmin_size(shape):
-    # enough distances that the CPU search takes the running minimum, whose levels keep the input's layout
-    kwargs = dict(levels=[5, 5, 5, 5], dim=64, channel_first=shape[1] == 64)
-    one_node = hf_vq.LatentQuantize(**kwargs).train()
-    modules = hf_vq.LatentQuantize(**kwargs).train()
+def _assert_one_node_step_matches_modules(x, device="cpu", **kwargs):
+    """One training step through the one-node path and through the module path, from one state."""
+    one_node = hf_vq.LatentQuantize(**kwargs).to(device).train()
+    modules = hf_vq.LatentQuantize(**kwargs).to(device).train()
     modules.load_state_dict(one_node.state_dict())
     modules.train_path = "modules"
-    x = torch.randn(shape)
-    assert x.numel() // 64 * 4 * 5 > latent_quantize._SMALL_DISTANCES  # (rows x latents x values)
-    weights = torch.randn(shape)
+    weights = torch.randn(x.shape, device=device)
     (a, ga, pa), (b, gb, pb) = _train_step(one_node, x, weights), _train_step(modules, x, weights)
     rel = lambda p, q: float((p - q).abs().max() / (q.abs().max() + 1e-12))
     assert torch.equal(a.indices, b.indices)
     assert rel(a.quantized.detach(), b.quantized.detach()) < 1e-6 and rel(a.loss.detach(), b.loss.detach()) < 1e-6
     assert rel(ga, gb) < 1e-5
     for name in pb:
-        assert rel(pa[name], pb[name]) < 1e-5, name
+        assert rel(pa[name], pb[name]) < 1e-4, name
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 1100), (2, 1100, 64)], ids=["channel_first", "tokens"])
+def test_one_node_step_on_cpu_rows_past_the_argmin_size(shape):
+    # enough distances that the CPU search takes the running minimum, whose levels keep the input's layout
+    x = torch.randn(shape)
+    assert x.numel() // 64 * 4 * 5 > latent_quantize._SMALL_DISTANCES  # (rows x latents x values)
+    _assert_one_node_step_matches_modules(x, levels=[5, 5, 5, 5], dim=64, channel_first=shape[1] == 64)
 
 
 def test_one_node_step_is_not_taken_where_it_does_not_apply():
@@ -372,20 +377,6 @@ def test_one_node_step_is_not_taken_where_it_does_not_apply():
     assert out.quantized.dtype == torch.bfloat16 and out.loss.requires_grad
 
 
-def test_values_gradient_learns_through_the_one_node_step():
-    # the commitment term's gradient reaches the values (hf_vq's documented deviation), as the module path
-    lq = hf_vq.LatentQuantize(levels=[5, 4], dim=2, commitment_loss_weight=1.0, quantization_loss_weight=0.0)
-    assert lq.train_path == "one_node"
-    x = torch.randn(4, 2, 8, 8)
-    lq(x).loss.backward()
-    tokens = x.movedim(1, -1).reshape(-1, 2)
-    levels = lq.nearest_levels(tokens.unsqueeze(1)).squeeze(1)
-    for i, param in enumerate(lq.values_per_latent):
-        expected = torch.zeros_like(param)
-        expected.index_add_(0, levels[:, i], -2.0 * (tokens[:, i] - param.detach()[levels[:, i]]) / tokens.numel())
-        torch.testing.assert_close(param.grad, expected)
-
-
 @pytest.mark.parametrize("copies", [1, 4, 64])
 def test_sum_into_slots_equals_index_add(copies):
     from hf_vq.ops.latent import sum_into_slots
@@ -399,16 +390,5 @@ def test_sum_into_slots_equals_index_add(copies):
 def test_one_node_step_on_gpu_equals_module_path():
     # enough rows that the values' gradient is summed into private slot copies (sum_into_slots)
     torch.manual_seed(0)
-    one_node = hf_vq.LatentQuantize(levels=[5, 5, 5, 5], dim=64, channel_first=True).cuda().train()
-    modules = hf_vq.LatentQuantize(levels=[5, 5, 5, 5], dim=64, channel_first=True).cuda().train()
-    modules.load_state_dict(one_node.state_dict())
-    modules.train_path = "modules"
     x = torch.randn(4, 64, 4096, device="cuda")
-    weights = torch.randn(x.shape, device="cuda")
-    (a, ga, pa), (b, gb, pb) = _train_step(one_node, x, weights), _train_step(modules, x, weights)
-    rel = lambda p, q: float((p - q).abs().max() / (q.abs().max() + 1e-12))
-    assert torch.equal(a.indices, b.indices)
-    assert rel(a.quantized.detach(), b.quantized.detach()) < 1e-6 and rel(a.loss.detach(), b.loss.detach()) < 1e-6
-    assert rel(ga, gb) < 1e-5
-    for name in pb:
-        assert rel(pa[name], pb[name]) < 1e-4, name
+    _assert_one_node_step_matches_modules(x, "cuda", levels=[5, 5, 5, 5], dim=64, channel_first=True)
