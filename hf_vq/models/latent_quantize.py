@@ -209,6 +209,7 @@ class LatentQuantize(QuantizerModel):
                 self.register_buffer(f"_fixed_values_{i}", initial_values(level), persistent=False)
         self.register_buffer("_levels", torch.empty(0, dtype=torch.int32), persistent=False)
         self.register_buffer("_basis", torch.empty(0, dtype=torch.int32), persistent=False)
+        self.register_buffer("_value_offsets", torch.empty(0, dtype=torch.long), persistent=False)
         self._in_place_optimizer = None
         # a training step is one autograd node (`ops.latent`) unless the values are optimized in place, which
         # happens between the projection and the quantization (the module path)
@@ -220,6 +221,9 @@ class LatentQuantize(QuantizerModel):
         c = self.config
         device = self._levels.device if self._levels.device.type != "meta" else torch.device("cpu")
         self._levels, self._basis = fsq_ops.fsq_tables(c.levels_list, device=device)
+        # where each latent's values start in the flattened `(latents, max level)` value table
+        width = max(c.levels_list)
+        self._value_offsets = torch.arange(0, width * len(c.levels_list), width, device=device)
         if not c.optimize_values:
             for i, level in enumerate(c.levels_list):
                 setattr(self, f"_fixed_values_{i}", initial_values(level, device))
@@ -257,7 +261,8 @@ class LatentQuantize(QuantizerModel):
     @staticmethod
     @torch.no_grad()
     def _nearest_levels(z: Tensor, table: Tensor) -> Tensor:
-        """`nearest_levels` as exact float32 level numbers. On CPU by a running minimum over the few values of a
+        """`nearest_levels` as level numbers: int64 where they come from `argmin`, exact float32 from the running
+        minimum (every consumer takes either). On CPU by a running minimum over the few values of a
         latent: no `(..., latents, levels)` intermediate and no reduction over a short trailing axis (slow there),
         each step a vectorized elementwise pass in `z`'s memory layout. On other devices, where each pass is a
         kernel launch, under torch.compile, which fuses the passes, and for inputs with at most `_SMALL_DISTANCES`
@@ -265,7 +270,7 @@ class LatentQuantize(QuantizerModel):
         the distances to all values at once (the same distances, the first on ties either way)."""
         z = z.float()
         if z.device.type != "cpu" or torch.compiler.is_compiling() or z.numel() * table.shape[1] <= _SMALL_DISTANCES:
-            return (z.unsqueeze(-1) - table).abs_().argmin(dim=-1).float()
+            return (z.unsqueeze(-1) - table).abs_().argmin(dim=-1)
         best = (z - table[:, 0]).abs_()
         level = torch.zeros_like(best)
         closer = torch.empty_like(best)  # a float 0/1 mask: CPU kernels with bool masks are several times slower
@@ -279,8 +284,7 @@ class LatentQuantize(QuantizerModel):
     def level_indices_to_codes(self, level_indices: Tensor, table: Tensor | None = None) -> Tensor:
         """`(..., latents)` level indices to the values (differentiable in the values)."""
         table = self._value_table() if table is None else table
-        offsets = torch.arange(0, table.numel(), table.shape[1], device=level_indices.device)
-        flat = (level_indices.long() + offsets).reshape(-1)
+        flat = (level_indices.long() + self._value_offsets).reshape(-1)
         # (index_select: its gradient is an index_add, where indexing's is a sorting accumulate on CUDA)
         return table.flatten().index_select(0, flat).view(level_indices.shape)
 
@@ -296,7 +300,7 @@ class LatentQuantize(QuantizerModel):
         return self._indices_from_levels(self.nearest_levels(codes))
 
     def _indices_from_levels(self, level_indices: Tensor) -> Tensor:
-        return fsq_ops.level_digits_to_indices(level_indices.to(torch.float32), self._basis, self.codebook_size)
+        return fsq_ops.level_digits_to_indices(level_indices, self._basis, self.codebook_size)
 
     def indices_to_codes(self, indices: Tensor, project_out: bool = True) -> Tensor:
         """Inverse of the forward's indices: `(b, ...)` or `(b, ..., c)` indices to features (channel-first for
@@ -417,7 +421,8 @@ class LatentQuantize(QuantizerModel):
         project_in, project_out = (self.project_in, self.project_out) if self.has_projections else (None, None)
         return LatentTrainStep.apply(
             features, getattr(project_in, "weight", None), getattr(project_in, "bias", None),
-            getattr(project_out, "weight", None), getattr(project_out, "bias", None), self._value_table(), spec)
+            getattr(project_out, "weight", None), getattr(project_out, "bias", None), self._value_table(),
+            self._value_offsets, spec)
 
     def _project_out(self, codes: Tensor, channel_first: bool) -> Tensor:
         """`(..., C, latents)` codes (rows; a transposed view for channel-first input) to output features."""

@@ -163,17 +163,18 @@ def round_ste_from(x: Tensor, rounded: Tensor) -> Tensor:
 
 
 def level_digits_to_indices(level: Tensor, basis: Tensor, codebook_size: int) -> Tensor:
-    """`(..., C, d)` per-feature levels (exact floats) to `(..., C)` int32 mixed-radix indices.
+    """`(..., C, d)` per-feature levels (exact floats, or integers) to `(..., C)` int32 mixed-radix indices.
 
-    On CPU a float32 matrix-vector product with the basis when every partial sum is an integer below 2**24
-    (exact in any order) and matmuls run in full float32 (bf16, under autocast or a lower matmul precision,
-    would round the products): one pass, where a sum over a trailing axis of a few elements is a slow reduction
-    there. (On CUDA, where TF32 is a separate switch, and under torch.compile, which fuses it, the sum.)"""
-    if (not torch.compiler.is_compiling() and level.device.type == "cpu" and codebook_size <= 2**24
-            and not torch.is_autocast_enabled("cpu")
+    On CPU, for float levels, a float32 matrix-vector product with the basis when every partial sum is an integer
+    below 2**24 (exact in any order) and matmuls run in full float32 (bf16, under autocast or a lower matmul
+    precision, would round the products): one pass, where a sum over a trailing axis of a few elements is a slow
+    reduction there. (On CUDA, where TF32 is a separate switch, and under torch.compile, which fuses it, the
+    integer sum, cast to int32 inside the reduction.)"""
+    if (not torch.compiler.is_compiling() and level.device.type == "cpu" and level.is_floating_point()
+            and codebook_size <= 2**24 and not torch.is_autocast_enabled("cpu")
             and torch.get_float32_matmul_precision() == "highest"):
         return torch.matmul(level, basis.to(level.dtype)).to(torch.int32)
-    return (level.long() * basis).sum(-1).to(torch.int32)
+    return (level.long() * basis).sum(-1, dtype=torch.int32)
 
 
 def residual_fsq(x: Tensor, scales: Tensor, table: Tensor, basis: Tensor, codebook_size: int, *,

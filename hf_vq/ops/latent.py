@@ -33,7 +33,7 @@ class LatentTrainSpec(NamedTuple):
     commitment_weight: float
     quantization_weight: float
     values_learn: bool  # the commitment term's gradient goes to the values (else through the codes, as vqp)
-    nearest: Callable[[Tensor, Tensor], Tensor]  # (latents (..., C, L), table (L, W)) -> exact float level numbers
+    nearest: Callable[[Tensor, Tensor], Tensor]  # (latents (..., C, L), table (L, W)) -> level numbers (int or float)
 
 
 def linear(t: Tensor, weight: Tensor | None, bias: Tensor | None, channel_first: bool) -> Tensor:
@@ -84,23 +84,33 @@ def sum_into_slots(index: Tensor, src: Tensor, size: int, copies: int | None = N
     return sums.sum(0)
 
 
+def _input_grad_rows(grad: Tensor, weight: Tensor | None, channel_first: bool) -> Tensor:
+    """`linear_input_grad` in rows `(..., d_in)` whatever the layout (for channel-first, `(b, n, d_in)` straight
+    from the product, without a transposed copy)."""
+    if weight is None or not channel_first:
+        rows = linear_input_grad(grad, weight, False)
+        return rows.transpose(1, 2) if channel_first else rows
+    return torch.bmm(grad.transpose(1, 2), weight.expand(grad.shape[0], -1, -1))
+
+
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return b if a is None else a if b is None else a + b
 
 
 class LatentTrainStep(torch.autograd.Function):
     """`(output, loss, levels)` of a LatentQuantize training step on float32 `features`; see the module
-    docstring. `table (L, W)`: each latent's values (padded with +inf). `levels (..., C, L)` are the exact float
-    level numbers of the codes (no gradient)."""
+    docstring. `table (L, W)`: each latent's values (padded with +inf); `offsets (L,)`: where each latent's row
+    starts in the flattened table. `levels (..., C, L)` are the level numbers of the codes as `spec.nearest` gives
+    them (int64, or exact floats; no gradient)."""
 
     @staticmethod
     def forward(ctx, features: Tensor, w_in: Tensor | None, b_in: Tensor | None, w_out: Tensor | None,
-                b_out: Tensor | None, table: Tensor, spec: LatentTrainSpec) -> tuple[Tensor, Tensor, Tensor]:
+                b_out: Tensor | None, table: Tensor, offsets: Tensor, spec: LatentTrainSpec
+                ) -> tuple[Tensor, Tensor, Tensor]:
         cf = spec.channel_first
         z = linear(features, w_in, b_in, cf)
         latents = (z.transpose(1, 2) if cf else z).unflatten(-1, (spec.num_codebooks, table.shape[0]))
         levels = spec.nearest(latents, table)
-        offsets = torch.arange(0, table.numel(), table.shape[1], device=table.device)
         flat = (levels.long() + offsets).reshape(-1)  # (in row order, whatever the layout `nearest` gave)
         values = table.view(-1).index_select(0, flat).view(levels.shape)
         codes = (latents + (values - latents)).flatten(-2)  # the straight-through value, as vqp
@@ -120,7 +130,7 @@ class LatentTrainStep(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor | None, grad_loss: Tensor | None, _grad_levels):
         features, w_in, w_out, codes, out, flat = ctx.saved_tensors
         spec, cf = ctx.spec, ctx.spec.channel_first
-        need_x, need_w_in, need_b_in, need_w_out, need_b_out, need_table, _ = ctx.needs_input_grad
+        need_x, need_w_in, need_b_in, need_w_out, need_b_out, need_table, _, _ = ctx.needs_input_grad
         cw, qw = spec.commitment_weight, spec.quantization_weight
         # Both loss terms' gradients are multiples of one tensor, the residual scaled in place (`loss_grad`, the one
         # full-size temporary here): the commitment term's (at the output) is `loss_grad` itself when cw != 0, the
@@ -133,9 +143,8 @@ class LatentTrainStep(torch.autograd.Function):
             input_factor = (-qw / cw if cw else 1.0) if qw and need_x else 0.0
         grad_table = None
         if spec.values_learn and commit is not None and need_table:
-            to_values = linear_input_grad(commit, w_out, cf)
-            rows = to_values.transpose(1, 2) if cf else to_values  # (the layout of `flat`)
-            grad_table = sum_into_slots(flat, rows.reshape(-1), math.prod(ctx.table_shape)).view(ctx.table_shape)
+            to_values = _input_grad_rows(commit, w_out, cf)
+            grad_table = sum_into_slots(flat, to_values.reshape(-1), math.prod(ctx.table_shape)).view(ctx.table_shape)
         to_codes = grad_out if spec.values_learn else _add(grad_out, commit)
         grad_x = grad_w_in = grad_b_in = None
         if to_codes is not None:
@@ -153,4 +162,4 @@ class LatentTrainStep(torch.autograd.Function):
         if at_output is not None and w_out is not None and (need_w_out or need_b_out):
             grad_w_out, grad_b_out = linear_param_grads(at_output, codes, cf, ctx.has_bias[1])
         return (grad_x, grad_w_in, grad_b_in if need_b_in else None, grad_w_out,
-                grad_b_out if need_b_out else None, grad_table, None)
+                grad_b_out if need_b_out else None, grad_table, None, None)
