@@ -2,8 +2,8 @@
 straight-through codes, output projection and both loss terms, with a hand-written backward.
 
 The values are those of `LatentQuantize`'s module path (vqp 1.32 semantics, with hf_vq's learnable-values
-deviation); the node exists because that path is about 115 small ops per step, which bounds a step on a GPU by the
-host. Here:
+deviation); the node exists because that path is a long chain of small ops, whose launches rather than their
+arithmetic bound a step on a GPU. Here:
 
 - The commitment term `cw * mse(input.detach(), output_from_values)` and the quantization term
   `qw * mse(output.detach(), input)` have one value (the output projection of the values is the output, the codes
