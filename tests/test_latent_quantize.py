@@ -1,6 +1,8 @@
 """LatentQuantize: parity with vector-quantize-pytorch 1.32 `LatentQuantize`, learnable values, in-place
 optimizer, index <-> code round trips, errors."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -392,3 +394,21 @@ def test_one_node_step_on_gpu_equals_module_path():
     torch.manual_seed(0)
     x = torch.randn(4, 64, 4096, device="cuda")
     _assert_one_node_step_matches_modules(x, "cuda", levels=[5, 5, 5, 5], dim=64, channel_first=True)
+
+
+@pytest.mark.parametrize("output_used", [True, False], ids=["output_and_loss", "loss_only"])
+def test_one_node_step_with_an_input_that_needs_no_gradient(output_used):
+    # a frozen encoder's features, and a backward that reaches only the loss: the parameters' gradients still
+    # equal the module path's
+    one_node = hf_vq.LatentQuantize(levels=[5, 4], dim=6).train()
+    modules = copy.deepcopy(one_node)
+    modules.train_path = "modules"
+    x, weights = torch.randn(2, 7, 6), torch.randn(2, 7, 6)
+    for model in (one_node, modules):
+        out = model(x)
+        ((out.quantized * weights).sum() + out.loss if output_used else out.loss).backward()
+    for (name, p), q in zip(one_node.named_parameters(), modules.parameters()):
+        # (with the loss only, no gradient reaches project_in: the commitment term's goes to the values)
+        assert (p.grad is None) == (q.grad is None) == (name.startswith("project_in") and not output_used), name
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
