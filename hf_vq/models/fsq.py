@@ -23,7 +23,7 @@ from ..modeling_utils import (
     register_quantizer,
 )
 from ..ops import fsq as fsq_ops
-from ..ops import latent as latent_ops
+from ..ops import linear as linear_ops
 from ..ops import triton_fsq
 
 
@@ -368,4 +368,4 @@ class FSQ(QuantizerModel):
 
 def channel_linear(linear: nn.Linear, x: Tensor) -> Tensor:
     """`linear` applied along axis 1 of `x (b, d_in, n)`: `(b, d_out, n)`, without transposing `x`."""
-    return latent_ops.linear(x, linear.weight, linear.bias, channel_first=True)
+    return linear_ops.linear(x, linear.weight, linear.bias, channel_first=True)

@@ -24,6 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .linear import (
+    linear,
+    linear_input_grad,
+    linear_input_grad_rows,
+    linear_param_grads,
+)
+
 
 class LatentTrainSpec(NamedTuple):
     """What the node needs of the quantizer besides tensors."""
@@ -36,42 +43,6 @@ class LatentTrainSpec(NamedTuple):
     nearest: Callable[[Tensor, Tensor], Tensor]  # (latents (..., C, L), table (L, W)) -> level numbers (int or float)
 
 
-def linear(t: Tensor, weight: Tensor | None, bias: Tensor | None, channel_first: bool) -> Tensor:
-    """`nn.Linear`'s map along the feature axis of `t` (axis 1 when `channel_first`: a batched product and the
-    bias added in place, without transposing `t`; `baddbmm` would first broadcast-copy the bias into the output,
-    a slow extra pass on CPU); the identity when `weight` is None."""
-    if weight is None:
-        return t
-    if not channel_first:
-        return F.linear(t, weight, bias)
-    out = torch.bmm(weight.expand(t.shape[0], -1, -1), t)
-    return out if bias is None else out.add_(bias.unsqueeze(-1))
-
-
-def linear_input_grad(grad: Tensor, weight: Tensor | None, channel_first: bool, add: Tensor | None = None,
-                      beta: float = 1.0) -> Tensor:
-    """The gradient of `linear`'s input from its output's gradient, plus `beta * add` (of the input's shape) in
-    the same product."""
-    if weight is None:
-        return grad if add is None else torch.add(grad, add, alpha=beta)
-    if not channel_first:
-        if add is None:
-            return grad @ weight
-        rows = grad.reshape(-1, grad.shape[-1])
-        return torch.addmm(add.reshape(-1, add.shape[-1]), rows, weight, beta=beta).view(add.shape)
-    weight_t = weight.t().expand(grad.shape[0], -1, -1)
-    return torch.bmm(weight_t, grad) if add is None else torch.baddbmm(add, weight_t, grad, beta=beta)
-
-
-def linear_param_grads(grad: Tensor, t: Tensor, channel_first: bool, bias: bool) -> tuple[Tensor, Tensor | None]:
-    """The gradients of `linear`'s weight and bias from its output's gradient and its input `t`."""
-    if channel_first:
-        weight_grad = torch.bmm(grad, t.transpose(1, 2)).sum(0)
-        return weight_grad, grad.sum((0, 2)) if bias else None
-    rows, t_rows = grad.reshape(-1, grad.shape[-1]), t.reshape(-1, t.shape[-1])
-    return rows.t() @ t_rows, rows.sum(0) if bias else None
-
-
 def sum_into_slots(index: Tensor, src: Tensor, size: int, copies: int | None = None) -> Tensor:
     """`zeros(size).index_add_(0, index, src)` for 1-D `index`, `src`. On CUDA, with many more elements than
     slots, the elements are first summed into `copies` (default: up to 256) private copies of the slots, one per
@@ -82,15 +53,6 @@ def sum_into_slots(index: Tensor, src: Tensor, size: int, copies: int | None = N
         return src.new_zeros(size).index_add_(0, index, src)
     sums = src.new_zeros(copies, size).scatter_add_(1, index.view(copies, -1), src.view(copies, -1))
     return sums.sum(0)
-
-
-def _input_grad_rows(grad: Tensor, weight: Tensor | None, channel_first: bool) -> Tensor:
-    """`linear_input_grad` in rows `(..., d_in)` whatever the layout (for channel-first, `(b, n, d_in)` straight
-    from the product, without a transposed copy)."""
-    if weight is None or not channel_first:
-        rows = linear_input_grad(grad, weight, False)
-        return rows.transpose(1, 2) if channel_first else rows
-    return torch.bmm(grad.transpose(1, 2), weight.expand(grad.shape[0], -1, -1))
 
 
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -143,7 +105,7 @@ class LatentTrainStep(torch.autograd.Function):
             input_factor = (-qw / cw if cw else 1.0) if qw and need_x else 0.0
         grad_table = None
         if spec.values_learn and commit is not None and need_table:
-            to_values = _input_grad_rows(commit, w_out, cf)
+            to_values = linear_input_grad_rows(commit, w_out, cf)
             grad_table = sum_into_slots(flat, to_values.reshape(-1), math.prod(ctx.table_shape)).view(ctx.table_shape)
         to_codes = grad_out if spec.values_learn else _add(grad_out, commit)
         grad_x = grad_w_in = grad_b_in = None
