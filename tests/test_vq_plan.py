@@ -3,6 +3,7 @@ each field set to a value other than its default, the model either keeps a fast 
 the general path computes, or it takes the general path."""
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 import hf_vq
 from hf_vq.models.vq_plan import FAST_PATH_RULES, GENERAL, VQPlan, plan_for
 from hf_vq.ops import ema as ema_ops
+from hf_vq.ops import projected
 from hf_vq.ops.nearest import nearest_code
 
 BASE = dict(dim=8, codebook_size=16)
@@ -84,15 +86,19 @@ def test_every_config_field_is_classified():
 
 def test_default_config_takes_every_fast_path():
     assert hf_vq.VectorQuantize(**BASE).plan == VQPlan(fused_estimator=True, lean_eval=True, fused_levels=True)
+    # with projections: the folded eval instead of the lean one
+    assert hf_vq.VectorQuantize(**BASE, heads=2).plan == VQPlan(fused_estimator=True, folded_eval=True)
     optimizer = hf_vq.VectorQuantize(**BASE, learnable_codebook=True, ema_update=False, rotation_trick=True,
                                      in_place_codebook_optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
     assert not optimizer.plan.fused_levels
 
 
-def _input(model, requires_grad=False):
+def _input(model, requires_grad=False, many=False):
+    """A small input in the model's layout (`many`: more tokens than the codebook has codes)."""
     c, d = model.config, model.config.dim
-    shape = ((2, d, 3, 3) if c.accept_image_fmap else (2, d, 2, 2, 2) if c.accept_3d_fmap
-             else (2, d, 5) if not c.channel_last else (2, 5, d))
+    n = 3 if many else 1
+    shape = ((2, d, 3 * n, 3) if c.accept_image_fmap else (2, d, 2, 2 * n, 2) if c.accept_3d_fmap
+             else (2, d, 5 * n) if not c.channel_last else (2, 5 * n, d))
     return torch.randn(shape).requires_grad_(requires_grad)
 
 
@@ -149,6 +155,18 @@ def test_each_field_keeps_an_equal_fast_path_or_the_general_one(field):
         assert torch.equal(out.indices.reshape(-1), ids)
         assert torch.equal(out.quantized.detach().reshape(-1, x.shape[-1]), codes[ids])
 
+    # folded_eval: the eval forward through the projections folded into the codebook gives the general path's
+    # indices and (up to float32 rounding) its output, when the call has more tokens than the codebook has codes
+    if plan.folded_eval:
+        many = _input(model, many=True)
+        with mock.patch.object(projected, "lookup_sum", wraps=projected.lookup_sum) as folded:
+            got = model.eval()(many)
+        assert folded.call_count == 1
+        want = _general(model).eval()(many)
+        assert torch.equal(got.indices, want.indices)
+        assert torch.allclose(got.quantized, want.quantized, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(got.perplexity, want.perplexity) and got.loss == want.loss == 0
+
     # fused_levels: a training step is exactly one level of ops.triton_residual.residual_train_levels: nearest
     # code, the MSE commitment loss times its weight, one EMA step with the config's decay and eps
     if plan.fused_levels:
@@ -166,3 +184,76 @@ def test_each_field_keeps_an_equal_fast_path_or_the_general_one(field):
         smoothed = ema_ops.laplace_smoothing(sizes, c.codebook_size, c.eps) * sizes.sum(-1, keepdim=True)
         assert torch.allclose(cb.cluster_size, sizes, rtol=1e-5, atol=1e-6)
         assert torch.allclose(cb.embed, avgs / smoothed.unsqueeze(-1), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_each_field_with_projections_folds_the_eval_or_takes_the_general_path(field):
+    """The walk again on a model with projections (two heads): every field either keeps the folded eval, which
+    gives the general path's indices and output, or sends the call to the general path."""
+    torch.manual_seed(0)
+    model = hf_vq.VectorQuantize(**{**BASE, "heads": 2, **copy.deepcopy(NON_DEFAULT[field])})
+    if model.config.kmeans_init:
+        assert not model.plan.folded_eval  # an uninitialized codebook
+        with torch.no_grad():
+            model.train()(_input(model))
+    many = _input(model, many=True)
+    with mock.patch.object(projected, "lookup_sum", wraps=projected.lookup_sum) as folded:
+        got = model.eval()(many)
+    assert folded.call_count == int(model.plan.folded_eval)
+    want = _general(model).eval()(many)
+    assert torch.equal(got.indices, want.indices)
+    assert torch.allclose(got.quantized, want.quantized, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(got.perplexity, want.perplexity)
+    folds = field not in ("layernorm_after_project_in", "affine_param", "codebook_dim")  # codebook_dim 4: no projection
+    assert model.plan.folded_eval == folds, field
+
+
+def test_folded_eval_per_call_conditions(monkeypatch):
+    """Calls the folded eval does not take run the general path: training, a mask, non-float32 input or weights,
+    autocast, exact search mode, and codebooks with at least as many codes as the call has tokens."""
+    torch.manual_seed(0)
+    model = hf_vq.VectorQuantize(dim=8, codebook_size=16, heads=2).eval()
+    x = torch.randn(2, 15, 8)
+    tokens = x
+
+    def takes(m=model, t=tokens, mask=None):
+        return m._takes_folded_eval(t, mask, None)
+
+    assert takes()
+    assert not takes(t=tokens[:, :8])  # 16 tokens, 16 codes
+    assert not takes(mask=torch.ones(2, 15, dtype=torch.bool))
+    assert not takes(t=tokens.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not takes()
+    monkeypatch.setenv("HF_VQ_NEAREST_MODE", "exact")
+    assert not takes()
+    monkeypatch.delenv("HF_VQ_NEAREST_MODE")
+    assert not takes(m=copy.deepcopy(model).train())
+    assert not takes(m=copy.deepcopy(model).double(), t=tokens.double())
+    # a masked call gives the general path's values (-1 where masked)
+    mask = torch.rand(2, 15) > 0.3
+    out = model(x, mask=mask)
+    assert torch.equal(out.indices[~mask], torch.full_like(out.indices[~mask], -1))
+
+
+def test_folded_eval_agrees_with_float64():
+    """The folded search picks the float64 nearest code of the projected rows, cosine and euclidean, shared and
+    separate codebooks, and folds the input projection or not (codebook dim vs input dim)."""
+    for kw in (dict(heads=4), dict(heads=4, separate_codebook_per_head=True, use_cosine_sim=True),
+               dict(codebook_dim=4), dict(codebook_dim=4, use_cosine_sim=True)):
+        torch.manual_seed(0)
+        model = hf_vq.VectorQuantize(dim=8, codebook_size=32, **kw).eval()
+        x = torch.randn(3, 200, 8)
+        out = model(x)
+        with torch.no_grad():
+            z = model.project_in.double()(x.double()).view(600, model.heads, -1).transpose(0, 1)
+            model.project_in.float()
+            book = model._codebook.embed.double().expand(model.heads, -1, -1)
+            if model.use_cosine_sim:
+                score = torch.nn.functional.normalize(z, dim=-1) @ book.mT
+            else:
+                score = -torch.cdist(z, book)
+        ids = out.indices.reshape(600, model.heads).T
+        got = score.gather(-1, ids[..., None])[..., 0]
+        assert ((score.amax(-1) - got) <= 1e-6 * (1 + score.abs().amax())).all(), kw
+        assert model.fold_search == (model.codebook_dim >= model.dim)

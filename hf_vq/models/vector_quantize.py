@@ -34,7 +34,8 @@ from ..modeling_utils import (
 from ..ops import ema as ema_ops
 from ..ops.estimators import (directional_reparam, gumbel_select, rotate_to, rotate_to_with_commitment,
                               straight_through)
-from ..ops.nearest import gather_codes, nearest_code, scores
+from ..ops import projected
+from ..ops.nearest import gather_codes, nearest_code, resolve_mode, scores
 from .codebook import Codebook, l2norm
 from .vq_config import VectorQuantizeConfig
 from .vq_losses import (cross_entropy_to_codes, masked_mse, mean_position_entropy, orthogonal_loss, perplexity,
@@ -120,6 +121,9 @@ class VectorQuantize(QuantizerModel):
             in_place_codebook_optimizer(self._codebook.parameters()) if in_place_codebook_optimizer else None
         )
         self.config_plan = plan_for(c, in_place_optimizer=self.in_place_codebook_optimizer is not None)
+        # the folded eval folds the input projection into the search when that costs no more than searching in
+        # code space (a head's codebook dim at least the input dim), else it projects and searches in code space
+        self.fold_search = self.codebook_dim >= self.dim
         self._plan_cache: tuple[tuple, VQPlan] | None = None
         self.post_init()
 
@@ -357,6 +361,12 @@ class VectorQuantize(QuantizerModel):
             raise ValueError(f"mask must be a bool tensor of shape {tuple(tokens.shape[:2])}, got "
                              f"{mask.dtype} {tuple(mask.shape)}")
         b, n = tokens.shape[:2]
+        if self._takes_folded_eval(tokens, mask, indices):
+            quantized, indices, usage = self._folded_eval(tokens, return_perplexity)
+            zero = torch.zeros((), device=x.device)
+            terms = dict(commitment_loss=zero, codebook_diversity_loss=zero, orthogonal_reg_loss=zero)
+            return self._finish(layout, quantized, indices, zero, zero, usage, terms, return_dict,
+                                return_loss_breakdown)
         heads_x = self._split_heads(self.project_in(tokens) if self.has_projections else tokens)  # (H, B, n, d)
         if self.use_cosine_sim:
             heads_x = l2norm(heads_x)
@@ -393,19 +403,59 @@ class VectorQuantize(QuantizerModel):
         inplace_loss = rows.inplace_loss
         if inplace_loss is None:  # outside training the loss is already a zero (shared by the loss terms)
             inplace_loss = rows.loss if not self.training else torch.zeros((), device=x.device)
+        return self._finish(layout, quantized, indices, rows.loss, inplace_loss, usage, rows.loss_terms, return_dict,
+                            return_loss_breakdown)
+
+    def _finish(self, layout: TokenLayout, quantized: Tensor, indices: Tensor, loss: Tensor, inplace_loss: Tensor,
+                usage: Tensor | None, loss_terms: dict[str, Tensor], return_dict: bool | None,
+                return_loss_breakdown: bool) -> VectorQuantizeOutput | tuple:
+        """The output of `forward` from token-layout `quantized (b, n, dim)` and `indices (b, n[, heads])`."""
         output = VectorQuantizeOutput(
             quantized=layout.from_tokens(quantized),
             indices=layout.indices_from_tokens(indices),
-            loss=rows.loss,
+            loss=loss,
             inplace_optimize_loss=inplace_loss,
             perplexity=usage,
-            **rows.loss_terms,
+            **loss_terms,
         )
         if return_loss_breakdown:
             output.loss_breakdown = LossBreakdown(output.commitment_loss, output.codebook_diversity_loss,
                                                   output.orthogonal_reg_loss, inplace_loss)
         result = self._output(output, return_dict)
         return (*result, output.loss_breakdown) if return_loss_breakdown and isinstance(result, tuple) else result
+
+    def _takes_folded_eval(self, tokens: Tensor, mask: Tensor | None, indices: Tensor | None) -> bool:
+        """Whether this call runs `_folded_eval` (`VQPlan.folded_eval`, module docstring of `vq_plan`)."""
+        return (not self.training and mask is None and indices is None and self.plan.folded_eval
+                and tokens.dtype == torch.float32 and self.project_out.weight.dtype == torch.float32
+                and not torch.is_autocast_enabled(tokens.device.type)
+                and projected.folding_pays(tokens.shape[0] * tokens.shape[1], self.codebook_size)
+                and resolve_mode() != "exact")
+
+    def _folded_eval(self, tokens: Tensor, return_perplexity: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Eval forward with the projections folded into the codebook (`ops.projected`): the search of the raw
+        rows against the codes through the input projection (`fold_search`; else of the projected rows in code
+        space) and the output as a sum of projected codes. Returns token-layout `(quantized, indices,
+        perplexity)`; the same values as the general path up to float32 rounding (near-ties may differ)."""
+        b, n, dim = tokens.shape
+        rows = tokens.reshape(b * n, dim)
+        heads = self.heads
+        embed = self._codebook.codes()  # (1 or heads, K, codebook_dim)
+        with torch.no_grad():
+            if self.fold_search:
+                table, offset = projected.search_table(embed, self.project_in.weight, self.project_in.bias,
+                                                       self.metric)
+                ids, _ = nearest_code(rows.expand(heads, -1, -1), table, metric="dot", code_offset=offset)
+            else:
+                z = self.project_in(rows).view(b * n, heads, -1).transpose(0, 1)  # (heads, N, codebook_dim)
+                ids, _ = nearest_code(l2norm(z) if self.use_cosine_sim else z, embed, metric=self.metric)
+        out = projected.lookup_sum(projected.lookup_table(embed, self.project_out.weight), ids, self.project_out.bias)
+        usage = None
+        if return_perplexity:  # one shared codebook: one distribution over every head's codes (as the general path)
+            usage = perplexity(ids if self.separate_codebook_per_head else ids.reshape(1, -1), self.codebook_size,
+                               None)
+        ids = ids[0].view(b, n) if heads == 1 else ids.view(heads, b, n).permute(1, 2, 0)
+        return out.view(b, n, dim), ids, usage
 
     def _topk_forward(self, x, topk, mask, lens, temperature, freeze_codebook, return_dict, indices,
                       return_loss_breakdown):

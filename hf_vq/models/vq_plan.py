@@ -10,6 +10,12 @@ Three fast paths compute exactly what the general path computes, for a subset of
   (nearest euclidean code, rotation trick with the MSE commitment loss, EMA codebook, dead-code expiry);
   ResidualVQ then runs all its levels in one fused pass.
 
+- `folded_eval`: outside training, a model with projections searches and looks up through them folded into the
+  codebook (`ops.projected`): the input projection into the search when a head's codebook dim is at least the
+  input dim (the search then costs what it costs in code space), the output projection into a table of projected
+  codes always. Per call it also needs float32 input and weights, no autocast, no mask, a search mode other than
+  `"exact"` and fewer codes than rows (`VectorQuantize._takes_folded_eval`).
+
 `FAST_PATH_RULES` classifies every `VectorQuantizeConfig` field: for each path, `ANY` (the path honours every
 value) or a rule `(value, config) -> bool` naming the values it honours. A config whose fields all pass a path's
 rules may take it; any other value sends the model to the general path. `plan_for` refuses a config with a field
@@ -41,6 +47,10 @@ def _not_learnable(value, config) -> bool:
     return not config.resolved_learnable_codebook
 
 
+def _projects(value, config) -> bool:
+    return config.resolved_codebook_dim * config.heads != config.dim
+
+
 def _ema_codebook(value, config) -> bool:
     return config.resolved_ema_update
 
@@ -52,54 +62,55 @@ def _positive(value, config) -> bool:
 _OFF = only(False)
 _ZERO = only(0, 0.0)
 
-# field: (fused_estimator, lean_eval, fused_levels)
-FAST_PATH_RULES: dict[str, tuple[Rule, Rule, Rule]] = {
-    "dim": (ANY, ANY, ANY),
-    "codebook_size": (ANY, ANY, ANY),
-    "codebook_dim": (ANY, _no_projection, _no_projection),
-    "heads": (ANY, only(1), only(1)),
-    "separate_codebook_per_head": (ANY, ANY, ANY),  # one head: one codebook either way
-    "decay": (ANY, ANY, ANY),
-    "eps": (ANY, ANY, ANY),
-    "freeze_codebook": (ANY, ANY, _OFF),
-    "kmeans_init": (ANY, ANY, ANY),  # the plan waits for the codebook to be initialized
-    "kmeans_iters": (ANY, ANY, ANY),
-    "use_cosine_sim": (ANY, _OFF, _OFF),
-    "layernorm_after_project_in": (ANY, ANY, ANY),  # only used with projections, which the others exclude
-    "threshold_ema_dead_code": (ANY, ANY, ANY),
-    "reset_cluster_size": (ANY, ANY, ANY),
-    "channel_last": (ANY, only(True), only(True)),
-    "accept_image_fmap": (ANY, _OFF, _OFF),
-    "accept_3d_fmap": (ANY, _OFF, _OFF),
-    "commitment_weight": (_positive, ANY, _positive),
-    "commitment_use_cross_entropy_loss": (_OFF, ANY, _OFF),
-    "orthogonal_reg_weight": (ANY, ANY, _ZERO),
-    "orthogonal_reg_active_codes_only": (ANY, ANY, ANY),
-    "orthogonal_reg_max_codes": (ANY, ANY, ANY),
-    "codebook_diversity_loss_weight": (ANY, ANY, _ZERO),
-    "codebook_diversity_temperature": (ANY, ANY, ANY),
-    "stochastic_sample_codes": (ANY, ANY, _OFF),  # (with straight_through: no rotation trick, see below)
-    "sample_codebook_temp": (ANY, ANY, ANY),
-    "straight_through": (ANY, ANY, ANY),  # excludes the rotation trick (its rule)
-    "reinmax": (ANY, ANY, ANY),  # needs straight_through
-    "rotation_trick": (_rotation_trick, ANY, _rotation_trick),
-    "sync_codebook": (ANY, ANY, ANY),
-    "ema_update": (ANY, ANY, _ema_codebook),
-    "manual_ema_update": (ANY, ANY, _OFF),
-    "learnable_codebook": (_not_learnable, ANY, _not_learnable),
-    "affine_param": (ANY, _OFF, _OFF),
-    "affine_param_batch_decay": (ANY, ANY, ANY),
-    "affine_param_codebook_decay": (ANY, ANY, ANY),
-    "return_zeros_for_masked_padding": (ANY, ANY, ANY),  # masked calls take the general path
-    "route_gradients_to_input": (only(True), ANY, only(True)),
-    "sync_kmeans": (ANY, ANY, ANY),
-    "sync_affine_param": (ANY, ANY, ANY),
-    "directional_reparam": (_OFF, ANY, _OFF),
-    "directional_reparam_variance": (ANY, ANY, ANY),
-    "sync_update_v": (_ZERO, ANY, _ZERO),
-    "manual_in_place_optimizer_update": (ANY, ANY, ANY),  # an in-place optimizer itself excludes fused_levels
-    "check_inputs": (ANY, ANY, ANY),
-    "has_vq_bridge": (_OFF, _OFF, _OFF),  # the bridge maps the codebook before every search: general path
+# field: (fused_estimator, lean_eval, fused_levels, folded_eval)
+FAST_PATH_RULES: dict[str, tuple[Rule, Rule, Rule, Rule]] = {
+    "dim": (ANY, ANY, ANY, ANY),
+    "codebook_size": (ANY, ANY, ANY, ANY),
+    "codebook_dim": (ANY, _no_projection, _no_projection, _projects),
+    "heads": (ANY, only(1), only(1), ANY),
+    "separate_codebook_per_head": (ANY, ANY, ANY, ANY),  # one head: one codebook either way
+    "decay": (ANY, ANY, ANY, ANY),
+    "eps": (ANY, ANY, ANY, ANY),
+    "freeze_codebook": (ANY, ANY, _OFF, ANY),
+    "kmeans_init": (ANY, ANY, ANY, ANY),  # the plan waits for the codebook to be initialized
+    "kmeans_iters": (ANY, ANY, ANY, ANY),
+    "use_cosine_sim": (ANY, _OFF, _OFF, ANY),
+    "layernorm_after_project_in": (ANY, ANY, ANY, _OFF),  # with projections only; a LayerNorm does not fold
+    "threshold_ema_dead_code": (ANY, ANY, ANY, ANY),
+    "reset_cluster_size": (ANY, ANY, ANY, ANY),
+    "channel_last": (ANY, only(True), only(True), ANY),
+    "accept_image_fmap": (ANY, _OFF, _OFF, ANY),
+    "accept_3d_fmap": (ANY, _OFF, _OFF, ANY),
+    "commitment_weight": (_positive, ANY, _positive, ANY),
+    "commitment_use_cross_entropy_loss": (_OFF, ANY, _OFF, ANY),
+    "orthogonal_reg_weight": (ANY, ANY, _ZERO, ANY),
+    "orthogonal_reg_active_codes_only": (ANY, ANY, ANY, ANY),
+    "orthogonal_reg_max_codes": (ANY, ANY, ANY, ANY),
+    "codebook_diversity_loss_weight": (ANY, ANY, _ZERO, ANY),
+    "codebook_diversity_temperature": (ANY, ANY, ANY, ANY),
+    "stochastic_sample_codes": (ANY, ANY, _OFF, ANY),  # (with straight_through: no rotation trick, see below)
+    "sample_codebook_temp": (ANY, ANY, ANY, ANY),
+    "straight_through": (ANY, ANY, ANY, ANY),  # excludes the rotation trick (its rule)
+    "reinmax": (ANY, ANY, ANY, ANY),  # needs straight_through
+    "rotation_trick": (_rotation_trick, ANY, _rotation_trick, ANY),
+    "sync_codebook": (ANY, ANY, ANY, ANY),
+    "ema_update": (ANY, ANY, _ema_codebook, ANY),
+    "manual_ema_update": (ANY, ANY, _OFF, ANY),
+    "learnable_codebook": (_not_learnable, ANY, _not_learnable, ANY),
+    "affine_param": (ANY, _OFF, _OFF, _OFF),
+    "affine_param_batch_decay": (ANY, ANY, ANY, ANY),
+    "affine_param_codebook_decay": (ANY, ANY, ANY, ANY),
+    "return_zeros_for_masked_padding": (ANY, ANY, ANY, ANY),  # masked calls take the general path
+    "route_gradients_to_input": (only(True), ANY, only(True), ANY),
+    "sync_kmeans": (ANY, ANY, ANY, ANY),
+    "sync_affine_param": (ANY, ANY, ANY, ANY),
+    "directional_reparam": (_OFF, ANY, _OFF, ANY),
+    "directional_reparam_variance": (ANY, ANY, ANY, ANY),
+    "sync_update_v": (_ZERO, ANY, _ZERO, ANY),
+    "manual_in_place_optimizer_update": (ANY, ANY, ANY, ANY),  # an in-place optimizer itself excludes fused_levels
+    "check_inputs": (ANY, ANY, ANY, ANY),
+    # the bridge maps the codebook before every search: general path (the folded eval folds the mapped codes)
+    "has_vq_bridge": (_OFF, _OFF, _OFF, ANY),
 }
 
 
@@ -110,6 +121,7 @@ class VQPlan:
     fused_estimator: bool = False
     lean_eval: bool = False
     fused_levels: bool = False
+    folded_eval: bool = False
 
 
 GENERAL = VQPlan()
@@ -128,16 +140,16 @@ def _honours(config, path: int) -> bool:
 
 def plan_for(config, *, in_place_optimizer: bool = False) -> VQPlan:
     """The plan of a VectorQuantize built from `config` (before any state is considered)."""
-    estimator, lean, levels = (_honours(config, path) for path in range(3))
+    estimator, lean, levels, folded = (_honours(config, path) for path in range(4))
     return VQPlan(fused_estimator=estimator, lean_eval=lean,
-                  fused_levels=levels and estimator and not in_place_optimizer)
+                  fused_levels=levels and estimator and not in_place_optimizer, folded_eval=folded)
 
 
 def with_state(plan: VQPlan, *, initted: bool, float32_codebook: bool, pending_stats: bool) -> VQPlan:
-    """`plan` restricted by the codebook's state: the residual paths need an initialized codebook, and the fused
-    levels a float32 codebook with no accumulated statistics waiting (`accum_ema_update`)."""
+    """`plan` restricted by the codebook's state: the residual paths and the folded eval need an initialized
+    codebook, and the fused levels a float32 codebook with no accumulated statistics waiting (`accum_ema_update`)."""
     if not initted:
-        return replace(plan, lean_eval=False, fused_levels=False)
+        return replace(plan, lean_eval=False, fused_levels=False, folded_eval=False)
     if plan.fused_levels and (not float32_codebook or pending_stats):
         return replace(plan, fused_levels=False)
     return plan

@@ -9,6 +9,9 @@ vector-quantize-pytorch 1.32's per-element arithmetic, so the indices equal vqp'
   values of `d2` to one value, which makes a tie that vqp resolves to the lowest index, so `argmin(d2)` alone
   would differ from vqp on such rows. The returned score is the winner's `d2` (the squared distance).
 - cosine: `x.c` (the caller l2-normalizes), winner = argmax, score = `x.c`.
+- dot: `x.c - offset_c` with a per-code `code_offset` (zero if not given), winner = argmax, score = that value.
+  A search through a linear map folds into this form (`ops.projected`): `|Wx + b - c|^2` ranks the codes as
+  `x.(W^T c) - (|c|^2 / 2 - b.c)` does.
 
 Ties go to the lowest index (`torch.argmin`/`argmax` semantics). Float32 whatever the input dtype or autocast.
 Bit-parity with vqp holds at vqp's own shape (one chunk): some CPU BLAS (seen: AMD EPYC, torch 2.13) round a
@@ -46,7 +49,8 @@ from . import triton_nearest
 from .utils import autocast_off
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
-_METRICS = ("euclidean", "cosine")
+_METRICS = ("euclidean", "cosine")  # of the score functions; the search also takes "dot" (`nearest_code`)
+SEARCH_METRICS = (*_METRICS, "dot")
 MODE_ENV = "HF_VQ_NEAREST_MODE"
 DEFAULT_MODE = "rerank"
 
@@ -62,9 +66,9 @@ def resolve_mode(mode: str | None = None, exact: bool | None = None) -> str:
     return mode
 
 
-def _check(x: Tensor, codebook: Tensor, metric: str) -> None:
-    if metric not in _METRICS:
-        raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+def _check(x: Tensor, codebook: Tensor, metric: str, metrics: tuple[str, ...] = _METRICS) -> None:
+    if metric not in metrics:
+        raise ValueError(f"metric must be one of {metrics}, got {metric!r}")
     if x.dim() < 2 or codebook.dim() < 2:
         raise ValueError(f"x and codebook need at least 2 dims (N, D) / (K, D), got {tuple(x.shape)} and "
                          f"{tuple(codebook.shape)}")
@@ -154,7 +158,8 @@ def iter_score_chunks(
 
 def _nearest_torch(x3: Tensor, cb: Tensor, sqn: Tensor | None, metric: str,
                    chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple[Tensor, Tensor]:
-    """The reference: `x3 (H, N, D)`, `cb (H or 1, K, D)`, `sqn (H or 1, K) | None` -> `(H, N)` (index, score)."""
+    """The reference: `x3 (H, N, D)`, `cb (H or 1, K, D)`, `sqn (H or 1, K) | None` (euclidean: `|c|^2`; dot: the
+    code offsets) -> `(H, N)` (index, score)."""
     if cb.shape[0] == 1 and x3.shape[0] > 1:
         cb = cb.expand(x3.shape[0], -1, -1)
         sqn = None if sqn is None else sqn.expand(x3.shape[0], -1)
@@ -174,8 +179,11 @@ def _nearest_torch(x3: Tensor, cb: Tensor, sqn: Tensor | None, metric: str,
 
 def _nearest_chunk(x3: Tensor, cf: Tensor, sqn: Tensor | None, metric: str) -> tuple[Tensor, Tensor]:
     """`_nearest_torch` on one chunk of rows (`cf`: the float32 codebook)."""
-    if metric == "cosine":
-        best, indices = torch.bmm(x3.float(), cf.mT).max(dim=-1)
+    if metric != "euclidean":
+        dots = torch.bmm(x3.float(), cf.mT)
+        if metric == "dot" and sqn is not None:
+            dots.sub_(sqn.float().unsqueeze(-2))
+        best, indices = dots.max(dim=-1)
         return indices, best
     d2 = _sq_dist(x3, cf, sqn)
     # vqp's argmax(-sqrt(d2)) == argmin(sqrt(d2)) (negation is exact, both take the first extremum)
@@ -221,6 +229,7 @@ def nearest_code(
     exact: bool | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     codebook_sq_norm: Tensor | None = None,
+    code_offset: Tensor | None = None,
     return_codes: bool = False,
 ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Index of the nearest code for each row.
@@ -228,29 +237,37 @@ def nearest_code(
     Args:
         x: `(..., N, D)` features, any float dtype (cosine: already l2-normalized).
         codebook: `(..., K, D)` with the same leading (head) dims as `x`, or `(K, D)` shared by all.
-        metric: `"euclidean"` (argmin of the squared distance) or `"cosine"` (argmax of `x.c`).
+        metric: `"euclidean"` (argmin of the squared distance), `"cosine"` (argmax of `x.c`) or `"dot"` (argmax of
+            `x.c - code_offset`).
         mode: the kernel's `"rerank"` | `"exact"` | `"fast"` (module docstring); default `$HF_VQ_NEAREST_MODE`,
             else `"rerank"`. The PyTorch path (CPU, `HF_VQ_DISABLE_TRITON=1`) is always the fp32 reference.
         exact: the same as `mode`: `True` = `"exact"`, `False` = `"fast"`.
         chunk_bytes: memory budget of one chunk's score matrix on the PyTorch path.
         codebook_sq_norm: optional cached `(..., K)` float32 `|c|^2` (as `sq_norm(codebook)` computes it).
+        code_offset: `(..., K)` float32 per-code offsets of the `"dot"` metric (zero if not given). `"exact"` mode
+            runs the PyTorch path for it (the kernel's error bound does not cover the offsets).
         return_codes: also return the winners' codes `(..., N, D)` in the codebook's dtype (not differentiable;
             the kernel writes them as it finishes a row, which saves the lookup's own pass over memory).
 
     Returns:
         `(indices int64 (..., N), score float32 (..., N))`: the winner's squared distance (euclidean, vqp's
-        arithmetic) or `x.c` (cosine). Ties go to the lowest index. With `return_codes`, the codes third.
+        arithmetic), `x.c` (cosine) or `x.c - offset` (dot). Ties go to the lowest index. With `return_codes`, the codes third.
     """
-    _check(x, codebook, metric)
+    _check(x, codebook, metric, SEARCH_METRICS)
     mode = resolve_mode(mode, exact)
-    x3, cb, sqn, lead = _as_heads(x, codebook, codebook_sq_norm)
-    if x3.shape[1] > 0 and x3.shape[0] > 0 and triton_nearest.available(x3):
+    if code_offset is not None and metric != "dot":
+        raise ValueError(f"code_offset is an argument of metric='dot', got metric={metric!r}")
+    x3, cb, sqn, lead = _as_heads(x, codebook, code_offset if metric == "dot" else codebook_sq_norm)
+    kernel = mode != "exact" or metric != "dot" or code_offset is None
+    if kernel and x3.shape[1] > 0 and x3.shape[0] > 0 and triton_nearest.available(x3):
         with torch.no_grad():
             cbt = codebook.reshape(-1, *codebook.shape[-2:])  # unexpanded: the kernel broadcasts a shared codebook
             shared_view = cbt.shape[0] > 1 and cbt.stride(0) == 0  # `embed.expand(h, ...)`: one codebook
             if shared_view:
                 cbt = cbt[:1]
-            if metric == "cosine":  # not read by the kernel: any float32 (heads, K) tensor
+            if metric == "dot" and code_offset is not None:
+                sqn_t = code_offset.float().reshape(-1, cbt.shape[1])[: cbt.shape[0]]
+            elif metric != "euclidean":  # not read by the kernel: any float32 (heads, K) tensor
                 sqn_t = cbt.new_empty(cbt.shape[:2], dtype=torch.float32)
             elif codebook_sq_norm is None or shared_view:
                 sqn_t = sq_norm(cbt)

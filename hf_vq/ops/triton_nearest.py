@@ -142,14 +142,18 @@ if HAS_TRITON:
             return tl.dot(a, tl.trans(b), acc, input_precision="tf32")
 
     @triton.jit
-    def _scores(acc, x_sq, CODE_SQ, sq_offset, mask, COSINE: tl.constexpr, RERANK: tl.constexpr):
+    def _scores(acc, x_sq, CODE_SQ, sq_offset, mask, COSINE: tl.constexpr, RERANK: tl.constexpr,
+                OFFSET: tl.constexpr):
         """`(r, q)` of candidates from their summed fp32 `acc` (`x.c`, or with RERANK `|x - c|^2`): `r` higher is
         better, `q` the value returned for it. Euclidean: the reference's `r = -sqrt(q)`, `q = |x|^2 + |c|^2 -
         2 x.c` (`|c|^2` read at `CODE_SQ + sq_offset`), or with RERANK `q = |x - c|^2` (no cancellation, so
-        closer to the float64 ranking). Cosine: `r = q = x.c`."""
+        closer to the float64 ranking). Cosine: `r = q = x.c`; dot (OFFSET): `r = q = x.c - offset` (the offset
+        read where euclidean reads `|c|^2`)."""
         if COSINE:
             r = acc
-            q = acc
+            if OFFSET:
+                r = acc - tl.load(CODE_SQ + sq_offset, mask=mask, other=0.0)
+            q = r
         elif RERANK:
             q = tl.maximum(acc, 1e-8)
             r = -acc
@@ -162,7 +166,8 @@ if HAS_TRITON:
     @triton.jit
     def _rescore_one(X, CODES, CODE_SQ, x_sq, head, rows, row_mask, code, code_dim,
                      stride_x_head, stride_x_row, stride_c_head, stride_c_code, stride_sq_head,
-                     COSINE: tl.constexpr, RERANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                     COSINE: tl.constexpr, RERANK: tl.constexpr, OFFSET: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_R: tl.constexpr):
         """fp32 score `(r, q)` (`_scores`) of code `code` (one per row), reading `BLOCK_R` features at a time."""
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for d0 in range(0, code_dim, BLOCK_R):
@@ -177,7 +182,7 @@ if HAS_TRITON:
                 acc += tl.sum(diff * diff, axis=1)
             else:
                 acc += tl.sum(xv * cv, axis=1)
-        return _scores(acc, x_sq, CODE_SQ, head * stride_sq_head + code, row_mask, COSINE, RERANK)
+        return _scores(acc, x_sq, CODE_SQ, head * stride_sq_head + code, row_mask, COSINE, RERANK, OFFSET)
 
     @triton.jit
     def _fold_one(value, code, r, q, win_r, win_q, win_t, win, runner_up, COSINE: tl.constexpr, PROVE: tl.constexpr):
@@ -197,7 +202,8 @@ if HAS_TRITON:
     @triton.jit
     def _rescore_all(X, CODES, CODE_SQ, x_sq, head, rows, row_mask, code, valid, code_dim,
                      stride_x_head, stride_x_row, stride_c_head, stride_c_code, stride_sq_head,
-                     COSINE: tl.constexpr, RERANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                     COSINE: tl.constexpr, RERANK: tl.constexpr, OFFSET: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_R: tl.constexpr):
         """fp32 scores `(r, q)` (`_scores`) of the candidates `code (BLOCK_N, C)` (where `valid`), all in one pass
         over the features (`BLOCK_R` at a time, the `C` codes of a row gathered together)."""
         acc = tl.zeros(code.shape, dtype=tl.float32)
@@ -216,7 +222,7 @@ if HAS_TRITON:
             else:
                 acc += tl.sum(xv * cv, axis=2)
         return _scores(acc, x_sq[:, None], CODE_SQ, head * stride_sq_head + code, row_mask[:, None] & valid, COSINE,
-                       RERANK)
+                       RERANK, OFFSET)
 
     @triton.jit
     def _fold_all(code, valid, r, q, first_code, COSINE: tl.constexpr, PROVE: tl.constexpr):
@@ -246,7 +252,8 @@ if HAS_TRITON:
         stride_x_head, stride_x_row, stride_xl_head, stride_xl_row,
         stride_cl_head, stride_cl_code, stride_c_head, stride_c_code, stride_sq_head, stride_stats_head,
         stride_dots_head, stride_dots_row,
-        COSINE: tl.constexpr, RESCORE: tl.constexpr, RERANK: tl.constexpr, PROVE: tl.constexpr, BF16: tl.constexpr,
+        COSINE: tl.constexpr, OFFSET: tl.constexpr, RESCORE: tl.constexpr, RERANK: tl.constexpr,
+        PROVE: tl.constexpr, BF16: tl.constexpr,
         EMULATE: tl.constexpr, CANDIDATES: tl.constexpr, PACK: tl.constexpr, TILE_BITS: tl.constexpr,
         TRUNC: tl.constexpr, WRITE_CODES: tl.constexpr, EVEN_K: tl.constexpr, EVEN_D: tl.constexpr,
         X_RESIDENT: tl.constexpr, DOTS_GIVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -260,7 +267,7 @@ if HAS_TRITON:
             CODES_LOW: `(heads, n_codes, code_dim)` codes in the dot's dtype, negated for cosine (so that the dot
                 is a lower-is-better score).
             CODES: the same codes in float32 (fp32 re-scoring, written codes).
-            CODE_SQ: `(heads, n_codes)` float32 `|c|^2` (euclidean), None for cosine.
+            CODE_SQ: `(heads, n_codes)` float32 `|c|^2` (euclidean) or the code offsets (OFFSET), else None.
             CODE_STATS: `(heads, 4)` float32 `max|c|, max|c|^2, max|c_lo|, 0` (PROVE only, else None).
             X_SQ: `(heads, n_rows)` float32 reference `|x|^2` (PROVE euclidean only, else None).
             OUT_INDEX: `(heads, n_rows)` int64 winners. OUT_SCORE: `(heads, n_rows)` float32 their score.
@@ -270,7 +277,8 @@ if HAS_TRITON:
                 (DOTS_GIVEN, else None: the kernel computes them).
         Sizes: n_rows (of the whole search), n_codes, code_dim; row0 / row_end: this launch's rows. Strides:
             stride_<tensor>_<dim> in elements.
-        Flags: COSINE (argmax x.c, else argmin distance); RESCORE (pop CANDIDATES and re-score all but the last in
+        Flags: COSINE (argmax x.c, else argmin distance); OFFSET (with COSINE: argmax x.c - offset, the "dot"
+            metric); RESCORE (pop CANDIDATES and re-score all but the last in
             fp32); RERANK (rescore without proof: rerank mode's lane promotion and |x - c|^2 scores); PROVE (exact mode's error bound, see the module docstring); BF16 (bf16 dot, else tf32);
             EMULATE (CPU interpreter); PACK, TILE_BITS, TRUNC (packed keys and their relative truncation);
             WRITE_CODES; EVEN_K / EVEN_D (sizes are multiples of the tiles: no masks); X_RESIDENT (one
@@ -363,6 +371,8 @@ if HAS_TRITON:
                     dot = _low_dot(xt, c, dot, BF16, EMULATE)
             if COSINE:
                 s = dot  # x.(-c)
+                if OFFSET:
+                    s += tl.load(CODE_SQ + head * stride_sq_head + codes, mask=code_mask, other=0.0)[None, :]
             else:
                 c_sq = tl.load(CODE_SQ + head * stride_sq_head + codes, mask=code_mask, other=0.0)
                 s = c_sq[None, :] - 2.0 * dot
@@ -416,7 +426,7 @@ if HAS_TRITON:
             valid = (cand_value < float("inf")) & (slot < POPS - 1)  # an empty lane pops +inf
             r, q = _rescore_all(X, CODES, CODE_SQ, x_sq, head, rows, row_mask, cand_code, valid, code_dim,
                                 stride_x_head, stride_x_row, stride_c_head, stride_c_code, stride_sq_head,
-                                COSINE, RERANK, BLOCK_N, BLOCK_R3)
+                                COSINE, RERANK, OFFSET, BLOCK_N, BLOCK_R3)
             win, win_q, win_t, runner_up = _fold_all(cand_code, valid, r, q, win, COSINE, PROVE)
         elif RESCORE:
             win_r = tl.full([BLOCK_N], float("-inf"), tl.float32)  # the winner's fp32 score (higher is better)
@@ -426,7 +436,7 @@ if HAS_TRITON:
                                                                 RERANK, TILE_BITS, BLOCK_K)
                 r, q = _rescore_one(X, CODES, CODE_SQ, x_sq, head, rows, row_mask, code, code_dim,
                                     stride_x_head, stride_x_row, stride_c_head, stride_c_code, stride_sq_head,
-                                    COSINE, RERANK, BLOCK_N, BLOCK_R)
+                                    COSINE, RERANK, OFFSET, BLOCK_N, BLOCK_R)
                 win_r, win_q, win_t, win, runner_up = _fold_one(value, code, r, q, win_r, win_q, win_t, win,
                                                                 runner_up, COSINE, PROVE)
             value, code, best, best_code, second = _pop(best, best_code, second, second_code, lane, PACK, RERANK,
@@ -477,6 +487,14 @@ if HAS_TRITON:
                 tl.store(out_rows + dd[None, :], cv.to(OUT_CODES.dtype.element_ty), mask=mask)
 
 
+def _low_copy(x: Tensor) -> Tensor:
+    """The bf16 copy of `x (H, N, D)` the GEMM route's dots read; rows shared by every head (a head stride of 0, as
+    `x.expand(H, ...)` gives) are copied once."""
+    if x.shape[0] > 1 and x.stride(0) == 0:
+        return x[:1].to(torch.bfloat16).expand(x.shape)
+    return x.to(torch.bfloat16)
+
+
 def _code_stats(cf: Tensor, c_low: Tensor, c_sq: Tensor, bf16: bool) -> Tensor:
     """`(heads, 4)` float32 `max|c|, max|c|^2, max|c - c~|, 0` for exact mode's error bound (`cf`: the codes as
     the kernel's dot sees them before rounding, `c_low` after)."""
@@ -522,13 +540,17 @@ def nearest_code_triton(
         raise ValueError(f"topk must be 4 or 8, got {topk!r}")
     if precision not in ("bf16", "tf32"):
         raise ValueError(f"precision must be 'bf16' or 'tf32', got {precision!r}")
-    if metric not in ("euclidean", "cosine"):
-        raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
+    if metric not in ("euclidean", "cosine", "dot"):
+        raise ValueError(f"metric must be 'euclidean', 'cosine' or 'dot', got {metric!r}")
+    if metric == "dot" and mode == "exact":
+        raise ValueError("exact mode's error bound does not cover the dot metric's offsets (nearest_code runs the "
+                         "PyTorch path for it)")
     H, N, D = x.shape
     K = codebook.shape[-2]
     if out_codes is not None and (out_codes.shape != (H, N, D) or not out_codes.is_contiguous()):
         raise ValueError(f"out_codes must be a contiguous {(H, N, D)} tensor, got {tuple(out_codes.shape)}")
-    cosine = metric == "cosine"
+    cosine = metric != "euclidean"  # cosine and dot: argmax of x.c (dot: minus the per-code offset)
+    offset = metric == "dot"
     bf16 = precision == "bf16"
     prove = mode == "exact"
     idx = torch.empty(H, N, dtype=torch.long, device=x.device)
@@ -542,8 +564,8 @@ def nearest_code_triton(
     cf = codebook.float().contiguous()
     signed = -cf if cosine else cf  # the kernel scores with -c for cosine (its dot is then lower-is-better)
     c_low = signed.to(torch.bfloat16) if bf16 else signed
-    c_sq = None if cosine else codebook_sq_norm.float().contiguous()
-    x_low = x.to(torch.bfloat16) if bf16 and not resident else x
+    c_sq = None if cosine and not offset else codebook_sq_norm.float().contiguous()
+    x_low = _low_copy(x) if bf16 and not resident else x
     x_sq = (x.float() ** 2).sum(-1).contiguous() if prove and not cosine else None
     flag = torch.empty(H, N, dtype=torch.int8, device=x.device) if prove else None
     code_stats = _code_stats(signed, c_low, codebook_sq_norm.float(), bf16) if prove else None
@@ -558,9 +580,9 @@ def nearest_code_triton(
             N, K, D, row0, row_end,
             x.stride(0), x.stride(1), x_low.stride(0), x_low.stride(1),
             0 if shared else c_low.stride(0), c_low.stride(1), 0 if shared else cf.stride(0), cf.stride(1),
-            0 if shared or cosine else c_sq.stride(0), 0 if shared or not prove else code_stats.stride(0),
+            0 if shared or c_sq is None else c_sq.stride(0), 0 if shared or not prove else code_stats.stride(0),
             0 if dots is None else dots.stride(0), 0 if dots is None else dots.stride(1),
-            COSINE=cosine, RESCORE=mode != "fast", RERANK=mode == "rerank", PROVE=prove, BF16=bf16,
+            COSINE=cosine, OFFSET=offset, RESCORE=mode != "fast", RERANK=mode == "rerank", PROVE=prove, BF16=bf16,
             EMULATE=interpreting(), CANDIDATES=topk, PACK=cfg.pack, TILE_BITS=n_tile_bits,
             TRUNC=2.0 ** (n_tile_bits - 23) * 1.001, WRITE_CODES=out_codes is not None,
             EVEN_K=K % cfg.block_k == 0, EVEN_D=D % cfg.block_d == 0, X_RESIDENT=resident, DOTS_GIVEN=cfg.gemm,

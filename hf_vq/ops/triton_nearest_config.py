@@ -159,8 +159,15 @@ def row_blocks(n_rows: int, dots_per_row: int, cfg: LaunchConfig, rows: int | No
 def gemm_dots(x_low: Tensor, c_low: Tensor) -> Tensor:
     """`(H, n, K)` float32 `x~.c~` of bf16 `x_low (H, n, D)` and `c_low (H or 1, K, D)`: the bf16 products summed
     in fp32 (cuBLAS with a float32 output on CUDA; the same products in a float32 GEMM elsewhere), which is the
-    error model of the in-kernel dots. A shared codebook is one GEMM over all heads' rows."""
+    error model of the in-kernel dots. A shared codebook is one GEMM over all heads' rows; rows shared by all heads
+    (head stride 0) are one GEMM against all heads' codes, returned as an `(H, n, K)` view of its `(n, H, K)`
+    output."""
     H, n, D = x_low.shape
+    if H > 1 and x_low.stride(0) == 0 and c_low.shape[0] == H:
+        codes = c_low.reshape(1, -1, D)
+        a = x_low[:1]
+        dots = torch.bmm(a, codes.mT, out_dtype=torch.float32) if a.is_cuda else torch.bmm(a.float(), codes.float().mT)
+        return dots.view(n, H, -1).transpose(0, 1)
     a = x_low.reshape(1, H * n, D) if c_low.shape[0] == 1 else x_low
     if a.is_cuda:
         dots = torch.bmm(a, c_low.mT, out_dtype=torch.float32)

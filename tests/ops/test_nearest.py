@@ -334,6 +334,23 @@ KERNEL_CHECK = textwrap.dedent(
     if shard != 0:
         print("RESULT" + json.dumps(out))
         sys.exit(0)
+    # the dot metric (argmax x.c - offset) on rows shared by every head (head stride 0), as the folded search of
+    # `ops.projected` runs it: resident rows and the GEMM route (one GEMM of the shared rows against every head)
+    dot_cases = ([(3, 41, 37, 20, None), (3, 41, 37, 40, dict(gemm=True, gemm_rows=16, block=(16, 16)))]
+                 if dev == "cpu" else [(4, 3001, 1024, 512, None), (2, 2049, 999, 96, None)])
+    for j, (H, N, K, D, kw) in enumerate(dot_cases):
+        x = torch.randn(N, D, generator=g).to(dev).expand(H, -1, -1)
+        c = torch.randn(H, K, D, generator=g).to(dev)
+        off = (torch.randn(H, K, generator=g) * D**0.5).to(dev)
+        ref_i, _ = _nearest_torch(x, c, off, "dot")
+        s64 = x.double() @ c.double().mT - off.double()[:, None, :]
+        scale = 1 + float(s64.abs().amax())
+        for mode in ("fast", "rerank"):
+            i, s = tn.nearest_code_triton(x, c, off, metric="dot", mode=mode, **(kw or {}))
+            got = s64.gather(-1, i[..., None])[..., 0]
+            out[f"dot{j}-{mode}"] = dict(gap=float((s64.amax(-1) - got).max()) / scale,
+                                         agree=float((i == ref_i).float().mean()),
+                                         score=float((s.double() - got).abs().max()) / scale)
     # a row's two nearest codes in one lane (codes 0 and 128 share lane 0 for every BLOCK_K <= 128), ordered
     # wrongly by the low-precision scores: code 128 is nearer in fp32 but rounds to code 0's bf16/tf32 value
     # and has the larger |c|^2, so a lane that keeps only its best code would never re-rank it
@@ -372,6 +389,12 @@ def _check_kernel_results(res):
         for pack in (False, True) if prec == "bf16" else (False,):
             lane = res.pop(f"lane-{prec}-{pack}")
             assert lane == {"fast": [0] * 5, "rerank": [128] * 5, "exact": [128] * 5}, (prec, pack, lane)
+    for name in [k for k in res if k.startswith("dot")]:
+        r = res.pop(name)
+        if name.endswith("rerank"):  # the float64 winner up to fp32 rounding of the scores
+            assert r["gap"] < 1e-5 and r["agree"] >= 0.99 and r["score"] < 1e-5, (name, r)
+        else:  # the bf16 winner is a near-winner, its score the bf16 one
+            assert r["gap"] < 1e-2 and r["score"] < 1e-2, (name, r)
     for name, r in res.items():
         assert r["exact_equal"] and r["codes_written"], (name, r)
         assert r["exact_gap"] < 1e-5, (name, r)  # shape-dependent rows: a winner within fp32 rounding
