@@ -296,21 +296,23 @@ if HAS_TRITON:
         xl_rows = X_LOW + head.to(tl.int64) * stride_xl_head + rows64 * stride_xl_row
         cols = tl.arange(0, BLOCK_D)
 
-        # row norms: |x|^2 (returned distances), and for the error bound the norms of x~ and of x - x~
+        # row norms: |x|^2 (fast mode's returned distances), and for exact mode's error bound the norms of x~ and
+        # of x - x~ (rerank re-scores from the differences: it needs neither)
         x_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
         hi_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
         lo_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for d0 in range(0, code_dim, BLOCK_D):
-            mask = row_mask[:, None] & (d0 + cols < code_dim)[None, :]
-            xf = tl.load(x_rows + d0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            x_sq += tl.sum(xf * xf, axis=1)
-            if PROVE and BF16:
-                if X_RESIDENT:
-                    xr = xf.to(tl.bfloat16).to(tl.float32)
-                else:  # the copy the dots were computed from
-                    xr = tl.load(xl_rows + d0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                hi_sq += tl.sum(xr * xr, axis=1)
-                lo_sq += tl.sum((xf - xr) * (xf - xr), axis=1)
+        if not RERANK:
+            for d0 in range(0, code_dim, BLOCK_D):
+                mask = row_mask[:, None] & (d0 + cols < code_dim)[None, :]
+                xf = tl.load(x_rows + d0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                x_sq += tl.sum(xf * xf, axis=1)
+                if PROVE and BF16:
+                    if X_RESIDENT:
+                        xr = xf.to(tl.bfloat16).to(tl.float32)
+                    else:  # the copy the dots were computed from
+                        xr = tl.load(xl_rows + d0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                    hi_sq += tl.sum(xr * xr, axis=1)
+                    lo_sq += tl.sum((xf - xr) * (xf - xr), axis=1)
         if BF16:
             x_hi = tl.sqrt(hi_sq)
             x_lo = tl.sqrt(lo_sq)

@@ -280,7 +280,8 @@ KERNEL_CHECK = textwrap.dedent(
         g.manual_seed(case_no)  # each case's data independent of the others (the cases may run in shards)
         x = torch.randn(H, N, D, generator=g)
         c = torch.randn(HC, K, D, generator=g)
-        if case_no == 0:  # near-ties: duplicates and near-duplicates of codes, points next to codes
+        gemm_route = isinstance(blk, dict) and blk.get("gemm") and metric == "euclidean" and K >= 45
+        if case_no == 0 or gemm_route:  # near-ties: duplicates and near-duplicates of codes, points next to codes
             c[0, 40:45] = c[0, :5]
             c[0, 30:35] = c[0, :5] + 1e-3
             x[0, :10] = c[0, :10] + 1e-3 * torch.randn(10, D, generator=g)
