@@ -27,6 +27,9 @@ WORKLOADS = {
     "ResidualVQ 8x1024 d128": ("hf_vq.ResidualVQ(dim=128, num_quantizers=8, codebook_size=1024)", (1, 65536, 128)),
     "GroupedResidualVQ groups 2, 4x1024 d256": (
         "hf_vq.GroupedResidualVQ(dim=256, groups=2, num_quantizers=4, codebook_size=1024)", (1, 65536, 256)),
+    "VectorQuantize heads=8 d512 K1024 (projections folded)": (
+        "hf_vq.VectorQuantize(dim=512, codebook_size=1024, heads=8, separate_codebook_per_head=True)",
+        (1, 65536, 512)),
     "FSQ [8,8,8,5,5,5]": ("hf_vq.FSQ(levels=[8, 8, 8, 5, 5, 5])", (1, 65536, 6)),
 }
 
