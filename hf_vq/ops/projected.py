@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import triton_projected
+from .utils import kernel_ok
+
 
 def folding_pays(rows: int, codebook_size: int) -> bool:
     """Whether a table of `codebook_size` codes per head costs less than projecting `rows` rows."""
@@ -57,7 +60,10 @@ def lookup_table(codebook: Tensor, weight: Tensor) -> Tensor:
 
 def lookup_sum(table: Tensor, indices: Tensor, bias: Tensor | None) -> Tensor:
     """`(N, D)`: `bias + sum_h table[h K + indices[h]]` for `indices (H, N)` (one gather-sum: no `(N, H d_c)`
-    codes, no output GEMM)."""
+    codes, no output GEMM). On CUDA, where no gradient is needed, a Triton kernel (`triton_projected`)."""
+    needs_grad = torch.is_grad_enabled() and (table.requires_grad or (bias is not None and bias.requires_grad))
+    if not needs_grad and table.dtype == torch.float32 and kernel_ok(table):
+        return triton_projected.lookup_sum_triton(table, indices, bias)
     heads, n = indices.shape
     if heads == 1:
         out = F.embedding(indices[0], table)

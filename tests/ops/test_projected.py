@@ -1,6 +1,12 @@
 """The projections folded into the codebook (`hf_vq.ops.projected`) against the projections themselves, in
 float64: the folded search ranks the codes as the search of the projected rows does, and the sum of projected
-codes is the output projection of the codes (values and gradients)."""
+codes is the output projection of the codes (values and gradients); its Triton kernel against the gather and sum
+(CPU interpreter, and the GPU when there is one)."""
+
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -86,3 +92,42 @@ def test_dot_metric_arguments():
 def test_folding_pays_below_the_row_count():
     assert projected.folding_pays(rows=65536, codebook_size=1024)
     assert not projected.folding_pays(rows=1024, codebook_size=1024)
+
+
+LOOKUP_CHECK = """
+import json, sys, torch
+from hf_vq.ops import projected, triton_projected
+dev = sys.argv[1]
+g = torch.Generator().manual_seed(0)
+out = {}
+for heads, k, d, n, bias in ((1, 7, 5, 33, True), (3, 9, 20, 50, False), (8, 64, 300, 257, True)):
+    table = torch.randn(heads * k, d, generator=g).to(dev)
+    ids = torch.randint(0, k, (heads, n), generator=g).to(dev)
+    b = torch.randn(d, generator=g).to(dev) if bias else None
+    got = triton_projected.lookup_sum_triton(table, ids, b)
+    with torch.no_grad():
+        dispatched = projected.lookup_sum(table, ids, b)  # the kernel, on CUDA or under the interpreter
+    rows = table.view(heads, k, d)[torch.arange(heads, device=dev)[:, None], ids]  # (heads, n, d)
+    want = rows.sum(0) + (b if bias else 0)
+    out[f"{heads}-{d}"] = [float((got - want).abs().max()), bool(torch.equal(got, dispatched))]
+print("RESULT" + json.dumps(out))
+"""
+
+
+def _lookup_check(device, env):
+    proc = subprocess.run([sys.executable, "-c", LOOKUP_CHECK, device], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert proc.returncode == 0 and "RESULT" in proc.stdout, proc.stderr[-4000:]
+    for name, (err, same) in json.loads(proc.stdout.split("RESULT", 1)[1]).items():
+        assert err < 1e-5 and same, (name, err, same)
+
+
+def test_lookup_sum_kernel_interpreted_on_cpu():
+    pytest.importorskip("triton")
+    _lookup_check("cpu", dict(os.environ, TRITON_INTERPRET="1"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_lookup_sum_kernel_on_gpu():
+    pytest.importorskip("triton")
+    _lookup_check("cuda", {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
