@@ -251,21 +251,24 @@ def nearest_code(
 
     Returns:
         `(indices int64 (..., N), score float32 (..., N))`: the winner's squared distance (euclidean, vqp's
-        arithmetic), `x.c` (cosine) or `x.c - offset` (dot). Ties go to the lowest index. With `return_codes`, the codes third.
+        arithmetic), `x.c` (cosine) or `x.c - offset` (dot). Ties go to the lowest index. With `return_codes`, the
+        codes third.
     """
     _check(x, codebook, metric, SEARCH_METRICS)
     mode = resolve_mode(mode, exact)
     if code_offset is not None and metric != "dot":
         raise ValueError(f"code_offset is an argument of metric='dot', got metric={metric!r}")
+    if metric == "dot" and code_offset is None:
+        metric = "cosine"  # the same arithmetic: argmax of x.c
     x3, cb, sqn, lead = _as_heads(x, codebook, code_offset if metric == "dot" else codebook_sq_norm)
-    kernel = mode != "exact" or metric != "dot" or code_offset is None
+    kernel = not (metric == "dot" and mode == "exact")  # exact mode's bound does not cover the offsets
     if kernel and x3.shape[1] > 0 and x3.shape[0] > 0 and triton_nearest.available(x3):
         with torch.no_grad():
             cbt = codebook.reshape(-1, *codebook.shape[-2:])  # unexpanded: the kernel broadcasts a shared codebook
             shared_view = cbt.shape[0] > 1 and cbt.stride(0) == 0  # `embed.expand(h, ...)`: one codebook
             if shared_view:
                 cbt = cbt[:1]
-            if metric == "dot" and code_offset is not None:
+            if metric == "dot":
                 sqn_t = code_offset.float().reshape(-1, cbt.shape[1])[: cbt.shape[0]]
             elif metric != "euclidean":  # not read by the kernel: any float32 (heads, K) tensor
                 sqn_t = cbt.new_empty(cbt.shape[:2], dtype=torch.float32)

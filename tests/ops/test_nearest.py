@@ -371,6 +371,12 @@ KERNEL_CHECK = textwrap.dedent(
         xb, cb = torch.randn(30, 16, generator=g).bfloat16(), torch.randn(33, 16, generator=g)
         out["dispatch"] = bool(torch.equal(nearest_code(xb, cb, mode="exact")[0],
                                            _nearest_torch(xb[None], cb[None], None, "euclidean")[0][0]))
+        # the dot metric through the public op: with offsets (exact mode: the PyTorch path), without (cosine's)
+        off = torch.randn(33, generator=g)
+        want_dot = (xb.float() @ cb.T - off).argmax(-1)
+        out["dispatch_dot"] = all(bool(torch.equal(nearest_code(xb, cb, metric="dot", code_offset=off, mode=m)[0],
+                                                   want_dot)) for m in ("rerank", "exact"))
+        out["dispatch_dot"] &= bool(torch.equal(nearest_code(xb, cb, metric="dot")[0], (xb.float() @ cb.T).argmax(-1)))
         # a feature dim above the resident rows' limit takes the kernel too (its GEMM route)
         xw, cw = torch.randn(2, 9, 260, generator=g), torch.randn(21, 260, generator=g)
         assert tn.available(xw)
@@ -383,6 +389,7 @@ KERNEL_CHECK = textwrap.dedent(
 
 def _check_kernel_results(res):
     assert res.pop("dispatch", True)
+    assert res.pop("dispatch_dot", True)
     assert res.pop("dispatch_wide", True)
     for prec in ("bf16", "tf32"):
         assert res.pop(f"top4-{prec}"), prec

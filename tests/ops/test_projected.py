@@ -81,7 +81,8 @@ def test_dot_metric_arguments():
     ids, score = nearest_code(x, c, metric="dot", code_offset=off)
     want = x @ c.T - off
     assert torch.equal(ids, want.argmax(-1)) and torch.allclose(score, want.amax(-1))
-    assert torch.equal(nearest_code(x, c, metric="dot")[0], (x @ c.T).argmax(-1))  # no offset: zero
+    for mode in ("rerank", "exact"):  # no offset: zero
+        assert torch.equal(nearest_code(x, c, metric="dot", mode=mode)[0], (x @ c.T).argmax(-1))
     assert torch.equal(nearest_code(x, c, metric="dot", code_offset=off, mode="exact")[0], ids)
     with pytest.raises(ValueError, match="code_offset is an argument of metric='dot'"):
         nearest_code(x, c, code_offset=off)
