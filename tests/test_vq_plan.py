@@ -257,3 +257,6 @@ def test_folded_eval_agrees_with_float64():
         got = score.gather(-1, ids[..., None])[..., 0]
         assert ((score.amax(-1) - got) <= 1e-6 * (1 + score.abs().amax())).all(), kw
         assert model.fold_search == (model.codebook_dim >= model.dim)
+        # the output is the output projection of the chosen codes (as the lookup from indices computes it)
+        with torch.no_grad():
+            assert torch.allclose(model.get_output_from_indices(out.indices), out.quantized, atol=1e-6), kw
