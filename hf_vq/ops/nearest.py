@@ -210,6 +210,19 @@ def redo_rows(x: Tensor, cf: Tensor, c_sq: Tensor, redo: Tensor, metric: str, id
             out_codes[head, rows] = cf[ch, i_r[0]].to(out_codes.dtype)
 
 
+def _per_code_values(cbt: Tensor, metric: str, codebook_sq_norm: Tensor | None, code_offset: Tensor | None,
+                     shared_view: bool) -> Tensor:
+    """The kernel's float32 `(heads, K)` per-code input for the codebook `cbt (heads, K, D)`: `|c|^2` (euclidean;
+    the cached one unless the codebook was a shared view), the offsets (dot); cosine does not read it."""
+    if metric == "dot":
+        return code_offset.float().reshape(-1, cbt.shape[1])[: cbt.shape[0]]
+    if metric != "euclidean":
+        return cbt.new_empty(cbt.shape[:2], dtype=torch.float32)
+    if codebook_sq_norm is None or shared_view:
+        return sq_norm(cbt)
+    return codebook_sq_norm.float().reshape(cbt.shape[0], -1)
+
+
 def gather_codes(codebook: Tensor, indices: Tensor) -> Tensor:
     """`codebook (h or 1, K, d)`, `indices (H, N)` -> `(H, N, d)` by row lookup (no one-hot, no per-batch repeat):
     an embedding lookup for a shared codebook (no expanded index tensor; on an H200 it runs the same gather
@@ -268,14 +281,7 @@ def nearest_code(
             shared_view = cbt.shape[0] > 1 and cbt.stride(0) == 0  # `embed.expand(h, ...)`: one codebook
             if shared_view:
                 cbt = cbt[:1]
-            if metric == "dot":
-                sqn_t = code_offset.float().reshape(-1, cbt.shape[1])[: cbt.shape[0]]
-            elif metric != "euclidean":  # not read by the kernel: any float32 (heads, K) tensor
-                sqn_t = cbt.new_empty(cbt.shape[:2], dtype=torch.float32)
-            elif codebook_sq_norm is None or shared_view:
-                sqn_t = sq_norm(cbt)
-            else:
-                sqn_t = codebook_sq_norm.float().reshape(cbt.shape[0], -1)
+            sqn_t = _per_code_values(cbt, metric, codebook_sq_norm, code_offset, shared_view)
             if torch.compiler.is_compiling():  # one opaque op in the graph
                 indices, best, codes = triton_nearest.nearest_code_op(x3, cbt, sqn_t, metric, mode, return_codes)
             else:
