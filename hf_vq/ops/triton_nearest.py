@@ -7,6 +7,9 @@ floor, so cuBLAS computes them (a bf16 copy of a block of rows times the bf16 co
 output, at most `GEMM_BLOCK_BYTES` of dots per block) and the kernel reads the dot tiles (`DOTS_GIVEN`); the
 selection, the exactness bound (it covers any fp32 summation order of the exact bf16 products) and the written
 codes are the same. (tf32 and `gemm=False` read wide rows in `BLOCK_D` slices per codebook tile instead.)
+Metrics: euclidean, cosine (argmax `x.c`) and dot (argmax `x.c - offset`, cosine's path plus a per-code offset read
+where euclidean reads `|c|^2`; `rerank` and `fast` only). Rows shared by every head (head stride 0) are read, and
+on the GEMM route copied and multiplied, once.
 
 Selection is lane-wise: lane `j` of a row keeps the best score (and its code) and the second-best score among
 codes `j, j + BLOCK_K, ...`, updated elementwise per tile (no per-tile reductions). After the loop the best
