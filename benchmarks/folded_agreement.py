@@ -57,7 +57,7 @@ def main() -> None:
         general.config_plan, general._plan_cache = GENERAL, None
         x = torch.randn(spec.shape, device=device)
         with torch.no_grad():
-            taken = ours._takes_folded_eval(x, None, None)
+            taken = ours.plan.direct_eval and ours._folds(x)
             out, ref = ours(x), general(x)
             _, vqp_indices, _ = theirs(x)
             scores = float64_scores(ours, x, args.tokens)

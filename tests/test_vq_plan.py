@@ -85,9 +85,11 @@ def test_every_config_field_is_classified():
 
 
 def test_default_config_takes_every_fast_path():
-    assert hf_vq.VectorQuantize(**BASE).plan == VQPlan(fused_estimator=True, lean_eval=True, fused_levels=True)
-    # with projections: the folded eval instead of the lean one
-    assert hf_vq.VectorQuantize(**BASE, heads=2).plan == VQPlan(fused_estimator=True, folded_eval=True)
+    assert hf_vq.VectorQuantize(**BASE).plan == VQPlan(fused_estimator=True, lean_eval=True, fused_levels=True,
+                                                       direct_eval=True)
+    assert hf_vq.VectorQuantize(**BASE).plan.direct_eval
+    # with projections: not the lean eval of ResidualVQ's levels, which reads raw rows
+    assert hf_vq.VectorQuantize(**BASE, heads=2).plan == VQPlan(fused_estimator=True, direct_eval=True)
     optimizer = hf_vq.VectorQuantize(**BASE, learnable_codebook=True, ema_update=False, rotation_trick=True,
                                      in_place_codebook_optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
     assert not optimizer.plan.fused_levels
@@ -155,17 +157,11 @@ def test_each_field_keeps_an_equal_fast_path_or_the_general_one(field):
         assert torch.equal(out.indices.reshape(-1), ids)
         assert torch.equal(out.quantized.detach().reshape(-1, x.shape[-1]), codes[ids])
 
-    # folded_eval: the eval forward through the projections folded into the codebook gives the general path's
-    # indices and (up to float32 rounding) its output, when the call has more tokens than the codebook has codes
-    if plan.folded_eval:
-        many = _input(model, many=True)
-        with mock.patch.object(projected, "lookup_sum", wraps=projected.lookup_sum) as folded:
-            got = model.eval()(many)
-        assert folded.call_count == 1
-        want = _general(model).eval()(many)
-        assert torch.equal(got.indices, want.indices)
-        assert torch.allclose(got.quantized, want.quantized, rtol=1e-5, atol=1e-6)
-        assert torch.allclose(got.perplexity, want.perplexity) and got.loss == want.loss == 0
+    # direct_eval: the eval forward as a search and a lookup gives the general path's values
+    if plan.direct_eval:
+        _assert_direct_eval_is_general(model)
+    else:
+        assert field == "affine_param", field
 
     # fused_levels: a training step is exactly one level of ops.triton_residual.residual_train_levels: nearest
     # code, the MSE commitment loss times its weight, one EMA step with the config's decay and eps
@@ -186,53 +182,68 @@ def test_each_field_keeps_an_equal_fast_path_or_the_general_one(field):
         assert torch.allclose(cb.embed, avgs / smoothed.unsqueeze(-1), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("field", FIELDS)
-def test_each_field_with_projections_folds_the_eval_or_takes_the_general_path(field):
-    """The walk again on a model with projections (two heads): every field either keeps the folded eval, which
-    gives the general path's indices and output, or sends the call to the general path."""
-    torch.manual_seed(0)
-    model = hf_vq.VectorQuantize(**{**BASE, "heads": 2, **copy.deepcopy(NON_DEFAULT[field])})
-    if model.config.kmeans_init:
-        assert not model.plan.folded_eval  # an uninitialized codebook
-        with torch.no_grad():
-            model.train()(_input(model))
+def _assert_direct_eval_is_general(model, folds: bool | None = None):
+    """The direct eval runs (a spy on it; `folds`: whether it folds the projections) and gives the general path's
+    indices and perplexity, and its output up to float32 rounding, on a call with more tokens than codes."""
     many = _input(model, many=True)
-    with mock.patch.object(projected, "lookup_sum", wraps=projected.lookup_sum) as folded:
-        got = model.eval()(many)
-    assert folded.call_count == int(model.plan.folded_eval)
+    model.eval()
+    with mock.patch.object(model, "_direct_eval", wraps=model._direct_eval) as direct, \
+            mock.patch.object(projected, "lookup_sum", wraps=projected.lookup_sum) as folded:
+        got = model(many)
+    assert direct.call_count == 1
+    if folds is not None:
+        assert folded.call_count == int(folds)
     want = _general(model).eval()(many)
     assert torch.equal(got.indices, want.indices)
     assert torch.allclose(got.quantized, want.quantized, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(got.perplexity, want.perplexity)
-    folds = field not in ("layernorm_after_project_in", "affine_param", "codebook_dim")  # codebook_dim 4: no projection
-    assert model.plan.folded_eval == folds, field
+    assert torch.allclose(got.perplexity, want.perplexity) and got.loss == want.loss == 0
 
 
-def test_folded_eval_per_call_conditions(monkeypatch):
-    """Calls the folded eval does not take run the general path: training, a mask, non-float32 input or weights,
-    autocast, exact search mode, and codebooks with at least as many codes as the call has tokens."""
+@pytest.mark.parametrize("field", FIELDS)
+def test_each_field_with_projections_keeps_the_direct_eval_or_takes_the_general_path(field):
+    """The walk again on a model with projections (two heads): every field either keeps the direct eval, with the
+    projections folded into the codebook unless the field excludes that, or sends the call to the general path."""
+    torch.manual_seed(0)
+    model = hf_vq.VectorQuantize(**{**BASE, "heads": 2, **copy.deepcopy(NON_DEFAULT[field])})
+    if model.config.kmeans_init:
+        assert not model.plan.direct_eval  # an uninitialized codebook
+        with torch.no_grad():
+            model.train()(_input(model))
+    # codebook_dim 4 with two heads has no projection; a LayerNorm after the input projection is not folded
+    folds = field not in ("layernorm_after_project_in", "codebook_dim")
+    if model.plan.direct_eval:
+        assert model.can_fold == folds, field
+        _assert_direct_eval_is_general(model, folds)
+    else:
+        assert field == "affine_param", field
+
+
+def test_direct_eval_folds_per_call(monkeypatch):
+    """A direct eval call folds the projections only with float32 input and weights, no autocast, a search mode
+    other than exact, and fewer codes than tokens; otherwise it projects, with the general path's values. Training
+    and masked calls take the general path."""
     torch.manual_seed(0)
     model = hf_vq.VectorQuantize(dim=8, codebook_size=16, heads=2).eval()
-    x = torch.randn(2, 15, 8)
-    tokens = x
-
-    def takes(m=model, t=tokens, mask=None):
-        return m._takes_folded_eval(t, mask, None)
-
-    assert takes()
-    assert not takes(t=tokens[:, :8])  # 16 tokens, 16 codes
-    assert not takes(mask=torch.ones(2, 15, dtype=torch.bool))
-    assert not takes(t=tokens.bfloat16())
+    tokens = torch.randn(2, 15, 8)
+    assert model._folds(tokens)
+    assert not model._folds(tokens[:, :8])  # 16 tokens, 16 codes
+    assert not model._folds(tokens.bfloat16())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not takes()
+        assert not model._folds(tokens)
+        out, want = model(tokens), _general(model)(tokens)  # projections under autocast, as the general path
+        assert torch.equal(out.indices, want.indices) and torch.equal(out.quantized, want.quantized)
     monkeypatch.setenv("HF_VQ_NEAREST_MODE", "exact")
-    assert not takes()
+    assert not model._folds(tokens)
+    out, want = model(tokens), _general(model)(tokens)
+    assert torch.equal(out.indices, want.indices) and torch.equal(out.quantized, want.quantized)
     monkeypatch.delenv("HF_VQ_NEAREST_MODE")
-    assert not takes(m=copy.deepcopy(model).train())
-    assert not takes(m=copy.deepcopy(model).double(), t=tokens.double())
-    # a masked call gives the general path's values (-1 where masked)
+    assert not copy.deepcopy(model).double()._folds(tokens.double())
+    # training and masked calls: the general path (-1 where masked)
     mask = torch.rand(2, 15) > 0.3
-    out = model(x, mask=mask)
+    with mock.patch.object(model, "_direct_eval") as direct:
+        out = model(tokens, mask=mask)
+        model.train()(tokens)
+    assert direct.call_count == 0
     assert torch.equal(out.indices[~mask], torch.full_like(out.indices[~mask], -1))
 
 

@@ -121,8 +121,10 @@ class VectorQuantize(QuantizerModel):
             in_place_codebook_optimizer(self._codebook.parameters()) if in_place_codebook_optimizer else None
         )
         self.config_plan = plan_for(c, in_place_optimizer=self.in_place_codebook_optimizer is not None)
-        # the folded eval folds the input projection into the search when that costs no more than searching in
-        # code space (a head's codebook dim at least the input dim), else it projects and searches in code space
+        # the direct eval folds plain linear projections into the codebook (`ops.projected`), the input projection
+        # into the search when that costs no more than searching in code space (a head's codebook dim at least
+        # the input dim), else it projects and searches in code space
+        self.can_fold = self.has_projections and isinstance(self.project_in, nn.Linear)
         self.fold_search = self.codebook_dim >= self.dim
         self._plan_cache: tuple[tuple, VQPlan] | None = None
         self.post_init()
@@ -361,8 +363,8 @@ class VectorQuantize(QuantizerModel):
             raise ValueError(f"mask must be a bool tensor of shape {tuple(tokens.shape[:2])}, got "
                              f"{mask.dtype} {tuple(mask.shape)}")
         b, n = tokens.shape[:2]
-        if self._takes_folded_eval(tokens, mask, indices):
-            quantized, indices, usage = self._folded_eval(tokens, return_perplexity)
+        if not self.training and mask is None and indices is None and self.plan.direct_eval:
+            quantized, indices, usage = self._direct_eval(tokens, return_perplexity)
             zero = torch.zeros((), device=x.device)
             terms = dict(commitment_loss=zero, codebook_diversity_loss=zero, orthogonal_reg_loss=zero)
             return self._finish(layout, quantized, indices, zero, zero, usage, terms, return_dict,
@@ -424,32 +426,41 @@ class VectorQuantize(QuantizerModel):
         result = self._output(output, return_dict)
         return (*result, output.loss_breakdown) if return_loss_breakdown and isinstance(result, tuple) else result
 
-    def _takes_folded_eval(self, tokens: Tensor, mask: Tensor | None, indices: Tensor | None) -> bool:
-        """Whether this call runs `_folded_eval` (`VQPlan.folded_eval`, module docstring of `vq_plan`)."""
-        return (not self.training and mask is None and indices is None and self.plan.folded_eval
-                and tokens.dtype == torch.float32 and self.project_out.weight.dtype == torch.float32
+    def _folds(self, tokens: Tensor) -> bool:
+        """Whether this direct eval call folds the projections into the codebook (`VQPlan.direct_eval`)."""
+        return (self.can_fold and tokens.dtype == torch.float32 and self.project_out.weight.dtype == torch.float32
                 and not torch.is_autocast_enabled(tokens.device.type)
                 and projected.folding_pays(tokens.shape[0] * tokens.shape[1], self.codebook_size)
                 and resolve_mode() != "exact")
 
-    def _folded_eval(self, tokens: Tensor, return_perplexity: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Eval forward with the projections folded into the codebook (`ops.projected`): the search of the raw
-        rows against the codes through the input projection (`fold_search`; else of the projected rows in code
-        space) and the output as a sum of projected codes. Returns token-layout `(quantized, indices,
-        perplexity)`; the same values as the general path up to float32 rounding (near-ties may differ)."""
+    def _direct_eval(self, tokens: Tensor, return_perplexity: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The eval forward as a search and a lookup (`VQPlan.direct_eval`): each head's nearest code, looked up,
+        without the training step's machinery. Projections fold into the codebook where `_folds` (the search of the
+        raw rows through the input projection when `fold_search`, the output as a sum of projected codes: the same
+        values up to float32 rounding); else they run as in the general path, whose values this then has. Returns
+        token-layout `(quantized, indices, perplexity)`."""
         b, n, dim = tokens.shape
-        rows = tokens.reshape(b * n, dim)
-        heads = self.heads
+        rows, heads = tokens.reshape(b * n, dim), self.heads
         embed = self._codebook.codes()  # (1 or heads, K, codebook_dim)
-        with torch.no_grad():
-            if self.fold_search:
+        folds = self._folds(tokens)
+        if folds and self.fold_search:
+            with torch.no_grad():
                 table, offset = projected.search_table(embed, self.project_in.weight, self.project_in.bias,
                                                        self.metric)
                 ids, _ = nearest_code(rows.expand(heads, -1, -1), table, metric="dot", code_offset=offset)
-            else:
-                z = self.project_in(rows).view(b * n, heads, -1).transpose(0, 1)  # (heads, N, codebook_dim)
-                ids, _ = nearest_code(l2norm(z) if self.use_cosine_sim else z, embed, metric=self.metric)
-        out = projected.lookup_sum(projected.lookup_table(embed, self.project_out.weight), ids, self.project_out.bias)
+        else:
+            z = self.project_in(rows) if self.has_projections else rows
+            z = z.reshape(b * n, heads, -1).transpose(0, 1)  # (heads, N, codebook_dim)
+            if self.use_cosine_sim:
+                z = l2norm(z)
+            with autocast_off(tokens.device.type):
+                codes, ids = self._quantize(z.float(), embed, 0.0)
+        if folds:
+            out = projected.lookup_sum(projected.lookup_table(embed, self.project_out.weight), ids,
+                                       self.project_out.bias)
+        else:
+            out = (codes[0] if heads == 1 else codes.transpose(0, 1).reshape(b * n, -1)).to(tokens.dtype)
+            out = self.project_out(out) if self.has_projections else out
         usage = None
         if return_perplexity:  # one shared codebook: one distribution over every head's codes (as the general path)
             usage = perplexity(ids if self.separate_codebook_per_head else ids.reshape(1, -1), self.codebook_size,

@@ -1,6 +1,6 @@
 """Which forward path a VectorQuantize (and a ResidualVQ over such levels) takes, decided from its config.
 
-Three fast paths compute exactly what the general path computes, for a subset of configurations:
+Four fast paths compute what the general path computes, for a subset of configurations:
 
 - `fused_estimator`: in training, the rotation trick on detached codes and vqp 1.32's MSE commitment loss in one
   op (`ops.estimators.rotate_to_with_commitment`), instead of the estimator and the loss separately.
@@ -9,12 +9,14 @@ Three fast paths compute exactly what the general path computes, for a subset of
 - `fused_levels`: in training, a level's step is one level of `ops.triton_residual.residual_train_levels`
   (nearest euclidean code, rotation trick with the MSE commitment loss, EMA codebook, dead-code expiry);
   ResidualVQ then runs all its levels in one fused pass.
-
-- `folded_eval`: outside training, a model with projections searches and looks up through them folded into the
-  codebook (`ops.projected`): the input projection into the search when a head's codebook dim is at least the
-  input dim (the search then costs what it costs in code space), the output projection into a table of projected
-  codes always. Per call it also needs float32 input and weights, no autocast, no mask, a search mode other than
-  `"exact"` and fewer codes than rows (`VectorQuantize._takes_folded_eval`).
+- `direct_eval`: outside training, a call is "nearest code of each head's rows, looked up": `VectorQuantize` runs
+  the search and the lookup without the training step's machinery (`VectorQuantize._direct_eval`), for any layout
+  and head count. A model with projections folds them into the codebook (`ops.projected`): the input projection
+  into the search when a head's codebook dim is at least the input dim (the search then costs what it costs in code
+  space), the output projection into a table of projected codes always (the same values up to float32 rounding);
+  it folds where the input projection is a plain `nn.Linear` and the call has float32 input and weights, no
+  autocast, a search mode other than `"exact"` and fewer codes than rows, else it projects as the general path
+  does (`VectorQuantize._folds`). A direct call needs no mask and no `indices` target.
 
 `FAST_PATH_RULES` classifies every `VectorQuantizeConfig` field: for each path, `ANY` (the path honours every
 value) or a rule `(value, config) -> bool` naming the values it honours. A config whose fields all pass a path's
@@ -47,10 +49,6 @@ def _not_learnable(value, config) -> bool:
     return not config.resolved_learnable_codebook
 
 
-def _projects(value, config) -> bool:
-    return config.resolved_codebook_dim * config.heads != config.dim
-
-
 def _ema_codebook(value, config) -> bool:
     return config.resolved_ema_update
 
@@ -62,11 +60,11 @@ def _positive(value, config) -> bool:
 _OFF = only(False)
 _ZERO = only(0, 0.0)
 
-# field: (fused_estimator, lean_eval, fused_levels, folded_eval)
+# field: (fused_estimator, lean_eval, fused_levels, direct_eval)
 FAST_PATH_RULES: dict[str, tuple[Rule, Rule, Rule, Rule]] = {
     "dim": (ANY, ANY, ANY, ANY),
     "codebook_size": (ANY, ANY, ANY, ANY),
-    "codebook_dim": (ANY, _no_projection, _no_projection, _projects),
+    "codebook_dim": (ANY, _no_projection, _no_projection, ANY),
     "heads": (ANY, only(1), only(1), ANY),
     "separate_codebook_per_head": (ANY, ANY, ANY, ANY),  # one head: one codebook either way
     "decay": (ANY, ANY, ANY, ANY),
@@ -75,7 +73,7 @@ FAST_PATH_RULES: dict[str, tuple[Rule, Rule, Rule, Rule]] = {
     "kmeans_init": (ANY, ANY, ANY, ANY),  # the plan waits for the codebook to be initialized
     "kmeans_iters": (ANY, ANY, ANY, ANY),
     "use_cosine_sim": (ANY, _OFF, _OFF, ANY),
-    "layernorm_after_project_in": (ANY, ANY, ANY, _OFF),  # with projections only; a LayerNorm does not fold
+    "layernorm_after_project_in": (ANY, ANY, ANY, ANY),  # with projections only (a LayerNorm is not folded)
     "threshold_ema_dead_code": (ANY, ANY, ANY, ANY),
     "reset_cluster_size": (ANY, ANY, ANY, ANY),
     "channel_last": (ANY, only(True), only(True), ANY),
@@ -109,7 +107,7 @@ FAST_PATH_RULES: dict[str, tuple[Rule, Rule, Rule, Rule]] = {
     "sync_update_v": (_ZERO, ANY, _ZERO, ANY),
     "manual_in_place_optimizer_update": (ANY, ANY, ANY, ANY),  # an in-place optimizer itself excludes fused_levels
     "check_inputs": (ANY, ANY, ANY, ANY),
-    # the bridge maps the codebook before every search: general path (the folded eval folds the mapped codes)
+    # the bridge maps the codebook before every search: general path (the direct eval reads the mapped codes)
     "has_vq_bridge": (_OFF, _OFF, _OFF, ANY),
 }
 
@@ -121,7 +119,7 @@ class VQPlan:
     fused_estimator: bool = False
     lean_eval: bool = False
     fused_levels: bool = False
-    folded_eval: bool = False
+    direct_eval: bool = False
 
 
 GENERAL = VQPlan()
@@ -140,16 +138,16 @@ def _honours(config, path: int) -> bool:
 
 def plan_for(config, *, in_place_optimizer: bool = False) -> VQPlan:
     """The plan of a VectorQuantize built from `config` (before any state is considered)."""
-    estimator, lean, levels, folded = (_honours(config, path) for path in range(4))
+    estimator, lean, levels, direct = (_honours(config, path) for path in range(4))
     return VQPlan(fused_estimator=estimator, lean_eval=lean,
-                  fused_levels=levels and estimator and not in_place_optimizer, folded_eval=folded)
+                  fused_levels=levels and estimator and not in_place_optimizer, direct_eval=direct)
 
 
 def with_state(plan: VQPlan, *, initted: bool, float32_codebook: bool, pending_stats: bool) -> VQPlan:
-    """`plan` restricted by the codebook's state: the residual paths and the folded eval need an initialized
+    """`plan` restricted by the codebook's state: the residual paths and the direct eval need an initialized
     codebook, and the fused levels a float32 codebook with no accumulated statistics waiting (`accum_ema_update`)."""
     if not initted:
-        return replace(plan, lean_eval=False, fused_levels=False, folded_eval=False)
+        return replace(plan, lean_eval=False, fused_levels=False, direct_eval=False)
     if plan.fused_levels and (not float32_codebook or pending_stats):
         return replace(plan, fused_levels=False)
     return plan
