@@ -59,7 +59,7 @@ def _twin(case):
 def test_vq_bridge_matches_vqp_over_sgd_steps(case):
     ref, ours = _twin(case)
     assert ours.config.has_vq_bridge and ours.learnable_codebook and not ours._codebook.ema_update
-    plan = ours.plan  # training takes the general path (an eval with projections may fold them: the bridged codes)
+    plan = ours.plan  # training takes the general path (the direct eval searches the bridged codes)
     assert not (plan.fused_estimator or plan.lean_eval or plan.fused_levels)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
     our_opt = torch.optim.SGD(ours.parameters(), lr=0.05)
