@@ -2,14 +2,10 @@
 straight-through gradient. On CPU under `TRITON_INTERPRET=1` (subprocess, small shapes); on the GPU when there is
 one (larger shapes, half-precision inputs)."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
-import torch
+from kernel_checks import gpu_env, interpreter_env, needs_gpu, run_check
 
 FSQ_CHECK = textwrap.dedent(
     """
@@ -104,25 +100,12 @@ def _check(res, grad_tol):
         assert r["grad_err"] <= grad_tol, (name, r)
 
 
-def _run(dev, env):
-    return subprocess.run([sys.executable, "-c", FSQ_CHECK, dev], capture_output=True, text=True, env=env, timeout=600,
-                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-
 def test_fused_fsq_interpreted_on_cpu():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("HF_VQ_DISABLE_TRITON", None)
-    proc = _run("cpu", env)
-    # triton is a test dependency: an interpreter run that breaks is a failure, not a skip
-    assert proc.returncode == 0 and "RESULT" in proc.stdout, proc.stderr[-4000:]
-    _check(json.loads(proc.stdout.split("RESULT", 1)[1]), 1e-5)
+    _check(run_check(FSQ_CHECK, "cpu", env=interpreter_env()), 1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_gpu
 def test_fused_fsq_on_gpu():
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "HF_VQ_DISABLE_TRITON")}
-    proc = _run("cuda", env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    _check(json.loads(proc.stdout.split("RESULT", 1)[1]), 1e-2)  # half-precision gradients: rounding order
+    _check(run_check(FSQ_CHECK, "cuda", env=gpu_env()), 1e-2)  # half-precision gradients: rounding order

@@ -1,14 +1,18 @@
 """nearest_code: the chunked PyTorch reference against full-matrix argmin and vqp 1.32's formula, and the
 Triton kernel against it (under TRITON_INTERPRET=1 in a subprocess on CPU; on the GPU when there is one)."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from kernel_checks import (
+    check_result,
+    gpu_env,
+    interpreter_env,
+    needs_gpu,
+    run_check,
+    start_check,
+)
 
 from hf_vq.ops.nearest import code_scores, iter_score_chunks, nearest_code, sq_norm
 
@@ -416,28 +420,17 @@ def _check_kernel_results(res):
 
 def test_triton_kernel_interpreted_on_cpu():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", KERNEL_CHECK, "cpu"], capture_output=True, text=True, env=env,
-                          timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    # triton is a test dependency: an interpreter run that breaks is a failure, not a skip
-    assert proc.returncode == 0 and "RESULT" in proc.stdout, proc.stderr[-4000:]
-    res = json.loads(proc.stdout.split("RESULT", 1)[1])
+    res = run_check(KERNEL_CHECK, "cpu", env=interpreter_env())
     _check_kernel_results(res)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_gpu
 def test_triton_kernel_on_gpu():
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # the cases in 3 processes at once: the test's time is compilation, which parallelizes across processes
     shards = 3
-    procs = [subprocess.Popen([sys.executable, "-c", KERNEL_CHECK, "cuda", str(i), str(shards)], env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-             for i in range(shards)]
+    procs = [start_check(KERNEL_CHECK, "cuda", str(i), str(shards), env=gpu_env()) for i in range(shards)]
     res = {}
     for proc in procs:
-        stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, stderr[-4000:]
-        res.update(json.loads(stdout.split("RESULT", 1)[1]))
+        res.update(check_result(proc))
     _check_kernel_results(res)

@@ -3,14 +3,10 @@ float64: the folded search ranks the codes as the search of the projected rows d
 codes is the output projection of the codes (values and gradients); its Triton kernel against the gather and sum
 (CPU interpreter, and the GPU when there is one)."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_checks import gpu_env, interpreter_env, needs_gpu, run_check
 
 from hf_vq.ops import projected
 from hf_vq.ops.nearest import nearest_code
@@ -115,20 +111,17 @@ print("RESULT" + json.dumps(out))
 """
 
 
-def _lookup_check(device, env):
-    proc = subprocess.run([sys.executable, "-c", LOOKUP_CHECK, device], capture_output=True, text=True, env=env,
-                          timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    assert proc.returncode == 0 and "RESULT" in proc.stdout, proc.stderr[-4000:]
-    for name, (err, same) in json.loads(proc.stdout.split("RESULT", 1)[1]).items():
+def _assert_lookup(res):
+    for name, (err, same) in res.items():
         assert err < 1e-5 and same, (name, err, same)
 
 
 def test_lookup_sum_kernel_interpreted_on_cpu():
     pytest.importorskip("triton")
-    _lookup_check("cpu", dict(os.environ, TRITON_INTERPRET="1"))
+    _assert_lookup(run_check(LOOKUP_CHECK, "cpu", env=interpreter_env()))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_gpu
 def test_lookup_sum_kernel_on_gpu():
     pytest.importorskip("triton")
-    _lookup_check("cuda", {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    _assert_lookup(run_check(LOOKUP_CHECK, "cuda", env=gpu_env()))

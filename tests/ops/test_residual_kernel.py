@@ -5,14 +5,11 @@ every buffer after several steps, with dead-code expiry, projections, a commitme
 GroupedResidualVQ's all-groups pass against its groups called in turn. CPU under `TRITON_INTERPRET=1`
 (subprocess), and the GPU."""
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
-import torch
+from kernel_checks import gpu_env, interpreter_env, needs_gpu, run_check
 
 CHECK = textwrap.dedent(
     """
@@ -194,14 +191,8 @@ GROUPED_CHECK = textwrap.dedent(
     print("RESULT" + json.dumps(out))
     """
 )
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
 def _run(dev, env, check=CHECK):
-    proc = subprocess.run([sys.executable, "-c", check, dev], capture_output=True, text=True, env=env, timeout=600,
-                          cwd=ROOT)
-    assert proc.returncode == 0 and "RESULT" in proc.stdout, proc.stderr[-4000:]
-    res = json.loads(proc.stdout.split("RESULT", 1)[1])
+    res = run_check(check, dev, env=env)
     if check is CHECK:
         assert all(res.values()), res
     return res
@@ -216,24 +207,9 @@ def _assert_train_levels(res):
     assert res["dead_codes"]["expired"] > 0 and res["plain"]["expired"] == 0, res
 
 
-def _interpreter_env() -> dict:
-    """The kernels run by Triton's CPU interpreter."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("HF_VQ_DISABLE_TRITON", None)
-    return env
-
-
-def _gpu_env() -> dict:
-    """The kernels compiled for the GPU."""
-    return {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "HF_VQ_DISABLE_TRITON")}
-
-
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
 def test_residual_step_interpreted_on_cpu():
     pytest.importorskip("triton")
-    _run("cpu", _interpreter_env())
+    _run("cpu", interpreter_env())
 
 
 def test_residual_step_pytorch_path():
@@ -243,18 +219,18 @@ def test_residual_step_pytorch_path():
 @needs_gpu
 def test_residual_step_on_gpu():
     pytest.importorskip("triton")
-    _run("cuda", _gpu_env())
+    _run("cuda", gpu_env())
 
 
 def test_residual_train_levels_interpreted_on_cpu():
     pytest.importorskip("triton")
-    _assert_train_levels(_run("cpu", _interpreter_env(), TRAIN_CHECK))
+    _assert_train_levels(_run("cpu", interpreter_env(), TRAIN_CHECK))
 
 
 @needs_gpu
 def test_residual_train_levels_on_gpu():
     pytest.importorskip("triton")
-    _assert_train_levels(_run("cuda", _gpu_env(), TRAIN_CHECK))
+    _assert_train_levels(_run("cuda", gpu_env(), TRAIN_CHECK))
 
 
 def _assert_grouped(res):
@@ -269,10 +245,10 @@ def test_grouped_levels_at_once_interpreted_on_cpu():
     """GroupedResidualVQ runs all its groups in one pass (the group a launch axis): the same indices, output,
     losses, input gradient and state as each group's ResidualVQ called in turn, in training and eval."""
     pytest.importorskip("triton")
-    _assert_grouped(_run("cpu", _interpreter_env(), GROUPED_CHECK))
+    _assert_grouped(_run("cpu", interpreter_env(), GROUPED_CHECK))
 
 
 @needs_gpu
 def test_grouped_levels_at_once_on_gpu():
     pytest.importorskip("triton")
-    _assert_grouped(_run("cuda", _gpu_env(), GROUPED_CHECK))
+    _assert_grouped(_run("cuda", gpu_env(), GROUPED_CHECK))

@@ -1,14 +1,10 @@
 """The fused rotation-trick kernel (`hf_vq.ops.triton_rotation`) against `estimators.rotate_to`'s PyTorch form:
 value and gradient to `x`, none to the codes; with the commitment loss from the same pass, against `mse_loss`. CPU under `TRITON_INTERPRET=1` (subprocess), and the GPU."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
-import torch
+from kernel_checks import gpu_env, interpreter_env, needs_gpu, run_check
 
 ROT_CHECK = textwrap.dedent(
     """
@@ -56,11 +52,6 @@ ROT_CHECK = textwrap.dedent(
 )
 
 
-def _run(dev, env):
-    return subprocess.run([sys.executable, "-c", ROT_CHECK, dev], capture_output=True, text=True, env=env, timeout=600,
-                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-
 def _check(res):
     for name, r in res.items():
         tol = 1e-2 if "bfloat16" in name else 1e-5
@@ -71,18 +62,10 @@ def _check(res):
 
 def test_fused_rotation_interpreted_on_cpu():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("HF_VQ_DISABLE_TRITON", None)
-    proc = _run("cpu", env)
-    # triton is a test dependency: an interpreter run that breaks is a failure, not a skip
-    assert proc.returncode == 0 and "RESULT" in proc.stdout, proc.stderr[-4000:]
-    _check(json.loads(proc.stdout.split("RESULT", 1)[1]))
+    _check(run_check(ROT_CHECK, "cpu", env=interpreter_env()))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_gpu
 def test_fused_rotation_on_gpu():
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "HF_VQ_DISABLE_TRITON")}
-    proc = _run("cuda", env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    _check(json.loads(proc.stdout.split("RESULT", 1)[1]))
+    _check(run_check(ROT_CHECK, "cuda", env=gpu_env()))
