@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import vqp_matrix
+from hf_vq.models.vq_direct_eval import folds
 from hf_vq.models.vq_plan import GENERAL
 
 ROWS_WITH_PROJECTIONS = ("heads=8", "heads=4", "codebook_dim 32", "cosine")
@@ -57,7 +58,7 @@ def main() -> None:
         general.config_plan, general._plan_cache = GENERAL, None
         x = torch.randn(spec.shape, device=device)
         with torch.no_grad():
-            taken = ours.plan.direct_eval and ours._folds(x)
+            taken = ours.plan.direct_eval and folds(ours, x)
             out, ref = ours(x), general(x)
             _, vqp_indices, _ = theirs(x)
             scores = float64_scores(ours, x, args.tokens)

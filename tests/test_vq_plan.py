@@ -11,6 +11,7 @@ import torch
 import hf_vq
 from hf_vq.models.vq_plan import FAST_PATH_RULES, GENERAL, VQPlan, plan_for
 from hf_vq.ops import ema as ema_ops
+from hf_vq.models import vector_quantize, vq_direct_eval
 from hf_vq.ops import projected
 from hf_vq.ops.nearest import nearest_code
 
@@ -187,7 +188,7 @@ def _assert_direct_eval_is_general(model, folds: bool | None = None):
     indices and perplexity, and its output up to float32 rounding, on a call with more tokens than codes."""
     many = _input(model, many=True)
     model.eval()
-    with mock.patch.object(model, "_direct_eval", wraps=model._direct_eval) as direct, \
+    with mock.patch.object(vector_quantize, "direct_eval", wraps=vq_direct_eval.direct_eval) as direct, \
             mock.patch.object(projected, "lookup_sum", wraps=projected.lookup_sum) as folded:
         got = model(many)
     assert direct.call_count == 1
@@ -225,22 +226,22 @@ def test_direct_eval_folds_per_call(monkeypatch):
     torch.manual_seed(0)
     model = hf_vq.VectorQuantize(dim=8, codebook_size=16, heads=2).eval()
     tokens = torch.randn(2, 15, 8)
-    assert model._folds(tokens)
-    assert not model._folds(tokens[:, :8])  # 16 tokens, 16 codes
-    assert not model._folds(tokens.bfloat16())
+    assert vq_direct_eval.folds(model, tokens)
+    assert not vq_direct_eval.folds(model, tokens[:, :8])  # 16 tokens, 16 codes
+    assert not vq_direct_eval.folds(model, tokens.bfloat16())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not model._folds(tokens)
+        assert not vq_direct_eval.folds(model, tokens)
         out, want = model(tokens), _general(model)(tokens)  # projections under autocast, as the general path
         assert torch.equal(out.indices, want.indices) and torch.equal(out.quantized, want.quantized)
     monkeypatch.setenv("HF_VQ_NEAREST_MODE", "exact")
-    assert not model._folds(tokens)
+    assert not vq_direct_eval.folds(model, tokens)
     out, want = model(tokens), _general(model)(tokens)
     assert torch.equal(out.indices, want.indices) and torch.equal(out.quantized, want.quantized)
     monkeypatch.delenv("HF_VQ_NEAREST_MODE")
-    assert not copy.deepcopy(model).double()._folds(tokens.double())
+    assert not vq_direct_eval.folds(copy.deepcopy(model).double(), tokens.double())
     # training and masked calls: the general path (-1 where masked)
     mask = torch.rand(2, 15) > 0.3
-    with mock.patch.object(model, "_direct_eval") as direct:
+    with mock.patch.object(vector_quantize, "direct_eval") as direct:
         out = model(tokens, mask=mask)
         model.train()(tokens)
     assert direct.call_count == 0

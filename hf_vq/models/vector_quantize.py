@@ -34,13 +34,13 @@ from ..modeling_utils import (
 from ..ops import ema as ema_ops
 from ..ops.estimators import (directional_reparam, gumbel_select, rotate_to, rotate_to_with_commitment,
                               straight_through)
-from ..ops import projected
-from ..ops.nearest import gather_codes, nearest_code, resolve_mode, scores
+from ..ops.nearest import gather_codes, nearest_code, scores
 from .codebook import Codebook, l2norm
 from .vq_config import VectorQuantizeConfig
 from .vq_losses import (cross_entropy_to_codes, masked_mse, mean_position_entropy, orthogonal_loss, perplexity,
                         row_slices)
 from .vq_plan import VQPlan, plan_for, with_state
+from .vq_direct_eval import direct_eval
 from .vq_migration import from_vqp
 from .vq_topk import topk_forward, update_from_indices
 
@@ -364,7 +364,7 @@ class VectorQuantize(QuantizerModel):
                              f"{mask.dtype} {tuple(mask.shape)}")
         b, n = tokens.shape[:2]
         if not self.training and mask is None and indices is None and self.plan.direct_eval:
-            quantized, indices, usage = self._direct_eval(tokens, return_perplexity)
+            quantized, indices, usage = direct_eval(self, tokens, return_perplexity)
             zero = torch.zeros((), device=x.device)
             terms = dict(commitment_loss=zero, codebook_diversity_loss=zero, orthogonal_reg_loss=zero)
             return self._finish(layout, quantized, indices, zero, zero, usage, terms, return_dict,
@@ -425,48 +425,6 @@ class VectorQuantize(QuantizerModel):
                                                   output.orthogonal_reg_loss, inplace_loss)
         result = self._output(output, return_dict)
         return (*result, output.loss_breakdown) if return_loss_breakdown and isinstance(result, tuple) else result
-
-    def _folds(self, tokens: Tensor) -> bool:
-        """Whether this direct eval call folds the projections into the codebook (`VQPlan.direct_eval`)."""
-        return (self.can_fold and tokens.dtype == torch.float32 and self.project_out.weight.dtype == torch.float32
-                and not torch.is_autocast_enabled(tokens.device.type)
-                and projected.folding_pays(tokens.shape[0] * tokens.shape[1], self.codebook_size)
-                and resolve_mode() != "exact")
-
-    def _direct_eval(self, tokens: Tensor, return_perplexity: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-        """The eval forward as a search and a lookup (`VQPlan.direct_eval`): each head's nearest code, looked up,
-        without the training step's machinery. Projections fold into the codebook where `_folds` (the search of the
-        raw rows through the input projection when `fold_search`, the output as a sum of projected codes: the same
-        values up to float32 rounding); else they run as in the general path, whose values this then has. Returns
-        token-layout `(quantized, indices, perplexity)`."""
-        b, n, dim = tokens.shape
-        rows, heads = tokens.reshape(b * n, dim), self.heads
-        embed = self._codebook.codes()  # (1 or heads, K, codebook_dim)
-        folds = self._folds(tokens)
-        if folds and self.fold_search:
-            with torch.no_grad():
-                table, offset = projected.search_table(embed, self.project_in.weight, self.project_in.bias,
-                                                       self.metric)
-                ids, _ = nearest_code(rows.expand(heads, -1, -1), table, metric="dot", code_offset=offset)
-        else:
-            z = self.project_in(rows) if self.has_projections else rows
-            z = z.reshape(b * n, heads, -1).transpose(0, 1)  # (heads, N, codebook_dim)
-            if self.use_cosine_sim:
-                z = l2norm(z)
-            with autocast_off(tokens.device.type):
-                codes, ids = self._quantize(z.float(), embed, 0.0)
-        if folds:
-            out = projected.lookup_sum(projected.lookup_table(embed, self.project_out.weight), ids,
-                                       self.project_out.bias)
-        else:
-            out = (codes[0] if heads == 1 else codes.transpose(0, 1).reshape(b * n, -1)).to(tokens.dtype)
-            out = self.project_out(out) if self.has_projections else out
-        usage = None
-        if return_perplexity:  # one shared codebook: one distribution over every head's codes (as the general path)
-            usage = perplexity(ids if self.separate_codebook_per_head else ids.reshape(1, -1), self.codebook_size,
-                               None)
-        ids = ids[0].view(b, n) if heads == 1 else ids.view(heads, b, n).permute(1, 2, 0)
-        return out.view(b, n, dim), ids, usage
 
     def _topk_forward(self, x, topk, mask, lens, temperature, freeze_codebook, return_dict, indices,
                       return_loss_breakdown):

@@ -10,13 +10,13 @@ Four fast paths compute what the general path computes, for a subset of configur
   (nearest euclidean code, rotation trick with the MSE commitment loss, EMA codebook, dead-code expiry);
   ResidualVQ then runs all its levels in one fused pass.
 - `direct_eval`: outside training, a call is "nearest code of each head's rows, looked up": `VectorQuantize` runs
-  the search and the lookup without the training step's machinery (`VectorQuantize._direct_eval`), for any layout
+  the search and the lookup without the training step's machinery (`vq_direct_eval.direct_eval`), for any layout
   and head count. A model with projections folds them into the codebook (`ops.projected`): the input projection
   into the search when a head's codebook dim is at least the input dim (the search then costs what it costs in code
   space), the output projection into a table of projected codes always (the same values up to float32 rounding);
   it folds where the input projection is a plain `nn.Linear` and the call has float32 input and weights, no
   autocast, a search mode other than `"exact"` and fewer codes than rows, else it projects as the general path
-  does (`VectorQuantize._folds`). A direct call needs no mask and no `indices` target.
+  does (`vq_direct_eval.folds`). A direct call needs no mask and no `indices` target.
 
 `FAST_PATH_RULES` classifies every `VectorQuantizeConfig` field: for each path, `ANY` (the path honours every
 value) or a rule `(value, config) -> bool` naming the values it honours. A config whose fields all pass a path's
