@@ -64,7 +64,7 @@ from torch import Tensor
 
 # (GEMM_BLOCK_BYTES, PACK_MAX_BITS, RESIDENT_DIM and LaunchConfig are re-exported: the limits and launch type)
 from .triton_nearest_config import (GEMM_BLOCK_BYTES, PACK_MAX_BITS, RESIDENT_DIM, LaunchConfig, gemm_dots,
-                                    launch_config, row_blocks, tile_bits)
+                                    launch_config, low_copy, row_blocks, tile_bits)
 from .utils import HAS_TRITON, interpreting, kernel_ok, padded_dim
 
 if HAS_TRITON:
@@ -492,14 +492,6 @@ if HAS_TRITON:
                 tl.store(out_rows + dd[None, :], cv.to(OUT_CODES.dtype.element_ty), mask=mask)
 
 
-def _low_copy(x: Tensor) -> Tensor:
-    """The bf16 copy of `x (H, N, D)` the GEMM route's dots read; rows shared by every head (a head stride of 0, as
-    `x.expand(H, ...)` gives) are copied once."""
-    if x.shape[0] > 1 and x.stride(0) == 0:
-        return x[:1].to(torch.bfloat16).expand(x.shape)
-    return x.to(torch.bfloat16)
-
-
 def _code_stats(cf: Tensor, c_low: Tensor, c_sq: Tensor, bf16: bool) -> Tensor:
     """`(heads, 4)` float32 `max|c|, max|c|^2, max|c - c~|, 0` for exact mode's error bound (`cf`: the codes as
     the kernel's dot sees them before rounding, `c_low` after)."""
@@ -570,7 +562,7 @@ def nearest_code_triton(
     signed = -cf if cosine else cf  # the kernel scores with -c for cosine (its dot is then lower-is-better)
     c_low = signed.to(torch.bfloat16) if bf16 else signed
     c_sq = None if cosine and not offset else codebook_sq_norm.float().contiguous()
-    x_low = _low_copy(x) if bf16 and not resident else x
+    x_low = low_copy(x) if bf16 and not resident else x
     x_sq = (x.float() ** 2).sum(-1).contiguous() if prove and not cosine else None
     flag = torch.empty(H, N, dtype=torch.int8, device=x.device) if prove else None
     code_stats = _code_stats(signed, c_low, codebook_sq_norm.float(), bf16) if prove else None

@@ -1,5 +1,5 @@
 """Launch configuration of the nearest-code kernel (`triton_nearest`): a rule instead of autotuning, and the GEMM
-route's row blocks and dots.
+route's row blocks, bf16 row copy and dots.
 
 Autotuning compiles and times every candidate configuration on the first call of each codebook shape (tens of
 seconds for a new model). `launch_config` instead picks one configuration from the feature dim, codebook size,
@@ -154,6 +154,14 @@ def row_blocks(n_rows: int, dots_per_row: int, cfg: LaunchConfig, rows: int | No
     if rows is None:
         rows = max(1, GEMM_BLOCK_BYTES // (4 * dots_per_row)) // cfg.block_n * cfg.block_n or cfg.block_n
     return [(r, min(r + rows, n_rows)) for r in range(0, n_rows, rows)]
+
+
+def low_copy(x: Tensor) -> Tensor:
+    """The bf16 copy of `x (H, N, D)` the GEMM route's dots read; rows shared by every head (a head stride of 0, as
+    `x.expand(H, ...)` gives) are copied once."""
+    if x.shape[0] > 1 and x.stride(0) == 0:
+        return x[:1].to(torch.bfloat16).expand(x.shape)
+    return x.to(torch.bfloat16)
 
 
 def gemm_dots(x_low: Tensor, c_low: Tensor) -> Tensor:
