@@ -24,7 +24,7 @@ from ..modeling_utils import (
 )
 from ..ops import fsq as fsq_ops
 from ..ops import linear as linear_ops
-from ..ops import triton_fsq
+from ..ops import triton_fsq, triton_fsq_projected
 
 
 class FSQConfig(QuantizerConfig):
@@ -199,6 +199,9 @@ class FSQ(QuantizerModel):
             self.project_out = nn.Linear(inner, self.dim, bias=c.projection_has_bias)
         else:
             self.project_in = self.project_out = nn.Identity()
+        # the kernel path with projections: both in the kernel (`ops.triton_fsq_projected`)
+        self.projections_in_kernel = (self.kernel_capable and self.has_projections
+                                      and inner <= triton_fsq_projected.MAX_CODE_FEATURES)
         if c.orthogonal_rotation:
             rot = torch.empty(c.codebook_dim, c.codebook_dim)
             nn.init.orthogonal_(rot)  # not its return value: loaders may patch init functions to return None
@@ -287,6 +290,16 @@ class FSQ(QuantizerModel):
                 and not (self.training and self.noise_dropout > 0)
                 and self.quantization_dtype(rows.dtype) == torch.float32)
 
+    def projects_in_kernel(self, z: Tensor) -> bool:
+        """Whether this call runs its projections and the quantization as one kernel pass (`projected_fsq`): CUDA,
+        float32 input and projections (no autocast, so that the products are float32 as `nn.Linear`'s), the plain
+        configuration (`kernel_capable`: noise dropout needs symmetric levels, which it excludes), both projections
+        still `nn.Linear` (not replaced by an adapter)."""
+        return (self.projections_in_kernel and triton_fsq_projected.available(z)
+                and type(self.project_in) is nn.Linear and type(self.project_out) is nn.Linear
+                and self.project_in.weight.dtype == torch.float32 and self.project_out.weight.dtype == torch.float32
+                and not torch.is_autocast_enabled(z.device.type))
+
     def quantization_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype the quantization runs in (vqp 1.32): the input's, except that `force_quantization_f32` casts a
         dtype outside `allowed_dtypes` to float32."""
@@ -340,7 +353,9 @@ class FSQ(QuantizerModel):
         if z.shape[feature_axis] != self.dim:
             raise ValueError(f"expected feature dim {self.dim}, got {z.shape[feature_axis]} "
                              f"(input shape {tuple(z.shape)})")
-        if channel_first:
+        if self.projects_in_kernel(z):
+            quantized, indices = self._forward_projected_kernel(z, channel_first)
+        elif channel_first:
             quantized, indices = self._forward_channel_first(z)
         else:
             rows = self.project_in(z) if self.has_projections else z
@@ -349,6 +364,21 @@ class FSQ(QuantizerModel):
         if indices is not None and not self.keep_num_codebooks_dim:
             indices = indices.squeeze(-1)
         return self._output(FSQOutput(quantized=quantized, indices=indices), return_dict)
+
+    def _forward_projected_kernel(self, z: Tensor, channel_first: bool) -> tuple[Tensor, Tensor | None]:
+        """Projections and quantization in one pass (`projects_in_kernel`), in `z`'s layout."""
+        if self._kernel_table[0].device != z.device:
+            self._kernel_table = tuple(t.to(z.device) for t in self._kernel_table)
+        features = z.flatten(2) if channel_first else z
+        out, indices = triton_fsq_projected.projected_fsq(
+            features, self.project_in.weight, self.project_in.bias, self.project_out.weight, self.project_out.bias,
+            *self._kernel_table, codebooks=self.num_codebooks, hard_clamp=self.bound_hard_clamp,
+            channel_first=channel_first)
+        if not self.return_indices:
+            return out.view(z.shape), None
+        if channel_first:
+            indices = indices.view(z.shape[0], *z.shape[2:], self.num_codebooks)
+        return out.view(z.shape), indices
 
     def _forward_channel_first(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
         """`(b, d, *spatial)` input: projections as matrix products over the `(b, d, n)` view, the code features

@@ -1,0 +1,135 @@
+"""FSQ with its projections in one kernel pass (`hf_vq.ops.triton_fsq_projected`), through the `FSQ` module as a user
+calls it, against the same module's PyTorch path in float64: output, indices, and the gradients of the input and
+of both projections, for both layouts, strided inputs and gradients (a broadcast gradient, a transposed one),
+several feature widths (one and several feature chunks), codebooks, biases and bounds. On CPU under
+`TRITON_INTERPRET=1` (subprocess, small shapes); on the GPU when there is one (larger shapes). Which calls take the
+kernel is checked in-process."""
+
+import copy
+import textwrap
+
+import pytest
+import torch
+from kernel_checks import gpu_env, interpreter_env, needs_gpu, run_check
+
+import hf_vq
+
+CHECK = textwrap.dedent(
+    """
+    import copy, json, sys, torch
+    import hf_vq
+    dev = sys.argv[1]
+    big = dev == "cuda"
+    out = {}
+    rel = lambda a, b: float((a.double() - b).abs().max() / (b.abs().max() + 1e-30))
+    cases = [  # (name, FSQ kwargs, input shape, channel_first input, gradient kind)
+        ("tokens", dict(levels=[8, 8, 8, 5, 5, 5], dim=40), (2, 50, 40), False, "dense"),
+        ("tokens-broadcast-grad", dict(levels=[8, 8, 8, 5, 5, 5], dim=40), (2, 50, 40), False, "sum"),
+        ("wide-chunks", dict(levels=[7, 5, 4], dim=300), (3, 20, 300), False, "dense"),
+        ("codebooks-hard-nobias", dict(levels=[3, 6, 9, 4], dim=24, num_codebooks=2, bound_hard_clamp=True,
+                                       projection_has_bias=False), (2, 30, 24), False, "transposed"),
+        ("image", dict(levels=[8, 5, 5, 5], dim=20), (2, 20, 5, 7), True, "dense"),
+        ("video-broadcast-grad", dict(levels=[8, 5, 5, 5], dim=20), (1, 20, 2, 3, 5), True, "sum"),
+        ("channel-first-3d", dict(levels=[5, 5, 5], dim=16, channel_first=True), (2, 16, 33), True, "transposed"),
+        ("rows-2d", dict(levels=[5], dim=17), (45, 17), False, "dense"),
+        ("no-indices", dict(levels=[8, 5, 5, 5], dim=20, return_indices=False), (2, 9, 20), False, "dense"),
+    ]
+    if big:
+        cases += [
+            ("big-tokens", dict(levels=[8, 8, 8, 5, 5, 5], dim=256), (4, 4099, 256), False, "dense"),
+            ("big-broadcast", dict(levels=[8, 8, 8, 5, 5, 5], dim=256), (4, 4099, 256), False, "sum"),
+            ("big-image", dict(levels=[8, 5, 5, 5], dim=96), (2, 96, 33, 65), True, "dense"),
+            ("big-wide", dict(levels=[7, 5, 5, 5, 5], dim=1000, num_codebooks=3), (2, 999, 1000), False, "dense"),
+        ]
+    g = torch.Generator().manual_seed(0)
+    for name, kwargs, shape, channel_first, grad_kind in cases:
+        torch.manual_seed(0)
+        m = hf_vq.FSQ(check_inputs=False, **kwargs).to(dev)
+        m64 = copy.deepcopy(m).double()
+        x = (torch.randn(shape, generator=g) * 1.5).to(dev)
+        if name.startswith("codebooks"):  # a strided input: the transpose of a (d, n) layout
+            x = x.transpose(1, 2).contiguous().transpose(1, 2)
+        assert m.projects_in_kernel(x), name
+        xk, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
+        res, ref = m(xk), m64(x64)
+        with torch.no_grad():
+            ev = m(x)
+        if grad_kind == "sum":
+            res.quantized.sum().backward()
+            ref.quantized.sum().backward()
+        else:
+            w = torch.randn(res.quantized.shape, generator=g).to(dev)
+            if grad_kind == "transposed":
+                w = w.transpose(0, -1).contiguous().transpose(0, -1)
+            (res.quantized * w).sum().backward()
+            (ref.quantized * w.double()).sum().backward()
+        grads = [(xk.grad, x64.grad)] + [(p.grad, q.grad) for p, q in zip(m.parameters(), m64.parameters())]
+        indices_ok = (res.indices is None and ref.indices is None and not m.return_indices) or (
+            torch.equal(res.indices, ref.indices.to(res.indices.dtype)) and torch.equal(ev.indices, res.indices))
+        out[name] = dict(
+            layout_ok=res.quantized.shape == x.shape and res.quantized.dtype == torch.float32,
+            indices_ok=bool(indices_ok),
+            out_err=max(rel(res.quantized, ref.quantized), rel(ev.quantized, ref.quantized)),
+            grad_err=max(rel(a, b) for a, b in grads),
+            n_params=len(grads) - 1)
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+def _check(res, grad_tol):
+    for name, r in res.items():
+        assert r["layout_ok"] and r["indices_ok"], (name, r)
+        assert r["out_err"] <= 1e-5 and r["grad_err"] <= grad_tol, (name, r)
+        assert r["n_params"] == (2 if "nobias" in name else 4), (name, r)
+
+
+def test_projected_fsq_interpreted_on_cpu():
+    pytest.importorskip("triton")
+    _check(run_check(CHECK, "cpu", env=interpreter_env()), 1e-5)
+
+
+@needs_gpu
+def test_projected_fsq_on_gpu():
+    pytest.importorskip("triton")
+    _check(run_check(CHECK, "cuda", env=gpu_env()), 1e-4)  # gradients summed over 2^14 rows in another order
+
+
+def test_which_calls_take_the_kernel(monkeypatch):
+    """The plain configuration with float32 projections takes the kernel; every option the kernel lacks (noise
+    dropout needs symmetric levels), a half dtype, autocast and a replaced projection take the general path."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # (`available` then accepts CPU tensors; nothing is launched)
+    monkeypatch.delenv("HF_VQ_DISABLE_TRITON", raising=False)
+    x = torch.randn(2, 3, 16)
+    plain = hf_vq.FSQ(levels=[8, 5, 5], dim=16)
+    assert plain.projects_in_kernel(x)
+    assert not plain.projects_in_kernel(x.bfloat16())
+    assert not copy.deepcopy(plain).bfloat16().projects_in_kernel(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not plain.projects_in_kernel(x)
+    for kwargs in (dict(preserve_symmetry=True), dict(preserve_symmetry=True, noise_dropout=0.5),
+                   dict(orthogonal_rotation=True), dict()):
+        assert not hf_vq.FSQ(levels=[8, 5, 5], **kwargs, dim=16 if kwargs else 3).projects_in_kernel(
+            x if kwargs else x[..., :3]), kwargs
+    adapted = hf_vq.FSQ(levels=[8, 5, 5], dim=16)
+    adapted.project_in = torch.nn.Sequential(adapted.project_in)
+    assert not adapted.projects_in_kernel(x)
+    monkeypatch.setenv("HF_VQ_DISABLE_TRITON", "1")
+    assert not plain.projects_in_kernel(x)
+
+
+def test_op_errors():
+    pytest.importorskip("triton")
+    from hf_vq.ops import triton_fsq
+    from hf_vq.ops.triton_fsq_projected import projected_fsq
+
+    m = hf_vq.FSQ(levels=[8, 5, 5], dim=16)
+    table, basis = triton_fsq.fsq_table(m._levels, m._basis, False)
+    w_in, b_in, w_out = m.project_in.weight, m.project_in.bias, m.project_out.weight
+    with pytest.raises(ValueError, match="both projection biases or neither"):
+        projected_fsq(torch.randn(2, 16), w_in, b_in, w_out, None, table, basis, codebooks=1, hard_clamp=False,
+                      channel_first=False)
+    with pytest.raises(ValueError, match="3 code features for 2 codebooks of 3 levels"):
+        projected_fsq(torch.randn(2, 16), w_in, None, w_out, None, table, basis, codebooks=2, hard_clamp=False,
+                      channel_first=False)
