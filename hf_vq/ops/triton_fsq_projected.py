@@ -15,7 +15,7 @@ dense (a broadcast or transposed gradient). Here:
 Weight and bias gradients are summed per program and the programs' partial sums added by one `sum` (no atomics:
 the same gradients in every run). Features may be channel-last `(..., d)` or channel-first `(b, d, n)`: a kernel
 reads rows `(b, t)` through strides, so neither layout is copied. The products run in float32 FMA arithmetic
-(`input_precision="ieee"`, as `nn.Linear` in float32 without TF32); they sum in another order than cuBLAS, so a
+(`input_precision=PRECISION`, as `nn.Linear` in float32 without TF32); they sum in another order than cuBLAS, so a
 code feature within float32 rounding of a level boundary may round the other way.
 """
 
@@ -46,7 +46,7 @@ if HAS_TRITON:
                     D: tl.constexpr, C: tl.constexpr, N_LEVELS: tl.constexpr, N_CODEBOOKS: tl.constexpr,
                     HAS_BIAS: tl.constexpr, HARD_CLAMP: tl.constexpr, EMULATE_TANH: tl.constexpr,
                     SAVE: tl.constexpr, TABLE_WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_C: tl.constexpr):
+                    BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
         """`BLOCK_M` rows: `z = x W_in^T + b_in` (`C` code features), FSQ codes and indices, `out = codes W_out^T +
         b_out`. `x`, `out`: (B, T, D) views through their strides; `w_in (C, D)`, `w_out (D, C)` contiguous;
         `indices (n_rows, N_CODEBOOKS)` int32; when `SAVE`, `codes` and `slope` `(n_rows, C)` for the backward."""
@@ -62,7 +62,7 @@ if HAS_TRITON:
                         other=0.0)
             w = tl.load(w_in_ptr + cols[None, :] * D + d[:, None], mask=(d < D)[:, None] & col_mask[None, :],
                         other=0.0)
-            z = tl.dot(x, w, z, input_precision="ieee")
+            z = tl.dot(x, w, z, input_precision=PRECISION)
         if HAS_BIAS:
             z += tl.load(b_in_ptr + cols, mask=col_mask, other=0.0)[None, :]
         level = cols % N_LEVELS
@@ -84,16 +84,17 @@ if HAS_TRITON:
             d = d0 + tl.arange(0, BLOCK_D)
             w = tl.load(w_out_ptr + d[None, :] * C + cols[:, None], mask=col_mask[:, None] & (d < D)[None, :],
                         other=0.0)
-            out = tl.dot(codes, w, input_precision="ieee")
+            out = tl.dot(codes, w, input_precision=PRECISION)
             if HAS_BIAS:
                 out += tl.load(b_out_ptr + d, mask=d < D, other=0.0)[None, :]
             tl.store(out_ptr + out_rows[:, None] + d[None, :] * sod, out,
                      mask=row_mask[:, None] & (d < D)[None, :])
 
-    @triton.jit(do_not_specialize=["n_rows", "T"])
+    @triton.jit(do_not_specialize=["n_rows", "T", "blocks_per_program"])
     def _bwd_out_kernel(g_ptr, codes_ptr, w_out_ptr, grad_codes_ptr, part_ptr, n_rows, T, sgb, sgt, sgd,
-                        D: tl.constexpr, C: tl.constexpr, PARAMS: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+                        blocks_per_program, D: tl.constexpr, C: tl.constexpr, PARAMS: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+                        PRECISION: tl.constexpr):
         """Program (p, k), over feature chunk k and the row blocks p, p + P, ...: the output gradient `g` (B, T, D,
         any strides) read once for the chunk's share of the codes' gradient, `grad_codes[k] (n_rows, C)`, and, when
         `PARAMS`, the chunk's rows of the output projection's weight and bias gradients, summed into
@@ -106,27 +107,28 @@ if HAS_TRITON:
         w = tl.load(w_out_ptr + d[:, None] * C + cols[None, :], mask=d_mask[:, None] & col_mask[None, :], other=0.0)
         w_acc = tl.zeros((BLOCK_D, BLOCK_C), dtype=tl.float32)
         b_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for block in range(p, tl.cdiv(n_rows, BLOCK_M), n_programs):
-            rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        for i in range(0, blocks_per_program):
+            rows = (p + i * n_programs) * BLOCK_M + tl.arange(0, BLOCK_M)
             row_mask = rows < n_rows
             g = tl.load(g_ptr + _row_offsets(rows, T, sgb, sgt)[:, None] + d[None, :] * sgd,
                         mask=row_mask[:, None] & d_mask[None, :], other=0.0)
             small = rows.to(tl.int64)[:, None] * C + cols[None, :]
             small_mask = row_mask[:, None] & col_mask[None, :]
-            tl.store(grad_codes_ptr + k * n_rows * C + small, tl.dot(g, w, input_precision="ieee"), mask=small_mask)
+            tl.store(grad_codes_ptr + k.to(tl.int64) * n_rows * C + small, tl.dot(g, w, input_precision=PRECISION), mask=small_mask)
             if PARAMS:
                 codes = tl.load(codes_ptr + small, mask=small_mask, other=0.0)
-                w_acc = tl.dot(tl.trans(g), codes, w_acc, input_precision="ieee")
+                w_acc = tl.dot(tl.trans(g), codes, w_acc, input_precision=PRECISION)
                 b_acc += tl.sum(g, axis=0)
         if PARAMS:
             part = part_ptr + p * D * (C + 1) + d * (C + 1)
             tl.store(part[:, None] + cols[None, :], w_acc, mask=d_mask[:, None] & col_mask[None, :])
             tl.store(part + C, b_acc, mask=d_mask)
 
-    @triton.jit(do_not_specialize=["n_rows", "T"])
+    @triton.jit(do_not_specialize=["n_rows", "T", "blocks_per_program"])
     def _bwd_in_kernel(grad_z_ptr, x_ptr, w_in_ptr, grad_x_ptr, part_ptr, n_rows, T, sxb, sxt, sxd, sgb, sgt, sgd,
-                       D: tl.constexpr, C: tl.constexpr, INPUT: tl.constexpr, PARAMS: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+                       blocks_per_program, D: tl.constexpr, C: tl.constexpr, INPUT: tl.constexpr,
+                       PARAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+                       PRECISION: tl.constexpr):
         """Program (p, k), over feature chunk k and the row blocks p, p + P, ...: from the code features' gradient
         `grad_z (n_rows, C)`, when `INPUT` the chunk of the input's gradient `grad_x` (B, T, D view), and when
         `PARAMS` the chunk's columns of the input projection's weight gradient (and, in chunk 0, the bias
@@ -139,19 +141,19 @@ if HAS_TRITON:
         w = tl.load(w_in_ptr + cols[:, None] * D + d[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
         w_acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
         b_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for block in range(p, tl.cdiv(n_rows, BLOCK_M), n_programs):
-            rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        for i in range(0, blocks_per_program):
+            rows = (p + i * n_programs) * BLOCK_M + tl.arange(0, BLOCK_M)
             row_mask = rows < n_rows
             mask = row_mask[:, None] & d_mask[None, :]
             grad_z = tl.load(grad_z_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :],
                              mask=row_mask[:, None] & col_mask[None, :], other=0.0)
             if INPUT:
                 tl.store(grad_x_ptr + _row_offsets(rows, T, sgb, sgt)[:, None] + d[None, :] * sgd,
-                         tl.dot(grad_z, w, input_precision="ieee"), mask=mask)
+                         tl.dot(grad_z, w, input_precision=PRECISION), mask=mask)
             if PARAMS:
                 x = tl.load(x_ptr + _row_offsets(rows, T, sxb, sxt)[:, None] + d[None, :] * sxd, mask=mask,
                             other=0.0)
-                w_acc = tl.dot(tl.trans(grad_z), x, w_acc, input_precision="ieee")
+                w_acc = tl.dot(tl.trans(grad_z), x, w_acc, input_precision=PRECISION)
                 b_acc += tl.sum(grad_z, axis=0)
         if PARAMS:
             part = part_ptr + p * C * (D + 1) + cols * (D + 1)
@@ -161,8 +163,9 @@ if HAS_TRITON:
 
 
 BLOCK_M = 64  # rows per block
-MAX_BLOCK_D = 128  # features per chunk
+MAX_BLOCK_D = 64  # features per chunk
 NUM_WARPS = 4
+PRECISION = "ieee"  # of the products (tl.dot's input_precision)
 MAX_CODE_FEATURES = MAX_LEVELS  # code features per token (num_codebooks x len(levels)) one tile row holds
 
 
@@ -247,7 +250,7 @@ def _forward(x, w_in, b_in, w_out, b_out, table, basis, spec, save):
             out, codes if save else out, slope if save else out, indices, n_rows, T, *x.stride(), *out.stride(),
             D=D, C=C, N_LEVELS=n_levels, N_CODEBOOKS=n_codebooks, HAS_BIAS=b_in is not None,
             HARD_CLAMP=hard_clamp, EMULATE_TANH=interpreting(), SAVE=save, TABLE_WIDTH=table.shape[1],
-            BLOCK_M=BLOCK_M, BLOCK_D=block_d, BLOCK_C=block_c, num_warps=NUM_WARPS)
+            BLOCK_M=BLOCK_M, BLOCK_D=block_d, BLOCK_C=block_c, PRECISION=PRECISION, num_warps=NUM_WARPS)
     return out, indices, codes, slope
 
 
@@ -270,8 +273,8 @@ def _backward(grad_out, x, w_in, w_out, codes, slope, channel_first, need_x, nee
     out_part = torch.empty(programs, D, C + 1, dtype=torch.float32, device=x.device) if need_out_params else None
     _bwd_out_kernel[(programs, chunks)](
         grad_out, codes, w_out, grad_codes, out_part if need_out_params else grad_codes, n_rows, T,
-        *grad_out.stride(), D=D, C=C, PARAMS=need_out_params, BLOCK_M=BLOCK_M, BLOCK_D=block_d, BLOCK_C=block_c,
-        num_warps=NUM_WARPS)
+        *grad_out.stride(), triton.cdiv(triton.cdiv(n_rows, BLOCK_M), programs), D=D, C=C, PARAMS=need_out_params,
+        BLOCK_M=BLOCK_M, BLOCK_D=block_d, BLOCK_C=block_c, PRECISION=PRECISION, num_warps=NUM_WARPS)
     grad_z = grad_codes.sum(0).mul_(slope) if chunks > 1 else grad_codes[0].mul_(slope)
     grad_x = in_part = None
     if need_x:
@@ -282,8 +285,8 @@ def _backward(grad_out, x, w_in, w_out, codes, slope, channel_first, need_x, nee
         gx = grad_x if need_x else x
         _bwd_in_kernel[(programs, chunks)](
             grad_z, x, w_in, gx, in_part if need_in_params else grad_z, n_rows, T, *x.stride(), *gx.stride(),
-            D=D, C=C, INPUT=need_x, PARAMS=need_in_params, BLOCK_M=BLOCK_M, BLOCK_D=block_d, BLOCK_C=block_c,
-            num_warps=NUM_WARPS)
+            triton.cdiv(triton.cdiv(n_rows, BLOCK_M), programs), D=D, C=C, INPUT=need_x, PARAMS=need_in_params,
+            BLOCK_M=BLOCK_M, BLOCK_D=block_d, BLOCK_C=block_c, PRECISION=PRECISION, num_warps=NUM_WARPS)
     grad_w_in = grad_b_in = grad_w_out = grad_b_out = None
     if need_in_params:
         sums = in_part.sum(0)
