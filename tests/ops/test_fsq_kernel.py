@@ -44,12 +44,14 @@ FSQ_CHECK = textwrap.dedent(
             dtype_ok=res.quantized.dtype == dt and res.indices.dtype == it.dtype,
             grad_err=float((gf - gt).abs().max() / (gt.abs().max() + 1e-12)))
     # channel-first (image) inputs, with and without projections: the same module with the kernel and with the
-    # PyTorch ops
+    # PyTorch ops (the projections as nn.Linear's products, as for half-precision inputs: the kernel that also
+    # runs the projections is checked in test_fsq_projected_kernel.py)
     import os
     rel = lambda a, b: float((a - b).abs().max() / (b.abs().max() + 1e-12))
     for name, dim in (("projected-image", 12), ("image", None)):
         torch.manual_seed(0)
         m = hf_vq.FSQ(levels=[8, 5, 5, 5], dim=dim, check_inputs=False).to(dev)
+        m.projections_in_kernel = False
         z = (torch.randn(2, dim or 4, 5, 7, generator=g) * 2).to(dev)
         res = {}
         for disable in ("0", "1"):
