@@ -21,6 +21,8 @@ code feature within float32 rounding of a level boundary may round the other way
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -162,24 +164,29 @@ if HAS_TRITON:
                 tl.store(part + D, b_acc, mask=col_mask)
 
 
-BLOCK_M = 64  # rows per block
-MAX_BLOCK_D = 64  # features per chunk
-NUM_WARPS = 4
-PRECISION = "ieee"  # of the products (tl.dot's input_precision)
+class Tiles(NamedTuple):
+    rows: int  # rows per block
+    features: int  # at most this many features per chunk
+    warps: int
+
+
+# per kernel
+TILES = {"fwd": Tiles(64, 32, 4), "bwd_out": Tiles(64, 64, 4), "bwd_in": Tiles(64, 64, 4)}
+PROGRAMS_PER_SM = 4  # of a backward kernel, over all its chunks
+PRECISION = "tf32x3"  # of the products (tl.dot's input_precision)
 MAX_CODE_FEATURES = MAX_LEVELS  # code features per token (num_codebooks x len(levels)) one tile row holds
 
 
-def _blocks(dim: int, code_features: int) -> tuple[int, int]:
-    """`(BLOCK_D, BLOCK_C)`: the feature chunk (at most 128 features) and the padded code-feature width (`tl.dot`
-    needs at least 16)."""
-    return min(MAX_BLOCK_D, max(16, triton.next_power_of_2(dim))), max(16, triton.next_power_of_2(code_features))
+def _blocks(dim: int, code_features: int, tiles: Tiles) -> tuple[int, int]:
+    """`(BLOCK_D, BLOCK_C)`: the feature chunk and the padded code-feature width (`tl.dot` needs at least 16)."""
+    return min(tiles.features, max(16, triton.next_power_of_2(dim))), max(16, triton.next_power_of_2(code_features))
 
 
-def _row_programs(n_rows: int, chunks: int, device: torch.device) -> int:
-    """Row programs of a backward kernel: about four programs per SM over all chunks (each sums its weight
-    gradient over many row blocks, so there are few partial sums to add), at most one per row block."""
+def _row_programs(n_rows: int, chunks: int, tiles: Tiles, device: torch.device) -> int:
+    """Row programs of a backward kernel: `PROGRAMS_PER_SM` over all chunks (each sums its weight gradient over
+    many row blocks, so there are few partial sums to add), at most one per row block."""
     sms = 4 if interpreting() else torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(n_rows, BLOCK_M), triton.cdiv(4 * sms, chunks)))
+    return max(1, min(triton.cdiv(n_rows, tiles.rows), triton.cdiv(PROGRAMS_PER_SM * sms, chunks)))
 
 
 def available(x: Tensor) -> bool:
@@ -244,13 +251,14 @@ def _forward(x, w_in, b_in, w_out, b_out, table, basis, spec, save):
         codes = torch.empty(n_rows, C, dtype=torch.float32, device=x.device)
         slope = torch.empty_like(codes)
     if n_rows:
-        block_d, block_c = _blocks(D, C)
-        _fwd_kernel[(triton.cdiv(n_rows, BLOCK_M),)](
+        tiles = TILES["fwd"]
+        block_d, block_c = _blocks(D, C, tiles)
+        _fwd_kernel[(triton.cdiv(n_rows, tiles.rows),)](
             x, w_in, b_in if b_in is not None else w_in, w_out, b_out if b_out is not None else w_out, table, basis,
             out, codes if save else out, slope if save else out, indices, n_rows, T, *x.stride(), *out.stride(),
             D=D, C=C, N_LEVELS=n_levels, N_CODEBOOKS=n_codebooks, HAS_BIAS=b_in is not None,
             HARD_CLAMP=hard_clamp, EMULATE_TANH=interpreting(), SAVE=save, TABLE_WIDTH=table.shape[1],
-            BLOCK_M=BLOCK_M, BLOCK_D=block_d, BLOCK_C=block_c, PRECISION=PRECISION, num_warps=NUM_WARPS)
+            BLOCK_M=tiles.rows, BLOCK_D=block_d, BLOCK_C=block_c, PRECISION=PRECISION, num_warps=tiles.warps)
     return out, indices, codes, slope
 
 
@@ -266,27 +274,33 @@ def _backward(grad_out, x, w_in, w_out, codes, slope, channel_first, need_x, nee
     B, T, D = x.shape
     C = w_in.shape[0]
     n_rows = B * T
-    block_d, block_c = _blocks(D, C)
+    tiles = TILES["bwd_out"]
+    block_d, block_c = _blocks(D, C, tiles)
     chunks = triton.cdiv(D, block_d)
-    programs = _row_programs(n_rows, chunks, x.device)
+    programs = _row_programs(n_rows, chunks, tiles, x.device)
     grad_codes = torch.empty(chunks, n_rows, C, dtype=torch.float32, device=x.device)
     out_part = torch.empty(programs, D, C + 1, dtype=torch.float32, device=x.device) if need_out_params else None
     _bwd_out_kernel[(programs, chunks)](
         grad_out, codes, w_out, grad_codes, out_part if need_out_params else grad_codes, n_rows, T,
-        *grad_out.stride(), triton.cdiv(triton.cdiv(n_rows, BLOCK_M), programs), D=D, C=C, PARAMS=need_out_params,
-        BLOCK_M=BLOCK_M, BLOCK_D=block_d, BLOCK_C=block_c, PRECISION=PRECISION, num_warps=NUM_WARPS)
+        *grad_out.stride(), triton.cdiv(triton.cdiv(n_rows, tiles.rows), programs), D=D, C=C,
+        PARAMS=need_out_params, BLOCK_M=tiles.rows, BLOCK_D=block_d, BLOCK_C=block_c, PRECISION=PRECISION,
+        num_warps=tiles.warps)
     grad_z = grad_codes.sum(0).mul_(slope) if chunks > 1 else grad_codes[0].mul_(slope)
     grad_x = in_part = None
     if need_x:
         grad_x = _empty_features(x, channel_first)
-    if need_in_params:
-        in_part = torch.empty(programs, C, D + 1, dtype=torch.float32, device=x.device)
     if need_x or need_in_params:
+        tiles = TILES["bwd_in"]
+        block_d, _ = _blocks(D, C, tiles)
+        chunks = triton.cdiv(D, block_d)
+        programs = _row_programs(n_rows, chunks, tiles, x.device)
+        if need_in_params:
+            in_part = torch.empty(programs, C, D + 1, dtype=torch.float32, device=x.device)
         gx = grad_x if need_x else x
         _bwd_in_kernel[(programs, chunks)](
             grad_z, x, w_in, gx, in_part if need_in_params else grad_z, n_rows, T, *x.stride(), *gx.stride(),
-            triton.cdiv(triton.cdiv(n_rows, BLOCK_M), programs), D=D, C=C, INPUT=need_x, PARAMS=need_in_params,
-            BLOCK_M=BLOCK_M, BLOCK_D=block_d, BLOCK_C=block_c, PRECISION=PRECISION, num_warps=NUM_WARPS)
+            triton.cdiv(triton.cdiv(n_rows, tiles.rows), programs), D=D, C=C, INPUT=need_x, PARAMS=need_in_params,
+            BLOCK_M=tiles.rows, BLOCK_D=block_d, BLOCK_C=block_c, PRECISION=PRECISION, num_warps=tiles.warps)
     grad_w_in = grad_b_in = grad_w_out = grad_b_out = None
     if need_in_params:
         sums = in_part.sum(0)
