@@ -31,6 +31,8 @@ WORKLOADS = {
         "hf_vq.VectorQuantize(dim=512, codebook_size=1024, heads=8, separate_codebook_per_head=True)",
         (1, 65536, 512)),
     "FSQ [8,8,8,5,5,5]": ("hf_vq.FSQ(levels=[8, 8, 8, 5, 5, 5])", (1, 65536, 6)),
+    "FSQ [8,5,5,5] image with projections (one kernel)": ("hf_vq.FSQ(levels=[8, 5, 5, 5], dim=256)",
+                                                           (16, 256, 64, 64)),
 }
 
 CHILD = textwrap.dedent(

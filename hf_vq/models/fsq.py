@@ -290,12 +290,14 @@ class FSQ(QuantizerModel):
                 and not (self.training and self.noise_dropout > 0)
                 and self.quantization_dtype(rows.dtype) == torch.float32)
 
-    def projects_in_kernel(self, z: Tensor) -> bool:
+    def projects_in_kernel(self, z: Tensor, feature_axis: int = -1) -> bool:
         """Whether this call runs its projections and the quantization as one kernel pass (`projected_fsq`): CUDA,
+        features strided along `feature_axis` (channel-first images and video, where the kernel reads the
+        features in place; contiguous rows are cuBLAS's best case, and its products run as fast as the kernel's),
         float32 input and projections (no autocast, so that the products are float32 as `nn.Linear`'s), the plain
         configuration (`kernel_capable`: noise dropout needs symmetric levels, which it excludes), both projections
         still `nn.Linear` (not replaced by an adapter)."""
-        return (self.projections_in_kernel and triton_fsq_projected.available(z)
+        return (self.projections_in_kernel and z.stride(feature_axis) != 1 and triton_fsq_projected.available(z)
                 and type(self.project_in) is nn.Linear and type(self.project_out) is nn.Linear
                 and self.project_in.weight.dtype == torch.float32 and self.project_out.weight.dtype == torch.float32
                 and not torch.is_autocast_enabled(z.device.type))
@@ -353,7 +355,7 @@ class FSQ(QuantizerModel):
         if z.shape[feature_axis] != self.dim:
             raise ValueError(f"expected feature dim {self.dim}, got {z.shape[feature_axis]} "
                              f"(input shape {tuple(z.shape)})")
-        if self.projects_in_kernel(z):
+        if self.projects_in_kernel(z, feature_axis):
             quantized, indices = self._forward_projected_kernel(z, channel_first)
         elif channel_first:
             quantized, indices = self._forward_channel_first(z)

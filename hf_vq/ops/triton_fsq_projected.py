@@ -14,9 +14,14 @@ dense (a broadcast or transposed gradient). Here:
 
 Weight and bias gradients are summed per program and the programs' partial sums added by one `sum` (no atomics:
 the same gradients in every run). Features may be channel-last `(..., d)` or channel-first `(b, d, n)`: a kernel
-reads rows `(b, t)` through strides, so neither layout is copied. The products run in float32 FMA arithmetic
-(`input_precision=PRECISION`, as `nn.Linear` in float32 without TF32); they sum in another order than cuBLAS, so a
-code feature within float32 rounding of a level boundary may round the other way.
+reads rows `(b, t)` through strides, so neither layout is copied. `FSQ` routes calls whose features are strided
+(channel-first images and video) here; contiguous rows go to cuBLAS's GEMMs, which are as fast as these kernels
+there (benchmarks/RESULTS.md).
+
+The products run on the tensor cores as `tf32x3` (`PRECISION`): each float32 operand split into two TF32 parts,
+three products, float32 accumulation, float32-level accuracy (plain TF32 would round the operands to 10 bits, and
+float32 FMA products ran slower). They sum in another order than cuBLAS, so a code feature within float32 rounding
+of a level boundary may round the other way.
 """
 
 from __future__ import annotations
@@ -170,8 +175,8 @@ class Tiles(NamedTuple):
     warps: int
 
 
-# per kernel
-TILES = {"fwd": Tiles(64, 32, 4), "bwd_out": Tiles(64, 64, 4), "bwd_in": Tiles(64, 64, 4)}
+# per kernel: the fastest of a sweep on an H200 (32-128 rows x 32-64 features x 4-8 warps, benchmarks/RESULTS.md)
+TILES = {"fwd": Tiles(64, 64, 4), "bwd_out": Tiles(64, 64, 4), "bwd_in": Tiles(64, 64, 4)}
 PROGRAMS_PER_SM = 4  # of a backward kernel, over all its chunks
 PRECISION = "tf32x3"  # of the products (tl.dot's input_precision)
 MAX_CODE_FEATURES = MAX_LEVELS  # code features per token (num_codebooks x len(levels)) one tile row holds
@@ -207,7 +212,8 @@ def projected_fsq(x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out: Tensor, b
     if code_features != codebooks * n_levels or code_features > MAX_CODE_FEATURES:
         raise ValueError(f"projected_fsq: {code_features} code features for {codebooks} codebooks of {n_levels} "
                          f"levels (at most {MAX_CODE_FEATURES})")
-    rows = x.transpose(1, 2) if channel_first else x.reshape(1, -1, x.shape[-1])
+    # a (B, T, D) view of the features (3-D channel-last inputs as they are, whatever their strides)
+    rows = x.transpose(1, 2) if channel_first else x if x.ndim == 3 else x.reshape(1, -1, x.shape[-1])
     spec = (n_levels, codebooks, hard_clamp, channel_first)
     args = (rows, w_in.contiguous(), b_in, w_out.contiguous(), b_out, table, basis, spec)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_in, b_in, w_out, b_out)):

@@ -1,7 +1,8 @@
 """FSQ with its projections in one kernel pass (`hf_vq.ops.triton_fsq_projected`), through the `FSQ` module as a user
 calls it, against the same module's PyTorch path in float64: output, indices, and the gradients of the input and
-of both projections, for both layouts, strided inputs and gradients (a broadcast gradient, a transposed one),
-several feature widths (one and several feature chunks), codebooks, biases and bounds. On CPU under
+of both projections, for channel-first inputs and channel-last ones with strided features (the calls the module
+gives the kernel; contiguous rows take nn.Linear's products, checked too), strided gradients (a broadcast gradient,
+a transposed one), several feature widths (one and several feature chunks), codebooks, biases and bounds. On CPU under
 `TRITON_INTERPRET=1` (subprocess, small shapes); on the GPU when there is one (larger shapes). Which calls take the
 kernel is checked in-process."""
 
@@ -24,6 +25,7 @@ CHECK = textwrap.dedent(
     rel = lambda a, b: float((a.double() - b).abs().max() / (b.abs().max() + 1e-30))
     cases = [  # (name, FSQ kwargs, input shape, channel_first input, gradient kind)
         ("tokens", dict(levels=[8, 8, 8, 5, 5, 5], dim=40), (2, 50, 40), False, "dense"),
+        ("contiguous-tokens", dict(levels=[8, 8, 8, 5, 5, 5], dim=40), (2, 50, 40), False, "dense"),
         ("tokens-broadcast-grad", dict(levels=[8, 8, 8, 5, 5, 5], dim=40), (2, 50, 40), False, "sum"),
         ("wide-chunks", dict(levels=[7, 5, 4], dim=300), (3, 20, 300), False, "dense"),
         ("codebooks-hard-nobias", dict(levels=[3, 6, 9, 4], dim=24, num_codebooks=2, bound_hard_clamp=True,
@@ -47,9 +49,9 @@ CHECK = textwrap.dedent(
         m = hf_vq.FSQ(check_inputs=False, **kwargs).to(dev)
         m64 = copy.deepcopy(m).double()
         x = (torch.randn(shape, generator=g) * 1.5).to(dev)
-        if name.startswith("codebooks"):  # a strided input: the transpose of a (d, n) layout
-            x = x.transpose(1, 2).contiguous().transpose(1, 2)
-        assert m.projects_in_kernel(x), name
+        if not channel_first and name != "contiguous-tokens":  # features strided: the transpose of a (d, n) layout
+            x = x.transpose(-2, -1).contiguous().transpose(-2, -1)
+        assert m.projects_in_kernel(x, 1 if channel_first else -1) == (name != "contiguous-tokens"), name
         xk, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
         res, ref = m(xk), m64(x64)
         with torch.no_grad():
@@ -96,14 +98,18 @@ def test_projected_fsq_on_gpu():
 
 
 def test_which_calls_take_the_kernel(monkeypatch):
-    """The plain configuration with float32 projections takes the kernel; every option the kernel lacks (noise
-    dropout needs symmetric levels), a half dtype, autocast and a replaced projection take the general path."""
+    """The plain configuration with float32 projections takes the kernel for strided features (channel-first);
+    contiguous rows, every option the kernel lacks (noise dropout needs symmetric levels), a half dtype, autocast
+    and a replaced projection take the general path."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # (`available` then accepts CPU tensors; nothing is launched)
     monkeypatch.delenv("HF_VQ_DISABLE_TRITON", raising=False)
-    x = torch.randn(2, 3, 16)
+    x = torch.randn(2, 16, 3).transpose(1, 2)  # (b, n, d) with strided features
     plain = hf_vq.FSQ(levels=[8, 5, 5], dim=16)
     assert plain.projects_in_kernel(x)
+    assert plain.projects_in_kernel(torch.randn(2, 16, 4, 4), 1)
+    assert not plain.projects_in_kernel(x.contiguous())
+    assert not plain.projects_in_kernel(torch.randn(2, 4, 4, 16).permute(0, 3, 1, 2), 1)  # channels_last memory
     assert not plain.projects_in_kernel(x.bfloat16())
     assert not copy.deepcopy(plain).bfloat16().projects_in_kernel(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
