@@ -50,7 +50,7 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["n_rows", "T"])
     def _fwd_kernel(x_ptr, w_in_ptr, b_in_ptr, w_out_ptr, b_out_ptr, table_ptr, basis_ptr, out_ptr, codes_ptr,
                     slope_ptr, indices_ptr, n_rows, T, sxb, sxt, sxd, sob, sot, sod,
-                    D: tl.constexpr, C: tl.constexpr, N_LEVELS: tl.constexpr, N_CODEBOOKS: tl.constexpr,
+                    D, C: tl.constexpr, N_LEVELS: tl.constexpr, N_CODEBOOKS: tl.constexpr,
                     HAS_BIAS: tl.constexpr, HARD_CLAMP: tl.constexpr, EMULATE_TANH: tl.constexpr,
                     SAVE: tl.constexpr, TABLE_WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
@@ -99,7 +99,7 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["n_rows", "T", "blocks_per_program"])
     def _bwd_out_kernel(g_ptr, codes_ptr, w_out_ptr, grad_codes_ptr, part_ptr, n_rows, T, sgb, sgt, sgd,
-                        blocks_per_program, D: tl.constexpr, C: tl.constexpr, PARAMS: tl.constexpr,
+                        blocks_per_program, D, C: tl.constexpr, PARAMS: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
                         PRECISION: tl.constexpr):
         """Program (p, k), over feature chunk k and the row blocks p, p + P, ...: the output gradient `g` (B, T, D,
@@ -133,7 +133,7 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["n_rows", "T", "blocks_per_program"])
     def _bwd_in_kernel(grad_z_ptr, x_ptr, w_in_ptr, grad_x_ptr, part_ptr, n_rows, T, sxb, sxt, sxd, sgb, sgt, sgd,
-                       blocks_per_program, D: tl.constexpr, C: tl.constexpr, INPUT: tl.constexpr,
+                       blocks_per_program, D, C: tl.constexpr, INPUT: tl.constexpr,
                        PARAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
                        PRECISION: tl.constexpr):
         """Program (p, k), over feature chunk k and the row blocks p, p + P, ...: from the code features' gradient
