@@ -35,6 +35,9 @@ CHECK = textwrap.dedent(
         ("channel-first-3d", dict(levels=[5, 5, 5], dim=16, channel_first=True), (2, 16, 33), True, "transposed"),
         ("rows-2d", dict(levels=[5], dim=17), (45, 17), False, "dense"),
         ("no-indices", dict(levels=[8, 5, 5, 5], dim=20, return_indices=False), (2, 9, 20), False, "dense"),
+        # gradients for the projections only (an input without grad), for the input only (frozen projections)
+        ("projections-only-grad", dict(levels=[8, 5, 5, 5], dim=20), (2, 20, 3, 4), True, "dense"),
+        ("input-only-grad", dict(levels=[8, 5, 5, 5], dim=20), (2, 20, 3, 4), True, "dense"),
     ]
     if big:  # the compiled kernels on larger shapes; of the small cases (each compiles its own kernel variants),
         # the two with flags and strides the large ones lack
@@ -48,12 +51,14 @@ CHECK = textwrap.dedent(
     for name, kwargs, shape, channel_first, grad_kind in cases:
         torch.manual_seed(0)
         m = hf_vq.FSQ(check_inputs=False, **kwargs).to(dev)
+        m.requires_grad_(name != "input-only-grad")
         m64 = copy.deepcopy(m).double()
         x = (torch.randn(shape, generator=g) * 1.5).to(dev)
         if not channel_first and name != "contiguous-tokens":  # features strided: the transpose of a (d, n) layout
             x = x.transpose(-2, -1).contiguous().transpose(-2, -1)
         assert m.projects_in_kernel(x, 1 if channel_first else -1) == (name != "contiguous-tokens"), name
-        xk, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
+        input_grad = name != "projections-only-grad"
+        xk, x64 = x.clone().requires_grad_(input_grad), x.double().requires_grad_(input_grad)
         res, ref = m(xk), m64(x64)
         with torch.no_grad():
             ev = m(x)
@@ -66,7 +71,8 @@ CHECK = textwrap.dedent(
                 w = w.transpose(0, -1).contiguous().transpose(0, -1)
             (res.quantized * w).sum().backward()
             (ref.quantized * w.double()).sum().backward()
-        grads = [(xk.grad, x64.grad)] + [(p.grad, q.grad) for p, q in zip(m.parameters(), m64.parameters())]
+        pairs = [(xk.grad, x64.grad)] + [(p.grad, q.grad) for p, q in zip(m.parameters(), m64.parameters())]
+        grads = [(a, b) for a, b in pairs if b is not None]
         indices_ok = (res.indices is None and ref.indices is None and not m.return_indices) or (
             torch.equal(res.indices, ref.indices.to(res.indices.dtype)) and torch.equal(ev.indices, res.indices))
         out[name] = dict(
@@ -74,7 +80,8 @@ CHECK = textwrap.dedent(
             indices_ok=bool(indices_ok),
             out_err=max(rel(res.quantized, ref.quantized), rel(ev.quantized, ref.quantized)),
             grad_err=max(rel(a, b) for a, b in grads),
-            n_params=len(grads) - 1)
+            grads_where_expected=all((a is None) == (b is None) for a, b in pairs),
+            n_grads=len(grads))
     print("RESULT" + json.dumps(out))
     """
 )
@@ -84,7 +91,9 @@ def _check(res, grad_tol):
     for name, r in res.items():
         assert r["layout_ok"] and r["indices_ok"], (name, r)
         assert r["out_err"] <= 1e-5 and r["grad_err"] <= grad_tol, (name, r)
-        assert r["n_params"] == (2 if "nobias" in name else 4), (name, r)
+        expected = 1 if name == "input-only-grad" else 4 if name == "projections-only-grad" else \
+            3 if "nobias" in name else 5
+        assert r["grads_where_expected"] and r["n_grads"] == expected, (name, r)
 
 
 def test_projected_fsq_interpreted_on_cpu():
