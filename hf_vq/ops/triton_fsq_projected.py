@@ -26,6 +26,7 @@ of a level boundary may round the other way.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -114,7 +115,7 @@ if HAS_TRITON:
         w = tl.load(w_out_ptr + d[:, None] * C + cols[None, :], mask=d_mask[:, None] & col_mask[None, :], other=0.0)
         w_acc = tl.zeros((BLOCK_D, BLOCK_C), dtype=tl.float32)
         b_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for i in range(0, blocks_per_program):
+        for i in range(blocks_per_program):
             rows = (p + i * n_programs) * BLOCK_M + tl.arange(0, BLOCK_M)
             row_mask = rows < n_rows
             g = tl.load(g_ptr + _row_offsets(rows, T, sgb, sgt)[:, None] + d[None, :] * sgd,
@@ -148,7 +149,7 @@ if HAS_TRITON:
         w = tl.load(w_in_ptr + cols[:, None] * D + d[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
         w_acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
         b_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for i in range(0, blocks_per_program):
+        for i in range(blocks_per_program):
             rows = (p + i * n_programs) * BLOCK_M + tl.arange(0, BLOCK_M)
             row_mask = rows < n_rows
             mask = row_mask[:, None] & d_mask[None, :]
@@ -175,6 +176,13 @@ class Tiles(NamedTuple):
     warps: int
 
 
+class _Spec(NamedTuple):
+    levels: int  # len(levels)
+    codebooks: int
+    hard_clamp: bool
+    channel_first: bool  # the rows view is a transposed (B, D, T) tensor
+
+
 # per kernel: the fastest of a sweep on an H200 (32-128 rows x 32-64 features x 4-8 warps, benchmarks/RESULTS.md)
 TILES = {"fwd": Tiles(64, 64, 4), "bwd_out": Tiles(64, 64, 4), "bwd_in": Tiles(64, 64, 4)}
 PROGRAMS_PER_SM = 4  # of a backward kernel, over all its chunks
@@ -190,8 +198,13 @@ def _blocks(dim: int, code_features: int, tiles: Tiles) -> tuple[int, int]:
 def _row_programs(n_rows: int, chunks: int, tiles: Tiles, device: torch.device) -> int:
     """Row programs of a backward kernel: `PROGRAMS_PER_SM` over all chunks (each sums its weight gradient over
     many row blocks, so there are few partial sums to add), at most one per row block."""
-    sms = 4 if interpreting() else torch.cuda.get_device_properties(device).multi_processor_count
+    sms = 4 if interpreting() else _multiprocessors(device)
     return max(1, min(triton.cdiv(n_rows, tiles.rows), triton.cdiv(PROGRAMS_PER_SM * sms, chunks)))
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def available(x: Tensor) -> bool:
@@ -214,7 +227,7 @@ def projected_fsq(x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out: Tensor, b
                          f"levels (at most {MAX_CODE_FEATURES})")
     # a (B, T, D) view of the features (3-D channel-last inputs as they are, whatever their strides)
     rows = x.transpose(1, 2) if channel_first else x if x.ndim == 3 else x.reshape(1, -1, x.shape[-1])
-    spec = (n_levels, codebooks, hard_clamp, channel_first)
+    spec = _Spec(n_levels, codebooks, hard_clamp, channel_first)
     args = (rows, w_in.contiguous(), b_in, w_out.contiguous(), b_out, table, basis, spec)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_in, b_in, w_out, b_out)):
         out, indices = _ProjectedFSQ.apply(*args)
@@ -240,18 +253,20 @@ class _ProjectedFSQ(torch.autograd.Function):
         x, w_in, w_out, codes, slope = ctx.saved_tensors
         need_x, need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad[:5]
         grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out = _backward(
-            grad_out, x, w_in, w_out, codes, slope, ctx.spec[3], need_x, need_w_in or need_b_in, need_w_out or need_b_out)
+            grad_out, x, w_in, w_out, codes, slope, ctx.spec.channel_first, need_x, need_w_in or need_b_in,
+            need_w_out or need_b_out)
         return (grad_x, grad_w_in if need_w_in else None, grad_b_in if need_b_in else None,
                 grad_w_out if need_w_out else None, grad_b_out if need_b_out else None, None, None, None)
 
 
-def _forward(x, w_in, b_in, w_out, b_out, table, basis, spec, save):
-    n_levels, n_codebooks, hard_clamp, channel_first = spec
+def _forward(x, w_in, b_in, w_out, b_out, table, basis, spec: _Spec, save: bool):
+    """`(out, indices, codes, slope)` of the rows view `x (B, T, D)`; `codes`, `slope` (for the backward) only when
+    `save`."""
     B, T, D = x.shape
     C = w_in.shape[0]
     n_rows = B * T
-    out = _empty_features(x, channel_first)
-    indices = torch.empty(n_rows, n_codebooks, dtype=torch.int32, device=x.device)
+    out = _empty_features(x, spec.channel_first)
+    indices = torch.empty(n_rows, spec.codebooks, dtype=torch.int32, device=x.device)
     codes = slope = None
     if save:
         codes = torch.empty(n_rows, C, dtype=torch.float32, device=x.device)
@@ -262,8 +277,8 @@ def _forward(x, w_in, b_in, w_out, b_out, table, basis, spec, save):
         _fwd_kernel[(triton.cdiv(n_rows, tiles.rows),)](
             x, w_in, b_in if b_in is not None else w_in, w_out, b_out if b_out is not None else w_out, table, basis,
             out, codes if save else out, slope if save else out, indices, n_rows, T, *x.stride(), *out.stride(),
-            D=D, C=C, N_LEVELS=n_levels, N_CODEBOOKS=n_codebooks, HAS_BIAS=b_in is not None,
-            HARD_CLAMP=hard_clamp, EMULATE_TANH=interpreting(), SAVE=save, TABLE_WIDTH=table.shape[1],
+            D=D, C=C, N_LEVELS=spec.levels, N_CODEBOOKS=spec.codebooks, HAS_BIAS=b_in is not None,
+            HARD_CLAMP=spec.hard_clamp, EMULATE_TANH=interpreting(), SAVE=save, TABLE_WIDTH=table.shape[1],
             BLOCK_M=tiles.rows, BLOCK_D=block_d, BLOCK_C=block_c, PRECISION=PRECISION, num_warps=tiles.warps)
     return out, indices, codes, slope
 
@@ -277,6 +292,8 @@ def _empty_features(x: Tensor, channel_first: bool) -> Tensor:
 
 
 def _backward(grad_out, x, w_in, w_out, codes, slope, channel_first, need_x, need_in_params, need_out_params):
+    """`(grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out)` from the output gradient (any strides); those not
+    needed are None."""
     B, T, D = x.shape
     C = w_in.shape[0]
     n_rows = B * T
