@@ -35,6 +35,7 @@ CHECK = textwrap.dedent(
         ("channel-first-3d", dict(levels=[5, 5, 5], dim=16, channel_first=True), (2, 16, 33), True, "transposed"),
         ("rows-2d", dict(levels=[5], dim=17), (45, 17), False, "dense"),
         ("no-indices", dict(levels=[8, 5, 5, 5], dim=20, return_indices=False), (2, 9, 20), False, "dense"),
+        ("wide-codes", dict(levels=[5, 4, 3, 3, 3, 3, 3, 3], dim=40, num_codebooks=6), (2, 40, 3, 5), True, "dense"),
         # gradients for the projections only (an input without grad), for the input only (frozen projections)
         ("projections-only-grad", dict(levels=[8, 5, 5, 5], dim=20), (2, 20, 3, 4), True, "dense"),
         ("input-only-grad", dict(levels=[8, 5, 5, 5], dim=20), (2, 20, 3, 4), True, "dense"),
