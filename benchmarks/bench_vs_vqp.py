@@ -1,7 +1,12 @@
 """hf_vq vs vector-quantize-pytorch 1.32, side by side in one run: time, tokens/s, peak memory.
 
-    python benchmarks/bench_vs_vqp.py [--quick] [--only SUBSTRING ...] [--repeat N] [--out RESULTS_TABLE.md]
-    python benchmarks/bench_vs_vqp.py --matrix [--quick] [--only SUBSTRING ...]   # the configuration grid
+    python benchmarks/bench_vs_vqp.py [--quick] [--only SUBSTRING ...] [--repeat N] [--grad sum|random]
+                                      [--out RESULTS_TABLE.md]
+    python benchmarks/bench_vs_vqp.py --matrix [...the same options]   # the configuration grid
+
+Training steps backpropagate `quantized.sum()` (plus the aux loss) by default; `--grad random` a fixed random
+gradient of the output's shape instead, as a real loss gives (the sum's gradient is one value broadcast to every
+element, which `nn.Linear`'s backward copies before its products in both libraries).
 
 `--matrix` runs the grid of `vqp_matrix.py` (feature dims 4..2048, codebook sizes 256..2^17, heads, projections,
 cosine, channel-first image/video, bf16 input, residual and grouped classes, every scalar quantizer; eval and
@@ -106,13 +111,16 @@ def vq_pair(device, randn_codebook: bool = False, **kwargs):
     return ours, theirs
 
 
+GRAD = "sum"  # the training steps' output gradient (`harness.step`; `--grad`)
+
+
 def _measure_pair(ours, theirs, x, train: bool, device, repeat: int) -> tuple[Measurement, Measurement]:
     """Both sides measured `repeat` times, alternating (host-bound rows drift between consecutive measurements
     on a busy host); each side's median over the repeats, and its largest peak."""
     runs = []
     for _ in range(repeat):
-        m_ours = measure(step(ours, x, train, True), device)
-        m_theirs = measure(step(theirs, x, train, False), device) if theirs is not None else \
+        m_ours = measure(step(ours, x, train, True, GRAD), device)
+        m_theirs = measure(step(theirs, x, train, False, GRAD), device) if theirs is not None else \
             Measurement(None, None, "not run")
         runs.append((m_ours, m_theirs))
 
@@ -306,11 +314,11 @@ def _triton_version() -> str:
     return triton.__version__
 
 
-def _run_matrix(device, quick: bool, only: list[str] | None, out: str | None) -> None:
+def _run_matrix(device, quick: bool, only: list[str] | None, out: str | None, repeat: int) -> None:
     import first_call
     import vqp_matrix
 
-    results = vqp_matrix.run_matrix(device, quick, _measure_pair, only)
+    results = vqp_matrix.run_matrix(device, quick, _measure_pair, only, repeat)
     first_calls = []
     if device.type == "cuda" and not only:
         for name in ("VectorQuantize d256 K8192", "VectorQuantize d1024 K4096", "ResidualVQ 8x1024 d128",
@@ -334,10 +342,15 @@ def main():
     parser.add_argument("--matrix", action="store_true", help="the configuration grid (vqp_matrix.py) and first calls")
     parser.add_argument("--repeat", type=int, default=1,
                         help="measure each row this many times, hf_vq and vqp alternating, and report the medians")
+    parser.add_argument("--grad", choices=("sum", "random"), default="sum",
+                        help="training steps backpropagate quantized.sum() (a broadcast gradient, the default) or a "
+                             "fixed random gradient of the output's shape (as a real loss gives)")
     args = parser.parse_args()
+    global GRAD
+    GRAD = args.grad
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.matrix:
-        _run_matrix(device, args.quick or device.type == "cpu", args.only, args.out)
+        _run_matrix(device, args.quick or device.type == "cpu", args.only, args.out, args.repeat)
         return
     rows = run_rows(device, args.quick or device.type == "cpu", args.only, args.repeat)
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"

@@ -57,11 +57,18 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
     return Measurement(statistics.median(times), peak)
 
 
-def step(module: torch.nn.Module, x: torch.Tensor, train: bool, ours: bool) -> Callable[[], None]:
+def step(module: torch.nn.Module, x: torch.Tensor, train: bool, ours: bool, grad: str = "sum") -> Callable[[], None]:
     """One eval forward (no gradient), or one training step: forward, then backward of `quantized.float().sum()`
     plus the aux loss where it has a gradient. hf_vq's output gives `quantized` and `loss`; a vqp tuple gives its
     first element and its last, which is the loss when it is a tensor with a gradient (FSQ's last is its
-    indices)."""
+    indices).
+
+    `grad="random"` backpropagates a fixed random gradient of the output's shape instead of the sum's (whose
+    gradient is one value broadcast to every element: `nn.Linear`'s backward copies such a gradient before its
+    products, which a dense gradient from a real loss does not need)."""
+    if grad not in ("sum", "random"):
+        raise ValueError(f"grad must be 'sum' or 'random', got {grad!r}")
+    dense = {}
 
     def run():
         if not train:
@@ -70,10 +77,15 @@ def step(module: torch.nn.Module, x: torch.Tensor, train: bool, ours: bool) -> C
             return
         out = module(x.detach().requires_grad_())
         q, loss = (out.quantized, out.loss) if ours else (out[0], out[-1])
-        total = q.float().sum()
+        outputs, grads = [q.float().sum() if grad == "sum" else q.float()], [None]
+        if grad == "random":
+            if "g" not in dense:
+                dense["g"] = torch.randn(q.shape, generator=torch.Generator().manual_seed(0)).to(q.device)
+            grads = [dense["g"]]
         if isinstance(loss, torch.Tensor) and loss.requires_grad:  # (ResidualVQ: one loss per level)
-            total = total + loss.float().sum()
-        total.backward()
+            outputs.append(loss.float().sum())
+            grads.append(None)
+        torch.autograd.backward(outputs, grads)
 
     return run
 

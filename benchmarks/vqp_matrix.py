@@ -127,8 +127,10 @@ def build(spec: Spec, device) -> tuple[torch.nn.Module, torch.nn.Module]:
     return ours.to(device), theirs.to(device)
 
 
-def run_matrix(device, quick: bool, measure_pair: Callable, only: list[str] | None = None) -> list[dict]:
-    """Measure every row (eval and train); print each as it finishes; return the rows as dicts."""
+def run_matrix(device, quick: bool, measure_pair: Callable, only: list[str] | None = None,
+               repeat: int = 1) -> list[dict]:
+    """Measure every row (eval and train; `repeat` times each, as `measure_pair` combines them); print each as it
+    finishes; return the rows as dicts."""
     results = []
     for spec in specs():
         if only and not any(part in spec.name for part in only):
@@ -147,7 +149,7 @@ def run_matrix(device, quick: bool, measure_pair: Callable, only: list[str] | No
             ours.train(train)  # eval rows run both modules in eval mode (training mode updates codebooks)
             theirs.train(train)
             try:
-                m_ours, m_theirs = measure_pair(ours, theirs, x, train, device, 1)
+                m_ours, m_theirs = measure_pair(ours, theirs, x, train, device, repeat)
             except Exception as e:
                 m_ours = m_theirs = Measurement(None, None, f"{type(e).__name__}: {str(e)[:60]}")
             row["train" if train else "eval"] = (m_ours, m_theirs)
