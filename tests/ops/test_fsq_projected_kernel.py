@@ -2,9 +2,10 @@
 calls it, against the same module's PyTorch path in float64: output, indices, and the gradients of the input and
 of both projections, for channel-first inputs and channel-last ones with strided features (the calls the module
 gives the kernel; contiguous rows take nn.Linear's products, checked too), strided gradients (a broadcast gradient,
-a transposed one), several feature widths (one and several feature chunks), codebooks, biases and bounds. On CPU under
-`TRITON_INTERPRET=1` (subprocess, small shapes); on the GPU when there is one (larger shapes). Which calls take the
-kernel is checked in-process."""
+a transposed one), several feature widths (one and several feature chunks), codebooks, biases and bounds; and every config field set
+away from its default, which either keeps the kernel with the same values or takes the general path (only the
+options the kernel lacks). On CPU under `TRITON_INTERPRET=1` (subprocess, small shapes); on the GPU when there is
+one (larger shapes). Which calls take the kernel (dtype, autocast, layout, adapters) is also checked in-process."""
 
 import copy
 import textwrap
@@ -48,16 +49,29 @@ CHECK = textwrap.dedent(
             ("big-image", dict(levels=[8, 5, 5, 5], dim=96), (2, 96, 33, 65), True, "dense"),
             ("big-wide", dict(levels=[7, 5, 5, 5, 5], dim=1000, num_codebooks=3), (2, 999, 1000), False, "dense"),
         ]
+    else:  # every config field set away from its default, one at a time (routing and values, either path)
+        base = dict(levels=[8, 5, 5, 5], dim=20)
+        walk = dict(levels=[7, 5, 4], dim=None, num_codebooks=2, keep_num_codebooks_dim=True, scale=2.0,
+                    allowed_dtypes=["float64"], channel_first=True, projection_has_bias=False, return_indices=False,
+                    force_quantization_f32=False, preserve_symmetry=True, noise_dropout=0.5, bound_hard_clamp=True,
+                    orthogonal_rotation=True, check_inputs=True)
+        assert set(walk) == {*hf_vq.FSQConfig.vqp_positional, "check_inputs"}  # (a new field must join the walk)
+        for field, value in walk.items():
+            kwargs = {**base, field: value, **(dict(preserve_symmetry=True) if field == "noise_dropout" else {})}
+            cases.append((f"field {field}", kwargs, (2, 20, 3, 4) if field != "dim" else (2, 4, 3, 4), True,
+                          "dense"))
     g = torch.Generator().manual_seed(0)
     for name, kwargs, shape, channel_first, grad_kind in cases:
         torch.manual_seed(0)
-        m = hf_vq.FSQ(check_inputs=False, **kwargs).to(dev)
+        m = hf_vq.FSQ(**{"check_inputs": False, **kwargs}).to(dev)
         m.requires_grad_(name != "input-only-grad")
         m64 = copy.deepcopy(m).double()
+        if name.startswith("field"):  # (eval mode: noise dropout would make the two calls differ)
+            m.eval(), m64.eval()
         x = (torch.randn(shape, generator=g) * 1.5).to(dev)
         if not channel_first and name != "contiguous-tokens":  # features strided: the transpose of a (d, n) layout
             x = x.transpose(-2, -1).contiguous().transpose(-2, -1)
-        assert m.projects_in_kernel(x, 1 if channel_first else -1) == (name != "contiguous-tokens"), name
+        kernel = m.projects_in_kernel(x, 1 if channel_first else -1)
         input_grad = name != "projections-only-grad"
         xk, x64 = x.clone().requires_grad_(input_grad), x.double().requires_grad_(input_grad)
         res, ref = m(xk), m64(x64)
@@ -82,19 +96,27 @@ CHECK = textwrap.dedent(
             out_err=max(rel(res.quantized, ref.quantized), rel(ev.quantized, ref.quantized)),
             grad_err=max(rel(a, b) for a, b in grads),
             grads_where_expected=all((a is None) == (b is None) for a, b in pairs),
-            n_grads=len(grads))
+            n_grads=len(grads), kernel=kernel)
     print("RESULT" + json.dumps(out))
     """
 )
 
 
+# the config fields whose non-default value takes the general path (the kernel lacks the option, or there are no
+# projections)
+GENERAL_PATH_FIELDS = ("field dim", "field preserve_symmetry", "field noise_dropout", "field orthogonal_rotation")
+
+
 def _check(res, grad_tol):
     for name, r in res.items():
+        assert r["kernel"] == (name not in ("contiguous-tokens", *GENERAL_PATH_FIELDS)), (name, r)
         assert r["layout_ok"] and r["indices_ok"], (name, r)
         assert r["out_err"] <= 1e-5 and r["grad_err"] <= grad_tol, (name, r)
-        expected = 1 if name == "input-only-grad" else 4 if name == "projections-only-grad" else \
-            3 if "nobias" in name else 5
+        expected = 1 if name in ("input-only-grad", "field dim") else 4 if name == "projections-only-grad" else \
+            3 if "nobias" in name or name == "field projection_has_bias" else 5
         assert r["grads_where_expected"] and r["n_grads"] == expected, (name, r)
+    if "tokens" in res:  # (the interpreter run) every field was walked
+        assert sum(name.startswith("field") for name in res) == 15
 
 
 def test_projected_fsq_interpreted_on_cpu():
