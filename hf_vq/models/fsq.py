@@ -199,7 +199,8 @@ class FSQ(QuantizerModel):
             self.project_out = nn.Linear(inner, self.dim, bias=c.projection_has_bias)
         else:
             self.project_in = self.project_out = nn.Identity()
-        # the kernel path with projections: both in the kernel (`ops.triton_fsq_projected`)
+        # whether a call may run both projections inside the FSQ kernel (`ops.triton_fsq_projected`; per call:
+        # `projects_in_kernel`)
         self.projections_in_kernel = (self.kernel_capable and self.has_projections
                                       and inner <= triton_fsq_projected.MAX_CODE_FEATURES)
         if c.orthogonal_rotation:
@@ -317,11 +318,15 @@ class FSQ(QuantizerModel):
             return self._quantize_kernel(rows)
         return self._quantize_ops(rows)
 
+    def _kernel_tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The kernels' `(table, basis)` on `device` (moved there once)."""
+        if self._kernel_table[0].device != device:
+            self._kernel_table = tuple(t.to(device) for t in self._kernel_table)
+        return self._kernel_table
+
     def _quantize_kernel(self, rows: Tensor) -> tuple[Tensor, Tensor | None]:
-        if self._kernel_table[0].device != rows.device:
-            self._kernel_table = tuple(t.to(rows.device) for t in self._kernel_table)
         codes, indices = triton_fsq.fsq_quantize_fused(
-            rows, *self._kernel_table, self.bound_hard_clamp,
+            rows, *self._kernel_tables(rows.device), self.bound_hard_clamp,
             straight_through=rows.requires_grad and torch.is_grad_enabled())
         return codes, indices if self.return_indices else None
 
@@ -369,12 +374,10 @@ class FSQ(QuantizerModel):
 
     def _forward_projected_kernel(self, z: Tensor, channel_first: bool) -> tuple[Tensor, Tensor | None]:
         """Projections and quantization in one pass (`projects_in_kernel`), in `z`'s layout."""
-        if self._kernel_table[0].device != z.device:
-            self._kernel_table = tuple(t.to(z.device) for t in self._kernel_table)
         features = z.flatten(2) if channel_first else z
         out, indices = triton_fsq_projected.projected_fsq(
             features, self.project_in.weight, self.project_in.bias, self.project_out.weight, self.project_out.bias,
-            *self._kernel_table, codebooks=self.num_codebooks, hard_clamp=self.bound_hard_clamp,
+            *self._kernel_tables(z.device), codebooks=self.num_codebooks, hard_clamp=self.bound_hard_clamp,
             channel_first=channel_first)
         if not self.return_indices:
             return out.view(z.shape), None
