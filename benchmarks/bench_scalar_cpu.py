@@ -1,12 +1,13 @@
 """Scalar quantizers (FSQ, LFQ, LatentQuantize, ResidualFSQ, ResidualLFQ) vs vector-quantize-pytorch 1.32 on CPU.
 
     python benchmarks/bench_scalar_cpu.py [--threads 2] [--repeat 7] [--tokens 65536] [--only SUBSTRING ...]
-                                          [--no-check] [--device cpu|cuda]
+                                          [--no-check] [--device cpu|cuda] [--grad sum|random]
 
 Both modules of a row are built with the same config in one process and run on the same input; the table gives
 the median wall time of `--repeat` calls after warm-up (CUDA events on a GPU), the ratio vqp / hf_vq (above 1:
 hf_vq is faster) and, on a GPU, the peak memory above the input. "eval" is one forward under `torch.no_grad()`
-in eval mode; "train" is forward + backward of `quantized.sum()` (plus the aux loss) in train mode.
+in eval mode; "train" is forward + backward of `quantized.sum()` (plus the aux loss) in train mode, or with
+`--grad random` of a fixed random gradient of the output's shape (as a real loss gives).
 hf_vq runs with its default `check_inputs=True` unless `--no-check` is given. `--clock process` times CPU rows
 by the process's CPU time instead of wall time: on a machine shared with other jobs, wall-time medians pick up
 waits for a core, while the CPU time of each call (summed over its threads) stays the work it did.
@@ -132,12 +133,14 @@ def main() -> None:
     parser.add_argument("--modes", nargs="*", default=["eval", "train"])
     parser.add_argument("--clock", choices=("wall", "process"), default="wall")
     parser.add_argument("--lfq-train", action="store_true", help="also time LFQ-family training steps on CPU")
+    parser.add_argument("--grad", choices=("sum", "random"), default="sum",
+                        help="training steps backpropagate quantized.sum() or a fixed random gradient (harness.step)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"# hf_vq {hf_vq.__version__} vs vector-quantize-pytorch 1.32 | torch {torch.__version__} | "
           f"{platform.processor() or platform.machine()} | {device} | threads {torch.get_num_threads()} | "
-          f"median of {args.repeat} | {args.clock} clock | check_inputs={not args.no_check}")
+          f"median of {args.repeat} | {args.clock} clock | check_inputs={not args.no_check} | grad {args.grad}")
     print("| workload | mode | tokens | hf_vq ms | vqp ms | vqp / hf_vq | hf_vq peak GiB | vqp peak GiB |")
     print("|---|---|---|---|---|---|---|---|")
     ratios = []
@@ -158,8 +161,8 @@ def main() -> None:
             tokens = x.numel() // (x.shape[1] if x.ndim != 3 or "LatentQuantize" in case.name else x.shape[-1])
             timer = (lambda fn: _measure_cpu_time(fn, args.repeat)) if args.clock == "process" and \
                 device.type == "cpu" else (lambda fn: measure(fn, device, iters=args.repeat))
-            m_ours = timer(step(ours, x, train, True))
-            m_theirs = timer(step(theirs, x, train, False))
+            m_ours = timer(step(ours, x, train, True, args.grad))
+            m_theirs = timer(step(theirs, x, train, False, args.grad))
             ratio = m_theirs.ms / m_ours.ms if m_ours.ms and m_theirs.ms else None
             ratios.append(ratio)
             gib = lambda m: "—" if m.peak_gib is None else f"{m.peak_gib:.3f}"  # noqa: E731
