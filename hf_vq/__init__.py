@@ -59,3 +59,4 @@ from .models.random_projection import (
     RandomProjectionQuantizerOutput,
 )
 from .models.hierarchical_vq import HierarchicalVQ, HierarchicalVQConfig, HierarchicalVQOutput
+from .models.sequential import Sequential
