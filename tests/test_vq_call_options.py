@@ -1,5 +1,5 @@
-"""VectorQuantize's per-call options of vqp 1.32: `forward(..., topk=k)`, `forward(..., ema_update=False)` and
-`update_ema_indices(...)`: parity with vector-quantize-pytorch 1.32 on shared weights and inputs (outputs, indices,
+"""VectorQuantize's per-call options of vqp 1.32: `forward(..., topk=k)`, `forward(..., ema_update=False)`,
+`forward(..., codebook_transform_fn=f)` and `update_ema_indices(...)`: parity with vector-quantize-pytorch 1.32 on shared weights and inputs (outputs, indices,
 losses, input gradients, and the state after several steps), and errors.
 
 Tolerances: float32 on CPU with the same operations, so the defaults of `torch.testing.assert_close` (1.3e-6
@@ -147,3 +147,58 @@ def test_update_ema_indices_moves_codes_to_their_assigned_rows_and_ignores_minus
         vq.update_ema_indices(x, torch.tensor([[0, 0, 3, 1]]))
     with pytest.raises(ValueError, match="entries"):
         vq.update_ema_indices(x, torch.tensor([[0, 0]]))
+
+
+# codebook_transform_fn: per-token codebooks (h, b, n, K, d) from the codebook (h, K, d)
+TRANSFORM_CASES = {
+    "plain": (dict(dim=8, codebook_size=16), (2, 5, 8), {}),
+    "cosine": (dict(dim=8, codebook_size=16, use_cosine_sim=True), (2, 5, 8), {}),
+    "heads_separate": (dict(dim=8, codebook_size=16, heads=2, separate_codebook_per_head=True), (2, 5, 8), {}),
+    "projection": (dict(dim=8, codebook_size=16, codebook_dim=4, commitment_weight=0.5), (2, 5, 8), {}),
+    "masked": (dict(dim=8, codebook_size=16), (2, 5, 8), dict(mask=MASK)),
+    "image": (dict(dim=8, codebook_size=16, accept_image_fmap=True), (2, 8, 3, 4), {}),
+}
+
+
+def _per_token_transform(shape, seed):
+    """A transform whose codebooks differ per token: each token scales and shifts the codebook."""
+    g = torch.Generator().manual_seed(seed)
+    scale = 1 + 0.5 * torch.rand(*shape, generator=g)
+    shift = 0.1 * torch.randn(*shape, generator=g)
+    return lambda embed: embed[:, None, None] * scale[None, ..., None, None] + shift[None, ..., None, None]
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", sorted(TRANSFORM_CASES))
+def test_codebook_transform_fn_matches_vqp(case, train):
+    kwargs, shape, call = TRANSFORM_CASES[case]
+    ref, ours = _twin(kwargs)
+    ref.train(train), ours.train(train)
+    tokens = (shape[0], shape[2] * shape[3]) if len(shape) == 4 else shape[:2]
+    for step in range(3):
+        transform = _per_token_transform(tokens, step)
+        x = torch.randn(*shape, requires_grad=True)
+        x_ours = x.detach().clone().requires_grad_()
+        q_ref, i_ref, l_ref = ref(x, codebook_transform_fn=transform, **call)
+        q, i, l = ours(x_ours, codebook_transform_fn=transform, return_dict=False, **call)
+        assert torch.equal(i, i_ref)
+        torch.testing.assert_close(q, q_ref)
+        torch.testing.assert_close(l, l_ref)
+        if train:
+            (q_ref.square().sum() + l_ref.sum()).backward()
+            (q.square().sum() + l.sum()).backward()
+            torch.testing.assert_close(x_ours.grad, x.grad)
+    _same_state(ref, ours)  # the EMA updates from the per-token choices agree too
+
+
+def test_codebook_transform_fn_errors():
+    vq = hf_vq.VectorQuantize(dim=8, codebook_size=16)
+    x = torch.randn(2, 5, 8)
+    good = _per_token_transform((2, 5), 0)
+    with pytest.raises(ValueError, match=r"per-token codebooks \(1, 2, 5, 16, 8\), got \(1, 16, 8\)"):
+        vq(x, codebook_transform_fn=lambda embed: embed)
+    with pytest.raises(ValueError, match="does not combine with topk or indices"):
+        vq(x, codebook_transform_fn=good, topk=2)
+    with pytest.raises(ValueError, match="codebook_transform_fn does not support commitment_use_cross_entropy_loss"):
+        hf_vq.VectorQuantize(dim=8, codebook_size=16, commitment_use_cross_entropy_loss=True)(
+            x, codebook_transform_fn=good)

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.estimators import gumbel_noise
 from .codebook import l2norm
+from .vq_transformed import check_options, per_token_rows
 
 MLP_FIELDS = ("dim_hidden", "depth")
 
@@ -32,12 +32,8 @@ def check_mlp_kwargs(mlp_kwargs) -> None:
 
 
 def check_level_options(level_config) -> None:
-    """The level options the implicit codebook levels do not implement (each needs the stored codebook's scores)."""
-    for name in ("commitment_use_cross_entropy_loss", "straight_through"):
-        if getattr(level_config, name):
-            raise ValueError(f"implicit_neural_codebook=True does not support {name}=True")
-    if level_config.codebook_diversity_loss_weight > 0:
-        raise ValueError("implicit_neural_codebook=True does not support codebook_diversity_loss_weight > 0")
+    """The level options the implicit codebook levels do not implement (`vq_transformed.check_options`)."""
+    check_options(level_config, "implicit_neural_codebook=True")
 
 
 class QincoMLP(nn.Module):
@@ -70,9 +66,9 @@ def _level_books(model, level: int, layer, condition: Tensor) -> Tensor:
 
 def _implicit_level(model, level: int, layer, residual: Tensor, condition: Tensor, mask: Tensor | None,
                     temperature: float | None, freeze_codebook: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """One level `> 0` of the residual loop on `residual (b, n, d)` against its per-token codebooks: what vqp
-    1.32's VectorQuantize computes with a `codebook_transform_fn` (nearest code by `pairwise_distance`, or the
-    largest dot product for a cosine codebook; Gumbel sampling in training when configured)."""
+    """One level `> 0` of the residual loop on `residual (b, n, d)` against its per-token codebooks (the level's
+    MLP of its codes, conditioned on the running sum `condition`): what vqp 1.32's VectorQuantize computes with a
+    `codebook_transform_fn` (`vq_transformed.per_token_rows`)."""
     b, n, d = residual.shape
     flat = residual.float().reshape(1, b * n, d)
     flat = l2norm(flat) if layer.use_cosine_sim else flat
@@ -83,19 +79,9 @@ def _implicit_level(model, level: int, layer, residual: Tensor, condition: Tenso
     if layer.affine_param:
         cb.update_affine(flat.detach(), flat_mask, layer.training)
     books = _level_books(model, level, layer, condition).reshape(1, b * n, -1, d)
-    if layer.use_cosine_sim:
-        logits = torch.einsum("hnd,hncd->hnc", flat, books)
-    else:
-        logits = -F.pairwise_distance(flat.unsqueeze(-2), books)
     temperature = layer.sample_codebook_temp if temperature is None else temperature
-    if layer.training and layer.stochastic_sample_codes and temperature > 0:
-        logits = logits / temperature + gumbel_noise(logits)
-    indices = logits.argmax(dim=-1)  # (1, N)
-    codes = books.gather(2, indices[..., None, None].expand(-1, -1, 1, d)).squeeze(2)
-    if layer.training and not freeze_codebook:
-        cb.update(flat.detach(), indices, flat_mask)
-    loss, _ = layer._losses(flat, codes, indices, None, flat_mask, freeze_codebook, b)
-    codes = layer._estimator(flat, codes, residual.requires_grad)
+    codes, indices, loss, _, _ = per_token_rows(layer, flat, books, flat_mask, temperature, freeze_codebook,
+                                                residual.requires_grad, b)
     quantized = codes.reshape(b, n, d).to(residual.dtype)
     indices = indices.reshape(b, n)
     if mask is not None:

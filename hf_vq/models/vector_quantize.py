@@ -43,6 +43,7 @@ from .vq_plan import VQPlan, plan_for, with_state
 from .vq_direct_eval import direct_eval
 from .vq_migration import from_vqp
 from .vq_topk import topk_forward, update_from_indices
+from . import vq_transformed
 
 __all__ = ["Codebook", "LossBreakdown", "VQPlan", "VectorQuantize", "VectorQuantizeConfig", "VectorQuantizeOutput",
            "orthogonal_loss"]
@@ -329,6 +330,7 @@ class VectorQuantize(QuantizerModel):
         return_loss_breakdown: bool = False,
         return_perplexity: bool = True,
         topk: int | None = None,
+        codebook_transform_fn: Callable[[Tensor], Tensor] | None = None,
     ) -> VectorQuantizeOutput | tuple:
         """Quantize `x` (`(b, n, d)`; `(b, d, n)` with `channel_last=False`; `(b, d, h, w)` / `(b, d, t, h, w)`
         with `accept_image_fmap` / `accept_3d_fmap`; `(b, d)` as one token). `mask`/`lens` mark valid
@@ -341,9 +343,13 @@ class VectorQuantize(QuantizerModel):
         tensor `(K,)`/`(heads, K)`, or a function of the batch's `(sums, counts)`); `accum_ema_update` only
         accumulates this batch's statistics, which the next update adds to its own. `return_perplexity=False`
         leaves `perplexity` None (a caller that does not read it, e.g. a residual level, saves its bincount).
-        `topk=k` returns the `k` best codes of every token (a `k` axis after the token axes; see `vq_topk`)."""
+        `topk=k` returns the `k` best codes of every token (a `k` axis after the token axes; see `vq_topk`).
+        `codebook_transform_fn` maps the codebook `(h, K, d)` to per-token codebooks `(h, b, n, K, d)` that the
+        tokens are quantized against (see `vq_transformed`)."""
         if self.check_inputs:
             check_features(x, self.dim, name="x")
+        if codebook_transform_fn is not None:
+            self._check_transform_call(topk, indices)
         if topk is not None:
             return self._topk_forward(x, topk, mask, lens, sample_codebook_temp, freeze_codebook, return_dict,
                                       indices, return_loss_breakdown)
@@ -363,7 +369,8 @@ class VectorQuantize(QuantizerModel):
             raise ValueError(f"mask must be a bool tensor of shape {tuple(tokens.shape[:2])}, got "
                              f"{mask.dtype} {tuple(mask.shape)}")
         b, n = tokens.shape[:2]
-        if not self.training and mask is None and indices is None and self.plan.direct_eval:
+        if (not self.training and mask is None and indices is None and codebook_transform_fn is None
+                and self.plan.direct_eval):
             quantized, indices, usage = direct_eval(self, tokens, return_perplexity)
             zero = torch.zeros((), device=x.device)
             terms = dict(commitment_loss=zero, codebook_diversity_loss=zero, orthogonal_reg_loss=zero)
@@ -383,7 +390,7 @@ class VectorQuantize(QuantizerModel):
             flat = heads_x.float().reshape(H, B * n, -1)
             rows = self._quantize_rows(flat, flat_mask, temperature, freeze_codebook, input_requires_grad, B,
                                        target=target, ema_update=ema_update, ema_update_weight=ema_update_weight,
-                                       accum_ema_update=accum_ema_update)
+                                       accum_ema_update=accum_ema_update, transform=codebook_transform_fn)
             usage = perplexity(rows.indices, self.codebook_size, flat_mask, rows.counts) if return_perplexity else None
 
         if self.heads == 1:
@@ -443,16 +450,23 @@ class VectorQuantize(QuantizerModel):
     def _quantize_rows(self, flat: Tensor, flat_mask: Tensor | None, temperature: float, freeze_codebook: bool,
                        input_requires_grad: bool, batch: int, *, target: Tensor | None = None,
                        ema_update: bool | None = None, ema_update_weight: Tensor | Callable | None = None,
-                       accum_ema_update: bool = False) -> "_Rows":
+                       accum_ema_update: bool = False, transform: Callable[[Tensor], Tensor] | None = None) -> "_Rows":
         """The row-level step of `forward` on `flat (H, N, d)` float32 (cosine: already normalized): initialization,
         in-place optimizer, code choice, codebook update, losses and the gradient estimator. `target (H, N)`:
-        the `indices=` argument's codes (the loss is then their cross-entropy)."""
+        the `indices=` argument's codes (the loss is then their cross-entropy); `transform`: the forward's
+        `codebook_transform_fn` (per-token codebooks, `vq_transformed`)."""
         cb = self._codebook
         if not cb.is_initted():
             cb.init_from_kmeans(flat.detach(), flat_mask)
         if self.affine_param:
             cb.update_affine(flat.detach(), flat_mask, self.training)
         embed = cb.codes()
+        if transform is not None:
+            books = vq_transformed.transformed_books(transform, embed, batch, flat.shape[1] // batch)
+            update = dict(ema_update=ema_update, weight=ema_update_weight, accum=accum_ema_update)
+            codes, code_ids, loss, terms, counts = vq_transformed.per_token_rows(
+                self, flat, books, flat_mask, temperature, freeze_codebook, input_requires_grad, batch, update)
+            return _Rows(codes, code_ids, loss, terms, None, counts)
 
         inplace_loss, counts = None, None
         if self.in_place_codebook_optimizer is not None and self.training and not freeze_codebook:
@@ -481,6 +495,14 @@ class VectorQuantize(QuantizerModel):
             return _Rows(rotated, code_ids, loss, terms, inplace_loss, counts)
         loss, terms = self._losses(flat, codes, code_ids, embed, flat_mask, freeze_codebook, batch)
         return _Rows(self._estimator(flat, codes, input_requires_grad), code_ids, loss, terms, inplace_loss, counts)
+
+    def _check_transform_call(self, topk: int | None, indices: Tensor | None) -> None:
+        """ValueError for what a call with `codebook_transform_fn` does not combine with."""
+        if topk is not None or indices is not None:
+            raise ValueError("codebook_transform_fn does not combine with topk or indices")
+        if self.in_place_codebook_optimizer is not None:
+            raise ValueError("codebook_transform_fn does not support an in-place codebook optimizer")
+        vq_transformed.check_options(self.config, "codebook_transform_fn")
 
     def _indices_to_rows(self, indices: Tensor, b: int, n: int) -> Tensor:
         """Indices in the output layout (`(b, ...)`, heads last) to the internal `(H, B * n)` row layout."""
