@@ -40,6 +40,23 @@ def _same_state(ref, ours):
         torch.testing.assert_close(value, ref_state[key], msg=key)
 
 
+def _call_both(ref, ours, shape, train, **call) -> torch.Tensor:
+    """One call of each on the same input with `call`'s options: equal indices, outputs, losses and (in training)
+    input gradients. Returns hf_vq's indices."""
+    x = torch.randn(*shape, requires_grad=True)
+    x_ours = x.detach().clone().requires_grad_()
+    q_ref, i_ref, l_ref = ref(x, **call)
+    q, i, l = ours(x_ours, return_dict=False, **call)
+    assert torch.equal(i, i_ref)
+    torch.testing.assert_close(q, q_ref)
+    torch.testing.assert_close(l, l_ref)
+    if train:
+        (q_ref.square().sum() + l_ref.sum()).backward()
+        (q.square().sum() + l.sum()).backward()
+        torch.testing.assert_close(x_ours.grad, x.grad)
+    return i
+
+
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("case", sorted(TOPK_CASES))
 def test_topk_matches_vqp(case, train):
@@ -47,17 +64,8 @@ def test_topk_matches_vqp(case, train):
     ref, ours = _twin(kwargs)
     ref.train(train), ours.train(train)
     for _ in range(3):
-        x = torch.randn(*shape, requires_grad=True)
-        x_ours = x.detach().clone().requires_grad_()
-        q_ref, i_ref, l_ref = ref(x, topk=3, **call)
-        q, i, l = ours(x_ours, topk=3, return_dict=False, **call)
-        assert torch.equal(i, i_ref) and i.shape[-1] == min(3, kwargs["codebook_size"])
-        torch.testing.assert_close(q, q_ref)
-        torch.testing.assert_close(l, l_ref)
-        if train:
-            (q_ref.square().sum() + l_ref.sum()).backward()
-            (q.square().sum() + l.sum()).backward()
-            torch.testing.assert_close(x_ours.grad, x.grad)
+        i = _call_both(ref, ours, shape, train, topk=3, **call)
+        assert i.shape[-1] == min(3, kwargs["codebook_size"])
     _same_state(ref, ours)  # a top-k call never updates the codebook
 
 
@@ -176,18 +184,7 @@ def test_codebook_transform_fn_matches_vqp(case, train):
     ref.train(train), ours.train(train)
     tokens = (shape[0], shape[2] * shape[3]) if len(shape) == 4 else shape[:2]
     for step in range(3):
-        transform = _per_token_transform(tokens, step)
-        x = torch.randn(*shape, requires_grad=True)
-        x_ours = x.detach().clone().requires_grad_()
-        q_ref, i_ref, l_ref = ref(x, codebook_transform_fn=transform, **call)
-        q, i, l = ours(x_ours, codebook_transform_fn=transform, return_dict=False, **call)
-        assert torch.equal(i, i_ref)
-        torch.testing.assert_close(q, q_ref)
-        torch.testing.assert_close(l, l_ref)
-        if train:
-            (q_ref.square().sum() + l_ref.sum()).backward()
-            (q.square().sum() + l.sum()).backward()
-            torch.testing.assert_close(x_ours.grad, x.grad)
+        _call_both(ref, ours, shape, train, codebook_transform_fn=_per_token_transform(tokens, step), **call)
     _same_state(ref, ours)  # the EMA updates from the per-token choices agree too
 
 
