@@ -4,6 +4,7 @@ index <-> code round trips, state round trip, errors."""
 import pytest
 import torch
 from transformers import AutoModel
+import vector_quantize_pytorch as vqp
 from vector_quantize_pytorch import ResidualVQ as VqpResidualVQ
 
 import hf_vq
@@ -249,8 +250,6 @@ def test_residual_lfq_one_pass_eval_equals_level_forwards(dtype):
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_grouped_forms_parity_with_vqp(train):
-    import vector_quantize_pytorch as vqp
-
     torch.manual_seed(0)
     ref = vqp.GroupedResidualVQ(dim=16, groups=2, num_quantizers=2, codebook_size=16, decay=0.9)
     ours = hf_vq.GroupedResidualVQ(dim=16, groups=2, num_quantizers=2, codebook_size=16, decay=0.9)
@@ -459,3 +458,24 @@ def test_float_indices_are_refused_not_truncated():
     rvq = hf_vq.ResidualVQ(dim=8, num_quantizers=2, codebook_size=16).eval()
     with pytest.raises(ValueError, match="indices must be an integer tensor, got dtype torch.float32"):
         rvq.get_output_from_indices(torch.full((1, 3, 2), 1.7))
+
+
+@pytest.mark.parametrize("multiple_of", [1, 2])
+@pytest.mark.parametrize("name, kwargs", [("ResidualVQ", dict(codebook_size=32)),
+                                          ("ResidualFSQ", dict(levels=[8, 5, 5, 5])),
+                                          ("ResidualLFQ", dict(codebook_size=2**4))])
+def test_quantize_dropout_fixed_seed_drops_the_levels_vqp_drops(name, kwargs, multiple_of):
+    """`rand_quantize_dropout_fixed_seed` draws the quantize-dropout cutoff as vqp 1.32 does from that seed: the
+    same levels are dropped (indices -1) for every seed; outside training nothing is dropped."""
+    common = dict(dim=16, num_quantizers=6, quantize_dropout=True, quantize_dropout_cutoff_index=1,
+                  quantize_dropout_multiple_of=multiple_of, **kwargs)
+    ours, ref = getattr(hf_vq, name)(**common), getattr(vqp, name)(**common)
+    x = torch.randn(2, 10, 16)
+    kept = set()
+    for seed in range(8):
+        dropped = ours(x, rand_quantize_dropout_fixed_seed=seed).indices == -1
+        ref_dropped = ref(x, rand_quantize_dropout_fixed_seed=seed)[1] == -1
+        assert torch.equal(dropped, ref_dropped), seed
+        kept.add(int((~dropped[0, 0]).sum()))
+    assert len(kept) > 1  # the seeds gave different cutoffs
+    assert not (ours.eval()(x, rand_quantize_dropout_fixed_seed=0).indices == -1).any()

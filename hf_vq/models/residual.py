@@ -243,10 +243,12 @@ class ResidualQuantizerBase(QuantizerModel):
         carries all of them."""
         return False
 
-    def dropout_cutoff(self, device) -> int:
-        """The last level kept this training step; the same on every rank (rank 0's draw is broadcast)."""
-        seed = torch.randint(0, 10_000, (), device=device)
-        distributed.broadcast_(seed)
+    def dropout_cutoff(self, device, seed: int | None = None) -> int:
+        """The last level kept this training step, drawn as vqp 1.32 draws it from `seed`; without a seed, from one
+        drawn on rank 0 and broadcast (the same cutoff on every rank)."""
+        if seed is None:
+            seed = torch.randint(0, 10_000, (), device=device)
+            distributed.broadcast_(seed)
         cutoff = random.Random(int(seed)).randrange(self.quantize_dropout_cutoff_index, self.num_quantizers)
         multiple = self.quantize_dropout_multiple_of
         if multiple != 1:
@@ -304,12 +306,15 @@ class ResidualQuantizerBase(QuantizerModel):
         return_all_codes: bool = False,
         return_dict: bool | None = None,
         dropout_cutoff: int | None = None,
+        rand_quantize_dropout_fixed_seed: int | None = None,
         **level_kwargs,
     ) -> ResidualOutput | tuple:
         """Quantize `x` through all levels. `dropout_cutoff` fixes the quantize-dropout cutoff (grouped forms
-        pass one cutoff to every group)."""
+        pass one cutoff to every group); `rand_quantize_dropout_fixed_seed` draws it from this seed (vqp 1.32)."""
         if self.check_inputs:
             check_features(x, self.dim, name="x")
+        if dropout_cutoff is None and rand_quantize_dropout_fixed_seed is not None and self.uses_dropout():
+            dropout_cutoff = self.dropout_cutoff(x.device, rand_quantize_dropout_fixed_seed)
         layout = TokenLayout.of(x, channel_first=self.channel_first, strided_tokens=True)
         tokens = layout.to_tokens(x)
         if tokens.shape[-1] != self.dim:
