@@ -390,3 +390,21 @@ def test_unit_clamp_matches_clamp_values_and_gradient():
     out.backward(g)
     want.backward(g)
     assert torch.equal(ours.grad, ref.grad)
+
+
+@pytest.mark.parametrize("hard_clamp", [False, True])
+def test_vqp_bound_methods(hard_clamp):
+    """vqp 1.32's public `bound`, `symmetry_preserving_bound` and `maybe_apply_noise` on the same features."""
+    levels = [8, 5, 4, 3]
+    ours, ref = hf_vq.FSQ(levels=levels), RefFSQ(levels=levels)
+    z = torch.randn(4, 30, len(levels)) * 2
+    torch.testing.assert_close(ours.bound(z, hard_clamp=hard_clamp), ref.bound(z, hard_clamp=hard_clamp))
+    torch.testing.assert_close(ours.bound(z, eps=0.1), ref.bound(z, eps=0.1))
+    torch.testing.assert_close(ours.symmetry_preserving_bound(z, hard_clamp=hard_clamp),
+                               ref.symmetry_preserving_bound(z, hard_clamp=hard_clamp))
+    noisy = hf_vq.FSQ(levels=levels, preserve_symmetry=True, noise_dropout=0.5)
+    codes = noisy.quantize(z)
+    assert torch.equal(noisy.eval().maybe_apply_noise(codes), codes)
+    moved = noisy.train().maybe_apply_noise(codes)
+    assert moved.abs().max() <= 1 and 0.3 < (moved != codes).float().mean() < 0.7
+

@@ -281,6 +281,18 @@ class FSQ(QuantizerModel):
         fn = fsq_ops.fsq_quantize_symmetric if self.preserve_symmetry else fsq_ops.fsq_quantize
         return fn(z, self._levels, hard_clamp=self.bound_hard_clamp)
 
+    def bound(self, z: Tensor, eps: float = 1e-3, hard_clamp: bool = False) -> Tensor:
+        """vqp 1.32's `FSQ.bound`: bound, round (straight-through) and renormalize `(..., len(levels))` features."""
+        return fsq_ops.fsq_quantize(z, self._levels, hard_clamp=hard_clamp, eps=eps)
+
+    def symmetry_preserving_bound(self, z: Tensor, hard_clamp: bool = False) -> Tensor:
+        """vqp 1.32's `FSQ.symmetry_preserving_bound` (the quantizer of `preserve_symmetry=True`)."""
+        return fsq_ops.fsq_quantize_symmetric(z, self._levels, hard_clamp=hard_clamp)
+
+    def maybe_apply_noise(self, bounded_z: Tensor) -> Tensor:
+        """vqp 1.32's `FSQ.maybe_apply_noise`: in training, noise dropout of the codes (the identity otherwise)."""
+        return self._noise_dropout(bounded_z) if self.training and self.noise_dropout > 0 else bounded_z
+
     def _noise_dropout(self, codes: Tensor) -> Tensor:
         replace = torch.rand_like(codes) < self.noise_dropout
         return torch.where(replace, codes + torch.rand_like(codes) - 0.5, codes).clamp(-1.0, 1.0)

@@ -303,6 +303,10 @@ class LFQ(QuantizerModel):
             self._bit_values = self._bit_values.to(device)
         return self._bit_values
 
+    def bits_to_codes(self, bits: Tensor) -> Tensor:
+        """vqp 1.32's `LFQ.bits_to_codes`: bits in {0, 1} to codes in {-scale, scale}."""
+        return bits * self.codebook_scale * 2 - self.codebook_scale
+
     def _codes_from_indices(self, indices: Tensor) -> Tensor:
         bits = lfq_ops.bits_of(indices, self.codebook_dim)
         codes = lfq_ops.bits_to_codes(bits, self.codebook_scale)
