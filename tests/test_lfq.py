@@ -338,5 +338,6 @@ def test_per_sample_mask_matches_vqp(shape):
 def test_lfq_bits_to_codes_matches_vqp():
     bits = torch.randint(0, 2, (3, 7, 10)).float()
     for scale in (1.0, 0.5):
-        ours, ref = hf_vq.LFQ(codebook_size=2**10, codebook_scale=scale), RefLFQ(codebook_size=2**10, codebook_scale=scale)
+        ours = hf_vq.LFQ(codebook_size=2**10, codebook_scale=scale)
+        ref = RefLFQ(codebook_size=2**10, codebook_scale=scale)
         assert torch.equal(ours.bits_to_codes(bits), ref.bits_to_codes(bits))

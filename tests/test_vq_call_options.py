@@ -1,6 +1,7 @@
 """VectorQuantize's per-call options of vqp 1.32: `forward(..., topk=k)`, `forward(..., ema_update=False)`,
-`forward(..., codebook_transform_fn=f)` and `update_ema_indices(...)`: parity with vector-quantize-pytorch 1.32 on shared weights and inputs (outputs, indices,
-losses, input gradients, and the state after several steps), and errors.
+`forward(..., codebook_transform_fn=f)` and `update_ema_indices(...)`: parity with vector-quantize-pytorch 1.32 on
+shared weights and inputs (outputs, indices, losses, input gradients, and the state after several steps), and
+errors.
 
 Tolerances: float32 on CPU with the same operations, so the defaults of `torch.testing.assert_close` (1.3e-6
 relative, 1e-5 absolute) hold; indices are compared exactly."""

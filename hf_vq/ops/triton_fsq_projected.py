@@ -122,7 +122,8 @@ if HAS_TRITON:
                         mask=row_mask[:, None] & d_mask[None, :], other=0.0)
             small = rows.to(tl.int64)[:, None] * C + cols[None, :]
             small_mask = row_mask[:, None] & col_mask[None, :]
-            tl.store(grad_codes_ptr + k.to(tl.int64) * n_rows * C + small, tl.dot(g, w, input_precision=PRECISION), mask=small_mask)
+            tl.store(grad_codes_ptr + k.to(tl.int64) * n_rows * C + small, tl.dot(g, w, input_precision=PRECISION),
+                     mask=small_mask)
             if PARAMS:
                 codes = tl.load(codes_ptr + small, mask=small_mask, other=0.0)
                 w_acc = tl.dot(tl.trans(g), codes, w_acc, input_precision=PRECISION)

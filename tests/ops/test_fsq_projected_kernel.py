@@ -4,8 +4,9 @@ of both projections, for channel-first inputs and channel-last ones with strided
 gives the kernel; contiguous rows take nn.Linear's products, checked too), strided gradients (a broadcast gradient,
 a transposed one), several feature widths (one and several feature chunks), codebooks, biases and bounds; and
 every config field set away from its default, which either keeps the kernel with the same values or takes the
-general path (only the options the kernel lacks). On CPU under `TRITON_INTERPRET=1` (subprocess, small shapes); on the GPU when there is
-one (larger shapes). Which calls take the kernel (dtype, autocast, layout, adapters) is also checked in-process."""
+general path (only the options the kernel lacks). On CPU under `TRITON_INTERPRET=1` (subprocess, small shapes);
+on the GPU when there is one (larger shapes). Which calls take the kernel (dtype, autocast, layout, adapters) is
+also checked in-process."""
 
 import copy
 import textwrap
