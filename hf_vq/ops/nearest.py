@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import triton_nearest
+from . import triton_nearest, triton_nearest_op
 from .utils import autocast_off
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -283,7 +283,7 @@ def nearest_code(
                 cbt = cbt[:1]
             sqn_t = _per_code_values(cbt, metric, codebook_sq_norm, code_offset, shared_view)
             if torch.compiler.is_compiling():  # one opaque op in the graph
-                indices, best, codes = triton_nearest.nearest_code_op(x3, cbt, sqn_t, metric, mode, return_codes)
+                indices, best, codes = triton_nearest_op.nearest_code_op(x3, cbt, sqn_t, metric, mode, return_codes)
             else:
                 codes = x3.new_empty(x3.shape, dtype=codebook.dtype) if return_codes else None
                 indices, best = triton_nearest.nearest_code_triton(x3, cbt, sqn_t, metric=metric, mode=mode,

@@ -77,7 +77,7 @@ MODES = ("exact", "rerank", "fast")
 
 def available(x: Tensor) -> bool:
     """Whether `nearest_code` should use the kernel for `x` (any feature dim; under torch.compile through
-    `nearest_code_op`)."""
+    `triton_nearest_op.nearest_code_op`)."""
     return kernel_ok(x, as_custom_op=True)
 
 
@@ -596,22 +596,3 @@ def nearest_code_triton(
         redo_rows(x, cf, codebook_sq_norm.float(), flag.bool(), metric, idx, score, out_codes, stats)
     return idx, score
 
-
-if HAS_TRITON:
-
-    @torch.library.custom_op("hf_vq::nearest_code", mutates_args=())
-    def nearest_code_op(x: Tensor, codebook: Tensor, codebook_sq_norm: Tensor, metric: str, mode: str,
-                        return_codes: bool) -> tuple[Tensor, Tensor, Tensor]:
-        """`nearest_code_triton` as one opaque op for torch.compile (dynamo does not trace into the launch or
-        exact mode's host-side fallback): `(indices, score, codes)`, codes empty unless `return_codes`. Eager calls
-        use `nearest_code_triton` directly (no op dispatch)."""
-        codes = x.new_empty(x.shape if return_codes else (0,), dtype=codebook.dtype)
-        idx, score = nearest_code_triton(x, codebook, codebook_sq_norm, metric=metric, mode=mode,
-                                         out_codes=codes if return_codes else None)
-        return idx, score, codes
-
-    @nearest_code_op.register_fake
-    def _nearest_code_op_shapes(x, codebook, codebook_sq_norm, metric, mode, return_codes):
-        H, N, _ = x.shape
-        codes = x.new_empty(x.shape if return_codes else (0,), dtype=codebook.dtype)
-        return x.new_empty((H, N), dtype=torch.long), x.new_empty((H, N), dtype=torch.float32), codes
