@@ -237,6 +237,48 @@ def test_mean_code_probs_memory_is_sublinear_in_codes():
     torch.testing.assert_close(avg[0, idx], direct, rtol=1e-4, atol=1e-12)
 
 
+@pytest.mark.parametrize("codebooks,rows", [(1, 2048 * 3), (2, 2048 * 2 + 37), (3, 100)])
+def test_row_chunked_gram_equals_float64_product(codebooks, rows):
+    # one chunk, several chunks with a remainder, and several without: values and both gradients
+    a = torch.rand(codebooks, rows, 16, requires_grad=True)
+    b = torch.rand(codebooks, rows, 8, requires_grad=True)
+    a64, b64 = (t.detach().double().requires_grad_() for t in (a, b))
+    got, ref = ops.row_chunked_gram(a, b), torch.einsum("cna,cnb->cab", a64, b64)
+    assert got.shape == (codebooks, 16, 8)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=0)
+    weight = torch.randn(codebooks, 16, 8, dtype=torch.float64)
+    (got * weight.float()).sum().backward()
+    (ref * weight).sum().backward()
+    torch.testing.assert_close(a.grad.double(), a64.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.grad.double(), b64.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n,frac", [(16, 0.5), (1000, 0.25), (4099, 0.1)])
+def test_sample_fraction_rows_by_rank_equal_the_argsort_mask(n, frac):
+    # the device route (ranks of the first draws, gathered by index) keeps the rows of CogVideo sgm's mask
+    draws, keep = torch.randn(n), int(n * frac)
+    by_mask = (draws.argsort(dim=-1) < keep).nonzero().squeeze(1)
+    by_rank = ops.kept_positions(draws, keep)
+    assert by_rank.shape == (keep,)
+    assert torch.equal(by_rank.sort().values, by_mask)
+    tokens = torch.randn(n, 3)
+    torch.manual_seed(5)
+    sampled = ops.sample_fraction(tokens, frac)
+    torch.manual_seed(5)
+    assert torch.equal(sampled, tokens[torch.randn(n).argsort(dim=-1) < keep])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sample_fraction_on_cuda_keeps_the_cpu_rows():
+    tokens = torch.randn(5000, 4)
+    torch.manual_seed(2)
+    cpu = ops.sample_fraction(tokens, 0.3)
+    torch.manual_seed(2)
+    gpu = ops.sample_fraction(tokens.cuda(), 0.3).cpu()
+    order = lambda t: t[t[:, 0].argsort()]  # noqa: E731 (the same rows in any order)
+    assert torch.equal(order(gpu), order(cpu))
+
+
 def test_factorized_codebook_entropy_formula():
     x = torch.randn(50, 2, 6)
     logits = ops.bit_logits(x, 0.5, 1.0)

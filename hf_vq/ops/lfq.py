@@ -148,9 +148,32 @@ def _mean_code_probs(log_probs: Tensor, selections: tuple[Tensor, Tensor] | None
     hi_bits = nbits // 2
     if selections is None:
         selections = code_selections(nbits, log_probs.device)
-    p_hi = _code_probability_table(log_probs[:, :, :hi_bits], selections[0])  # (N, c, 2**H)
-    p_lo = _code_probability_table(log_probs[:, :, hi_bits:], selections[1])  # (N, c, 2**L)
-    return torch.bmm(p_hi.permute(1, 2, 0), p_lo.transpose(0, 1)).flatten(1) / n
+    codebook_major = log_probs.transpose(0, 1)  # (c, N, C, 2): each codebook's rows contiguous in the tables
+    p_hi = _code_probability_table(codebook_major[:, :, :hi_bits], selections[0])  # (c, N, 2**H)
+    p_lo = _code_probability_table(codebook_major[:, :, hi_bits:], selections[1])  # (c, N, 2**L)
+    return row_chunked_gram(p_hi, p_lo).flatten(1) / n
+
+
+GRAM_CHUNK_ROWS = 2048  # rows per partial product of `row_chunked_gram`
+
+
+def row_chunked_gram(a: Tensor, b: Tensor) -> Tensor:
+    """`a^T b` per batch entry: `(c, N, A)` and `(c, N, B)` -> `(c, A, B)`, summed over the N rows.
+
+    A product whose inner dim is the whole batch (2^16 and more rows) and whose output is small (the code tables'
+    16-128 columns) gets few tiles and a serial reduction in cuBLAS; as partial products over chunks of
+    `GRAM_CHUNK_ROWS` rows (free views of the contiguous rows) it is one batched GEMM of many tiles and a sum."""
+    c, n, _ = a.shape
+    chunks = n // GRAM_CHUNK_ROWS
+    if chunks < 2:
+        return torch.bmm(a.transpose(1, 2), b)
+    head = chunks * GRAM_CHUNK_ROWS
+    part_a = a[:, :head].reshape(c * chunks, GRAM_CHUNK_ROWS, a.shape[-1])
+    part_b = b[:, :head].reshape(c * chunks, GRAM_CHUNK_ROWS, b.shape[-1])
+    gram = torch.bmm(part_a.transpose(1, 2), part_b).view(c, chunks, a.shape[-1], b.shape[-1]).sum(1)
+    if head < n:
+        gram = gram + torch.bmm(a[:, head:].transpose(1, 2), b[:, head:])
+    return gram
 
 
 def mean_code_probs(logits: Tensor, selections: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -185,9 +208,22 @@ def factorized_codebook_entropy(logits: Tensor, eps: float = ENTROPY_EPS) -> Ten
 
 
 def sample_fraction(tokens: Tensor, frac: float) -> Tensor:
-    """A random `int(N * frac)` subset of the `(N, ...)` rows (CogVideo sgm's `argsort` of random numbers)."""
+    """A random `int(N * frac)` subset of the `(N, ...)` rows: CogVideo sgm's and vqp 1.32's draw, the rows at the
+    positions `p` where `argsort(randn(N))[p] < int(N * frac)`, from the CPU generator (the same rows as theirs
+    for the same seed, up to the order of tied draws).
+
+    Off the CPU the sort runs on the tokens' device and the rows are gathered by index, in any order (the
+    entropies average over them): the kept positions are the ranks of the first `int(N * frac)` draws. That
+    costs no host sort (tens of ms at 2^18 rows) and no device sync (a boolean mask's row count)."""
     if frac >= 1.0:
         return tokens
     n = tokens.shape[0]
-    keep = torch.randn(n).argsort(dim=-1) < int(n * frac)
-    return tokens[keep.to(tokens.device)]
+    keep, draws = int(n * frac), torch.randn(n)
+    if tokens.device.type == "cpu":
+        return tokens[draws.argsort(dim=-1) < keep]
+    return tokens.index_select(0, kept_positions(draws.to(tokens.device), keep))
+
+
+def kept_positions(draws: Tensor, keep: int) -> Tensor:
+    """The positions `p` with `argsort(draws)[p] < keep`, in no particular order: the ranks of `draws[:keep]`."""
+    return draws.argsort().argsort()[:keep]
