@@ -3,6 +3,7 @@
     python benchmarks/bench_vs_vqp.py [--quick] [--only SUBSTRING ...] [--repeat N] [--grad sum|random]
                                       [--out RESULTS_TABLE.md]
     python benchmarks/bench_vs_vqp.py --matrix [...the same options]   # the configuration grid
+    python benchmarks/bench_vs_vqp.py --options [...the same options]  # one option at a time, scalar variants
 
 Training steps backpropagate `quantized.sum()` (plus the aux loss) by default; `--grad random` a fixed random
 gradient of the output's shape instead, as a real loss gives (the sum's gradient is one value broadcast to every
@@ -11,7 +12,10 @@ element, which `nn.Linear`'s backward copies before its products in both librari
 `--matrix` runs the grid of `vqp_matrix.py` (feature dims 4..2048, codebook sizes 256..2^17, heads, projections,
 cosine, channel-first image/video, bf16 input, residual and grouped classes, every scalar quantizer; eval and
 train) and the first-call times of `first_call.py` (fresh processes, empty then warm Triton cache), and prints one
-table with the speedups and the worst one.
+table with the speedups and the worst one. `--options` runs `vqp_matrix.option_specs()` the same way: the options
+a user turns on (k-means init, dead-code expiry, learnable codebook, orthogonal regularization, stochastic sampling,
+affine codebook, cosine, straight-through, cross-entropy commitment, diversity loss, `(b, d, n)` input, ...) one at
+a time on a VQ d256 K1024 baseline, more feature dims, SimVQ, and scalar and residual variants the grid leaves out.
 
 Every row builds both modules with the same config, copies vqp's state into hf_vq where both hold state,
 runs the same input, and reports the median time (CUDA events) and the peak memory above the inputs. On
@@ -314,13 +318,15 @@ def _triton_version() -> str:
     return triton.__version__
 
 
-def _run_matrix(device, quick: bool, only: list[str] | None, out: str | None, repeat: int) -> None:
+def _run_matrix(device, quick: bool, only: list[str] | None, out: str | None, repeat: int,
+                options: bool = False) -> None:
     import first_call
     import vqp_matrix
 
-    results = vqp_matrix.run_matrix(device, quick, _measure_pair, only, repeat)
+    rows = vqp_matrix.option_specs() if options else None
+    results = vqp_matrix.run_matrix(device, quick, _measure_pair, only, repeat, rows)
     first_calls = []
-    if device.type == "cuda" and not only:
+    if device.type == "cuda" and not only and not options:
         for name in ("VectorQuantize d256 K8192", "VectorQuantize d1024 K4096", "ResidualVQ 8x1024 d128",
                      "FSQ [8,8,8,5,5,5]"):
             first_calls.append((name, *first_call.cold_and_warm(name)))
@@ -340,6 +346,9 @@ def main():
     parser.add_argument("--only", nargs="*", default=None, help="run the rows whose name contains one of these")
     parser.add_argument("--out", default=None, help="also write the table (with a header) to this file")
     parser.add_argument("--matrix", action="store_true", help="the configuration grid (vqp_matrix.py) and first calls")
+    parser.add_argument("--options", action="store_true",
+                        help="the option rows (vqp_matrix.option_specs: one option at a time on a VQ baseline, and "
+                             "scalar and residual variants), as a grid")
     parser.add_argument("--repeat", type=int, default=1,
                         help="measure each row this many times, hf_vq and vqp alternating, and report the medians")
     parser.add_argument("--grad", choices=("sum", "random"), default="sum",
@@ -349,8 +358,8 @@ def main():
     global GRAD
     GRAD = args.grad
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.matrix:
-        _run_matrix(device, args.quick or device.type == "cpu", args.only, args.out, args.repeat)
+    if args.matrix or args.options:
+        _run_matrix(device, args.quick or device.type == "cpu", args.only, args.out, args.repeat, args.options)
         return
     rows = run_rows(device, args.quick or device.type == "cpu", args.only, args.repeat)
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"

@@ -35,7 +35,7 @@ class Spec:
 
 
 def _vq(name, shape=(16, 4096, 256), bf16=False, **kw) -> Spec:
-    channel_first = "accept_image_fmap" in kw or "accept_3d_fmap" in kw
+    channel_first = "accept_image_fmap" in kw or "accept_3d_fmap" in kw or kw.get("channel_last") is False
     return Spec(name, "VectorQuantize", dict(decay=0.99, **kw), shape, bf16, channel_first)
 
 
@@ -88,6 +88,59 @@ def specs() -> list[Spec]:
     return rows
 
 
+def option_specs() -> list[Spec]:
+    """`--options`: the options a user turns on, one at a time, on a VQ d256 K1024 baseline (2^16 tokens), and
+    scalar and residual variants at 2^18 tokens that the grid leaves out."""
+    base, n18 = (16, 4096, 256), (64, 4096)
+
+    def vq(name, shape=base, **kw):
+        return _vq(name, shape, **{"dim": 256, "codebook_size": 1024, **kw})
+
+    return [
+        vq("VQ d256 K1024 (baseline)"),
+        vq("VQ k-means init", kmeans_init=True),
+        vq("VQ dead-code expiry 2", threshold_ema_dead_code=2),
+        vq("VQ learnable codebook, no EMA", learnable_codebook=True, ema_update=False),
+        vq("VQ orthogonal regularization", orthogonal_reg_weight=1.0),
+        vq("VQ stochastic sampling", stochastic_sample_codes=True, sample_codebook_temp=1.0),
+        vq("VQ affine codebook", affine_param=True),
+        vq("VQ cosine d256 K1024", use_cosine_sim=True),
+        vq("VQ straight-through (no rotation trick)", rotation_trick=False),
+        vq("VQ cross-entropy commitment", commitment_use_cross_entropy_loss=True),
+        vq("VQ codebook diversity loss", codebook_diversity_loss_weight=1.0),
+        vq("VQ (b, d, n) input", (16, 256, 4096), channel_last=False),
+        vq("VQ heads=2 separate codebook_dim 64", heads=2, separate_codebook_per_head=True, codebook_dim=64),
+        vq("VQ frozen codebook", freeze_codebook=True),
+        vq("VQ bf16 input cosine", bf16=True, use_cosine_sim=True),
+        vq("VQ d16 K65536", (16, 4096, 16), dim=16, codebook_size=65536),
+        vq("VQ d64 K4096", (16, 4096, 64), dim=64, codebook_size=4096),
+        vq("VQ d128 K2048 N=2^17", (32, 4096, 128), dim=128, codebook_size=2048),
+        vq("VQ d384 K8192", (16, 4096, 384), dim=384, codebook_size=8192),
+        vq("VQ d1536 K512", (16, 4096, 1536), dim=1536, codebook_size=512),
+        Spec("ResidualVQ shared codebook 4x1024 d256, quantize dropout", "ResidualVQ",
+             dict(dim=256, num_quantizers=4, codebook_size=1024, shared_codebook=True, quantize_dropout=True), base),
+        Spec("ResidualVQ 4x1024 d256 codebook_dim 64", "ResidualVQ",
+             dict(dim=256, num_quantizers=4, codebook_size=1024, codebook_dim=64), base),
+        Spec("SimVQ d256 K1024", "SimVQ", dict(dim=256, codebook_size=1024), base),
+        Spec("ResidualSimVQ 4 x K1024 d256", "ResidualSimVQ", dict(dim=256, num_quantizers=4, codebook_size=1024),
+             base),
+        Spec("LFQ 2^16 codes N=2^16", "LFQ", dict(codebook_size=2**16, dim=16, entropy_loss_weight=0.1),
+             (16, 4096, 16)),
+        Spec("LFQ spherical 2^10 N=2^18", "LFQ", dict(codebook_size=2**10, dim=10, spherical=True), (*n18, 10)),
+        Spec("LFQ 2 codebooks of 2^8 N=2^18", "LFQ", dict(codebook_size=2**8, dim=16, num_codebooks=2), (*n18, 16)),
+        Spec("LFQ frac_per_sample_entropy 0.25 N=2^18", "LFQ",
+             dict(codebook_size=2**12, dim=12, frac_per_sample_entropy=0.25), (*n18, 12)),
+        Spec("FSQ [8,5,5,5] 2 codebooks dim 128 N=2^18", "FSQ", dict(levels=[8, 5, 5, 5], dim=128, num_codebooks=2),
+             (*n18, 128)),
+        Spec("LatentQuantize [5,5,5,5] no projections N=2^18", "LatentQuantize", dict(levels=[5, 5, 5, 5], dim=4),
+             (64, 4, 4096), channel_first=True, ours_extra=dict(channel_first=True)),
+        Spec("ResidualFSQ 4 x [8,5,5,5] no projections N=2^18", "ResidualFSQ",
+             dict(levels=[8, 5, 5, 5], num_quantizers=4, dim=4), (*n18, 4)),
+        Spec("ResidualLFQ 4 x 2^10 no projections N=2^18", "ResidualLFQ",
+             dict(codebook_size=2**10, num_quantizers=4, dim=10), (*n18, 10)),
+    ]
+
+
 def _shrink(spec: Spec) -> Spec:
     """A CPU-sized version of a row: 256 tokens, dims and codebooks divided down."""
     kw = dict(spec.kwargs)
@@ -128,11 +181,11 @@ def build(spec: Spec, device) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 def run_matrix(device, quick: bool, measure_pair: Callable, only: list[str] | None = None,
-               repeat: int = 1) -> list[dict]:
-    """Measure every row (eval and train; `repeat` times each, as `measure_pair` combines them); print each as it
-    finishes; return the rows as dicts."""
+               repeat: int = 1, rows: list[Spec] | None = None) -> list[dict]:
+    """Measure every row of `rows` (default: the grid, `specs()`) in eval and train (`repeat` times each, as
+    `measure_pair` combines them); print each as it finishes; return the rows as dicts."""
     results = []
-    for spec in specs():
+    for spec in specs() if rows is None else rows:
         if only and not any(part in spec.name for part in only):
             continue
         spec = _shrink(spec) if quick else spec
