@@ -1,5 +1,9 @@
 """Running a kernel check script in a fresh process: under Triton's CPU interpreter, or compiled for the GPU. A
-script prints `RESULT` and a JSON object of its measurements, which the test then asserts on."""
+script prints `RESULT` and a JSON object of its measurements, which the test then asserts on.
+
+A script with many cases can run as shards (`run_sharded`): processes started together, each given
+`sys.argv[2:4] = (shard, shards)` and taking the cases `SHARD_PREAMBLE`'s `mine()` gives it. A check's time is
+mostly the compilation (or the interpretation) of kernel variants, which runs in parallel across processes."""
 
 from __future__ import annotations
 
@@ -40,6 +44,27 @@ def check_result(proc: subprocess.Popen) -> dict:
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0 and "RESULT" in stdout, stderr[-4000:]
     return json.loads(stdout.split("RESULT", 1)[1])
+
+
+SHARD_PREAMBLE = """
+import itertools, sys
+shard, shards = (int(sys.argv[2]), int(sys.argv[3])) if len(sys.argv) > 3 else (0, 1)
+_turn = itertools.count()
+def mine():
+    # whether the next case (in the script's fixed order) is this shard's; call once per case
+    return next(_turn) % shards == shard
+"""
+
+
+def run_sharded(script: str, dev: str, shards: int, *, env: dict) -> dict:
+    """`script` (which starts with `SHARD_PREAMBLE`) as `shards` processes at once, their results merged."""
+    procs = [start_check(script, dev, str(i), str(shards), env=env) for i in range(shards)]
+    res = {}
+    for proc in procs:
+        part = check_result(proc)
+        assert not res.keys() & part.keys(), "two shards ran the same case"
+        res.update(part)
+    return res
 
 
 def run_check(script: str, *args: str, env: dict) -> dict:

@@ -5,22 +5,28 @@ one (larger shapes, half-precision inputs)."""
 import textwrap
 
 import pytest
-from kernel_checks import gpu_env, interpreter_env, needs_gpu, run_check
+from kernel_checks import SHARD_PREAMBLE, gpu_env, interpreter_env, needs_gpu, run_sharded
 
-FSQ_CHECK = textwrap.dedent(
+FSQ_CHECK = SHARD_PREAMBLE + textwrap.dedent(
     """
-    import json, sys, torch
+    import json, torch
     import hf_vq
     dev = sys.argv[1]
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator()
     out = {}
     dtypes = [torch.float32] + ([torch.bfloat16, torch.float16] if dev == "cuda" else [])
     sizes = (4099, 1000, 33) if dev == "cuda" else (61, 9)  # (later sizes: the compiled kernel's direct launch)
+    # every dtype for the first level set, one each (in turn) for the others: each (levels, dtype) pair is a
+    # compiled kernel variant, the interpreter covers every level set's logic
     cases = [(levels, hard, ncb, dt, n, offset)
-             for levels, hard, ncb in (([8, 8, 8, 5, 5, 5], False, 1), ([7, 5, 4], True, 1), ([3, 6, 9, 4], False, 2),
-                                       ([5], False, 1))
-             for dt in dtypes for n in sizes for offset in ((0, 1) if n == sizes[-1] else (0,))]
-    for levels, hard, ncb, dt, n, offset in cases:
+             for i, (levels, hard, ncb) in enumerate((([8, 8, 8, 5, 5, 5], False, 1), ([7, 5, 4], True, 1),
+                                                       ([3, 6, 9, 4], False, 2), ([5], False, 1)))
+             for dt in (dtypes if i == 0 else [dtypes[i % len(dtypes)]])
+             for n in sizes for offset in ((0, 1) if n == sizes[-1] else (0,))]
+    for case_no, (levels, hard, ncb, dt, n, offset) in enumerate(cases):
+        if not mine():
+            continue
+        g.manual_seed(case_no)
         m = hf_vq.FSQ(levels=levels, bound_hard_clamp=hard, num_codebooks=ncb, check_inputs=False).to(dev)
         width = len(levels) * ncb
         # offset: z starts one element into its buffer (a pointer Triton must not treat as 16-byte aligned)
@@ -49,7 +55,10 @@ FSQ_CHECK = textwrap.dedent(
     import os
     rel = lambda a, b: float((a - b).abs().max() / (b.abs().max() + 1e-12))
     for name, dim in (("projected-image", 12), ("image", None)):
+        if not mine():
+            continue
         torch.manual_seed(0)
+        g.manual_seed(0)
         m = hf_vq.FSQ(levels=[8, 5, 5, 5], dim=dim, check_inputs=False).to(dev)
         m.projections_in_kernel = False
         z = (torch.randn(2, dim or 4, 5, 7, generator=g) * 2).to(dev)
@@ -77,6 +86,9 @@ FSQ_CHECK = textwrap.dedent(
         for level in levels:
             size *= level
         for n in sizes:
+            if not mine():
+                continue
+            g.manual_seed(n)
             x = torch.tanh(torch.randn(3, n, len(levels), generator=g) * 2).to(dev) * 1.2
             xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
             ref, ref_idx = fsq_ops.residual_fsq(xa, scales, table, basis, size, hard_clamp=hard)
@@ -104,10 +116,10 @@ def _check(res, grad_tol):
 
 def test_fused_fsq_interpreted_on_cpu():
     pytest.importorskip("triton")
-    _check(run_check(FSQ_CHECK, "cpu", env=interpreter_env()), 1e-5)
+    _check(run_sharded(FSQ_CHECK, "cpu", 2, env=interpreter_env()), 1e-5)
 
 
 @needs_gpu
 def test_fused_fsq_on_gpu():
     pytest.importorskip("triton")
-    _check(run_check(FSQ_CHECK, "cuda", env=gpu_env()), 1e-2)  # half-precision gradients: rounding order
+    _check(run_sharded(FSQ_CHECK, "cuda", 4, env=gpu_env()), 1e-2)  # half-precision gradients: rounding order

@@ -5,14 +5,7 @@ import textwrap
 
 import pytest
 import torch
-from kernel_checks import (
-    check_result,
-    gpu_env,
-    interpreter_env,
-    needs_gpu,
-    run_check,
-    start_check,
-)
+from kernel_checks import gpu_env, interpreter_env, needs_gpu, run_check, run_sharded
 
 from hf_vq.ops.nearest import code_scores, iter_score_chunks, nearest_code, sq_norm
 
@@ -427,10 +420,4 @@ def test_triton_kernel_interpreted_on_cpu():
 @needs_gpu
 def test_triton_kernel_on_gpu():
     pytest.importorskip("triton")
-    # the cases in 3 processes at once: the test's time is compilation, which parallelizes across processes
-    shards = 3
-    procs = [start_check(KERNEL_CHECK, "cuda", str(i), str(shards), env=gpu_env()) for i in range(shards)]
-    res = {}
-    for proc in procs:
-        res.update(check_result(proc))
-    _check_kernel_results(res)
+    _check_kernel_results(run_sharded(KERNEL_CHECK, "cuda", 3, env=gpu_env()))
