@@ -9,7 +9,7 @@ import os
 import textwrap
 
 import pytest
-from kernel_checks import gpu_env, interpreter_env, needs_gpu, run_check
+from kernel_checks import SHARD_PREAMBLE, gpu_env, interpreter_env, needs_gpu, run_check, run_sharded
 
 CHECK = textwrap.dedent(
     """
@@ -34,7 +34,7 @@ CHECK = textwrap.dedent(
     print("RESULT" + json.dumps(out))
     """
 )
-TRAIN_CHECK = textwrap.dedent(
+TRAIN_CHECK = SHARD_PREAMBLE + textwrap.dedent(
     """
     import copy, json, sys, torch
     from hf_vq import ResidualVQ
@@ -116,6 +116,8 @@ TRAIN_CHECK = textwrap.dedent(
                    cosine=dict(use_cosine_sim=True))
     out = {}
     for name, kw in configs.items():
+        if not mine():
+            continue
         torch.manual_seed(0)
         model = ResidualVQ(dim=dim, num_quantizers=levels, codebook_size=size, decay=0.9, **kw).to(dev).train()
         xs = torch.randn(3, 2, n // 2, dim, device=dev)
@@ -126,7 +128,7 @@ TRAIN_CHECK = textwrap.dedent(
     print("RESULT" + json.dumps(out))
     """
 )
-GROUPED_CHECK = textwrap.dedent(
+GROUPED_CHECK = SHARD_PREAMBLE + textwrap.dedent(
     """
     import copy, json, sys, torch
     import hf_vq
@@ -167,6 +169,8 @@ GROUPED_CHECK = textwrap.dedent(
                    image=dict(accept_image_fmap=True))
     out = {}
     for name, kw in configs.items():
+        if not mine():
+            continue
         torch.manual_seed(0)
         model = hf_vq.GroupedResidualVQ(dim=dim, groups=2, num_quantizers=levels, codebook_size=size, decay=0.9,
                                         **kw).to(dev)
@@ -192,7 +196,9 @@ GROUPED_CHECK = textwrap.dedent(
     """
 )
 def _run(dev, env, check=CHECK):
-    res = run_check(check, dev, env=env)
+    # the training checks' configurations as shards (processes at once: compilation or interpretation dominates)
+    res = run_check(check, dev, env=env) if check is CHECK else run_sharded(check, dev, 3 if dev == "cuda" else 2,
+                                                                            env=env)
     if check is CHECK:
         assert all(res.values()), res
     return res
