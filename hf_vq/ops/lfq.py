@@ -210,7 +210,7 @@ def factorized_codebook_entropy(logits: Tensor, eps: float = ENTROPY_EPS) -> Ten
 def sample_fraction(tokens: Tensor, frac: float) -> Tensor:
     """A random `int(N * frac)` subset of the `(N, ...)` rows: CogVideo sgm's and vqp 1.32's draw, the rows at the
     positions `p` where `argsort(randn(N))[p] < int(N * frac)`, from the CPU generator (the same rows as theirs
-    for the same seed, up to the order of tied draws).
+    for the same generator state, up to the order of tied draws).
 
     Off the CPU the sort runs on the tokens' device and the rows are gathered by index, in any order (the
     entropies average over them): the kept positions are the ranks of the first `int(N * frac)` draws. That
