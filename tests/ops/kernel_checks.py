@@ -2,8 +2,9 @@
 script prints `RESULT` and a JSON object of its measurements, which the test then asserts on.
 
 A script with many cases can run as shards (`run_sharded`): processes started together, each given
-`sys.argv[2:4] = (shard, shards)` and taking the cases `SHARD_PREAMBLE`'s `mine()` gives it. A check's time is
-mostly the compilation (or the interpretation) of kernel variants, which runs in parallel across processes."""
+`sys.argv[2:4] = (shard, shards)` (parsed by `SHARD_PREAMBLE` into `shard` and `shards`) and taking the cases
+its `mine()` gives it (or choosing by `shard` itself). A check's time is mostly the compilation (or the
+interpretation) of kernel variants, which runs in parallel across processes."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 import torch
-from kernel_checks import gpu_env, interpreter_env, needs_gpu, run_check, run_sharded
+from kernel_checks import SHARD_PREAMBLE, gpu_env, interpreter_env, needs_gpu, run_check, run_sharded
 
 from hf_vq.ops.nearest import code_scores, iter_score_chunks, nearest_code, sq_norm
 
@@ -229,13 +229,12 @@ def test_launch_config_covers_every_dim_and_codebook_size():
 
 
 # ---------------------------------------------------------------- Triton kernel vs the PyTorch reference
-KERNEL_CHECK = textwrap.dedent(
+KERNEL_CHECK = SHARD_PREAMBLE + textwrap.dedent(
     """
     import json, sys, torch
     from hf_vq.ops import triton_nearest as tn
     from hf_vq.ops.nearest import _nearest_torch, sq_norm
     dev = sys.argv[1]
-    shard, shards = (int(sys.argv[2]), int(sys.argv[3])) if len(sys.argv) > 3 else (0, 1)  # this process's cases
     g = torch.Generator().manual_seed(0)
     out = {}
     BOTH, BF16 = ("bf16", "tf32"), ("bf16",)
