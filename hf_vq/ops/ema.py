@@ -6,6 +6,8 @@ Never an N x K one-hot: memory is O(N + K*D).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -97,13 +99,13 @@ def require_finite(stats: Tensor, what: str) -> None:
     """Raise `ValueError` when `stats` (a state update's batch statistics: per-code sums, a k-means sample, affine
     moments) hold NaN or Inf, so the caller can stop before writing them into any buffer. One host read of a
     small tensor; inside a compiled graph an assert op instead (it raises when it runs, before the update).
-    Eagerly the sum is read first: a finite sum means every entry is finite (a NaN or Inf entry makes the sum NaN
-    or Inf), without the entry-wise temporaries; only a non-finite sum (a bad value, or finite values that
-    overflow when summed) pays for the entry-wise check."""
+    Eagerly the sum is read first, as a host float (one reduction and one read: no device-side `isfinite`
+    ops): a finite sum means every entry is finite (a NaN or Inf entry makes the sum NaN or Inf); only a
+    non-finite sum (a bad value, or finite values that overflow when summed) pays for the entry-wise check."""
     message = f"the batch had NaN or Inf values ({what}); the codebook state was not updated"
     if torch.compiler.is_compiling():
         torch._assert_async(torch.isfinite(stats).all(), message)
-    elif not bool(torch.isfinite(stats.sum())) and not bool(torch.isfinite(stats).all()):
+    elif not math.isfinite(stats.sum().item()) and not bool(torch.isfinite(stats).all()):
         raise ValueError(message)
 
 
