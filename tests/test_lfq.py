@@ -383,3 +383,5 @@ def test_lfq_bits_to_codes_matches_vqp():
         ours = hf_vq.LFQ(codebook_size=2**10, codebook_scale=scale)
         ref = RefLFQ(codebook_size=2**10, codebook_scale=scale)
         assert torch.equal(ours.bits_to_codes(bits), ref.bits_to_codes(bits))
+        half = ours.bits_to_codes(bits.bfloat16())  # vqp keeps the bits' dtype
+        assert half.dtype == torch.bfloat16 and torch.equal(half, ref.bits_to_codes(bits.bfloat16()))

@@ -305,7 +305,7 @@ class LFQ(QuantizerModel):
 
     def bits_to_codes(self, bits: Tensor) -> Tensor:
         """vqp 1.32's `LFQ.bits_to_codes`: bits in {0, 1} to codes in {-scale, scale}."""
-        return bits * self.codebook_scale * 2 - self.codebook_scale
+        return lfq_ops.bits_to_codes(bits, self.codebook_scale)
 
     def _codes_from_indices(self, indices: Tensor) -> Tensor:
         bits = lfq_ops.bits_of(indices, self.codebook_dim)

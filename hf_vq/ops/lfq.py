@@ -29,8 +29,8 @@ def bits_of(indices: Tensor, codebook_dim: int) -> Tensor:
 
 
 def bits_to_codes(bits: Tensor, scale: float) -> Tensor:
-    """Bits to codes in `{-scale, scale}`."""
-    return bits.float() * (2 * scale) - scale
+    """Bits to codes in `{-scale, scale}` (float32 for bool or integer bits, else in the bits' dtype)."""
+    return (bits if bits.is_floating_point() else bits.float()) * (2 * scale) - scale
 
 
 def codes_to_indices(codes: Tensor) -> Tensor:
