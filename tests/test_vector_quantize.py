@@ -374,6 +374,41 @@ def test_training_step_on_gpu_matches_cpu(kind, monkeypatch):
         torch.testing.assert_close(u.cpu().float(), t.float(), atol=1e-5, rtol=1e-5, msg=name)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["vq", "vq_cosine", "residual", "dead_codes"])
+def test_non_finite_training_batch_on_gpu(kind):
+    """On a GPU a plain training step does not wait to read its statistics' finiteness: a NaN batch leaves every
+    buffer as it was (the device skips the update) and the ValueError comes at the next training step, which does
+    not update either; the step after it trains. With dead-code expiry (which reads the host anyway) it raises at
+    once."""
+    kw = dict(dim=16, codebook_size=32, use_cosine_sim=kind == "vq_cosine")
+    if kind == "dead_codes":
+        kw.update(threshold_ema_dead_code=0.5)
+    model = (hf_vq.ResidualVQ(num_quantizers=2, **kw) if kind == "residual" else hf_vq.VectorQuantize(**kw)).cuda()
+    model.train()
+
+    def batch(bad=False):
+        x = torch.randn(2, 64, 16, device="cuda")
+        if bad:
+            x[1, 5, 3] = float("nan")
+        return x.requires_grad_()
+
+    model(batch())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    if kind == "dead_codes":
+        with pytest.raises(ValueError, match="the batch had NaN or Inf values .* was not updated"):
+            model(batch(bad=True))
+    else:
+        model(batch(bad=True))
+        with pytest.raises(ValueError, match="an earlier training step's batch had NaN or Inf values"):
+            model(batch())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    model(batch())
+    assert not torch.equal(model.state_dict()[next(k for k in before if k.endswith("embed_avg"))],
+                           before[next(k for k in before if k.endswith("embed_avg"))])
+
+
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("kwargs", [dict(), dict(heads=2), dict(heads=2, separate_codebook_per_head=True)],
                          ids=["one_head", "shared_heads", "separate_heads"])

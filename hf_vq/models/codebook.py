@@ -7,8 +7,12 @@ buffers (`batch_mean`, `batch_variance`, `codebook_mean`, `codebook_variance`, e
 
 An update is split into two steps so a caller with several codebooks (residual levels, groups) can sum-reduce
 all their statistics in one collective: `batch_stats` computes this rank's per-code counts and sums,
-`apply_stats` writes reduced statistics into the state. Non-finite statistics are refused before anything is
-written (`ops.ema.require_finite`), whatever the model's `check_inputs` says.
+`apply_stats` writes reduced statistics into the state. Non-finite statistics never reach the state, whatever the
+model's `check_inputs` says: a plain step (EMA codebook, no dead-code expiry, no per-code weights or accumulation)
+applies its update on the device only where the statistics are finite (`ops.ema.finite_flag`) and raises the
+`ValueError` without waiting for the GPU: at once on the CPU, at the codebook's next update on a GPU
+(`ops.ema.report_finite`); any other update reads the flag first and raises before writing anything
+(`ops.ema.require_all_finite`).
 
 Such a caller opens `deferred_updates(codebooks)` around its levels: each codebook's `update` then only records
 its batch statistics, and on exit `apply_updates` sums all of them across processes in one all-reduce, applies
@@ -29,6 +33,7 @@ from ..ops import ema as ema_ops
 from ..ops import kmeans as kmeans_ops
 
 AFFINE_BUFFERS = ("batch_mean", "batch_variance", "codebook_mean", "codebook_variance")
+_STATS = "codebook EMA statistics"  # what a non-finite-statistics error names
 
 
 class CodebookStats(NamedTuple):
@@ -85,6 +90,8 @@ class Codebook(nn.Module):
         self.pending_stats: CodebookStats | None = None
         # the `DeferredUpdates` of the step in progress when an owner (residual levels, groups) collects updates
         self.deferred: DeferredUpdates | None = None
+        # the finiteness of the last plain update's statistics, not yet read on the host (GPU; see `apply_updates`)
+        self.pending_check: ema_ops.PendingCheck | None = None
 
         shape = (self.num_codebooks, self.codebook_size, self.codebook_dim)
         if c.kmeans_init:
@@ -287,9 +294,8 @@ class Codebook(nn.Module):
     @torch.no_grad()
     def update_embed_from_ema(self) -> None:
         """`embed <- embed_avg / smoothed cluster_size` (l2-normalized for the cosine codebook)."""
-        ema_ops.codebooks_from_ema_([self.cluster_size], [self.embed_avg], [self.embed.data], self.eps)
-        if self.use_cosine_sim:
-            self.embed.data.copy_(l2norm(self.embed.data))
+        ema_ops.codebooks_from_ema_([self.cluster_size], [self.embed_avg], [self.embed.data], self.eps,
+                                    normalize=self.use_cosine_sim)
 
     def expired(self) -> Tensor:
         """`(H, K)` bool: codes whose EMA count is below the threshold. The same on every rank without a
@@ -338,19 +344,25 @@ class _Replacement(NamedTuple):
 
 @torch.no_grad()
 @torch.compiler.disable
-def expire_dead_codes(expiries: list[_Expiry]) -> None:
+def expire_dead_codes(expiries: list[_Expiry], finite: Tensor | None = None) -> None:
     """Dead-code expiry of several codebooks with one host read (how many codes expired and how many rows each
-    rank holds, per codebook and head). Where codes expired, their replacement rows are drawn as one process
-    would from the concatenation of every rank's rows (rank 0's random state), and only they travel: one
-    broadcast of the drawn positions and one all-reduce of the chosen rows, for all codebooks together."""
+    rank holds, per codebook and head, and the 0-dim bool `finite` of the step's statistics when given: False
+    raises the ValueError before any code is replaced). Where codes expired, their replacement rows are drawn as
+    one process would from the concatenation of every rank's rows (rank 0's random state), and only they travel:
+    one broadcast of the drawn positions and one all-reduce of the chosen rows, for all codebooks together."""
     expiries = [e for e in expiries if e.codebook.threshold_ema_dead_code > 0]
     if not expiries:
         return
     syncs = [e.codebook.syncs_samples() for e in expiries]
     expiries = _with_rank_rows(expiries, syncs)
     expired = [e.codebook.expired() for e in expiries]
-    table = torch.cat([torch.cat([dead.sum(dim=-1, dtype=torch.float32).unsqueeze(-1), e.rank_rows], dim=-1)
-                       for e, dead in zip(expiries, expired)]).long().tolist()  # the one host read
+    parts = [torch.cat([dead.sum(dim=-1, dtype=torch.float32).unsqueeze(-1), e.rank_rows], dim=-1)
+             for e, dead in zip(expiries, expired)]
+    if finite is not None:
+        parts.append(finite.float().expand(1, parts[0].shape[-1]))
+    table = torch.cat(parts).long().tolist()  # the one host read
+    if finite is not None and not table.pop()[0]:
+        raise ValueError(ema_ops.refusal(_STATS))
     plans, row = [], 0
     for e, dead, sync in zip(expiries, expired, syncs):
         info, row = table[row : row + dead.shape[0]], row + dead.shape[0]
@@ -482,16 +494,29 @@ def deferred_updates(codebooks: list[Codebook], enabled: bool = True) -> Iterato
 def apply_updates(updates: list[StatsUpdate]) -> None:
     """Apply recorded codebook updates: the statistics of every syncing codebook summed over ranks in one
     all-reduce (with the row counts dead-code sampling needs), one finiteness check for all, the EMA steps (one
-    multi-tensor update for codebooks of one kind), then dead-code expiry with one host read for all codebooks."""
+    multi-tensor update for codebooks of one kind), then dead-code expiry with one host read for all codebooks.
+
+    When every update is plain (`_plain`), the step does not wait for the GPU to learn whether the statistics are
+    finite: the device applies the EMA steps only where they are, and the host reads that flag with dead-code
+    expiry's table (raising before any code is replaced), or else at the codebooks' next update (on the CPU at
+    once). Otherwise the flag is read first, and non-finite statistics raise before any write."""
     if not updates:
         return
+    _raise_pending_checks(updates)
     reduced, rank_rows = _reduce(updates)
-    ema_ops.require_all_finite([stats.sums for stats in reduced], "codebook EMA statistics")
-    applied = _apply_all(updates, reduced)
+    sums = [stats.sums for stats in reduced]
+    finite = ema_ops.finite_flag(sums) if all(_plain(u) for u in updates) else None
+    if finite is None:
+        ema_ops.require_all_finite(sums, _STATS)
+    applied = _apply_all(updates, reduced, finite)
     expiries = [_Expiry(u.codebook, u.flat, u.mask, rows) for u, rows, done in zip(updates, rank_rows, applied)
                 if done and u.codebook.threshold_ema_dead_code > 0]
     if expiries:  # (eager: a compiled step without dead-code expiry stays one graph)
-        expire_dead_codes(expiries)
+        expire_dead_codes(expiries, finite)
+    elif finite is not None:
+        check = ema_ops.report_finite(finite, _STATS)
+        for u in updates:
+            u.codebook.pending_check = check
 
 
 def _reduce(updates: list[StatsUpdate]) -> tuple[list[CodebookStats], list[Tensor | None]]:
@@ -518,15 +543,28 @@ def _reduce(updates: list[StatsUpdate]) -> tuple[list[CodebookStats], list[Tenso
     return reduced, rank_rows
 
 
-def _apply_all(updates: list[StatsUpdate], reduced: list[CodebookStats]) -> list[bool]:
-    """Each update's EMA step; plain ones (no weight, no accumulation, EMA codebook) batched per codebook kind.
-    Returns which updates wrote the state."""
+def _raise_pending_checks(updates: list[StatsUpdate]) -> None:
+    """Raise the `ValueError` of an earlier plain update whose statistics were not finite (read once)."""
+    for u in updates:
+        check, u.codebook.pending_check = u.codebook.pending_check, None
+        if check is not None:
+            check.raise_if_failed()
+
+
+def _plain(u: StatsUpdate) -> bool:
+    """An EMA step with the codebook from the EMA: no per-code weight, no accumulation (these batch together)."""
+    cb = u.codebook
+    return u.weight is None and not u.accum and cb.pending_stats is None and u.ema_update and not cb.manual_ema_update
+
+
+def _apply_all(updates: list[StatsUpdate], reduced: list[CodebookStats], finite: Tensor | None = None) -> list[bool]:
+    """Each update's EMA step; plain ones batched per codebook kind (and guarded by the 0-dim bool `finite` when
+    given: only plain updates may come with it). Returns which updates wrote the state."""
     groups: dict[tuple, list[int]] = {}
     applied = [False] * len(updates)
     for i, (u, stats) in enumerate(zip(updates, reduced)):
         cb = u.codebook
-        if (u.weight is None and not u.accum and cb.pending_stats is None and u.ema_update
-                and not cb.manual_ema_update):
+        if _plain(u):
             key = (cb.decay, cb.eps, cb.use_cosine_sim, tuple(cb.embed.shape), cb.embed.dtype, cb.embed.device)
             groups.setdefault(key, []).append(i)
         else:
@@ -535,10 +573,9 @@ def _apply_all(updates: list[StatsUpdate], reduced: list[CodebookStats]) -> list
         books = [updates[i].codebook for i in ids]
         sizes, avgs = [cb.cluster_size for cb in books], [cb.embed_avg for cb in books]
         ema_ops.ema_update_((*sizes, *avgs), (*(reduced[i].counts for i in ids), *(reduced[i].sums for i in ids)),
-                            books[0].decay)
-        ema_ops.codebooks_from_ema_(sizes, avgs, [cb.embed.data for cb in books], books[0].eps)
-        for i, cb in zip(ids, books):
-            if cb.use_cosine_sim:
-                cb.embed.data.copy_(l2norm(cb.embed.data))
+                            books[0].decay, finite=finite)
+        ema_ops.codebooks_from_ema_(sizes, avgs, [cb.embed.data for cb in books], books[0].eps,
+                                    normalize=books[0].use_cosine_sim, finite=finite)
+        for i in ids:
             applied[i] = True
     return applied

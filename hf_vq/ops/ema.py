@@ -6,11 +6,9 @@ Never an N x K one-hot: memory is O(N + K*D).
 
 from __future__ import annotations
 
-import math
-
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-
 
 
 def code_counts(flat: Tensor, num_bins: int, weights: Tensor | None = None) -> Tensor:
@@ -62,13 +60,17 @@ def cluster_stats(x: Tensor, indices: Tensor, num_codes: int, mask: Tensor | Non
 
 
 def ema_update_(moving: Tensor | tuple[Tensor, ...], new: Tensor | tuple[Tensor, ...], decay: float,
-                weight: Tensor | None = None) -> None:
+                weight: Tensor | None = None, finite: Tensor | None = None) -> None:
     """`moving <- decay * moving + (1 - decay) * new`, in place (lerp, as vector-quantize-pytorch); tuples update
     several buffers at once (one multi-tensor kernel on CUDA, the same lerp arithmetic).
 
-    `weight` (`(K,)` or `(H, K)`) scales the step per code, as vqp's `ema_update_weight`."""
+    `weight` (`(K,)` or `(H, K)`) scales the step per code, as vqp's `ema_update_weight`. `finite` (a 0-dim bool
+    tensor, `finite_flag` of the statistics): where it is False every buffer keeps its value exactly (the step
+    moves each buffer towards itself), decided on the device."""
     moving = (moving,) if isinstance(moving, Tensor) else tuple(moving)
     new = tuple(n.to(m) for n, m in zip((new,) if isinstance(new, Tensor) else new, moving))
+    if finite is not None:
+        new = tuple(torch.where(finite, n, m) for n, m in zip(new, moving))
     if weight is None:
         torch._foreach_lerp_(moving, new, 1.0 - decay)
         return
@@ -78,14 +80,20 @@ def ema_update_(moving: Tensor | tuple[Tensor, ...], new: Tensor | tuple[Tensor,
 
 
 def codebooks_from_ema_(cluster_sizes: list[Tensor], embed_avgs: list[Tensor], embeds: list[Tensor],
-                        eps: float) -> None:
+                        eps: float, *, normalize: bool = False, finite: Tensor | None = None) -> None:
     """`embed <- embed_avg / smoothed cluster size` for several codebooks at once (each `(H, K)` sizes, `(H, K, d)`
     averages and codebooks, all of one shape), with vqp's Laplace smoothing `(c + eps) / (sum c + K eps) * sum c`
-    of the sizes."""
+    of the sizes; `normalize`: each code then l2-normalized (the cosine codebook). Where the 0-dim bool `finite`
+    is False the codebooks keep their values (see `ema_update_`)."""
     sizes = torch.stack(cluster_sizes) if len(cluster_sizes) > 1 else cluster_sizes[0].unsqueeze(0)
     total = sizes.sum(dim=-1, keepdim=True)
     smoothed = (laplace_smoothing(sizes, sizes.shape[-1], eps, total) * total).unsqueeze(-1)
-    torch._foreach_copy_(embeds, torch._foreach_div(embed_avgs, list(smoothed.unbind(0))))
+    new = torch._foreach_div(embed_avgs, list(smoothed.unbind(0)))
+    if normalize:
+        new = [F.normalize(n, p=2, dim=-1, eps=1e-6) for n in new]
+    if finite is not None:
+        new = [torch.where(finite, n, e) for n, e in zip(new, embeds)]
+    torch._foreach_copy_(embeds, new)
 
 
 def laplace_smoothing(counts: Tensor, num_codes: int, eps: float, total: Tensor | None = None) -> Tensor:
@@ -95,23 +103,69 @@ def laplace_smoothing(counts: Tensor, num_codes: int, eps: float, total: Tensor 
     return (counts + eps) / (total + num_codes * eps)
 
 
+def refusal(what: str) -> str:
+    """The message of the `ValueError` for non-finite statistics `what`, raised before they reach any state."""
+    return f"the batch had NaN or Inf values ({what}); the codebook state was not updated"
+
+
 def require_finite(stats: Tensor, what: str) -> None:
-    """Raise `ValueError` when `stats` (a state update's batch statistics: per-code sums, a k-means sample, affine
-    moments) hold NaN or Inf, so the caller can stop before writing them into any buffer. One host read of a
-    small tensor; inside a compiled graph an assert op instead (it raises when it runs, before the update).
-    Eagerly the sum is read first, as a host float (one reduction and one read: no device-side `isfinite`
-    ops): a finite sum means every entry is finite (a NaN or Inf entry makes the sum NaN or Inf); only a
-    non-finite sum (a bad value, or finite values that overflow when summed) pays for the entry-wise check."""
-    message = f"the batch had NaN or Inf values ({what}); the codebook state was not updated"
-    if torch.compiler.is_compiling():
-        torch._assert_async(torch.isfinite(stats).all(), message)
-    elif not math.isfinite(stats.sum().item()) and not bool(torch.isfinite(stats).all()):
-        raise ValueError(message)
+    """`require_all_finite([stats], what)`."""
+    require_all_finite([stats], what)
 
 
 def require_all_finite(stats: list[Tensor], what: str) -> None:
-    """`require_finite` for several tensors with one host read."""
+    """Raise `ValueError` when a tensor of `stats` (a state update's batch statistics: per-code sums, a k-means
+    sample, affine moments) holds NaN or Inf, so the caller can stop before writing them into any buffer: one host
+    read of `finite_flag`; inside a compiled graph an assert op instead (it raises when it runs)."""
+    finite = finite_flag(stats)
+    if torch.compiler.is_compiling():
+        torch._assert_async(finite, refusal(what))
+    elif not bool(finite):
+        raise ValueError(refusal(what))
+
+
+def finite_flag(stats: list[Tensor]) -> Tensor:
+    """0-dim bool tensor, on the statistics' device: whether every entry of every tensor in `stats` is finite (the
+    largest absolute entry is: NaN propagates through the max, and a max cannot overflow). No host read."""
+    filled = [t for t in stats if t.numel()]  # (an empty tensor has no max; it has no bad entry either)
+    if not filled:
+        return torch.ones((), dtype=torch.bool, device=stats[0].device)
+    stats = filled
     if len(stats) == 1:
-        require_finite(stats[0], what)
-    elif stats:
-        require_finite(torch.stack([torch.isfinite(s).all() for s in stats]).float(), what)
+        return torch.isfinite(torch.linalg.vector_norm(stats[0], float("inf")))
+    return torch.isfinite(torch.stack(torch._foreach_norm(stats, float("inf")))).all()
+
+
+class PendingCheck:
+    """A `finite_flag` on the GPU, on its way to the host: copied to pinned memory without waiting for it, read by
+    `raise_if_failed` (which waits only if the copy has not landed yet, then raises once for a False flag)."""
+
+    def __init__(self, finite: Tensor, what: str):
+        self.flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        self.flag.copy_(finite, non_blocking=True)
+        self.landed = torch.cuda.Event()
+        self.landed.record()
+        self.what, self.read = what, False
+
+    def raise_if_failed(self) -> None:
+        if self.read:
+            return
+        self.landed.synchronize()
+        self.read = True
+        if not bool(self.flag):
+            raise ValueError(f"an earlier training step's batch had NaN or Inf values ({self.what}); the codebook "
+                             "state was not updated by it")
+
+
+def report_finite(finite: Tensor, what: str) -> PendingCheck | None:
+    """Tell the host about `finite` (`finite_flag` of statistics whose update the device guarded with it): on the
+    CPU a `ValueError` now when it is False; on a GPU a `PendingCheck` to read at the next update, so the step does
+    not wait for the GPU; inside a compiled graph an assert op."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(finite, refusal(what))
+        return None
+    if finite.is_cuda:
+        return PendingCheck(finite, what)
+    if not bool(finite):
+        raise ValueError(refusal(what))
+    return None

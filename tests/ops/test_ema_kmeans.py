@@ -123,6 +123,52 @@ def test_require_finite_refuses_any_non_finite_entry(bad):
         ema.require_finite(stats, "sums")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_finite_flag_is_false_for_any_bad_entry_of_any_tensor(bad):
+    stats = [torch.randn(16, 4), torch.randn(8), torch.full((3, 2), 3e38), torch.empty(0, 4)]
+    assert ema.finite_flag(stats).dtype == torch.bool and bool(ema.finite_flag(stats))
+    assert bool(ema.finite_flag([torch.empty(0)]))  # nothing to refuse
+    for i in range(3):
+        broken = [t.clone() for t in stats]
+        broken[i].view(-1)[-1] = bad
+        assert not bool(ema.finite_flag(broken)) and not bool(ema.finite_flag([broken[i]]))
+
+
+@pytest.mark.parametrize("finite", [True, False])
+def test_guarded_ema_step_writes_only_finite_statistics(finite):
+    """With `finite` True the guarded step equals the plain one; with False every buffer keeps its exact value
+    (decided on the device: no host read of the flag)."""
+    g = torch.Generator().manual_seed(0)
+    sizes, avgs = torch.rand(2, 16, generator=g) * 5, torch.randn(2, 16, 4, generator=g)
+    embeds = torch.randn(2, 16, 4, generator=g)
+    counts, sums = torch.rand(2, 16, generator=g), torch.randn(2, 16, 4, generator=g)
+    if not finite:
+        sums[1, 3, 2] = float("nan")
+    flag = ema.finite_flag([sums])
+    assert bool(flag) == finite
+    for normalize in (False, True):
+        got = [t.clone() for t in (sizes, avgs, embeds)]
+        ema.ema_update_(got[:2], (counts, sums), 0.9, finite=flag)
+        ema.codebooks_from_ema_([got[0]], [got[1]], [got[2]], 1e-5, normalize=normalize, finite=flag)
+        if not finite:
+            for g_, t in zip(got, (sizes, avgs, embeds)):
+                assert torch.equal(g_, t)
+            continue
+        want = [t.clone() for t in (sizes, avgs, embeds)]
+        ema.ema_update_(want[:2], (counts, sums), 0.9)
+        ema.codebooks_from_ema_([want[0]], [want[1]], [want[2]], 1e-5)
+        if normalize:
+            want[2] = torch.nn.functional.normalize(want[2], dim=-1, eps=1e-6)
+        for g_, w in zip(got, want):
+            assert torch.equal(g_, w)
+
+
+def test_report_finite_raises_at_once_on_the_cpu():
+    assert ema.report_finite(torch.tensor(True), "sums") is None
+    with pytest.raises(ValueError, match=r"NaN or Inf values \(sums\); the codebook state was not updated"):
+        ema.report_finite(torch.tensor(False), "sums")
+
+
 def test_require_finite_accepts_finite_values_whose_sum_overflows():
     stats = torch.full((4, 2), 3e38)  # every entry finite, the float32 sum is inf
     assert not torch.isfinite(stats.sum())
