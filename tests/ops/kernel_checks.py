@@ -20,9 +20,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-# shards of a GPU check: its time is kernel compilation, CPU work, so one process per core (at most 8)
-GPU_SHARDS = max(1, min(8, os.cpu_count() or 1))
-
 
 def interpreter_env() -> dict:
     """The kernels run by Triton's CPU interpreter."""
@@ -68,7 +65,6 @@ def run_sharded(script: str, dev: str, shards: int, *, env: dict) -> dict:
         part = check_result(proc)
         assert not res.keys() & part.keys(), "two shards ran the same case"
         res.update(part)
-    assert res, "no shard ran a case"
     return res
 
 

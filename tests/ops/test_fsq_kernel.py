@@ -5,7 +5,7 @@ one (larger shapes, half-precision inputs)."""
 import textwrap
 
 import pytest
-from kernel_checks import GPU_SHARDS, SHARD_PREAMBLE, gpu_env, interpreter_env, needs_gpu, run_sharded
+from kernel_checks import SHARD_PREAMBLE, gpu_env, interpreter_env, needs_gpu, run_sharded
 
 FSQ_CHECK = SHARD_PREAMBLE + textwrap.dedent(
     """
@@ -122,4 +122,4 @@ def test_fused_fsq_interpreted_on_cpu():
 @needs_gpu
 def test_fused_fsq_on_gpu():
     pytest.importorskip("triton")
-    _check(run_sharded(FSQ_CHECK, "cuda", GPU_SHARDS, env=gpu_env()), 1e-2)  # half-precision gradients: rounding order
+    _check(run_sharded(FSQ_CHECK, "cuda", 4, env=gpu_env()), 1e-2)  # half-precision gradients: rounding order

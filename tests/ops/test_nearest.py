@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 import torch
-from kernel_checks import GPU_SHARDS, SHARD_PREAMBLE, gpu_env, interpreter_env, needs_gpu, run_check, run_sharded
+from kernel_checks import SHARD_PREAMBLE, gpu_env, interpreter_env, needs_gpu, run_check, run_sharded
 
 from hf_vq.ops.nearest import code_scores, iter_score_chunks, nearest_code, sq_norm
 
@@ -419,4 +419,4 @@ def test_triton_kernel_interpreted_on_cpu():
 @needs_gpu
 def test_triton_kernel_on_gpu():
     pytest.importorskip("triton")
-    _check_kernel_results(run_sharded(KERNEL_CHECK, "cuda", GPU_SHARDS, env=gpu_env()))
+    _check_kernel_results(run_sharded(KERNEL_CHECK, "cuda", 3, env=gpu_env()))

@@ -6,7 +6,7 @@ codes is the output projection of the codes (values and gradients); its Triton k
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_checks import GPU_SHARDS, SHARD_PREAMBLE, gpu_env, interpreter_env, needs_gpu, run_check, run_sharded
+from kernel_checks import gpu_env, interpreter_env, needs_gpu, run_check
 
 from hf_vq.ops import projected
 from hf_vq.ops.nearest import nearest_code
@@ -91,15 +91,13 @@ def test_folding_pays_below_the_row_count():
     assert not projected.folding_pays(rows=1024, codebook_size=1024)
 
 
-LOOKUP_CHECK = SHARD_PREAMBLE + """
+LOOKUP_CHECK = """
 import json, sys, torch
 from hf_vq.ops import projected, triton_projected
 dev = sys.argv[1]
 g = torch.Generator().manual_seed(0)
 out = {}
 for heads, k, d, n, bias in ((1, 7, 5, 33, True), (3, 9, 20, 50, False), (8, 64, 300, 257, True)):
-    if not mine():
-        continue
     table = torch.randn(heads * k, d, generator=g).to(dev)
     ids = torch.randint(0, k, (heads, n), generator=g).to(dev)
     b = torch.randn(d, generator=g).to(dev) if bias else None
@@ -126,4 +124,4 @@ def test_lookup_sum_kernel_interpreted_on_cpu():
 @needs_gpu
 def test_lookup_sum_kernel_on_gpu():
     pytest.importorskip("triton")
-    _assert_lookup(run_sharded(LOOKUP_CHECK, "cuda", GPU_SHARDS, env=gpu_env()))
+    _assert_lookup(run_check(LOOKUP_CHECK, "cuda", env=gpu_env()))

@@ -9,9 +9,9 @@ import os
 import textwrap
 
 import pytest
-from kernel_checks import GPU_SHARDS, SHARD_PREAMBLE, gpu_env, interpreter_env, needs_gpu, run_check, run_sharded
+from kernel_checks import SHARD_PREAMBLE, gpu_env, interpreter_env, needs_gpu, run_check, run_sharded
 
-CHECK = SHARD_PREAMBLE + textwrap.dedent(
+CHECK = textwrap.dedent(
     """
     import json, sys, torch
     from hf_vq.ops.triton_residual import residual_step_
@@ -22,8 +22,6 @@ CHECK = SHARD_PREAMBLE + textwrap.dedent(
         shapes += [(1, 131073, 128, 1024), (4, 4099, 256, 8192)]
     out = {}
     for groups, n, d, k in shapes:
-        if not mine():
-            continue
         for dt in (torch.float32, torch.bfloat16):
             r = torch.randn(groups, n, d, generator=g).to(dev, dt)
             o = torch.randn(groups, n, d, generator=g).to(dev, dt)
@@ -197,15 +195,10 @@ GROUPED_CHECK = SHARD_PREAMBLE + textwrap.dedent(
     print("RESULT" + json.dumps(out))
     """
 )
-
-
 def _run(dev, env, check=CHECK):
-    # the checks' cases as shards (processes at once: compilation or interpretation dominates); on the CPU the
-    # residual step's check runs as one process (its interpretation is quick)
-    if dev == "cuda":
-        res = run_sharded(check, dev, GPU_SHARDS, env=env)
-    else:
-        res = run_check(check, dev, env=env) if check is CHECK else run_sharded(check, dev, 2, env=env)
+    # the training checks' configurations as shards (processes at once: compilation or interpretation dominates)
+    res = run_check(check, dev, env=env) if check is CHECK else run_sharded(check, dev, 3 if dev == "cuda" else 2,
+                                                                            env=env)
     if check is CHECK:
         assert all(res.values()), res
     return res

@@ -4,7 +4,7 @@ value and gradient to `x`, none to the codes; with the commitment loss from the 
 import textwrap
 
 import pytest
-from kernel_checks import GPU_SHARDS, SHARD_PREAMBLE, gpu_env, interpreter_env, needs_gpu, run_sharded
+from kernel_checks import SHARD_PREAMBLE, gpu_env, interpreter_env, needs_gpu, run_sharded
 
 ROT_CHECK = SHARD_PREAMBLE + textwrap.dedent(
     """
@@ -70,4 +70,4 @@ def test_fused_rotation_interpreted_on_cpu():
 @needs_gpu
 def test_fused_rotation_on_gpu():
     pytest.importorskip("triton")
-    _check(run_sharded(ROT_CHECK, "cuda", GPU_SHARDS, env=gpu_env()))
+    _check(run_sharded(ROT_CHECK, "cuda", 3, env=gpu_env()))
