@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 import torch
@@ -6,6 +7,23 @@ import torch
 # No test may reach the internet: the Hub is not reachable here, and nothing should try.
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "kernel_check(script, shards): a GPU kernel check that this test runs as "
+                            "shards (tests/ops/kernel_checks.py: gpu_check)")
+
+
+def pytest_collection_finish(session):
+    """On a GPU machine, start every selected GPU kernel check's processes at once: their time is the import of
+    hf_vq and kernel compilation, CPU work that runs in parallel; each test then collects its own results."""
+    checks = sys.modules.get("kernel_checks")
+    if checks is None or not torch.cuda.is_available():
+        return
+    for item in session.items:
+        marker = item.get_closest_marker("kernel_check")
+        if marker is not None:
+            checks.start_sharded(*marker.args[:1], "cuda", *marker.args[1:], env=checks.gpu_env())
 
 
 @pytest.fixture(autouse=True)

@@ -57,9 +57,31 @@ def mine():
 """
 
 
+# shards started ahead of their test (`start_sharded`), by (script, device, shards)
+_STARTED: dict[tuple[str, str, int], list[subprocess.Popen]] = {}
+
+
+def gpu_check(script: str, shards: int = 1):
+    """Mark a test that runs `script` on the GPU as `shards` processes (`run_sharded(script, "cuda", shards, ...)`):
+    skipped without a GPU; with one, tests/conftest.py starts every selected check's processes when collection
+    ends, so all of them import and compile at once instead of test after test."""
+    def mark(test):
+        return needs_gpu(pytest.mark.kernel_check(script, shards)(test))
+    return mark
+
+
+def start_sharded(script: str, dev: str, shards: int, *, env: dict) -> None:
+    """Start `script`'s `shards` processes now; the `run_sharded` call with the same arguments collects them."""
+    key = (script, dev, shards)
+    if key not in _STARTED:
+        _STARTED[key] = [start_check(script, dev, str(i), str(shards), env=env) for i in range(shards)]
+
+
 def run_sharded(script: str, dev: str, shards: int, *, env: dict) -> dict:
-    """`script` (which starts with `SHARD_PREAMBLE`) as `shards` processes at once, their results merged."""
-    procs = [start_check(script, dev, str(i), str(shards), env=env) for i in range(shards)]
+    """`script` (which starts with `SHARD_PREAMBLE`, or has one case) as `shards` processes at once (started
+    earlier by `start_sharded`, or now), their results merged."""
+    start_sharded(script, dev, shards, env=env)
+    procs = _STARTED.pop((script, dev, shards))
     res = {}
     for proc in procs:
         part = check_result(proc)
@@ -68,6 +90,6 @@ def run_sharded(script: str, dev: str, shards: int, *, env: dict) -> dict:
     return res
 
 
-def run_check(script: str, *args: str, env: dict) -> dict:
-    """`check_result` of `script` run with `args` in `env`."""
-    return check_result(start_check(script, *args, env=env))
+def run_check(script: str, dev: str, *, env: dict) -> dict:
+    """`check_result` of `script` run on `dev` in `env`, as one process."""
+    return run_sharded(script, dev, 1, env=env)

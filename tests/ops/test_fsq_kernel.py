@@ -5,7 +5,7 @@ one (larger shapes, half-precision inputs)."""
 import textwrap
 
 import pytest
-from kernel_checks import SHARD_PREAMBLE, gpu_env, interpreter_env, needs_gpu, run_sharded
+from kernel_checks import SHARD_PREAMBLE, gpu_check, gpu_env, interpreter_env, run_sharded
 
 FSQ_CHECK = SHARD_PREAMBLE + textwrap.dedent(
     """
@@ -119,7 +119,7 @@ def test_fused_fsq_interpreted_on_cpu():
     _check(run_sharded(FSQ_CHECK, "cpu", 2, env=interpreter_env()), 1e-5)
 
 
-@needs_gpu
+@gpu_check(FSQ_CHECK, 4)
 def test_fused_fsq_on_gpu():
     pytest.importorskip("triton")
     _check(run_sharded(FSQ_CHECK, "cuda", 4, env=gpu_env()), 1e-2)  # half-precision gradients: rounding order

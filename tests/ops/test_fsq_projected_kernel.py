@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 import torch
-from kernel_checks import SHARD_PREAMBLE, gpu_env, interpreter_env, needs_gpu, run_sharded
+from kernel_checks import SHARD_PREAMBLE, gpu_check, gpu_env, interpreter_env, run_sharded
 
 import hf_vq
 
@@ -128,7 +128,7 @@ def test_projected_fsq_interpreted_on_cpu():
     _check(run_sharded(CHECK, "cpu", 2, env=interpreter_env()), 1e-5)
 
 
-@needs_gpu
+@gpu_check(CHECK, 3)
 def test_projected_fsq_on_gpu():
     pytest.importorskip("triton")
     _check(run_sharded(CHECK, "cuda", 3, env=gpu_env()), 1e-4)  # gradients summed over 2^14 rows in another order

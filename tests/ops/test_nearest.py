@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 import torch
-from kernel_checks import SHARD_PREAMBLE, gpu_env, interpreter_env, needs_gpu, run_check, run_sharded
+from kernel_checks import SHARD_PREAMBLE, gpu_check, gpu_env, interpreter_env, run_check, run_sharded
 
 from hf_vq.ops.nearest import code_scores, iter_score_chunks, nearest_code, sq_norm
 
@@ -416,7 +416,7 @@ def test_triton_kernel_interpreted_on_cpu():
     _check_kernel_results(res)
 
 
-@needs_gpu
+@gpu_check(KERNEL_CHECK, 3)
 def test_triton_kernel_on_gpu():
     pytest.importorskip("triton")
     _check_kernel_results(run_sharded(KERNEL_CHECK, "cuda", 3, env=gpu_env()))

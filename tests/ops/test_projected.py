@@ -6,7 +6,7 @@ codes is the output projection of the codes (values and gradients); its Triton k
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_checks import gpu_env, interpreter_env, needs_gpu, run_check
+from kernel_checks import gpu_check, gpu_env, interpreter_env, run_check
 
 from hf_vq.ops import projected
 from hf_vq.ops.nearest import nearest_code
@@ -121,7 +121,7 @@ def test_lookup_sum_kernel_interpreted_on_cpu():
     _assert_lookup(run_check(LOOKUP_CHECK, "cpu", env=interpreter_env()))
 
 
-@needs_gpu
+@gpu_check(LOOKUP_CHECK)
 def test_lookup_sum_kernel_on_gpu():
     pytest.importorskip("triton")
     _assert_lookup(run_check(LOOKUP_CHECK, "cuda", env=gpu_env()))

@@ -9,7 +9,7 @@ import os
 import textwrap
 
 import pytest
-from kernel_checks import SHARD_PREAMBLE, gpu_env, interpreter_env, needs_gpu, run_check, run_sharded
+from kernel_checks import SHARD_PREAMBLE, gpu_check, gpu_env, interpreter_env, run_check, run_sharded
 
 CHECK = textwrap.dedent(
     """
@@ -222,7 +222,7 @@ def test_residual_step_pytorch_path():
     _run("cpu", dict(os.environ, HF_VQ_DISABLE_TRITON="1"))
 
 
-@needs_gpu
+@gpu_check(CHECK)
 def test_residual_step_on_gpu():
     pytest.importorskip("triton")
     _run("cuda", gpu_env())
@@ -233,7 +233,7 @@ def test_residual_train_levels_interpreted_on_cpu():
     _assert_train_levels(_run("cpu", interpreter_env(), TRAIN_CHECK))
 
 
-@needs_gpu
+@gpu_check(TRAIN_CHECK, 3)
 def test_residual_train_levels_on_gpu():
     pytest.importorskip("triton")
     _assert_train_levels(_run("cuda", gpu_env(), TRAIN_CHECK))
@@ -254,7 +254,7 @@ def test_grouped_levels_at_once_interpreted_on_cpu():
     _assert_grouped(_run("cpu", interpreter_env(), GROUPED_CHECK))
 
 
-@needs_gpu
+@gpu_check(GROUPED_CHECK, 3)
 def test_grouped_levels_at_once_on_gpu():
     pytest.importorskip("triton")
     _assert_grouped(_run("cuda", gpu_env(), GROUPED_CHECK))

@@ -4,7 +4,7 @@ value and gradient to `x`, none to the codes; with the commitment loss from the 
 import textwrap
 
 import pytest
-from kernel_checks import SHARD_PREAMBLE, gpu_env, interpreter_env, needs_gpu, run_sharded
+from kernel_checks import SHARD_PREAMBLE, gpu_check, gpu_env, interpreter_env, run_sharded
 
 ROT_CHECK = SHARD_PREAMBLE + textwrap.dedent(
     """
@@ -67,7 +67,7 @@ def test_fused_rotation_interpreted_on_cpu():
     _check(run_sharded(ROT_CHECK, "cpu", 2, env=interpreter_env()))
 
 
-@needs_gpu
+@gpu_check(ROT_CHECK, 3)
 def test_fused_rotation_on_gpu():
     pytest.importorskip("triton")
     _check(run_sharded(ROT_CHECK, "cuda", 3, env=gpu_env()))
