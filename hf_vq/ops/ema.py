@@ -1,5 +1,7 @@
 """Codebook statistics for EMA updates and k-means (`hf_vq.ops.kmeans`): counts via `bincount`, sums via
-`index_add_`.
+`index_add_`; the EMA steps; and the guard that keeps non-finite statistics out of any state: `finite_flag` (on the
+device), `require_all_finite` (read now, raise before a write) or `report_finite` (the update guarded on the device
+by the flag, the host told without waiting for the GPU).
 
 Never an N x K one-hot: memory is O(N + K*D).
 """
