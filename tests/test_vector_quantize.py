@@ -374,21 +374,19 @@ def test_training_step_on_gpu_matches_cpu(kind, monkeypatch):
         torch.testing.assert_close(u.cpu().float(), t.float(), atol=1e-5, rtol=1e-5, msg=name)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("kind", ["vq", "vq_cosine", "residual", "dead_codes"])
-def test_non_finite_training_batch_on_gpu(kind):
-    """On a GPU a plain training step does not wait to read its statistics' finiteness: a NaN batch leaves every
-    buffer as it was (the device skips the update) and the ValueError comes at the next training step, which does
-    not update either; the step after it trains. With dead-code expiry (which reads the host anyway) it raises at
-    once."""
-    kw = dict(dim=16, codebook_size=32, use_cosine_sim=kind == "vq_cosine")
+def _non_finite_batch_then_next_steps(kind: str, device: str) -> None:
+    """A NaN training batch leaves every buffer as it was; when reported later (a GPU's plain step), the ValueError
+    comes at the next training step, which does not update either, and the step after it trains (one error per
+    bad batch, also with affine statistics, whose update is guarded the same way). With dead-code expiry (which
+    reads the host anyway) it raises at once."""
+    kw = dict(dim=16, codebook_size=32, use_cosine_sim=kind == "vq_cosine", affine_param=kind == "affine")
     if kind == "dead_codes":
         kw.update(threshold_ema_dead_code=0.5)
-    model = (hf_vq.ResidualVQ(num_quantizers=2, **kw) if kind == "residual" else hf_vq.VectorQuantize(**kw)).cuda()
-    model.train()
+    model = (hf_vq.ResidualVQ(num_quantizers=2, **kw) if kind == "residual" else hf_vq.VectorQuantize(**kw))
+    model.to(device).train()
 
     def batch(bad=False):
-        x = torch.randn(2, 64, 16, device="cuda")
+        x = torch.randn(2, 64, 16, device=device)
         if bad:
             x[1, 5, 3] = float("nan")
         return x.requires_grad_()
@@ -400,13 +398,30 @@ def test_non_finite_training_batch_on_gpu(kind):
             model(batch(bad=True))
     else:
         model(batch(bad=True))
-        with pytest.raises(ValueError, match="an earlier training step's batch had NaN or Inf values"):
+        with pytest.raises(ValueError, match="an earlier call's batch had NaN or Inf values"):
             model(batch())
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
     model(batch())
     assert not torch.equal(model.state_dict()[next(k for k in before if k.endswith("embed_avg"))],
                            before[next(k for k in before if k.endswith("embed_avg"))])
+
+
+_REPORTED_LATER = ["vq", "vq_cosine", "residual", "dead_codes", "affine"]
+
+
+@pytest.mark.parametrize("kind", _REPORTED_LATER)
+def test_non_finite_batch_reported_at_the_next_step(kind, monkeypatch):
+    """The GPU's way, on the CPU: `report_finite` hands back a `PendingCheck` instead of raising at once."""
+    from hf_vq.ops import ema
+    monkeypatch.setattr(ema, "report_finite", lambda finite, what: ema.PendingCheck(finite, what))
+    _non_finite_batch_then_next_steps(kind, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", _REPORTED_LATER)
+def test_non_finite_training_batch_on_gpu(kind):
+    _non_finite_batch_then_next_steps(kind, "cuda")
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])

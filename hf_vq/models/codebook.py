@@ -34,6 +34,7 @@ from ..ops import kmeans as kmeans_ops
 
 AFFINE_BUFFERS = ("batch_mean", "batch_variance", "codebook_mean", "codebook_variance")
 _STATS = "codebook EMA statistics"  # what a non-finite-statistics error names
+_AFFINE = "affine batch statistics"
 
 
 class CodebookStats(NamedTuple):
@@ -90,8 +91,9 @@ class Codebook(nn.Module):
         self.pending_stats: CodebookStats | None = None
         # the `DeferredUpdates` of the step in progress when an owner (residual levels, groups) collects updates
         self.deferred: DeferredUpdates | None = None
-        # the finiteness of the last plain update's statistics, not yet read on the host (GPU; see `apply_updates`)
-        self.pending_check: ema_ops.PendingCheck | None = None
+        # per kind of update (`_STATS`, `_AFFINE`), the finiteness of the last one's statistics, not yet read on the
+        # host (GPU); the next update of that kind reads it (see `apply_updates`, `update_affine`)
+        self.pending_checks: dict[str, ema_ops.PendingCheck] = {}
 
         shape = (self.num_codebooks, self.codebook_size, self.codebook_dim)
         if c.kmeans_init:
@@ -191,7 +193,10 @@ class Codebook(nn.Module):
 
     @torch.no_grad()
     def update_affine(self, flat: Tensor, mask: Tensor | None, training: bool) -> None:
-        """Running batch moments of `flat (H, N, d)` (and, in training, of the codebook), vqp's affine_param."""
+        """Running batch moments of `flat (H, N, d)` (and, in training, of the codebook), vqp's affine_param. Without
+        a host read (in eval too): the moments are written only where they are finite, decided on the device, and a
+        non-finite batch raises the ValueError at once on the CPU, at the next call on a GPU (`report_finite`)."""
+        self.raise_pending(_AFFINE)
         if mask is not None:
             flat = torch.stack([f[m] for f, m in zip(flat, mask)])
         count = torch.tensor(float(flat.shape[1]), device=flat.device)
@@ -204,21 +209,36 @@ class Codebook(nn.Module):
             var = sq / count
         else:
             mean, var = flat.mean(dim=1, keepdim=True), flat.var(dim=1, unbiased=False, keepdim=True)
-        ema_ops.require_finite(torch.stack([mean, var]), "affine batch statistics")
+        finite = ema_ops.finite_flag([mean, var])
         if training:
-            self._decayed("codebook_mean", self.embed.mean(dim=1, keepdim=True), self.affine_param_codebook_decay)
+            self._decayed("codebook_mean", self.embed.mean(dim=1, keepdim=True), self.affine_param_codebook_decay,
+                          finite)
             self._decayed("codebook_variance", self.embed.var(dim=1, unbiased=False, keepdim=True),
-                          self.affine_param_codebook_decay)
-        self._decayed("batch_mean", mean, self.affine_param_batch_decay)
-        self._decayed("batch_variance", var, self.affine_param_batch_decay)
+                          self.affine_param_codebook_decay, finite)
+        self._decayed("batch_mean", mean, self.affine_param_batch_decay, finite)
+        self._decayed("batch_variance", var, self.affine_param_batch_decay, finite)
+        self.defer_check(_AFFINE, ema_ops.report_finite(finite, _AFFINE))
 
-    def _decayed(self, name: str, new: Tensor, decay: float) -> None:
-        """vqp's `update_with_decay`: the first value taken as is, then `old * decay + new * (1 - decay)`."""
+    def _decayed(self, name: str, new: Tensor, decay: float, finite: Tensor) -> None:
+        """vqp's `update_with_decay`: the first value taken as is, then `old * decay + new * (1 - decay)`; nothing
+        written where the 0-dim bool `finite` is False (decided on the device, as is the first-value flag)."""
         flag = self.get_buffer(f"{name}_needs_init")
         old = self.get_buffer(name)
         new = new.detach()
-        old.copy_(new if bool(flag) else old * decay + new * (1 - decay))
-        flag.fill_(False)
+        value = torch.where(flag, new, old * decay + new * (1 - decay))
+        old.copy_(torch.where(finite, value, old))
+        flag.logical_and_(finite.logical_not())
+
+    def raise_pending(self, what: str) -> None:
+        """Raise the ValueError of the last `what` update if its statistics were not finite (`pending_checks`)."""
+        check = self.pending_checks.pop(what, None)
+        if check is not None:
+            check.raise_if_failed()
+
+    def defer_check(self, what: str, check: ema_ops.PendingCheck | None) -> None:
+        """Keep `check` (from `ops.ema.report_finite`; None on the CPU) for the next `what` update to read."""
+        if check is not None:
+            self.pending_checks[what] = check
 
     # -- EMA updates --------------------------------------------------------------------------------
 
@@ -502,7 +522,8 @@ def apply_updates(updates: list[StatsUpdate]) -> None:
     once). Otherwise the flag is read first, and non-finite statistics raise before any write."""
     if not updates:
         return
-    _raise_pending_checks(updates)
+    for u in updates:
+        u.codebook.raise_pending(_STATS)
     reduced, rank_rows = _reduce(updates)
     sums = [stats.sums for stats in reduced]
     finite = ema_ops.finite_flag(sums) if all(_plain(u) for u in updates) else None
@@ -516,7 +537,7 @@ def apply_updates(updates: list[StatsUpdate]) -> None:
     elif finite is not None:
         check = ema_ops.report_finite(finite, _STATS)
         for u in updates:
-            u.codebook.pending_check = check
+            u.codebook.defer_check(_STATS, check)
 
 
 def _reduce(updates: list[StatsUpdate]) -> tuple[list[CodebookStats], list[Tensor | None]]:
@@ -541,14 +562,6 @@ def _reduce(updates: list[StatsUpdate]) -> tuple[list[CodebookStats], list[Tenso
             reduced.append(CodebookStats(summed[at], summed[at + 1]))
             rank_rows.append(summed[at + 2] if has_rows else None)
     return reduced, rank_rows
-
-
-def _raise_pending_checks(updates: list[StatsUpdate]) -> None:
-    """Raise the `ValueError` of an earlier plain update whose statistics were not finite (read once)."""
-    for u in updates:
-        check, u.codebook.pending_check = u.codebook.pending_check, None
-        if check is not None:
-            check.raise_if_failed()
 
 
 def _plain(u: StatsUpdate) -> bool:

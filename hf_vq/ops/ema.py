@@ -8,6 +8,8 @@ Never an N x K one-hot: memory is O(N + K*D).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -139,30 +141,43 @@ def finite_flag(stats: list[Tensor]) -> Tensor:
 
 
 class PendingCheck:
-    """A `finite_flag` on the GPU, on its way to the host: copied to pinned memory without waiting for it, read by
-    `raise_if_failed` (which waits only if the copy has not landed yet, then raises once for a False flag)."""
+    """A `finite_flag` on its way to the host: from a GPU copied to pinned memory without waiting for it, read by
+    `raise_if_failed` (which waits only if the copy has not landed yet, then raises once for a False flag).
+
+    One error per bad batch: a batch's NaN reaches every codebook after the first (residual levels, affine and EMA
+    statistics), so once a check raises, every check made before that moment is settled unread."""
+
+    _made = itertools.count()
+    _settled_below = 0  # checks numbered below this are not read any more
 
     def __init__(self, finite: Tensor, what: str):
-        self.flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-        self.flag.copy_(finite, non_blocking=True)
-        self.landed = torch.cuda.Event()
-        self.landed.record()
+        self.number = next(PendingCheck._made)
+        self.landed = None
+        if finite.is_cuda:
+            self.flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self.flag.copy_(finite, non_blocking=True)
+            self.landed = torch.cuda.Event()
+            self.landed.record()
+        else:
+            self.flag = finite.clone()
         self.what, self.read = what, False
 
     def raise_if_failed(self) -> None:
-        if self.read:
+        if self.read or self.number < PendingCheck._settled_below:
             return
-        self.landed.synchronize()
+        if self.landed is not None:
+            self.landed.synchronize()
         self.read = True
         if not bool(self.flag):
-            raise ValueError(f"an earlier training step's batch had NaN or Inf values ({self.what}); the codebook "
-                             "state was not updated by it")
+            PendingCheck._settled_below = next(PendingCheck._made)
+            raise ValueError(f"an earlier call's batch had NaN or Inf values ({self.what}); the codebook state was "
+                             "not updated by it")
 
 
 def report_finite(finite: Tensor, what: str) -> PendingCheck | None:
     """Tell the host about `finite` (`finite_flag` of statistics whose update the device guarded with it): on the
-    CPU a `ValueError` now when it is False; on a GPU a `PendingCheck` to read at the next update, so the step does
-    not wait for the GPU; inside a compiled graph an assert op."""
+    CPU a `ValueError` now when it is False; on a GPU a `PendingCheck` for the next update of the same kind to read,
+    so the call does not wait for the GPU; inside a compiled graph an assert op."""
     if torch.compiler.is_compiling():
         torch._assert_async(finite, refusal(what))
         return None

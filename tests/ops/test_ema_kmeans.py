@@ -169,6 +169,20 @@ def test_report_finite_raises_at_once_on_the_cpu():
         ema.report_finite(torch.tensor(False), "sums")
 
 
+def test_pending_checks_raise_once_per_bad_batch():
+    """A check raises once; the checks made before a raise are settled unread (the same batch's NaN reached them);
+    a check made later raises again; a passing check never raises."""
+    good, bad_a, bad_b = (ema.PendingCheck(torch.tensor(ok), "sums") for ok in (True, False, False))
+    good.raise_if_failed()
+    with pytest.raises(ValueError, match=r"an earlier call's batch had NaN or Inf values \(sums\)"):
+        bad_a.raise_if_failed()
+    bad_a.raise_if_failed()
+    bad_b.raise_if_failed()  # settled by bad_a's error
+    later = ema.PendingCheck(torch.tensor(False), "sums")
+    with pytest.raises(ValueError, match="an earlier call's batch"):
+        later.raise_if_failed()
+
+
 def test_require_finite_accepts_finite_values_whose_sum_overflows():
     stats = torch.full((4, 2), 3e38)  # every entry finite, the float32 sum is inf
     assert not torch.isfinite(stats.sum())
