@@ -23,7 +23,8 @@ def pytest_collection_finish(session):
     for item in session.items:
         marker = item.get_closest_marker("kernel_check")
         if marker is not None:
-            checks.start_sharded(*marker.args[:1], "cuda", *marker.args[1:], env=checks.gpu_env())
+            script, shards = marker.args
+            checks.start_sharded(script, "cuda", shards, env=checks.gpu_env())
 
 
 @pytest.fixture(autouse=True)

@@ -3,8 +3,9 @@ script prints `RESULT` and a JSON object of its measurements, which the test the
 
 A script with many cases can run as shards (`run_sharded`): processes started together, each given
 `sys.argv[2:4] = (shard, shards)` (parsed by `SHARD_PREAMBLE` into `shard` and `shards`) and taking the cases
-its `mine()` gives it (or choosing by `shard` itself). A check's time is mostly the compilation (or the
-interpretation) of kernel variants, which runs in parallel across processes."""
+its `mine()` gives it (or choosing by `shard` itself). A check's time is the import of hf_vq in each process and
+the compilation (or the interpretation) of kernel variants, which run in parallel across processes; on a GPU
+machine the checks marked with `gpu_check` all start when collection ends (tests/conftest.py)."""
 
 from __future__ import annotations
 
