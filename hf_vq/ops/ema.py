@@ -162,6 +162,13 @@ class PendingCheck:
             self.flag = finite.clone()
         self.what, self.read = what, False
 
+    def __getstate__(self) -> dict:
+        """A copy (`copy.deepcopy` or pickling of a model) holds the flag itself, read once it has landed (a CUDA
+        event cannot be copied)."""
+        if self.landed is not None:
+            self.landed.synchronize()
+        return {**self.__dict__, "flag": self.flag.detach().cpu().clone(), "landed": None}
+
     def raise_if_failed(self) -> None:
         if self.read or self.number < PendingCheck._settled_below:
             return

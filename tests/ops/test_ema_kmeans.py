@@ -4,6 +4,7 @@ import pytest
 import torch
 from vector_quantize_pytorch import vector_quantize_pytorch as vqp
 
+import hf_vq
 from hf_vq.ops import ema
 from hf_vq.ops.ema import cluster_stats, ema_update_, laplace_smoothing
 from hf_vq.ops.kmeans import global_row_count, kmeans, sample_rows, sample_rows_across_ranks
@@ -181,6 +182,35 @@ def test_pending_checks_raise_once_per_bad_batch():
     later = ema.PendingCheck(torch.tensor(False), "sums")
     with pytest.raises(ValueError, match="an earlier call's batch"):
         later.raise_if_failed()
+
+
+def test_a_pending_check_survives_a_deep_copy_of_its_model():
+    """`copy.deepcopy` / pickling of a model with a check still pending (a CUDA event, which cannot be copied, on a
+    GPU): the copy holds the flag, read once it landed, and raises as the original does."""
+    import copy
+    import pickle
+
+    class Landed:  # stands for the CUDA event: waited for, not copyable
+        waited = 0
+
+        def synchronize(self):
+            Landed.waited += 1
+
+        def __reduce__(self):
+            raise TypeError("not copyable")
+
+    model = hf_vq.VectorQuantize(dim=4, codebook_size=8)
+    check = ema.PendingCheck(torch.tensor(False), "sums")
+    check.landed = Landed()
+    model._codebook.pending_checks["sums"] = check
+    clone = copy.deepcopy(model)
+    restored = pickle.loads(pickle.dumps(model))
+    assert Landed.waited == 2
+    for m in (clone, restored):
+        copied = m._codebook.pending_checks["sums"]
+        assert copied is not check and copied.landed is None and not copied.read and not bool(copied.flag)
+    with pytest.raises(ValueError, match="an earlier call's batch"):
+        clone._codebook.raise_pending("sums")
 
 
 def test_require_finite_accepts_finite_values_whose_sum_overflows():
