@@ -9,6 +9,7 @@ Never an N x K one-hot: memory is O(N + K*D).
 from __future__ import annotations
 
 import itertools
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +75,7 @@ def ema_update_(moving: Tensor | tuple[Tensor, ...], new: Tensor | tuple[Tensor,
     moving = (moving,) if isinstance(moving, Tensor) else tuple(moving)
     new = tuple(n.to(m) for n, m in zip((new,) if isinstance(new, Tensor) else new, moving))
     if finite is not None:
-        new = tuple(torch.where(finite, n, m) for n, m in zip(new, moving))
+        new = where_each(finite, new, moving)
     if weight is None:
         torch._foreach_lerp_(moving, new, 1.0 - decay)
         return
@@ -96,8 +97,26 @@ def codebooks_from_ema_(cluster_sizes: list[Tensor], embed_avgs: list[Tensor], e
     if normalize:
         new = [F.normalize(n, p=2, dim=-1, eps=1e-6) for n in new]
     if finite is not None:
-        new = [torch.where(finite, n, e) for n, e in zip(new, embeds)]
+        new = where_each(finite, new, embeds)
     torch._foreach_copy_(embeds, new)
+
+
+def where_each(condition: Tensor, a: Sequence[Tensor], b: Sequence[Tensor]) -> list[Tensor]:
+    """`[torch.where(condition, x, y) for x, y in zip(a, b)]` for a 0-dim bool `condition`, with one `where` per
+    shape among the tensors (same-shaped ones stacked), not one per tensor: the launches of a guarded update of
+    many codebooks (residual levels, groups) stay few."""
+    out: list[Tensor | None] = [None] * len(a)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, x in enumerate(a):
+        by_shape.setdefault((tuple(x.shape), x.dtype), []).append(i)
+    for ids in by_shape.values():
+        if len(ids) == 1:
+            out[ids[0]] = torch.where(condition, a[ids[0]], b[ids[0]])
+            continue
+        chosen = torch.where(condition, torch.stack([a[i] for i in ids]), torch.stack([b[i] for i in ids]))
+        for i, x in zip(ids, chosen.unbind(0)):
+            out[i] = x
+    return out
 
 
 def laplace_smoothing(counts: Tensor, num_codes: int, eps: float, total: Tensor | None = None) -> Tensor:

@@ -164,6 +164,17 @@ def test_guarded_ema_step_writes_only_finite_statistics(finite):
             assert torch.equal(g_, w)
 
 
+@pytest.mark.parametrize("ok", [True, False])
+def test_where_each_selects_every_tensor_with_one_where_per_shape(ok):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (3, 4), (5,), (3, 4), (2, 2, 2)]
+    a = [torch.randn(s, generator=g) for s in shapes]
+    b = [torch.randn(s, generator=g) for s in shapes]
+    got = ema.where_each(torch.tensor(ok), a, b)
+    for x, y, z in zip(a, b, got):
+        assert torch.equal(z, x if ok else y)
+
+
 def test_report_finite_raises_at_once_on_the_cpu():
     assert ema.report_finite(torch.tensor(True), "sums") is None
     with pytest.raises(ValueError, match=r"NaN or Inf values \(sums\); the codebook state was not updated"):
