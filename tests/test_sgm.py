@@ -258,6 +258,25 @@ def _sgm_remap_to_used(inds, used, unknown_index):
     return new
 
 
+def test_ema_quantizer_reports_a_non_finite_batch_at_the_next_update(monkeypatch):
+    """The GPU's way (on the CPU, `report_finite` handing back a `PendingCheck`): a NaN batch leaves the EMA state
+    as it was without raising; the next training call raises and does not update either; the one after trains."""
+    from hf_vq.models import sgm
+    from hf_vq.ops.ema import PendingCheck
+    monkeypatch.setattr(sgm, "report_finite", lambda finite, what: PendingCheck(finite, what))
+    ema = hf_vq.EMAVectorQuantizer(n_embed=16, embedding_dim=4).train()
+    ema(torch.randn(2, 4, 3, 3), return_dict=True)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    bad = torch.randn(2, 4, 3, 3)
+    bad[1, 2, 0, 1] = float("nan")
+    ema(bad, return_dict=True)
+    with pytest.raises(ValueError, match=r"an earlier call's batch had NaN or Inf values \(codebook EMA statistics\)"):
+        ema(torch.randn(2, 4, 3, 3), return_dict=True)
+    assert all(torch.equal(v, before[k]) for k, v in ema.state_dict().items())
+    ema(torch.randn(2, 4, 3, 3), return_dict=True)
+    assert not torch.equal(ema.state_dict()["embedding.embed_avg"], before["embedding.embed_avg"])
+
+
 def test_remap_op_matches_sgm_formula_including_duplicates():
     from hf_vq.ops.remap import remap_to_used, resolve_unknown_index, unmap_to_all
 

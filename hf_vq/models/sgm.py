@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from .. import distributed
 from ..modeling_utils import (QuantizerConfig, QuantizerModel, QuantizerOutput, check_features, check_indices,
                               register_quantizer)
-from ..ops.ema import cluster_stats, code_counts, laplace_smoothing, require_finite
+from ..ops.ema import (PendingCheck, cluster_stats, code_counts, decay_into_, finite_flag, laplace_smoothing,
+                       report_finite)
 from ..ops.nearest import nearest_code
 from ..ops.remap import check_used, remap_to_used, resolve_unknown_index, unmap_to_all
 
@@ -333,16 +334,18 @@ class EmbeddingEMA(nn.Module):
     def forward(self, embed_id: Tensor) -> Tensor:
         return F.embedding(embed_id, self.weight)
 
-    def cluster_size_ema_update(self, new_cluster_size: Tensor) -> None:
-        self.cluster_size.mul_(self.decay).add_(new_cluster_size, alpha=1 - self.decay)
+    # sgm's updates; with `finite` (a 0-dim bool tensor) written only where it is True
+    def cluster_size_ema_update(self, new_cluster_size: Tensor, finite: Tensor | None = None) -> None:
+        decay_into_(self.cluster_size, new_cluster_size, self.decay, finite)
 
-    def embed_avg_ema_update(self, new_embed_avg: Tensor) -> None:
-        self.embed_avg.mul_(self.decay).add_(new_embed_avg, alpha=1 - self.decay)
+    def embed_avg_ema_update(self, new_embed_avg: Tensor, finite: Tensor | None = None) -> None:
+        decay_into_(self.embed_avg, new_embed_avg, self.decay, finite)
 
-    def weight_update(self, num_tokens: int) -> None:
+    def weight_update(self, num_tokens: int, finite: Tensor | None = None) -> None:
         n = self.cluster_size.sum()
         smoothed = laplace_smoothing(self.cluster_size, num_tokens, self.eps) * n
-        self.weight.copy_(self.embed_avg / smoothed.unsqueeze(1))
+        weight = self.embed_avg / smoothed.unsqueeze(1)
+        self.weight.copy_(weight if finite is None else torch.where(finite, weight, self.weight))
 
 
 @register_quantizer
@@ -356,6 +359,7 @@ class EMAVectorQuantizer(_RemapMixin, QuantizerModel):
         super().__init__(config)
         c = self.config
         self.embedding = EmbeddingEMA(c.n_embed, c.embedding_dim, c.decay, c.eps)
+        self.pending_check: PendingCheck | None = None  # the last update's finiteness, unread (GPU: `_ema_update`)
         self._init_remap(c.n_embed)
         self.post_init()
 
@@ -383,16 +387,21 @@ class EMAVectorQuantizer(_RemapMixin, QuantizerModel):
 
     @torch.no_grad()
     def _ema_update(self, z_flat: Tensor, indices: Tensor) -> None:
-        """sgm's EmbeddingEMA step from float32 counts and sums (bincount / index_add_, no one-hot)."""
+        """sgm's EmbeddingEMA step from float32 counts and sums (bincount / index_add_, no one-hot), written only if
+        they are finite, decided on the device; a non-finite batch raises at once on the CPU, at the next update on
+        a GPU (`ops.ema.report_finite`, as VectorQuantize's codebook)."""
+        check, self.pending_check = self.pending_check, None
+        if check is not None:
+            check.raise_if_failed()
         counts, sums = cluster_stats(z_flat.detach(), indices, self.config.n_embed)
         sync = self.config.sync_codebook
         if distributed.is_distributed() and (sync is None or sync):
             distributed.all_reduce_sum_(counts, sums)
-        require_finite(sums, "codebook EMA statistics")
-        emb = self.embedding
-        emb.cluster_size_ema_update(counts.to(emb.cluster_size.dtype))
-        emb.embed_avg_ema_update(sums.to(emb.embed_avg.dtype))
-        emb.weight_update(self.config.n_embed)
+        finite, emb = finite_flag([sums]), self.embedding
+        emb.cluster_size_ema_update(counts.to(emb.cluster_size.dtype), finite)
+        emb.embed_avg_ema_update(sums.to(emb.embed_avg.dtype), finite)
+        emb.weight_update(self.config.n_embed, finite)
+        self.pending_check = report_finite(finite, "codebook EMA statistics")
 
 
 # --------------------------------------------------------------------------------------------------

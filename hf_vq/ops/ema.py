@@ -84,6 +84,13 @@ def ema_update_(moving: Tensor | tuple[Tensor, ...], new: Tensor | tuple[Tensor,
         m.lerp_(n, (1.0 - decay) * w.reshape(*w.shape, *([1] * (m.ndim - 2))))
 
 
+def decay_into_(buffer: Tensor, new: Tensor, decay: float, finite: Tensor | None = None) -> None:
+    """`buffer <- buffer * decay + new * (1 - decay)` in CogVideo sgm's arithmetic (`mul_(decay).add_(new, alpha)`),
+    written only where the 0-dim bool `finite` is True (when given; decided on the device)."""
+    value = torch.add(buffer * decay, new, alpha=1 - decay)
+    buffer.copy_(value if finite is None else torch.where(finite, value, buffer))
+
+
 def codebooks_from_ema_(cluster_sizes: list[Tensor], embed_avgs: list[Tensor], embeds: list[Tensor],
                         eps: float, *, normalize: bool = False, finite: Tensor | None = None) -> None:
     """`embed <- embed_avg / smoothed cluster size` for several codebooks at once (each `(H, K)` sizes, `(H, K, d)`
