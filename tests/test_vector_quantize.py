@@ -114,6 +114,34 @@ def test_cross_entropy_commitment_matches_the_formula_on_the_pre_update_codebook
     torch.testing.assert_close(grad.double(), grad64, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kwargs", [dict(commitment_use_cross_entropy_loss=True),
+                                    dict(codebook_diversity_loss_weight=1.0),
+                                    dict(codebook_diversity_loss_weight=1.0, use_cosine_sim=True, heads=2,
+                                         separate_codebook_per_head=True)], ids=["ce", "diversity", "diversity_heads"])
+def test_whole_codebook_losses_are_the_same_in_one_chunk_or_many(kwargs, monkeypatch):
+    """The losses that score every row against the codebook: one chunk (activations kept for backward) and many
+    (each recomputed in backward) give the same loss and input gradient."""
+    from hf_vq.models import vq_losses
+    recomputed = []
+    checkpoint = vq_losses.checkpoint
+    monkeypatch.setattr(vq_losses, "checkpoint", lambda *a, **k: recomputed.append(1) or checkpoint(*a, **k))
+    model = hf_vq.VectorQuantize(dim=8, codebook_size=16, **kwargs).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(3, 40, 8)
+    results = []
+    for budget in (vq_losses.SCORE_CHUNK_BYTES, 4 * 16 * 2 * 7):  # all rows; a few rows (or positions) per chunk
+        monkeypatch.setattr(vq_losses, "SCORE_CHUNK_BYTES", budget)
+        model.load_state_dict(state)
+        xi = x.clone().requires_grad_()
+        out = model(xi)
+        (out.quantized.square().sum() + out.loss).backward()
+        results.append((out.loss.detach(), xi.grad, len(recomputed)))
+    (loss_one, grad_one, calls_one), (loss_many, grad_many, calls_many) = results
+    assert loss_one.item() != 0 and calls_one == 0 and calls_many > 2
+    torch.testing.assert_close(loss_many, loss_one, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad_many, grad_one, atol=1e-6, rtol=1e-5)
+
+
 def test_state_round_trip_resumes_training_exactly(tmp_path):
     model = hf_vq.VectorQuantize(dim=8, codebook_size=16, decay=0.9, kmeans_init=True, threshold_ema_dead_code=1,
                                  affine_param=True)

@@ -1,5 +1,7 @@
 """The VectorQuantize losses and statistics that score rows against a whole codebook (vqp 1.32 semantics), in row
-chunks with recomputation in backward, so no `(N, K)` matrix is kept."""
+chunks of at most `SCORE_CHUNK_BYTES` of scores. With several chunks each is recomputed in backward (checkpoint), so
+one chunk's scores live at a time; a single chunk keeps its activations for backward (a few tensors of at most that
+budget) instead of computing its scores twice."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from torch.utils.checkpoint import checkpoint
 from ..ops import ema as ema_ops
 from ..ops.nearest import scores
 from .codebook import l2norm
+
+SCORE_CHUNK_BYTES = 256 * 2**20  # float32 scores of one chunk of rows
 
 
 def orthogonal_loss(codes: Tensor) -> Tensor:
@@ -50,7 +54,7 @@ def masked_mse(a: Tensor, b: Tensor, mask: Tensor | None) -> Tensor:
 def mean_position_entropy(flat: Tensor, embed: Tensor, metric: str, temperature: float, batch: int) -> Tensor:
     """vector-quantize-pytorch 1.32's codebook diversity term: `softmax(scores * temperature)` averaged over
     heads and batch for each sequence position, its entropy, averaged over positions. Positions are taken in
-    chunks with recomputation in backward, so no `(N, K)` matrix is kept."""
+    chunks (`sum_over_chunks`)."""
     heads, rows, dim = flat.shape
     per_position = flat.view(heads, batch, rows // batch, dim)
 
@@ -60,16 +64,13 @@ def mean_position_entropy(flat: Tensor, embed: Tensor, metric: str, temperature:
         prob = prob.view(h, b, m, -1).mean(dim=(0, 1))
         return (-prob * prob.clamp(min=1e-5).log()).sum()
 
-    total = 0
-    step = max(1, (256 * 2**20) // (4 * embed.shape[-2] * heads * batch))
-    for start in range(0, per_position.shape[2], step):
-        chunk = per_position[:, :, start : start + step]
-        total = total + checkpoint(chunk_sum, chunk, embed, use_reentrant=False)
-    return total / per_position.shape[2]
+    step = max(1, SCORE_CHUNK_BYTES // (4 * embed.shape[-2] * heads * batch))
+    chunks = [(per_position[:, :, start : start + step], embed) for start in range(0, per_position.shape[2], step)]
+    return sum_over_chunks(chunk_sum, chunks) / per_position.shape[2]
 
 
 def cross_entropy_to_codes(flat, embed, metric, indices, mask) -> Tensor:
-    """Cross-entropy of the scores as logits against the chosen codes, chunked with recomputation."""
+    """Cross-entropy of the scores as logits against the chosen codes, in row chunks (`sum_over_chunks`)."""
 
     def chunk_sum(x_chunk, emb, target, valid):
         logp = scores(x_chunk, emb, metric).log_softmax(-1)
@@ -77,14 +78,23 @@ def cross_entropy_to_codes(flat, embed, metric, indices, mask) -> Tensor:
         return (nll * valid).sum()
 
     valid_all = torch.ones_like(indices, dtype=flat.dtype) if mask is None else mask.to(flat.dtype)
+    chunks = [(flat[:, sl], embed, indices[:, sl], valid_all[:, sl]) for sl in row_slices(flat, embed)]
+    return sum_over_chunks(chunk_sum, chunks) / valid_all.sum().clamp(min=1)
+
+
+def sum_over_chunks(chunk_sum, chunks: list[tuple]) -> Tensor:
+    """The sum of `chunk_sum(*args)` over `chunks` (argument tuples): recomputed in backward when there are several
+    (so one chunk's scores live at a time), kept when there is one."""
+    if len(chunks) == 1:
+        return chunk_sum(*chunks[0])
     total = 0
-    for sl in row_slices(flat, embed):
-        total = total + checkpoint(chunk_sum, flat[:, sl], embed, indices[:, sl], valid_all[:, sl], use_reentrant=False)
-    return total / valid_all.sum().clamp(min=1)
+    for args in chunks:
+        total = total + checkpoint(chunk_sum, *args, use_reentrant=False)
+    return total
 
 
 def row_slices(flat: Tensor, embed: Tensor):
-    """Row chunks sized like the nearest-code search's (the scores themselves are recomputed by callers)."""
-    rows = max(1, (256 * 2**20) // (4 * embed.shape[-2] * flat.shape[0]))
+    """Row chunks of at most `SCORE_CHUNK_BYTES` of float32 scores against `embed (H, K, d)`."""
+    rows = max(1, SCORE_CHUNK_BYTES // (4 * embed.shape[-2] * flat.shape[0]))
     for start in range(0, flat.shape[1], rows):
         yield slice(start, start + rows)
