@@ -431,14 +431,14 @@ def _non_finite_batch_then_next_steps(kind: str, device: str) -> None:
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
     model(batch())
-    assert not torch.equal(model.state_dict()[next(k for k in before if k.endswith("embed_avg"))],
-                           before[next(k for k in before if k.endswith("embed_avg"))])
+    key = next(k for k in before if k.endswith("embed_avg"))
+    assert not torch.equal(model.state_dict()[key], before[key])
 
 
-_REPORTED_LATER = ["vq", "vq_cosine", "residual", "dead_codes", "affine"]
+_NON_FINITE_CASES = ["vq", "vq_cosine", "residual", "dead_codes", "affine"]
 
 
-@pytest.mark.parametrize("kind", _REPORTED_LATER)
+@pytest.mark.parametrize("kind", _NON_FINITE_CASES)
 def test_non_finite_batch_reported_at_the_next_step(kind, monkeypatch):
     """The GPU's way, on the CPU: `report_finite` hands back a `PendingCheck` instead of raising at once."""
     from hf_vq.ops import ema
@@ -447,7 +447,7 @@ def test_non_finite_batch_reported_at_the_next_step(kind, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("kind", _REPORTED_LATER)
+@pytest.mark.parametrize("kind", _NON_FINITE_CASES)
 def test_non_finite_training_batch_on_gpu(kind):
     _non_finite_batch_then_next_steps(kind, "cuda")
 
