@@ -225,8 +225,7 @@ class Codebook(nn.Module):
         flag = self.get_buffer(f"{name}_needs_init")
         old = self.get_buffer(name)
         new = new.detach()
-        value = torch.where(flag, new, old * decay + new * (1 - decay))
-        old.copy_(torch.where(finite, value, old))
+        ema_ops.write_if_(old, torch.where(flag, new, old * decay + new * (1 - decay)), finite)
         flag.logical_and_(finite.logical_not())
 
     def raise_pending(self, what: str) -> None:

@@ -26,7 +26,7 @@ from .. import distributed
 from ..modeling_utils import (QuantizerConfig, QuantizerModel, QuantizerOutput, check_features, check_indices,
                               register_quantizer)
 from ..ops.ema import (PendingCheck, cluster_stats, code_counts, decay_into_, finite_flag, laplace_smoothing,
-                       report_finite)
+                       report_finite, write_if_)
 from ..ops.nearest import nearest_code
 from ..ops.remap import check_used, remap_to_used, resolve_unknown_index, unmap_to_all
 
@@ -344,8 +344,7 @@ class EmbeddingEMA(nn.Module):
     def weight_update(self, num_tokens: int, finite: Tensor | None = None) -> None:
         n = self.cluster_size.sum()
         smoothed = laplace_smoothing(self.cluster_size, num_tokens, self.eps) * n
-        weight = self.embed_avg / smoothed.unsqueeze(1)
-        self.weight.copy_(weight if finite is None else torch.where(finite, weight, self.weight))
+        write_if_(self.weight, self.embed_avg / smoothed.unsqueeze(1), finite)
 
 
 @register_quantizer

@@ -84,11 +84,15 @@ def ema_update_(moving: Tensor | tuple[Tensor, ...], new: Tensor | tuple[Tensor,
         m.lerp_(n, (1.0 - decay) * w.reshape(*w.shape, *([1] * (m.ndim - 2))))
 
 
+def write_if_(buffer: Tensor, value: Tensor, finite: Tensor | None) -> None:
+    """`buffer <- value`, only where the 0-dim bool `finite` is True (decided on the device; always when None)."""
+    buffer.copy_(value if finite is None else torch.where(finite, value, buffer))
+
+
 def decay_into_(buffer: Tensor, new: Tensor, decay: float, finite: Tensor | None = None) -> None:
     """`buffer <- buffer * decay + new * (1 - decay)` in CogVideo sgm's arithmetic (`mul_(decay).add_(new, alpha)`),
-    written only where the 0-dim bool `finite` is True (when given; decided on the device)."""
-    value = torch.add(buffer * decay, new, alpha=1 - decay)
-    buffer.copy_(value if finite is None else torch.where(finite, value, buffer))
+    written only where `finite` is True (`write_if_`)."""
+    write_if_(buffer, torch.add(buffer * decay, new, alpha=1 - decay), finite)
 
 
 def codebooks_from_ema_(cluster_sizes: list[Tensor], embed_avgs: list[Tensor], embeds: list[Tensor],
