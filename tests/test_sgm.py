@@ -261,9 +261,9 @@ def _sgm_remap_to_used(inds, used, unknown_index):
 def test_ema_quantizer_reports_a_non_finite_batch_at_the_next_update(monkeypatch):
     """The GPU's way (on the CPU, `report_finite` handing back a `PendingCheck`): a NaN batch leaves the EMA state
     as it was without raising; the next training call raises and does not update either; the one after trains."""
-    from hf_vq.models import sgm
+    from hf_vq.models import sgm_ema
     from hf_vq.ops.ema import PendingCheck
-    monkeypatch.setattr(sgm, "report_finite", lambda finite, what: PendingCheck(finite, what))
+    monkeypatch.setattr(sgm_ema, "report_finite", lambda finite, what: PendingCheck(finite, what))
     ema = hf_vq.EMAVectorQuantizer(n_embed=16, embedding_dim=4).train()
     ema(torch.randn(2, 4, 3, 3), return_dict=True)
     before = {k: v.clone() for k, v in ema.state_dict().items()}

@@ -6,8 +6,7 @@ and sgm weights load unchanged. Called as sgm calls them, they return upstream's
 N x K `encodings` one-hot, part of that tuple, is built for it only); `return_dict=True` gives a ModelOutput.
 The nearest code comes from `hf_vq.ops.nearest` (bounded memory); outputs keep the input's dtype. With
 `embedding_weight_norm` the search uses the current weight-normalized codebook (sgm reads the `weight` the hook
-computed on the previous call). `EMAVectorQuantizer` sums its EMA statistics over processes when a process group
-is up (`sync_codebook`). Gumbel's soft one-hot is the relaxation itself, kept as sgm.
+computed on the previous call). `EMAVectorQuantizer` (its EMA codebook) lives in `sgm_ema.py`, re-exported here. Gumbel's soft one-hot is the relaxation itself, kept as sgm.
 """
 
 from __future__ import annotations
@@ -22,11 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import distributed
 from ..modeling_utils import (QuantizerConfig, QuantizerModel, QuantizerOutput, check_features, check_indices,
                               register_quantizer)
-from ..ops.ema import (PendingCheck, cluster_stats, code_counts, decay_into_, finite_flag, laplace_smoothing,
-                       report_finite, write_if_)
+from ..ops.ema import code_counts
 from ..ops.nearest import nearest_code
 from ..ops.remap import check_used, remap_to_used, resolve_unknown_index, unmap_to_all
 
@@ -57,16 +54,6 @@ class TamingQuantizerOutput(SgmQuantizerOutput):
 
     def to_tuple_output(self) -> tuple:
         return self.quantized, self.loss, (None, None, self.indices)
-
-
-@dataclass
-class EMAQuantizerOutput(SgmQuantizerOutput):
-    """sgm's EMA log dict also holds `encodings`, the N x K one-hot of the indices: built only for the tuple."""
-
-    def to_tuple_output(self) -> tuple:
-        (loss_key, loss), *rest = self.log_dict.items()
-        encodings = F.one_hot(self.indices, self.num_codes).to(self.quantized.dtype)
-        return self.quantized, {loss_key: loss, "encodings": encodings, **dict(rest)}
 
 
 def _require(config, name: str, ok, allowed: str) -> None:
@@ -291,119 +278,6 @@ class VectorQuantizer2(VectorQuantizer):
 
 
 # --------------------------------------------------------------------------------------------------
-# EMAVectorQuantizer
-
-
-class EMAVectorQuantizerConfig(SgmConfigMixin, QuantizerConfig):
-    """Configuration of [`EMAVectorQuantizer`] (sgm's `n_embed, embedding_dim, beta, decay, eps, remap,
-    unknown_index, loss_key`), plus `sync_codebook` (`bool`, *optional*): sum the EMA statistics over
-    processes (default: when a process group is up), so every rank keeps the same codebook."""
-
-    model_type = "hf_vq_sgm_ema_vector_quantizer"
-
-    def __init__(self, n_embed: int = 512, embedding_dim: int = 256, beta: float = 0.25, decay: float = 0.99,
-                 eps: float = 1e-5, remap: str | None = None, unknown_index: Any = "random",
-                 loss_key: str = "loss/vq", sync_codebook: bool | None = None, remap_size: int | None = None,
-                 **kwargs):
-        self.n_embed, self.embedding_dim, self.beta, self.decay, self.eps = n_embed, embedding_dim, beta, decay, eps
-        self.remap, self.remap_size, self.unknown_index, self.loss_key = remap, remap_size, unknown_index, loss_key
-        self.sync_codebook = sync_codebook
-        super().__init__(**self._sgm_defaults(kwargs))
-
-    def validate(self):
-        self._require_positive_ints("n_embed", "embedding_dim")
-        self._require_non_negative("beta")
-        _require(self, "decay", lambda v: _is_number(v) and 0.0 <= v <= 1.0, "a number in [0, 1]")
-        _require(self, "eps", lambda v: _is_number(v) and v > 0, "a number > 0")
-        _require(self, "loss_key", lambda v: isinstance(v, str), "a str")
-        _require(self, "sync_codebook", lambda v: v is None or isinstance(v, bool), "None or a bool")
-        self._validate_remap()
-
-
-class EmbeddingEMA(nn.Module):
-    """sgm's EMA embedding: `weight`, `cluster_size`, `embed_avg` (buffers; sgm's keys)."""
-
-    def __init__(self, num_tokens: int, codebook_dim: int, decay: float = 0.99, eps: float = 1e-5):
-        super().__init__()
-        self.decay, self.eps, self.update = decay, eps, True
-        weight = torch.randn(num_tokens, codebook_dim)
-        self.register_buffer("weight", weight)
-        self.register_buffer("cluster_size", torch.zeros(num_tokens))
-        self.register_buffer("embed_avg", weight.clone())
-
-    def forward(self, embed_id: Tensor) -> Tensor:
-        return F.embedding(embed_id, self.weight)
-
-    # sgm's updates; with `finite` (a 0-dim bool tensor) written only where it is True
-    def cluster_size_ema_update(self, new_cluster_size: Tensor, finite: Tensor | None = None) -> None:
-        decay_into_(self.cluster_size, new_cluster_size, self.decay, finite)
-
-    def embed_avg_ema_update(self, new_embed_avg: Tensor, finite: Tensor | None = None) -> None:
-        decay_into_(self.embed_avg, new_embed_avg, self.decay, finite)
-
-    def weight_update(self, num_tokens: int, finite: Tensor | None = None) -> None:
-        n = self.cluster_size.sum()
-        smoothed = laplace_smoothing(self.cluster_size, num_tokens, self.eps) * n
-        write_if_(self.weight, self.embed_avg / smoothed.unsqueeze(1), finite)
-
-
-@register_quantizer
-class EMAVectorQuantizer(_RemapMixin, QuantizerModel):
-    """sgm's EMA vector quantizer (codebook learned by EMA of assignments, loss = beta * commitment)."""
-
-    config_class = EMAVectorQuantizerConfig
-
-    def __init__(self, *args, config: EMAVectorQuantizerConfig | None = None, **kwargs):
-        config = _config_from_args(self.config_class, args, config, kwargs)
-        super().__init__(config)
-        c = self.config
-        self.embedding = EmbeddingEMA(c.n_embed, c.embedding_dim, c.decay, c.eps)
-        self.pending_check: PendingCheck | None = None  # the last update's finiteness, unread (GPU: `_ema_update`)
-        self._init_remap(c.n_embed)
-        self.post_init()
-
-    def forward(self, z: Tensor, return_dict: bool | None = None):
-        c = self.config
-        if c.check_inputs:
-            check_features(z, c.embedding_dim, name="z")
-        if z.ndim < 4 or z.shape[1] != c.embedding_dim:
-            raise ValueError(f"expected (b, {c.embedding_dim}, h, w) or (b, {c.embedding_dim}, t, h, w) input, "
-                             f"got shape {tuple(z.shape)}")
-        z = z.movedim(1, -1)
-        z_flat = z.reshape(-1, c.embedding_dim)
-        indices = nearest_code(z_flat, self.embedding.weight)[0]
-        z_q = self.embedding(indices).view(z.shape).to(z.dtype)
-        perplexity, usage = measure_perplexity(indices, c.n_embed)
-        if self.training and self.embedding.update:
-            self._ema_update(z_flat, indices)
-        loss = c.beta * F.mse_loss(z_q.detach(), z)
-        z_q = (z + (z_q - z).detach()).movedim(-1, 1)
-        log = {c.loss_key: loss, "encoding_indices": indices, "perplexity": perplexity}
-        out = EMAQuantizerOutput(quantized=z_q, indices=indices, loss=loss, perplexity=perplexity,
-                                 cluster_usage=usage, log_dict=log)
-        object.__setattr__(out, "num_codes", c.n_embed)  # not a field: for the one-hot of sgm's tuple
-        return self._output(out, return_dict)
-
-    @torch.no_grad()
-    def _ema_update(self, z_flat: Tensor, indices: Tensor) -> None:
-        """sgm's EmbeddingEMA step from float32 counts and sums (bincount / index_add_, no one-hot), written only if
-        they are finite, decided on the device; a non-finite batch raises at once on the CPU, at the next update on
-        a GPU (`ops.ema.report_finite`, as VectorQuantize's codebook)."""
-        check, self.pending_check = self.pending_check, None
-        if check is not None:
-            check.raise_if_failed()
-        counts, sums = cluster_stats(z_flat.detach(), indices, self.config.n_embed)
-        sync = self.config.sync_codebook
-        if distributed.is_distributed() and (sync is None or sync):
-            distributed.all_reduce_sum_(counts, sums)
-        finite, emb = finite_flag([sums]), self.embedding
-        emb.cluster_size_ema_update(counts.to(emb.cluster_size.dtype), finite)
-        emb.embed_avg_ema_update(sums.to(emb.embed_avg.dtype), finite)
-        emb.weight_update(self.config.n_embed, finite)
-        self.pending_check = report_finite(finite, "codebook EMA statistics")
-
-
-# --------------------------------------------------------------------------------------------------
 # VectorQuantizerWithInputProjection
 
 
@@ -606,3 +480,7 @@ def _config_from_args(config_cls, args: tuple, config, kwargs: dict):
             raise ValueError(f"{config_cls.__name__}: {name} given twice")
         kwargs[name] = value
     return config_cls(**kwargs)
+
+
+# sgm's EMAVectorQuantizer (its own module: the EMA codebook and its guarded update); importable from here too
+from .sgm_ema import EMAQuantizerOutput, EMAVectorQuantizer, EMAVectorQuantizerConfig, EmbeddingEMA  # noqa: E402,F401
