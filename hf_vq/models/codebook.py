@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..ops import ema as ema_ops
+from ..ops import graphs
 from ..ops import kmeans as kmeans_ops
 
 AFFINE_BUFFERS = ("batch_mean", "batch_variance", "codebook_mean", "codebook_variance")
@@ -516,19 +517,21 @@ def apply_updates(updates: list[StatsUpdate]) -> None:
     multi-tensor update for codebooks of one kind), then dead-code expiry with one host read for all codebooks.
 
     When every update is plain (`_plain`), the step does not wait for the GPU to learn whether the statistics are
-    finite: the device applies the EMA steps only where they are, and the host reads that flag with dead-code
-    expiry's table (raising before any code is replaced), or else at the codebooks' next update (on the CPU at
-    once). Otherwise the flag is read first, and non-finite statistics raise before any write."""
+    finite: the device applies the EMA steps only where they are (`_plain_steps`, replayed as one CUDA graph on a
+    GPU), and the host reads that flag with dead-code expiry's table (raising before any code is replaced), or else
+    at the codebooks' next update (on the CPU at once). Otherwise the flag is read first, and non-finite statistics
+    raise before any write."""
     if not updates:
         return
     for u in updates:
         u.codebook.raise_pending(_STATS)
     reduced, rank_rows = _reduce(updates)
-    sums = [stats.sums for stats in reduced]
-    finite = ema_ops.finite_flag(sums) if all(_plain(u) for u in updates) else None
-    if finite is None:
-        ema_ops.require_all_finite(sums, _STATS)
-    applied = _apply_all(updates, reduced, finite)
+    if all(_plain(u) for u in updates):
+        finite, applied = _apply_plain(updates, reduced), [True] * len(updates)
+    else:
+        finite = None
+        ema_ops.require_all_finite([stats.sums for stats in reduced], _STATS)
+        applied = _apply_all(updates, reduced)
     expiries = [_Expiry(u.codebook, u.flat, u.mask, rows) for u, rows, done in zip(updates, rank_rows, applied)
                 if done and u.codebook.threshold_ema_dead_code > 0]
     if expiries:  # (eager: a compiled step without dead-code expiry stays one graph)
@@ -569,25 +572,48 @@ def _plain(u: StatsUpdate) -> bool:
     return u.weight is None and not u.accum and cb.pending_stats is None and u.ema_update and not cb.manual_ema_update
 
 
-def _apply_all(updates: list[StatsUpdate], reduced: list[CodebookStats], finite: Tensor | None = None) -> list[bool]:
-    """Each update's EMA step; plain ones batched per codebook kind (and guarded by the 0-dim bool `finite` when
-    given: only plain updates may come with it). Returns which updates wrote the state."""
-    groups: dict[tuple, list[int]] = {}
+def _apply_all(updates: list[StatsUpdate], reduced: list[CodebookStats]) -> list[bool]:
+    """Each update's EMA step (statistics known to be finite); plain ones batched per codebook kind. Returns which
+    updates wrote the state."""
     applied = [False] * len(updates)
-    for i, (u, stats) in enumerate(zip(updates, reduced)):
-        cb = u.codebook
-        if _plain(u):
-            key = (cb.decay, cb.eps, cb.use_cosine_sim, tuple(cb.embed.shape), cb.embed.dtype, cb.embed.device)
-            groups.setdefault(key, []).append(i)
-        else:
-            applied[i] = cb.apply_step(stats, u.ema_update, u.weight, u.accum)
-    for ids in groups.values():
-        books = [updates[i].codebook for i in ids]
-        sizes, avgs = [cb.cluster_size for cb in books], [cb.embed_avg for cb in books]
-        ema_ops.ema_update_((*sizes, *avgs), (*(reduced[i].counts for i in ids), *(reduced[i].sums for i in ids)),
-                            books[0].decay, finite=finite)
-        ema_ops.codebooks_from_ema_(sizes, avgs, [cb.embed.data for cb in books], books[0].eps,
-                                    normalize=books[0].use_cosine_sim, finite=finite)
-        for i in ids:
+    plain = [i for i, u in enumerate(updates) if _plain(u)]
+    for i, u in enumerate(updates):
+        if i not in plain:
+            applied[i] = u.codebook.apply_step(reduced[i], u.ema_update, u.weight, u.accum)
+    if plain:
+        _apply_plain([updates[i] for i in plain], [reduced[i] for i in plain], guard=False)
+        for i in plain:
             applied[i] = True
     return applied
+
+
+def _apply_plain(updates: list[StatsUpdate], reduced: list[CodebookStats], guard: bool = True) -> Tensor | None:
+    """The plain updates' EMA steps and codebooks from the EMA, batched per codebook kind; with `guard` only where
+    the statistics are finite, and their `finite_flag` returned. One CUDA graph replay on a GPU (`_PLAIN_STEPS`)."""
+    kinds: dict[tuple, list[int]] = {}
+    for i, u in enumerate(updates):
+        cb = u.codebook
+        key = (cb.decay, cb.eps, cb.use_cosine_sim, tuple(cb.embed.shape), cb.embed.dtype, cb.embed.device)
+        kinds.setdefault(key, []).append(i)
+    groups = tuple((tuple(ids), *key[:3]) for key, ids in kinds.items())
+    inputs = [stats.counts for stats in reduced] + [stats.sums for stats in reduced]
+    state = [t for u in updates for t in (u.codebook.cluster_size, u.codebook.embed_avg, u.codebook.embed.data)]
+    outputs = _PLAIN_STEPS(inputs, state, groups, guard)
+    return outputs[0] if guard else None
+
+
+def _plain_steps(inputs: list[Tensor], state: list[Tensor], groups: tuple, guard: bool) -> list[Tensor]:
+    """`_apply_plain`'s arithmetic on `inputs` (every codebook's counts, then every codebook's sums) and `state`
+    (each codebook's `cluster_size`, `embed_avg`, `embed`); `groups`: `(codebook ids, decay, eps, normalize)` per
+    kind. Returns `[finite_flag]` with `guard`, else `[]`."""
+    n = len(inputs) // 2
+    finite = ema_ops.finite_flag(inputs[n:]) if guard else None
+    for ids, decay, eps, normalize in groups:
+        sizes, avgs, embeds = ([state[3 * i + j] for i in ids] for j in range(3))
+        ema_ops.ema_update_((*sizes, *avgs), (*(inputs[i] for i in ids), *(inputs[n + i] for i in ids)), decay,
+                            finite=finite)
+        ema_ops.codebooks_from_ema_(sizes, avgs, embeds, eps, normalize=normalize, finite=finite)
+    return [finite] if guard else []
+
+
+_PLAIN_STEPS = graphs.GraphedUpdate(_plain_steps)
