@@ -29,10 +29,11 @@ def perplexity(indices: Tensor, num_codes: int, mask: Tensor | None, counts: Ten
     """`exp(entropy)` of code usage per head `(H, N)` (valid rows only), averaged over heads; by bincount, unless
     the codebook update already counted them (`counts (H, K)`). Not differentiable: it reads only integer
     indices, the bool mask and counts (no `no_grad` context needed)."""
-    if counts is None and mask is None and indices.shape[1] > 0:
+    if mask is None and indices.shape[1] > 0:
         # every head counts all N rows: the usage is the integer counts over N (the same float32 division)
         heads = indices.shape[0]
-        counts = ema_ops.code_counts(ema_ops.head_code_ids(indices, num_codes), heads * num_codes)
+        if counts is None:
+            counts = ema_ops.code_counts(ema_ops.head_code_ids(indices, num_codes), heads * num_codes)
         prob = counts.view(heads, num_codes) / indices.shape[1]
     else:
         if counts is None:

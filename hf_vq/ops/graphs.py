@@ -9,14 +9,15 @@ launch instead of the sequence. The kernels are the same, so the results are bit
 
 A signature is the function's scalar arguments, the shape, stride and dtype of its inputs (copied in each call) and
 the address as well of every state tensor it writes: a state tensor that moves (`module.to(...)`,
-`load_state_dict(assign=True)`) gives a new signature, so a graph never writes to memory its tensors have left. Eager instead: on the CPU, under torch.compile, while a graph is
-being captured, and with `HF_VQ_CUDA_GRAPHS=0`.
+`load_state_dict(assign=True)`) gives a new signature, so a graph never writes to memory its tensors have left.
+
+Eager instead: on the CPU, under torch.compile, while a graph is being captured (the caller's own CUDA graph), and
+with `HF_VQ_CUDA_GRAPHS=0`.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -49,7 +50,6 @@ class GraphedUpdate:
     def __init__(self, fn: Callable[..., list[Tensor]], max_graphs: int = 8):
         self.fn, self.max_graphs = fn, max_graphs
         self._seen: set[tuple] = set()
-        self._refused: set[tuple] = set()
         self._graphs: OrderedDict[tuple, tuple[list[Tensor], torch.cuda.CUDAGraph, list[Tensor]]] = OrderedDict()
 
     @torch.no_grad()
@@ -59,15 +59,12 @@ class GraphedUpdate:
         key = signature(inputs, state, *scalars)
         entry = self._graphs.get(key)
         if entry is None:
-            if key in self._refused or key not in self._seen:  # first sight: eager (a one-off needs no graph)
+            if key not in self._seen:  # first sight: eager (a one-off needs no graph)
                 if len(self._seen) > 64 * self.max_graphs:  # (state that moves every call: nothing repeats)
                     self._seen.clear()
                 self._seen.add(key)
                 return self.fn(inputs, state, *scalars)
             entry = self._capture(inputs, state, scalars)
-            if entry is None:
-                self._refused.add(key)
-                return self.fn(inputs, state, *scalars)
             self._graphs[key] = entry
             if len(self._graphs) > self.max_graphs:
                 dropped, _ = self._graphs.popitem(last=False)
@@ -80,22 +77,17 @@ class GraphedUpdate:
 
     def _capture(self, inputs: list[Tensor], state: list[Tensor], scalars: tuple):
         """Capture `fn` on tensors of its own (copies of `inputs`) on a side stream; nothing runs until a replay.
-        `torch.cuda.graph` is not used: it synchronizes the device and collects garbage before every capture. None
-        (with a warning) when CUDA refuses the capture: the update then stays eager for this signature."""
+        `torch.cuda.graph` is not used: it synchronizes the device and collects garbage before every capture. `fn`
+        must be capturable (no host reads, no CPU tensors, no random numbers)."""
         static_inputs = [t.clone() for t in inputs]
         graph = torch.cuda.CUDAGraph()
         side, current = torch.cuda.Stream(device=inputs[0].device), torch.cuda.current_stream(inputs[0].device)
         side.wait_stream(current)
         with torch.cuda.stream(side):
+            graph.capture_begin(capture_error_mode="thread_local")
             try:
-                graph.capture_begin(capture_error_mode="thread_local")
-                try:
-                    outputs = self.fn(static_inputs, state, *scalars)
-                finally:
-                    graph.capture_end()
-            except RuntimeError as e:
-                warnings.warn(f"hf_vq: {self.fn.__name__} could not be captured as a CUDA graph ({e}); it runs "
-                              "eagerly", RuntimeWarning, stacklevel=3)
-                return None
+                outputs = self.fn(static_inputs, state, *scalars)
+            finally:
+                graph.capture_end()
         current.wait_stream(side)
         return static_inputs, graph, outputs
