@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .. import distributed
 from ..modeling_utils import QuantizerConfig, QuantizerModel, check_features, register_quantizer
 from ..ops.ema import PendingCheck, cluster_stats, decay_into_, finite_flag, laplace_smoothing, report_finite, write_if_
+from ..ops import graphs
 from ..ops.nearest import nearest_code
 from .sgm import (SgmConfigMixin, SgmQuantizerOutput, _config_from_args, _is_number, _RemapMixin, _require,
                   measure_perplexity)
@@ -78,9 +79,30 @@ class EmbeddingEMA(nn.Module):
         decay_into_(self.embed_avg, new_embed_avg, self.decay, finite)
 
     def weight_update(self, num_tokens: int, finite: Tensor | None = None) -> None:
-        n = self.cluster_size.sum()
-        smoothed = laplace_smoothing(self.cluster_size, num_tokens, self.eps) * n
-        write_if_(self.weight, self.embed_avg / smoothed.unsqueeze(1), finite)
+        _weight_from_ema(self.weight, self.cluster_size, self.embed_avg, num_tokens, self.eps, finite)
+
+
+def _weight_from_ema(weight: Tensor, cluster_size: Tensor, embed_avg: Tensor, num_tokens: int, eps: float,
+                     finite: Tensor | None) -> None:
+    """sgm's `weight <- embed_avg / (Laplace-smoothed cluster_size * n)`, where `finite` is True."""
+    n = cluster_size.sum()
+    smoothed = laplace_smoothing(cluster_size, num_tokens, eps) * n
+    write_if_(weight, embed_avg / smoothed.unsqueeze(1), finite)
+
+
+def _ema_step(inputs: list[Tensor], state: list[Tensor], num_tokens: int, decay: float, eps: float) -> list[Tensor]:
+    """`EmbeddingEMA`'s three updates from `inputs` (counts, sums) on `state` (`cluster_size`, `embed_avg`,
+    `weight`), written only where the sums are finite; returns `[finite_flag]`. Replayed as one CUDA graph on a GPU
+    (`_EMA_STEPS`)."""
+    (counts, sums), (cluster_size, embed_avg, weight) = inputs, state
+    finite = finite_flag([sums])
+    decay_into_(cluster_size, counts.to(cluster_size.dtype), decay, finite)
+    decay_into_(embed_avg, sums.to(embed_avg.dtype), decay, finite)
+    _weight_from_ema(weight, cluster_size, embed_avg, num_tokens, eps, finite)
+    return [finite]
+
+
+_EMA_STEPS = graphs.GraphedUpdate(_ema_step)
 
 
 @register_quantizer
@@ -132,8 +154,7 @@ class EMAVectorQuantizer(_RemapMixin, QuantizerModel):
         sync = self.config.sync_codebook
         if distributed.is_distributed() and (sync is None or sync):
             distributed.all_reduce_sum_(counts, sums)
-        finite, emb = finite_flag([sums]), self.embedding
-        emb.cluster_size_ema_update(counts.to(emb.cluster_size.dtype), finite)
-        emb.embed_avg_ema_update(sums.to(emb.embed_avg.dtype), finite)
-        emb.weight_update(self.config.n_embed, finite)
+        emb = self.embedding
+        (finite,) = _EMA_STEPS([counts, sums], [emb.cluster_size, emb.embed_avg, emb.weight], self.config.n_embed,
+                               emb.decay, emb.eps)
         self.pending_check = report_finite(finite, "codebook EMA statistics")

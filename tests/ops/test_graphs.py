@@ -7,6 +7,7 @@ import torch
 
 import hf_vq
 from hf_vq.models import codebook as codebook_module
+from hf_vq.models import sgm_ema
 from hf_vq.ops import graphs
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -65,13 +66,15 @@ def _models(kind: str):
         return hf_vq.ResidualVQ(num_quantizers=3, **kw)
     if kind == "grouped":
         return hf_vq.GroupedResidualVQ(groups=2, num_quantizers=2, **kw)
+    if kind == "sgm_ema":
+        return hf_vq.EMAVectorQuantizer(n_embed=64, embedding_dim=16, decay=0.9)
     if kind == "heads":
         return hf_vq.VectorQuantize(heads=2, separate_codebook_per_head=True, **kw)
     return hf_vq.VectorQuantize(use_cosine_sim=kind == "cosine", **kw)
 
 
 @needs_gpu
-@pytest.mark.parametrize("kind", ["vq", "cosine", "heads", "residual", "grouped"])
+@pytest.mark.parametrize("kind", ["vq", "cosine", "heads", "residual", "grouped", "sgm_ema"])
 def test_graphed_training_steps_equal_eager_ones(kind, monkeypatch):
     """Training steps whose codebook update is replayed as a CUDA graph give bit-identical outputs, gradients and
     state to eager steps, also after the model moves (new buffer addresses)."""
@@ -81,16 +84,17 @@ def test_graphed_training_steps_equal_eager_ones(kind, monkeypatch):
     for step in range(6):
         if step == 3:
             graphed, eager = graphed.cpu().cuda(), eager.cpu().cuda()
-        x = torch.randn(2, 40, 16, device="cuda")
+        x = torch.randn(2, 16, 5, 8, device="cuda") if kind == "sgm_ema" else torch.randn(2, 40, 16, device="cuda")
         outputs = []
         for model, flag in ((graphed, "1"), (eager, "0")):
             monkeypatch.setenv(graphs.ENV, flag)
             xi = x.clone().requires_grad_()
             out = model(xi)
             (out.quantized.square().sum() + out.loss.sum()).backward()
-            outputs.append((out.quantized, out.indices, out.loss, xi.grad))
+            outputs.append((out.quantized, out.indices, out.loss, out.perplexity, xi.grad))
         for a, b in zip(*outputs):
             assert torch.equal(a, b), kind
         for (name, a), b in zip(graphed.state_dict().items(), eager.state_dict().values()):
             assert torch.equal(a, b), name
-    assert codebook_module._PLAIN_STEPS._graphs, "no step was replayed as a graph"
+    steps = sgm_ema._EMA_STEPS if kind == "sgm_ema" else codebook_module._PLAIN_STEPS
+    assert steps._graphs, "no step was replayed as a graph"
