@@ -30,7 +30,6 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..ops import ema as ema_ops
-from ..ops import graphs
 from ..ops import kmeans as kmeans_ops
 
 AFFINE_BUFFERS = ("batch_mean", "batch_variance", "codebook_mean", "codebook_variance")
@@ -200,9 +199,9 @@ class Codebook(nn.Module):
         self.raise_pending(_AFFINE)
         if mask is not None:
             flat = torch.stack([f[m] for f, m in zip(flat, mask)])
-        count = torch.tensor(float(flat.shape[1]), device=flat.device)
-        total = flat.sum(dim=1, keepdim=True)
         if self.syncs_affine():
+            count = torch.tensor(float(flat.shape[1]), device=flat.device)
+            total = flat.sum(dim=1, keepdim=True)
             self.all_reduce_(count, total)
             mean = total / count
             sq = ((flat - mean) ** 2).sum(dim=1, keepdim=True)
@@ -210,24 +209,10 @@ class Codebook(nn.Module):
             var = sq / count
         else:
             mean, var = flat.mean(dim=1, keepdim=True), flat.var(dim=1, unbiased=False, keepdim=True)
-        finite = ema_ops.finite_flag([mean, var])
-        if training:
-            self._decayed("codebook_mean", self.embed.mean(dim=1, keepdim=True), self.affine_param_codebook_decay,
-                          finite)
-            self._decayed("codebook_variance", self.embed.var(dim=1, unbiased=False, keepdim=True),
-                          self.affine_param_codebook_decay, finite)
-        self._decayed("batch_mean", mean, self.affine_param_batch_decay, finite)
-        self._decayed("batch_variance", var, self.affine_param_batch_decay, finite)
+        state = [self.get_buffer(f"{name}{part}") for name in AFFINE_BUFFERS for part in ("", "_needs_init")]
+        (finite,) = ema_ops.AFFINE_STEPS([mean, var], [*state, self.embed.data], training, self.affine_param_batch_decay,
+                                         self.affine_param_codebook_decay)
         self.defer_check(_AFFINE, ema_ops.report_finite(finite, _AFFINE))
-
-    def _decayed(self, name: str, new: Tensor, decay: float, finite: Tensor) -> None:
-        """vqp's `update_with_decay`: the first value taken as is, then `old * decay + new * (1 - decay)`; nothing
-        written where the 0-dim bool `finite` is False (decided on the device, as is the first-value flag)."""
-        flag = self.get_buffer(f"{name}_needs_init")
-        old = self.get_buffer(name)
-        new = new.detach()
-        ema_ops.write_if_(old, torch.where(flag, new, old * decay + new * (1 - decay)), finite)
-        flag.logical_and_(finite.logical_not())
 
     def raise_pending(self, what: str) -> None:
         """Raise the ValueError of the last `what` update if its statistics were not finite (`pending_checks`)."""
@@ -589,7 +574,7 @@ def _apply_all(updates: list[StatsUpdate], reduced: list[CodebookStats]) -> list
 
 def _apply_plain(updates: list[StatsUpdate], reduced: list[CodebookStats], guard: bool = True) -> Tensor | None:
     """The plain updates' EMA steps and codebooks from the EMA, batched per codebook kind; with `guard` only where
-    the statistics are finite, and their `finite_flag` returned. One CUDA graph replay on a GPU (`_PLAIN_STEPS`)."""
+    the statistics are finite, and their `finite_flag` returned. One CUDA graph replay on a GPU (`ops.ema.PLAIN_EMA_STEPS`)."""
     kinds: dict[tuple, list[int]] = {}
     for i, u in enumerate(updates):
         cb = u.codebook
@@ -598,22 +583,5 @@ def _apply_plain(updates: list[StatsUpdate], reduced: list[CodebookStats], guard
     groups = tuple((tuple(ids), *key[:3]) for key, ids in kinds.items())
     inputs = [stats.counts for stats in reduced] + [stats.sums for stats in reduced]
     state = [t for u in updates for t in (u.codebook.cluster_size, u.codebook.embed_avg, u.codebook.embed.data)]
-    outputs = _PLAIN_STEPS(inputs, state, groups, guard)
+    outputs = ema_ops.PLAIN_EMA_STEPS(inputs, state, groups, guard)
     return outputs[0] if guard else None
-
-
-def _plain_steps(inputs: list[Tensor], state: list[Tensor], groups: tuple, guard: bool) -> list[Tensor]:
-    """`_apply_plain`'s arithmetic on `inputs` (every codebook's counts, then every codebook's sums) and `state`
-    (each codebook's `cluster_size`, `embed_avg`, `embed`); `groups`: `(codebook ids, decay, eps, normalize)` per
-    kind. Returns `[finite_flag]` with `guard`, else `[]`."""
-    n = len(inputs) // 2
-    finite = ema_ops.finite_flag(inputs[n:]) if guard else None
-    for ids, decay, eps, normalize in groups:
-        sizes, avgs, embeds = ([state[3 * i + j] for i in ids] for j in range(3))
-        ema_ops.ema_update_((*sizes, *avgs), (*(inputs[i] for i in ids), *(inputs[n + i] for i in ids)), decay,
-                            finite=finite)
-        ema_ops.codebooks_from_ema_(sizes, avgs, embeds, eps, normalize=normalize, finite=finite)
-    return [finite] if guard else []
-
-
-_PLAIN_STEPS = graphs.GraphedUpdate(_plain_steps)

@@ -1,5 +1,6 @@
 """Codebook statistics for EMA updates and k-means (`hf_vq.ops.kmeans`): counts via `bincount`, sums via
-`index_add_`; the EMA steps; and the guard that keeps non-finite statistics out of any state: `finite_flag` (on the
+`index_add_`; the EMA steps (those of a training step's plain codebook update and of the affine statistics as fixed
+functions, `plain_ema_steps` / `affine_steps`, replayed as CUDA graphs on a GPU: `ops.graphs`); and the guard that keeps non-finite statistics out of any state: `finite_flag` (on the
 device), `require_all_finite` (read now, raise before a write) or `report_finite` (the update guarded on the device
 by the flag, the host told without waiting for the GPU).
 
@@ -14,6 +15,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import graphs
 
 
 def code_counts(flat: Tensor, num_bins: int, weights: Tensor | None = None) -> Tensor:
@@ -93,6 +96,13 @@ def decay_into_(buffer: Tensor, new: Tensor, decay: float, finite: Tensor | None
     """`buffer <- buffer * decay + new * (1 - decay)` in CogVideo sgm's arithmetic (`mul_(decay).add_(new, alpha)`),
     written only where `finite` is True (`write_if_`)."""
     write_if_(buffer, torch.add(buffer * decay, new, alpha=1 - decay), finite)
+
+
+def decay_from_first_(buffer: Tensor, needs_init: Tensor, new: Tensor, decay: float, finite: Tensor) -> None:
+    """vqp's `update_with_decay`: `buffer <- new` while the bool `needs_init` is True (then cleared), else `buffer *
+    decay + new * (1 - decay)`; nothing written where the 0-dim bool `finite` is False. Decided on the device."""
+    write_if_(buffer, torch.where(needs_init, new, buffer * decay + new * (1 - decay)), finite)
+    needs_init.logical_and_(finite.logical_not())
 
 
 def codebooks_from_ema_(cluster_sizes: list[Tensor], embed_avgs: list[Tensor], embeds: list[Tensor],
@@ -223,3 +233,44 @@ def report_finite(finite: Tensor, what: str) -> PendingCheck | None:
     if not bool(finite):
         raise ValueError(refusal(what))
     return None
+
+
+def plain_ema_steps(inputs: list[Tensor], state: list[Tensor], groups: tuple, guard: bool) -> list[Tensor]:
+    """The plain EMA updates of several codebooks (`models.codebook.apply_updates`): `inputs` are every codebook's
+    counts, then every codebook's sums; `state` each codebook's `cluster_size`, `embed_avg`, `embed`; `groups` a
+    `(codebook ids, decay, eps, normalize)` per kind of codebook. With `guard` written only where the sums are
+    finite, and `[finite_flag]` returned (else `[]`). Replayed as one CUDA graph on a GPU (`PLAIN_EMA_STEPS`)."""
+    n = len(inputs) // 2
+    finite = finite_flag(inputs[n:]) if guard else None
+    for ids, decay, eps, normalize in groups:
+        sizes, avgs, embeds = ([state[3 * i + j] for i in ids] for j in range(3))
+        ema_update_((*sizes, *avgs), (*(inputs[i] for i in ids), *(inputs[n + i] for i in ids)), decay,
+                    finite=finite)
+        codebooks_from_ema_(sizes, avgs, embeds, eps, normalize=normalize, finite=finite)
+    return [finite] if guard else []
+
+
+PLAIN_EMA_STEPS = graphs.GraphedUpdate(plain_ema_steps)
+
+
+def affine_steps(inputs: list[Tensor], state: list[Tensor], training: bool, batch_decay: float,
+                 codebook_decay: float) -> list[Tensor]:
+    """A codebook's affine statistics (`models.codebook.Codebook.update_affine`) from the batch moments `inputs`
+    (mean, variance): `state` holds `batch_mean`, `batch_variance`, `codebook_mean`, `codebook_variance`, each
+    followed by its `_needs_init` flag, then the codebook, whose moments are taken too in `training`. Each with
+    vqp's first-value rule (`decay_from_first_`), only where the batch moments are finite; returns
+    `[finite_flag]`. Replayed as one CUDA graph on a GPU (`AFFINE_STEPS`)."""
+    mean, var = inputs
+    batch_mean, batch_mean_new, batch_var, batch_var_new, code_mean, code_mean_new, code_var, code_var_new = state[:8]
+    embed = state[8]
+    finite = finite_flag([mean, var])
+    if training:
+        decay_from_first_(code_mean, code_mean_new, embed.mean(dim=1, keepdim=True), codebook_decay, finite)
+        decay_from_first_(code_var, code_var_new, embed.var(dim=1, unbiased=False, keepdim=True), codebook_decay,
+                          finite)
+    decay_from_first_(batch_mean, batch_mean_new, mean, batch_decay, finite)
+    decay_from_first_(batch_var, batch_var_new, var, batch_decay, finite)
+    return [finite]
+
+
+AFFINE_STEPS = graphs.GraphedUpdate(affine_steps)
