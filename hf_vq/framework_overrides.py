@@ -20,7 +20,7 @@ from collections import OrderedDict
 import torch
 from transformers.utils import ModelOutput
 
-TRANSFORMERS_VERSIONS = ((5, 17), (5, 24))  # the oldest and newest minor releases these overrides were checked with
+TRANSFORMERS_VERSIONS = ((5, 17), (5, 25))  # the oldest and newest minor releases these overrides were checked with
 
 
 class FastModelOutput(ModelOutput):

@@ -155,6 +155,7 @@ class PretrainedIOMixin:
         except OSError as e:
             raise offline_error(pretrained_model_name_or_path, e) or e
         check_loading_info(model, info, pretrained_model_name_or_path, tolerate_shapes)
+        own_storage(model)
         rebuild_derived_buffers(model)
         return (model, info) if wants_info else model
 
@@ -326,6 +327,22 @@ def write_empty_weights_if_stateless(model: torch.nn.Module, weights_path: str) 
     folder; a parameter-free quantizer (FSQ without projections) gets an empty safetensors file instead."""
     if not model.state_dict() and not os.path.exists(weights_path):
         save_file({}, weights_path, metadata={"format": "pt"})
+
+
+def own_storage(module: torch.nn.Module) -> None:
+    """Give every parameter and buffer of `module` whose memory PyTorch's allocator did not lay out (a view into a
+    larger storage, or memory at an address not aligned to 64 bytes, as diffusers' safetensors loading can hand
+    out) a contiguous copy of its own: vectorized kernels then round exactly as they did for the saved model, and
+    nothing keeps the loaded file's buffer alive."""
+    with torch.no_grad():
+        for sub in module.modules():
+            for tensors in (sub._parameters, sub._buffers):
+                for name, t in tensors.items():
+                    if t is not None and (t.data_ptr() % 64 or t.untyped_storage().nbytes() != t.nbytes):
+                        if isinstance(t, torch.nn.Parameter):
+                            t.data = t.data.clone(memory_format=torch.contiguous_format)
+                        else:
+                            tensors[name] = t.clone(memory_format=torch.contiguous_format)
 
 
 def rebuild_derived_buffers(module: torch.nn.Module) -> None:
