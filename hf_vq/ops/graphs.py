@@ -72,7 +72,11 @@ class GraphedUpdate:
         self._graphs.move_to_end(key)
         static_inputs, graph, outputs = entry
         torch._foreach_copy_(static_inputs, inputs)
-        graph.replay()
+        if inputs[0].device.index == torch.cuda.current_device():
+            graph.replay()
+        else:  # (a replay launches on the current device's stream)
+            with torch.cuda.device(inputs[0].device):
+                graph.replay()
         return outputs
 
     def _capture(self, inputs: list[Tensor], state: list[Tensor], scalars: tuple):
