@@ -210,8 +210,8 @@ class Codebook(nn.Module):
         else:
             mean, var = flat.mean(dim=1, keepdim=True), flat.var(dim=1, unbiased=False, keepdim=True)
         state = [self.get_buffer(f"{name}{part}") for name in AFFINE_BUFFERS for part in ("", "_needs_init")]
-        (finite,) = ema_ops.AFFINE_STEPS([mean, var], [*state, self.embed.data], training, self.affine_param_batch_decay,
-                                         self.affine_param_codebook_decay)
+        (finite,) = ema_ops.AFFINE_STEPS([mean, var], [*state, self.embed.data], training,
+                                         self.affine_param_batch_decay, self.affine_param_codebook_decay)
         self.defer_check(_AFFINE, ema_ops.report_finite(finite, _AFFINE))
 
     def raise_pending(self, what: str) -> None:
@@ -502,8 +502,8 @@ def apply_updates(updates: list[StatsUpdate]) -> None:
     multi-tensor update for codebooks of one kind), then dead-code expiry with one host read for all codebooks.
 
     When every update is plain (`_plain`), the step does not wait for the GPU to learn whether the statistics are
-    finite: the device applies the EMA steps only where they are (`_plain_steps`, replayed as one CUDA graph on a
-    GPU), and the host reads that flag with dead-code expiry's table (raising before any code is replaced), or else
+    finite: the device applies the EMA steps only where they are (`_apply_plain`, replayed as one CUDA graph on
+    a GPU), and the host reads that flag with dead-code expiry's table (raising before any code is replaced), or else
     at the codebooks' next update (on the CPU at once). Otherwise the flag is read first, and non-finite statistics
     raise before any write."""
     if not updates:
@@ -563,7 +563,7 @@ def _apply_all(updates: list[StatsUpdate], reduced: list[CodebookStats]) -> list
     applied = [False] * len(updates)
     plain = [i for i, u in enumerate(updates) if _plain(u)]
     for i, u in enumerate(updates):
-        if i not in plain:
+        if not _plain(u):
             applied[i] = u.codebook.apply_step(reduced[i], u.ema_update, u.weight, u.accum)
     if plain:
         _apply_plain([updates[i] for i in plain], [reduced[i] for i in plain], guard=False)
@@ -574,7 +574,8 @@ def _apply_all(updates: list[StatsUpdate], reduced: list[CodebookStats]) -> list
 
 def _apply_plain(updates: list[StatsUpdate], reduced: list[CodebookStats], guard: bool = True) -> Tensor | None:
     """The plain updates' EMA steps and codebooks from the EMA, batched per codebook kind; with `guard` only where
-    the statistics are finite, and their `finite_flag` returned. One CUDA graph replay on a GPU (`ops.ema.PLAIN_EMA_STEPS`)."""
+    the statistics are finite, and their `finite_flag` returned. One CUDA graph replay on a GPU
+    (`ops.ema.PLAIN_EMA_STEPS`)."""
     kinds: dict[tuple, list[int]] = {}
     for i, u in enumerate(updates):
         cb = u.codebook

@@ -1,8 +1,9 @@
 """Codebook statistics for EMA updates and k-means (`hf_vq.ops.kmeans`): counts via `bincount`, sums via
 `index_add_`; the EMA steps (those of a training step's plain codebook update and of the affine statistics as fixed
-functions, `plain_ema_steps` / `affine_steps`, replayed as CUDA graphs on a GPU: `ops.graphs`); and the guard that keeps non-finite statistics out of any state: `finite_flag` (on the
-device), `require_all_finite` (read now, raise before a write) or `report_finite` (the update guarded on the device
-by the flag, the host told without waiting for the GPU).
+functions, `plain_ema_steps` / `affine_steps`, replayed as CUDA graphs on a GPU: `ops.graphs`); and the guard that
+keeps non-finite statistics out of any state: `finite_flag` (on the device), `require_all_finite` (read now, raise
+before a write) or `report_finite` (the update guarded on the device by the flag, the host told without waiting for
+the GPU).
 
 Never an N x K one-hot: memory is O(N + K*D).
 """
