@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..modeling_utils import QuantizerConfig, QuantizerModel, check_features, register_quantizer
-from ..ops.ema import PendingCheck, cluster_stats, decay_into_, finite_flag, laplace_smoothing, report_finite, write_if_
 from ..ops import graphs
+from ..ops.ema import PendingCheck, cluster_stats, decay_into_, finite_flag, laplace_smoothing, report_finite, write_if_
 from ..ops.nearest import nearest_code
 from .sgm import (SgmConfigMixin, SgmQuantizerOutput, _config_from_args, _is_number, _RemapMixin, _require,
                   measure_perplexity)
