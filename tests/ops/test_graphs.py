@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import hf_vq
-from hf_vq.ops import ema
 from hf_vq.models import sgm_ema
-from hf_vq.ops import graphs
+from hf_vq.ops import ema, graphs
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
