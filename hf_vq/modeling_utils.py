@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .framework_overrides import FastModelOutput
+from .ops import graphs
 from .ops.utils import autocast_off  # noqa: F401  (re-exported: the models import it from here)
 
 # Keys that PretrainedConfig itself writes into / reads from config.json; anything else a quantizer
@@ -279,6 +280,26 @@ class QuantizerModel(PretrainedIOMixin, PreTrainedModel, metaclass=PositionalArg
 
     def reset_derived_buffers(self) -> None:
         """Recompute non-persistent buffers from the config. Override where a model has any."""
+
+    # -- calls replayed as CUDA graphs ------------------------------------------------------------------
+
+    # the keyword arguments a replayed call may take (their values are part of its signature)
+    graph_kwargs: ClassVar[frozenset[str]] = frozenset()
+
+    def graphable(self) -> bool:
+        """Whether a plain call (`model(x)`) may be replayed as CUDA graphs now (`ops.graphs.GraphedCall`): a
+        family opts in where its config and state make the call capturable (no host reads, no random numbers, no
+        Python state that the call changes other than through `ops.graphs.host_effect`)."""
+        return False
+
+    def __call__(self, *args, **kwargs):
+        if self.graph_kwargs and graphs.replayable(self, args, kwargs, self.graph_kwargs) and self.graphable():
+            return graphs.call_graphed(self, args[0], kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        graphs.drop_graphs(self)  # (their memory belongs to the state before the move)
+        return super()._apply(fn, recurse)
 
     def _init_weights(self, module):
         if isinstance(module, QuantizerModel):

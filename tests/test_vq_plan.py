@@ -87,10 +87,11 @@ def test_every_config_field_is_classified():
 
 def test_default_config_takes_every_fast_path():
     assert hf_vq.VectorQuantize(**BASE).plan == VQPlan(fused_estimator=True, lean_eval=True, fused_levels=True,
-                                                       direct_eval=True)
+                                                       direct_eval=True, graphed_call=True)
     assert hf_vq.VectorQuantize(**BASE).plan.direct_eval
     # with projections: not the lean eval of ResidualVQ's levels, which reads raw rows
-    assert hf_vq.VectorQuantize(**BASE, heads=2).plan == VQPlan(fused_estimator=True, direct_eval=True)
+    assert hf_vq.VectorQuantize(**BASE, heads=2).plan == VQPlan(fused_estimator=True, direct_eval=True,
+                                                                graphed_call=True)
     optimizer = hf_vq.VectorQuantize(**BASE, learnable_codebook=True, ema_update=False, rotation_trick=True,
                                      in_place_codebook_optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
     assert not optimizer.plan.fused_levels
@@ -272,3 +273,4 @@ def test_folded_eval_agrees_with_float64():
         # the output is the output projection of the chosen codes (as the lookup from indices computes it)
         with torch.no_grad():
             assert torch.allclose(model.get_output_from_indices(out.indices), out.quantized, atol=1e-6), kw
+

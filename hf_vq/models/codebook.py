@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..ops import ema as ema_ops
+from ..ops import graphs
 from ..ops import kmeans as kmeans_ops
 
 AFFINE_BUFFERS = ("batch_mean", "batch_variance", "codebook_mean", "codebook_variance")
@@ -196,7 +197,7 @@ class Codebook(nn.Module):
         """Running batch moments of `flat (H, N, d)` (and, in training, of the codebook), vqp's affine_param. Without
         a host read (in eval too): the moments are written only where they are finite, decided on the device, and a
         non-finite batch raises the ValueError at once on the CPU, at the next call on a GPU (`report_finite`)."""
-        self.raise_pending(_AFFINE)
+        graphs.host_effect(lambda: self.raise_pending(_AFFINE), before=True)
         if mask is not None:
             flat = torch.stack([f[m] for f, m in zip(flat, mask)])
         if self.syncs_affine():
@@ -212,7 +213,7 @@ class Codebook(nn.Module):
         state = [self.get_buffer(f"{name}{part}") for name in AFFINE_BUFFERS for part in ("", "_needs_init")]
         (finite,) = ema_ops.AFFINE_STEPS([mean, var], [*state, self.embed.data], training,
                                          self.affine_param_batch_decay, self.affine_param_codebook_decay)
-        self.defer_check(_AFFINE, ema_ops.report_finite(finite, _AFFINE))
+        graphs.host_effect(lambda: self.defer_check(_AFFINE, ema_ops.report_finite(finite, _AFFINE)))
 
     def raise_pending(self, what: str) -> None:
         """Raise the ValueError of the last `what` update if its statistics were not finite (`pending_checks`)."""
@@ -508,8 +509,8 @@ def apply_updates(updates: list[StatsUpdate]) -> None:
     raise before any write."""
     if not updates:
         return
-    for u in updates:
-        u.codebook.raise_pending(_STATS)
+    codebooks = [u.codebook for u in updates]
+    graphs.host_effect(lambda: _raise_pending(codebooks), before=True)
     reduced, rank_rows = _reduce(updates)
     if all(_plain(u) for u in updates):
         finite, applied = _apply_plain(updates, reduced), [True] * len(updates)
@@ -522,9 +523,19 @@ def apply_updates(updates: list[StatsUpdate]) -> None:
     if expiries:  # (eager: a compiled step without dead-code expiry stays one graph)
         expire_dead_codes(expiries, finite)
     elif finite is not None:
-        check = ema_ops.report_finite(finite, _STATS)
-        for u in updates:
-            u.codebook.defer_check(_STATS, check)
+        graphs.host_effect(lambda: _defer_to_all(codebooks, ema_ops.report_finite(finite, _STATS)))
+
+
+def _raise_pending(codebooks: list[Codebook]) -> None:
+    """Each codebook's pending check of its last statistics (`Codebook.raise_pending`)."""
+    for cb in codebooks:
+        cb.raise_pending(_STATS)
+
+
+def _defer_to_all(codebooks: list[Codebook], check: ema_ops.PendingCheck | None) -> None:
+    """`check` (of these codebooks' statistics, updated together) for each codebook's next update to read."""
+    for cb in codebooks:
+        cb.defer_check(_STATS, check)
 
 
 def _reduce(updates: list[StatsUpdate]) -> tuple[list[CodebookStats], list[Tensor | None]]:

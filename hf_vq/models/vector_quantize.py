@@ -179,6 +179,16 @@ class VectorQuantize(QuantizerModel):
             self._plan_cache = (key, plan)
         return self._plan_cache[1]
 
+    graph_kwargs = frozenset({"return_dict", "return_loss_breakdown", "return_perplexity", "freeze_codebook",
+                              "ema_update", "sample_codebook_temp"})
+
+    def graphable(self) -> bool:
+        """The plan's `graphed_call`, for a call of its own: not inside an owner's `deferred_updates` block (residual
+        levels), not with statistics summed over processes."""
+        cb = self._codebook
+        return (self.plan.graphed_call and cb.deferred is None and not cb.syncs()
+                and not (self.affine_param and cb.syncs_affine()))
+
     # -- conversions ------------------------------------------------------------------------------
 
     @classmethod

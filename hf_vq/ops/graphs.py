@@ -17,12 +17,16 @@ with `HF_VQ_CUDA_GRAPHS=0`.
 
 from __future__ import annotations
 
+import functools
 import os
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 ENV = "HF_VQ_CUDA_GRAPHS"
 
@@ -95,3 +99,230 @@ class GraphedUpdate:
                 graph.capture_end()
         current.wait_stream(side)
         return static_inputs, graph, outputs
+
+
+# --------------------------------------------------------------------------------------------------
+# a module's whole call (forward, and its backward in training), replayed as CUDA graphs
+
+_recording: list[tuple[bool, Callable[[], None]]] | None = None
+
+
+def host_effect(fn: Callable[[], None], *, before: bool = False) -> None:
+    """Run `fn()`, host-side bookkeeping of a call (reading or handing over a finiteness check), now; while a whole
+    call is being captured (`GraphedCall`), at every replay of it instead: before the graph launches with `before`,
+    after it otherwise. A replay runs none of the call's Python code, so this is how such bookkeeping survives."""
+    if _recording is None:
+        fn()
+    else:
+        _recording.append((before, fn))
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One stream per device for captures (each new stream would get its own cuBLAS workspace)."""
+    stream = _SIDE_STREAMS.get(device.index)
+    if stream is None:
+        stream = _SIDE_STREAMS[device.index] = torch.cuda.Stream(device=device)
+    return stream
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+class _CallGraphs:
+    """The graphs of one signature of a `GraphedCall`: the forward, and (when the call is differentiable) the
+    backward of its outputs that require grad, both in one private memory pool; the host effects the forward
+    recorded; and `generation`, the number of forward replays, so a backward knows whether its saved tensors were
+    overwritten."""
+
+    def __init__(self, fn: Callable[..., object], inputs: list[Tensor], params: list[Tensor]):
+        global _recording
+        device = inputs[0].device
+        self.static_inputs = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+        self.forward_graph, pool = torch.cuda.CUDAGraph(), torch.cuda.graph_pool_handle()
+        side, current = _side_stream(device), torch.cuda.current_stream(device)
+        side.wait_stream(current)
+        effects: list[tuple[bool, Callable[[], None]]] = []
+        with torch.cuda.stream(side):
+            _recording = effects
+            self.forward_graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            try:
+                out = fn(*self.static_inputs)
+            finally:
+                self.forward_graph.capture_end()
+                _recording = None
+            leaves, self.spec = tree_flatten(out)
+            unique = {id(t): t for t in leaves if isinstance(t, Tensor)}
+            self.outputs = list(unique.values())
+            self.slots = [list(unique).index(id(t)) if isinstance(t, Tensor) else t for t in leaves]
+            self.is_tensor = [isinstance(t, Tensor) for t in leaves]
+            self.differentiable = [i for i, t in enumerate(self.outputs) if t.requires_grad]
+            targets = [t for t in self.static_inputs if t.requires_grad] + [p for p in params if p.requires_grad]
+            self.backward_graph = None
+            if self.differentiable and targets:
+                self.grad_outputs = [torch.empty_like(self.outputs[i]) for i in self.differentiable]
+                self.backward_graph = torch.cuda.CUDAGraph()
+                self.backward_graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+                try:
+                    grads = torch.autograd.grad([self.outputs[i] for i in self.differentiable], targets,
+                                                self.grad_outputs, allow_unused=True)
+                finally:
+                    self.backward_graph.capture_end()
+                self.grads = iter_grads(grads, [t.requires_grad for t in [*self.static_inputs, *params]])
+        current.wait_stream(side)
+        self.outputs = [t.detach() for t in self.outputs]
+        self.before = [fn for first, fn in effects if first]
+        self.after = [fn for first, fn in effects if not first]
+        self.device, self.generation, self.awaiting = device, 0, None
+
+    def waits_for_backward(self) -> bool:
+        """Whether the last replay's autograd node is alive and its backward has not run: its saved tensors are this
+        graph's memory, which a replay now would overwrite."""
+        node = self.awaiting() if self.awaiting is not None else None
+        return node is not None and not node.backward_ran
+
+    def replay_forward(self, inputs: list[Tensor]) -> list[Tensor]:
+        """Copy `inputs` in, replay the forward with its host effects; returns copies of the outputs."""
+        for fn in self.before:
+            fn()
+        torch._foreach_copy_(self.static_inputs, inputs)
+        self._replay(self.forward_graph)
+        self.generation += 1
+        for fn in self.after:
+            fn()
+        return [t.clone() for t in self.outputs]
+
+    def replay_backward(self, grads: tuple[Tensor, ...]) -> list[Tensor | None]:
+        torch._foreach_copy_(self.grad_outputs, [grads[i] for i in self.differentiable])
+        self._replay(self.backward_graph)
+        return [g.clone() if g is not None else None for g in self.grads]
+
+    def _replay(self, graph: torch.cuda.CUDAGraph) -> None:
+        if self.device.index == torch.cuda.current_device():
+            graph.replay()
+        else:
+            with torch.cuda.device(self.device):
+                graph.replay()
+
+    def output(self, tensors: list[Tensor]) -> object:
+        leaves = [tensors[s] if is_tensor else s for s, is_tensor in zip(self.slots, self.is_tensor)]
+        return tree_unflatten(leaves, self.spec)
+
+
+def iter_grads(grads: tuple[Tensor | None, ...], wanted: list[bool]) -> list[Tensor | None]:
+    """`grads` of the tensors marked in `wanted`, spread over every position of `wanted` (None elsewhere)."""
+    it = iter(grads)
+    return [next(it) if w else None for w in wanted]
+
+
+class _Replay(torch.autograd.Function):
+    """The autograd node of a replayed forward: its backward replays the backward graph."""
+
+    @staticmethod
+    def forward(ctx, graphs: _CallGraphs, n_inputs: int, *inputs_and_params: Tensor):
+        outputs = graphs.replay_forward(list(inputs_and_params[:n_inputs]))
+        ctx.graphs, ctx.generation, ctx.backward_ran = graphs, graphs.generation, False
+        graphs.awaiting = weakref.ref(ctx)
+        ctx.mark_non_differentiable(*(t for i, t in enumerate(outputs) if i not in graphs.differentiable))
+        return tuple(outputs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: Tensor):
+        graphs = ctx.graphs
+        if graphs.generation != ctx.generation:
+            raise RuntimeError("hf_vq: this output's graphed forward was replayed again before its backward ran, "
+                               "which overwrote what the backward needs; run backward before the next call, or set "
+                               f"{ENV}=0")
+        ctx.backward_ran = True
+        return (None, None, *graphs.replay_backward(grads))
+
+
+class GraphedCall:
+    """A module call `fn(*inputs)` replayed as CUDA graphs per signature: eager the first time a signature is seen,
+    captured (forward, and the backward of its differentiable outputs) and replayed the second time, replayed after
+    that. The caller builds the signature (`key`) from everything the call's control flow and memory depend on, and
+    passes the parameters whose gradients the backward returns. Outputs are copies, so a later call never changes
+    them. A call whose previous replay still waits for its backward runs eagerly (its saved tensors are the graph's
+    memory). At most `max_graphs` signatures are kept (each holds its own memory pool), least recently used dropped.
+    """
+
+    def __init__(self, max_graphs: int = 4):
+        self.max_graphs = max_graphs
+        self._seen: set[tuple] = set()
+        self._graphs: OrderedDict[tuple, _CallGraphs] = OrderedDict()
+
+    def __getstate__(self) -> dict:
+        """A copy of a model (`copy.deepcopy`, pickling) starts without graphs: they are bound to this one's memory."""
+        return {"max_graphs": self.max_graphs}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["max_graphs"])
+
+    def __call__(self, fn: Callable[..., object], inputs: list[Tensor], params: list[Tensor], key: tuple) -> object:
+        graphs = self._graphs.get(key)
+        if graphs is None:
+            if key not in self._seen:
+                if len(self._seen) > 64 * self.max_graphs:
+                    self._seen.clear()
+                self._seen.add(key)
+                return fn(*inputs)
+            graphs = self._graphs[key] = _CallGraphs(fn, inputs, params)
+            if len(self._graphs) > self.max_graphs:
+                dropped, _ = self._graphs.popitem(last=False)
+                self._seen.discard(dropped)
+        elif graphs.waits_for_backward():
+            return fn(*inputs)
+        self._graphs.move_to_end(key)
+        if graphs.backward_graph is None:
+            return graphs.output(graphs.replay_forward(inputs))
+        return graphs.output(list(_Replay.apply(graphs, len(inputs), *inputs, *params)))
+
+
+# --------------------------------------------------------------------------------------------------
+# which module calls are replayed, and under which signature
+
+MAX_ELEMENTS = 2**24  # larger inputs keep the GPU busier than the host: eager, and no graph memory held for them
+
+
+def replayable(module: torch.nn.Module, args: tuple, kwargs: dict, allowed_kwargs: frozenset[str]) -> bool:
+    """Whether `module(*args, **kwargs)` may be replayed as CUDA graphs: one CUDA tensor argument of at most
+    `MAX_ELEMENTS` entries, keyword arguments among `allowed_kwargs` with plain values (they are part of the
+    signature), graphs enabled (`enabled_for`), and no hook on the module or its submodules (a replay runs no
+    Python code). The module's own conditions (`QuantizerModel.graphable`) are the caller's."""
+    return (len(args) == 1 and isinstance(x := args[0], Tensor) and x.is_cuda and x.numel() <= MAX_ELEMENTS
+            and kwargs.keys() <= allowed_kwargs and all(_plain_value(v) for v in kwargs.values())
+            and enabled_for(args) and not _hooked(module))
+
+
+def _plain_value(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _hooked(module: torch.nn.Module) -> bool:
+    m = torch.nn.modules.module
+    if (m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+            or m._global_backward_pre_hooks):
+        return True
+    return any(s._forward_hooks or s._forward_pre_hooks or s._backward_hooks or s._backward_pre_hooks
+               for s in module.modules())
+
+
+def call_graphed(module: torch.nn.Module, x: Tensor, kwargs: dict) -> object:
+    """`module(x, **kwargs)` through the module's `GraphedCall`, under a signature of everything its control flow
+    and memory depend on: training mode, grad and inference mode, autocast, the keyword arguments, the input's
+    layout and whether it requires grad, and every parameter's and buffer's address, layout and `requires_grad`."""
+    calls = module.__dict__.get("_graph_calls")
+    if calls is None:
+        calls = module.__dict__["_graph_calls"] = GraphedCall()
+    params = list(module.parameters())
+    state = [*params, *module.buffers()]
+    key = (module.training, torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+           torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"), tuple(sorted(kwargs.items())),
+           x.shape, x.stride(), x.dtype, x.requires_grad, x.device,
+           *((t.data_ptr(), t.shape, t.stride(), t.dtype, t.requires_grad) for t in state))
+    return calls(functools.partial(torch.nn.Module.__call__, module, **kwargs), [x], params, key)
+
+
+def drop_graphs(module: torch.nn.Module) -> None:
+    """Forget `module`'s captured calls (and free their memory pools): its state moved or changed type."""
+    module.__dict__.pop("_graph_calls", None)

@@ -8,6 +8,7 @@ import torch
 import hf_vq
 from hf_vq.models import sgm_ema
 from hf_vq.ops import ema, graphs
+from test_vq_plan import BASE, FIELDS, NON_DEFAULT, _input
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -99,3 +100,184 @@ def test_graphed_training_steps_equal_eager_ones(kind, monkeypatch):
             assert torch.equal(a, b), name
     steps = sgm_ema._EMA_STEPS if kind == "sgm_ema" else ema.PLAIN_EMA_STEPS
     assert steps._graphs, "no step was replayed as a graph"
+
+
+# -- whole calls (`GraphedCall`, `QuantizerModel.__call__`) ------------------------------------------
+
+
+def test_host_effects_run_at_once_outside_a_capture_and_at_each_replay_inside_one(monkeypatch):
+    ran = []
+    graphs.host_effect(lambda: ran.append("now"))
+    recorded = []
+    monkeypatch.setattr(graphs, "_recording", recorded)
+    graphs.host_effect(lambda: ran.append("before"), before=True)
+    graphs.host_effect(lambda: ran.append("after"))
+    assert ran == ["now"] and [before for before, _ in recorded] == [True, False]
+
+
+def test_cpu_calls_hooked_modules_and_other_arguments_are_not_replayed():
+    vq = hf_vq.VectorQuantize(dim=8, codebook_size=16)
+    x = torch.randn(2, 5, 8)
+    assert vq.graphable()  # the config allows it; a CPU tensor does not
+    assert not graphs.replayable(vq, (x,), {}, vq.graph_kwargs)
+    assert not graphs._hooked(vq)
+    handle = vq.project_in.register_forward_hook(lambda *a: None)
+    assert graphs._hooked(vq)
+    handle.remove()
+    if torch.cuda.is_available():
+        xc = x.cuda()
+        assert graphs.replayable(vq, (xc,), {"return_dict": False}, vq.graph_kwargs)
+        assert not graphs.replayable(vq, (xc,), {"mask": torch.ones(2, 5, dtype=torch.bool)}, vq.graph_kwargs)
+        assert not graphs.replayable(vq, (xc, None), {}, vq.graph_kwargs)
+
+
+def test_models_with_graphs_copy_without_them():
+    vq = hf_vq.VectorQuantize(dim=8, codebook_size=16)
+    vq.__dict__["_graph_calls"] = graphs.GraphedCall(max_graphs=3)
+    vq.__dict__["_graph_calls"]._seen.add(("a signature",))
+    copied = copy.deepcopy(vq)
+    assert copied._graph_calls is not vq._graph_calls and not copied._graph_calls._seen
+    assert copied._graph_calls.max_graphs == 3
+    vq.float()  # a moved or retyped model forgets its graphs
+    assert "_graph_calls" not in vq.__dict__
+
+
+def _step(model, x, train: bool, flag: str, monkeypatch):
+    monkeypatch.setenv(graphs.ENV, flag)
+    model.train(train)
+    xi = x.clone().requires_grad_(train)
+    if train:
+        out = model(xi)
+        (out.quantized.square().sum() + out.loss.sum()).backward()
+    else:
+        with torch.no_grad():
+            out = model(xi)
+    return out, xi.grad
+
+
+def assert_same_steps(graphed, eager, inputs, monkeypatch, train=lambda step: step != 3):
+    """Steps of `graphed` (whole calls replayed) and `eager` (HF_VQ_CUDA_GRAPHS=0) from equal copies agree: the
+    same codes, outputs, input and parameter gradients and state (float32 rounding: the EMA statistics sum with
+    atomics, whose order differs from run to run)."""
+    for step, x in enumerate(inputs):
+        (out_g, grad_g), (out_e, grad_e) = (_step(m, x, train(step), flag, monkeypatch)
+                                            for m, flag in ((graphed, "1"), (eager, "0")))
+        assert torch.equal(out_g.indices, out_e.indices), step
+        for a, b in ((out_g.quantized, out_e.quantized), (out_g.loss, out_e.loss), (grad_g, grad_e),
+                     (out_g.perplexity, out_e.perplexity)):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        for (name, a), b in zip(graphed.named_parameters(), eager.parameters()):
+            assert (a.grad is None) == (b.grad is None), name
+            if a.grad is not None:
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+        for (name, a), b in zip(graphed.state_dict().items(), eager.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+WHOLE_CALL_CONFIGS = {
+    "plain": dict(),
+    "cosine": dict(use_cosine_sim=True),
+    "heads with projections": dict(heads=2, codebook_dim=8, separate_codebook_per_head=True),
+    "affine": dict(affine_param=True),
+    "learnable codebook": dict(learnable_codebook=True, ema_update=False),
+    "k-means init": dict(kmeans_init=True),
+    "image input": dict(accept_image_fmap=True),
+}
+
+
+@needs_gpu
+@pytest.mark.parametrize("name", list(WHOLE_CALL_CONFIGS))
+def test_replayed_calls_equal_eager_ones(name, monkeypatch):
+    torch.manual_seed(0)
+    kw = WHOLE_CALL_CONFIGS[name]
+    graphed = hf_vq.VectorQuantize(dim=16, codebook_size=64, decay=0.9, **kw).cuda()
+    eager = copy.deepcopy(graphed)
+    shape = (2, 16, 6, 7) if kw.get("accept_image_fmap") else (2, 40, 16)
+    assert_same_steps(graphed, eager, [torch.randn(shape, device="cuda") for _ in range(7)], monkeypatch)
+    assert len(graphed._graph_calls._graphs) == 2  # training and eval: captured, then replayed
+
+
+@needs_gpu
+def test_replayed_outputs_stay_and_a_second_forward_before_backward_runs_eagerly(monkeypatch):
+    torch.manual_seed(0)
+    vq = hf_vq.VectorQuantize(dim=16, codebook_size=64, decay=0.9).cuda().train()
+    reference = copy.deepcopy(vq)
+    xs = [torch.randn(2, 40, 16, device="cuda", requires_grad=True) for _ in range(4)]
+    outs = []
+    for model, flag in ((vq, "1"), (reference, "0")):
+        monkeypatch.setenv(graphs.ENV, flag)
+        for x in xs[:2]:  # first sight (eager), then captured
+            model(x).quantized.sum().backward()
+        first, second = model(xs[2]), model(xs[3])  # two forwards, then one backward of both
+        (first.quantized.square().sum() + second.quantized.sum()).backward()
+        outs.append((first.quantized.detach().clone(), second.indices.clone(), xs[2].grad.clone(), xs[3].grad))
+        kept = first.quantized.detach().clone()
+        model(torch.randn(2, 40, 16, device="cuda", requires_grad=True)).quantized.sum().backward()
+        assert torch.equal(first.quantized, kept)  # a later replay does not write into an earlier output
+        for x in xs:
+            x.grad = None
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_gpu
+def test_a_backward_after_a_later_replay_is_refused(monkeypatch):
+    monkeypatch.setenv(graphs.ENV, "1")
+    vq = hf_vq.VectorQuantize(dim=16, codebook_size=64, decay=0.9).cuda().train()
+    x = torch.randn(2, 40, 16, device="cuda", requires_grad=True)
+    for _ in range(2):
+        vq(x).quantized.sum().backward()
+    out = vq(x)
+    out.quantized.sum().backward(retain_graph=True)
+    vq(x).quantized.sum().backward()  # a replay: the first output's saved tensors are overwritten
+    with pytest.raises(RuntimeError, match="replayed again before its backward"):
+        out.quantized.sum().backward()
+
+
+@needs_gpu
+def test_a_replayed_call_refuses_a_nan_batch_at_the_next_call(monkeypatch):
+    monkeypatch.setenv(graphs.ENV, "1")
+    vq = hf_vq.VectorQuantize(dim=16, codebook_size=64, decay=0.9, check_inputs=False).cuda().train()
+    x = torch.randn(2, 40, 16, device="cuda")
+    for _ in range(3):
+        vq(x)
+    assert vq._graph_calls._graphs
+    state = {k: v.clone() for k, v in vq.state_dict().items()}
+    vq(torch.full_like(x, float("nan")))  # replayed: the device skips the update, the host learns it next call
+    for k, v in vq.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        vq(x)
+
+
+@needs_gpu
+def test_a_moved_model_is_captured_again(monkeypatch):
+    monkeypatch.setenv(graphs.ENV, "1")
+    torch.manual_seed(0)
+    vq = hf_vq.VectorQuantize(dim=16, codebook_size=64, decay=0.9).cuda().eval()
+    reference = copy.deepcopy(vq).cpu()
+    x = torch.randn(2, 40, 16, device="cuda")
+    with torch.no_grad():
+        for _ in range(3):
+            vq(x)
+        vq = vq.cpu().cuda()
+        assert "_graph_calls" not in vq.__dict__
+        for _ in range(3):
+            out = vq(x)
+        assert torch.equal(out.indices.cpu(), reference(x.cpu()).indices)
+
+
+@needs_gpu
+@pytest.mark.parametrize("field", FIELDS)
+def test_each_field_keeps_an_equal_graphed_call_or_eager_calls(field, monkeypatch):
+    """With each field at a non-default value, a model whose plan keeps `graphed_call` trains and evaluates through
+    replayed CUDA graphs with the results of eager calls; one whose plan drops it is never captured."""
+    torch.manual_seed(0)
+    model = hf_vq.VectorQuantize(**{**BASE, **copy.deepcopy(NON_DEFAULT[field])}).cuda()
+    eager = copy.deepcopy(model)
+    x = _input(model, many=True).cuda()
+    assert_same_steps(model, eager, [x + 0.1 * torch.randn_like(x) for _ in range(5)], monkeypatch)
+    calls = model.__dict__.get("_graph_calls")
+    assert bool(calls and calls._graphs) == model.plan.graphed_call, field
