@@ -1,46 +1,29 @@
-"""Training steps with the codebook update replayed as a CUDA graph (`HF_VQ_CUDA_GRAPHS=1`, the default) and eager
-(`=0`), beside vector-quantize-pytorch 1.32, in one process on the GPU.
+"""Calls replayed as CUDA graphs (`HF_VQ_CUDA_GRAPHS=1`, the default: whole calls of VectorQuantize, FSQ, LFQ and
+LatentQuantize, forward and backward, and the codebook updates inside other quantizers' calls) and eager (`=0`),
+beside vector-quantize-pytorch 1.32, in one process on the GPU. The rows are the grid's and the option rows'
+(`vqp_matrix`), the host-bound ones by default.
 
-    python benchmarks/bench_graphed_update.py [SUBSTRING ...]   # rows whose name contains one of these
+    python benchmarks/bench_graphed_update.py [SUBSTRING ...]   # grid or option rows whose name contains one
 
-Each row: forward + backward of `quantized.sum()` plus the aux loss (`harness.step`), the median of 25 calls after
-warm-up (`harness.measure`, CUDA events), three rounds alternating graphed, eager and vqp; the table gives each
-side's lowest median in ms.
+Each row, in eval (no grad) and training (forward + backward of `quantized.sum()` plus the aux loss,
+`harness.step`): the median of 25 calls after warm-up (`harness.measure`, CUDA events), three rounds alternating
+graphed, eager and vqp; the table gives each side's lowest median in ms.
 """
 
 import os
 import sys
 
 import torch
-from harness import import_vqp, measure, step
+from harness import measure, step
+from vqp_matrix import build, option_specs, specs
 
 import hf_vq
 
-vqp = import_vqp()
-
-
-def _vq(**kw):
-    return lambda lib: lib.VectorQuantize(decay=0.99, **kw)
-
-
-def _residual(cls: str, **kw):
-    return lambda lib: getattr(lib, cls)(decay=0.99, codebook_size=1024, **kw)
-
-
-ROWS = [  # (name, build(library module) -> quantizer, input shape)
-    ("VQ d4 K256", _vq(dim=4, codebook_size=256), (16, 4096, 4)),
-    ("VQ d32 K1024", _vq(dim=32, codebook_size=1024), (16, 4096, 32)),
-    ("VQ d64 K4096", _vq(dim=64, codebook_size=4096), (16, 4096, 64)),
-    ("VQ d128 K2048", _vq(dim=128, codebook_size=2048), (32, 4096, 128)),
-    ("VQ d256 K1024", _vq(dim=256, codebook_size=1024), (16, 4096, 256)),
-    ("VQ cosine d256 K1024", _vq(dim=256, codebook_size=1024, use_cosine_sim=True), (16, 4096, 256)),
-    ("VQ affine d256 K1024", _vq(dim=256, codebook_size=1024, affine_param=True), (16, 4096, 256)),
-    ("VQ heads=8 d512 K1024 separate", _vq(dim=512, codebook_size=1024, heads=8, separate_codebook_per_head=True),
-     (16, 4096, 512)),
-    ("ResidualVQ 8x1024 d128", _residual("ResidualVQ", dim=128, num_quantizers=8), (32, 4096, 128)),
-    ("GroupedResidualVQ groups 2, 4x1024 d256", _residual("GroupedResidualVQ", dim=256, groups=2, num_quantizers=4),
-     (16, 4096, 256)),
-]
+DEFAULT_ROWS = ("VQ d4 K256", "VQ d32 K1024", "VQ d256 K1024 (baseline)", "VQ cosine d256 K1024", "VQ affine",
+                "VQ learnable codebook", "VQ d64 K4096", "VQ d512 K16384", "VQ heads=8 d512 K1024",
+                "VQ d256 codebook_dim 32 K8192", "ResidualVQ 8x1024", "GroupedResidualVQ", "FSQ [8,8,8,5,5,5] N=2^20",
+                "FSQ [8,5,5,5] 2 codebooks", "LFQ 2^10 codes dim 256", "LFQ spherical", "LFQ 2 codebooks",
+                "LatentQuantize")
 
 
 def median_ms(fn, env: str | None) -> float | None:
@@ -50,26 +33,29 @@ def median_ms(fn, env: str | None) -> float | None:
 
 
 def main() -> None:
-    only = sys.argv[1:]
+    only = sys.argv[1:] or DEFAULT_ROWS
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, hf_vq {hf_vq.__version__}")
-    print("| row | graphed ms | eager ms | vqp ms | graphed vs vqp | eager vs vqp |")
-    print("|---|---|---|---|---|---|")
-    for name, build, shape in ROWS:
-        if only and not any(o in name for o in only):
+    print("| row | mode | graphed ms | eager ms | vqp ms | graphed vs vqp | eager vs vqp |")
+    print("|---|---|---|---|---|---|---|")
+    for spec in specs() + option_specs():
+        if not any(o in spec.name for o in only):
             continue
-        torch.manual_seed(0)
-        ours, theirs = build(hf_vq).cuda().train(), build(vqp).cuda().train()
-        x = torch.randn(shape, device="cuda")
-        f_ours, f_theirs = step(ours, x, True, True), step(theirs, x, True, False)
-        runs = [[], [], []]
-        for _ in range(3):
-            for times, fn, env in zip(runs, (f_ours, f_ours, f_theirs), ("1", "0", None)):
-                times.append(median_ms(fn, env))
-        if any(t is None for times in runs for t in times):
-            print(f"| {name} | did not run (out of memory) | | | | |")
-            continue
-        g, e, v = (min(times) for times in runs)
-        print(f"| {name} | {g:.3f} | {e:.3f} | {v:.3f} | {v / g:.2f}x | {v / e:.2f}x |", flush=True)
+        ours, theirs = build(spec, torch.device("cuda"))
+        x = torch.randn(spec.shape, device="cuda", dtype=torch.bfloat16 if spec.bf16 else torch.float32)
+        for train in (False, True):
+            ours.train(train), theirs.train(train)
+            f_ours, f_theirs = step(ours, x, train, True), step(theirs, x, train, False)
+            runs = [[], [], []]
+            for _ in range(3):
+                for times, fn, env in zip(runs, (f_ours, f_ours, f_theirs), ("1", "0", None)):
+                    times.append(median_ms(fn, env))
+            mode = "train" if train else "eval"
+            if any(t is None for times in runs for t in times):
+                print(f"| {spec.name} | {mode} | did not run (out of memory) | | | | |")
+                continue
+            g, e, v = (min(times) for times in runs)
+            print(f"| {spec.name} | {mode} | {g:.3f} | {e:.3f} | {v:.3f} | {v / g:.2f}x | {v / e:.2f}x |",
+                  flush=True)
     os.environ.pop("HF_VQ_CUDA_GRAPHS", None)
 
 

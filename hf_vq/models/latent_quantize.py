@@ -351,6 +351,12 @@ class LatentQuantize(QuantizerModel):
 
     # -- forward ----------------------------------------------------------------------------------
 
+    graph_kwargs = frozenset({"return_dict"})
+
+    def graphable(self) -> bool:
+        """Replayed as CUDA graphs unless the values are optimized in place (an optimizer step inside the call)."""
+        return self.in_place_codebook_optimizer is None
+
     def forward(self, z: Tensor, return_dict: bool | None = None) -> LatentQuantizeOutput | tuple:
         """Quantize `z` of shape `(b, n, d)`, `(b, d, h, w)` or `(b, d, t, h, w)` (or `(b, d, n)` with
         `channel_first`; `(b, d)` is one token per row). Returns [`LatentQuantizeOutput`], or

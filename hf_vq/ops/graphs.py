@@ -167,7 +167,7 @@ class _CallGraphs:
                                                 self.grad_outputs, allow_unused=True)
                 finally:
                     self.backward_graph.capture_end()
-                self.grads = iter_grads(grads, [t.requires_grad for t in [*self.static_inputs, *params]])
+                self.grads = spread_grads(grads, [t.requires_grad for t in [*self.static_inputs, *params]])
         current.wait_stream(side)
         self.outputs = [t.detach() for t in self.outputs]
         self.before = [fn for first, fn in effects if first]
@@ -208,7 +208,7 @@ class _CallGraphs:
         return tree_unflatten(leaves, self.spec)
 
 
-def iter_grads(grads: tuple[Tensor | None, ...], wanted: list[bool]) -> list[Tensor | None]:
+def spread_grads(grads: tuple[Tensor | None, ...], wanted: list[bool]) -> list[Tensor | None]:
     """`grads` of the tensors marked in `wanted`, spread over every position of `wanted` (None elsewhere)."""
     it = iter(grads)
     return [next(it) if w else None for w in wanted]
@@ -249,6 +249,7 @@ class GraphedCall:
     def __init__(self, max_graphs: int = 4):
         self.max_graphs = max_graphs
         self._seen: set[tuple] = set()
+        self._refused: set[tuple] = set()
         self._graphs: OrderedDict[tuple, _CallGraphs] = OrderedDict()
 
     def __getstate__(self) -> dict:
@@ -266,7 +267,14 @@ class GraphedCall:
                     self._seen.clear()
                 self._seen.add(key)
                 return fn(*inputs)
-            graphs = self._graphs[key] = _CallGraphs(fn, inputs, params)
+            if key in self._refused:
+                return fn(*inputs)
+            try:
+                graphs = self._graphs[key] = _CallGraphs(fn, inputs, params)
+            except Exception as error:
+                self._refused.add(key)  # (later calls of this signature run eagerly)
+                raise RuntimeError(f"hf_vq: this call could not be captured as a CUDA graph ({error}); set {ENV}=0 "
+                                   "to run every call eagerly, and please report the configuration") from error
             if len(self._graphs) > self.max_graphs:
                 dropped, _ = self._graphs.popitem(last=False)
                 self._seen.discard(dropped)
@@ -281,7 +289,7 @@ class GraphedCall:
 # --------------------------------------------------------------------------------------------------
 # which module calls are replayed, and under which signature
 
-MAX_ELEMENTS = 2**24  # larger inputs keep the GPU busier than the host: eager, and no graph memory held for them
+MAX_ELEMENTS = 2**25  # larger inputs keep the GPU busier than the host: eager, and no graph memory held for them
 
 
 def replayable(module: torch.nn.Module, args: tuple, kwargs: dict, allowed_kwargs: frozenset[str]) -> bool:

@@ -8,6 +8,7 @@ import torch
 import hf_vq
 from hf_vq.models import sgm_ema
 from hf_vq.ops import ema, graphs
+from torch.utils._pytree import tree_flatten
 from test_vq_plan import BASE, FIELDS, NON_DEFAULT, _input
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -146,34 +147,43 @@ def _step(model, x, train: bool, flag: str, monkeypatch):
     monkeypatch.setenv(graphs.ENV, flag)
     model.train(train)
     xi = x.clone().requires_grad_(train)
-    if train:
-        out = model(xi)
-        (out.quantized.square().sum() + out.loss.sum()).backward()
-    else:
+    if not train:
         with torch.no_grad():
-            out = model(xi)
+            return model(xi), None
+    out = model(xi)
+    loss = out.quantized.square().sum()
+    if getattr(out, "loss", None) is not None and out.loss.requires_grad:
+        loss = loss + out.loss.sum()
+    loss.backward()
     return out, xi.grad
+
+
+def _close(a, b, what):
+    assert type(a) is type(b), what
+    if isinstance(a, torch.Tensor) and a.is_floating_point():
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=what)
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), what
+    else:
+        assert a == b, what
 
 
 def assert_same_steps(graphed, eager, inputs, monkeypatch, train=lambda step: step != 3):
     """Steps of `graphed` (whole calls replayed) and `eager` (HF_VQ_CUDA_GRAPHS=0) from equal copies agree: the
-    same codes, outputs, input and parameter gradients and state (float32 rounding: the EMA statistics sum with
-    atomics, whose order differs from run to run)."""
+    same codes, every output, the input and parameter gradients and the state (float32 rounding: the EMA statistics
+    sum with atomics, whose order differs from run to run)."""
     for step, x in enumerate(inputs):
         (out_g, grad_g), (out_e, grad_e) = (_step(m, x, train(step), flag, monkeypatch)
                                             for m, flag in ((graphed, "1"), (eager, "0")))
-        assert torch.equal(out_g.indices, out_e.indices), step
-        for a, b in ((out_g.quantized, out_e.quantized), (out_g.loss, out_e.loss), (grad_g, grad_e),
-                     (out_g.perplexity, out_e.perplexity)):
-            assert (a is None) == (b is None)
-            if a is not None:
-                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        leaves_g, spec_g = tree_flatten(out_g)
+        leaves_e, spec_e = tree_flatten(out_e)
+        assert spec_g == spec_e, step
+        for i, (a, b) in enumerate(zip(leaves_g + [grad_g], leaves_e + [grad_e])):
+            _close(a, b, f"step {step}, output {i}")
         for (name, a), b in zip(graphed.named_parameters(), eager.parameters()):
-            assert (a.grad is None) == (b.grad is None), name
-            if a.grad is not None:
-                torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+            _close(a.grad, b.grad, f"step {step}, grad of {name}")
         for (name, a), b in zip(graphed.state_dict().items(), eager.state_dict().values()):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+            _close(a, b, f"step {step}, {name}")
 
 
 WHOLE_CALL_CONFIGS = {
@@ -281,3 +291,26 @@ def test_each_field_keeps_an_equal_graphed_call_or_eager_calls(field, monkeypatc
     assert_same_steps(model, eager, [x + 0.1 * torch.randn_like(x) for _ in range(5)], monkeypatch)
     calls = model.__dict__.get("_graph_calls")
     assert bool(calls and calls._graphs) == model.plan.graphed_call, field
+
+
+SCALAR_CONFIGS = {
+    "FSQ": (lambda: hf_vq.FSQ(levels=[8, 5, 5, 5]), (2, 40, 4)),
+    "FSQ with projections, 2 codebooks": (lambda: hf_vq.FSQ(levels=[8, 5, 5], dim=16, num_codebooks=2), (2, 40, 16)),
+    "FSQ with projections, image": (lambda: hf_vq.FSQ(levels=[8, 5, 5, 5], dim=16), (2, 16, 6, 7)),
+    "LFQ with projections": (lambda: hf_vq.LFQ(codebook_size=2**6, dim=16), (2, 40, 16)),
+    "LFQ spherical, 2 codebooks": (lambda: hf_vq.LFQ(codebook_size=2**4, dim=8, num_codebooks=2, spherical=True),
+                                   (2, 40, 8)),
+    "LatentQuantize with projections": (lambda: hf_vq.LatentQuantize(levels=[5, 5, 5, 5], dim=16), (2, 40, 16)),
+    "LatentQuantize, image": (lambda: hf_vq.LatentQuantize(levels=[5, 5, 5], dim=3), (2, 3, 6, 7)),
+}
+
+
+@needs_gpu
+@pytest.mark.parametrize("name", list(SCALAR_CONFIGS))
+def test_replayed_scalar_quantizer_calls_equal_eager_ones(name, monkeypatch):
+    torch.manual_seed(0)
+    build, shape = SCALAR_CONFIGS[name]
+    graphed = build().cuda()
+    eager = copy.deepcopy(graphed)
+    assert_same_steps(graphed, eager, [torch.randn(shape, device="cuda") for _ in range(6)], monkeypatch)
+    assert len(graphed._graph_calls._graphs) == 2
