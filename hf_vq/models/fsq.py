@@ -361,12 +361,6 @@ class FSQ(QuantizerModel):
                 codes = (codes.unflatten(-1, code_shape) @ self.orthogonal_rot.t()).flatten(-2)
         return codes.to(orig_dtype), indices
 
-    graph_kwargs = frozenset({"return_dict"})
-
-    def graphable(self) -> bool:
-        """Replayed as CUDA graphs unless a training call draws noise (`noise_dropout`)."""
-        return not (self.training and self.noise_dropout > 0)
-
     def forward(self, z: Tensor, return_dict: bool | None = None) -> FSQOutput | tuple:
         """Quantize `z` of shape `(b, n, d)`, `(b, d, h, w)` or `(b, d, t, h, w)` (or `(b, d, n)` with
         `channel_first`; `(b, d)` is one token per row). Returns [`FSQOutput`], or `(quantized, indices)` with

@@ -128,6 +128,10 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
+class Uncapturable(RuntimeError):
+    """A call that read the host while it was being captured (the capture ended cleanly; run it eagerly)."""
+
+
 class _CallGraphs:
     """The graphs of one signature of a `GraphedCall`: the forward, and (when the call is differentiable) the
     backward of its outputs that require grad, both in one private memory pool; the host effects the forward
@@ -143,13 +147,21 @@ class _CallGraphs:
         side.wait_stream(current)
         effects: list[tuple[bool, Callable[[], None]]] = []
         with torch.cuda.stream(side):
-            _recording = effects
+            _recording, sync_mode, refused = effects, torch.cuda.get_sync_debug_mode(), None
+            torch.cuda.set_sync_debug_mode("error")  # a host read raises before it reaches the capturing stream
             self.forward_graph.capture_begin(pool=pool, capture_error_mode="thread_local")
             try:
                 out = fn(*self.static_inputs)
+            except RuntimeError as error:
+                if "synchronizing CUDA operation" not in str(error):
+                    raise
+                refused = error
             finally:
                 self.forward_graph.capture_end()
                 _recording = None
+                torch.cuda.set_sync_debug_mode(sync_mode)
+            if refused is not None:
+                raise Uncapturable(f"the call reads the host ({refused})") from refused
             leaves, self.spec = tree_flatten(out)
             unique = {id(t): t for t in leaves if isinstance(t, Tensor)}
             self.outputs = list(unique.values())
@@ -271,6 +283,9 @@ class GraphedCall:
                 return fn(*inputs)
             try:
                 graphs = self._graphs[key] = _CallGraphs(fn, inputs, params)
+            except Uncapturable:
+                self._refused.add(key)
+                return fn(*inputs)
             except Exception as error:
                 self._refused.add(key)  # (later calls of this signature run eagerly)
                 raise RuntimeError(f"hf_vq: this call could not be captured as a CUDA graph ({error}); set {ENV}=0 "
