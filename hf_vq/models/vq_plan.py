@@ -19,9 +19,10 @@ Five fast paths compute what the general path computes, for a subset of configur
   does (`vq_direct_eval.folds`). A direct call needs no mask and no `indices` target.
 - `graphed_call`: on a GPU, a plain call (`model(x)`, no mask or other tensor argument) is replayed as CUDA graphs,
   forward and backward (`QuantizerModel.__call__`, `ops.graphs.GraphedCall`): the options it excludes read the
-  host during a call (dead-code expiry, a manual EMA step's finiteness check), draw random numbers (stochastic
-  sampling, the orthogonal loss's code subset), score every row against the whole codebook in checkpointed chunks
-  (cross-entropy commitment, diversity loss), or run a module the user gave (`vq_bridge`).
+  host during a call (dead-code expiry, a manual EMA step's finiteness check, the affine statistics' update, whose
+  capture failed on an H100), draw random numbers (stochastic sampling, the orthogonal loss's code subset), score
+  every row against the whole codebook in checkpointed chunks (cross-entropy commitment, diversity loss), or run a
+  module the user gave (`vq_bridge`).
 
 `FAST_PATH_RULES` classifies every `VectorQuantizeConfig` field: for each path, `ANY` (the path honours every
 value) or a rule `(value, config) -> bool` naming the values it honours. A config whose fields all pass a path's
@@ -100,7 +101,7 @@ FAST_PATH_RULES: dict[str, tuple[Rule, Rule, Rule, Rule, Rule]] = {
     "ema_update": (ANY, ANY, _ema_codebook, ANY, ANY),
     "manual_ema_update": (ANY, ANY, _OFF, ANY, _OFF),
     "learnable_codebook": (_not_learnable, ANY, _not_learnable, ANY, ANY),
-    "affine_param": (ANY, _OFF, _OFF, _OFF, ANY),
+    "affine_param": (ANY, _OFF, _OFF, _OFF, _OFF),
     "affine_param_batch_decay": (ANY, ANY, ANY, ANY, ANY),
     "affine_param_codebook_decay": (ANY, ANY, ANY, ANY, ANY),
     "return_zeros_for_masked_padding": (ANY, ANY, ANY, ANY, ANY),  # masked calls take the general path

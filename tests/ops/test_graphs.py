@@ -178,7 +178,6 @@ WHOLE_CALL_CONFIGS = {
     "plain": dict(),
     "cosine": dict(use_cosine_sim=True),
     "heads with projections": dict(heads=2, codebook_dim=8, separate_codebook_per_head=True),
-    "affine": dict(affine_param=True),
     "learnable codebook": dict(learnable_codebook=True, ema_update=False),
     "k-means init": dict(kmeans_init=True),
     "image input": dict(accept_image_fmap=True),
