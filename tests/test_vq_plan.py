@@ -90,8 +90,9 @@ def test_default_config_takes_every_fast_path():
                                                        direct_eval=True, graphed_call=True)
     assert hf_vq.VectorQuantize(**BASE).plan.direct_eval
     # with projections: not the lean eval of ResidualVQ's levels, which reads raw rows
-    assert hf_vq.VectorQuantize(**BASE, heads=2).plan == VQPlan(fused_estimator=True, direct_eval=True,
-                                                                graphed_call=True)
+    assert hf_vq.VectorQuantize(**BASE, heads=2).plan == VQPlan(fused_estimator=True, direct_eval=True)
+    # heads without projections (their codebook dims add up to the input dim) are replayed as CUDA graphs
+    assert hf_vq.VectorQuantize(**BASE, heads=2, codebook_dim=4).plan.graphed_call
     optimizer = hf_vq.VectorQuantize(**BASE, learnable_codebook=True, ema_update=False, rotation_trick=True,
                                      in_place_codebook_optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
     assert not optimizer.plan.fused_levels

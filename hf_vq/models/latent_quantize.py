@@ -351,14 +351,6 @@ class LatentQuantize(QuantizerModel):
 
     # -- forward ----------------------------------------------------------------------------------
 
-    graph_kwargs = frozenset({"return_dict"})
-
-    def graphable(self) -> bool:
-        """Training calls (an eval call is a few launches, which the graph's input and output copies would only
-        add to) are replayed as CUDA graphs, unless the values are optimized in place (an optimizer step inside
-        the call)."""
-        return self.training and self.in_place_codebook_optimizer is None
-
     def forward(self, z: Tensor, return_dict: bool | None = None) -> LatentQuantizeOutput | tuple:
         """Quantize `z` of shape `(b, n, d)`, `(b, d, h, w)` or `(b, d, t, h, w)` (or `(b, d, n)` with
         `channel_first`; `(b, d)` is one token per row). Returns [`LatentQuantizeOutput`], or

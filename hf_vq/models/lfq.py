@@ -365,14 +365,6 @@ class LFQ(QuantizerModel):
 
     # -- forward ----------------------------------------------------------------------------------
 
-    graph_kwargs = frozenset({"return_dict", "return_loss_breakdown", "inv_temperature"})
-
-    def graphable(self) -> bool:
-        """Training calls (an eval call is a few launches, which the graph's input and output copies would only
-        add to) are replayed as CUDA graphs, unless they draw a random fraction of the tokens for the entropy
-        (`frac_per_sample_entropy < 1`, on the host as vqp) or sum the code probabilities over processes."""
-        return self.training and self.frac_per_sample_entropy == 1.0 and not distributed.is_distributed()
-
     def forward(
         self,
         x: Tensor,

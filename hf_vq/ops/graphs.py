@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -220,6 +221,16 @@ class _CallGraphs:
         return tree_unflatten(leaves, self.spec)
 
 
+def end_failed_capture(device: torch.device) -> None:
+    """Leave the state a failed capture left behind: PyTorch's CUDA generators stay in capture mode (only a capture
+    that ends cleanly runs their epilogue), which fails every later random draw on the device; capturing an empty
+    graph ends that mode."""
+    with torch.cuda.stream(_side_stream(device)):
+        graph = torch.cuda.CUDAGraph()
+        graph.capture_begin(capture_error_mode="thread_local")
+        graph.capture_end()
+
+
 def spread_grads(grads: tuple[Tensor | None, ...], wanted: list[bool]) -> list[Tensor | None]:
     """`grads` of the tensors marked in `wanted`, spread over every position of `wanted` (None elsewhere)."""
     it = iter(grads)
@@ -274,31 +285,48 @@ class GraphedCall:
     def __call__(self, fn: Callable[..., object], inputs: list[Tensor], params: list[Tensor], key: tuple) -> object:
         graphs = self._graphs.get(key)
         if graphs is None:
-            if key not in self._seen:
-                if len(self._seen) > 64 * self.max_graphs:
-                    self._seen.clear()
-                self._seen.add(key)
+            graphs = self._capture(fn, inputs, params, key)
+            if graphs is None:
                 return fn(*inputs)
-            if key in self._refused:
-                return fn(*inputs)
-            try:
-                graphs = self._graphs[key] = _CallGraphs(fn, inputs, params)
-            except Uncapturable:
-                self._refused.add(key)
-                return fn(*inputs)
-            except Exception as error:
-                self._refused.add(key)  # (later calls of this signature run eagerly)
-                raise RuntimeError(f"hf_vq: this call could not be captured as a CUDA graph ({error}); set {ENV}=0 "
-                                   "to run every call eagerly, and please report the configuration") from error
-            if len(self._graphs) > self.max_graphs:
-                dropped, _ = self._graphs.popitem(last=False)
-                self._seen.discard(dropped)
         elif graphs.waits_for_backward():
             return fn(*inputs)
         self._graphs.move_to_end(key)
         if graphs.backward_graph is None:
             return graphs.output(graphs.replay_forward(inputs))
         return graphs.output(list(_Replay.apply(graphs, len(inputs), *inputs, *params)))
+
+    def _capture(self, fn: Callable[..., object], inputs: list[Tensor], params: list[Tensor],
+                 key: tuple) -> _CallGraphs | None:
+        """The graphs of `key`, captured now; None (run eagerly) the first time `key` is seen and for a signature
+        whose capture failed. A capture that fails otherwise than by a host read (which ends it cleanly) is
+        reported by a warning, once per signature."""
+        if key not in self._seen:
+            if len(self._seen) > 64 * self.max_graphs:
+                self._seen.clear()
+            self._seen.add(key)
+            return None
+        if key in self._refused:
+            return None
+        try:
+            graphs = self._graphs[key] = _CallGraphs(fn, inputs, params)
+        except Uncapturable:
+            self._refused.add(key)
+            return None
+        except Exception as error:
+            self._refused.add(key)
+            try:
+                end_failed_capture(inputs[0].device)
+            except Exception:
+                raise RuntimeError(f"hf_vq: a call could not be captured as a CUDA graph ({error}); set {ENV}=0 to "
+                                   "run every call eagerly, and please report the configuration") from error
+            warnings.warn(f"hf_vq: a call could not be captured as a CUDA graph ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0]}); calls of this signature run eagerly. Set {ENV}=0 to run "
+                          "every call eagerly, and please report the configuration", stacklevel=4)
+            return None
+        if len(self._graphs) > self.max_graphs:
+            dropped, _ = self._graphs.popitem(last=False)
+            self._seen.discard(dropped)
+        return graphs
 
 
 # --------------------------------------------------------------------------------------------------
