@@ -82,7 +82,8 @@ class Codebook(nn.Module):
         self.ema_update = c.resolved_ema_update
         self.manual_ema_update = c.manual_ema_update
         self.learnable = c.resolved_learnable_codebook
-        self.sync_codebook, self.sync_kmeans, self.sync_affine_param = c.sync_codebook, c.sync_kmeans, c.sync_affine_param
+        self.sync_codebook, self.sync_kmeans = c.sync_codebook, c.sync_kmeans
+        self.sync_affine_param = c.sync_affine_param
         self.affine_param = c.affine_param
         self.affine_param_batch_decay = c.affine_param_batch_decay
         self.affine_param_codebook_decay = c.affine_param_codebook_decay

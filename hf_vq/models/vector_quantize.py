@@ -159,10 +159,6 @@ class VectorQuantize(QuantizerModel):
         self.return_zeros_for_masked_padding = c.return_zeros_for_masked_padding
         self.manual_in_place_optimizer_update = c.manual_in_place_optimizer_update
 
-    def _init_weights(self, module):
-        # the codebook is initialized in Codebook.__init__ (kaiming uniform, as vqp); nothing else to do
-        super()._init_weights(module)
-
     @property
     def plan(self) -> VQPlan:
         """The fast paths this model may take now: `config_plan` restricted by the codebook's state, decided again
@@ -185,9 +181,7 @@ class VectorQuantize(QuantizerModel):
     def graphable(self) -> bool:
         """The plan's `graphed_call`, for a call of its own: not inside an owner's `deferred_updates` block (residual
         levels), not with statistics summed over processes."""
-        cb = self._codebook
-        return (self.plan.graphed_call and cb.deferred is None and not cb.syncs()
-                and not (self.affine_param and cb.syncs_affine()))
+        return self.plan.graphed_call and self._codebook.deferred is None and not self._codebook.syncs()
 
     # -- conversions ------------------------------------------------------------------------------
 

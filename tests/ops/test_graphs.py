@@ -1,15 +1,16 @@
-"""`ops.graphs.GraphedUpdate`: a no-grad update replayed as a CUDA graph, bit-identical to its eager run."""
+"""`ops.graphs`: a no-grad update (`GraphedUpdate`) and a module's whole call (`GraphedCall`) replayed as CUDA graphs,
+with the results of eager runs."""
 
 import copy
 
 import pytest
 import torch
+from test_vq_plan import BASE, FIELDS, NON_DEFAULT, _input
+from torch.utils._pytree import tree_flatten
 
 import hf_vq
 from hf_vq.models import sgm_ema
 from hf_vq.ops import ema, graphs
-from torch.utils._pytree import tree_flatten
-from test_vq_plan import BASE, FIELDS, NON_DEFAULT, _input
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
