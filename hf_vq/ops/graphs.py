@@ -202,12 +202,13 @@ class _CallGraphs:
         self.generation += 1
         for fn in self.after:
             fn()
-        return [t.clone() for t in self.outputs]
+        return copies(self.outputs)
 
     def replay_backward(self, grads: tuple[Tensor, ...]) -> list[Tensor | None]:
         torch._foreach_copy_(self.grad_outputs, [grads[i] for i in self.differentiable])
         self._replay(self.backward_graph)
-        return [g.clone() if g is not None else None for g in self.grads]
+        grads = iter(copies([g for g in self.grads if g is not None]))
+        return [next(grads) if g is not None else None for g in self.grads]
 
     def _replay(self, graph: torch.cuda.CUDAGraph) -> None:
         if self.device.index == torch.cuda.current_device():
@@ -219,6 +220,13 @@ class _CallGraphs:
     def output(self, tensors: list[Tensor]) -> object:
         leaves = [tensors[s] if is_tensor else s for s, is_tensor in zip(self.slots, self.is_tensor)]
         return tree_unflatten(leaves, self.spec)
+
+
+def copies(tensors: list[Tensor]) -> list[Tensor]:
+    """Copies of `tensors` (same layouts) in one multi-tensor copy rather than a launch each."""
+    out = [torch.empty_like(t) for t in tensors]
+    torch._foreach_copy_(out, tensors)
+    return out
 
 
 def end_failed_capture(device: torch.device) -> None:
@@ -321,7 +329,7 @@ class GraphedCall:
                                    "run every call eagerly, and please report the configuration") from error
             warnings.warn(f"hf_vq: a call could not be captured as a CUDA graph ({type(error).__name__}: "
                           f"{str(error).splitlines()[0]}); calls of this signature run eagerly. Set {ENV}=0 to run "
-                          "every call eagerly, and please report the configuration", stacklevel=4)
+                          "every call eagerly, and please report the configuration", stacklevel=5)
             return None
         if len(self._graphs) > self.max_graphs:
             dropped, _ = self._graphs.popitem(last=False)

@@ -106,6 +106,14 @@ def test_host_effects_run_at_once_outside_a_capture_and_at_each_replay_inside_on
     assert ran == ["now"] and [before for before, _ in recorded] == [True, False]
 
 
+def test_output_copies_keep_values_and_layouts_and_gradients_go_back_to_their_tensors():
+    tensors = [torch.randn(3, 4), torch.arange(5), torch.randn(4, 3).t(), torch.zeros(())]
+    for t, c in zip(tensors, graphs.copies(tensors)):
+        assert torch.equal(t, c) and t.stride() == c.stride() and t.data_ptr() != c.data_ptr()
+    a, b = torch.ones(2), torch.zeros(2)
+    assert graphs.spread_grads((a, b), [True, False, True, False]) == [a, None, b, None]
+
+
 def test_cpu_calls_hooked_modules_and_other_arguments_are_not_replayed():
     vq = hf_vq.VectorQuantize(dim=8, codebook_size=16)
     x = torch.randn(2, 5, 8)
