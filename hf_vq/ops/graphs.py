@@ -346,11 +346,12 @@ MAX_ELEMENTS = 2**25  # larger inputs keep the GPU busier than the host: eager, 
 def replayable(module: torch.nn.Module, args: tuple, kwargs: dict, allowed_kwargs: frozenset[str]) -> bool:
     """Whether `module(*args, **kwargs)` may be replayed as CUDA graphs: one CUDA tensor argument of at most
     `MAX_ELEMENTS` entries, keyword arguments among `allowed_kwargs` with plain values (they are part of the
-    signature), graphs enabled (`enabled_for`), and no hook on the module or its submodules (a replay runs no
-    Python code). The module's own conditions (`QuantizerModel.graphable`) are the caller's."""
+    signature), graphs enabled (`enabled_for`), no hook on the module or its submodules (a replay runs no Python
+    code) and no `module.compile()` (the compiled call is torch.compile's to run). The module's own conditions
+    (`QuantizerModel.graphable`) are the caller's."""
     return (len(args) == 1 and isinstance(x := args[0], Tensor) and x.is_cuda and x.numel() <= MAX_ELEMENTS
             and kwargs.keys() <= allowed_kwargs and all(_plain_value(v) for v in kwargs.values())
-            and enabled_for(args) and not _hooked(module))
+            and enabled_for(args) and getattr(module, "_compiled_call_impl", None) is None and not _hooked(module))
 
 
 def _plain_value(value) -> bool:

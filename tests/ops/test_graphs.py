@@ -128,6 +128,9 @@ def test_cpu_calls_hooked_modules_and_other_arguments_are_not_replayed():
         assert graphs.replayable(vq, (xc,), {"return_dict": False}, vq.graph_kwargs)
         assert not graphs.replayable(vq, (xc,), {"mask": torch.ones(2, 5, dtype=torch.bool)}, vq.graph_kwargs)
         assert not graphs.replayable(vq, (xc, None), {}, vq.graph_kwargs)
+        compiled = copy.deepcopy(vq)
+        compiled.compile()
+        assert not graphs.replayable(compiled, (xc,), {}, vq.graph_kwargs)
 
 
 def test_models_with_graphs_copy_without_them():
