@@ -129,6 +129,14 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
+def _set_sync_debug_mode(mode: str | int) -> None:
+    """`torch.cuda.set_sync_debug_mode` without its warning that the mode is a prototype (it finds the host reads of
+    PyTorch's own ops, which is what a capture needs)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.cuda.set_sync_debug_mode(mode)
+
+
 class Uncapturable(RuntimeError):
     """A call that read the host while it was being captured (the capture ended cleanly; run it eagerly)."""
 
@@ -149,7 +157,7 @@ class _CallGraphs:
         effects: list[tuple[bool, Callable[[], None]]] = []
         with torch.cuda.stream(side):
             _recording, sync_mode, refused = effects, torch.cuda.get_sync_debug_mode(), None
-            torch.cuda.set_sync_debug_mode("error")  # a host read raises before it reaches the capturing stream
+            _set_sync_debug_mode("error")  # a host read raises before it reaches the capturing stream
             self.forward_graph.capture_begin(pool=pool, capture_error_mode="thread_local")
             try:
                 out = fn(*self.static_inputs)
@@ -160,7 +168,7 @@ class _CallGraphs:
             finally:
                 self.forward_graph.capture_end()
                 _recording = None
-                torch.cuda.set_sync_debug_mode(sync_mode)
+                _set_sync_debug_mode(sync_mode)
             if refused is not None:
                 raise Uncapturable(f"the call reads the host ({refused})") from refused
             leaves, self.spec = tree_flatten(out)
