@@ -145,10 +145,12 @@ def test_models_with_graphs_copy_without_them():
 
 
 def _step(model, x, train: bool, flag: str, monkeypatch):
-    """One eval call, or one training call and the backward of a loss of every output that has a gradient."""
+    """One eval call, or one training call and the backward of a loss of every output that has a gradient (the
+    same random numbers for both models: k-means samples, stochastic codes)."""
     monkeypatch.setenv(graphs.ENV, flag)
     model.train(train)
     xi = x.clone().requires_grad_(train)
+    torch.manual_seed(1)
     if not train:
         with torch.no_grad():
             return model(xi), None
