@@ -114,6 +114,68 @@ def test_output_copies_keep_values_and_layouts_and_gradients_go_back_to_their_te
     assert graphs.spread_grads((a, b), [True, False, True, False]) == [a, None, b, None]
 
 
+class _FakeGraphs:
+    """Stands in for `graphs._CallGraphs` on the CPU: "captures" by keeping `fn`, "replays" by calling it."""
+
+    made: list = []
+    fail_with: Exception | None = None
+
+    def __init__(self, fn, inputs, params):
+        if _FakeGraphs.fail_with is not None:
+            raise _FakeGraphs.fail_with
+        self.fn, self.backward_graph, self.replays = fn, None, 0
+        _FakeGraphs.made.append(self)
+
+    def waits_for_backward(self):
+        return False
+
+    def replay_forward(self, inputs):
+        self.replays += 1
+        return [self.fn(*inputs)]
+
+    def output(self, tensors):
+        return tensors[0]
+
+
+def test_a_signature_runs_eagerly_then_is_captured_then_replayed_and_old_ones_are_dropped(monkeypatch):
+    monkeypatch.setattr(graphs, "_CallGraphs", _FakeGraphs)
+    monkeypatch.setattr(_FakeGraphs, "made", [])
+    calls, eager = graphs.GraphedCall(max_graphs=2), []
+
+    def fn(x):
+        eager.append(x)
+        return x + 1
+
+    x = torch.zeros(2)
+    for key in ("a", "a", "a", "b", "b", "c", "c"):
+        assert torch.equal(calls(fn, [x], [], (key,)), x + 1)
+    a, b, c = _FakeGraphs.made
+    assert a.replays == 2 and b.replays == 1 and c.replays == 1  # captured on the second call, replayed after
+    assert list(calls._graphs) == [("b",), ("c",)] and ("a",) not in calls._seen  # least recently used dropped
+
+
+def test_a_failed_capture_runs_eagerly_and_is_not_tried_again(monkeypatch):
+    monkeypatch.setattr(graphs, "_CallGraphs", _FakeGraphs)
+    ended = []
+    monkeypatch.setattr(graphs, "end_failed_capture", lambda device: ended.append(device))
+    calls, x = graphs.GraphedCall(), torch.zeros(2)
+    monkeypatch.setattr(_FakeGraphs, "fail_with", graphs.Uncapturable("the call reads the host"))
+    for _ in range(3):  # a host read ends the capture cleanly: eager, silently, from then on
+        assert torch.equal(calls(lambda t: t + 1, [x], [], ("read",)), x + 1)
+    assert not ended and ("read",) in calls._refused
+    monkeypatch.setattr(_FakeGraphs, "fail_with", RuntimeError("operation not permitted when stream is capturing"))
+    calls(lambda t: t, [x], [], ("broken",))
+    with pytest.warns(UserWarning, match="could not be captured as a CUDA graph .*operation not permitted"):
+        assert torch.equal(calls(lambda t: t * 2, [x], [], ("broken",)), x * 2)
+    assert ended == [x.device] and not calls._graphs
+    calls(lambda t: t, [x], [], ("broken",))  # refused: no second attempt, no second warning
+    assert ended == [x.device]
+    monkeypatch.setattr(graphs, "end_failed_capture", lambda device: (_ for _ in ()).throw(RuntimeError("stuck")))
+    calls(lambda t: t, [x], [], ("worse",))
+    with pytest.raises(RuntimeError, match="could not be captured as a CUDA graph"):
+        calls(lambda t: t, [x], [], ("worse",))
+
+
 def test_cpu_calls_hooked_modules_and_other_arguments_are_not_replayed():
     vq = hf_vq.VectorQuantize(dim=8, codebook_size=16)
     x = torch.randn(2, 5, 8)
