@@ -1,20 +1,21 @@
-"""A fixed no-grad update, replayed as one CUDA graph.
+"""CUDA graphs for small calls, whose few dozen launches cost the host more than the GPU.
 
-A small training step is bound by the host: each of its few dozen launches costs the host more than the GPU. The
-codebook update that follows the batch statistics (finiteness flag, EMA steps, Laplace smoothing, codebook from the
-EMA) is a fixed sequence of about fifteen such launches whose shapes depend only on the codebooks, not on the batch.
-`GraphedUpdate` runs such a function eagerly the first time it sees a signature, captures it as a CUDA graph the
-second time, and from then on copies the inputs into the graph's own tensors and replays it: one copy and one
-launch instead of the sequence. The kernels are the same, so the results are bit-identical to the eager run.
+Two mechanisms, both eager the first time they see a signature, captured the second time and replayed after that
+(`_PerSignature`: at most a few graphs per owner, the least recently used dropped):
 
-A signature is the function's scalar arguments, the shape, stride and dtype of its inputs (copied in each call) and
-the address as well of every state tensor it writes: a state tensor that moves (`module.to(...)`,
+- `GraphedUpdate`: a fixed no-grad update inside a call, such as the codebook update after the batch statistics
+  (finiteness flag, EMA steps, Laplace smoothing, codebook from the EMA: about fifteen launches whose shapes depend
+  only on the codebooks). A replay is one copy of the inputs and one launch, with the eager kernels.
+- `GraphedCall`: a module's whole call, forward and (in training) backward, entered through
+  `QuantizerModel.__call__` for the families that opt in (`replayable`, `call_graphed`). Its outputs are copies;
+  the Python bookkeeping of a call runs at every replay through `host_effect`.
+
+A signature holds the address of every state tensor as well as the layouts: a tensor that moves (`module.to(...)`,
 `load_state_dict(assign=True)`) gives a new signature, so a graph never writes to memory its tensors have left.
 
 Eager instead: on the CPU, under torch.compile, while a graph is being captured (the caller's own CUDA graph), and
 with `HF_VQ_CUDA_GRAPHS=0`.
 """
-
 from __future__ import annotations
 
 import functools
@@ -45,7 +46,48 @@ def signature(inputs: Sequence[Tensor], state: Sequence[Tensor], *scalars) -> tu
             *((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in state))
 
 
-class GraphedUpdate:
+class _PerSignature:
+    """Graphs kept per signature: a signature's first sight only records it (a one-off call needs no graph), its
+    second is captured; at most `max_graphs` are kept, the least recently used dropped first (and forgotten)."""
+
+    def __init__(self, max_graphs: int):
+        self.max_graphs = max_graphs
+        self._seen: set[tuple] = set()
+        self._graphs: OrderedDict[tuple, object] = OrderedDict()
+
+    def _lookup(self, key: tuple):
+        """The graphs kept for `key` (now the most recently used), or None."""
+        entry = self._graphs.get(key)
+        if entry is not None:
+            self._graphs.move_to_end(key)
+        return entry
+
+    def _first_sight(self, key: tuple) -> bool:
+        """Whether `key` is new (it is recorded now)."""
+        if key in self._seen:
+            return False
+        if len(self._seen) > 64 * self.max_graphs:  # (state that moves every call: nothing repeats)
+            self._seen.clear()
+        self._seen.add(key)
+        return True
+
+    def _keep(self, key: tuple, entry) -> None:
+        self._graphs[key] = entry
+        if len(self._graphs) > self.max_graphs:
+            dropped, _ = self._graphs.popitem(last=False)
+            self._seen.discard(dropped)
+
+
+def replay_on(graph: torch.cuda.CUDAGraph, device: torch.device) -> None:
+    """Replay `graph`, captured on `device` (a replay launches on the current device's stream)."""
+    if device.index == torch.cuda.current_device():
+        graph.replay()
+    else:
+        with torch.cuda.device(device):
+            graph.replay()
+
+
+class GraphedUpdate(_PerSignature):
     """`fn(inputs, state) -> outputs`, a no-grad function of CUDA tensors that writes `state` in place, replayed as a
     CUDA graph per signature (`signature(inputs, state, *scalars)`; `scalars` are passed on to `fn`). The first
     call with a signature runs `fn` eagerly, the second captures and replays it, later ones replay. The outputs of a
@@ -53,35 +95,23 @@ class GraphedUpdate:
     recently used dropped first."""
 
     def __init__(self, fn: Callable[..., list[Tensor]], max_graphs: int = 8):
-        self.fn, self.max_graphs = fn, max_graphs
-        self._seen: set[tuple] = set()
-        self._graphs: OrderedDict[tuple, tuple[list[Tensor], torch.cuda.CUDAGraph, list[Tensor]]] = OrderedDict()
+        super().__init__(max_graphs)
+        self.fn = fn
 
     @torch.no_grad()
     def __call__(self, inputs: list[Tensor], state: list[Tensor], *scalars) -> list[Tensor]:
         if not enabled_for(inputs + state):
             return self.fn(inputs, state, *scalars)
         key = signature(inputs, state, *scalars)
-        entry = self._graphs.get(key)
+        entry = self._lookup(key)
         if entry is None:
-            if key not in self._seen:  # first sight: eager (a one-off needs no graph)
-                if len(self._seen) > 64 * self.max_graphs:  # (state that moves every call: nothing repeats)
-                    self._seen.clear()
-                self._seen.add(key)
+            if self._first_sight(key):
                 return self.fn(inputs, state, *scalars)
             entry = self._capture(inputs, state, scalars)
-            self._graphs[key] = entry
-            if len(self._graphs) > self.max_graphs:
-                dropped, _ = self._graphs.popitem(last=False)
-                self._seen.discard(dropped)
-        self._graphs.move_to_end(key)
+            self._keep(key, entry)
         static_inputs, graph, outputs = entry
         torch._foreach_copy_(static_inputs, inputs)
-        if inputs[0].device.index == torch.cuda.current_device():
-            graph.replay()
-        else:  # (a replay launches on the current device's stream)
-            with torch.cuda.device(inputs[0].device):
-                graph.replay()
+        replay_on(graph, inputs[0].device)
         return outputs
 
     def _capture(self, inputs: list[Tensor], state: list[Tensor], scalars: tuple):
@@ -90,7 +120,7 @@ class GraphedUpdate:
         must be capturable (no host reads, no CPU tensors, no random numbers)."""
         static_inputs = [t.clone() for t in inputs]
         graph = torch.cuda.CUDAGraph()
-        side, current = torch.cuda.Stream(device=inputs[0].device), torch.cuda.current_stream(inputs[0].device)
+        side, current = _side_stream(inputs[0].device), torch.cuda.current_stream(inputs[0].device)
         side.wait_stream(current)
         with torch.cuda.stream(side):
             graph.capture_begin(capture_error_mode="thread_local")
@@ -172,9 +202,10 @@ class _CallGraphs:
             if refused is not None:
                 raise Uncapturable(f"the call reads the host ({refused})") from refused
             leaves, self.spec = tree_flatten(out)
-            unique = {id(t): t for t in leaves if isinstance(t, Tensor)}
+            unique = {id(t): t for t in leaves if isinstance(t, Tensor)}  # (an output tensor may appear twice)
+            slot = {key: i for i, key in enumerate(unique)}
             self.outputs = list(unique.values())
-            self.slots = [list(unique).index(id(t)) if isinstance(t, Tensor) else t for t in leaves]
+            self.slots = [slot[id(t)] if isinstance(t, Tensor) else t for t in leaves]
             self.is_tensor = [isinstance(t, Tensor) for t in leaves]
             self.differentiable = [i for i, t in enumerate(self.outputs) if t.requires_grad]
             targets = [t for t in self.static_inputs if t.requires_grad] + [p for p in params if p.requires_grad]
@@ -206,7 +237,7 @@ class _CallGraphs:
         for fn in self.before:
             fn()
         torch._foreach_copy_(self.static_inputs, inputs)
-        self._replay(self.forward_graph)
+        replay_on(self.forward_graph, self.device)
         self.generation += 1
         for fn in self.after:
             fn()
@@ -214,16 +245,9 @@ class _CallGraphs:
 
     def replay_backward(self, grads: tuple[Tensor, ...]) -> list[Tensor | None]:
         torch._foreach_copy_(self.grad_outputs, [grads[i] for i in self.differentiable])
-        self._replay(self.backward_graph)
+        replay_on(self.backward_graph, self.device)
         grads = iter(copies([g for g in self.grads if g is not None]))
         return [next(grads) if g is not None else None for g in self.grads]
-
-    def _replay(self, graph: torch.cuda.CUDAGraph) -> None:
-        if self.device.index == torch.cuda.current_device():
-            graph.replay()
-        else:
-            with torch.cuda.device(self.device):
-                graph.replay()
 
     def output(self, tensors: list[Tensor]) -> object:
         leaves = [tensors[s] if is_tensor else s for s, is_tensor in zip(self.slots, self.is_tensor)]
@@ -276,7 +300,7 @@ class _Replay(torch.autograd.Function):
         return (None, None, *graphs.replay_backward(grads))
 
 
-class GraphedCall:
+class GraphedCall(_PerSignature):
     """A module call `fn(*inputs)` replayed as CUDA graphs per signature: eager the first time a signature is seen,
     captured (forward, and the backward of its differentiable outputs) and replayed the second time, replayed after
     that. The caller builds the signature (`key`) from everything the call's control flow and memory depend on, and
@@ -286,10 +310,8 @@ class GraphedCall:
     """
 
     def __init__(self, max_graphs: int = 4):
-        self.max_graphs = max_graphs
-        self._seen: set[tuple] = set()
+        super().__init__(max_graphs)
         self._refused: set[tuple] = set()
-        self._graphs: OrderedDict[tuple, _CallGraphs] = OrderedDict()
 
     def __getstate__(self) -> dict:
         """A copy of a model (`copy.deepcopy`, pickling) starts without graphs: they are bound to this one's memory."""
@@ -299,14 +321,13 @@ class GraphedCall:
         self.__init__(state["max_graphs"])
 
     def __call__(self, fn: Callable[..., object], inputs: list[Tensor], params: list[Tensor], key: tuple) -> object:
-        graphs = self._graphs.get(key)
+        graphs = self._lookup(key)
         if graphs is None:
             graphs = self._capture(fn, inputs, params, key)
             if graphs is None:
                 return fn(*inputs)
         elif graphs.waits_for_backward():
             return fn(*inputs)
-        self._graphs.move_to_end(key)
         if graphs.backward_graph is None:
             return graphs.output(graphs.replay_forward(inputs))
         return graphs.output(list(_Replay.apply(graphs, len(inputs), *inputs, *params)))
@@ -316,15 +337,10 @@ class GraphedCall:
         """The graphs of `key`, captured now; None (run eagerly) the first time `key` is seen and for a signature
         whose capture failed. A capture that fails otherwise than by a host read (which ends it cleanly) is
         reported by a warning, once per signature."""
-        if key not in self._seen:
-            if len(self._seen) > 64 * self.max_graphs:
-                self._seen.clear()
-            self._seen.add(key)
-            return None
-        if key in self._refused:
+        if self._first_sight(key) or key in self._refused:
             return None
         try:
-            graphs = self._graphs[key] = _CallGraphs(fn, inputs, params)
+            graphs = _CallGraphs(fn, inputs, params)
         except Uncapturable:
             self._refused.add(key)
             return None
@@ -339,9 +355,7 @@ class GraphedCall:
                           f"{str(error).splitlines()[0]}); calls of this signature run eagerly. Set {ENV}=0 to run "
                           "every call eagerly, and please report the configuration", stacklevel=5)
             return None
-        if len(self._graphs) > self.max_graphs:
-            dropped, _ = self._graphs.popitem(last=False)
-            self._seen.discard(dropped)
+        self._keep(key, graphs)
         return graphs
 
 

@@ -41,6 +41,25 @@ def test_cpu_and_disabled_updates_run_eagerly(monkeypatch):
         assert not graphs.enabled_for([torch.zeros(1, device="cuda")])
 
 
+def test_graphed_update_keeps_one_graph_per_signature_from_its_second_sight(monkeypatch):
+    """The bookkeeping of `GraphedUpdate` on the CPU: captures stand in for graphs that re-run the function."""
+    captured = []
+
+    def capture(self, inputs, state, scalars):
+        static = [t.clone() for t in inputs]
+        captured.append(scalars)
+        return static, lambda: self.fn(static, state, *scalars), [None]
+
+    monkeypatch.setattr(graphs, "enabled_for", lambda tensors: True)
+    monkeypatch.setattr(graphs.GraphedUpdate, "_capture", capture)
+    monkeypatch.setattr(graphs, "replay_on", lambda graph, device: graph())
+    update, state = graphs.GraphedUpdate(_scaled_add, max_graphs=1), [torch.zeros(3)]
+    for scale in (1.0, 1.0, 1.0, 2.0, 2.0, 1.0):
+        update([torch.ones(3)], state, scale)
+    assert captured == [(1.0,), (2.0,)] and list(update._graphs) == [graphs.signature([torch.ones(3)], state, 2.0)]
+    assert torch.equal(state[0], torch.full((3,), 1.0 * 4 + 2.0 * 2))  # every call applied once, graphed or not
+
+
 @needs_gpu
 def test_graphed_update_replays_and_recaptures_when_state_moves():
     update = graphs.GraphedUpdate(_scaled_add, max_graphs=2)
