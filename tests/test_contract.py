@@ -85,6 +85,31 @@ def test_return_dict_false_gives_the_reference_tuple(name):
     _assert_same(tup, out.to_tuple_output())
 
 
+# the first output is features in the input's dtype, except BinaryMapper's: a float32 one-hot code
+FEATURE_DTYPE = {"BinaryMapper": torch.float32}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_bfloat16_model_trains_and_evaluates(name):
+    """`model.to(torch.bfloat16)`, as a tokenizer trained in bf16 does: buffers keep that dtype through a training
+    step (the EMA statistics are computed in float32 and written back), and the output keeps the input's dtype."""
+    cls_name, kwargs, x = example(name)
+    model = getattr(hf_vq, cls_name)(**kwargs).to(torch.bfloat16)
+    dtypes = {key: value.dtype for key, value in model.state_dict().items()}
+    x = x.to(torch.bfloat16).requires_grad_()
+    torch.manual_seed(1)
+    quantized = model.train()(x, return_dict=True).to_tuple()[0]
+    assert quantized.dtype == FEATURE_DTYPE.get(cls_name, torch.bfloat16)
+    quantized.float().square().sum().backward()
+    assert x.grad is None or torch.isfinite(x.grad).all()  # None: an output without a gradient path to x
+    with torch.no_grad():
+        assert model.eval()(x, return_dict=True).to_tuple()[0].dtype == FEATURE_DTYPE.get(cls_name, torch.bfloat16)
+    state = model.state_dict()
+    assert {key: value.dtype for key, value in state.items()} == dtypes
+    for key, value in state.items():
+        assert not value.is_floating_point() or torch.isfinite(value).all(), key
+
+
 class _QuantizerPipeline(DiffusionPipeline):
     def __init__(self, quantizer):
         super().__init__()

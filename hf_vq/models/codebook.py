@@ -120,8 +120,11 @@ class Codebook(nn.Module):
     # -- codes as the forward reads them ------------------------------------------------------------
 
     def codes(self) -> Tensor:
-        """The codebook the search reads: with its autograd link when learnable, affine-mapped when enabled."""
+        """The codebook the search reads, float32 as the rows it is compared with (a model cast to half precision
+        keeps its buffers in that dtype, as vqp 1.32 does): with its autograd link when learnable, affine-mapped
+        when enabled."""
         embed = self.embed if isinstance(self.embed, nn.Parameter) and self.learnable else self.embed.detach()
+        embed = embed.float()
         if "vq_bridge" in self._modules:  # a VectorQuantize `vq_bridge` module maps the codebook (vqp 1.32)
             embed = self._modules["vq_bridge"](embed)
         return self.affine_embed(embed) if self.affine_param else embed

@@ -361,7 +361,8 @@ class LFQ(QuantizerModel):
         return lfq_ops.entropies(logits, selections=self._selections())
 
     def _selections(self) -> tuple[Tensor, Tensor]:
-        return self._select_hi, self._select_lo
+        """The selection tables, float32 as the log probabilities they multiply (also in a half-precision model)."""
+        return self._select_hi.float(), self._select_lo.float()
 
     # -- forward ----------------------------------------------------------------------------------
 
