@@ -89,7 +89,7 @@ class Codebook(nn.Module):
         self.affine_param_codebook_decay = c.affine_param_codebook_decay
         # the host-side answer of `is_initted` (buffer identity and version), and statistics accumulated by
         # `update(accum=True)` for the next update (vqp keeps them in the buffers' `.grad`; not checkpointed)
-        self.initted_key: tuple | None = None
+        self._initted_key: tuple | None = None
         self.pending_stats: CodebookStats | None = None
         # the `DeferredUpdates` of the step in progress when an owner (residual levels, groups) collects updates
         self.deferred: DeferredUpdates | None = None
@@ -164,17 +164,17 @@ class Codebook(nn.Module):
         Under torch.compile the buffer cannot be read: a codebook without k-means init is initialized at
         construction, and one with it must have been seen initialized by an eager call (k-means runs eagerly)."""
         if torch.compiler.is_compiling():
-            if not self.kmeans_init or self.initted_key is not None:
+            if not self.kmeans_init or self._initted_key is not None:
                 return True
             raise RuntimeError("kmeans_init=True: run one forward outside torch.compile first (k-means initializes "
                                "the codebook eagerly; a loaded, initialized checkpoint also needs one eager call)")
         t = self.initted
         key = (t.data_ptr(), t._version, t.device)
-        if self.initted_key == key:
+        if self._initted_key == key:
             return True
         if not bool(t):
             return False
-        self.initted_key = key
+        self._initted_key = key
         return True
 
     @torch.no_grad()

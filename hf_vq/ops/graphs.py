@@ -11,7 +11,8 @@ Two mechanisms, both eager the first time they see a signature, captured the sec
   the Python bookkeeping of a call runs at every replay through `host_effect`.
 
 A signature holds the address of every state tensor as well as the layouts: a tensor that moves (`module.to(...)`,
-`load_state_dict(assign=True)`) gives a new signature, so a graph never writes to memory its tensors have left.
+`load_state_dict(assign=True)`) gives a new signature, so a graph never writes to memory its tensors have left. A
+whole call's signature also holds the module's settings (`settings`): a replay never reads a stale loss weight.
 
 Eager instead: on the CPU, under torch.compile, while a graph is being captured (the caller's own CUDA graph), and
 with `HF_VQ_CUDA_GRAPHS=0`.
@@ -19,6 +20,7 @@ with `HF_VQ_CUDA_GRAPHS=0`.
 from __future__ import annotations
 
 import functools
+import operator
 import os
 import warnings
 import weakref
@@ -392,7 +394,8 @@ def _hooked(module: torch.nn.Module) -> bool:
 def call_graphed(module: torch.nn.Module, x: Tensor, kwargs: dict) -> object:
     """`module(x, **kwargs)` through the module's `GraphedCall`, under a signature of everything its control flow
     and memory depend on: training mode, grad and inference mode, autocast, the keyword arguments, the input's
-    layout and whether it requires grad, and every parameter's and buffer's address, layout and `requires_grad`."""
+    layout and whether it requires grad, every parameter's and buffer's address, layout and `requires_grad`, and
+    the module's settings (`settings`: a user who sets `vq.commitment_weight` gets a call that reads it)."""
     calls = module.__dict__.get("_graph_calls")
     if calls is None:
         calls = module.__dict__["_graph_calls"] = GraphedCall()
@@ -400,11 +403,41 @@ def call_graphed(module: torch.nn.Module, x: Tensor, kwargs: dict) -> object:
     state = [*params, *module.buffers()]
     key = (module.training, torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
            torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"), tuple(sorted(kwargs.items())),
-           x.shape, x.stride(), x.dtype, x.requires_grad, x.device,
+           x.shape, x.stride(), x.dtype, x.requires_grad, x.device, settings(module),
            *((t.data_ptr(), t.shape, t.stride(), t.dtype, t.requires_grad) for t in state))
-    return calls(functools.partial(torch.nn.Module.__call__, module, **kwargs), [x], params, key)
+    call = functools.partial(torch.nn.Module.__call__, module, **kwargs)
+    try:
+        hash(key)
+    except TypeError:  # a setting now holds an unhashable value: no signature, so no graph
+        return call(x)
+    return calls(call, [x], params, key)
+
+
+_SETTING_TYPES = (bool, int, float, str, type(None))
+
+
+def _is_setting(name: str, value) -> bool:
+    return not name.startswith("_") and name != "training" and (
+        type(value) in _SETTING_TYPES or type(value) is tuple and all(type(v) in _SETTING_TYPES for v in value))
+
+
+def settings(module: torch.nn.Module) -> tuple:
+    """The values of the public plain attributes (numbers, strings, flags, None, tuples of them) of `module` and its
+    submodules: what a captured call read as Python constants, such as loss weights, the EMA decay and the flags
+    of the options. Which attributes is decided at the first call (kept with the graphs); internal caches that a
+    call changes are private (`_name`)."""
+    readers = module.__dict__.get("_graph_settings")
+    if readers is None:
+        readers = []
+        for sub in module.modules():
+            names = sorted(name for name, value in vars(sub).items() if _is_setting(name, value))
+            if names:
+                readers.append((sub, operator.attrgetter(*names)))
+        module.__dict__["_graph_settings"] = readers
+    return tuple(read(sub) for sub, read in readers)
 
 
 def drop_graphs(module: torch.nn.Module) -> None:
     """Forget `module`'s captured calls (and free their memory pools): its state moved or changed type."""
     module.__dict__.pop("_graph_calls", None)
+    module.__dict__.pop("_graph_settings", None)

@@ -195,6 +195,31 @@ def test_a_failed_capture_runs_eagerly_and_is_not_tried_again(monkeypatch):
         calls(lambda t: t, [x], [], ("worse",))
 
 
+def test_a_changed_setting_is_a_new_signature(monkeypatch):
+    """A replay reads the Python constants of its capture: a setting changed after it (a loss weight, the EMA decay
+    of a submodule) must give a new signature, so the call is eager and captured again, never a stale replay."""
+    monkeypatch.setattr(graphs, "_CallGraphs", _FakeGraphs)
+    monkeypatch.setattr(_FakeGraphs, "made", [])
+    vq = hf_vq.VectorQuantize(dim=8, codebook_size=16, decay=0.9)
+    x = torch.randn(2, 5, 8)
+    for _ in range(3):  # eager, captured, replayed
+        graphs.call_graphed(vq, x, {})
+    assert len(_FakeGraphs.made) == 1 and _FakeGraphs.made[0].replays == 2  # (a capture replays once)
+    for module, name, value in ((vq, "commitment_weight", 2.0), (vq._codebook, "decay", 0.5),
+                                (vq, "freeze_codebook", True)):
+        before = graphs.settings(vq)
+        setattr(module, name, value)
+        assert graphs.settings(vq) != before, name
+        made = len(_FakeGraphs.made)
+        graphs.call_graphed(vq, x, {})  # first sight of the new signature: eager
+        graphs.call_graphed(vq, x, {})
+        assert len(_FakeGraphs.made) == made + 1, name
+    vq.commitment_weight = [1.0]  # no signature for an unhashable setting: eager, not an error
+    assert torch.equal(graphs.call_graphed(vq.eval(), x, {}).indices, vq(x).indices)
+    vq.float()
+    assert "_graph_settings" not in vq.__dict__
+
+
 def test_cpu_calls_hooked_modules_and_other_arguments_are_not_replayed():
     vq = hf_vq.VectorQuantize(dim=8, codebook_size=16)
     x = torch.randn(2, 5, 8)
