@@ -460,7 +460,7 @@ def test_float_indices_are_refused_not_truncated():
         rvq.get_output_from_indices(torch.full((1, 3, 2), 1.7))
 
 
-@pytest.mark.parametrize("multiple_of", [1, 2])
+@pytest.mark.parametrize("multiple_of", [1, 2, 4])  # 4: rounded past the last of 6 levels for some seeds
 @pytest.mark.parametrize("name, kwargs", [("ResidualVQ", dict(codebook_size=32)),
                                           ("ResidualFSQ", dict(levels=[8, 5, 5, 5])),
                                           ("ResidualLFQ", dict(codebook_size=2**4))])

@@ -251,8 +251,8 @@ class ResidualQuantizerBase(QuantizerModel):
             distributed.broadcast_(seed)
         cutoff = random.Random(int(seed)).randrange(self.quantize_dropout_cutoff_index, self.num_quantizers)
         multiple = self.quantize_dropout_multiple_of
-        if multiple != 1:
-            cutoff = math.ceil((cutoff + 1) / multiple) * multiple - 1
+        if multiple != 1:  # rounded up past the last level: every level is kept (as vqp 1.32)
+            cutoff = min(math.ceil((cutoff + 1) / multiple) * multiple - 1, self.num_quantizers - 1)
         return cutoff
 
     @property
