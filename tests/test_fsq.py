@@ -73,6 +73,19 @@ def test_force_quantization_f32_with_bf16_under_autocast():
         assert loose(x).quantized.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_symmetric_levels_quantized_in_bf16_match_vqp(grad):
+    """`force_quantization_f32=False`: the quantization runs in bf16, the same rounding steps with or without
+    autograd, and the mixed-radix index is summed exactly (336 codes: bf16 cannot hold every index)."""
+    ours, ref = _pair(levels=[8, 6, 7], preserve_symmetry=True, force_quantization_f32=False)
+    x = (torch.randn(1, 2000, 3) * 1.5).bfloat16().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        q_ref, i_ref = ref(x)
+        out = ours(x)
+    assert torch.equal(out.quantized, q_ref) and torch.equal(out.indices, i_ref)
+    assert int(out.indices.max()) < ours.codebook_size
+
+
 # ---- CogVideo sgm's formulas ---------------------------------------------------------------------
 
 

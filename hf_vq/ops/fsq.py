@@ -132,7 +132,7 @@ def _symmetric(z: Tensor, lm1: Tensor, step: Tensor, hard_clamp: bool) -> tuple[
         level = level.add_(1.0).mul_(lm1).div_(2.0).add_(0.5).floor_()
         return torch.mul(step, level).sub_(1.0), level
     squashed = clamp_unit(z) if hard_clamp else z.tanh()
-    scaled = lm1 * (squashed + 1) / 2.0 + 0.5
+    scaled = lm1.to(z.dtype) * (squashed + 1) / 2.0 + 0.5  # in z's dtype, as the in-place steps above (and vqp)
     level = scaled.detach().floor()
     return step * round_ste_from(scaled, level) - 1.0, level
 
@@ -165,12 +165,12 @@ def round_ste_from(x: Tensor, rounded: Tensor) -> Tensor:
 def level_digits_to_indices(level: Tensor, basis: Tensor, codebook_size: int) -> Tensor:
     """`(..., C, d)` per-feature levels (exact floats, or integers) to `(..., C)` int32 mixed-radix indices.
 
-    On CPU, for float levels, a float32 matrix-vector product with the basis when every partial sum is an integer
+    On CPU, for float32 levels, a float32 matrix-vector product with the basis when every partial sum is an integer
     below 2**24 (exact in any order) and matmuls run in full float32 (bf16, under autocast or a lower matmul
     precision, would round the products): one pass, where a sum over a trailing axis of a few elements is a slow
     reduction there. (On CUDA, where TF32 is a separate switch, and under torch.compile, which fuses it, the
     integer sum, cast to int32 inside the reduction.)"""
-    if (not torch.compiler.is_compiling() and level.device.type == "cpu" and level.is_floating_point()
+    if (not torch.compiler.is_compiling() and level.device.type == "cpu" and level.dtype == torch.float32
             and codebook_size <= 2**24 and not torch.is_autocast_enabled("cpu")
             and torch.get_float32_matmul_precision() == "highest"):
         return torch.matmul(level, basis.to(level.dtype)).to(torch.int32)
