@@ -174,6 +174,17 @@ def test_indices_codes_round_trip(kwargs):
     assert torch.equal(again, indices)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+@pytest.mark.parametrize("kwargs", [dict(), dict(orthogonal_rotation=True), dict(dim=8)])
+def test_indices_to_codes_of_a_cast_model_matches_vqp(kwargs, dtype):
+    ours, ref = _pair(codebook_size=2**4, **kwargs)
+    ours.to(dtype).eval(), ref.to(dtype).eval()
+    indices = torch.randint(0, 2**4, (2, 5))
+    codes, expected = ours.indices_to_codes(indices), ref.indices_to_codes(indices)
+    assert codes.dtype == expected.dtype == dtype
+    torch.testing.assert_close(codes, expected)
+
+
 def test_codebook_property_matches_vqp():
     ours, ref = _pair(codebook_size=2**5, codebook_scale=0.7, spherical=True)
     torch.testing.assert_close(ours.codebook, F.normalize(ref.codebook, dim=-1) * 0.7)

@@ -454,6 +454,22 @@ def test_non_finite_input_leaves_every_level_untouched(kwargs):
         assert model.eval()(x).indices.shape == (2, 5, 3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+@pytest.mark.parametrize("name, kwargs", [("ResidualFSQ", dict(levels=[5, 4], num_quantizers=2, dim=6)),
+                                          ("ResidualLFQ", dict(dim=6, codebook_size=16, num_quantizers=2))])
+def test_output_from_indices_of_a_cast_model_matches_vqp(name, kwargs, dtype):
+    """`model.to(dtype)`: codes and outputs from indices come in that dtype, through the cast projection."""
+    torch.manual_seed(0)
+    ref = getattr(vqp, name)(**kwargs)
+    ours = getattr(hf_vq, name)(**kwargs)
+    ours.load_state_dict(ref.state_dict(), strict=False)
+    ref.to(dtype).eval(), ours.to(dtype).eval()
+    indices = torch.randint(0, 4, (2, 5, 2))
+    out, expected = ours.get_output_from_indices(indices), ref.get_output_from_indices(indices)
+    assert out.dtype == expected.dtype == dtype and ours.get_codes_from_indices(indices).dtype == dtype
+    torch.testing.assert_close(out, expected)
+
+
 def test_float_indices_are_refused_not_truncated():
     rvq = hf_vq.ResidualVQ(dim=8, num_quantizers=2, codebook_size=16).eval()
     with pytest.raises(ValueError, match="indices must be an integer tensor, got dtype torch.float32"):

@@ -326,7 +326,7 @@ class LFQ(QuantizerModel):
         spatial = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
         if not self.keep_num_codebooks_dim:
             indices = indices.unsqueeze(-1)
-        codes = self._codes_from_indices(indices)
+        codes = self._codes_from_indices(indices).to(self.dtype)  # float32 bits to the model's dtype
         if self.orthogonal_rotation:
             codes = codes @ self.orthogonal_rot.t()
         codes = codes.flatten(-2)

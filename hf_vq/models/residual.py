@@ -280,7 +280,7 @@ class ResidualQuantizerBase(QuantizerModel):
             idx = indices[..., level].long()
             code = self._level_codes(level, layer, idx.clamp(min=0))
             codes.append(code.masked_fill((idx == -1).unsqueeze(-1), 0.0))
-        return torch.stack(codes)
+        return torch.stack(codes).to(self.dtype)  # (scalar levels build float32 codes; a cast model wants its dtype)
 
     def _all_level_indices(self, indices: Tensor) -> Tensor:
         """`(b, ..., q)` indices checked and padded with -1 (dropped) to `num_quantizers` levels."""
