@@ -189,6 +189,46 @@ def test_grouped_vq_eval_in_one_pass_equals_groups_in_turn(monkeypatch):
                             lambda self, *a, **k: calls.append(1) or at_once(self, *a, **k))
 
 
+@pytest.mark.parametrize("name, kwargs", [
+    # (no projections: vqp's ResidualLFQ projects the last dim of any input)
+    ("ResidualLFQ", dict(dim=4, codebook_size=16, num_quantizers=2, commitment_loss_weight=0.0)),
+    ("GroupedResidualLFQ", dict(dim=8, groups=2, codebook_size=16, num_quantizers=2, accept_image_fmap=True,
+                                commitment_loss_weight=0.0)),
+    ("GroupedResidualFSQ", dict(dim=12, groups=2, levels=[5, 4], num_quantizers=2, accept_image_fmap=True,
+                                is_channel_first=True)),
+])
+def test_image_input_of_residual_and_grouped_scalar_forms_matches_vqp(name, kwargs):
+    """Channel-first image input: vqp 1.32's ResidualLFQ levels read rank-4 input as channel-first, its grouped forms
+    split it along dim 1 (GroupedResidualFSQ with `is_channel_first=True` for its groups, which ours accepts and
+    also sets from `accept_image_fmap`). Outputs, indices, losses and input gradients in training and eval; the
+    output from the indices in the forward's layout."""
+    torch.manual_seed(0)
+    ref, ours = getattr(vqp, name)(**kwargs), getattr(hf_vq, name)(**kwargs)
+    ours.load_state_dict(ref.state_dict(), strict=False)
+    for train in (True, False):
+        ref.train(train), ours.train(train)
+        x = torch.randn(2, kwargs["dim"], 3, 5, requires_grad=True)
+        x_ours = x.detach().clone().requires_grad_()
+        torch.manual_seed(1)
+        q, indices, *loss = ref(x)
+        torch.manual_seed(1)
+        out = ours(x_ours)
+        torch.testing.assert_close(out.quantized, q)
+        assert torch.equal(out.indices, indices if "FSQ" not in name else indices.movedim(-3, -1))
+        if loss:
+            torch.testing.assert_close(out.loss, loss[0])
+        if train:
+            (q.square().sum() + sum(t.sum() for t in loss)).backward()
+            (out.quantized.square().sum() + (out.loss.sum() if loss else 0)).backward()
+            torch.testing.assert_close(x_ours.grad, x.grad)
+    torch.testing.assert_close(ours.get_output_from_indices(out.indices), out.quantized)
+
+
+def test_grouped_layout_option_must_agree_with_accept_image_fmap():
+    with pytest.raises(ValueError, match="is_channel_first=True contradicts accept_image_fmap=False"):
+        hf_vq.GroupedResidualFSQ(dim=12, groups=2, levels=[5, 4], is_channel_first=True)
+
+
 # every LFQConfig field with a value other than its default: True where ResidualLFQ's one-pass eval still serves it
 # (the option acts only in training), False where it changes eval values (the per-level loop runs)
 _LFQ_OPTION_EVAL_PATHS = {

@@ -22,7 +22,8 @@ class GroupedResidualConfig(QuantizerConfig):
     (`residual_kwargs`; keyword arguments that are residual or level options go there)."""
 
     residual_config_class: ClassVar[type] = QuantizerConfig
-    channel_first_field: ClassVar[str | None] = None  # the residual option that `accept_image_fmap` sets
+    # the residual option that `accept_image_fmap` sets; None: the groups read rank >= 4 input as channel-first
+    channel_first_field: ClassVar[str | None] = None
 
     def __init__(self, dim: int = 256, groups: int = 1, accept_image_fmap: bool = False,
                  residual_kwargs: dict[str, Any] | None = None, **kwargs):
@@ -38,11 +39,20 @@ class GroupedResidualConfig(QuantizerConfig):
         self.group_config()
 
     def group_config(self):
-        layout = {self.channel_first_field: self.accept_image_fmap} if self.channel_first_field else {}
-        if self.accept_image_fmap and not layout:
-            raise ValueError(f"accept_image_fmap is not supported by {self.residual_config_class.__name__}")
-        return self.residual_config_class(dim=self.dim // self.groups, check_inputs=False, **layout,
-                                          **self.residual_kwargs)
+        return self.residual_config_class(dim=self.dim // self.groups, check_inputs=False,
+                                          **{**self.residual_kwargs, **self._group_layout()})
+
+    def _group_layout(self) -> dict[str, bool]:
+        """The groups' layout option that follows `accept_image_fmap` (image input is split along dim 1); the same
+        option given for the groups must agree with it."""
+        field = self.channel_first_field
+        if field is None:
+            return {}
+        given = self.residual_kwargs.get(field)
+        if given is not None and bool(given) != bool(self.accept_image_fmap):
+            raise ValueError(f"{field}={given!r} contradicts accept_image_fmap={self.accept_image_fmap!r}: "
+                             "accept_image_fmap=True splits channel-first input along dim 1 and sets it for the groups")
+        return {field: self.accept_image_fmap}
 
 
 class GroupedResidualBase(QuantizerModel):
@@ -158,8 +168,9 @@ class GroupedResidualFSQConfig(GroupedResidualConfig):
 
 
 class GroupedResidualLFQConfig(GroupedResidualConfig):
-    """Configuration of [`GroupedResidualLFQ`]: `dim`, `groups`, and any [`ResidualLFQConfig`] option (and any
-    [`LFQConfig`] level option) for every group (token-last input only, as vqp)."""
+    """Configuration of [`GroupedResidualLFQ`]: `dim`, `groups`, `accept_image_fmap` (image and video input split
+    along dim 1; the groups read rank >= 4 input as channel-first), and any [`ResidualLFQConfig`] option (and any
+    [`LFQConfig`] level option) for every group."""
 
     model_type = "hf_vq_grouped_residual_lfq"
     residual_config_class = ResidualLFQConfig

@@ -182,8 +182,9 @@ class ResidualQuantizerBase(QuantizerModel):
     `_run_level` (quantize one level's input) and `_level_codes` (codes of one level's indices).
     """
 
-    def _copy_loop_config(self, c, channel_first: bool = False) -> None:
-        """What the loop reads in `forward`, as plain attributes."""
+    def _copy_loop_config(self, c, channel_first: bool | None = False) -> None:
+        """What the loop reads in `forward`, as plain attributes. `channel_first=None`: channel-first input when
+        it has rank 4 or more (images, video), as vqp 1.32's ResidualLFQ levels read it."""
         self.dim, self.num_quantizers, self.check_inputs = c.dim, c.num_quantizers, c.check_inputs
         self.quantize_dropout = c.quantize_dropout
         self.quantize_dropout_cutoff_index = c.quantize_dropout_cutoff_index
@@ -296,8 +297,10 @@ class ResidualQuantizerBase(QuantizerModel):
         return indices
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
+        """`(b, ..., q)` indices to the output features, in the layout of the forward's output."""
         out = self.project_out(self.get_codes_from_indices(indices).sum(0))
-        return out.movedim(-1, 1) if self.channel_first else out
+        channel_first = self.channel_first if self.channel_first is not None else indices.ndim >= 4
+        return out.movedim(-1, 1) if channel_first else out
 
     def forward(
         self,

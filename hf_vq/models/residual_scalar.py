@@ -203,7 +203,7 @@ class ResidualLFQ(ResidualQuantizerBase):
     def __init__(self, config: ResidualLFQConfig | None = None, **kwargs):
         super().__init__(config, **kwargs)
         c = self.config
-        self._copy_loop_config(c)
+        self._copy_loop_config(c, channel_first=None)  # images and video channel-first, as vqp 1.32's levels
         _projections(self, c.dim, int(math.log2(c.codebook_size)))
         self.layers = nn.ModuleList(LFQ(c.level_config(i)) for i in range(c.num_quantizers))
         self.eval_path = "one_pass" if _plain_sign_levels(c) else "per_level"
