@@ -15,6 +15,7 @@ CASES = {
     "per_level_sizes_projection": dict(dim=8, codebook_dim=4, num_quantizers=2, codebook_size=(16, 4)),
     "quant_grad_frac": dict(dim=8, num_quantizers=3, codebook_size=16, quant_grad_frac=0.3),
     "quant_grad_frac_sizes": dict(dim=8, codebook_size=(16, 8), quant_grad_frac=1.0, decay=0.9),
+    "manual_ema_update": dict(dim=8, num_quantizers=2, codebook_size=16, manual_ema_update=True),
 }
 
 

@@ -14,6 +14,7 @@ from hf_vq.ops.nearest import nearest_code
 
 PARITY_CASES = {
     "euclidean_ema": (dict(dim=16, codebook_size=32, decay=0.9), (2, 40, 16), None),
+    "no_kmeans_iters": (dict(dim=16, codebook_size=32, kmeans_iters=0), (2, 40, 16), None),  # (no k-means: valid)
     "cosine": (dict(dim=16, codebook_size=32, use_cosine_sim=True), (2, 40, 16), None),
     "projections": (dict(dim=16, codebook_size=32, codebook_dim=8), (2, 40, 16), None),
     "layernorm_projection": (dict(dim=16, codebook_size=32, codebook_dim=8, layernorm_after_project_in=True),

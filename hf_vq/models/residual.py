@@ -555,7 +555,9 @@ class ResidualVQ(ResidualQuantizerBase):
             raise ValueError("ResidualVQ levels with a vq_bridge are not supported by hf_vq's ResidualVQ")
         first = VectorQuantize.from_vector_quantize_pytorch(module.layers[0])
         level = {k: v for k, v in first.config.to_kwargs().items() if k in _VQ_FIELDS}
-        for name in ("accept_image_fmap", "return_zeros_for_masked_padding", "manual_ema_update"):
+        # set by the ResidualVQ for its levels (vqp 1.32 sets manual_ema_update on the levels of a shared codebook)
+        for name in ("accept_image_fmap", "return_zeros_for_masked_padding",
+                     *(("manual_ema_update",) if module.shared_codebook else ())):
             level.pop(name, None)
         config = ResidualVQConfig(
             dim=module.project_in.in_features if module.has_projections else module.codebook_dim,

@@ -168,6 +168,8 @@ class VectorQuantizeConfig(QuantizerConfig):
     def validate(self):
         for name in ("dim", "codebook_size", "heads", "kmeans_iters"):
             value = getattr(self, name)
+            if name == "kmeans_iters" and not self.kmeans_init and value == 0:
+                continue  # (unused without k-means init; vqp 1.32 accepts 0 there)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.codebook_dim is not None and (not isinstance(self.codebook_dim, int) or self.codebook_dim < 1):
