@@ -15,6 +15,10 @@ from hf_vq.ops.nearest import nearest_code
 PARITY_CASES = {
     "euclidean_ema": (dict(dim=16, codebook_size=32, decay=0.9), (2, 40, 16), None),
     "no_kmeans_iters": (dict(dim=16, codebook_size=32, kmeans_iters=0), (2, 40, 16), None),  # (no k-means: valid)
+    # the output carries the gradient of the softmax mixture of codes (no EMA: vqp's backward would read the
+    # codebook after its in-place update)
+    "straight_through_unrouted": (dict(dim=16, codebook_size=32, straight_through=True, rotation_trick=False,
+                                       route_gradients_to_input=False, ema_update=False), (2, 40, 16), None),
     "cosine": (dict(dim=16, codebook_size=32, use_cosine_sim=True), (2, 40, 16), None),
     "projections": (dict(dim=16, codebook_size=32, codebook_dim=8), (2, 40, 16), None),
     "layernorm_projection": (dict(dim=16, codebook_size=32, codebook_dim=8, layernorm_after_project_in=True),

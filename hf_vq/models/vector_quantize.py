@@ -22,15 +22,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import distributed
-from ..modeling_utils import (
-    QuantizerModel,
-    QuantizerOutput,
-    TokenLayout,
-    autocast_off,
-    check_features,
-    check_indices,
-    register_quantizer,
-)
+from ..modeling_utils import (QuantizerModel, QuantizerOutput, TokenLayout, autocast_off, check_features,
+                              check_indices, register_quantizer)
 from ..ops import ema as ema_ops
 from ..ops.estimators import (directional_reparam, gumbel_select, rotate_to, rotate_to_with_commitment,
                               straight_through)
@@ -287,7 +280,7 @@ class VectorQuantize(QuantizerModel):
 
     def _quantize(self, flat: Tensor, embed: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
         """Codes and indices for `flat (H, N, d)`: nearest code, or a Gumbel sample in training."""
-        sample = self.training and self.stochastic_sample_codes and temperature > 0
+        sample = self.training and temperature > 0 and (self.stochastic_sample_codes or self.mixes_soft_codes)
         if not sample:
             differentiable = embed.requires_grad and torch.is_grad_enabled()  # a learnable codebook's lookup
             found = nearest_code(flat, embed.expand(flat.shape[0], -1, -1), metric=self.metric,
@@ -310,11 +303,17 @@ class VectorQuantize(QuantizerModel):
             codes = codes + mix - mix.detach()
         return codes, indices
 
+    @property
+    def mixes_soft_codes(self) -> bool:
+        """Whether training codes carry the softmax mixture's gradient (vqp 1.32's straight-through `gumbel_sample`;
+        without sampling it counts only where the output is not routed straight through to the input)."""
+        return self.straight_through and (self.stochastic_sample_codes or not self.route_gradients_to_input)
+
     def _sample_rows(self, x: Tensor, embed: Tensor, temperature: float) -> tuple[Tensor, Tensor | None]:
         """Gumbel-sampled indices for rows `x`, and (straight-through) the soft mixture of codes."""
         logits = scores(x, embed, self.metric)
         indices, weights = gumbel_select(logits, temperature, straight_through=self.straight_through,
-                                         reinmax=self.reinmax)
+                                         reinmax=self.reinmax, stochastic=self.stochastic_sample_codes)
         mix = torch.einsum("hnk,hkd->hnd", weights, embed) if weights is not None else None
         return indices, mix
 
@@ -525,7 +524,7 @@ class VectorQuantize(QuantizerModel):
         if not self.training:
             return codes
         if not self.learnable_codebook:
-            codes = codes.detach() if not (self.stochastic_sample_codes and self.straight_through) else codes
+            codes = codes if self.mixes_soft_codes else codes.detach()
         if input_requires_grad and self.route_gradients_to_input:
             if self.rotation_trick:
                 codes = rotate_to(flat, codes)

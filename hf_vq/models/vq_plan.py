@@ -23,7 +23,8 @@ Five fast paths compute what the general path computes, for a subset of configur
   understood). The options it excludes read the host during a call (dead-code expiry, a manual EMA step's
   finiteness check, the affine statistics' update, whose capture failed on an H100 too), draw random numbers
   (stochastic sampling, the orthogonal loss's code subset), score every row against the whole codebook in
-  checkpointed chunks (cross-entropy commitment, diversity loss), or run a module the user gave (`vq_bridge`).
+  checkpointed chunks (cross-entropy commitment, diversity loss, a straight-through mixture of codes), or run a
+  module the user gave (`vq_bridge`).
 
 `FAST_PATH_RULES` classifies every `VectorQuantizeConfig` field: for each path, `ANY` (the path honours every
 value) or a rule `(value, config) -> bool` naming the values it honours. A config whose fields all pass a path's
@@ -65,6 +66,11 @@ def _heads_without_projections(value, config) -> bool:
     return config.resolved_codebook_dim * config.heads == config.dim
 
 
+def _no_soft_codes(value, config) -> bool:
+    """No straight-through mixture of codes sampled in chunks (`VectorQuantize.mixes_soft_codes`)."""
+    return not (value and (config.stochastic_sample_codes or not config.route_gradients_to_input))
+
+
 def _positive(value, config) -> bool:
     return value > 0
 
@@ -100,7 +106,7 @@ FAST_PATH_RULES: dict[str, tuple[Rule, Rule, Rule, Rule, Rule]] = {
     "codebook_diversity_temperature": (ANY, ANY, ANY, ANY, ANY),
     "stochastic_sample_codes": (ANY, ANY, _OFF, ANY, _OFF),  # (with straight_through: no rotation trick, see below)
     "sample_codebook_temp": (ANY, ANY, ANY, ANY, ANY),
-    "straight_through": (ANY, ANY, ANY, ANY, ANY),  # excludes the rotation trick (its rule)
+    "straight_through": (ANY, ANY, ANY, ANY, _no_soft_codes),  # excludes the rotation trick (its rule)
     "reinmax": (ANY, ANY, ANY, ANY, ANY),  # needs straight_through
     "rotation_trick": (_rotation_trick, ANY, _rotation_trick, ANY, ANY),
     "sync_codebook": (ANY, ANY, ANY, ANY, ANY),

@@ -54,15 +54,16 @@ def gumbel_noise(t: Tensor) -> Tensor:
 
 
 def gumbel_select(
-    logits: Tensor, temperature: float, *, straight_through: bool = False, reinmax: bool = False
+    logits: Tensor, temperature: float, *, straight_through: bool = False, reinmax: bool = False,
+    stochastic: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
-    """Sample a code per row from `softmax(logits / temperature)` (Gumbel-max).
+    """Sample a code per row from `softmax(logits / temperature)` (Gumbel-max; `stochastic=False`: the argmax).
 
     Returns `(indices, weights)`: `weights` is `None`, or with `straight_through` the `(…, K)` soft
     distribution whose gradient the caller routes through (`hard + soft - soft.detach()`); `reinmax` uses
     ReinMax's second-order weights (arXiv:2304.08612) instead of the plain softmax.
     """
-    indices = (logits / temperature + gumbel_noise(logits)).argmax(dim=-1)
+    indices = (logits / temperature + gumbel_noise(logits) if stochastic else logits).argmax(dim=-1)
     if not straight_through:
         return indices, None
     soft = (logits / temperature).softmax(dim=-1)
