@@ -238,6 +238,31 @@ def test_in_place_optimizer_updates_the_codebook():
     assert not torch.equal(before, model.codebook.detach())
 
 
+@pytest.mark.parametrize("kwargs, call", [(dict(threshold_ema_dead_code=2), {}), (dict(decay=0.5), dict(ema_update=True))])
+def test_in_place_optimizer_steps_after_the_first_search_updates_the_codebook_as_vqp(kwargs, call):
+    """vqp 1.32's order: the first search's codes update the codebook (dead codes, EMA), the optimizer steps on their
+    MSE, the stepped codebook is searched again."""
+    def sgd(params):
+        return torch.optim.SGD(params, lr=0.1)
+
+    torch.manual_seed(0)
+    ref = VqpVectorQuantize(dim=4, codebook_size=5, learnable_codebook=True, ema_update=False, **kwargs)
+    ours = hf_vq.VectorQuantize(hf_vq.VectorQuantize.from_vector_quantize_pytorch(ref).config,
+                                in_place_codebook_optimizer=sgd)
+    ours.load_state_dict(hf_vq.VectorQuantize.from_vector_quantize_pytorch(ref).state_dict())
+    ref.in_place_codebook_optimizer = sgd(ref._codebook.parameters())
+    ref.train(), ours.train()
+    for step in range(3):
+        x = torch.randn(1, 6, 4)
+        torch.manual_seed(step)
+        q_ref, i_ref, _ = ref(x, **call)
+        torch.manual_seed(step)
+        out = ours(x, **call)
+        assert torch.equal(out.indices, i_ref), step
+        torch.testing.assert_close(out.quantized, q_ref)
+        torch.testing.assert_close(ours._codebook.embed, ref._codebook.embed)
+
+
 def test_get_codes_and_output_from_indices():
     ref, ours = _pair(dict(dim=16, codebook_size=32, heads=2, separate_codebook_per_head=True, codebook_dim=4))
     ours.eval(), ref.eval()

@@ -472,18 +472,22 @@ class VectorQuantize(QuantizerModel):
             return _Rows(codes, code_ids, loss, terms, None, counts)
 
         inplace_loss, counts = None, None
-        if self.in_place_codebook_optimizer is not None and self.training and not freeze_codebook:
-            codes, _ = self._quantize(flat, embed, temperature)
+        update = self.training and not freeze_codebook
+        if self.in_place_codebook_optimizer is not None and update:
+            # as vqp 1.32: the first search's codes update the codebook (EMA, dead codes), the optimizer steps on
+            # their MSE, and the stepped codebook is searched again
+            codes, first_ids = self._quantize(flat, embed, temperature)
+            cb.update(flat.detach(), first_ids, flat_mask, ema_update, ema_update_weight, accum_ema_update)
             inplace_loss = masked_mse(codes, flat.detach(), flat_mask)
             ema_ops.require_finite(inplace_loss.detach(), "in-place optimizer loss")  # before any gradient exists
             inplace_loss.backward()
             if not self.manual_in_place_optimizer_update:
                 self.update_in_place_optimizer()
-            embed = cb.codes()  # the stepped codebook, through the affine map and bridge again (as vqp)
+            embed, update = cb.codes(), False  # the stepped codebook, through the affine map and bridge again
         codes, code_ids = self._quantize(flat, embed, temperature)
         if self.commitment_use_cross_entropy_loss or self.codebook_diversity_loss_weight > 0 or target is not None:
             embed = embed.clone()  # these losses score against the codebook as it was before the update
-        if self.training and not freeze_codebook:
+        if update:
             counts = cb.update(flat.detach(), code_ids, flat_mask, ema_update, ema_update_weight, accum_ema_update)
 
         if target is not None:
