@@ -200,3 +200,15 @@ def test_codebook_transform_fn_errors():
     with pytest.raises(ValueError, match="codebook_transform_fn does not support commitment_use_cross_entropy_loss"):
         hf_vq.VectorQuantize(dim=8, codebook_size=16, commitment_use_cross_entropy_loss=True)(
             x, codebook_transform_fn=good)
+
+
+def test_lens_count_tokens_of_channel_first_input():
+    """`lens` marks valid positions along the token axis, which is dim 2 of `channel_last=False` input `(b, d, n)`
+    (vqp 1.32 builds its mask from dim 1 there and fails)."""
+    vq = hf_vq.VectorQuantize(dim=4, codebook_size=16, channel_last=False).eval()
+    x = torch.randn(2, 4, 7)
+    lens = torch.tensor([7, 3])
+    by_lens = vq(x, lens=lens)
+    by_mask = vq(x, mask=torch.arange(7) < lens[:, None])
+    assert torch.equal(by_lens.indices, by_mask.indices) and torch.equal(by_lens.quantized, by_mask.quantized)
+    assert (by_lens.indices[1, 3:] == -1).all() and (by_lens.indices[0] >= 0).all()

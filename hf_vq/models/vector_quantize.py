@@ -358,8 +358,6 @@ class VectorQuantize(QuantizerModel):
                                       indices, return_loss_breakdown)
         if mask is not None and lens is not None:
             raise ValueError("pass either mask or lens, not both")
-        if lens is not None:
-            mask = torch.arange(x.shape[1], device=x.device) < lens[:, None]
         freeze_codebook = self.freeze_codebook if freeze_codebook is None else freeze_codebook
         temperature = self.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
         dtype, input_requires_grad = x.dtype, x.requires_grad
@@ -368,6 +366,8 @@ class VectorQuantize(QuantizerModel):
         tokens = layout.to_tokens(x)
         if tokens.shape[-1] != self.dim:
             raise ValueError(f"expected feature dim {self.dim}, got {tokens.shape[-1]} (input shape {tuple(x.shape)})")
+        if lens is not None:  # (the token axis: dim 2 of channel-first (b, d, n) input)
+            mask = torch.arange(tokens.shape[1], device=x.device) < lens[:, None]
         if mask is not None and (mask.dtype != torch.bool or mask.shape != tokens.shape[:2]):
             raise ValueError(f"mask must be a bool tensor of shape {tuple(tokens.shape[:2])}, got "
                              f"{mask.dtype} {tuple(mask.shape)}")
