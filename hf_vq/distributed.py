@@ -90,6 +90,14 @@ def all_reduce_sum_(*tensors: Tensor, shapes_agreed: bool = False) -> None:
         offset += n
 
 
+def all_reduce_mean_(*tensors: Tensor) -> None:
+    """Average tensors across ranks in place (e.g. gradients before an optimizer step)."""
+    if not is_distributed() or not tensors:
+        return
+    all_reduce_sum_(*tensors)
+    torch._foreach_div_(list(tensors), world_size())
+
+
 def all_reduce_sum(tensors: list[Tensor] | tuple[Tensor, ...], shapes_agreed: bool = False) -> list[Tensor]:
     """Sums of `tensors` across ranks, out of place, with one collective: float32 views of one flat buffer (the
     inputs keep this rank's values). The shape check runs as in `all_reduce_sum_`."""

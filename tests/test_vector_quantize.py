@@ -239,10 +239,10 @@ def test_in_place_optimizer_updates_the_codebook():
 
 
 @pytest.mark.parametrize("kwargs, call", [(dict(threshold_ema_dead_code=2), {}),
-                                          (dict(decay=0.5), dict(ema_update=True))])
+                                          (dict(decay=0.5), dict(ema_update=True)), (dict(affine_param=True), {})])
 def test_in_place_optimizer_steps_after_the_first_search_updates_the_codebook_as_vqp(kwargs, call):
     """vqp 1.32's order: the first search's codes update the codebook (dead codes, EMA), the optimizer steps on their
-    MSE, the stepped codebook is searched again."""
+    MSE, the stepped codebook is searched again (updating the affine statistics a second time)."""
     def sgd(params):
         return torch.optim.SGD(params, lr=0.1)
 

@@ -269,10 +269,7 @@ class VectorQuantize(QuantizerModel):
         if self.in_place_codebook_optimizer is None:
             return
         if self._codebook.syncs():
-            grads = [p.grad for p in self._codebook.parameters() if p.grad is not None]
-            distributed.all_reduce_sum_(*grads)
-            for g in grads:
-                g /= distributed.world_size()
+            distributed.all_reduce_mean_(*(p.grad for p in self._codebook.parameters() if p.grad is not None))
         self.in_place_codebook_optimizer.step()
         self.in_place_codebook_optimizer.zero_grad()
 
@@ -474,8 +471,7 @@ class VectorQuantize(QuantizerModel):
         inplace_loss, counts = None, None
         update = self.training and not freeze_codebook
         if self.in_place_codebook_optimizer is not None and update:
-            # as vqp 1.32: the first search's codes update the codebook (EMA, dead codes), the optimizer steps on
-            # their MSE, and the stepped codebook is searched again
+            # vqp 1.32's order: the codebook update from a first search, a step on its MSE, a second search
             codes, first_ids = self._quantize(flat, embed, temperature)
             cb.update(flat.detach(), first_ids, flat_mask, ema_update, ema_update_weight, accum_ema_update)
             inplace_loss = masked_mse(codes, flat.detach(), flat_mask)
@@ -483,7 +479,9 @@ class VectorQuantize(QuantizerModel):
             inplace_loss.backward()
             if not self.manual_in_place_optimizer_update:
                 self.update_in_place_optimizer()
-            embed, update = cb.codes(), False  # the stepped codebook, through the affine map and bridge again
+            if self.affine_param:  # (vqp's second search updates the affine statistics again)
+                cb.update_affine(flat.detach(), flat_mask, self.training)
+            embed, update = cb.codes(), False  # the stepped codebook, through the affine map and bridge
         codes, code_ids = self._quantize(flat, embed, temperature)
         if self.commitment_use_cross_entropy_loss or self.codebook_diversity_loss_weight > 0 or target is not None:
             embed = embed.clone()  # these losses score against the codebook as it was before the update
