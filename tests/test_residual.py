@@ -347,6 +347,10 @@ def test_shared_codebook_parity_with_vqp(extra, train):
     ref_state = ref.state_dict()
     for key, value in ours.state_dict().items():
         torch.testing.assert_close(value.float(), ref_state[key].float(), atol=1e-5, rtol=1e-5, msg=key)
+    # vqp's state dict repeats the shared codebook under every level: it loads strictly, through level 0
+    fresh = hf_vq.ResidualVQ(**kwargs).train(train)
+    fresh.load_state_dict(ref_state)
+    assert torch.equal(fresh.layers[2]._codebook.embed, ref.layers[0]._codebook.embed)
 
 
 def test_shared_codebook_is_saved_once_and_shared_after_loading(tmp_path):

@@ -423,6 +423,14 @@ class ResidualVQ(ResidualQuantizerBase):
             del layer._modules["_codebook"]
             object.__setattr__(layer, "_codebook", shared)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.shared_codebook:  # vqp 1.32 saves the shared codebook under every level: level 0's is loaded
+            later = [k for k in state_dict if k.startswith(f"{prefix}layers.") and "._codebook." in k
+                     and not k.startswith(f"{prefix}layers.0.")]
+            for key in later:
+                del state_dict[key]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @property
     def codebook_size(self) -> int:
         """The first level's codebook size (as vqp 1.32; `codebook_sizes` lists every level's)."""
