@@ -10,8 +10,9 @@ Where this module deliberately differs from vqp 1.32 (each difference is tested)
 - The in-place codebook optimizer works. vqp 1.32 raises `AttributeError` (`self.optimize_values` is never set).
   It is a config string naming a `torch.optim` class plus a kwargs dict (JSON), not a callable, so it
   round-trips through `save_pretrained`; the optimizer is built lazily over the current value parameters.
-- Indices come from the per-latent argmin (exact mixed radix), not from `int32(float code * basis)`; they are
-  the same for the initial values, and stay correct once the values are learned.
+- Indices come from the per-latent argmin (exact mixed radix), not from `int32(float code * basis)`, which vqp
+  truncates: for levels of 6 or 7 some of vqp's indices are one too low even with the initial values. Ours stay
+  correct once the values are learned.
 - `indices_to_codes` decodes with the current (possibly learned) values.
 - Rank-3 input is `(b, n, d)` as in the other hf_vq quantizers; vqp 1.32 reads it as `(b, d, n)` (use
   `channel_first=True`).
