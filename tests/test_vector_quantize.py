@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModel
 from vector_quantize_pytorch import VectorQuantize as VqpVectorQuantize
 from vector_quantize_pytorch.vector_quantize_pytorch import cdist as vqp_cdist
@@ -554,3 +555,27 @@ def test_return_perplexity_false_changes_nothing_else():
     assert torch.equal(out.quantized, lean.quantized) and torch.equal(out.indices, lean.indices)
     for (name, u), v in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(u, v), name
+
+
+def test_cosine_masked_commitment_compares_with_the_normalized_input():
+    """vqp 1.32's masked loss compares the unit-norm codes with the raw input; ours with the normalized input, as
+    its unmasked loss does (README: deliberate differences)."""
+    vq = hf_vq.VectorQuantize(dim=8, codebook_size=16, use_cosine_sim=True, commitment_weight=1.0).train()
+    x = torch.randn(2, 10, 8) * 3
+    mask = torch.rand(2, 10) > 0.3
+    out = vq(x, mask=mask)
+    torch.testing.assert_close(out.loss, (out.quantized - F.normalize(x, dim=-1))[mask].square().mean())
+
+
+def test_orthogonal_loss_alone_reaches_an_ema_codebook():
+    """With `orthogonal_reg_weight > 0` the EMA codebook is a parameter for the orthogonal loss only: the
+    cross-entropy commitment adds no gradient to it (vqp 1.32 lets it through; README: deliberate differences)."""
+    base = hf_vq.VectorQuantize(dim=8, codebook_size=16, orthogonal_reg_weight=0.5,
+                                commitment_use_cross_entropy_loss=True).train()
+    x = torch.randn(2, 10, 8)
+    whole, orthogonal_only = copy.deepcopy(base), copy.deepcopy(base)
+    whole(x).loss.backward()
+    (orthogonal_only(x).orthogonal_reg_loss * 0.5).backward()
+    grad = whole._codebook.embed.grad
+    assert grad.abs().sum() > 0
+    torch.testing.assert_close(grad, orthogonal_only._codebook.embed.grad)
