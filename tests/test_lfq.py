@@ -185,6 +185,17 @@ def test_indices_to_codes_of_a_cast_model_matches_vqp(kwargs, dtype):
     torch.testing.assert_close(codes, expected)
 
 
+def test_float16_entropy_of_large_inputs_stays_finite():
+    """Bit logits are `4 inv_temperature` times the input: in float16 they overflow at |x| ~ 160 (inv_temperature
+    100), so the entropy terms of a float16 call are computed in float32."""
+    lfq = hf_vq.LFQ(dim=2, codebook_size=4, force_quantization_f32=False).half().train()
+    x = torch.full((1, 4, 2), 200.0, dtype=torch.float16, requires_grad=True)
+    out = lfq(x, return_loss_breakdown=True)
+    assert all(torch.isfinite(t) for t in out.loss_breakdown) and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert torch.isfinite(x.grad).all()
+
+
 def test_codebook_property_matches_vqp():
     ours, ref = _pair(codebook_size=2**5, codebook_scale=0.7, spherical=True)
     torch.testing.assert_close(ours.codebook, F.normalize(ref.codebook, dim=-1) * 0.7)

@@ -345,6 +345,8 @@ class LFQ(QuantizerModel):
     def entropy_terms(self, x: Tensor, inv_temperature: float) -> tuple[Tensor, Tensor]:
         """`(per_sample_entropy, codebook_entropy)` of `(N, c, C)` pre-quantization features."""
         x = lfq_ops.sample_fraction(x, self.frac_per_sample_entropy)
+        if x.dtype == torch.float16:  # the bit logits (x times 4 inv_temperature) would overflow float16
+            x = x.float()
         logits = lfq_ops.bit_logits(x, inv_temperature, self.code_magnitude)
         if self.entropy_loss_method == "factorized":
             return lfq_ops.per_sample_entropy(logits), lfq_ops.factorized_codebook_entropy(logits)
