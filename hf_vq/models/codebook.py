@@ -79,13 +79,11 @@ class Codebook(nn.Module):
         self.threshold_ema_dead_code = c.threshold_ema_dead_code
         self.reset_cluster_size = (c.reset_cluster_size if c.reset_cluster_size is not None
                                    else c.threshold_ema_dead_code)
-        self.ema_update = c.resolved_ema_update
-        self.manual_ema_update = c.manual_ema_update
+        self.ema_update, self.manual_ema_update = c.resolved_ema_update, c.manual_ema_update
         self.learnable = c.resolved_learnable_codebook
         self.sync_codebook, self.sync_kmeans = c.sync_codebook, c.sync_kmeans
         self.sync_affine_param = c.sync_affine_param
-        self.affine_param = c.affine_param
-        self.affine_param_batch_decay = c.affine_param_batch_decay
+        self.affine_param, self.affine_param_batch_decay = c.affine_param, c.affine_param_batch_decay
         self.affine_param_codebook_decay = c.affine_param_codebook_decay
         # the host-side answer of `is_initted` (buffer identity and version), and statistics accumulated by
         # `update(accum=True)` for the next update (vqp keeps them in the buffers' `.grad`; not checkpointed)
@@ -120,11 +118,10 @@ class Codebook(nn.Module):
     # -- codes as the forward reads them ------------------------------------------------------------
 
     def codes(self) -> Tensor:
-        """The codebook the search reads, float32 as the rows it is compared with (a model cast to half precision
-        keeps its buffers in that dtype, as vqp 1.32 does): with its autograd link when learnable, affine-mapped
-        when enabled."""
-        embed = self.embed if isinstance(self.embed, nn.Parameter) and self.learnable else self.embed.detach()
-        embed = embed.float()
+        """The codebook the search reads, float32 as the rows (also in a half-precision model, as vqp 1.32): with
+        its autograd link when learnable, affine-mapped when enabled."""
+        learnable = isinstance(self.embed, nn.Parameter) and self.learnable
+        embed = (self.embed if learnable else self.embed.detach()).float()
         if "vq_bridge" in self._modules:  # a VectorQuantize `vq_bridge` module maps the codebook (vqp 1.32)
             embed = self._modules["vq_bridge"](embed)
         return self.affine_embed(embed) if self.affine_param else embed
