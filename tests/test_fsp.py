@@ -111,6 +111,21 @@ def test_build_cdf_act_unknown_name():
         build_cdf_act("gumbel")
 
 
+@pytest.mark.parametrize("dim", [None, 5])
+def test_a_feature_constant_over_the_batch_keeps_finite_gradients(dim):
+    """The default `"var_tanh"` norm weighs skewness and kurtosis 0: they are left out, so a feature constant over
+    the batch (zero variance, where their square roots have infinite slope) gives finite input gradients; vqp
+    1.32 gives NaN ones (README: deliberate differences) with the same loss value."""
+    ref = VqpFSP(levels=[5, 3], dim=dim)
+    ours = FSP.from_vector_quantize_pytorch(ref)
+    row = torch.randn(dim or 2)
+    x = torch.stack([row, row])[None].requires_grad_()
+    quantized, _, loss, _ = ours(x, return_dict=False)
+    torch.testing.assert_close(loss, ref(x.detach())[2])
+    (quantized.sum() + loss).backward()
+    assert torch.isfinite(x.grad).all()
+
+
 # vqp 1.32 tests/test_fsp.py, called the vqp way (positional args, plain tuples)
 
 
