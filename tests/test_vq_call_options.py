@@ -212,3 +212,30 @@ def test_lens_count_tokens_of_channel_first_input():
     by_mask = vq(x, mask=torch.arange(7) < lens[:, None])
     assert torch.equal(by_lens.indices, by_mask.indices) and torch.equal(by_lens.quantized, by_mask.quantized)
     assert (by_lens.indices[1, 3:] == -1).all() and (by_lens.indices[0] >= 0).all()
+
+
+@pytest.mark.parametrize("owner, name, value", [("", "commitment_weight", 0.5), ("", "sample_codebook_temp", 0.3),
+                                                ("", "codebook_diversity_loss_weight", 0.2),
+                                                ("", "freeze_codebook", True), ("_codebook", "decay", 0.5),
+                                                ("_codebook", "eps", 0.1)])
+def test_settings_changed_as_attributes_act_as_if_built_with_them(owner, name, value):
+    """README: loss weights, the temperature, freeze_codebook and the EMA's decay and eps may be set between calls."""
+    torch.manual_seed(0)
+    changed = hf_vq.VectorQuantize(dim=8, codebook_size=16).train()
+    torch.manual_seed(0)
+    built = hf_vq.VectorQuantize(dim=8, codebook_size=16, **{name: value}).train()
+    built.load_state_dict(changed.state_dict())
+    setattr(changed.get_submodule(owner), name, value)
+    for step in range(3):
+        x = torch.randn(2, 10, 8, requires_grad=True)
+        outs = []
+        for model in (changed, built):
+            torch.manual_seed(step)
+            out = model(x)
+            (out.quantized.square().sum() + out.loss).backward()
+            outs.append((out.indices, out.loss, x.grad.clone()))
+            x.grad = None
+        (i1, l1, g1), (i2, l2, g2) = outs
+        assert torch.equal(i1, i2) and torch.equal(l1, l2) and torch.equal(g1, g2), (name, step)
+    for key, tensor in built.state_dict().items():
+        assert torch.equal(changed.state_dict()[key], tensor), key
