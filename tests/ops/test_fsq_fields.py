@@ -2,7 +2,7 @@
 codes, indices, input gradients and projection gradients with the kernels as with the PyTorch ops, in training and
 in eval, and the plain options do take a kernel (so a new option is either honoured by the kernels or sends the
 call to the PyTorch ops, never silently ignored). On CPU under `TRITON_INTERPRET=1` (subprocess); on the GPU when
-there is one."""
+there is one. (`test_fsq_projected_kernel.py` walks the fields through the one-pass projected kernel alone.)"""
 
 import textwrap
 
@@ -68,7 +68,7 @@ FIELDS_CHECK = SHARD_PREAMBLE + textwrap.dedent(
         for train in (True, False):
             (q, i, g, _), (qt, it, gt, _) = runs[("0", train)], runs[("1", train)]
             # (exact, except through the projected kernel's own products: float32 rounding)
-            res[f"codes_{train}"] = bool(q.dtype == qt.dtype and rel(q.double(), qt.double()) <= 1e-6)
+            res[f"codes_{train}"] = bool(q.dtype == qt.dtype and rel(q.double(), qt.double()) <= 1e-5)
             res[f"indices_{train}"] = bool(same(i, it))
             res[f"grad_{train}"] = max([rel(a.double(), b.double()) for a, b in zip(g, gt)] + [0.0])
             res[f"grads_{train}"] = len(g) == len(gt)
@@ -97,4 +97,4 @@ def test_each_fsq_field_keeps_the_kernels_equal_to_the_ops_interpreted_on_cpu():
 @gpu_check(FIELDS_CHECK, 2)
 def test_each_fsq_field_keeps_the_kernels_equal_to_the_ops_on_gpu():
     pytest.importorskip("triton")
-    _check(run_sharded(FIELDS_CHECK, "cuda", 2, env=gpu_env()), 1e-5)
+    _check(run_sharded(FIELDS_CHECK, "cuda", 2, env=gpu_env()), 1e-4)  # (as test_fsq_projected_kernel)
