@@ -206,6 +206,11 @@ def test_errors_name_the_problem():
     rq = hf_vq.ResidualSimVQ(dim=8, num_quantizers=3, codebook_size=16)
     with pytest.raises(ValueError, match="fewer levels than num_quantizers need quantize_dropout=True"):
         rq.get_output_from_indices(torch.zeros(2, 4, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"indices must be in \[-1, 16\)"):
+        rq.get_output_from_indices(torch.full((2, 4, 3), -2))
+    # -1 marks a dropped level (zero codes) also without quantize dropout, as vqp 1.32
+    dropped = torch.tensor([[[3, -1, 2]]])
+    assert not rq.get_codes_from_indices(dropped)[1].any() and rq.get_codes_from_indices(dropped)[2].any()
 
 
 @pytest.mark.parametrize("cls, kwargs", [(hf_vq.SimVQ, dict(dim=8, codebook_size=16, channel_first=True)),

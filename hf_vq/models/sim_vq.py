@@ -502,10 +502,10 @@ class ResidualSimVQ(QuantizerModel):
         return self._output(out, return_dict)
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        """Every level's codes for `indices (b, ..., q)` with `q <= num_quantizers` (fewer, or -1 entries, only
-        with quantize dropout: those levels give zeros): `(num_quantizers, b, ..., dim)`, channel-first
-        `(num_quantizers, b, dim, ...)`."""
-        _check_code_indices(indices, self.codebook_size, allow_padding=self.quantize_dropout)
+        """Every level's codes for `indices (b, ..., q)` with `q <= num_quantizers` (fewer only with quantize
+        dropout) and -1 for dropped levels, which give zeros (as vqp 1.32): `(num_quantizers, b, ..., dim)`,
+        channel-first `(num_quantizers, b, dim, ...)`."""
+        _check_code_indices(indices, self.codebook_size, allow_padding=True)
         given = indices.shape[-1]
         if given > self.num_quantizers:
             raise ValueError(f"indices have {given} levels on their last axis, the model has {self.num_quantizers}")
