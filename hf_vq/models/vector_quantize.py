@@ -32,7 +32,7 @@ from .codebook import Codebook, l2norm
 from .vq_config import VectorQuantizeConfig
 from .vq_losses import (cross_entropy_to_codes, masked_mse, mean_position_entropy, orthogonal_loss, perplexity,
                         row_slices)
-from .vq_plan import VQPlan, plan_for, with_state
+from .vq_plan import VQPlan, mixes_soft_codes, plan_for, with_state
 from .vq_direct_eval import direct_eval
 from .vq_migration import from_vqp
 from .vq_topk import topk_forward, update_from_indices
@@ -302,9 +302,8 @@ class VectorQuantize(QuantizerModel):
 
     @property
     def mixes_soft_codes(self) -> bool:
-        """Whether training codes carry the softmax mixture's gradient (vqp 1.32's straight-through `gumbel_sample`;
-        without sampling it counts only where the output is not routed straight through to the input)."""
-        return self.straight_through and (self.stochastic_sample_codes or not self.route_gradients_to_input)
+        """`vq_plan.mixes_soft_codes` of this model's settings."""
+        return mixes_soft_codes(self.straight_through, self.stochastic_sample_codes, self.route_gradients_to_input)
 
     def _sample_rows(self, x: Tensor, embed: Tensor, temperature: float) -> tuple[Tensor, Tensor | None]:
         """Gumbel-sampled indices for rows `x`, and (straight-through) the soft mixture of codes."""

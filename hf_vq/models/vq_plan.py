@@ -66,9 +66,15 @@ def _heads_without_projections(value, config) -> bool:
     return config.resolved_codebook_dim * config.heads == config.dim
 
 
+def mixes_soft_codes(straight_through: bool, stochastic_sample_codes: bool, route_gradients_to_input: bool) -> bool:
+    """Whether training codes carry the softmax mixture's gradient (vqp 1.32's straight-through `gumbel_sample`;
+    without sampling it counts only where the output is not routed straight through to the input)."""
+    return straight_through and (stochastic_sample_codes or not route_gradients_to_input)
+
+
 def _no_soft_codes(value, config) -> bool:
-    """No straight-through mixture of codes sampled in chunks (`VectorQuantize.mixes_soft_codes`)."""
-    return not (value and (config.stochastic_sample_codes or not config.route_gradients_to_input))
+    """No straight-through mixture of codes, sampled in checkpointed chunks."""
+    return not mixes_soft_codes(value, config.stochastic_sample_codes, config.route_gradients_to_input)
 
 
 def _positive(value, config) -> bool:

@@ -399,17 +399,18 @@ def call_graphed(module: torch.nn.Module, x: Tensor, kwargs: dict) -> object:
     calls = module.__dict__.get("_graph_calls")
     if calls is None:
         calls = module.__dict__["_graph_calls"] = GraphedCall()
+    call = functools.partial(torch.nn.Module.__call__, module, **kwargs)
+    values = settings(module)
+    try:
+        hash(values)
+    except TypeError:  # a setting now holds an unhashable value: no signature, so no graph
+        return call(x)
     params = list(module.parameters())
     state = [*params, *module.buffers()]
     key = (module.training, torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
            torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"), tuple(sorted(kwargs.items())),
-           x.shape, x.stride(), x.dtype, x.requires_grad, x.device, settings(module),
+           x.shape, x.stride(), x.dtype, x.requires_grad, x.device, values,
            *((t.data_ptr(), t.shape, t.stride(), t.dtype, t.requires_grad) for t in state))
-    call = functools.partial(torch.nn.Module.__call__, module, **kwargs)
-    try:
-        hash(key)
-    except TypeError:  # a setting now holds an unhashable value: no signature, so no graph
-        return call(x)
     return calls(call, [x], params, key)
 
 
